@@ -1,0 +1,55 @@
+"""The attention-backend interface and the per-step metadata every backend receives.
+
+A step's tokens are packed: request b owns tokens ``query_start_loc[b]:query_start_loc[b+1]``,
+which sit at positions ``seq_lens[b] - query_len .. seq_lens[b]-1`` of its sequence. Each request's
+KV lives in the pages listed in ``page_table[b]`` (page i holds positions i*page_size ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class AttnMetadata:
+    num_seqs: int
+    num_tokens: int
+    page_size: int
+    positions: torch.Tensor        # [T] int64, position of each packed token in its sequence
+    slot_pages: torch.Tensor       # [T] int64, page id where each new token's K/V is written
+    slot_offsets: torch.Tensor     # [T] int64, offset inside that page
+    query_start_loc: torch.Tensor  # [B+1] int64
+    seq_lens: torch.Tensor         # [B] int64, context length after this step
+    page_table: torch.Tensor       # [B, max_pages] int64 (padding entries point at page 0, never read unmasked)
+    query_lens_cpu: list[int] = field(default_factory=list)
+    seq_lens_cpu: list[int] = field(default_factory=list)
+    backend_data: dict[str, Any] = field(default_factory=dict)   # per-step cache owned by the backend
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_cpu)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata,
+                scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (this step's new tokens); caches [N, page, Hkv, D].
+
+        Writes k/v into the caches at the slots in ``meta`` and returns the attention output
+        [T, Hq, D] of each new token over its sequence's context (causal)."""
+        ...
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             meta: AttnMetadata) -> None:
+    k_cache[meta.slot_pages, meta.slot_offsets] = k.to(k_cache.dtype)
+    v_cache[meta.slot_pages, meta.slot_offsets] = v.to(v_cache.dtype)

@@ -1,0 +1,56 @@
+"""Plain-PyTorch paged attention: the reference every fast backend is tested against.
+
+Gathers each request's pages into a padded [B, max_pages*page_size] key block and runs SDPA with
+a causal (and optional sliding-window) mask. Works on CPU and GPU, any dtype, any page subset.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tierserve.attention.backend import AttnMetadata, write_kv
+
+
+class TorchRefBackend:
+    name = "torch_ref"
+
+    def _prep(self, meta: AttnMetadata, window: int | None) -> dict:
+        key = ("torch_ref", window)
+        cached = meta.backend_data.get(key)
+        if cached is not None:
+            return cached
+        base = meta.backend_data.get(("torch_ref", None))
+        if base is None:
+            dev = meta.positions.device
+            B, max_q = meta.num_seqs, meta.max_query_len
+            qlens = torch.tensor(meta.query_lens_cpu, device=dev)
+            starts = meta.query_start_loc[:-1]
+            ar = torch.arange(max_q, device=dev)
+            q_valid = ar[None, :] < qlens[:, None]                        # [B, max_q]
+            q_index = torch.where(q_valid, starts[:, None] + ar[None, :], 0)
+            q_pos = torch.where(q_valid, meta.positions[q_index], 0)      # invalid rows see key 0
+            max_kv = meta.page_table.shape[1] * meta.page_size
+            kv_pos = torch.arange(max_kv, device=dev)
+            mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < meta.seq_lens[:, None, None])
+            base = dict(q_valid=q_valid, q_index=q_index, q_pos=q_pos, kv_pos=kv_pos, mask=mask)
+            meta.backend_data[("torch_ref", None)] = base
+        if window is None:
+            return base
+        out = dict(base)
+        out["mask"] = base["mask"] & (base["q_pos"][:, :, None] - base["kv_pos"][None, None, :] < window)
+        meta.backend_data[key] = out
+        return out
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, meta)
+        p = self._prep(meta, sliding_window)
+        B = meta.num_seqs
+        _, page, hkv, d = k_cache.shape
+        keys = k_cache[meta.page_table].reshape(B, -1, hkv, d).transpose(1, 2)    # [B, Hkv, L, D]
+        vals = v_cache[meta.page_table].reshape(B, -1, hkv, d).transpose(1, 2)
+        qp = q[p["q_index"]].transpose(1, 2)                                       # [B, Hq, max_q, D]
+        out = F.scaled_dot_product_attention(qp, keys.to(q.dtype), vals.to(q.dtype),
+                                             attn_mask=p["mask"][:, None], scale=scale,
+                                             enable_gqa=qp.shape[1] != hkv)
+        return out.transpose(1, 2)[p["q_valid"]]                                   # [T, Hq, D]

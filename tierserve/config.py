@@ -1,0 +1,84 @@
+"""Engine configuration: one place for every engine setting and its default.
+
+A setting has one name everywhere: CLI flag ``--foo-bar``, ``LLM(foo_bar=...)`` and
+``EngineConfig.foo_bar``. Values are validated in ``__post_init__`` with errors that name the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+# Default page size: 16 tokens. Small enough that prefix-cache hits and sparse page selection stay
+# fine-grained (a page is the unit of both), large enough that one page of an 8B model across all
+# layers is 2 MiB (page-major layout below) -- a good unit for PCIe/disk transfer -- and one page of
+# one layer and KV head is 4 KiB for bf16, the smallest piece the H200 zero-copy gather still
+# reads at full PCIe speed (see DESIGN.md).
+DEFAULT_PAGE_SIZE = 16
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None            # path to a HF checkpoint dir; None = embedded tierserve-nano
+    tokenizer: str | None = None        # defaults to the model dir
+    dtype: str = "auto"                 # auto: checkpoint dtype on GPU, float32 on CPU
+    device: str = "auto"                # auto: cuda when available
+    max_model_len: int | None = None    # defaults to the model's max_position_embeddings
+    seed: int = 0
+    page_size: int = DEFAULT_PAGE_SIZE
+    num_kv_pages: int | None = None     # explicit KV pool size in pages (overrides memory sizing)
+    gpu_kv_gb: float | None = None      # KV pool size in GiB on the compute device
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 2048  # token budget per engine step (chunked prefill)
+    max_num_seqs: int = 128             # cap on running requests
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"
+    debug_invariants: bool = field(default_factory=lambda: _env_flag("TIERSERVE_DEBUG_INVARIANTS"))
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        _int_range("page_size", self.page_size, 1, 4096)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        _int_range("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
+        _int_range("max_num_seqs", self.max_num_seqs, 1, 1 << 16)
+        _int_range("seed", self.seed, 0, (1 << 63) - 1)
+        if self.max_model_len is not None:
+            _int_range("max_model_len", self.max_model_len, 1, 1 << 24)
+        if self.num_kv_pages is not None:
+            _int_range("num_kv_pages", self.num_kv_pages, 1, 1 << 31)
+        if self.gpu_kv_gb is not None and not (isinstance(self.gpu_kv_gb, (int, float)) and self.gpu_kv_gb > 0):
+            raise ValueError(f"gpu_kv_gb must be a positive number, got {self.gpu_kv_gb!r}")
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _int_range(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")

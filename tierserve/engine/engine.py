@@ -1,0 +1,216 @@
+"""Engine: add requests, step, get outputs. Owns the scheduler, KV manager, runner and tokenizer."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from tierserve.config import EngineConfig
+from tierserve.engine.outputs import CompletionOutput, RequestOutput
+from tierserve.engine.request import Request, Status
+from tierserve.engine.scheduler import Scheduler
+from tierserve.engine.stop import StopChecker
+from tierserve.kv.manager import KVManager
+from tierserve.loader.hf import load_config, load_generation_config, resolve_model_path
+from tierserve.loader.tokenizer import IncrementalDetokenizer, Tokenizer
+from tierserve.models.config import ModelConfig
+from tierserve.models.registry import get_model_class
+from tierserve.runner.model_runner import ModelRunner
+from tierserve.sampling import SamplingParams
+
+log = logging.getLogger("tierserve")
+
+
+@dataclass
+class _Group:
+    """A request with n > 1 samples: n child requests sharing one output."""
+    request_id: str
+    children: list[str]
+    finished: set[str] = field(default_factory=set)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, progress: bool = False) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        hf_cfg = load_config(self.model_path)
+        self.model_cfg = ModelConfig.from_hf(hf_cfg)
+        get_model_class(self.model_cfg.architecture)          # unknown architecture -> ValueError early
+        self.generation_config = load_generation_config(self.model_path)
+        self.tokenizer = Tokenizer.from_dir(resolve_model_path(config.tokenizer) if config.tokenizer
+                                            else self.model_path)
+        if config.max_model_len is None:
+            config.max_model_len = self.model_cfg.max_position_embeddings
+        self.max_model_len = config.max_model_len
+        self.runner = ModelRunner(config, self.model_path, self.model_cfg, self.max_model_len, progress)
+        cap = self.runner.num_pages * config.page_size
+        if cap < self.max_model_len:
+            raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
+                             f"{config.page_size}), fewer than max_model_len={self.max_model_len}; "
+                             "lower max_model_len or give the pool more memory (num_kv_pages / gpu_kv_gb)")
+        self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._stop: dict[str, StopChecker] = {}
+        self._groups: dict[str, _Group] = {}
+        self._parent: dict[str, str] = {}
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+                    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests or request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if params.n == 1:
+            self._add_one(request_id, text, ids, params)
+            return
+        children = [f"{request_id}#{i}" for i in range(params.n)]
+        for i, cid in enumerate(children):
+            p = params.clone()
+            p.n = 1
+            if p.seed is not None:
+                p.seed += i
+            self._add_one(cid, text, ids, p)
+            self._parent[cid] = request_id
+        self._groups[request_id] = _Group(request_id, children)
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids, text = list(prompt), None
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise ValueError("prompt token ids must be integers")
+            bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
+        if not ids:
+            raise ValueError("prompt must not be empty (it has 0 tokens)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             "(the prompt must leave room for at least one new token)")
+        return text, ids
+
+    def _add_one(self, rid: str, text: str | None, ids: list[int], params: SamplingParams) -> None:
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        req = Request(rid, ids, params, prompt=text, max_tokens=max_tokens, generator=gen)
+        self.requests[rid] = req
+        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        self._stop[rid] = StopChecker(params, self.eos_token_ids)
+        self.scheduler.add(req)
+        self.num_prompt_tokens += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        ids = self._groups[request_id].children if request_id in self._groups else [request_id]
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                req.finish_reason = "abort"
+                self._finish(req)
+            self._forget(rid)
+        self._groups.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            return []
+        result = self.runner.execute(so)
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for s in so.scheduled:
+            req = s.request
+            req.num_computed_tokens = s.end
+            self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if req.prompt_logprobs is not None and req.request_id in result.prompt_logprobs:
+                req.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
+            tok = result.sampled.get(req.request_id)
+            if tok is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.append_token(tok)
+            self.num_generated_tokens += 1
+            if req.logprobs is not None:
+                req.logprobs.append(result.logprobs[req.request_id])
+            self._check_stop(req, tok)
+            out = self._output(req)
+            if out is not None:
+                outputs.append(out)
+        if self.config.debug_invariants:
+            self.kv.check_invariants()
+        return outputs
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        detok = self._detok[req.request_id]
+        delta = detok.add(tok)
+        reason = self._stop[req.request_id].check(req, tok, detok, delta, self.max_model_len)
+        if reason is not None:
+            self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        req.status = Status.FINISHED
+        self.scheduler.finish(req)
+
+    def _completion(self, req: Request, index: int) -> CompletionOutput:
+        text = self._stop[req.request_id].final_text(self._detok[req.request_id].text)
+        return CompletionOutput(index, text, list(req.output_token_ids), req.logprobs,
+                                req.finish_reason, req.stop_reason)
+
+    def _output(self, req: Request) -> RequestOutput | None:
+        rid = req.request_id
+        parent = self._parent.get(rid)
+        if parent is None:
+            out = self._make_output(rid, [req])
+            if req.is_finished:
+                self._forget(rid)
+            return out
+        group = self._groups[parent]
+        if req.is_finished:
+            group.finished.add(rid)
+        reqs = [self.requests[c] for c in group.children]
+        out = self._make_output(parent, reqs)
+        if len(group.finished) == len(group.children):
+            for c in group.children:
+                self._forget(c)
+            del self._groups[parent]
+        return out
+
+    def _make_output(self, rid: str, reqs: list[Request]) -> RequestOutput:
+        first = reqs[0]
+        m = {"arrival_time": first.arrival_time}
+        if first.first_token_time is not None:
+            m["first_token_time"] = first.first_token_time
+        return RequestOutput(rid, first.prompt, first.prompt_token_ids,
+                             [self._completion(r, i) for i, r in enumerate(reqs)],
+                             finished=all(r.is_finished for r in reqs),
+                             prompt_logprobs=first.prompt_logprobs,
+                             num_cached_tokens=max(first.num_cached_tokens, 0), metrics=m)
+
+    def _forget(self, rid: str) -> None:
+        self.requests.pop(rid, None)
+        self._detok.pop(rid, None)
+        self._stop.pop(rid, None)
+        self._parent.pop(rid, None)

@@ -1,0 +1,125 @@
+"""Scheduler: one rule -- a token budget per step; each request's computed tokens catch up to its total.
+
+Running requests are served first (decodes and unfinished prefill chunks), then waiting ones are
+admitted while budget, ``max_num_seqs`` and KV pages allow. When a running request cannot get a
+page, the most recently admitted running request is preempted: its pages are released and it
+restarts later by recompute (its full pages usually come back as prefix-cache hits).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tierserve.engine.request import Request, Status
+from tierserve.kv.manager import KVManager
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start: int            # tokens already computed (first position of this chunk)
+    num_tokens: int       # tokens computed in this step
+    page_table: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so the next one is sampled."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv: KVManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            ok = True
+            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    ok = False
+                    break
+            if not ok:
+                break
+            out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n,
+                                                  self.kv.page_table(req.request_id)))
+            scheduled_ids.add(req.request_id)
+            budget -= n
+            i += 1
+        if out.preempted:
+            # drop entries for requests preempted after they were scheduled this step
+            out.scheduled = [s for s in out.scheduled if s.request.status is Status.RUNNING]
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            prefix = None
+            if req.num_computed_tokens == 0 and req.params.prompt_logprobs is None:
+                # keep at least one token to compute so the request gets logits
+                prefix = self.kv.find_prefix(req.all_token_ids, req.num_tokens - 1)
+                req.num_computed_tokens = prefix.num_pages * self.kv.page_size
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, prefix):
+                req.num_computed_tokens = 0
+                break
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = req.num_computed_tokens
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n,
+                                                  self.kv.page_table(req.request_id)))
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = Status.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request and free its pages."""
+        self.kv.free(req.request_id)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)

@@ -1,0 +1,120 @@
+"""KVManager: per-request page tables over one BlockPool, plus prefix caching.
+
+The scheduler talks to this class only; it never sees page storage. A request's pages are listed in
+order (page i holds tokens [i*page_size, (i+1)*page_size)). Attention may read any subset of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tierserve.kv.block_pool import BlockPool
+from tierserve.kv.prefix import hash_page
+
+
+@dataclass
+class PrefixHit:
+    pages: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.pages)
+
+
+@dataclass
+class _Table:
+    pages: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)   # hashes of the leading full, registered pages
+
+
+class KVManager:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+        self.page_size = page_size
+        self.pool = BlockPool(num_pages, enable_caching=enable_prefix_caching)
+        self.enable_prefix_caching = enable_prefix_caching
+        self._tables: dict[str, _Table] = {}
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    # ---- prefix cache ---------------------------------------------------------------------------
+    def find_prefix(self, token_ids: Sequence[int], max_tokens: int) -> PrefixHit:
+        """Longest run of cached full pages covering at most ``max_tokens`` leading tokens."""
+        hit = PrefixHit()
+        if not self.enable_prefix_caching:
+            return hit
+        self.pool.queries += 1
+        parent = None
+        ps = self.page_size
+        for i in range(max_tokens // ps):
+            toks = tuple(token_ids[i * ps:(i + 1) * ps])
+            h = hash_page(parent, toks)
+            pid = self.pool.lookup(h, toks)
+            if pid is None:
+                break
+            hit.pages.append(pid)
+            hit.hashes.append(h)
+            parent = h
+        if hit.pages:
+            self.pool.hits += 1
+        return hit
+
+    # ---- allocation -----------------------------------------------------------------------------
+    def allocate(self, req_id: str, num_tokens: int, prefix: PrefixHit | None = None) -> bool:
+        """Make ``req_id``'s table cover ``num_tokens`` tokens. All-or-nothing; False if no room."""
+        table = self._tables.get(req_id)
+        new_table = table is None
+        if new_table:
+            table = _Table()
+        hit_pages = prefix.pages if (new_table and prefix) else []
+        need = self.pages_for(num_tokens) - len(table.pages) - len(hit_pages)
+        # hit pages that are evictable stop being free once acquired
+        reclaim = sum(1 for p in hit_pages if self.pool.meta[p].ref_count == 0)
+        if need > self.pool.num_free - reclaim:
+            return False
+        if hit_pages:
+            self.pool.acquire(hit_pages)
+            table.pages.extend(hit_pages)
+            table.hashes.extend(prefix.hashes)
+        if need > 0:
+            table.pages.extend(self.pool.allocate(need))
+        self._tables[req_id] = table
+        return True
+
+    def commit(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Register the full pages among the first ``num_computed`` tokens for prefix reuse."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables[req_id]
+        ps = self.page_size
+        parent = table.hashes[-1] if table.hashes else None
+        for i in range(len(table.hashes), num_computed // ps):
+            toks = tuple(token_ids[i * ps:(i + 1) * ps])
+            parent = hash_page(parent, toks)
+            table.hashes.append(parent)
+            self.pool.register(table.pages[i], parent, toks)
+
+    def free(self, req_id: str) -> None:
+        table = self._tables.pop(req_id, None)
+        if table is not None:
+            self.pool.release(table.pages)
+
+    def page_table(self, req_id: str) -> list[int]:
+        return self._tables[req_id].pages
+
+    def has(self, req_id: str) -> bool:
+        return req_id in self._tables
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._tables)
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        refs: dict[int, int] = {}
+        for t in self._tables.values():
+            for p in t.pages:
+                refs[p] = refs.get(p, 0) + 1
+        for pid, m in enumerate(self.pool.meta):
+            assert m.ref_count == refs.get(pid, 0), (pid, m.ref_count, refs.get(pid, 0))

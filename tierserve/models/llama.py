@@ -1,0 +1,140 @@
+"""Llama-family decoder (Llama, Qwen2, Qwen3, Mistral) over the paged KV cache.
+
+Differences between the families are config switches: qkv bias (Qwen2), per-head q/k RMSNorm
+(Qwen3), tied embeddings, sliding window (Mistral), rope scaling. q/k/v and gate/up are fused
+into one matmul each at load time.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierserve.attention.backend import AttentionBackend, AttnMetadata
+from tierserve.kv.layout import KVCache
+from tierserve.models.config import ModelConfig
+from tierserve.models.layers.norm import RMSNorm
+from tierserve.models.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, rotary: RotaryEmbedding, **f) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.d, bias=cfg.attention_bias, **f)
+        self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False, **f)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, **f) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, **f) if cfg.qk_norm else None
+        self.backend, self.rotary = backend, rotary
+        self.window = cfg.sliding_window
+        self.scale = self.d ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttnMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q, k, v = q.view(T, self.nh, self.d), k.view(T, self.nkv, self.d), v.view(T, self.nkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
+        return self.o_proj(o.reshape(T, self.nh * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, **f) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **f)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend, rotary, **f) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
+        self.self_attn = Attention(cfg, backend, rotary, **f)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
+        self.mlp = MLP(cfg, **f)
+
+    def forward(self, x, positions, kv, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int, **f) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **f)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, self.rotary, **f) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                meta: AttnMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, kv.layer(i), meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w)
+
+    # ---- weights --------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters; checks names and shapes."""
+        params = dict(self.named_parameters())
+        cfg = self.cfg
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        I = cfg.intermediate_size
+        fused = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+                 "gate_proj": ("gate_up_proj", 0, I), "up_proj": ("gate_up_proj", I, I)}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            target, rows = name.removeprefix("model."), None
+            for part, (dst, start, n) in fused.items():
+                if f".{part}." in target:
+                    target, rows = target.replace(part, dst), (start, n)
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {cfg.architecture}")
+            dst = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(name)
+        expected = set(self.expected_weight_names())
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+    def expected_weight_names(self) -> list[str]:
+        cfg, names = self.cfg, ["model.embed_tokens.weight", "model.norm.weight"]
+        if not cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                      p + "self_attn.o_proj.weight"]
+            names += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+            for n in ("q_proj", "k_proj", "v_proj"):
+                names.append(p + f"self_attn.{n}.weight")
+                if cfg.attention_bias:
+                    names.append(p + f"self_attn.{n}.bias")
+            if cfg.qk_norm:
+                names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        return names

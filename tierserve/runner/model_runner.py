@@ -1,0 +1,183 @@
+"""ModelRunner: owns the model, the KV storage and every device tensor of a step.
+
+``execute(SchedulerOutput) -> StepOutput``: builds positions / slot mapping / page tables
+(``AttnMetadata``), runs the model, computes logits only for rows that need them, samples on the
+device and returns plain Python results (one host sync per step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tierserve.attention.backend import AttnMetadata
+from tierserve.attention.torch_ref import TorchRefBackend
+from tierserve.config import EngineConfig
+from tierserve.engine.scheduler import SchedulerOutput
+from tierserve.kv.layout import KVCache, KVLayout
+from tierserve.loader.hf import iter_safetensors, safetensors_files
+from tierserve.models.config import ModelConfig
+from tierserve.models.registry import get_model_class
+from tierserve.runner.sampler import Sampler, SamplingBatch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return {"float16": torch.float16}.get(model_cfg.torch_dtype, torch.bfloat16)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: Path, model_cfg: ModelConfig, max_model_len: int,
+                 progress: bool = False) -> None:
+        self.config = config
+        self.model_cfg = model_cfg
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
+        self.backend = TorchRefBackend()
+        cls = get_model_class(model_cfg.architecture)
+        with torch.device("meta"):
+            model = cls(model_cfg, self.backend, max_model_len, dtype=self.dtype)
+        model = model.to_empty(device=self.device)
+        model.rotary.build(self.device)
+        if config.load_format == "dummy":
+            _init_dummy(model, config.seed)
+        else:
+            model.load_weights(iter_safetensors(safetensors_files(model_path), self.device, progress))
+        self.model = model.eval()
+        self.layout = KVLayout(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
+                               config.page_size, self.dtype)
+        self.num_pages = self._num_pages(max_model_len)
+        self.kv = KVCache(self.layout, self.num_pages, self.device)
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+
+    def _num_pages(self, max_model_len: int) -> int:
+        c, per_page = self.config, self.layout.bytes_per_page
+        if c.num_kv_pages is not None:
+            return c.num_kv_pages
+        if c.gpu_kv_gb is not None:
+            return max(1, int(c.gpu_kv_gb * 2**30 // per_page))
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - c.gpu_memory_utilization) * total
+            return max(1, int(budget // per_page))
+        want = c.max_num_seqs * max_model_len * self.layout.bytes_per_token
+        return max(1, int(min(want, 2 * 2**30) // per_page))
+
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> StepOutput:
+        meta, input_ids, sample_rows, plp = self._prepare(so)
+        hidden = self.model(input_ids, meta.positions, self.kv, meta)
+        out = StepOutput()
+        if plp:
+            self._prompt_logprobs(hidden, plp, out)
+        if not sample_rows:
+            return out
+        rows = [r for r, _ in sample_rows]
+        reqs = [s.request for _, s in sample_rows]
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
+                                    [r.output_token_ids for r in reqs], [r.generator for r in reqs],
+                                    logits.shape[-1], self.device)
+        res = self.sampler(logits, batch)
+        tokens = res.token_ids.tolist()
+        lps = res.logprobs.tolist() if res.logprobs is not None else None
+        lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
+        for i, req in enumerate(reqs):
+            out.sampled[req.request_id] = tokens[i]
+            if req.params.logprobs is not None and lps is not None:
+                k = 1 + req.params.logprobs
+                out.logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
+        return out
+
+    def _prepare(self, so: SchedulerOutput):
+        ps = self.config.page_size
+        pos_l, page_l, off_l, ids_l, qsl, seq_lens, qlens = [], [], [], [], [0], [], []
+        sample_rows, plp = [], []
+        max_pages = max(-(-s.end // ps) for s in so.scheduled)
+        table = np.zeros((len(so.scheduled), max_pages), dtype=np.int64)
+        for b, s in enumerate(so.scheduled):
+            req = s.request
+            pos = np.arange(s.start, s.end, dtype=np.int64)
+            pt = np.asarray(s.page_table[:max_pages], dtype=np.int64)
+            table[b, :len(pt)] = pt
+            pos_l.append(pos)
+            page_l.append(pt[pos // ps])
+            off_l.append(pos % ps)
+            ids_l.append(np.asarray(req.all_token_ids[s.start:s.end], dtype=np.int64))
+            if s.samples:
+                sample_rows.append((qsl[-1] + s.num_tokens - 1, s))
+            if req.prompt_logprobs is not None:
+                # positions p whose next token is a prompt token and has no logprob yet
+                lo = max(s.start, len(req.prompt_logprobs) - 1)
+                hi = min(s.end, req.num_prompt_tokens - 1)
+                if hi > lo:
+                    plp.append((req, qsl[-1] + lo - s.start, hi - lo, lo))
+            qsl.append(qsl[-1] + s.num_tokens)
+            seq_lens.append(s.end)
+            qlens.append(s.num_tokens)
+        dev = self.device
+
+        def t(a):
+            return torch.from_numpy(np.concatenate(a) if isinstance(a, list) else a).to(dev, non_blocking=True)
+
+        meta = AttnMetadata(
+            num_seqs=len(so.scheduled), num_tokens=qsl[-1], page_size=ps,
+            positions=t(pos_l), slot_pages=t(page_l), slot_offsets=t(off_l),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens)
+        return meta, t(ids_l), sample_rows, plp
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, plp, out: StepOutput) -> None:
+        for req, row, n, pos0 in plp:
+            k = req.params.prompt_logprobs
+            logits = self.model.compute_logits(hidden[row:row + n]).float()
+            lsm = torch.log_softmax(logits, dim=-1)
+            tgt = req.all_token_ids[pos0 + 1:pos0 + 1 + n]
+            target = torch.tensor(tgt, device=self.device)
+            tgt_lp = lsm.gather(1, target[:, None])[:, 0].tolist()
+            top_lp, top_id = (lsm.topk(k, dim=-1) if k > 0 else (None, None))
+            rows = []
+            for i in range(n):
+                d = {tgt[i]: tgt_lp[i]}
+                if k > 0:
+                    d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
+                rows.append(d)
+            out.prompt_logprobs[req.request_id] = rows
+
+
+def _init_dummy(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            cpu = torch.empty(p.shape, dtype=torch.float32).normal_(0, 0.02, generator=g) \
+                if p.device.type == "cpu" else None
+            if cpu is not None:
+                p.data.copy_(cpu)
+            else:
+                p.data.normal_(0, 0.02)
