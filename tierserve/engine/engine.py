@@ -168,6 +168,7 @@ class Engine:
         delta = detok.add(tok)
         reason = self._stop[req.request_id].check(req, tok, detok, delta, self.max_model_len)
         if reason is not None:
+            detok.flush()
             self._finish(req)
 
     def _finish(self, req: Request) -> None:

@@ -24,12 +24,12 @@ class StopChecker:
             if self.stops and delta:
                 text = detok.text
                 start = max(0, len(text) - len(delta) - self.max_stop_len + 1)
-                for s in self.stops:
-                    i = text.find(s, start)
-                    if i >= 0:
-                        self.cut = i + len(s) if self.params.include_stop_str_in_output else i
-                        req.finish_reason, req.stop_reason = "stop", s
-                        return "stop"
+                hits = [(i, s) for s in self.stops if (i := text.find(s, start)) >= 0]
+                if hits:
+                    i, s = min(hits)
+                    self.cut = i + len(s) if self.params.include_stop_str_in_output else i
+                    req.finish_reason, req.stop_reason = "stop", s
+                    return "stop"
         if n >= req.max_tokens or req.num_tokens >= max_model_len:
             req.finish_reason = "length"
             return "length"
