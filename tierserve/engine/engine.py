@@ -32,6 +32,17 @@ class _Group:
     finished: set[str] = field(default_factory=set)
 
 
+class _NoText:
+    """Detokenizer stand-in for models without a tokenizer (dummy benchmarks)."""
+    text = ""
+
+    def add(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
 class Engine:
     def __init__(self, config: EngineConfig, progress: bool = False) -> None:
         self.config = config
@@ -40,8 +51,7 @@ class Engine:
         self.model_cfg = ModelConfig.from_hf(hf_cfg)
         get_model_class(self.model_cfg.architecture)          # unknown architecture -> ValueError early
         self.generation_config = load_generation_config(self.model_path)
-        self.tokenizer = Tokenizer.from_dir(resolve_model_path(config.tokenizer) if config.tokenizer
-                                            else self.model_path)
+        self.tokenizer = self._load_tokenizer(config)
         if config.max_model_len is None:
             config.max_model_len = self.model_cfg.max_position_embeddings
         self.max_model_len = config.max_model_len
@@ -58,9 +68,21 @@ class Engine:
         self._stop: dict[str, StopChecker] = {}
         self._groups: dict[str, _Group] = {}
         self._parent: dict[str, str] = {}
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        eos = self.generation_config.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else eos)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+
+    def _load_tokenizer(self, config: EngineConfig) -> Tokenizer | None:
+        try:
+            return Tokenizer.from_dir(resolve_model_path(config.tokenizer) if config.tokenizer
+                                      else self.model_path)
+        except FileNotFoundError:
+            if config.load_format != "dummy" or config.tokenizer:
+                raise
+            log.warning("no tokenizer.json beside %s: token-id prompts only, no output text", self.model_path)
+            return None
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
@@ -84,6 +106,8 @@ class Engine:
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
             if not prompt:
                 raise ValueError("prompt must not be empty")
             ids = self.tokenizer.encode(prompt)
@@ -110,7 +134,8 @@ class Engine:
             gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         req = Request(rid, ids, params, prompt=text, max_tokens=max_tokens, generator=gen)
         self.requests[rid] = req
-        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        self._detok[rid] = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                            if self.tokenizer is not None else _NoText())
         self._stop[rid] = StopChecker(params, self.eos_token_ids)
         self.scheduler.add(req)
         self.num_prompt_tokens += len(ids)

@@ -1,0 +1,154 @@
+"""Decode benchmark: tierserve and Hugging Face transformers on the same weights, in the same run.
+
+For each (batch, context): prompts of ``context`` random token ids, ``new_tokens`` greedy tokens.
+TTFT = time until every request has its first token; decode tok/s = batch * (new_tokens - 1) /
+time of the remaining steps. Both engines get identical weights: transformers' model is built (from
+the checkpoint or, with --load-format dummy, randomly from config.json) and its state dict is
+copied into ours.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tierserve.bench.results import make_result
+
+
+@dataclass
+class DecodeCase:
+    batch: int
+    context: int
+    new_tokens: int
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _prompts(case: DecodeCase, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (case.batch, case.context), generator=g).tolist()
+
+
+def run_tierserve(llm, case: DecodeCase, prompts) -> dict:
+    from tierserve import SamplingParams
+
+    eng = llm.engine
+    dev = eng.runner.device
+    sp = SamplingParams(temperature=0, max_tokens=case.new_tokens, ignore_eos=True)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"b{i}", p, sp)
+    got_first: set[str] = set()
+    done: dict[str, list[int]] = {}
+    step_times, t_first = [], None
+    while eng.has_unfinished_requests():
+        ts = time.perf_counter()
+        outs = eng.step()
+        if t_first is not None:
+            step_times.append(time.perf_counter() - ts)
+        for o in outs:
+            got_first.add(o.request_id)
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        if t_first is None and len(got_first) == len(prompts):
+            _sync(dev)
+            t_first = time.perf_counter()
+    _sync(dev)
+    t_end = time.perf_counter()
+    decode_s = t_end - t_first
+    n_dec = case.batch * (case.new_tokens - 1)
+    return {"engine": "tierserve", "tok_s": n_dec / decode_s if decode_s > 0 else float("nan"),
+            "ms_per_token": 1e3 * decode_s / max(case.new_tokens - 1, 1), "ttft_s": t_first - t0,
+            "median_step_ms": 1e3 * statistics.median(step_times) if step_times else None,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "tokens": [done[f"b{i}"] for i in range(len(prompts))]}
+
+
+@torch.inference_mode()
+def run_transformers(model, case: DecodeCase, prompts) -> dict:
+    dev = next(model.parameters()).device
+    ids = torch.tensor(prompts, device=dev)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    _sync(dev)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens, **kw)
+    _sync(dev)
+    total = time.perf_counter() - t0
+    decode_s = max(total - ttft, 1e-9)
+    n_dec = case.batch * (case.new_tokens - 1)
+    return {"engine": "transformers", "tok_s": n_dec / decode_s,
+            "ms_per_token": 1e3 * decode_s / max(case.new_tokens - 1, 1), "ttft_s": ttft,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "tokens": out[:, ids.shape[1]:].tolist()}
+
+
+def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str = "auto",
+                 device: str = "auto", dtype: str = "auto", engines=("tierserve", "transformers"),
+                 seed: int = 0, repeats: int = 1, progress=None) -> dict:
+    import transformers
+
+    from tierserve import LLM
+    from tierserve.loader.hf import resolve_model_path
+
+    max_len = max(c.context + c.new_tokens for c in cases)
+    max_batch = max(c.batch for c in cases)
+    llm = LLM(model, load_format="dummy", device=device, dtype=dtype, max_model_len=max_len,
+              max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch), seed=seed)
+    eng = llm.engine
+    dev, tdtype = eng.runner.device, eng.runner.dtype
+    path = resolve_model_path(model)
+    torch.manual_seed(seed)
+    if load_format == "dummy":
+        hf_cfg = transformers.AutoConfig.from_pretrained(path)
+        with torch.device(dev):
+            hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=tdtype)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=tdtype).to(dev)
+    hf.eval()
+    eng.runner.model.load_weights(hf.state_dict().items())     # identical weights in both engines
+    vocab = eng.model_cfg.vocab_size
+    rows = []
+    for case in cases:
+        prompts = _prompts(case, vocab, seed)
+        results = {}
+        for name in engines:
+            runs = []
+            for _ in range(repeats + 1):       # first run is warm-up
+                runs.append(run_tierserve(llm, case, prompts) if name == "tierserve"
+                            else run_transformers(hf, case, prompts))
+            best = sorted(runs[1:], key=lambda r: r["tok_s"])[len(runs[1:]) // 2]   # median run
+            results[name] = best
+        ref = results.get("transformers", {}).get("tokens")
+        for name, r in results.items():
+            toks = r.pop("tokens")
+            row = {"engine": name, "batch": case.batch, "context": case.context, "new_tokens": case.new_tokens,
+                   "dtype": str(tdtype).replace("torch.", ""), **r}
+            if ref is not None and name != "transformers":
+                same = sum(a == b for a, b in zip(toks, ref))
+                row["greedy_match_transformers"] = f"{same}/{len(ref)} sequences"
+            rows.append(row)
+            if progress:
+                progress(row)
+    summary = {}
+    for case in cases:
+        pair = {r["engine"]: r for r in rows if r["batch"] == case.batch and r["context"] == case.context}
+        if "tierserve" in pair and "transformers" in pair:
+            summary[f"speedup_b{case.batch}_c{case.context}"] = pair["tierserve"]["tok_s"] / pair["transformers"]["tok_s"]
+    settings = dict(model=str(path), load_format=load_format, device=str(dev), dtype=str(tdtype),
+                    cases=[c.__dict__ for c in cases], repeats=repeats, seed=seed,
+                    threads=torch.get_num_threads())
+    return make_result("tierserve bench", "decode", settings, rows, summary)

@@ -1,0 +1,41 @@
+"""The result-file shape shared by every `tierserve bench` and `tierserve eval` run (DESIGN.md)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "triton", "transformers", "tierserve"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return out
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import os
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def make_result(tool: str, subcommand: str, settings: dict[str, Any], rows: list[dict],
+                summary: dict[str, Any]) -> dict:
+    return {"meta": {"tool": tool, "subcommand": subcommand, "settings": settings, "versions": versions(),
+                     "device": device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+            "rows": rows, "summary": summary}
+
+
+def write_result(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

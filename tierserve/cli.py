@@ -1,0 +1,122 @@
+"""`tierserve` command line: generate | info | serve | eval | bench (typer)."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+import typer
+
+from tierserve.cli_options import engine_options
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="tierserve: LLM inference with tiered KV memory, sparse FP8 decoding and an eval suite.")
+
+# Sub-command groups living with their own packages: (module, attribute, name). A group whose extra
+# dependencies are not installed is still listed and explains what to install.
+_GROUPS = [("tierserve.server.cli", "serve", "serve"), ("tierserve.eval.cli", "app", "eval"),
+           ("tierserve.bench.cli", "app", "bench")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tierserve import __version__
+        typer.echo(f"tierserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    pass
+
+
+@app.command()
+@engine_options()
+def generate(prompt: str = typer.Argument("def fibonacci(n):", help="prompt text"),
+             model: Optional[str] = typer.Option(None, help="checkpoint dir (default: embedded tierserve-nano)"),
+             max_tokens: int = typer.Option(128, help="tokens to generate"),
+             temperature: float = typer.Option(0.0, help="0 = greedy"),
+             top_p: float = typer.Option(1.0), top_k: int = typer.Option(0),
+             chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
+             stream: bool = typer.Option(True, help="print tokens as they arrive"),
+             engine_settings: dict = None) -> None:
+    """Generate a completion for PROMPT and print it."""
+    from tierserve import SamplingParams
+    from tierserve.config import EngineConfig
+    from tierserve.engine.engine import Engine
+
+    try:
+        sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        engine = Engine(EngineConfig.from_kwargs(model=model, **engine_settings), progress=True)
+        ids = (engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+               if chat else prompt)
+        engine.add_request("cli", ids, sp)
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2)
+    if not chat:
+        sys.stdout.write(prompt)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            if stream or out.finished:
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+    sys.stdout.write("\n")
+
+
+@app.command()
+def info(model: Optional[str] = typer.Option(None, help="checkpoint dir or shipped config name")) -> None:
+    """Architecture, parameter count, dtype and KV bytes per token of a model (no weights loaded)."""
+    from tierserve.loader.hf import load_config, resolve_model_path
+    from tierserve.models.config import ModelConfig
+    from tierserve.models.registry import get_model_class
+
+    try:
+        path = resolve_model_path(model)
+        cfg = ModelConfig.from_hf(load_config(path))
+        get_model_class(cfg.architecture)
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2)
+    kv16 = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    rows = [("path", str(path)), ("architecture", cfg.architecture),
+            ("parameters", f"{cfg.num_params() / 1e6:,.2f} M"), ("checkpoint dtype", cfg.torch_dtype),
+            ("layers", str(cfg.num_layers)), ("hidden size", str(cfg.hidden_size)),
+            ("heads / kv heads / head dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"),
+            ("vocab", str(cfg.vocab_size)), ("max positions", str(cfg.max_position_embeddings)),
+            ("rope", f"{cfg.rope.rope_type} (theta {cfg.rope.theta:g})"),
+            ("KV bytes per token (bf16)", f"{kv16:,}"), ("KV bytes per token (fp32)", f"{2 * kv16:,}")]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{w}}  {v}")
+
+
+def _register_groups() -> None:
+    for module, attr, name in _GROUPS:
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("tierserve"):
+                continue          # not built yet
+            missing = e.name
+
+            def _missing(missing=missing, name=name) -> None:
+                typer.secho(f"`tierserve {name}` needs {missing}: pip install 'tierserve[server]'",
+                            fg="red", err=True)
+                raise typer.Exit(2)
+            app.command(name, help=f"(needs {missing})")(_missing)
+            continue
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=name)
+        else:
+            app.command(name)(obj)
+
+
+_register_groups()
+
+if __name__ == "__main__":
+    app()

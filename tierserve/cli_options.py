@@ -1,0 +1,64 @@
+"""Every EngineConfig field becomes a CLI option ``--foo-bar`` (one name everywhere)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Optional
+
+import typer
+
+from tierserve.config import EngineConfig
+
+_HELP = {
+    "tokenizer": "tokenizer directory (default: the model's)",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "device": "auto | cpu | cuda",
+    "max_model_len": "longest sequence (prompt + output) in tokens",
+    "page_size": "tokens per KV page (power of two)",
+    "num_kv_pages": "KV pool size in pages",
+    "gpu_kv_gb": "KV pool size in GiB on the compute device",
+    "gpu_memory_utilization": "share of GPU memory the engine may use",
+    "max_num_batched_tokens": "token budget per engine step",
+    "max_num_seqs": "max running requests",
+    "enable_prefix_caching": "reuse KV pages of shared prefixes",
+    "load_format": "auto | safetensors | dummy (random weights from config.json)",
+    "debug_invariants": "check page accounting after every step",
+    "seed": "engine seed",
+}
+
+
+def _base_type(annotation: str) -> type:
+    for name, t in (("bool", bool), ("int", int), ("float", float)):
+        if name in annotation:
+            return t
+    return str
+
+
+def engine_options(skip: tuple[str, ...] = ("model",)) -> Callable:
+    """Append one option per EngineConfig field to a typer command; it receives them as
+    ``engine_settings: dict`` (only the options the user set)."""
+    fields = [f for f in dataclasses.fields(EngineConfig) if f.name not in skip]
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.name != "engine_settings"]
+        for f in fields:
+            t = _base_type(str(f.type))
+            flag = "--" + f.name.replace("_", "-")
+            decl = f"{flag}/--no-{flag[2:]}" if t is bool else flag
+            params.append(inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[t],
+                default=typer.Option(None, decl, help=_HELP.get(f.name, ""), rich_help_panel="Engine settings")))
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any):
+            settings = {f.name: kwargs.pop(f.name) for f in fields if kwargs.get(f.name) is not None}
+            for f in fields:
+                kwargs.pop(f.name, None)
+            return fn(*args, engine_settings=settings, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params)
+        return wrapper
+
+    return deco
