@@ -23,6 +23,8 @@ _HELP = {
     "max_num_seqs": "max running requests",
     "enable_prefix_caching": "reuse KV pages of shared prefixes",
     "load_format": "auto | safetensors | dummy (random weights from config.json)",
+    "attention_backend": "auto | torch_ref | triton",
+    "enforce_eager": "run without CUDA graphs",
     "debug_invariants": "check page accounting after every step",
     "seed": "engine seed",
 }

@@ -13,6 +13,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch_ref", "triton")
 
 # Default page size: 16 tokens. Small enough that prefix-cache hits and sparse page selection stay
 # fine-grained (a page is the unit of both), large enough that one page of an 8B model across all
@@ -42,12 +43,15 @@ class EngineConfig:
     max_num_seqs: int = 128             # cap on running requests
     enable_prefix_caching: bool = True
     load_format: str = "auto"
+    attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
+    enforce_eager: bool = False         # True: no CUDA graphs
     debug_invariants: bool = field(default_factory=lambda: _env_flag("TIERSERVE_DEBUG_INVARIANTS"))
 
     def __post_init__(self) -> None:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _int_range("page_size", self.page_size, 1, 4096)
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")

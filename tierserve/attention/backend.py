@@ -26,6 +26,9 @@ class AttnMetadata:
     query_lens_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
     backend_data: dict[str, Any] = field(default_factory=dict)   # per-step cache owned by the backend
+    decode_only: bool = False      # every request has exactly one new token (a pure decode step)
+    num_splits: int = 1            # split-K factor for decode kernels (fixed per CUDA-graph bucket)
+    max_seq_bound: int = 0         # upper bound of seq_lens (work split size), e.g. max_model_len
 
     @property
     def max_query_len(self) -> int:
@@ -47,6 +50,14 @@ class AttentionBackend(Protocol):
         Writes k/v into the caches at the slots in ``meta`` and returns the attention output
         [T, Hq, D] of each new token over its sequence's context (causal)."""
         ...
+
+
+def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
+                  min_tokens_per_split: int = 256) -> int:
+    """Enough (batch x kv_head x split) programs to fill the GPU, none with fewer than 256 tokens."""
+    want = max(1, -(-2 * num_sms // (batch * num_kv_heads)))
+    return max(1, min(want, -(-max_seq_len // min_tokens_per_split), 64))
+
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tierserve.attention.backend import AttnMetadata
+from tierserve.attention.backend import AttnMetadata, choose_splits
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import SchedulerOutput
@@ -55,7 +55,7 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
-        self.backend = TorchRefBackend()
+        self.backend = _make_backend(config.attention_backend, self.device)
         cls = get_model_class(model_cfg.architecture)
         with torch.device("meta"):
             model = cls(model_cfg, self.backend, max_model_len, dtype=self.dtype)
@@ -69,8 +69,17 @@ class ModelRunner:
         self.layout = KVLayout(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
                                config.page_size, self.dtype)
         self.num_pages = self._num_pages(max_model_len)
-        self.kv = KVCache(self.layout, self.num_pages, self.device)
+        # one extra page that the pool never hands out: CUDA-graph padding rows write there
+        self.scratch_page = self.num_pages
+        self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
+            from tierserve.runner.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
+                                       max_model_len, self.scratch_page, self.device)
+            self.graphs.capture()
+        self.max_model_len = max_model_len
 
     def _num_pages(self, max_model_len: int) -> int:
         c, per_page = self.config, self.layout.bytes_per_page
@@ -80,8 +89,8 @@ class ModelRunner:
             return max(1, int(c.gpu_kv_gb * 2**30 // per_page))
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - c.gpu_memory_utilization) * total
-            return max(1, int(budget // per_page))
+            budget = free - (1 - c.gpu_memory_utilization) * total - 2 * 2**30   # 2 GiB for activations/graphs
+            return max(1, int(budget // per_page) - 1)
         want = c.max_num_seqs * max_model_len * self.layout.bytes_per_token
         return max(1, int(min(want, 2 * 2**30) // per_page))
 
@@ -89,15 +98,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> StepOutput:
         meta, input_ids, sample_rows, plp = self._prepare(so)
-        hidden = self.model(input_ids, meta.positions, self.kv, meta)
         out = StepOutput()
-        if plp:
-            self._prompt_logprobs(hidden, plp, out)
-        if not sample_rows:
-            return out
-        rows = [r for r, _ in sample_rows]
+        if meta.decode_only and self.graphs is not None and not plp and \
+                self.graphs.bucket_for(meta.num_seqs) is not None:
+            logits = self.graphs.run(meta.num_seqs, input_ids, meta.positions, meta.slot_pages,
+                                     meta.slot_offsets, meta.seq_lens, meta.page_table)
+        else:
+            hidden = self.model(input_ids, meta.positions, self.kv, meta)
+            if plp:
+                self._prompt_logprobs(hidden, plp, out)
+            if not sample_rows:
+                return out
+            rows = [r for r, _ in sample_rows]
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
         reqs = [s.request for _, s in sample_rows]
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
         batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
                                     [r.output_token_ids for r in reqs], [r.generator for r in reqs],
                                     logits.shape[-1], self.device)
@@ -148,7 +162,11 @@ class ModelRunner:
             positions=t(pos_l), slot_pages=t(page_l), slot_offsets=t(off_l),
             query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens)
+            page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
+            decode_only=qsl[-1] == len(so.scheduled))
+        if meta.decode_only:
+            meta.max_seq_bound = max(seq_lens)
+            meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)
         return meta, t(ids_l), sample_rows, plp
 
     def _prompt_logprobs(self, hidden: torch.Tensor, plp, out: StepOutput) -> None:
@@ -167,6 +185,15 @@ class ModelRunner:
                     d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
                 rows.append(d)
             out.prompt_logprobs[req.request_id] = rows
+
+
+def _make_backend(name: str, device: torch.device):
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch_ref"
+    if name == "triton":
+        from tierserve.attention.triton_backend import TritonBackend
+        return TritonBackend()
+    return TorchRefBackend()
 
 
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:

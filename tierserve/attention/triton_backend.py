@@ -1,0 +1,28 @@
+"""GPU backend: Triton paged decode (split-K) for pure decode steps, the torch reference otherwise.
+
+Prefill (and mixed prefill/decode) steps gather pages and run SDPA (``torch_ref``); measured in
+benchmarks/results/decode-h200.json as TTFT.
+"""
+from __future__ import annotations
+
+import torch
+
+from tierserve.attention.backend import AttnMetadata, write_kv
+from tierserve.attention.torch_ref import TorchRefBackend
+from tierserve.attention.triton_decode import paged_decode
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._ref = TorchRefBackend()
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        if not meta.decode_only:
+            return self._ref.forward(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
+        write_kv(k, v, k_cache, v_cache, meta)
+        return paged_decode(q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale,
+                            num_splits=meta.num_splits, max_seq_len=meta.max_seq_bound,
+                            sliding_window=sliding_window)

@@ -1,0 +1,86 @@
+"""CUDA graphs for pure decode steps, captured once per batch-size bucket.
+
+Inputs live in static device buffers; a step copies its (small) metadata in, pads the batch to the
+bucket (padding rows read and write a scratch page no request owns) and replays the graph, which
+runs the whole model and the LM head. Sampling runs after the replay, on the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from tierserve.attention.backend import AttnMetadata, choose_splits
+
+
+def buckets(max_bs: int) -> list[int]:
+    out = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if b < max_bs]
+    return out + [max_bs]
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv, page_size: int, max_bs: int, max_model_len: int, scratch_page: int,
+                 device: torch.device) -> None:
+        self.model, self.kv, self.page_size = model, kv, page_size
+        self.max_bs, self.max_len, self.device = max_bs, max_model_len, device
+        self.max_pages = -(-max_model_len // page_size)
+        self.scratch = scratch_page
+        z = dict(dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(max_bs, **z)
+        self.positions = torch.zeros(max_bs, **z)
+        self.slot_pages = torch.full((max_bs,), scratch_page, **z)
+        self.slot_offsets = torch.zeros(max_bs, **z)
+        self.seq_lens = torch.ones(max_bs, **z)
+        self.page_table = torch.full((max_bs, self.max_pages), scratch_page, **z)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.num_kv_heads = model.cfg.num_kv_heads
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def meta(self, bs: int) -> AttnMetadata:
+        return AttnMetadata(
+            num_seqs=bs, num_tokens=bs, page_size=self.page_size, positions=self.positions[:bs],
+            slot_pages=self.slot_pages[:bs], slot_offsets=self.slot_offsets[:bs],
+            query_start_loc=torch.arange(bs + 1, device=self.device), seq_lens=self.seq_lens[:bs],
+            page_table=self.page_table[:bs], query_lens_cpu=[1] * bs, seq_lens_cpu=[self.max_len] * bs,
+            decode_only=True, num_splits=choose_splits(bs, self.num_kv_heads, self.max_len, self.sms),
+            max_seq_bound=self.max_len)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        h = self.model(self.input_ids[:bs], self.positions[:bs], self.kv, self.meta(bs))
+        return self.model.compute_logits(h).float()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for bs in reversed(buckets(self.max_bs)):
+            for _ in range(2):            # warm up (Triton autotune / compile) outside the graph
+                self._forward(bs)
+            torch.cuda.synchronize(self.device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.logits[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize(self.device)
+
+    def bucket_for(self, bs: int) -> int | None:
+        for b in sorted(self.graphs):
+            if b >= bs:
+                return b
+        return None
+
+    def run(self, bs: int, ids, pos, pages, offs, seq_lens, table) -> torch.Tensor:
+        """All inputs are device tensors of the real batch; table is [bs, w] with w <= max_pages."""
+        b = self.bucket_for(bs)
+        self.input_ids[:bs].copy_(ids)
+        self.positions[:bs].copy_(pos)
+        self.slot_pages[:bs].copy_(pages)
+        self.slot_offsets[:bs].copy_(offs)
+        self.seq_lens[:bs].copy_(seq_lens)
+        self.page_table[:bs, :table.shape[1]].copy_(table)
+        if b > bs:   # padding rows: length 1 on the scratch page
+            self.slot_pages[bs:b].fill_(self.scratch)
+            self.seq_lens[bs:b].fill_(1)
+            self.page_table[bs:b, 0].fill_(self.scratch)
+        self.graphs[b].replay()
+        return self.logits[b][:bs]
