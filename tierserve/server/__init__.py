@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn); needs the `server` extra. See docs/server.md."""
