@@ -42,10 +42,10 @@ class AttnMetadata:
 class AttentionBackend(Protocol):
     name: str
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata,
-                scale: float, sliding_window: int | None = None) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] (this step's new tokens); caches [N, page, Hkv, D].
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                meta: AttnMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (this step's new tokens); kv_layer [N, 2, page, Hkv, D]
+        (a strided view of the page-major KV storage: K at [:, 0], V at [:, 1]).
 
         Writes k/v into the caches at the slots in ``meta`` and returns the attention output
         [T, Hq, D] of each new token over its sequence's context (causal)."""
@@ -60,7 +60,6 @@ def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int 
 
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             meta: AttnMetadata) -> None:
-    k_cache[meta.slot_pages, meta.slot_offsets] = k.to(k_cache.dtype)
-    v_cache[meta.slot_pages, meta.slot_offsets] = v.to(v_cache.dtype)
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:
+    kv_layer[:, 0][meta.slot_pages, meta.slot_offsets] = k.to(kv_layer.dtype)
+    kv_layer[:, 1][meta.slot_pages, meta.slot_offsets] = v.to(kv_layer.dtype)

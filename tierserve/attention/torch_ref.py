@@ -41,16 +41,25 @@ class TorchRefBackend:
         meta.backend_data[key] = out
         return out
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float,
+    def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta)
+        write_kv(k, v, kv_layer, meta)
         p = self._prep(meta, sliding_window)
         B = meta.num_seqs
-        _, page, hkv, d = k_cache.shape
-        keys = k_cache[meta.page_table].reshape(B, -1, hkv, d).transpose(1, 2)    # [B, Hkv, L, D]
-        vals = v_cache[meta.page_table].reshape(B, -1, hkv, d).transpose(1, 2)
+        _, _, page, hkv, d = kv_layer.shape
+        P = meta.page_table.shape[1]
+        kv = torch.index_select(kv_layer, 0, meta.page_table.reshape(-1))        # one gather of all pages
+        kv = kv.view(B, P, 2, page, hkv, d)
+        keys = kv[:, :, 0].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)   # [B, Hkv, L, D]
+        vals = kv[:, :, 1].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
+        mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]
+        if meta.decode_only:
+            # one query per sequence: fold the query heads sharing a KV head into the query axis
+            hq = q.shape[1]
+            qg = q.view(B, hkv, hq // hkv, d)
+            out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=scale)
+            return out.reshape(B, hq, d)
         qp = q[p["q_index"]].transpose(1, 2)                                       # [B, Hq, max_q, D]
-        out = F.scaled_dot_product_attention(qp, keys.to(q.dtype), vals.to(q.dtype),
-                                             attn_mask=p["mask"][:, None], scale=scale,
+        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale,
                                              enable_gqa=qp.shape[1] != hkv)
         return out.transpose(1, 2)[p["q_valid"]]                                   # [T, Hq, D]

@@ -18,11 +18,11 @@ class TritonBackend:
     def __init__(self) -> None:
         self._ref = TorchRefBackend()
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttnMetadata, scale: float,
+    def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         if not meta.decode_only:
-            return self._ref.forward(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
-        write_kv(k, v, k_cache, v_cache, meta)
-        return paged_decode(q, k_cache, v_cache, meta.page_table, meta.seq_lens, scale,
+            return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window)
+        write_kv(k, v, kv_layer, meta)
+        return paged_decode(q, kv_layer[:, 0], kv_layer[:, 1], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, max_seq_len=meta.max_seq_bound,
                             sliding_window=sliding_window)

@@ -124,14 +124,15 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
     rows = []
     for case in cases:
         prompts = _prompts(case, vocab, seed)
+        runs: dict[str, list[dict]] = {name: [] for name in engines}
+        for _ in range(repeats + 1):           # engines interleaved so machine noise hits both alike
+            for name in engines:
+                runs[name].append(run_tierserve(llm, case, prompts) if name == "tierserve"
+                                  else run_transformers(hf, case, prompts))
         results = {}
-        for name in engines:
-            runs = []
-            for _ in range(repeats + 1):       # first run is warm-up
-                runs.append(run_tierserve(llm, case, prompts) if name == "tierserve"
-                            else run_transformers(hf, case, prompts))
-            best = sorted(runs[1:], key=lambda r: r["tok_s"])[len(runs[1:]) // 2]   # median run
-            results[name] = best
+        for name, rs in runs.items():          # the first run of each engine is its warm-up
+            timed = sorted(rs[1:], key=lambda r: r["tok_s"])
+            results[name] = {**timed[len(timed) // 2], "tok_s_runs": [round(r["tok_s"], 2) for r in rs[1:]]}
         ref = results.get("transformers", {}).get("tokens")
         for name, r in results.items():
             toks = r.pop("tokens")

@@ -39,6 +39,6 @@ class KVCache:
         self.data = torch.zeros(num_pages, layout.num_layers, 2, layout.page_size,
                                 layout.num_kv_heads, layout.head_dim, dtype=layout.dtype, device=device)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) views of layer ``i``: each ``[num_pages, page_size, num_kv_heads, head_dim]``."""
-        return self.data[:, i, 0], self.data[:, i, 1]
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s view ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (K at [:, 0], V at [:, 1])."""
+        return self.data[:, i]

@@ -20,26 +20,26 @@ from tierserve.models.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, rotary: RotaryEmbedding, **f) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, **f) -> None:
         super().__init__()
         self.nh, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.d, bias=cfg.attention_bias, **f)
         self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False, **f)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, **f) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, **f) if cfg.qk_norm else None
-        self.backend, self.rotary = backend, rotary
+        self.backend = backend
         self.window = cfg.sliding_window
         self.scale = self.d ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
                 meta: AttnMetadata) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q, k, v = q.view(T, self.nh, self.d), k.view(T, self.nkv, self.d), v.view(T, self.nkv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
+        q, k = RotaryEmbedding.apply(rope, q, k)
+        o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window)
         return self.o_proj(o.reshape(T, self.nh * self.d))
 
 
@@ -55,15 +55,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend, rotary, **f) -> None:
+    def __init__(self, cfg: ModelConfig, backend, **f) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
-        self.self_attn = Attention(cfg, backend, rotary, **f)
+        self.self_attn = Attention(cfg, backend, **f)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.mlp = MLP(cfg, **f)
 
-    def forward(self, x, positions, kv, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
+    def forward(self, x, rope, kv, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -73,15 +73,16 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **f)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, self.rotary, **f) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, **f) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
                 meta: AttnMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, kv.layer(i), meta)
+            x = layer(x, rope, kv.layer(i), meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

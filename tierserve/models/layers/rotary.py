@@ -97,11 +97,18 @@ class RotaryEmbedding(nn.Module):
         self.cos = (emb.cos() * scale).to(device)
         self.sin = (emb.sin() * scale).to(device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [T, H, D], k [T, Hk, D] -> rotated (same dtype)."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step tables [T, 1, D], computed once and shared by every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+    @staticmethod
+    def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        """q [T, H, D], k [T, Hk, D] -> rotated (same dtype); q and k rotate in one pass."""
+        cos, sin = cos_sin
+        hq = q.shape[1]
+        qk = torch.cat((q, k), dim=1)
+        qk = qk * cos + _rotate_half(qk) * sin
+        return qk[:, :hq], qk[:, hq:]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
