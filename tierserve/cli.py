@@ -95,6 +95,30 @@ def info(model: Optional[str] = typer.Option(None, help="checkpoint dir or shipp
         typer.echo(f"{k:<{w}}  {v}")
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear a disk KV cache directory.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("stats")
+def cache_stats(disk_kv_dir: str = typer.Option(..., help="the --disk-kv-dir of the engine")) -> None:
+    """Blocks and bytes stored in a disk KV cache."""
+    from tierserve.kv.tiers.disk import scan
+
+    s = scan(disk_kv_dir)
+    if not s["exists"]:
+        typer.secho(f"error: {disk_kv_dir} does not exist", fg="red", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"dir     {s['dir']}\nblocks  {s['blocks']}\nbytes   {s['bytes']:,} ({s['bytes'] / 2**30:.3f} GiB)")
+
+
+@cache_app.command("clear")
+def cache_clear(disk_kv_dir: str = typer.Option(..., help="the --disk-kv-dir of the engine")) -> None:
+    """Delete every stored KV block (and stale temporary files) in the directory."""
+    from tierserve.kv.tiers.disk import clear
+
+    typer.echo(f"removed {clear(disk_kv_dir)} file(s) from {disk_kv_dir}")
+
+
 def _register_groups() -> None:
     for module, attr, name in _GROUPS:
         try:

@@ -25,6 +25,11 @@ _HELP = {
     "load_format": "auto | safetensors | dummy (random weights from config.json)",
     "attention_backend": "auto | torch_ref | triton",
     "enforce_eager": "run without CUDA graphs",
+    "cpu_kv_gb": "KV tier in (pinned) CPU RAM, GiB",
+    "disk_kv_dir": "KV tier on disk: directory (context caching across restarts)",
+    "disk_kv_gb": "disk KV tier capacity, GiB",
+    "remote_kv_url": "KV tier on Redis/Valkey, e.g. redis://127.0.0.1:6379",
+    "kv_load_policy": "cost (load a lower-tier hit only when faster than recompute) | always",
     "debug_invariants": "check page accounting after every step",
     "seed": "engine seed",
 }

@@ -43,6 +43,11 @@ class EngineConfig:
     max_num_seqs: int = 128             # cap on running requests
     enable_prefix_caching: bool = True
     load_format: str = "auto"
+    cpu_kv_gb: float | None = None      # host tier (pinned CPU RAM) for KV pages below the GPU pool
+    disk_kv_dir: str | None = None      # disk tier directory (context caching across restarts)
+    disk_kv_gb: float = 64.0            # disk tier capacity
+    remote_kv_url: str | None = None    # redis://host:port -- KV shared between replicas
+    kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
     enforce_eager: bool = False         # True: no CUDA graphs
     debug_invariants: bool = field(default_factory=lambda: _env_flag("TIERSERVE_DEBUG_INVARIANTS"))
@@ -52,6 +57,13 @@ class EngineConfig:
         _choice("device", self.device, DEVICES)
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
+        for name in ("cpu_kv_gb", "disk_kv_gb"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise ValueError(f"{name} must be a positive number of GiB, got {v!r}")
+        if self.remote_kv_url is not None and not str(self.remote_kv_url).startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"remote_kv_url must be a redis:// URL, got {self.remote_kv_url!r}")
         _int_range("page_size", self.page_size, 1, 4096)
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")

@@ -13,7 +13,9 @@ from tierserve.engine.outputs import CompletionOutput, RequestOutput
 from tierserve.engine.request import Request, Status
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.stop import StopChecker
+from tierserve.kv.layout import KVLayout
 from tierserve.kv.manager import KVManager
+from tierserve.kv.tiers.manager import TierManager
 from tierserve.loader.hf import load_config, load_generation_config, resolve_model_path
 from tierserve.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierserve.models.config import ModelConfig
@@ -61,7 +63,8 @@ class Engine:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
                              f"{config.page_size}), fewer than max_model_len={self.max_model_len}; "
                              "lower max_model_len or give the pool more memory (num_kv_pages / gpu_kv_gb)")
-        self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching)
+        self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching,
+                            tiers=self._make_tiers(config))
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -73,6 +76,18 @@ class Engine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else eos)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+
+    def _make_tiers(self, config: EngineConfig) -> TierManager | None:
+        if not (config.cpu_kv_gb or config.disk_kv_dir or config.remote_kv_url):
+            return None
+        layout = self.runner.layout
+        page_shape = tuple(self.runner.kv.data.shape[1:])
+        host_pages = int(config.cpu_kv_gb * 2**30 // layout.bytes_per_page) if config.cpu_kv_gb else 0
+        fp = kv_fingerprint(self.model_path, layout, f"{config.load_format}:{config.seed}")
+        return TierManager(page_shape, layout.dtype, fp,
+                           host_pages=host_pages, disk_dir=config.disk_kv_dir,
+                           disk_bytes=int(config.disk_kv_gb * 2**30), remote_url=config.remote_kv_url,
+                           policy=config.kv_load_policy)
 
     def _load_tokenizer(self, config: EngineConfig) -> Tokenizer | None:
         try:
@@ -162,7 +177,13 @@ class Engine:
         so = self.scheduler.schedule()
         if so.is_empty:
             return []
-        result = self.runner.execute(so)
+        tiers = self.kv.tiers
+        t0 = time.perf_counter()
+        result = self.runner.execute(so, tiers.take_transfers() if tiers is not None else None)
+        if tiers is not None:
+            prefill = sum(s.num_tokens for s in so.scheduled if s.num_tokens > 1)
+            if prefill:
+                tiers.observe_prefill(so.num_batched_tokens, time.perf_counter() - t0)
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for s in so.scheduled:
@@ -186,6 +207,8 @@ class Engine:
                 outputs.append(out)
         if self.config.debug_invariants:
             self.kv.check_invariants()
+            if tiers is not None:
+                tiers.check_invariants()
         return outputs
 
     def _check_stop(self, req: Request, tok: int) -> None:
@@ -233,10 +256,33 @@ class Engine:
                              [self._completion(r, i) for i, r in enumerate(reqs)],
                              finished=all(r.is_finished for r in reqs),
                              prompt_logprobs=first.prompt_logprobs,
-                             num_cached_tokens=max(first.num_cached_tokens, 0), metrics=m)
+                             num_cached_tokens=max(first.num_cached_tokens, 0),
+                             cached_tokens_by_tier=dict(first.cached_tokens_by_tier), metrics=m)
 
     def _forget(self, rid: str) -> None:
         self.requests.pop(rid, None)
         self._detok.pop(rid, None)
         self._stop.pop(rid, None)
         self._parent.pop(rid, None)
+
+
+def kv_fingerprint(model_path, layout: KVLayout, weights_tag: str = "") -> str:
+    """Identifies KV contents: model config, dtype and page layout (blocks from elsewhere are refused)."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.blake2b(digest_size=16)
+    cfg = Path(model_path) / "config.json"
+    h.update(cfg.read_bytes() if cfg.is_file() else str(model_path).encode())
+    h.update(weights_tag.encode())
+    for p in sorted(Path(model_path).glob("*.safetensors")):      # size + head + tail of each shard
+        with open(p, "rb") as f:
+            size = p.stat().st_size
+            h.update(f"{p.name}:{size}".encode())
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    h.update(repr((str(layout.dtype), layout.num_layers, layout.num_kv_heads, layout.head_dim,
+                   layout.page_size, "tierserve-kv-v1")).encode())
+    return h.hexdigest()
+

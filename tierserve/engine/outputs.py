@@ -29,4 +29,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)   # {"gpu"|"cpu"|"disk"|"remote": tokens}
     metrics: dict[str, float] = field(default_factory=dict)

@@ -28,6 +28,7 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1           # prefix-cache hit of the first schedule (-1: not scheduled yet)
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     num_preemptions: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None      # "stop" | "length" | "abort"

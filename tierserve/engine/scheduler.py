@@ -100,6 +100,10 @@ class Scheduler:
                 break
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = req.num_computed_tokens
+                if prefix is not None:
+                    req.cached_tokens_by_tier = prefix.tokens_by_tier(self.kv.page_size)
+            if prefix is not None:
+                self.kv.record_hit(prefix)
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -36,6 +37,8 @@ class BlockPool:
         self.num_in_use = 0
         self.hits = 0
         self.queries = 0
+        # called with (page_id, block_hash, tokens) just before a cached page is evicted for reuse
+        self.on_evict: Callable[[int, bytes, tuple[int, ...]], None] | None = None
 
     # ---- capacity -------------------------------------------------------------------------------
     @property
@@ -60,6 +63,9 @@ class BlockPool:
                 pid = self._free.popleft()
             else:
                 pid, _ = self._evictable.popitem(last=False)
+                if self.on_evict is not None:
+                    m = self.meta[pid]
+                    self.on_evict(pid, m.block_hash, m.tokens)
                 self._drop_hash(pid)
             m = self.meta[pid]
             m.ref_count = 1
@@ -97,15 +103,16 @@ class BlockPool:
             return None
         return pid
 
-    def register(self, pid: int, block_hash: bytes, tokens: tuple[int, ...]) -> None:
-        """Mark a full, computed page as reusable under ``block_hash``."""
+    def register(self, pid: int, block_hash: bytes, tokens: tuple[int, ...]) -> bool:
+        """Mark a full, computed page as reusable under ``block_hash``; True if newly registered."""
         if not self.enable_caching or block_hash in self._by_hash:
-            return
+            return False
         m = self.meta[pid]
         if m.block_hash is not None:
-            return
+            return False
         m.block_hash, m.tokens = block_hash, tokens
         self._by_hash[block_hash] = pid
+        return True
 
     def _drop_hash(self, pid: int) -> None:
         m = self.meta[pid]

@@ -10,16 +10,24 @@ from typing import Sequence
 
 from tierserve.kv.block_pool import BlockPool
 from tierserve.kv.prefix import hash_page
+from tierserve.kv.tiers.manager import TierHit, TierManager
 
 
 @dataclass
 class PrefixHit:
-    pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)        # hits in the GPU pool
     hashes: list[bytes] = field(default_factory=list)
+    tier_hits: list[TierHit] = field(default_factory=list)   # the chain continued in lower tiers
 
     @property
     def num_pages(self) -> int:
-        return len(self.pages)
+        return len(self.pages) + len(self.tier_hits)
+
+    def tokens_by_tier(self, page_size: int) -> dict[str, int]:
+        out = {"gpu": len(self.pages) * page_size} if self.pages else {}
+        for h in self.tier_hits:
+            out[h.source] = out.get(h.source, 0) + page_size
+        return out
 
 
 @dataclass
@@ -29,11 +37,20 @@ class _Table:
 
 
 class KVManager:
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 tiers: TierManager | None = None) -> None:
         self.page_size = page_size
         self.pool = BlockPool(num_pages, enable_caching=enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
+        self.tiers = tiers if (tiers is not None and tiers.enabled and enable_prefix_caching) else None
+        if self.tiers is not None:
+            self.pool.on_evict = self.tiers.on_evict
         self._tables: dict[str, _Table] = {}
+        self.hit_tokens = {"gpu": 0, "cpu": 0, "disk": 0, "remote": 0}   # prefix-cache tokens served per tier
+
+    def record_hit(self, prefix: PrefixHit) -> None:
+        for tier, n in prefix.tokens_by_tier(self.page_size).items():
+            self.hit_tokens[tier] += n
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -56,7 +73,9 @@ class KVManager:
             hit.pages.append(pid)
             hit.hashes.append(h)
             parent = h
-        if hit.pages:
+        if self.tiers is not None and len(hit.pages) < max_tokens // ps:
+            hit.tier_hits = self.tiers.find(token_ids, ps, len(hit.pages), max_tokens // ps, parent)
+        if hit.num_pages:
             self.pool.hits += 1
         return hit
 
@@ -68,7 +87,8 @@ class KVManager:
         if new_table:
             table = _Table()
         hit_pages = prefix.pages if (new_table and prefix) else []
-        need = self.pages_for(num_tokens) - len(table.pages) - len(hit_pages)
+        tier_hits = prefix.tier_hits if (new_table and prefix) else []
+        need = self.pages_for(num_tokens) - len(table.pages) - len(hit_pages)   # tier hits need GPU pages too
         # hit pages that are evictable stop being free once acquired
         reclaim = sum(1 for p in hit_pages if self.pool.meta[p].ref_count == 0)
         if need > self.pool.num_free - reclaim:
@@ -78,7 +98,12 @@ class KVManager:
             table.pages.extend(hit_pages)
             table.hashes.extend(prefix.hashes)
         if need > 0:
-            table.pages.extend(self.pool.allocate(need))
+            new = self.pool.allocate(need)
+            for pid, th in zip(new, tier_hits):      # lower-tier hits: load into fresh pages this step
+                self.pool.register(pid, th.block_hash, th.tokens)
+                table.hashes.append(th.block_hash)
+                self.tiers.schedule_onload(pid, th)
+            table.pages.extend(new)
         self._tables[req_id] = table
         return True
 
@@ -93,7 +118,8 @@ class KVManager:
             toks = tuple(token_ids[i * ps:(i + 1) * ps])
             parent = hash_page(parent, toks)
             table.hashes.append(parent)
-            self.pool.register(table.pages[i], parent, toks)
+            if self.pool.register(table.pages[i], parent, toks) and self.tiers is not None:
+                self.tiers.on_register(table.pages[i], parent, toks)
 
     def free(self, req_id: str) -> None:
         table = self._tables.pop(req_id, None)

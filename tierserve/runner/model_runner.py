@@ -96,7 +96,9 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> StepOutput:
+    def execute(self, so: SchedulerOutput, transfers=None) -> StepOutput:
+        if transfers:
+            self.tiers_apply(transfers)
         meta, input_ids, sample_rows, plp = self._prepare(so)
         out = StepOutput()
         if meta.decode_only and self.graphs is not None and not plp and \
@@ -125,6 +127,10 @@ class ModelRunner:
                 k = 1 + req.params.logprobs
                 out.logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
         return out
+
+    def tiers_apply(self, transfers) -> None:
+        """Move pages between the KV storage and lower tiers before this step's forward pass."""
+        transfers.manager.apply(transfers, self.kv.data)
 
     def _prepare(self, so: SchedulerOutput):
         ps = self.config.page_size

@@ -54,8 +54,11 @@ class _EngineCollector:
         yield self._counter("generation_tokens", "Tokens generated.", e.num_generated_tokens)
         yield self._counter("prefix_cache_queries", "Prefix-cache lookups (one per admitted request).",
                             pool.queries)
-        yield self._counter("prefix_cache_hits", "Prefix-cache lookups that reused at least one page.",
-                            pool.hits, {"tier": "gpu"})
+        hits = CounterMetricFamily(P + "prefix_cache_hits", "Prefix-cache tokens served, by the tier "
+                                   "that held them (gpu, cpu, disk, remote).", labels=["model_name", "tier"])
+        for tier, n in e.kv.hit_tokens.items():
+            hits.add_metric(self.labels + [tier], n)
+        yield hits
         yield self._counter("num_preemptions", "Requests preempted (pages released, recomputed later).",
                             e.scheduler.num_preemptions)
 

@@ -1,0 +1,198 @@
+"""Tiered KV (CPU RAM, disk, Redis): hits across requests and processes, identical output, failures."""
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.tiny_models import make_checkpoint
+from tierserve import LLM, SamplingParams
+
+SP = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+PROMPT = [0] + [(7 * i + 3) % 500 + 3 for i in range(150)]       # 151 tokens: 9 full pages of 16
+OTHER = [0] + [(11 * i + 5) % 500 + 3 for i in range(150)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiers") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=256, enable_prefix_caching=False)
+    return {k: llm.generate([p], SP)[0].outputs[0].token_ids for k, p in (("p", PROMPT), ("o", OTHER))}
+
+
+def make(ckpt, **kw):
+    kw.setdefault("max_model_len", 256)
+    kw.setdefault("kv_load_policy", "always")
+    return LLM(str(ckpt), dtype="float32", device="cpu", **kw)
+
+
+def assert_clean(llm):
+    llm.engine.kv.check_invariants()
+    assert llm.engine.kv.pool.num_in_use == 0
+
+
+def test_cpu_tier_hit_after_gpu_eviction(ckpt, reference):
+    # 17 GPU pages (272 tokens): running OTHER evicts PROMPT's cached pages, which go to CPU RAM
+    llm = make(ckpt, num_kv_pages=17, cpu_kv_gb=0.01)
+    a = llm.generate([PROMPT], SP)[0]
+    b = llm.generate([OTHER], SP)[0]
+    c = llm.generate([PROMPT], SP)[0]
+    assert a.outputs[0].token_ids == c.outputs[0].token_ids == reference["p"]
+    assert b.outputs[0].token_ids == reference["o"]
+    assert c.num_cached_tokens >= len(PROMPT) - 16
+    assert c.cached_tokens_by_tier.get("cpu", 0) > 0
+    assert llm.engine.kv.tiers.hits["cpu"] > 0
+    assert_clean(llm)
+
+
+def test_same_prompt_twice_gpu_hit(ckpt, reference):
+    llm = make(ckpt, cpu_kv_gb=0.01)
+    llm.generate([PROMPT], SP)
+    out = llm.generate([PROMPT], SP)[0]
+    assert out.num_cached_tokens >= len(PROMPT) - 16
+    assert out.cached_tokens_by_tier == {"gpu": out.num_cached_tokens}
+    assert out.outputs[0].token_ids == reference["p"]
+
+
+RUN = """
+import json, sys
+from tierserve import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype="float32", device="cpu", max_model_len=256, disk_kv_dir=sys.argv[2],
+          kv_load_policy="always")
+out = llm.generate([json.loads(sys.argv[3])], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
+llm.engine.kv.tiers.flush()
+print(json.dumps({"tokens": out.outputs[0].token_ids, "cached": out.num_cached_tokens,
+                  "tiers": out.cached_tokens_by_tier}))
+"""
+
+
+def run_process(ckpt, disk, prompt):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    res = subprocess.run([sys.executable, "-c", RUN, str(ckpt), str(disk), json.dumps(prompt)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
+
+def test_disk_tier_across_processes_and_corruption(ckpt, reference, tmp_path):
+    disk = tmp_path / "kv"
+    a, _ = run_process(ckpt, disk, PROMPT)                 # process A fills the disk cache
+    assert a["tokens"] == reference["p"] and a["cached"] == 0
+    files = sorted(disk.glob("*.kvp"))
+    assert len(files) >= 9
+    b, _ = run_process(ckpt, disk, PROMPT)                 # process B: fresh engine, disk hits
+    assert b["tokens"] == reference["p"]
+    assert b["tiers"].get("disk", 0) >= len(PROMPT) - 16
+    for f in disk.glob("*.kvp"):                           # flip bytes in every stored block
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    c, err = run_process(ckpt, disk, PROMPT)               # process C: detects, recomputes, same output
+    assert c["tokens"] == reference["p"]
+    assert c["cached"] == 0 and "disk" not in c["tiers"]
+    assert "rejected" in err and "checksum" in err
+
+
+def test_foreign_blocks_are_refused(ckpt, reference, tmp_path):
+    other = make_checkpoint(tmp_path / "other", "llama", seed=1)
+    disk = tmp_path / "kv"
+    make(other, disk_kv_dir=str(disk)).generate([PROMPT], SP)
+    time.sleep(0.2)
+    llm = make(ckpt, disk_kv_dir=str(disk))
+    llm.engine.kv.tiers.disk.flush()
+    out = llm.generate([PROMPT], SP)[0]
+    assert out.outputs[0].token_ids == reference["p"]
+    assert "disk" not in out.cached_tokens_by_tier
+
+
+def test_unwritable_disk_dir_warns_and_continues(ckpt, reference, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with caplog.at_level(logging.WARNING):
+        llm = make(ckpt, disk_kv_dir=str(blocker / "kv"))
+    assert "disk KV tier disabled" in caplog.text
+    assert llm.generate([PROMPT], SP)[0].outputs[0].token_ids == reference["p"]
+
+
+def test_cost_model_prefers_recompute_when_faster(ckpt, tmp_path):
+    from tierserve.kv.tiers.manager import TierHit, TierManager
+    tm = TierManager((2, 4), __import__("torch").float32, "fp", host_pages=4)
+    hits = [TierHit(b"h", (1,), "disk")] * 3
+    tm.bandwidth["disk"] = 1e3                 # 1 KB/s disk
+    tm.observe_prefill(1000, 1e-3)             # 1 us per token of prefill
+    assert not tm._load_pays(hits, page_size=16)
+    tm.bandwidth["disk"] = 1e12
+    assert tm._load_pays(hits, page_size=16)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is required for the remote-tier tests (apt-get install redis-server)"
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_two_engines_share_redis(ckpt, reference, redis_url):
+    a = make(ckpt, remote_kv_url=redis_url)
+    assert a.generate([PROMPT], SP)[0].outputs[0].token_ids == reference["p"]
+    a.engine.kv.tiers.flush()
+    b = make(ckpt, remote_kv_url=redis_url)
+    out = b.generate([PROMPT], SP)[0]
+    assert out.outputs[0].token_ids == reference["p"]
+    assert out.cached_tokens_by_tier.get("remote", 0) >= len(PROMPT) - 16
+
+
+def test_unreachable_redis_does_not_block(ckpt, reference, caplog):
+    llm = make(ckpt, remote_kv_url=f"redis://127.0.0.1:{_free_port()}/0")
+    t0 = time.time()
+    with caplog.at_level(logging.WARNING):
+        out = llm.generate([PROMPT], SP)[0]
+    assert out.outputs[0].token_ids == reference["p"]
+    assert time.time() - t0 < 10
+    assert "unreachable" in caplog.text
+
+
+def test_cache_cli_stats_and_clear(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from tierserve.cli import app
+    disk = tmp_path / "kv"
+    llm = make(ckpt, disk_kv_dir=str(disk))
+    llm.generate([PROMPT], SP)
+    llm.engine.kv.tiers.flush()
+    n = len(list(disk.glob("*.kvp")))
+    assert n >= 9
+    r = CliRunner().invoke(app, ["cache", "stats", "--disk-kv-dir", str(disk)])
+    assert r.exit_code == 0 and f"blocks  {n}" in r.output
+    r = CliRunner().invoke(app, ["cache", "clear", "--disk-kv-dir", str(disk)])
+    assert r.exit_code == 0 and not list(disk.glob("*.kvp"))
+    r = CliRunner().invoke(app, ["cache", "stats", "--disk-kv-dir", str(tmp_path / "missing")])
+    assert r.exit_code == 2

@@ -1,0 +1,55 @@
+"""Host tier: KV pages in (pinned, when CUDA exists) CPU RAM, content-addressed by page hash, LRU."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class HostTier:
+    name = "cpu"
+
+    def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError(f"cpu_kv_gb holds no page (need {num_pages} >= 1)")
+        pin = torch.cuda.is_available()
+        self.data = torch.empty((num_pages, *page_shape), dtype=dtype, pin_memory=pin)
+        self.num_pages = num_pages
+        self._index: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    def lookup(self, block_hash: bytes, tokens: tuple[int, ...]) -> int | None:
+        hit = self._index.get(block_hash)
+        if hit is None or hit[1] != tokens:
+            return None
+        self._index.move_to_end(block_hash)
+        return hit[0]
+
+    def contains(self, block_hash: bytes) -> bool:
+        return block_hash in self._index
+
+    def store(self, block_hash: bytes, tokens: tuple[int, ...], page: torch.Tensor) -> None:
+        if block_hash in self._index:
+            self._index.move_to_end(block_hash)
+            return
+        if self._free:
+            slot = self._free.pop()
+        else:
+            _, (slot, _) = self._index.popitem(last=False)
+        self.data[slot].copy_(page, non_blocking=False)
+        self._index[block_hash] = (slot, tokens)
+
+    def page(self, slot: int) -> torch.Tensor:
+        return self.data[slot]
+
+    @property
+    def num_used(self) -> int:
+        return len(self._index)
+
+    def clear(self) -> None:
+        self._free.extend(slot for slot, _ in self._index.values())
+        self._index.clear()
+
+    def check_invariants(self) -> None:
+        assert len(self._index) + len(self._free) == self.num_pages
+        assert len({s for s, _ in self._index.values()} | set(self._free)) == self.num_pages

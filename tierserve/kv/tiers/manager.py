@@ -1,0 +1,181 @@
+"""TierManager: placement of full, hashed KV pages across CPU RAM, disk and Redis below the GPU pool.
+
+- Lookups continue a request's prefix chain below the GPU pool: host, then disk, then remote.
+- A hit chain is used only when loading it is estimated to beat recomputing it (policy "cost"):
+  load time = bytes / measured tier bandwidth, recompute time = tokens x measured prefill time.
+- Pages evicted from the GPU pool go down to the host tier; newly completed pages are written
+  through to disk and remote asynchronously.
+- Data moves only in ``apply``, which the model runner calls at the start of a step, before the
+  forward pass: (1) read out pages leaving the GPU, (2) load hits into their new GPU pages,
+  (3) store what was read out. Tiering never changes an output token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from tierserve.kv.prefix import hash_page
+from tierserve.kv.tiers.disk import DiskTier
+from tierserve.kv.tiers.host import HostTier
+
+TIERS = ("gpu", "cpu", "disk", "remote")
+_DEFAULT_BW = {"cpu": 10e9, "disk": 1.5e9, "remote": 0.5e9}     # bytes/s until measured
+
+
+@dataclass
+class TierHit:
+    block_hash: bytes
+    tokens: tuple[int, ...]
+    source: str                  # "cpu" | "disk" | "remote"
+    slot: int | None = None      # host slot
+    payload: bytes | None = None
+
+
+@dataclass
+class KVTransfers:
+    offload: list[tuple[int, bytes, tuple[int, ...], bool, bool]] = field(default_factory=list)
+    onload: list[tuple[int, TierHit]] = field(default_factory=list)
+    manager: Any = None          # the TierManager that applies them
+
+    def __bool__(self) -> bool:
+        return bool(self.offload or self.onload)
+
+
+class TierManager:
+    def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, fingerprint: str, *,
+                 host_pages: int = 0, disk_dir: str | None = None, disk_bytes: int = 0,
+                 remote_url: str | None = None, policy: str = "cost") -> None:
+        self.page_shape, self.dtype, self.fingerprint, self.policy = page_shape, dtype, fingerprint, policy
+        self.page_bytes = int(torch.Size(page_shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        self.host = HostTier(page_shape, dtype, host_pages) if host_pages else None
+        self.disk = DiskTier(disk_dir, disk_bytes, fingerprint) if disk_dir else None
+        self.remote = None
+        if remote_url:
+            from tierserve.kv.tiers.remote import RemoteTier
+            self.remote = RemoteTier(remote_url, fingerprint)
+        self.bandwidth = dict(_DEFAULT_BW)
+        self.prefill_s_per_token: float | None = None
+        self.hits = {t: 0 for t in TIERS}             # pages served per tier
+        self._pending = KVTransfers()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host or self.disk or self.remote)
+
+    # ---- lookups (scheduler side) -----------------------------------------------------------
+    def find(self, token_ids: Sequence[int], page_size: int, start_page: int, end_page: int,
+             parent: bytes | None) -> list[TierHit]:
+        hits: list[TierHit] = []
+        for i in range(start_page, end_page):
+            toks = tuple(token_ids[i * page_size:(i + 1) * page_size])
+            h = hash_page(parent, toks)
+            hit = self._find_one(h, toks)
+            if hit is None:
+                break
+            hits.append(hit)
+            parent = h
+        if hits and self.policy == "cost" and not self._load_pays(hits, page_size):
+            return []
+        return hits
+
+    def _find_one(self, h: bytes, toks: tuple[int, ...]) -> TierHit | None:
+        if self.host is not None:
+            slot = self.host.lookup(h, toks)
+            if slot is not None:
+                return TierHit(h, toks, "cpu", slot=slot)
+        for tier in (self.disk, self.remote):
+            if tier is None:
+                continue
+            t0 = time.perf_counter()
+            payload = tier.read(h, toks)
+            if payload is not None:
+                self._measure(tier.name, len(payload), time.perf_counter() - t0)
+                return TierHit(h, toks, tier.name, payload=payload)
+        return None
+
+    def _load_pays(self, hits: list[TierHit], page_size: int) -> bool:
+        if self.prefill_s_per_token is None:
+            return True
+        load = sum(self.page_bytes / self.bandwidth[h.source] for h in hits)
+        return load < len(hits) * page_size * self.prefill_s_per_token
+
+    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
+        """Feed the recompute side of the cost model (engine steps with a real prefill)."""
+        if num_tokens >= 32 and seconds > 0:
+            x = seconds / num_tokens
+            p = self.prefill_s_per_token
+            self.prefill_s_per_token = x if p is None else 0.8 * p + 0.2 * x
+
+    def _measure(self, tier: str, nbytes: int, seconds: float) -> None:
+        if seconds > 0 and nbytes >= 4096:
+            self.bandwidth[tier] = 0.8 * self.bandwidth[tier] + 0.2 * (nbytes / seconds)
+
+    # ---- events from the GPU pool -------------------------------------------------------------
+    def on_evict(self, pid: int, block_hash: bytes, tokens: tuple[int, ...]) -> None:
+        if self.host is not None and not self.host.contains(block_hash):
+            self._pending.offload.append((pid, block_hash, tokens, True, False))
+
+    def on_register(self, pid: int, block_hash: bytes, tokens: tuple[int, ...]) -> None:
+        persist = (self.disk is not None and self.disk.enabled and not self.disk.contains(block_hash)) \
+            or self.remote is not None
+        if persist:
+            self._pending.offload.append((pid, block_hash, tokens, False, True))
+
+    def schedule_onload(self, pid: int, hit: TierHit) -> None:
+        self.hits[hit.source] += 1
+        self._pending.onload.append((pid, hit))
+
+    def take_transfers(self) -> KVTransfers:
+        out, self._pending = self._pending, KVTransfers()
+        out.manager = self
+        return out
+
+    # ---- data movement (runner side, start of a step) -----------------------------------------
+    def apply(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
+        if not tr:
+            return
+        leaving = [(h, toks, kv_data[pid].to("cpu", copy=True), to_host, persist)
+                   for pid, h, toks, to_host, persist in tr.offload]
+        for pid, hit in tr.onload:
+            t0 = time.perf_counter()
+            if hit.source == "cpu":
+                src = self.host.page(hit.slot)
+            else:
+                src = torch.frombuffer(bytearray(hit.payload), dtype=torch.uint8).view(self.dtype)
+                src = src.view(self.page_shape)
+            kv_data[pid].copy_(src, non_blocking=False)
+            if hit.source == "cpu":
+                self._measure("cpu", self.page_bytes, time.perf_counter() - t0)
+        for h, toks, page, to_host, persist in leaving:
+            if to_host and self.host is not None:
+                self.host.store(h, toks, page)
+            if persist:
+                payload = page.contiguous().view(torch.uint8).numpy().tobytes()
+                if self.disk is not None:
+                    self.disk.write_async(h, toks, payload)
+                if self.remote is not None:
+                    self.remote.write_async(h, toks, payload)
+
+    def flush(self) -> None:
+        for tier in (self.disk, self.remote):
+            if tier is not None:
+                tier.flush()
+
+    def stats(self) -> dict:
+        out = {"hits_pages": dict(self.hits), "bandwidth_bytes_s": dict(self.bandwidth),
+               "prefill_s_per_token": self.prefill_s_per_token}
+        if self.host is not None:
+            out["cpu"] = {"pages": self.host.num_pages, "used": self.host.num_used}
+        if self.disk is not None:
+            out["disk"] = self.disk.stats()
+        if self.remote is not None:
+            out["remote"] = {"url": self.remote.url, "available": self.remote.available,
+                             "errors": self.remote.num_errors}
+        return out
+
+    def check_invariants(self) -> None:
+        if self.host is not None:
+            self.host.check_invariants()
