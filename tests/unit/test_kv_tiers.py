@@ -196,3 +196,25 @@ def test_cache_cli_stats_and_clear(ckpt, tmp_path):
     assert r.exit_code == 0 and not list(disk.glob("*.kvp"))
     r = CliRunner().invoke(app, ["cache", "stats", "--disk-kv-dir", str(tmp_path / "missing")])
     assert r.exit_code == 2
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_live_sequence_larger_than_gpu_pool_spills_to_cpu(ckpt, caching):
+    """6 GPU pages (96 tokens) for requests of ~190 tokens: cold pages live in CPU RAM, output unchanged."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [PROMPT, OTHER[:120]]
+    ref = make(ckpt, enable_prefix_caching=False).generate(prompts, sp)
+    llm = make(ckpt, num_kv_pages=6, cpu_kv_gb=0.01, max_num_batched_tokens=16,
+               enable_prefix_caching=caching)
+    outs = llm.generate(prompts, sp)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    kv = llm.engine.kv
+    assert kv.num_spilled > 0
+    assert kv.tiers.host.num_spilled == 0          # every spilled slot released at the end
+    kv.tiers.check_invariants()
+    assert_clean(llm)
+
+
+def test_pool_smaller_than_max_model_len_needs_cpu_tier(ckpt):
+    with pytest.raises(ValueError, match="max_model_len"):
+        make(ckpt, num_kv_pages=6)

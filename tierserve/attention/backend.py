@@ -29,6 +29,9 @@ class AttnMetadata:
     decode_only: bool = False      # every request has exactly one new token (a pure decode step)
     num_splits: int = 1            # split-K factor for decode kernels (fixed per CUDA-graph bucket)
     max_seq_bound: int = 0         # upper bound of seq_lens (work split size), e.g. max_model_len
+    # page storage in CPU RAM ([slots, layers, 2, page, Hkv, D]) when some page-table entries are
+    # spilled: entry id >= num device pages means host slot (id - num device pages)
+    host_kv: torch.Tensor | None = None
 
     @property
     def max_query_len(self) -> int:
@@ -43,7 +46,8 @@ class AttentionBackend(Protocol):
     name: str
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
-                meta: AttnMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                meta: AttnMetadata, scale: float, sliding_window: int | None = None,
+                layer_idx: int = 0) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (this step's new tokens); kv_layer [N, 2, page, Hkv, D]
         (a strided view of the page-major KV storage: K at [:, 0], V at [:, 1]).
 

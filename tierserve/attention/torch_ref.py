@@ -42,14 +42,13 @@ class TorchRefBackend:
         return out
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, layer_idx: int = 0) -> torch.Tensor:
         write_kv(k, v, kv_layer, meta)
         p = self._prep(meta, sliding_window)
         B = meta.num_seqs
         _, _, page, hkv, d = kv_layer.shape
         P = meta.page_table.shape[1]
-        kv = torch.index_select(kv_layer, 0, meta.page_table.reshape(-1))        # one gather of all pages
-        kv = kv.view(B, P, 2, page, hkv, d)
+        kv = _gather_pages(kv_layer, meta, layer_idx).view(B, P, 2, page, hkv, d)
         keys = kv[:, :, 0].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)   # [B, Hkv, L, D]
         vals = kv[:, :, 1].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
         mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]
@@ -63,3 +62,18 @@ class TorchRefBackend:
         out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale,
                                              enable_gqa=qp.shape[1] != hkv)
         return out.transpose(1, 2)[p["q_valid"]]                                   # [T, Hq, D]
+
+
+def _gather_pages(kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int) -> torch.Tensor:
+    """All pages of the step's page tables in one gather; spilled pages are copied in from CPU RAM
+    (dense attention over a tiered KV reads every page each step: PCIe-bound by design)."""
+    flat = meta.page_table.reshape(-1)
+    if meta.host_kv is None:
+        return torch.index_select(kv_layer, 0, flat)
+    n_dev = kv_layer.shape[0]
+    on_host = flat >= n_dev
+    out = torch.index_select(kv_layer, 0, torch.where(on_host, 0, flat))
+    slots = (flat[on_host] - n_dev).to(meta.host_kv.device)
+    out[on_host] = torch.index_select(meta.host_kv[:, layer_idx], 0, slots).to(out.device, non_blocking=True)
+    return out
+

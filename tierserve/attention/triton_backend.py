@@ -19,9 +19,9 @@ class TritonBackend:
         self._ref = TorchRefBackend()
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
-        if not meta.decode_only:
-            return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window)
+                sliding_window: int | None = None, layer_idx: int = 0) -> torch.Tensor:
+        if not meta.decode_only or meta.host_kv is not None:
+            return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
         write_kv(k, v, kv_layer, meta)
         return paged_decode(q, kv_layer[:, 0], kv_layer[:, 1], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, max_seq_len=meta.max_seq_bound,

@@ -58,13 +58,17 @@ class Engine:
             config.max_model_len = self.model_cfg.max_position_embeddings
         self.max_model_len = config.max_model_len
         self.runner = ModelRunner(config, self.model_path, self.model_cfg, self.max_model_len, progress)
-        cap = self.runner.num_pages * config.page_size
-        if cap < self.max_model_len:
+        tiers = self._make_tiers(config)
+        host_pages = tiers.host.num_pages if tiers is not None and tiers.host is not None else 0
+        if host_pages:
+            self.runner.host_kv = tiers.host.data
+        cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
+        if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
                              f"{config.page_size}), fewer than max_model_len={self.max_model_len}; "
                              "lower max_model_len or give the pool more memory (num_kv_pages / gpu_kv_gb)")
         self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching,
-                            tiers=self._make_tiers(config))
+                            tiers=tiers)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}

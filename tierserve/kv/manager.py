@@ -34,6 +34,7 @@ class PrefixHit:
 class _Table:
     pages: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)   # hashes of the leading full, registered pages
+    computed: int = 0     # tokens whose K/V are written (pages below computed // page_size are complete)
 
 
 class KVManager:
@@ -42,11 +43,12 @@ class KVManager:
         self.page_size = page_size
         self.pool = BlockPool(num_pages, enable_caching=enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
-        self.tiers = tiers if (tiers is not None and tiers.enabled and enable_prefix_caching) else None
-        if self.tiers is not None:
+        self.tiers = tiers if (tiers is not None and tiers.enabled) else None
+        if self.tiers is not None and enable_prefix_caching:
             self.pool.on_evict = self.tiers.on_evict
         self._tables: dict[str, _Table] = {}
         self.hit_tokens = {"gpu": 0, "cpu": 0, "disk": 0, "remote": 0}   # prefix-cache tokens served per tier
+        self.num_spilled = 0
 
     def record_hit(self, prefix: PrefixHit) -> None:
         for tier, n in prefix.tokens_by_tier(self.page_size).items():
@@ -91,7 +93,8 @@ class KVManager:
         need = self.pages_for(num_tokens) - len(table.pages) - len(hit_pages)   # tier hits need GPU pages too
         # hit pages that are evictable stop being free once acquired
         reclaim = sum(1 for p in hit_pages if self.pool.meta[p].ref_count == 0)
-        if need > self.pool.num_free - reclaim:
+        short = need - (self.pool.num_free - reclaim)
+        if short > 0 and self._spill(short, exclude=set(hit_pages)) < short:
             return False
         if hit_pages:
             self.pool.acquire(hit_pages)
@@ -108,23 +111,29 @@ class KVManager:
         return True
 
     def commit(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register the full pages among the first ``num_computed`` tokens for prefix reuse."""
+        """Record progress; register the full pages among the first ``num_computed`` tokens for reuse."""
+        table = self._tables[req_id]
+        table.computed = num_computed
         if not self.enable_prefix_caching:
             return
-        table = self._tables[req_id]
         ps = self.page_size
         parent = table.hashes[-1] if table.hashes else None
         for i in range(len(table.hashes), num_computed // ps):
             toks = tuple(token_ids[i * ps:(i + 1) * ps])
             parent = hash_page(parent, toks)
             table.hashes.append(parent)
+            if table.pages[i] < 0:          # spilled to CPU RAM: not shareable through the GPU index
+                continue
             if self.pool.register(table.pages[i], parent, toks) and self.tiers is not None:
                 self.tiers.on_register(table.pages[i], parent, toks)
 
     def free(self, req_id: str) -> None:
         table = self._tables.pop(req_id, None)
         if table is not None:
-            self.pool.release(table.pages)
+            self.pool.release([p for p in table.pages if p >= 0])
+            for p in table.pages:
+                if p < 0:
+                    self.tiers.host.release(-p - 1)
 
     def page_table(self, req_id: str) -> list[int]:
         return self._tables[req_id].pages
@@ -136,11 +145,41 @@ class KVManager:
     def num_requests(self) -> int:
         return len(self._tables)
 
+    # ---- live sequences beyond the GPU pool --------------------------------------------------
+    def _spill(self, n: int, exclude: set[int]) -> int:
+        """Move up to ``n`` complete, unshared pages of live requests to CPU RAM; returns how many.
+
+        Page-table entries of spilled pages become ``-(slot + 1)``; the copy happens at the start of
+        the next step (before the freed GPU page can be overwritten). The last page of a table and
+        pages not yet fully computed are never spilled."""
+        host = self.tiers.host if self.tiers is not None else None
+        if host is None:
+            return 0
+        done = 0
+        for t in self._tables.values():
+            for i in range(min(t.computed // self.page_size, len(t.pages) - 1)):
+                pid = t.pages[i]
+                if pid < 0 or pid in exclude or self.pool.meta[pid].ref_count != 1:
+                    continue
+                slot = host.reserve()
+                if slot is None:
+                    return done
+                self.tiers.schedule_spill(pid, slot)
+                self.pool.release([pid])
+                t.pages[i] = -(slot + 1)
+                self.num_spilled += 1
+                done += 1
+                if done >= n:
+                    return done
+        return done
+
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         refs: dict[int, int] = {}
         for t in self._tables.values():
             for p in t.pages:
+                if p < 0:
+                    continue
                 refs[p] = refs.get(p, 0) + 1
         for pid, m in enumerate(self.pool.meta):
             assert m.ref_count == refs.get(pid, 0), (pid, m.ref_count, refs.get(pid, 0))

@@ -20,8 +20,9 @@ from tierserve.models.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, **f) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, layer_idx: int, **f) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.nh, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.d, bias=cfg.attention_bias, **f)
         self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False, **f)
@@ -39,7 +40,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = RotaryEmbedding.apply(rope, q, k)
-        o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window)
+        o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx)
         return self.o_proj(o.reshape(T, self.nh * self.d))
 
 
@@ -55,10 +56,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend, **f) -> None:
+    def __init__(self, cfg: ModelConfig, backend, layer_idx: int, **f) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
-        self.self_attn = Attention(cfg, backend, **f)
+        self.self_attn = Attention(cfg, backend, layer_idx, **f)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.mlp = MLP(cfg, **f)
 
@@ -73,7 +74,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **f)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, **f) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, i, **f) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
 

@@ -73,6 +73,7 @@ class ModelRunner:
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
             from tierserve.runner.cuda_graphs import DecodeGraphs
@@ -101,7 +102,7 @@ class ModelRunner:
             self.tiers_apply(transfers)
         meta, input_ids, sample_rows, plp = self._prepare(so)
         out = StepOutput()
-        if meta.decode_only and self.graphs is not None and not plp and \
+        if meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None and \
                 self.graphs.bucket_for(meta.num_seqs) is not None:
             logits = self.graphs.run(meta.num_seqs, input_ids, meta.positions, meta.slot_pages,
                                      meta.slot_offsets, meta.seq_lens, meta.page_table)
@@ -136,12 +137,16 @@ class ModelRunner:
         ps = self.config.page_size
         pos_l, page_l, off_l, ids_l, qsl, seq_lens, qlens = [], [], [], [], [0], [], []
         sample_rows, plp = [], []
+        n_dev, has_host = self.kv.data.shape[0], False
         max_pages = max(-(-s.end // ps) for s in so.scheduled)
         table = np.zeros((len(so.scheduled), max_pages), dtype=np.int64)
         for b, s in enumerate(so.scheduled):
             req = s.request
             pos = np.arange(s.start, s.end, dtype=np.int64)
             pt = np.asarray(s.page_table[:max_pages], dtype=np.int64)
+            if (pt < 0).any():               # spilled to CPU RAM: virtual ids after the device pages
+                pt = np.where(pt < 0, n_dev - pt - 1, pt)
+                has_host = True
             table[b, :len(pt)] = pt
             pos_l.append(pos)
             page_l.append(pt[pos // ps])
@@ -169,7 +174,7 @@ class ModelRunner:
             query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
-            decode_only=qsl[-1] == len(so.scheduled))
+            decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens)
             meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)

@@ -1,4 +1,9 @@
-"""Host tier: KV pages in (pinned, when CUDA exists) CPU RAM, content-addressed by page hash, LRU."""
+"""Host tier: KV pages in (pinned, when CUDA exists) CPU RAM.
+
+Two uses share one pool of slots: cached pages (content-addressed by page hash, LRU, evictable) and
+spilled pages of live sequences that do not fit on the GPU (reserved until their request ends).
+Accounting: free + cached + spilled == total.
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -17,6 +22,7 @@ class HostTier:
         self.num_pages = num_pages
         self._index: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()
         self._free = list(range(num_pages - 1, -1, -1))
+        self._spilled: set[int] = set()
 
     def lookup(self, block_hash: bytes, tokens: tuple[int, ...]) -> int | None:
         hit = self._index.get(block_hash)
@@ -39,6 +45,25 @@ class HostTier:
         self.data[slot].copy_(page, non_blocking=False)
         self._index[block_hash] = (slot, tokens)
 
+    def reserve(self) -> int | None:
+        """A slot for a spilled live page: a free one, else the least recently used cached one."""
+        if self._free:
+            slot = self._free.pop()
+        elif self._index:
+            _, (slot, _) = self._index.popitem(last=False)
+        else:
+            return None
+        self._spilled.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._spilled.remove(slot)
+        self._free.append(slot)
+
+    @property
+    def num_spilled(self) -> int:
+        return len(self._spilled)
+
     def page(self, slot: int) -> torch.Tensor:
         return self.data[slot]
 
@@ -47,9 +72,10 @@ class HostTier:
         return len(self._index)
 
     def clear(self) -> None:
+        """Forget cached pages (spilled pages stay)."""
         self._free.extend(slot for slot, _ in self._index.values())
         self._index.clear()
 
     def check_invariants(self) -> None:
-        assert len(self._index) + len(self._free) == self.num_pages
-        assert len({s for s, _ in self._index.values()} | set(self._free)) == self.num_pages
+        assert len(self._index) + len(self._free) + len(self._spilled) == self.num_pages
+        assert len({s for s, _ in self._index.values()} | set(self._free) | self._spilled) == self.num_pages

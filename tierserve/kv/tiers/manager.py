@@ -38,10 +38,11 @@ class TierHit:
 class KVTransfers:
     offload: list[tuple[int, bytes, tuple[int, ...], bool, bool]] = field(default_factory=list)
     onload: list[tuple[int, TierHit]] = field(default_factory=list)
+    spill: list[tuple[int, int]] = field(default_factory=list)   # (GPU page, host slot) of live pages
     manager: Any = None          # the TierManager that applies them
 
     def __bool__(self) -> bool:
-        return bool(self.offload or self.onload)
+        return bool(self.offload or self.onload or self.spill)
 
 
 class TierManager:
@@ -128,6 +129,9 @@ class TierManager:
         self.hits[hit.source] += 1
         self._pending.onload.append((pid, hit))
 
+    def schedule_spill(self, pid: int, slot: int) -> None:
+        self._pending.spill.append((pid, slot))
+
     def take_transfers(self) -> KVTransfers:
         out, self._pending = self._pending, KVTransfers()
         out.manager = self
@@ -139,6 +143,8 @@ class TierManager:
             return
         leaving = [(h, toks, kv_data[pid].to("cpu", copy=True), to_host, persist)
                    for pid, h, toks, to_host, persist in tr.offload]
+        for pid, slot in tr.spill:           # live pages moving to CPU RAM (before their GPU page is reused)
+            self.host.data[slot].copy_(kv_data[pid])
         for pid, hit in tr.onload:
             t0 = time.perf_counter()
             if hit.source == "cpu":
