@@ -23,6 +23,8 @@ _HELP = {
     "max_num_seqs": "max running requests",
     "enable_prefix_caching": "reuse KV pages of shared prefixes",
     "load_format": "auto | safetensors | dummy (random weights from config.json)",
+    "sparse_attention": "pages: top-k sparse attention over pages scored by key min/max bounds (lossy)",
+    "sparse_topk_tokens": "tokens each query attends to with --sparse-attention",
     "attention_backend": "auto | torch_ref | triton",
     "enforce_eager": "run without CUDA graphs",
     "cpu_kv_gb": "KV tier in (pinned) CPU RAM, GiB",

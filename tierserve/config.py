@@ -48,6 +48,8 @@ class EngineConfig:
     disk_kv_gb: float = 64.0            # disk tier capacity
     remote_kv_url: str | None = None    # redis://host:port -- KV shared between replicas
     kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
+    sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
+    sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
     enforce_eager: bool = False         # True: no CUDA graphs
     debug_invariants: bool = field(default_factory=lambda: _env_flag("TIERSERVE_DEBUG_INVARIANTS"))
@@ -58,6 +60,9 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
+        if self.sparse_attention is not None:
+            _choice("sparse_attention", self.sparse_attention, ("pages",))
+            _int_range("sparse_topk_tokens", self.sparse_topk_tokens, 1, 1 << 24)
         for name in ("cpu_kv_gb", "disk_kv_gb"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):

@@ -32,6 +32,7 @@ class AttnMetadata:
     # page storage in CPU RAM ([slots, layers, 2, page, Hkv, D]) when some page-table entries are
     # spilled: entry id >= num device pages means host slot (id - num device pages)
     host_kv: torch.Tensor | None = None
+    sparse: Any = None             # attention.select.SparseConfig when sparse attention is on
 
     @property
     def max_query_len(self) -> int:
@@ -65,5 +66,19 @@ def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int 
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:
-    kv_layer[:, 0][meta.slot_pages, meta.slot_offsets] = k.to(kv_layer.dtype)
+    k = k.to(kv_layer.dtype)
+    kv_layer[:, 0][meta.slot_pages, meta.slot_offsets] = k
     kv_layer[:, 1][meta.slot_pages, meta.slot_offsets] = v.to(kv_layer.dtype)
+    if kv_layer.shape[2] > meta.page_size:     # keep the per-page key min / max summary up to date
+        update_page_summary(k, kv_layer, meta)
+
+
+def update_page_summary(k: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:
+    row = meta.page_size
+    kmin, kmax = kv_layer[:, 0, row], kv_layer[:, 1, row]          # [N, Hkv, D]
+    first = meta.slot_offsets == 0                                   # a page's first token resets it
+    kmin[meta.slot_pages[first]] = k[first]
+    kmax[meta.slot_pages[first]] = k[first]
+    idx = meta.slot_pages[:, None, None].expand_as(k)
+    kmin.scatter_reduce_(0, idx, k, reduce="amin", include_self=True)
+    kmax.scatter_reduce_(0, idx, k, reduce="amax", include_self=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tierserve.attention.backend import AttnMetadata, write_kv
+from tierserve.attention.select import page_upper_bounds, select_pages
 
 
 class TorchRefBackend:
@@ -46,19 +47,26 @@ class TorchRefBackend:
         write_kv(k, v, kv_layer, meta)
         p = self._prep(meta, sliding_window)
         B = meta.num_seqs
-        _, _, page, hkv, d = kv_layer.shape
+        _, _, rows, hkv, d = kv_layer.shape
+        page = meta.page_size
         P = meta.page_table.shape[1]
-        kv = _gather_pages(kv_layer, meta, layer_idx).view(B, P, 2, page, hkv, d)
-        keys = kv[:, :, 0].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)   # [B, Hkv, L, D]
-        vals = kv[:, :, 1].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
+        kv = _gather_pages(kv_layer, meta, layer_idx).view(B, P, 2, rows, hkv, d)
+        keys = kv[:, :, 0, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)   # [B, Hkv, L, D]
+        vals = kv[:, :, 1, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
         mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]
+        qp = q[:, :, None, :] if meta.decode_only else q[p["q_index"]].transpose(1, 2)   # [B, Hq, max_q, D]
+        if meta.sparse is not None:
+            ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
+            chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, meta.sparse)   # [B, Hkv, Q, P]
+            mask = mask & chosen.repeat_interleave(page, dim=-1)                   # [B, Hkv, Q, L]
         if meta.decode_only:
             # one query per sequence: fold the query heads sharing a KV head into the query axis
             hq = q.shape[1]
             qg = q.view(B, hkv, hq // hkv, d)
             out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask, scale=scale)
             return out.reshape(B, hq, d)
-        qp = q[p["q_index"]].transpose(1, 2)                                       # [B, Hq, max_q, D]
+        if mask.shape[1] > 1:
+            mask = mask.repeat_interleave(qp.shape[1] // hkv, dim=1)               # per query head
         out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale,
                                              enable_gqa=qp.shape[1] != hkv)
         return out.transpose(1, 2)[p["q_valid"]]                                   # [T, Hq, D]

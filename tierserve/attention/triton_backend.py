@@ -20,9 +20,10 @@ class TritonBackend:
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None, layer_idx: int = 0) -> torch.Tensor:
-        if not meta.decode_only or meta.host_kv is not None:
+        if not meta.decode_only or meta.host_kv is not None or meta.sparse is not None:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
         write_kv(k, v, kv_layer, meta)
-        return paged_decode(q, kv_layer[:, 0], kv_layer[:, 1], meta.page_table, meta.seq_lens, scale,
+        page = meta.page_size
+        return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, max_seq_len=meta.max_seq_bound,
                             sliding_window=sliding_window)

@@ -19,6 +19,14 @@ class KVLayout:
     head_dim: int
     page_size: int
     dtype: torch.dtype
+    # extra rows per page after the tokens: row 0 of K holds the page's per-channel key minimum and
+    # row 0 of V its maximum (the summary sparse page selection scores). The summary lives inside the
+    # page, so it moves with the page between tiers and is shared with prefix-cache hits.
+    summary_rows: int = 0
+
+    @property
+    def rows_per_page(self) -> int:
+        return self.page_size + self.summary_rows
 
     @property
     def bytes_per_token(self) -> int:
@@ -27,7 +35,7 @@ class KVLayout:
 
     @property
     def bytes_per_page(self) -> int:
-        return self.bytes_per_token * self.page_size
+        return self.bytes_per_token * self.rows_per_page
 
 
 class KVCache:
@@ -36,9 +44,9 @@ class KVCache:
     def __init__(self, layout: KVLayout, num_pages: int, device: torch.device | str) -> None:
         self.layout = layout
         self.num_pages = num_pages
-        self.data = torch.zeros(num_pages, layout.num_layers, 2, layout.page_size,
+        self.data = torch.zeros(num_pages, layout.num_layers, 2, layout.rows_per_page,
                                 layout.num_kv_heads, layout.head_dim, dtype=layout.dtype, device=device)
 
     def layer(self, i: int) -> torch.Tensor:
-        """Layer ``i``'s view ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (K at [:, 0], V at [:, 1])."""
+        """Layer ``i``'s view ``[num_pages, 2, rows_per_page, num_kv_heads, head_dim]`` (K at [:, 0], V at [:, 1])."""
         return self.data[:, i]

@@ -66,8 +66,12 @@ class ModelRunner:
         else:
             model.load_weights(iter_safetensors(safetensors_files(model_path), self.device, progress))
         self.model = model.eval()
+        self.sparse = None
+        if config.sparse_attention:
+            from tierserve.attention.select import SparseConfig
+            self.sparse = SparseConfig(config.sparse_attention, config.sparse_topk_tokens)
         self.layout = KVLayout(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
-                               config.page_size, self.dtype)
+                               config.page_size, self.dtype, summary_rows=1 if self.sparse else 0)
         self.num_pages = self._num_pages(max_model_len)
         # one extra page that the pool never hands out: CUDA-graph padding rows write there
         self.scratch_page = self.num_pages
@@ -75,7 +79,8 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
+                and self.sparse is None:
             from tierserve.runner.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
                                        max_model_len, self.scratch_page, self.device)
@@ -174,7 +179,8 @@ class ModelRunner:
             query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
-            decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None)
+            decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
+            sparse=self.sparse)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens)
             meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)
