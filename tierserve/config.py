@@ -50,6 +50,7 @@ class EngineConfig:
     kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
     sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
     sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
+    engram_placement: str | None = None  # device | cpu | disk: where Engram tables live (default: config)
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
     enforce_eager: bool = False         # True: no CUDA graphs
     debug_invariants: bool = field(default_factory=lambda: _env_flag("TIERSERVE_DEBUG_INVARIANTS"))
@@ -60,6 +61,8 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
+        if self.engram_placement is not None:
+            _choice("engram_placement", self.engram_placement, ("device", "cpu", "disk"))
         if self.sparse_attention is not None:
             _choice("sparse_attention", self.sparse_attention, ("pages",))
             _int_range("sparse_topk_tokens", self.sparse_topk_tokens, 1, 1 << 24)

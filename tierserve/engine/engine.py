@@ -58,6 +58,7 @@ class Engine:
             config.max_model_len = self.model_cfg.max_position_embeddings
         self.max_model_len = config.max_model_len
         self.runner = ModelRunner(config, self.model_path, self.model_cfg, self.max_model_len, progress)
+        self.runner.set_tokenizer(self.tokenizer)
         tiers = self._make_tiers(config)
         host_pages = tiers.host.num_pages if tiers is not None and tiers.host is not None else 0
         if host_pages:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tierserve.models.layers.rotary import RopeConfig
 
@@ -24,6 +25,7 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     torch_dtype: str = "float32"
+    engram: Any = None                  # memory.engram_config.EngramConfig when the checkpoint has Engram
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -40,6 +42,11 @@ class ModelConfig:
             elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and cfg.get("use_sliding_window"):
                 window = cfg.get("sliding_window")
             dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+            engram = None
+            if cfg.get("engram"):
+                from tierserve.memory.engram_config import EngramConfig
+                engram = EngramConfig.from_dict(cfg["engram"])
+                engram.check_model(int(cfg["num_hidden_layers"]))
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
@@ -57,6 +64,7 @@ class ModelConfig:
                 qk_norm=arch == "Qwen3ForCausalLM",
                 sliding_window=int(window) if window else None,
                 torch_dtype=str(dtype).replace("torch.", ""),
+                engram=engram,
             )
         except KeyError as e:
             raise ValueError(f"config.json for {arch} is missing the field {e.args[0]!r}") from None

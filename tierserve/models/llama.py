@@ -62,8 +62,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, backend, layer_idx, **f)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.mlp = MLP(cfg, **f)
+        self.engram = None        # memory.engram.Engram on the layers that carry it (attach_engram)
 
-    def forward(self, x, rope, kv, meta):
+    def forward(self, x, rope, kv, meta, engram=None):
+        if self.engram is not None:          # n-gram memory joins the residual before attention
+            x = x + engram.apply(self.engram, x)
         x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -79,16 +82,33 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
-                meta: AttnMetadata) -> torch.Tensor:
+                meta: AttnMetadata, engram=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv.layer(i), meta)
+            x = layer(x, rope, kv.layer(i), meta, engram)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w)
+
+    def attach_engram(self, placement: str | None, device: torch.device, dtype: torch.dtype) -> None:
+        """Create the Engram modules (after the model's storage exists; tables may live in host RAM)."""
+        from dataclasses import replace
+
+        from tierserve.memory.engram import Engram
+
+        ecfg = self.cfg.engram
+        if ecfg.conv_kernel_size:
+            raise ValueError("engram.conv_kernel_size > 0 needs per-request conv state, which the engine "
+                             "does not keep yet; use conv_kernel_size 0 (the V4.1 layout)")
+        if placement is not None:
+            ecfg = replace(ecfg, placement=placement)
+            self.cfg.engram = ecfg
+        for i in ecfg.layers:
+            self.layers[i].engram = Engram(ecfg, i, self.cfg.hidden_size, self.cfg.rms_norm_eps,
+                                           device=device, dtype=dtype)
 
     # ---- weights --------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -102,6 +122,14 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb" in name:
+                continue
+            if ".engram." in name:
+                i, rest = name.removeprefix("model.layers.").split(".engram.", 1)
+                eng = self.layers[int(i)].engram if int(i) < len(self.layers) else None
+                if eng is None:
+                    raise ValueError(f"checkpoint tensor {name!r}: layer {i} has no Engram in config.json")
+                eng.load_tensor(rest, tensor)
+                loaded.add(name)
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue
@@ -139,4 +167,6 @@ class LlamaForCausalLM(nn.Module):
                     names.append(p + f"self_attn.{n}.bias")
             if cfg.qk_norm:
                 names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+            if self.layers[i].engram is not None:
+                names += [p + "engram." + n for n in self.layers[i].engram.weight_names()]
         return names

@@ -61,8 +61,13 @@ class ModelRunner:
             model = cls(model_cfg, self.backend, max_model_len, dtype=self.dtype)
         model = model.to_empty(device=self.device)
         model.rotary.build(self.device)
+        if model_cfg.engram is not None:
+            model.attach_engram(config.engram_placement, self.device, self.dtype)
         if config.load_format == "dummy":
             _init_dummy(model, config.seed)
+            for layer in model.layers:
+                if getattr(layer, "engram", None) is not None:
+                    layer.engram.reset_parameters(torch.Generator().manual_seed(config.seed))
         else:
             model.load_weights(iter_safetensors(safetensors_files(model_path), self.device, progress))
         self.model = model.eval()
@@ -77,6 +82,7 @@ class ModelRunner:
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.engram_hasher = None          # set by set_tokenizer for models with Engram
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
@@ -108,11 +114,13 @@ class ModelRunner:
         meta, input_ids, sample_rows, plp = self._prepare(so)
         out = StepOutput()
         if meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None and \
+                self.engram_hasher is None and \
                 self.graphs.bucket_for(meta.num_seqs) is not None:
             logits = self.graphs.run(meta.num_seqs, input_ids, meta.positions, meta.slot_pages,
                                      meta.slot_offsets, meta.seq_lens, meta.page_table)
         else:
-            hidden = self.model(input_ids, meta.positions, self.kv, meta)
+            engram = self._engram_step(so, input_ids, meta) if self.engram_hasher is not None else None
+            hidden = self.model(input_ids, meta.positions, self.kv, meta, engram)
             if plp:
                 self._prompt_logprobs(hidden, plp, out)
             if not sample_rows:
@@ -133,6 +141,28 @@ class ModelRunner:
                 k = 1 + req.params.logprobs
                 out.logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
         return out
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Models with Engram hash canonical token ids, which come from the tokenizer."""
+        if self.model_cfg.engram is None:
+            return
+        from tierserve.memory.engram_canonical import build_canonical_ids
+        from tierserve.memory.engram_hash import NgramHasher
+
+        if tokenizer is None:
+            raise ValueError("a model with Engram needs its tokenizer (canonical token ids)")
+        canon = build_canonical_ids(tokenizer, vocab_size=self.model_cfg.vocab_size)
+        self.engram_hasher = NgramHasher(self.model_cfg.engram, canon.table, canon.num_canonical)
+
+    def _engram_step(self, so: SchedulerOutput, input_ids: torch.Tensor, meta: AttnMetadata):
+        from tierserve.memory.engram import engram_modules, prepare_engram_step
+        from tierserve.memory.engram_hash import engram_history
+
+        look = self.model_cfg.engram.lookback
+        hist = torch.tensor([engram_history(s.request.all_token_ids, s.start, look) for s in so.scheduled],
+                            dtype=torch.int64)
+        return prepare_engram_step(engram_modules(self.model), self.engram_hasher, input_ids.cpu(),
+                                   meta.query_start_loc.cpu(), hist)
 
     def tiers_apply(self, transfers) -> None:
         """Move pages between the KV storage and lower tiers before this step's forward pass."""

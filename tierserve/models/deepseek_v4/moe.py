@@ -1,0 +1,83 @@
+"""DeepSeek-V4 MoE: hash-routed (first layers) or top-k routed experts, plus a shared expert.
+
+* Scores: ``score_fn(x @ gate.weight.T)`` with ``sqrtsoftplus`` = sqrt(softplus(.)) (or sigmoid /
+  softmax).
+* Which experts: top-k of ``scores + gate.bias`` (the bias only steers selection), or, in
+  ``hash_moe`` layers, the fixed table ``gate.tid2eid[token_id]``.
+* Weights: the selected *scores*, normalised to sum 1, times ``routed_scaling_factor``.
+* Every expert (and the shared expert) is a SwiGLU ``w2(silu(min(w1 x, L)) * clamp(w3 x, -L, L))``
+  with ``L = swiglu_limit``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierserve.models.deepseek_v4.config import HASH_MOE, DeepseekV4Config
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden_size: int, inter: int, limit: float) -> None:
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(hidden_size, inter, bias=False)
+        self.w2 = nn.Linear(inter, hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.w1(x).clamp(max=self.limit)
+        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
+        return self.w2(F.silu(gate) * up)
+
+
+class Gate(nn.Module):
+    """Router. ``bias`` (top-k layers) or ``tid2eid`` (hash layers) as in the checkpoint."""
+
+    def __init__(self, cfg: DeepseekV4Config, hashed: bool) -> None:
+        super().__init__()
+        self.hashed, self.topk, self.score_func = hashed, cfg.num_experts_per_tok, cfg.scoring_func
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.long))
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.score_func == "sqrtsoftplus":
+            return F.softplus(logits).sqrt()
+        if self.score_func == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``[N, D]`` -> (weights ``[N, k]``, expert ids ``[N, k]``)."""
+        scores = self.scores(F.linear(x, self.weight))
+        if self.hashed:
+            idx = self.tid2eid[token_ids].long()
+        else:
+            idx = torch.topk(scores + self.bias.to(scores.dtype), self.topk, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling, idx
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: DeepseekV4Config, layer: int) -> None:
+        super().__init__()
+        self.gate = Gate(cfg, hashed=cfg.mlp_layer_types[layer] == HASH_MOE)
+        inter, limit = cfg.moe_intermediate_size, cfg.swiglu_limit
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, inter, limit) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (Expert(cfg.hidden_size, inter * cfg.n_shared_experts, limit)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(x, token_ids)
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            tok, slot = torch.where(idx == e)
+            y = self.experts[e](x[tok]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
