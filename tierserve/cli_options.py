@@ -25,6 +25,7 @@ _HELP = {
     "load_format": "auto | safetensors | dummy (random weights from config.json)",
     "sparse_attention": "pages: top-k sparse attention over pages scored by key min/max bounds (lossy)",
     "sparse_topk_tokens": "tokens each query attends to with --sparse-attention",
+    "quantization": "fp8: block-scaled FP8 weights, quantised on load (lossy)",
     "engram_placement": "where Engram tables live: device | cpu (pinned host RAM) | disk",
     "attention_backend": "auto | torch_ref | triton",
     "enforce_eager": "run without CUDA graphs",

@@ -50,6 +50,7 @@ class EngineConfig:
     kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
     sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
     sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
+    quantization: str | None = None     # fp8: quantise bf16 weights on load (128x128 block-scaled e4m3)
     engram_placement: str | None = None  # device | cpu | disk: where Engram tables live (default: config)
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
     enforce_eager: bool = False         # True: no CUDA graphs
@@ -61,6 +62,8 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
+        if self.quantization is not None:
+            _choice("quantization", self.quantization, ("fp8",))
         if self.engram_placement is not None:
             _choice("engram_placement", self.engram_placement, ("device", "cpu", "disk"))
         if self.sparse_attention is not None:

@@ -55,6 +55,22 @@ def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shi
             con.print(f"no plot ({e.name} not installed)")
 
 
+@app.command("sparse-recall")
+def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir (default: tierserve-nano)"),
+                  topk: str = typer.Option("128,256,512", help="comma-separated sparse_topk_tokens"),
+                  context: int = typer.Option(1023), windows: int = typer.Option(4),
+                  output: Path = typer.Option(Path("benchmarks/results/sparse-recall.json"))) -> None:
+    """Share of the dense attention mass inside the pages the sparse selector picks, per layer."""
+    from tierserve.bench.results import write_result
+    from tierserve.bench.sparse_recall import measure_recall
+    from tierserve.train.corpus import collect_corpus, read_text
+
+    corpus = collect_corpus(seed=0)
+    text = "\n".join(read_text(f) for f in corpus.heldout_files)
+    res = measure_recall(model, text, _ints(topk), context, max_windows=windows)
+    typer.echo(f"wrote {write_result(res, output)}  {res['summary']}")
+
+
 def _mount(module: str, attr: str = "app") -> None:
     try:
         sub = getattr(importlib.import_module(module), attr)

@@ -70,6 +70,9 @@ class ModelRunner:
                     layer.engram.reset_parameters(torch.Generator().manual_seed(config.seed))
         else:
             model.load_weights(iter_safetensors(safetensors_files(model_path), self.device, progress))
+        if config.quantization == "fp8":
+            from tierserve.quant.fp8_linear import quantize_model_fp8
+            quantize_model_fp8(model)
         self.model = model.eval()
         self.sparse = None
         if config.sparse_attention:

@@ -1,0 +1,81 @@
+"""Attention-mass recall of a sparse selector: the share of the dense softmax mass that falls inside the
+pages it selects, per layer, measured on real text while the model itself runs dense.
+
+A probe replaces each layer's attention backend: it computes dense attention (the output the model
+uses), and for every query with a context longer than ``topk_tokens`` also the pages the selector
+would choose, accumulating  sum(softmax over chosen keys) / 1  per (layer, query, query head).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tierserve.attention.backend import AttnMetadata
+from tierserve.attention.select import SparseConfig, page_upper_bounds, select_pages
+from tierserve.attention.torch_ref import TorchRefBackend, _gather_pages
+from tierserve.bench.results import make_result
+
+
+class RecallProbe(TorchRefBackend):
+    name = "recall_probe"
+
+    def __init__(self, cfg: SparseConfig, num_layers: int) -> None:
+        self.cfg = cfg
+        self.sum = [0.0] * num_layers
+        self.count = [0] * num_layers
+        self.low = [0] * num_layers          # queries x heads with recall < 0.9
+
+    def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float, sliding_window=None, layer_idx=0):
+        dense = dataclasses.replace(meta, sparse=None)
+        out = super().forward(q, k, v, kv_layer, dense, scale, sliding_window, layer_idx)
+        p = self._prep(meta, sliding_window)
+        B, page, P = meta.num_seqs, meta.page_size, meta.page_table.shape[1]
+        _, _, rows, hkv, d = kv_layer.shape
+        kv = _gather_pages(kv_layer, meta, layer_idx).view(B, P, 2, rows, hkv, d)
+        keys = kv[:, :, 0, :page].reshape(B, P * page, hkv, d).transpose(1, 2).float()
+        qp = q[p["q_index"]].transpose(1, 2).float()                                  # [B, Hq, Q, D]
+        g = qp.shape[1] // hkv
+        scores = (qp @ keys.repeat_interleave(g, dim=1).transpose(-1, -2)) * scale   # [B, Hq, Q, L]
+        scores = scores.masked_fill(~p["mask"][:, None], float("-inf"))
+        probs = scores.softmax(-1)
+        ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
+        chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, self.cfg)           # [B, Hkv, Q, P]
+        chosen = chosen.repeat_interleave(g, dim=1).repeat_interleave(page, dim=-1)
+        recall = (probs * chosen).sum(-1)                                              # [B, Hq, Q]
+        sparse_q = (p["q_valid"] & (p["q_pos"] + 1 > self.cfg.topk_tokens))[:, None].expand_as(recall)
+        vals = recall[sparse_q]
+        self.sum[layer_idx] += float(vals.sum())
+        self.count[layer_idx] += vals.numel()
+        self.low[layer_idx] += int((vals < 0.9).sum())
+        return out
+
+
+def measure_recall(model: str | None, text: str, topk_list: list[int], context: int, chunk: int = 32,
+                   max_windows: int = 4) -> dict:
+    from tierserve import LLM, SamplingParams
+
+    rows = []
+    for topk in topk_list:
+        llm = LLM(model, sparse_attention="pages", sparse_topk_tokens=topk, max_model_len=context + 1,
+                  max_num_batched_tokens=chunk, enable_prefix_caching=False)
+        cfg = llm.engine.runner.sparse
+        layers = llm.engine.runner.model.layers
+        probe = RecallProbe(cfg, len(layers))
+        for layer in layers:
+            layer.self_attn.backend = probe
+        ids = llm.get_tokenizer().encode(text)
+        windows = [ids[i:i + context] for i in range(0, len(ids) - context + 1, context)][:max_windows]
+        if not windows:
+            raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {context}")
+        llm.generate(windows, SamplingParams(temperature=0, max_tokens=1))
+        for i in range(len(layers)):
+            n = max(probe.count[i], 1)
+            rows.append({"selector": "pages", "topk_tokens": topk, "context": context, "layer": i,
+                         "mass_recall": probe.sum[i] / n, "frac_below_0.9": probe.low[i] / n,
+                         "query_heads_measured": probe.count[i]})
+    summary = {f"mean_recall_top{t}": sum(r["mass_recall"] for r in rows if r["topk_tokens"] == t) /
+               max(1, sum(1 for r in rows if r["topk_tokens"] == t)) for t in topk_list}
+    settings = {"model": model or "tierserve-nano", "context": context, "chunk": chunk, "windows": max_windows,
+                "sink_tokens": 16, "recent_tokens": 64}
+    return make_result("tierserve bench", "sparse-recall", settings, rows, summary)

@@ -1,0 +1,176 @@
+"""Triton FP8-weight GEMV / skinny GEMM for decode: ``y[M, N] = x[M, K] @ dequant(Wq[N, K])^T (+ b)``.
+
+Bandwidth-oriented: each weight byte is read once per M-tile (M <= 16 is one tile), the fp8
+values are widened in registers, products are summed in fp32 over one scale block of K and then
+multiplied by that block's scale (``scale_inv[n // SBN, k // SBK]``, any row granularity SBN, so
+per-row scales of unaligned fused layers work too). Grid: (N tiles, K splits, M tiles). With more
+than one K split each program writes fp32 partials ``[split, M, N]`` and a second small kernel sums
+them in a fixed order (no atomics, deterministic), adds the bias and casts. Two inner products:
+``USE_DOT`` (tensor cores, tf32 inputs -- exact for bf16/fp16 activations and e4m3 weights) for
+M > 4, and a broadcast-multiply-reduce (CUDA cores) for M <= 4. No host sync: CUDA-graph safe.
+
+Reference: ``fp8_gemm_ref`` (plain PyTorch). Tile sizes are starting points, to be tuned on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tierserve.quant.fp8 import DEFAULT_BLOCK, fp8_linear_ref
+
+
+@triton.jit
+def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
+                     s_xm, s_wn, s_sn, s_om, s_os,
+                     SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = m < M
+    n_mask = n < N
+    m64 = m.to(tl.int64)
+    n64 = n.to(tl.int64)
+    s_row = s_ptr + (n // SBN).to(tl.int64) * s_sn
+    num_kb = tl.cdiv(K, SBK)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kk in tl.static_range(0, SBK, BLOCK_K):
+            k = kb * SBK + kk + tl.arange(0, BLOCK_K)
+            k_mask = k < K
+            x = tl.load(x_ptr + m64[:, None] * s_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            if USE_DOT:
+                part += tl.dot(x, tl.trans(w), input_precision=DOT_PREC)
+            else:
+                part += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        scale = tl.load(s_row + kb, mask=n_mask, other=0.0)
+        acc += part * scale[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m64[:, None] * s_om + n64[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_k * s_os + m64[:, None] * s_om + n64[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, N, num_splits, s_ps, s_pm, s_om,
+                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    row = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(num_splits):
+        acc += tl.load(p_ptr + s * s_ps + row * s_pm + n, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * s_om + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_split_k(device: torch.device, n_tiles: int, m_tiles: int, num_kb: int, waves: int = 4) -> int:
+    """Enough programs for ``waves`` x the SM count; never more splits than scale blocks of K."""
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    want = -(-waves * sms // (n_tiles * m_tiles))
+    return max(1, min(num_kb, want))
+
+
+def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+             block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
+             split_k: int | None = None, use_dot: bool | None = None, block_n: int | None = None,
+             block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """``x [M, K]`` (fp32/bf16/fp16, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn (row-major),
+    ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[M, N]`` in ``out_dtype`` (default x.dtype)."""
+    M, K = x.shape
+    N, K2 = qweight.shape
+    sbn, sbk = block_size
+    if K2 != K:
+        raise ValueError(f"fp8_gemm: x has K={K}, qweight has K={K2}")
+    if qweight.dtype != torch.float8_e4m3fn or qweight.stride(-1) != 1 or qweight.stride(0) != K:
+        raise ValueError("fp8_gemm: qweight must be a contiguous float8_e4m3fn [N, K] tensor")
+    nb, kbs = -(-N // sbn), -(-K // sbk)
+    if tuple(scale_inv.shape) != (nb, kbs) or scale_inv.dtype != torch.float32:
+        raise ValueError(f"fp8_gemm: scale_inv must be fp32 [{nb}, {kbs}], got {scale_inv.dtype} "
+                         f"{tuple(scale_inv.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    scale_inv = scale_inv.contiguous()
+    out_dtype = out_dtype or x.dtype
+    use_dot = M > 4 if use_dot is None else use_dot
+    block_m = 16 if use_dot else min(16, triton.next_power_of_2(M))
+    block_n = block_n or (64 if use_dot else 32)
+    block_k = block_k or (128 if use_dot else 64)
+    block_k = min(block_k, sbk)
+    if sbk % block_k or block_k & (block_k - 1):
+        raise ValueError(f"fp8_gemm: block_k={block_k} must be a power of two dividing the scale block {sbk}")
+    m_tiles, n_tiles = -(-M // block_m), -(-N // block_n)
+    split = split_k or choose_split_k(x.device, n_tiles, m_tiles, kbs)
+    kb_per_split = -(-kbs // max(1, min(split, kbs)))
+    split = -(-kbs // kb_per_split)
+    out = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    if M == 0:
+        return out
+    direct = split == 1
+    dst = out if direct else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    b = bias if bias is not None else scale_inv                  # dummy pointer when there is no bias
+    _fp8_gemm_kernel[(n_tiles, split, m_tiles)](
+        x, qweight, scale_inv, b, dst, M, N, K, kb_per_split,
+        x.stride(0), qweight.stride(0), scale_inv.stride(0), dst.stride(-2), dst.stride(0) if not direct else 0,
+        SBN=sbn, SBK=sbk, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
+        DOT_PREC=dot_prec, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=num_warps)
+    if not direct:
+        rb = 256
+        _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, N, split, dst.stride(0), dst.stride(1),
+                                                out.stride(0), BLOCK=rb, HAS_BIAS=bias is not None)
+    return out
+
+
+def fp8_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor,
+                 bias: torch.Tensor | None = None, block_size: tuple[int, int] = DEFAULT_BLOCK,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-PyTorch reference: fp32 ``x @ dequant(W)^T + b`` cast to ``out_dtype``."""
+    return fp8_linear_ref(x, qweight, scale_inv, bias, block_size, out_dtype)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, s_qn, s_sn, s_on,
+                    SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (n < N)[:, None] & (k < K)[None, :]
+    n64 = n.to(tl.int64)
+    q = tl.load(q_ptr + n64[:, None] * s_qn + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + (n // SBN).to(tl.int64)[:, None] * s_sn + (k // SBK)[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + n64[:, None] * s_on + k[None, :], (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fp8_dequant(qweight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int] = DEFAULT_BLOCK,
+                dtype: torch.dtype = torch.bfloat16, block: int = 64) -> torch.Tensor:
+    """Triton dequantisation (one read of fp8, one write of ``dtype``); same values as
+    ``tierserve.quant.fp8.dequantize_fp8_blockwise``. Used by the GPU prefill fallback."""
+    N, K = qweight.shape
+    scale_inv = scale_inv.contiguous()
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    _dequant_kernel[(-(-N // block), -(-K // block))](qweight, scale_inv, out, N, K, qweight.stride(0),
+                                                        scale_inv.stride(0), out.stride(0), SBN=block_size[0],
+                                                        SBK=block_size[1], BLOCK_N=block, BLOCK_K=block)
+    return out
