@@ -20,6 +20,7 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_settings: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **engine_settings)
         self.engine = Engine(self.config, progress=sys.stderr.isatty())
+        self.engine.finished_outputs_only = True     # generate() waits for whole outputs
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

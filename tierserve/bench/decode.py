@@ -55,9 +55,10 @@ def run_tierserve(llm, case: DecodeCase, prompts) -> dict:
         if t_first is not None:
             step_times.append(time.perf_counter() - ts)
         for o in outs:
-            got_first.add(o.request_id)
             if o.finished:
                 done[o.request_id] = o.outputs[0].token_ids
+        if t_first is None:
+            got_first = {rid for rid, r in eng.requests.items() if r.output_token_ids} | set(done)
         if t_first is None and len(got_first) == len(prompts):
             _sync(dev)
             t_first = time.perf_counter()

@@ -80,6 +80,7 @@ class Engine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else eos)
         self.num_generated_tokens = 0
+        self.finished_outputs_only = False   # True: step() returns only finished requests (offline use)
         self.num_prompt_tokens = 0
 
     def _make_tiers(self, config: EngineConfig) -> TierManager | None:
@@ -207,6 +208,8 @@ class Engine:
             if req.logprobs is not None:
                 req.logprobs.append(result.logprobs[req.request_id])
             self._check_stop(req, tok)
+            if self.finished_outputs_only and not req.is_finished:
+                continue
             out = self._output(req)
             if out is not None:
                 outputs.append(out)

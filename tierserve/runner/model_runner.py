@@ -131,6 +131,10 @@ class ModelRunner:
             rows = [r for r, _ in sample_rows]
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
         reqs = [s.request for _, s in sample_rows]
+        if all(_plain_greedy(r.params) for r in reqs):      # fast path: argmax, nothing else to build
+            for req, tok in zip(reqs, logits.argmax(dim=-1).tolist()):
+                out.sampled[req.request_id] = tok
+            return out
         batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
                                     [r.output_token_ids for r in reqs], [r.generator for r in reqs],
                                     logits.shape[-1], self.device)
@@ -235,6 +239,11 @@ class ModelRunner:
                     d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
                 rows.append(d)
             out.prompt_logprobs[req.request_id] = rows
+
+
+def _plain_greedy(p) -> bool:
+    return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
 
 
 def _make_backend(name: str, device: torch.device):
