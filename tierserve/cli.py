@@ -77,19 +77,15 @@ def info(model: Optional[str] = typer.Option(None, help="checkpoint dir or shipp
 
     try:
         path = resolve_model_path(model)
-        cfg = ModelConfig.from_hf(load_config(path))
-        get_model_class(cfg.architecture)
+        raw = load_config(path)
+        if (raw.get("architectures") or [""])[0] == "DeepseekV4ForCausalLM":
+            rows = _deepseek_v4_info(path, raw)
+        else:
+            rows = _llama_info(path, ModelConfig.from_hf(raw))
+            get_model_class(rows[1][1])
     except (ValueError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2)
-    kv16 = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
-    rows = [("path", str(path)), ("architecture", cfg.architecture),
-            ("parameters", f"{cfg.num_params() / 1e6:,.2f} M"), ("checkpoint dtype", cfg.torch_dtype),
-            ("layers", str(cfg.num_layers)), ("hidden size", str(cfg.hidden_size)),
-            ("heads / kv heads / head dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"),
-            ("vocab", str(cfg.vocab_size)), ("max positions", str(cfg.max_position_embeddings)),
-            ("rope", f"{cfg.rope.rope_type} (theta {cfg.rope.theta:g})"),
-            ("KV bytes per token (bf16)", f"{kv16:,}"), ("KV bytes per token (fp32)", f"{2 * kv16:,}")]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{w}}  {v}")
@@ -117,6 +113,34 @@ def cache_clear(disk_kv_dir: str = typer.Option(..., help="the --disk-kv-dir of 
     from tierserve.kv.tiers.disk import clear
 
     typer.echo(f"removed {clear(disk_kv_dir)} file(s) from {disk_kv_dir}")
+
+
+def _llama_info(path, cfg) -> list[tuple[str, str]]:
+    kv16 = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    return [("path", str(path)), ("architecture", cfg.architecture),
+            ("parameters", f"{cfg.num_params() / 1e6:,.2f} M"), ("checkpoint dtype", cfg.torch_dtype),
+            ("layers", str(cfg.num_layers)), ("hidden size", str(cfg.hidden_size)),
+            ("heads / kv heads / head dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"),
+            ("vocab", str(cfg.vocab_size)), ("max positions", str(cfg.max_position_embeddings)),
+            ("rope", f"{cfg.rope.rope_type} (theta {cfg.rope.theta:g})"),
+            ("KV bytes per token (bf16)", f"{kv16:,}"), ("KV bytes per token (fp32)", f"{2 * kv16:,}")]
+
+
+def _deepseek_v4_info(path, raw: dict) -> list[tuple[str, str]]:
+    from tierserve.models.deepseek_v4.config import DeepseekV4Config
+    from tierserve.models.deepseek_v4.kv_bytes import state_bytes
+
+    cfg = DeepseekV4Config.from_hf(raw)
+    bf16, m1 = state_bytes(cfg, "bf16"), state_bytes(cfg, "model1")
+    kinds = {k: cfg.layer_types.count(k) for k in dict.fromkeys(cfg.layer_types)}
+    return [("path", str(path)), ("architecture", "DeepseekV4ForCausalLM (not yet served by the engine)"),
+            ("layers", f"{len(cfg.layer_types)} ({', '.join(f'{n} {k}' for k, n in kinds.items())})"),
+            ("hidden size", str(raw.get("hidden_size"))), ("vocab", str(raw.get("vocab_size"))),
+            ("experts", f"{raw.get('n_routed_experts')} routed, top-{raw.get('num_experts_per_tok')}, "
+                        f"{raw.get('n_shared_experts')} shared"),
+            ("KV bytes per token (bf16 / MODEL1 fp8)", f"{bf16.per_token:,.1f} / {m1.per_token:,.1f}"),
+            ("fixed state per request (bf16 / MODEL1)",
+             f"{(bf16.window + bf16.buffers) / 2**20:.1f} / {(m1.window + m1.buffers) / 2**20:.1f} MiB")]
 
 
 def _register_groups() -> None:

@@ -9,6 +9,7 @@ from tierserve.config import EngineConfig
 from tierserve.engine.engine import Engine
 from tierserve.engine.outputs import RequestOutput
 from tierserve.loader.tokenizer import Tokenizer
+from tierserve.progress import ProgressBar
 from tierserve.sampling import SamplingParams
 
 PromptType = str | Sequence[int]
@@ -59,7 +60,7 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = _bar(len(ids)) if use_tqdm else None
+        bar = ProgressBar("generating", len(ids)) if use_tqdm else None
         try:
             while len(done) < len(ids):
                 if not self.engine.has_unfinished_requests():
@@ -68,10 +69,10 @@ class LLM:
                     if out.finished:
                         done[out.request_id] = out
                         if bar:
-                            bar[0].advance(bar[1])
+                            bar.advance()
         finally:
             if bar:
-                bar[0].stop()
+                bar.close()
         return [done[i] for i in ids]
 
 
@@ -85,10 +86,3 @@ def _as_prompt_list(prompts) -> list[PromptType]:
         return [prompts]      # a single list of token ids
     return prompts
 
-
-def _bar(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    p = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-    p.start()
-    return p, p.add_task("gen", total=total)

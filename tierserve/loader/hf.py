@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 
+from tierserve.progress import ProgressBar
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tierserve-nano"
 CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
 
@@ -78,23 +80,15 @@ def iter_safetensors(files: list[Path], device: torch.device | str, progress: bo
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as h:
             todo += [(f, k) for k in h.keys()]
-    bar = _progress(len(todo)) if progress else None
+    bar = ProgressBar("loading weights", len(todo)) if progress else None
     try:
         for f in files:
             with safe_open(str(f), framework="pt", device=dev) as h:
                 for k in h.keys():
                     yield k, h.get_tensor(k)
                     if bar:
-                        bar[0].advance(bar[1])
+                        bar.advance()
     finally:
         if bar:
-            bar[0].stop()
+            bar.close()
 
-
-def _progress(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    p = Progress(TextColumn("loading weights"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 transient=True)
-    p.start()
-    return p, p.add_task("load", total=total)
