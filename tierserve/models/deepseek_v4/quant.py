@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0
+from tierserve.quant.fp8 import dequantize_fp8_blockwise, quantize_fp8_blockwise
+
 FP4_GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # magnitude codes 0..7; bit 3 is the sign
 
@@ -29,35 +30,15 @@ def is_fp4(weight: torch.Tensor) -> bool:
     return weight.dtype in (torch.int8, torch.uint8) or weight.dtype == getattr(torch, "float4_e2m1fn_x2", None)
 
 
-def _expand(scale: torch.Tensor, rows: int, cols: int, bm: int, bn: int) -> torch.Tensor:
-    return scale.repeat_interleave(bm, dim=0)[:rows].repeat_interleave(bn, dim=1)[:, :cols]
-
-
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """fp32 ``[R, C]`` from an FP8 weight and its ``[ceil(R/bm), ceil(C/bn)]`` block scales."""
-    R, C = weight.shape
-    bm, bn = block
-    want = (-(-R // bm), -(-C // bn))
-    if tuple(scale.shape) != want:
-        raise ValueError(f"FP8 weight {tuple(weight.shape)} with {bm}x{bn} blocks needs a scale grid {want}, "
-                         f"got {tuple(scale.shape)}")
-    return weight.float() * _expand(scale_to_float(scale), R, C, bm, bn)
+    """fp32 ``[R, C]`` from an FP8 weight and its ``[ceil(R/bm), ceil(C/bn)]`` block scales (any scale dtype)."""
+    return dequantize_fp8_blockwise(weight, scale_to_float(scale), block)
 
 
 def quantize_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``float8_e4m3fn`` weight, fp32 block scales; powers of two when ``ue8m0``)."""
-    R, C = w.shape
-    bm, bn = block
-    gr, gc = -(-R // bm), -(-C // bn)
-    padded = torch.zeros(gr * bm, gc * bn, dtype=torch.float32, device=w.device)
-    padded[:R, :C] = w.float()
-    amax = padded.view(gr, bm, gc, bn).abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    if ue8m0:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    q = (w.float() / _expand(scale, R, C, bm, bn)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+    return quantize_fp8_blockwise(w, block, pow2_scale=ue8m0)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
