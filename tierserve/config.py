@@ -50,6 +50,9 @@ class EngineConfig:
     kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
     sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
     sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
+    kv_dtype: str = "auto"              # fp8: FP8 (e4m3) KV pages, sink + recent tokens at full precision (lossy)
+    kv_fp8_keep_sink: int = 16          # first tokens of each sequence always read at full precision
+    kv_fp8_keep_recent: int = 64        # most recent tokens (per query) always read at full precision
     quantization: str | None = None     # fp8: quantise bf16 weights on load (128x128 block-scaled e4m3)
     engram_placement: str | None = None  # device | cpu | disk: where Engram tables live (default: config)
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
@@ -62,6 +65,13 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
+        _choice("kv_dtype", self.kv_dtype, ("auto", "fp8"))
+        _int_range("kv_fp8_keep_sink", self.kv_fp8_keep_sink, 0, 1 << 24)
+        _int_range("kv_fp8_keep_recent", self.kv_fp8_keep_recent, 0, 1 << 24)
+        if self.kv_dtype == "fp8":
+            for name in ("sparse_attention", "cpu_kv_gb", "disk_kv_dir", "remote_kv_url"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"kv_dtype='fp8' cannot be combined with {name} yet (issue 6, part 2)")
         if self.quantization is not None:
             _choice("quantization", self.quantization, ("fp8",))
         if self.engram_placement is not None:

@@ -33,6 +33,7 @@ class AttnMetadata:
     # spilled: entry id >= num device pages means host slot (id - num device pages)
     host_kv: torch.Tensor | None = None
     sparse: Any = None             # attention.select.SparseConfig when sparse attention is on
+    kv_fp8: Any = None             # runner.kv_fp8.Fp8Pages when kv_dtype=fp8 (quantised flags + read rule)
 
     @property
     def max_query_len(self) -> int:

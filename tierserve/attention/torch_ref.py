@@ -51,9 +51,12 @@ class TorchRefBackend:
         page = meta.page_size
         P = meta.page_table.shape[1]
         kv = _gather_pages(kv_layer, meta, layer_idx).view(B, P, 2, rows, hkv, d)
+        mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]
+        if meta.kv_fp8 is not None:       # each key twice: full precision and its FP8 reading
+            kv, mask = meta.kv_fp8.attention_inputs(kv, meta, p)
+            P = kv.shape[1]
         keys = kv[:, :, 0, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)   # [B, Hkv, L, D]
         vals = kv[:, :, 1, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
-        mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]
         qp = q[:, :, None, :] if meta.decode_only else q[p["q_index"]].transpose(1, 2)   # [B, Hq, max_q, D]
         if meta.sparse is not None:
             ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))

@@ -20,7 +20,8 @@ class TritonBackend:
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None, layer_idx: int = 0) -> torch.Tensor:
-        if not meta.decode_only or meta.host_kv is not None or meta.sparse is not None:
+        # FP8 KV pages: the torch reference dequantises them (a Triton dequant path is later work)
+        if not meta.decode_only or meta.host_kv is not None or meta.sparse is not None or meta.kv_fp8 is not None:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
         write_kv(k, v, kv_layer, meta)
         page = meta.page_size

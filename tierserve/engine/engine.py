@@ -14,6 +14,7 @@ from tierserve.engine.request import Request, Status
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.stop import StopChecker
 from tierserve.kv.layout import KVLayout
+from tierserve.kv.fp8_pages import Fp8PagePolicy
 from tierserve.kv.manager import KVManager
 from tierserve.kv.tiers.manager import TierManager
 from tierserve.loader.hf import load_config, load_generation_config, resolve_model_path
@@ -68,8 +69,10 @@ class Engine:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
                              f"{config.page_size}), fewer than max_model_len={self.max_model_len}; "
                              "lower max_model_len or give the pool more memory (num_kv_pages / gpu_kv_gb)")
+        fp8 = Fp8PagePolicy(config.page_size, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent) \
+            if config.kv_dtype == "fp8" else None
         self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching,
-                            tiers=tiers)
+                            tiers=tiers, fp8=fp8)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -213,8 +216,13 @@ class Engine:
             out = self._output(req)
             if out is not None:
                 outputs.append(out)
+        if self.kv.fp8 is not None:          # pages that left every full-precision window -> FP8
+            self.runner.fp8.quantise(self.runner.kv.data, self.kv.take_quantise())
         if self.config.debug_invariants:
             self.kv.check_invariants()
+            if self.kv.fp8 is not None:
+                stored = set(self.runner.fp8.quantised.nonzero().flatten().tolist())
+                assert self.kv.quantised <= stored, sorted(self.kv.quantised - stored)
             if tiers is not None:
                 tiers.check_invariants()
         return outputs

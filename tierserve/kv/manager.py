@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from tierserve.kv.block_pool import BlockPool
+from tierserve.kv.fp8_pages import Fp8PagePolicy
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers.manager import TierHit, TierManager
 
@@ -35,12 +36,16 @@ class _Table:
     pages: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)   # hashes of the leading full, registered pages
     computed: int = 0     # tokens whose K/V are written (pages below computed // page_size are complete)
+    fp8_next: int = 0     # FP8 KV: first page index not yet considered for quantisation
 
 
 class KVManager:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 tiers: TierManager | None = None) -> None:
+                 tiers: TierManager | None = None, fp8: Fp8PagePolicy | None = None) -> None:
         self.page_size = page_size
+        self.fp8 = fp8                     # FP8 KV cache: which pages may be stored quantised
+        self.quantised: set[int] = set()   # pages whose storage holds FP8 codes (see fp8_pages.py)
+        self._to_quantise: list[int] = []
         self.pool = BlockPool(num_pages, enable_caching=enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
         self.tiers = tiers if (tiers is not None and tiers.enabled) else None
@@ -75,6 +80,10 @@ class KVManager:
             hit.pages.append(pid)
             hit.hashes.append(h)
             parent = h
+        if self.fp8 is not None:
+            k = self.fp8.usable_hit(hit.pages, self.quantised)
+            hit.pages, hit.hashes = hit.pages[:k], hit.hashes[:k]
+            parent = hit.hashes[-1] if k else None
         if self.tiers is not None and len(hit.pages) < max_tokens // ps:
             hit.tier_hits = self.tiers.find(token_ids, ps, len(hit.pages), max_tokens // ps, parent)
         if hit.num_pages:
@@ -102,6 +111,7 @@ class KVManager:
             table.hashes.extend(prefix.hashes)
         if need > 0:
             new = self.pool.allocate(need)
+            self.quantised.difference_update(new)      # fresh pages are written at full precision
             for pid, th in zip(new, tier_hits):      # lower-tier hits: load into fresh pages this step
                 self.pool.register(pid, th.block_hash, th.tokens)
                 table.hashes.append(th.block_hash)
@@ -114,6 +124,8 @@ class KVManager:
         """Record progress; register the full pages among the first ``num_computed`` tokens for reuse."""
         table = self._tables[req_id]
         table.computed = num_computed
+        if self.fp8 is not None:
+            self._fp8_commit(table)
         if not self.enable_prefix_caching:
             return
         ps = self.page_size
@@ -126,6 +138,28 @@ class KVManager:
                 continue
             if self.pool.register(table.pages[i], parent, toks) and self.tiers is not None:
                 self.tiers.on_register(table.pages[i], parent, toks)
+
+    def _fp8_commit(self, table: _Table) -> None:
+        """Queue the pages that left every holder's full-precision set for quantisation."""
+        i = max(table.fp8_next, -(-self.fp8.keep_sink // self.page_size))    # sink pages stay full
+        while i < len(table.pages) and not self.fp8.needs_full(i, table.computed):
+            pid = table.pages[i]
+            if pid < 0 or pid in self.quantised:
+                pass
+            elif self.pool.meta[pid].ref_count > 1 and any(
+                    len(t.pages) > i and t.pages[i] == pid and self.fp8.needs_full(i, t.computed)
+                    for t in self._tables.values()):
+                pass                        # a sharer still reads it at full precision; it queues it later
+            else:
+                self.quantised.add(pid)
+                self._to_quantise.append(pid)
+            i += 1
+        table.fp8_next = i
+
+    def take_quantise(self) -> list[int]:
+        """Pages the runner must convert to FP8 before the next step (each page once)."""
+        out, self._to_quantise = self._to_quantise, []
+        return out
 
     def free(self, req_id: str) -> None:
         table = self._tables.pop(req_id, None)

@@ -84,12 +84,17 @@ class ModelRunner:
         # one extra page that the pool never hands out: CUDA-graph padding rows write there
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
+        self.fp8 = None                    # FP8 KV pages (quantised in place, see runner/kv_fp8.py)
+        if config.kv_dtype == "fp8":
+            from tierserve.runner.kv_fp8 import Fp8Pages
+            self.fp8 = Fp8Pages(self.num_pages + 1, config.page_size, config.kv_fp8_keep_sink,
+                                config.kv_fp8_keep_recent, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.engram_hasher = None          # set by set_tokenizer for models with Engram
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
-                and self.sparse is None:
+                and self.sparse is None and self.fp8 is None:
             from tierserve.runner.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
                                        max_model_len, self.scratch_page, self.device)
@@ -115,6 +120,8 @@ class ModelRunner:
         if transfers:
             self.tiers_apply(transfers)
         meta, input_ids, sample_rows, plp = self._prepare(so)
+        if self.fp8 is not None:
+            self.fp8.on_write(meta.slot_pages)
         out = StepOutput()
         if meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None and \
                 self.engram_hasher is None and \
@@ -217,7 +224,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
-            sparse=self.sparse)
+            sparse=self.sparse, kv_fp8=self.fp8)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens)
             meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)

@@ -1,0 +1,35 @@
+"""Which KV pages may be stored in FP8 (bookkeeping only; the bytes are converted by the runner).
+
+The read rule (``tierserve.quant.fp8_kv.fp8_read_mask``): a query at position p reads token j at
+full precision iff j < keep_sink, or p - j < keep_recent, or j's page is not complete before p.
+Page i (positions i*ps .. last) is therefore still needed at full precision by some query at a
+position >= n iff ``i*ps < keep_sink`` or ``n - last < max(keep_recent, 1)``; once that is false for
+every live request holding the page, it can be quantised in storage. A prefix-cache hit is used only
+as far as every page the new request's first query reads at full precision is still full precision
+(a cached page is reused in the precision it was stored in), so hits never change an output token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fp8PagePolicy:
+    page_size: int
+    keep_sink: int
+    keep_recent: int
+
+    def needs_full(self, page_index: int, next_pos: int) -> bool:
+        """Is page ``page_index`` read at full precision by some query at a position >= ``next_pos``?"""
+        ps = self.page_size
+        last = (page_index + 1) * ps - 1
+        return page_index * ps < self.keep_sink or next_pos - last < max(self.keep_recent, 1)
+
+    def usable_hit(self, pages: list[int], quantised: set[int]) -> int:
+        """Number of leading hit pages usable: the first new query (at k*page_size) must find every
+        page it reads at full precision still stored at full precision."""
+        k = len(pages)
+        while k > 0 and any(p in quantised and self.needs_full(i, k * self.page_size)
+                            for i, p in enumerate(pages[:k])):
+            k -= 1
+        return k
