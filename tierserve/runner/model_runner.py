@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import torch
 
@@ -22,6 +24,7 @@ from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
 from tierserve.runner.sampler import Sampler, SamplingBatch
 
+log = logging.getLogger("tierserve")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -98,7 +101,15 @@ class ModelRunner:
             from tierserve.runner.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
                                        max_model_len, self.scratch_page, self.device)
-            self.graphs.capture()
+            try:
+                self.graphs.capture()
+            except Exception as e:       # a kernel that fails to build must not take the engine down
+                log.warning("CUDA-graph / Triton decode setup failed (%s: %s); falling back to the "
+                            "torch reference backend without graphs", type(e).__name__, e)
+                self.graphs = None
+                self.backend = _make_backend("torch_ref", self.device)
+                for layer in self.model.layers:
+                    layer.self_attn.backend = self.backend
         self.max_model_len = max_model_len
 
     def _num_pages(self, max_model_len: int) -> int:
