@@ -52,3 +52,34 @@ def test_paged_decode_matches_reference(dtype, hq, hkv, page, splits, window):
     want = ref_decode(q, kc, vc, table, seq_lens, scale, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_selected_pages_match_masked_reference(dtype):
+    """The decode kernel over per-(sequence, KV head) selected pages == masked dense attention."""
+    from tierserve.attention.triton_decode import compact_selection
+    torch.manual_seed(7)
+    B, hq, hkv, page, D, N, P = 3, 8, 2, 4, 16, 40, 9
+    data = torch.randn(N, 1, 2, page, hkv, D, device=DEV).to(dtype)
+    kc, vc = data[:, 0, 0], data[:, 0, 1]
+    seq_lens = torch.tensor([9, 23, 36], device=DEV)
+    table = torch.stack([torch.randperm(N, device=DEV)[:P] for _ in range(B)])
+    q = torch.randn(B, hq, D, device=DEV).to(dtype)
+    n_pages = (seq_lens + page - 1) // page
+    chosen = torch.rand(B, hkv, P, device=DEV) < 0.5
+    ar = torch.arange(P, device=DEV)
+    chosen &= ar[None, None, :] < n_pages[:, None, None]
+    chosen |= ar[None, None, :] == (n_pages - 1)[:, None, None]            # the last page always
+    sel, lens = compact_selection(chosen, table, seq_lens, page)
+    got = paged_decode(q, kc, vc, sel, lens, D ** -0.5, num_splits=2, max_seq_len=P * page, block_n=8)
+    # reference: dense attention with keys outside the selection masked, per KV head
+    keys = kc[table].reshape(B, -1, hkv, D).permute(0, 2, 1, 3).float()     # [B, Hkv, L, D]
+    vals = vc[table].reshape(B, -1, hkv, D).permute(0, 2, 1, 3).float()
+    L = P * page
+    pos = torch.arange(L, device=DEV)
+    mask = chosen.repeat_interleave(page, dim=-1) & (pos[None, None, :] < seq_lens[:, None, None])
+    qg = q.float().view(B, hkv, hq // hkv, D)
+    want = torch.nn.functional.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask[:, :, None, :],
+                                                            scale=D ** -0.5).reshape(B, hq, D)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)

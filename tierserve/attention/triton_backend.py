@@ -9,7 +9,16 @@ import torch
 
 from tierserve.attention.backend import AttnMetadata, write_kv
 from tierserve.attention.torch_ref import TorchRefBackend
-from tierserve.attention.triton_decode import paged_decode
+from tierserve.attention.select import page_upper_bounds, select_pages
+from tierserve.attention.triton_decode import compact_selection, paged_decode
+
+
+def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata):
+    page = meta.page_size
+    summ = kv_layer[meta.page_table, :, page]                     # [B, P, 2, Hkv, D]: key min / max
+    ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
+    chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
+    return compact_selection(chosen, meta.page_table, meta.seq_lens, page)
 
 
 class TritonBackend:
@@ -18,13 +27,20 @@ class TritonBackend:
     def __init__(self) -> None:
         self._ref = TorchRefBackend()
 
+    _select = staticmethod(_select_pages)
+
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None, layer_idx: int = 0) -> torch.Tensor:
         # FP8 KV pages: the torch reference dequantises them (a Triton dequant path is later work)
-        if not meta.decode_only or meta.host_kv is not None or meta.sparse is not None or meta.kv_fp8 is not None:
+        sparse_ok = meta.sparse is None or sliding_window is None
+        if not meta.decode_only or meta.host_kv is not None or not sparse_ok or meta.kv_fp8 is not None:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
         write_kv(k, v, kv_layer, meta)
         page = meta.page_size
+        if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
+            table, lens = self._select(q, kv_layer, meta)
+            return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens, scale,
+                                num_splits=meta.num_splits, max_seq_len=table.shape[-1] * page)
         return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, max_seq_len=meta.max_seq_bound,
                             sliding_window=sliding_window)

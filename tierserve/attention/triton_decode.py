@@ -17,7 +17,7 @@ from tierserve.attention.backend import choose_splits  # noqa: F401  (re-export)
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr, scale,
-                         s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ptb,
+                         s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ptb, s_pth, s_slb, s_slh,
                          s_ob, s_oh, s_os, s_lb, s_lh,
                          tokens_per_split,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -25,7 +25,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seqlen_ptr + b)
+    seq_len = tl.load(seqlen_ptr + b * s_slb + kvh * s_slh)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     if WINDOW > 0:
@@ -42,7 +42,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_mask = t < end
-        page = tl.load(pt_ptr + b * s_ptb + t // PAGE, mask=t_mask, other=0).to(tl.int64)
+        page = tl.load(pt_ptr + b * s_ptb + kvh * s_pth + t // PAGE, mask=t_mask, other=0).to(tl.int64)
         off = (t % PAGE).to(tl.int64)
         k = tl.load(k_ptr + page[:, None] * s_kp + off[:, None] * s_kt + kvh * s_kh + d[None, :],
                     mask=t_mask[:, None], other=0.0).to(tl.float32)
@@ -90,6 +90,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _, page, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    # dense: one page table / length per sequence; sparse: one per (sequence, KV head)
+    per_head = page_table.dim() == 3
+    s_pth = page_table.stride(1) if per_head else 0
+    s_slb, s_slh = (seq_lens.stride(0), seq_lens.stride(1)) if per_head else (seq_lens.stride(0), 0)
     tokens_per_split = -(-max_seq_len // num_splits)
     tokens_per_split = -(-tokens_per_split // block_n) * block_n
     part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
@@ -97,7 +101,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, part, lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0), s_pth, s_slb, s_slh,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         tokens_per_split, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=D,
         PAGE=page, BLOCK_N=block_n, WINDOW=sliding_window or 0)
@@ -108,3 +112,22 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                            NUM_SPLITS=num_splits, SPLIT_PAD=max(triton.next_power_of_2(num_splits), 1),
                            HEAD_DIM=D)
     return out
+
+
+def compact_selection(chosen: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a page selection into per-(sequence, KV head) page tables the decode kernel reads densely.
+
+    chosen [B, Hkv, P] bool (must include each sequence's last page); page_table [B, P]; seq_lens [B].
+    Returns (table [B, Hkv, K] of page ids in position order, lengths [B, Hkv] in tokens): the selected
+    pages are full except the last, whose valid length is the sequence's tail."""
+    B, H, P = chosen.shape
+    n_sel = chosen.sum(-1)                                                  # [B, Hkv]
+    K = int(n_sel.max())
+    order = torch.where(chosen, torch.arange(P, device=chosen.device), P)   # unselected sort last
+    idx = order.sort(dim=-1).values[..., :K].clamp(max=P - 1)              # logical page indices
+    table = page_table[:, None, :].expand(B, H, P).gather(-1, idx)
+    tail = seq_lens - (seq_lens - 1) // page_size * page_size              # tokens in the last page
+    lens = (n_sel - 1) * page_size + tail[:, None]
+    return table.contiguous(), lens.contiguous()
+
