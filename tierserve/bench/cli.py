@@ -55,6 +55,29 @@ def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shi
             con.print(f"no plot ({e.name} not installed)")
 
 
+@app.command()
+def tiers(model: Optional[str] = typer.Option(None, help="checkpoint dir or shipped config"),
+          load_format: str = typer.Option("auto"), context: str = typer.Option("32768,131072"),
+          gpu_frac: str = typer.Option("1,0.5,0.25,0.1", help="shares of the sequence's KV kept on the GPU"),
+          new_tokens: int = typer.Option(32), cpu_kv_gb: float = typer.Option(8.0),
+          policy: str = typer.Option("cost", help="kv_load_policy: cost | always"),
+          device: str = typer.Option("auto"), smoke: bool = typer.Option(False, help="tiny sizes for CI"),
+          output: Path = typer.Option(Path("benchmarks/results/tiers.json"))) -> None:
+    """TTFT cold vs prefix hits from GPU / CPU RAM / disk, and decode with part of the KV on the GPU."""
+    from rich.console import Console
+
+    from tierserve.bench.results import write_result
+    from tierserve.bench.tiers import bench_tiers
+
+    con = Console(stderr=True)
+    if smoke:
+        context, gpu_frac, new_tokens, cpu_kv_gb = "200", "1,0.5", 8, 0.05
+    res = bench_tiers(model, _ints(context), load_format=load_format, device=device,
+                      gpu_fracs=tuple(float(x) for x in gpu_frac.split(",")), new_tokens=new_tokens,
+                      cpu_kv_gb=cpu_kv_gb, policy=policy, progress=lambda r: con.print(r))
+    con.print(f"wrote {write_result(res, output)}")
+
+
 @app.command("sparse-recall")
 def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir (default: tierserve-nano)"),
                   topk: str = typer.Option("128,256,512", help="comma-separated sparse_topk_tokens"),

@@ -174,6 +174,13 @@ class Engine:
             self._forget(rid)
         self._groups.pop(request_id, None)
 
+    def demote_prefix_cache(self) -> int:
+        """Move every cached, unused GPU page to the tier below now (benchmarks, memory pressure)."""
+        n = self.kv.pool.clear_cache(demote=True)
+        if self.kv.tiers is not None:
+            self.runner.tiers_apply(self.kv.tiers.take_transfers())
+        return n
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -120,11 +120,15 @@ class BlockPool:
             self._by_hash.pop(m.block_hash, None)
             m.block_hash = m.tokens = None
 
-    def clear_cache(self) -> int:
-        """Forget every evictable cached page; returns how many were dropped."""
+    def clear_cache(self, demote: bool = False) -> int:
+        """Forget every evictable cached page (``demote``: hand each to ``on_evict`` first, i.e. move it
+        to the tier below); returns how many were dropped."""
         n = len(self._evictable)
         while self._evictable:
             pid, _ = self._evictable.popitem(last=False)
+            if demote and self.on_evict is not None:
+                m = self.meta[pid]
+                self.on_evict(pid, m.block_hash, m.tokens)
             self._drop_hash(pid)
             self._free.append(pid)
         return n

@@ -1,0 +1,33 @@
+"""`tierserve bench ... --smoke` on the CPU: each writes the result JSON with its baseline rows."""
+import json
+
+from typer.testing import CliRunner
+
+from tierserve.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_decode_smoke(tmp_path):
+    out = tmp_path / "decode.json"
+    r = runner.invoke(app, ["bench", "decode", "--smoke", "--device", "cpu", "--output", str(out), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    engines = {row["engine"] for row in res["rows"]}
+    assert engines == {"tierserve", "transformers"}
+    assert all(row["tok_s"] > 0 for row in res["rows"])
+    assert all(row["greedy_match_transformers"].startswith(str(row["batch"])) for row in res["rows"]
+               if row["engine"] == "tierserve")
+    assert set(res["meta"]) >= {"tool", "subcommand", "settings", "versions", "device", "date"}
+
+
+def test_bench_tiers_smoke(tmp_path):
+    out = tmp_path / "tiers.json"
+    r = runner.invoke(app, ["bench", "tiers", "--smoke", "--device", "cpu", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    served = {row["hit"]: row["served_by"] for row in res["rows"] if row["kind"] == "ttft"}
+    assert served["cold"] == {} and "gpu" in served["gpu"] and "cpu" in served["cpu"] and "disk" in served["disk"]
+    spill = [row for row in res["rows"] if row["kind"] == "decode" and row["gpu_frac"] < 1]
+    assert spill and spill[0]["spilled_pages"] > 0
+    assert res["summary"]["host_to_device_GBps"] > 0

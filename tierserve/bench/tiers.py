@@ -1,0 +1,129 @@
+"""Tiered-KV benchmark (issue 5): TTFT of a long prompt cold and on a prefix hit from each tier, and
+decode speed with only part of the sequence's KV on the GPU -- with the tiers' raw bandwidths (pinned
+host->device copy, disk read) measured in the same run as the baselines.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+
+from tierserve.bench.results import make_result
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure_bandwidths(dev: torch.device, disk_dir: str, nbytes: int = 256 << 20) -> dict[str, float]:
+    """Pinned host->device copy and local-disk read (after a write + fsync; page cache not dropped)."""
+    out = {}
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst.copy_(host)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(host, non_blocking=True)
+    _sync(dev)
+    out["host_to_device_GBps"] = 3 * nbytes / (time.perf_counter() - t) / 1e9
+    path = os.path.join(disk_dir, "bw.bin")
+    data = os.urandom(1 << 20) * (nbytes >> 20)
+    with open(path, "wb") as f:
+        t = time.perf_counter()
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        out["disk_write_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(16 << 20):
+            pass
+    out["disk_read_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
+    os.unlink(path)
+    return out
+
+
+def _ttft(llm, prompt) -> tuple[float, dict]:
+    from tierserve import SamplingParams
+
+    dev = llm.engine.runner.device
+    _sync(dev)
+    t = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0]
+    _sync(dev)
+    return time.perf_counter() - t, out.cached_tokens_by_tier
+
+
+def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "dummy", device: str = "auto",
+                gpu_fracs: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1), new_tokens: int = 32,
+                cpu_kv_gb: float = 8.0, policy: str = "cost", progress=None) -> dict:
+    from tierserve import LLM, SamplingParams
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="tierserve-tiers-") as disk:
+        common = dict(load_format=load_format, device=device, max_model_len=max(contexts) + new_tokens + 1,
+                      max_num_seqs=4, kv_load_policy=policy)
+        llm = LLM(model, cpu_kv_gb=cpu_kv_gb, disk_kv_dir=disk, **common)
+        dev = llm.engine.runner.device
+        bw = measure_bandwidths(dev, disk)
+        page_bytes = llm.engine.runner.layout.bytes_per_page
+        vocab = llm.engine.model_cfg.vocab_size
+        for ctx in contexts:
+            prompt = torch.randint(3, vocab, (ctx,), generator=torch.Generator().manual_seed(ctx)).tolist()
+            for case in ("cold", "gpu", "cpu"):
+                if case == "cpu":
+                    llm.engine.demote_prefix_cache()              # cached pages move to CPU RAM
+                s, tiers = _ttft(llm, prompt)
+                rows.append({"kind": "ttft", "context": ctx, "hit": case, "ttft_s": s, "served_by": tiers})
+                if progress:
+                    progress(rows[-1])
+            llm.engine.kv.tiers.flush()
+            fresh = LLM(model, disk_kv_dir=disk, **common)        # new engine: only the disk tier has it
+            s, tiers = _ttft(fresh, prompt)
+            nbytes = tiers.get("disk", 0) / llm.engine.config.page_size * page_bytes
+            rows.append({"kind": "ttft", "context": ctx, "hit": "disk", "ttft_s": s, "served_by": tiers,
+                         "disk_bytes": nbytes})
+            if progress:
+                progress(rows[-1])
+            del fresh
+        del llm
+        ctx = max(contexts)
+        prompt = torch.randint(3, vocab, (ctx,), generator=torch.Generator().manual_seed(1)).tolist()
+        total_pages = -(-(ctx + new_tokens) // 16) + 2
+        for frac in gpu_fracs:
+            pages = max(4, int(total_pages * frac))
+            kw = dict(common, num_kv_pages=pages, cpu_kv_gb=cpu_kv_gb, enable_prefix_caching=False,
+                      max_num_batched_tokens=min(2048, max(64, (pages - 2) * 16)))
+            llm = LLM(model, **kw)
+            sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+            eng = llm.engine
+            eng.add_request("d", prompt, sp)
+            while not eng.requests["d"].output_token_ids:
+                eng.step()
+            _sync(eng.runner.device)
+            t, n = time.perf_counter(), 0
+            while eng.has_unfinished_requests():
+                eng.step()
+                n += 1
+            _sync(eng.runner.device)
+            dt = time.perf_counter() - t
+            kv_bytes = (ctx + new_tokens) * eng.runner.layout.bytes_per_token
+            rows.append({"kind": "decode", "context": ctx, "gpu_frac": frac, "gpu_pages": pages,
+                         "tok_s": n / dt, "spilled_pages": eng.kv.num_spilled,
+                         "kv_read_GBps": kv_bytes * (1 - min(frac, 1.0)) * n / dt / 1e9})
+            if progress:
+                progress(rows[-1])
+            del llm
+    summary = dict(bw)
+    for ctx in contexts:
+        cold = next(r["ttft_s"] for r in rows if r["kind"] == "ttft" and r["context"] == ctx and r["hit"] == "cold")
+        for hit in ("gpu", "cpu", "disk"):
+            r = next(r for r in rows if r["kind"] == "ttft" and r["context"] == ctx and r["hit"] == hit)
+            summary[f"ttft_{hit}_over_cold_c{ctx}"] = r["ttft_s"] / cold
+    settings = dict(model=model or "tierserve-nano", load_format=load_format, contexts=contexts,
+                    gpu_fracs=list(gpu_fracs), new_tokens=new_tokens, cpu_kv_gb=cpu_kv_gb, policy=policy)
+    return make_result("tierserve bench", "tiers", settings, rows, summary)
