@@ -25,7 +25,8 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     if named.is_dir():
         return named
     raise FileNotFoundError(f"model {str(model)!r}: no such directory (and not a shipped config name; "
-                            f"shipped: {', '.join(shipped_configs()) or 'none'})")
+                            f"shipped: {', '.join(shipped_configs()) or 'none'}). tierserve loads local "
+                            "checkpoint directories only; it never downloads from a hub")
 
 
 def shipped_configs() -> list[str]:
