@@ -19,6 +19,7 @@ def test_bench_decode_smoke(tmp_path):
     assert all(row["greedy_match_transformers"].startswith(str(row["batch"])) for row in res["rows"]
                if row["engine"] == "tierserve")
     assert set(res["meta"]) >= {"tool", "subcommand", "settings", "versions", "device", "date"}
+    assert all(0 < row["roofline_frac"] for row in res["rows"]) and res["summary"]["copy_bandwidth_GBps"] > 0
 
 
 def test_bench_tiers_smoke(tmp_path):

@@ -97,6 +97,32 @@ def run_transformers(model, case: DecodeCase, prompts) -> dict:
             "tokens": out[:, ids.shape[1]:].tolist()}
 
 
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
+    """Memory bandwidth from a device-to-device copy, bytes read + written per second (DESIGN.md's
+    4.15 TB/s on the H200 counts both)."""
+    nbytes = nbytes if dev.type == "cuda" else nbytes // 8
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        _sync(dev)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def roofline_frac(tok_s: float, batch: int, context: int, new_tokens: int, weight_bytes: int,
+                  kv_bytes_per_token: int, bandwidth: float) -> float:
+    """(bytes a decode step must read: all weights + every sequence's KV, at the mean context of the
+    timed steps) / bandwidth, divided by the measured step time."""
+    step_s = batch / tok_s
+    kv = batch * (context + new_tokens / 2) * kv_bytes_per_token
+    return (weight_bytes + kv) / bandwidth / step_s
+
+
 def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str = "auto",
                  device: str = "auto", dtype: str = "auto", engines=("tierserve", "transformers"),
                  seed: int = 0, repeats: int = 1, progress=None) -> dict:
@@ -111,6 +137,9 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
               max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch), seed=seed)
     eng = llm.engine
     dev, tdtype = eng.runner.device, eng.runner.dtype
+    bandwidth = copy_bandwidth(dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+    kv_per_token = eng.runner.layout.bytes_per_token
     path = resolve_model_path(model)
     torch.manual_seed(seed)
     if load_format == "dummy":
@@ -138,7 +167,9 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
         for name, r in results.items():
             toks = r.pop("tokens")
             row = {"engine": name, "batch": case.batch, "context": case.context, "new_tokens": case.new_tokens,
-                   "dtype": str(tdtype).replace("torch.", ""), **r}
+                   "dtype": str(tdtype).replace("torch.", ""), **r,
+                   "roofline_frac": roofline_frac(r["tok_s"], case.batch, case.context, case.new_tokens,
+                                                  weight_bytes, kv_per_token, bandwidth)}
             if ref is not None and name != "transformers":
                 same = sum(a == b for a, b in zip(toks, ref))
                 row["greedy_match_transformers"] = f"{same}/{len(ref)} sequences"
@@ -150,6 +181,8 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
         pair = {r["engine"]: r for r in rows if r["batch"] == case.batch and r["context"] == case.context}
         if "tierserve" in pair and "transformers" in pair:
             summary[f"speedup_b{case.batch}_c{case.context}"] = pair["tierserve"]["tok_s"] / pair["transformers"]["tok_s"]
+    summary["copy_bandwidth_GBps"] = bandwidth / 1e9
+    summary["weight_bytes"] = weight_bytes
     settings = dict(model=str(path), load_format=load_format, device=str(dev), dtype=str(tdtype),
                     cases=[c.__dict__ for c in cases], repeats=repeats, seed=seed,
                     threads=torch.get_num_threads())
