@@ -139,23 +139,24 @@ class TierManager:
 
     # ---- data movement (runner side, start of a step) -----------------------------------------
     def apply(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
+        """Move the step's pages. Transfers are grouped: one gather + one copy per direction and source,
+        so PCIe sees a few large copies rather than one per page."""
         if not tr:
             return
-        leaving = [(h, toks, kv_data[pid].to("cpu", copy=True), to_host, persist)
-                   for pid, h, toks, to_host, persist in tr.offload]
-        for pid, slot in tr.spill:           # live pages moving to CPU RAM (before their GPU page is reused)
-            self.host.data[slot].copy_(kv_data[pid])
-        for pid, hit in tr.onload:
-            t0 = time.perf_counter()
-            if hit.source == "cpu":
-                src = self.host.page(hit.slot)
-            else:
-                src = torch.frombuffer(bytearray(hit.payload), dtype=torch.uint8).view(self.dtype)
-                src = src.view(self.page_shape)
-            kv_data[pid].copy_(src, non_blocking=False)
-            if hit.source == "cpu":
-                self._measure("cpu", self.page_bytes, time.perf_counter() - t0)
-        for h, toks, page, to_host, persist in leaving:
+        dev = kv_data.device
+        leaving = []
+        if tr.offload:                                   # (1) read out pages leaving the GPU, in one copy
+            pids = torch.tensor([o[0] for o in tr.offload], device=dev)
+            pages = kv_data.index_select(0, pids).to("cpu")
+            leaving = [(h, toks, pages[i], to_host, persist)
+                       for i, (_, h, toks, to_host, persist) in enumerate(tr.offload)]
+        if tr.spill:                                     # live pages moving to CPU RAM
+            pids = torch.tensor([p for p, _ in tr.spill], device=dev)
+            slots = torch.tensor([s for _, s in tr.spill])
+            self.host.data[slots] = kv_data.index_select(0, pids).to("cpu")
+        if tr.onload:                                    # (2) hits into their new GPU pages
+            self._onload(tr.onload, kv_data)
+        for h, toks, page, to_host, persist in leaving:  # (3) store what was read out
             if to_host and self.host is not None:
                 self.host.store(h, toks, page)
             if persist:
@@ -164,6 +165,27 @@ class TierManager:
                     self.disk.write_async(h, toks, payload)
                 if self.remote is not None:
                     self.remote.write_async(h, toks, payload)
+
+    def _onload(self, onload: list[tuple[int, TierHit]], kv_data: torch.Tensor) -> None:
+        dev = kv_data.device
+        pin = dev.type == "cuda"
+        cpu = [(pid, h.slot) for pid, h in onload if h.source == "cpu"]
+        other = [(pid, h) for pid, h in onload if h.source != "cpu"]
+        if cpu:
+            t0 = time.perf_counter()
+            slots = torch.tensor([s for _, s in cpu])
+            staging = torch.empty((len(cpu), *self.page_shape), dtype=self.dtype, pin_memory=pin)
+            torch.index_select(self.host.data, 0, slots, out=staging)
+            kv_data[torch.tensor([p for p, _ in cpu], device=dev)] = staging.to(dev, non_blocking=pin)
+            if pin:
+                torch.cuda.current_stream(dev).synchronize()
+            self._measure("cpu", len(cpu) * self.page_bytes, time.perf_counter() - t0)
+        if other:
+            staging = torch.empty((len(other), *self.page_shape), dtype=self.dtype, pin_memory=pin)
+            flat = staging.view(len(other), -1).view(torch.uint8)
+            for i, (_, hit) in enumerate(other):
+                flat[i].copy_(torch.frombuffer(bytearray(hit.payload), dtype=torch.uint8))
+            kv_data[torch.tensor([p for p, _ in other], device=dev)] = staging.to(dev, non_blocking=pin)
 
     def flush(self) -> None:
         for tier in (self.disk, self.remote):
