@@ -22,11 +22,15 @@ def serve(model: Optional[str] = typer.Option(None, help="checkpoint dir (defaul
           log_level: str = typer.Option("info", help="critical | error | warning | info | debug"),
           engine_settings: dict = None) -> None:
     """Serve a model over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /metrics, ..."""
-    import uvicorn
+    try:
+        import uvicorn
 
+        from tierserve.server.app import build_app
+    except ModuleNotFoundError as e:
+        typer.secho(f"error: `tierserve serve` needs {e.name}: pip install 'tierserve[server]'", fg="red", err=True)
+        raise typer.Exit(2)
     from tierserve.config import EngineConfig
     from tierserve.engine.engine import Engine
-    from tierserve.server.app import build_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
