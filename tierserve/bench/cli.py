@@ -36,6 +36,13 @@ def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shi
     from tierserve.bench.results import write_result
 
     con = Console(stderr=True)
+    if "transformers" in engines:
+        try:
+            import transformers  # noqa: F401  (the baseline runs in the same process)
+        except ModuleNotFoundError:
+            con.print("error: the transformers baseline needs `pip install transformers` "
+                      "(or pass --engines tierserve)")
+            raise typer.Exit(2)
     if smoke:
         batch, context, new_tokens, repeats = "1,2", "16", 8, 1
     cases = [DecodeCase(b, c, new_tokens) for c in _ints(context) for b in _ints(batch)]
