@@ -123,18 +123,32 @@ def roofline_frac(tok_s: float, batch: int, context: int, new_tokens: int, weigh
     return (weight_bytes + kv) / bandwidth / step_s
 
 
+def _hf_model(path, load_format: str, dev: torch.device, dtype: torch.dtype):
+    import transformers
+
+    if load_format == "dummy":
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        with torch.device(dev):
+            hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev)
+    return hf.eval()
+
+
 def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str = "auto",
                  device: str = "auto", dtype: str = "auto", engines=("tierserve", "transformers"),
                  seed: int = 0, repeats: int = 1, progress=None) -> dict:
-    import transformers
-
     from tierserve import LLM
     from tierserve.loader.hf import resolve_model_path
 
     max_len = max(c.context + c.new_tokens for c in cases)
     max_batch = max(c.batch for c in cases)
-    llm = LLM(model, load_format="dummy", device=device, dtype=dtype, max_model_len=max_len,
-              max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch), seed=seed)
+    # a KV pool just large enough for the largest case, so the transformers baseline fits beside it
+    pages = max(c.batch * -(-(c.context + c.new_tokens) // 16) for c in cases) + 16
+    use_hf = "transformers" in engines
+    llm = LLM(model, load_format="dummy" if use_hf else load_format, device=device, dtype=dtype,
+              max_model_len=max_len, max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch),
+              seed=seed, num_kv_pages=max(pages, -(-max_len // 16) + 1))
     eng = llm.engine
     dev, tdtype = eng.runner.device, eng.runner.dtype
     bandwidth = copy_bandwidth(dev)
@@ -142,14 +156,9 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
     kv_per_token = eng.runner.layout.bytes_per_token
     path = resolve_model_path(model)
     torch.manual_seed(seed)
-    if load_format == "dummy":
-        hf_cfg = transformers.AutoConfig.from_pretrained(path)
-        with torch.device(dev):
-            hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=tdtype)
-    else:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=tdtype).to(dev)
-    hf.eval()
-    eng.runner.model.load_weights(hf.state_dict().items())     # identical weights in both engines
+    hf = _hf_model(path, load_format, dev, tdtype) if use_hf else None
+    if hf is not None:
+        eng.runner.model.load_weights(hf.state_dict().items())     # identical weights in both engines
     vocab = eng.model_cfg.vocab_size
     rows = []
     for case in cases:
