@@ -1,5 +1,4 @@
 """FP8 KV cache (issue 6, part 1): page format, the full-precision read rule, engine output."""
-import math
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ class TorchRefBackend:
         base = meta.backend_data.get(("torch_ref", None))
         if base is None:
             dev = meta.positions.device
-            B, max_q = meta.num_seqs, meta.max_query_len
+            max_q = meta.max_query_len
             qlens = torch.tensor(meta.query_lens_cpu, device=dev)
             starts = meta.query_start_loc[:-1]
             ar = torch.arange(max_q, device=dev)

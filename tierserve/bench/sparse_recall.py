@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
 from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig, page_upper_bounds, select_pages

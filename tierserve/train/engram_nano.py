@@ -283,15 +283,7 @@ def load_engram_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    t_start = time.time()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        return _run(args, t_start)
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
+    return nano.run_deterministic(_run, parse_args(argv))
 
 
 def _measure(make, step_fn, cfg, stream, device) -> float:

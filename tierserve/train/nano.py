@@ -200,16 +200,20 @@ def measure(cfg, stream, heldout, ids, device, attn) -> tuple[float, float]:
     return step_s, time.perf_counter() - t
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def run_deterministic(run, args) -> dict:
+    """Call ``run(args, t_start)`` with deterministic algorithms on (restored afterwards)."""
     t_start = time.time()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _run(args, t_start)
+        return run(args, t_start)
     finally:
         torch.use_deterministic_algorithms(prev_det)
+
+
+def main(argv=None) -> dict:
+    return run_deterministic(_run, parse_args(argv))
 
 
 def _run(args, t_start: float) -> dict:
