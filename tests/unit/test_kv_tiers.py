@@ -218,3 +218,28 @@ def test_live_sequence_larger_than_gpu_pool_spills_to_cpu(ckpt, caching):
 def test_pool_smaller_than_max_model_len_needs_cpu_tier(ckpt):
     with pytest.raises(ValueError, match="max_model_len"):
         make(ckpt, num_kv_pages=6)
+
+
+def test_live_sequence_spills_to_disk_behind_cpu(ckpt, tmp_path):
+    """A 6-page GPU pool, CPU RAM for only a few pages, the disk behind it: output unchanged."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [PROMPT, OTHER[:120]]
+    ref = make(ckpt, enable_prefix_caching=False).generate(prompts, sp)
+    page_bytes = 2 * 2 * 16 * 2 * 16 * 4          # layers * K/V * tokens * kv heads * head dim * fp32
+    llm = make(ckpt, num_kv_pages=6, cpu_kv_gb=4 * page_bytes / 2**30, disk_kv_dir=str(tmp_path / "kv"),
+               max_num_batched_tokens=16, enable_prefix_caching=False)
+    tiers = llm.engine.kv.tiers
+    assert tiers.host.num_pages <= 4 and tiers.disk_spill is not None
+    used = []
+    orig = tiers.spill_reserve
+
+    def spy():
+        slot = orig()
+        used.append(slot)
+        return slot
+    tiers.spill_reserve = spy
+    outs = llm.generate(prompts, sp)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert any(s is not None and s >= tiers.host.num_pages for s in used)     # pages really went to disk
+    assert tiers.disk_spill.num_used == 0 and tiers.host.num_spilled == 0
+    assert_clean(llm)

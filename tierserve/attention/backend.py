@@ -31,7 +31,7 @@ class AttnMetadata:
     max_seq_bound: int = 0         # upper bound of seq_lens (work split size), e.g. max_model_len
     # page storage in CPU RAM ([slots, layers, 2, page, Hkv, D]) when some page-table entries are
     # spilled: entry id >= num device pages means host slot (id - num device pages)
-    host_kv: torch.Tensor | None = None
+    host_kv: list[tuple[int, torch.Tensor]] | None = None    # (first slot, storage) per spill store
     sparse: Any = None             # attention.select.SparseConfig when sparse attention is on
     kv_fp8: Any = None             # runner.kv_fp8.Fp8Pages when kv_dtype=fp8 (quantised flags + read rule)
 

@@ -84,7 +84,11 @@ def _gather_pages(kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int) ->
     n_dev = kv_layer.shape[0]
     on_host = flat >= n_dev
     out = torch.index_select(kv_layer, 0, torch.where(on_host, 0, flat))
-    slots = (flat[on_host] - n_dev).to(meta.host_kv.device)
-    out[on_host] = torch.index_select(meta.host_kv[:, layer_idx], 0, slots).to(out.device, non_blocking=True)
+    slots = (flat - n_dev).cpu()
+    for first, store in meta.host_kv:          # CPU RAM, then the disk spill file
+        sel = on_host & (slots >= first).to(on_host.device) & (slots < first + store.shape[0]).to(on_host.device)
+        if bool(sel.any()):
+            rows = torch.index_select(store[:, layer_idx], 0, slots[sel.cpu()] - first)
+            out[sel] = rows.to(out.device, non_blocking=True)
     return out
 

@@ -61,9 +61,9 @@ class Engine:
         self.runner = ModelRunner(config, self.model_path, self.model_cfg, self.max_model_len, progress)
         self.runner.set_tokenizer(self.tokenizer)
         tiers = self._make_tiers(config)
-        host_pages = tiers.host.num_pages if tiers is not None and tiers.host is not None else 0
+        host_pages = tiers.spill_capacity if tiers is not None else 0
         if host_pages:
-            self.runner.host_kv = tiers.host.data
+            self.runner.host_kv = tiers.spill_stores()
         cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
@@ -93,10 +93,16 @@ class Engine:
         page_shape = tuple(self.runner.kv.data.shape[1:])
         host_pages = int(config.cpu_kv_gb * 2**30 // layout.bytes_per_page) if config.cpu_kv_gb else 0
         fp = kv_fingerprint(self.model_path, layout, f"{config.load_format}:{config.seed}")
+        # a sparse file for live pages beyond GPU and CPU RAM: up to a quarter of the disk budget, at
+        # most what every running sequence at full length could need
+        spill_pages = 0
+        if config.disk_kv_dir:
+            need = -(-config.max_num_seqs * self.max_model_len // config.page_size)
+            spill_pages = int(min(need, config.disk_kv_gb * 2**30 // 4 // layout.bytes_per_page))
         return TierManager(page_shape, layout.dtype, fp,
                            host_pages=host_pages, disk_dir=config.disk_kv_dir,
                            disk_bytes=int(config.disk_kv_gb * 2**30), remote_url=config.remote_kv_url,
-                           policy=config.kv_load_policy)
+                           policy=config.kv_load_policy, spill_pages=spill_pages)
 
     def _load_tokenizer(self, config: EngineConfig) -> Tokenizer | None:
         try:

@@ -167,7 +167,7 @@ class KVManager:
             self.pool.release([p for p in table.pages if p >= 0])
             for p in table.pages:
                 if p < 0:
-                    self.tiers.host.release(-p - 1)
+                    self.tiers.spill_release(-p - 1)
 
     def page_table(self, req_id: str) -> list[int]:
         return self._tables[req_id].pages
@@ -181,13 +181,13 @@ class KVManager:
 
     # ---- live sequences beyond the GPU pool --------------------------------------------------
     def _spill(self, n: int, exclude: set[int]) -> int:
-        """Move up to ``n`` complete, unshared pages of live requests to CPU RAM; returns how many.
+        """Move up to ``n`` complete, unshared pages of live requests to CPU RAM (then to the disk spill
+        file); returns how many.
 
         Page-table entries of spilled pages become ``-(slot + 1)``; the copy happens at the start of
         the next step (before the freed GPU page can be overwritten). The last page of a table and
         pages not yet fully computed are never spilled."""
-        host = self.tiers.host if self.tiers is not None else None
-        if host is None:
+        if self.tiers is None or not self.tiers.spill_capacity:
             return 0
         done = 0
         for t in self._tables.values():
@@ -195,7 +195,7 @@ class KVManager:
                 pid = t.pages[i]
                 if pid < 0 or pid in exclude or self.pool.meta[pid].ref_count != 1:
                     continue
-                slot = host.reserve()
+                slot = self.tiers.spill_reserve()
                 if slot is None:
                     return done
                 self.tiers.schedule_spill(pid, slot)

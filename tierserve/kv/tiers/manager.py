@@ -48,11 +48,15 @@ class KVTransfers:
 class TierManager:
     def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, fingerprint: str, *,
                  host_pages: int = 0, disk_dir: str | None = None, disk_bytes: int = 0,
-                 remote_url: str | None = None, policy: str = "cost") -> None:
+                 remote_url: str | None = None, policy: str = "cost", spill_pages: int = 0) -> None:
         self.page_shape, self.dtype, self.fingerprint, self.policy = page_shape, dtype, fingerprint, policy
         self.page_bytes = int(torch.Size(page_shape).numel()) * torch.empty((), dtype=dtype).element_size()
         self.host = HostTier(page_shape, dtype, host_pages) if host_pages else None
         self.disk = DiskTier(disk_dir, disk_bytes, fingerprint) if disk_dir else None
+        self.disk_spill = None
+        if self.disk is not None and self.disk.enabled and spill_pages:
+            from tierserve.kv.tiers.spill import DiskSpill
+            self.disk_spill = DiskSpill(disk_dir, page_shape, dtype, spill_pages)
         self.remote = None
         if remote_url:
             from tierserve.kv.tiers.remote import RemoteTier
@@ -129,6 +133,35 @@ class TierManager:
         self.hits[hit.source] += 1
         self._pending.onload.append((pid, hit))
 
+    # ---- spill space for live pages: CPU RAM slots first, then the disk spill file ----------------
+    @property
+    def _host_slots(self) -> int:
+        return self.host.num_pages if self.host is not None else 0
+
+    def spill_reserve(self) -> int | None:
+        slot = self.host.reserve() if self.host is not None else None
+        if slot is None and self.disk_spill is not None:
+            s = self.disk_spill.reserve()
+            slot = None if s is None else self._host_slots + s
+        return slot
+
+    def spill_release(self, slot: int) -> None:
+        if slot < self._host_slots:
+            self.host.release(slot)
+        else:
+            self.disk_spill.release(slot - self._host_slots)
+
+    def spill_stores(self) -> list[tuple[int, torch.Tensor]]:
+        """(first slot, storage) of each place spilled pages live, for attention's gather."""
+        out = [(0, self.host.data)] if self.host is not None else []
+        if self.disk_spill is not None:
+            out.append((self._host_slots, self.disk_spill.data))
+        return out
+
+    @property
+    def spill_capacity(self) -> int:
+        return self._host_slots + (self.disk_spill.num_pages if self.disk_spill is not None else 0)
+
     def schedule_spill(self, pid: int, slot: int) -> None:
         self._pending.spill.append((pid, slot))
 
@@ -150,10 +183,12 @@ class TierManager:
             pages = kv_data.index_select(0, pids).to("cpu")
             leaving = [(h, toks, pages[i], to_host, persist)
                        for i, (_, h, toks, to_host, persist) in enumerate(tr.offload)]
-        if tr.spill:                                     # live pages moving to CPU RAM
-            pids = torch.tensor([p for p, _ in tr.spill], device=dev)
-            slots = torch.tensor([s for _, s in tr.spill])
-            self.host.data[slots] = kv_data.index_select(0, pids).to("cpu")
+        if tr.spill:                                     # live pages moving to CPU RAM / the spill file
+            for first, store in self.spill_stores():
+                mine = [(p, s - first) for p, s in tr.spill if first <= s < first + store.shape[0]]
+                if mine:
+                    pids = torch.tensor([p for p, _ in mine], device=dev)
+                    store[torch.tensor([s for _, s in mine])] = kv_data.index_select(0, pids).to("cpu")
         if tr.onload:                                    # (2) hits into their new GPU pages
             self._onload(tr.onload, kv_data)
         for h, toks, page, to_host, persist in leaving:  # (3) store what was read out
@@ -207,3 +242,5 @@ class TierManager:
     def check_invariants(self) -> None:
         if self.host is not None:
             self.host.check_invariants()
+        if self.disk_spill is not None:
+            assert 0 <= self.disk_spill.num_used <= self.disk_spill.num_pages
