@@ -289,16 +289,7 @@ def main(argv=None) -> dict:
 def _measure(make, step_fn, cfg, stream, device) -> float:
     """Seconds per training step of a throw-away model (mean of 10 after 3 warm-up)."""
     model, opt = make()
-    gen = torch.Generator().manual_seed(12345)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        step_fn(model, opt, stream, gen, cfg, 1e-4)
-    sync()
-    t = time.perf_counter()
-    for _ in range(10):
-        step_fn(model, opt, stream, gen, cfg, 1e-4)
-    sync()
-    return (time.perf_counter() - t) / 10
+    return nano.time_steps(step_fn, model, opt, stream, cfg, device, warmup=3, n=10)
 
 
 def _train(name, model, opt, step_fn, eval_fn, train_t, held_t, cfg, steps, seed, evals) -> dict:

@@ -181,20 +181,25 @@ def evaluate(model, stream: torch.Tensor, ctx: int, batch: int) -> tuple[float, 
     return total, count
 
 
+def time_steps(step_fn, model, opt, stream, cfg, device, warmup: int = 5, n: int = 20) -> float:
+    """Seconds per training step: mean of ``n`` after ``warmup`` (fixed window draws)."""
+    gen = torch.Generator().manual_seed(12345)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step_fn(model, opt, stream, gen, cfg, 1e-4)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step_fn(model, opt, stream, gen, cfg, 1e-4)
+    sync()
+    return (time.perf_counter() - t) / n
+
+
 def measure(cfg, stream, heldout, ids, device, attn) -> tuple[float, float]:
     """Seconds per training step (mean of 20 after 5 warm-up) and per held-out eval, throw-away model."""
     model = build_model(cfg, ids, attn).to(device)
     opt = make_optimizer(model, cfg["lr"], cfg["wd"], device)
-    gen = torch.Generator().manual_seed(12345)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(5):
-        train_step(model, opt, stream, gen, cfg, 1e-4)
-    sync()
-    t = time.perf_counter()
-    for _ in range(20):
-        train_step(model, opt, stream, gen, cfg, 1e-4)
-    sync()
-    step_s = (time.perf_counter() - t) / 20
+    step_s = time_steps(train_step, model, opt, stream, cfg, device)
     t = time.perf_counter()
     evaluate(model, heldout, cfg["ctx"], cfg["batch"])
     return step_s, time.perf_counter() - t
