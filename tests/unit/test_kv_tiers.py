@@ -243,3 +243,15 @@ def test_live_sequence_spills_to_disk_behind_cpu(ckpt, tmp_path):
     assert any(s is not None and s >= tiers.host.num_pages for s in used)     # pages really went to disk
     assert tiers.disk_spill.num_used == 0 and tiers.host.num_spilled == 0
     assert_clean(llm)
+
+
+def test_blocks_of_another_page_layout_are_refused(ckpt, reference, tmp_path):
+    """Sparse attention keeps a key summary row inside each page: its blocks must not load without it."""
+    disk = tmp_path / "kv"
+    sparse = make(ckpt, disk_kv_dir=str(disk), sparse_attention="pages", sparse_topk_tokens=512)
+    sparse.generate([PROMPT], SP)
+    sparse.engine.kv.tiers.flush()
+    assert list(disk.glob("*.kvp"))
+    out = make(ckpt, disk_kv_dir=str(disk)).generate([PROMPT], SP)[0]
+    assert out.outputs[0].token_ids == reference["p"]
+    assert "disk" not in out.cached_tokens_by_tier

@@ -13,9 +13,9 @@ from tierserve.engine.outputs import CompletionOutput, RequestOutput
 from tierserve.engine.request import Request, Status
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.stop import StopChecker
-from tierserve.kv.layout import KVLayout
 from tierserve.kv.fp8_pages import Fp8PagePolicy
 from tierserve.kv.manager import KVManager
+from tierserve.kv.tiers.fingerprint import kv_fingerprint
 from tierserve.kv.tiers.manager import TierManager
 from tierserve.loader.hf import load_config, load_generation_config, resolve_model_path
 from tierserve.loader.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -293,25 +293,4 @@ class Engine:
         self._detok.pop(rid, None)
         self._stop.pop(rid, None)
         self._parent.pop(rid, None)
-
-
-def kv_fingerprint(model_path, layout: KVLayout, weights_tag: str = "") -> str:
-    """Identifies KV contents: model config, dtype and page layout (blocks from elsewhere are refused)."""
-    import hashlib
-    from pathlib import Path
-
-    h = hashlib.blake2b(digest_size=16)
-    cfg = Path(model_path) / "config.json"
-    h.update(cfg.read_bytes() if cfg.is_file() else str(model_path).encode())
-    h.update(weights_tag.encode())
-    for p in sorted(Path(model_path).glob("*.safetensors")):      # size + head + tail of each shard
-        with open(p, "rb") as f:
-            size = p.stat().st_size
-            h.update(f"{p.name}:{size}".encode())
-            h.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read(1 << 20))
-    h.update(repr((str(layout.dtype), layout.num_layers, layout.num_kv_heads, layout.head_dim,
-                   layout.page_size, "tierserve-kv-v1")).encode())
-    return h.hexdigest()
 
