@@ -96,6 +96,8 @@ class TierManager:
                 continue
             t0 = time.perf_counter()
             payload = tier.read(h, toks)
+            if payload is not None and len(payload) != self.page_bytes:   # never mis-shape a page
+                payload = None
             if payload is not None:
                 self._measure(tier.name, len(payload), time.perf_counter() - t0)
                 return TierHit(h, toks, tier.name, payload=payload)
