@@ -186,17 +186,9 @@ def look_back(stream: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tenso
 
 def engram_train_step(model: EngramLlama, opt, stream, gen, cfg, lr: float):
     """``nano.train_step`` with look-back for the windows (the same draws from ``gen``)."""
-    starts = torch.randint(0, len(stream) - cfg["ctx"] - 1, (cfg["batch"],), generator=gen)
-    x, y = nano.windows(stream, starts, cfg["ctx"])
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
-    model.history = look_back(stream, starts, model.ecfg.lookback)
-    loss = nano.lm_loss(model, x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return loss.detach()
+    def attach(starts):
+        model.history = look_back(stream, starts, model.ecfg.lookback)
+    return nano.train_step(model, opt, stream, gen, cfg, lr, before_forward=attach)
 
 
 @torch.no_grad()

@@ -148,11 +148,15 @@ def windows(stream: torch.Tensor, starts: torch.Tensor, ctx: int):
     return w[:, :-1], w[:, 1:]
 
 
-def train_step(model, opt, stream, gen, cfg, lr: float):
+def train_step(model, opt, stream, gen, cfg, lr: float, before_forward=None):
+    """One step on random windows; ``before_forward(starts)`` lets a caller attach per-window state
+    (e.g. Engram's look-back tokens). Param groups may carry an ``lr_mult``."""
     starts = torch.randint(0, len(stream) - cfg["ctx"] - 1, (cfg["batch"],), generator=gen)
     x, y = windows(stream, starts, cfg["ctx"])
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    if before_forward is not None:
+        before_forward(starts)
     loss = lm_loss(model, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
