@@ -7,23 +7,10 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.tiny_models import make_checkpoint
 from tierserve import LLM, SamplingParams
-from tierserve.server.testing import ServerProcess
 
 ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256"]
 PROMPT = "the quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("srv") / "llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def server(ckpt):
-    with ServerProcess(ckpt, *ARGS) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

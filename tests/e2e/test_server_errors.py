@@ -6,18 +6,12 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.tiny_models import make_checkpoint
 from tierserve.server.testing import ServerProcess
 
 ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128"]
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MSG = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("srv") / "llama", "llama")
 
 
 @pytest.fixture(scope="module")

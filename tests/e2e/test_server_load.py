@@ -9,22 +9,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.tiny_models import make_checkpoint
-from tierserve.server.testing import ServerProcess
 
 ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "64"]
 KEEP, DROP = 24, 200          # max_tokens of the streams that finish / that the client drops
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("srv") / "llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def server(ckpt):
-    with ServerProcess(ckpt, *ARGS) as s:
-        yield s
 
 
 def metrics(server) -> dict[str, float]:
