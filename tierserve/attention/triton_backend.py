@@ -18,7 +18,9 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata):
     summ = kv_layer[meta.page_table, :, page]                     # [B, P, 2, Hkv, D]: key min / max
     ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
-    return compact_selection(chosen, meta.page_table, meta.seq_lens, page)
+    cfg = meta.sparse     # at most the top-k budget plus the always-kept sink, recent and own pages
+    bound = cfg.topk_tokens // page + -(-cfg.sink_tokens // page) + -(-cfg.recent_tokens // page) + 2
+    return compact_selection(chosen, meta.page_table, meta.seq_lens, page, max_selected=bound)
 
 
 class TritonBackend:

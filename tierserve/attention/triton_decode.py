@@ -114,16 +114,17 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
-def compact_selection(chosen: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_selection(chosen: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                      max_selected: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a page selection into per-(sequence, KV head) page tables the decode kernel reads densely.
 
     chosen [B, Hkv, P] bool (must include each sequence's last page); page_table [B, P]; seq_lens [B].
     Returns (table [B, Hkv, K] of page ids in position order, lengths [B, Hkv] in tokens): the selected
-    pages are full except the last, whose valid length is the sequence's tail."""
+    pages are full except the last, whose valid length is the sequence's tail. ``max_selected`` is a
+    static bound on pages per row (no host sync; entries past a row's length are never read)."""
     B, H, P = chosen.shape
     n_sel = chosen.sum(-1)                                                  # [B, Hkv]
-    K = int(n_sel.max())
+    K = min(P, max_selected) if max_selected is not None else P
     order = torch.where(chosen, torch.arange(P, device=chosen.device), P)   # unselected sort last
     idx = order.sort(dim=-1).values[..., :K].clamp(max=P - 1)              # logical page indices
     table = page_table[:, None, :].expand(B, H, P).gather(-1, idx)
