@@ -57,6 +57,11 @@ class EngineConfig:
     engram_placement: str | None = None  # device | cpu | disk: where Engram tables live (default: config)
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
     enforce_eager: bool = False         # True: no CUDA graphs
+    fused_ops: bool = True              # CUDA: Triton kernels for add+RMSNorm, rotary+KV write, SiLU*mul
+    # greedy decode steps run back to back on the device (each feeds its token to the next) before one
+    # host sync; used only when every running request is a plain greedy decode and nothing waits. Output
+    # is identical; streaming arrives in chunks of up to this many tokens. 1 = sync after every step.
+    num_scheduler_steps: int = 8
     debug_invariants: bool = field(default_factory=lambda: _env_flag("TIERSERVE_DEBUG_INVARIANTS"))
 
     def __post_init__(self) -> None:
@@ -90,6 +95,7 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         _int_range("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
         _int_range("max_num_seqs", self.max_num_seqs, 1, 1 << 16)
+        _int_range("num_scheduler_steps", self.num_scheduler_steps, 1, 1024)
         _int_range("seed", self.seed, 0, (1 << 63) - 1)
         if self.max_model_len is not None:
             _int_range("max_model_len", self.max_model_len, 1, 1 << 24)

@@ -47,8 +47,8 @@ def test_paged_decode_matches_reference(dtype, hq, hkv, page, splits, window):
     table = torch.stack([torch.randperm(N, device=DEV)[:max_pages] for _ in range(B)])   # any page ids
     q = torch.randn(B, hq, D, device=DEV).to(dtype)
     scale = D ** -0.5
-    got = paged_decode(q, kc, vc, table, seq_lens, scale, num_splits=splits, max_seq_len=40,
-                       sliding_window=window, block_n=8)
+    got = paged_decode(q, kc, vc, table, seq_lens, scale, num_splits=splits,
+                       sliding_window=window, block_n=16)
     want = ref_decode(q, kc, vc, table, seq_lens, scale, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
@@ -71,7 +71,7 @@ def test_sparse_selected_pages_match_masked_reference(dtype):
     chosen &= ar[None, None, :] < n_pages[:, None, None]
     chosen |= ar[None, None, :] == (n_pages - 1)[:, None, None]            # the last page always
     sel, lens = compact_selection(chosen, table, seq_lens, page)
-    got = paged_decode(q, kc, vc, sel, lens, D ** -0.5, num_splits=2, max_seq_len=P * page, block_n=8)
+    got = paged_decode(q, kc, vc, sel, lens, D ** -0.5, num_splits=2, block_n=16)
     # reference: dense attention with keys outside the selection masked, per KV head
     keys = kc[table].reshape(B, -1, hkv, D).permute(0, 2, 1, 3).float()     # [B, Hkv, L, D]
     vals = vc[table].reshape(B, -1, hkv, D).permute(0, 2, 1, 3).float()

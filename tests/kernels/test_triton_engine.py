@@ -17,7 +17,7 @@ def test_triton_backend_engine_matches_reference(tmp_path):
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
     for be in ("torch_ref", "triton"):
-        llm = LLM(str(path), dtype="float32", device=dev, max_model_len=128, attention_backend=be,
+        llm = LLM(str(path), dtype="float32", device=dev, max_model_len=128, attention_backend=be, num_kv_pages=64,
                   page_size=8)
         outs[be] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     assert outs["triton"] == outs["torch_ref"]
@@ -31,7 +31,28 @@ def test_triton_sparse_decode_engine_matches_reference(tmp_path):
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     outs = {}
     for be in ("torch_ref", "triton"):
-        llm = LLM(str(path), dtype="float32", device=dev, max_model_len=160, attention_backend=be,
+        llm = LLM(str(path), dtype="float32", device=dev, max_model_len=160, attention_backend=be, num_kv_pages=64,
                   page_size=8, sparse_attention="pages", sparse_topk_tokens=88)
         outs[be] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     assert outs["triton"] == outs["torch_ref"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fused_ops_engine_matches_plain_path(tmp_path, family):
+    """Triton add+RMSNorm / rotary+KV write / SiLU*mul give the plain path's greedy tokens and logprobs."""
+    path = make_checkpoint(tmp_path / "m", family)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [[0, 5, 9, 200, 31], [0] + list(range(40, 75))]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    llm = LLM(str(path), dtype="float32", device=dev, max_model_len=128, attention_backend="triton", num_kv_pages=64,
+              page_size=8, fused_ops=False, enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    assert not model.fused
+    plain = llm.generate(prompts, sp)
+    model.enable_fused()
+    got = llm.generate(prompts, sp)
+    for a, b in zip(got, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for tok, lp in lb.items():
+                assert abs(la[tok] - lp) < 1e-4

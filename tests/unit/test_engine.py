@@ -39,13 +39,36 @@ def assert_pool_empty(llm):
 
 @pytest.fixture(scope="module")
 def one_at_a_time(ckpt):
-    llm = make(ckpt, enable_prefix_caching=False)
+    # the plain path: one request at a time, a host sync after every step
+    llm = make(ckpt, enable_prefix_caching=False, num_scheduler_steps=1)
     return [tokens(llm.generate([p], GREEDY))[0] for p in prompts()]
 
 
 def test_batch_invariance(ckpt, one_at_a_time):
     llm = make(ckpt)
     assert tokens(llm.generate(prompts(), GREEDY)) == one_at_a_time
+    assert_pool_empty(llm)
+
+
+def test_multi_step_decode_identical_and_used(ckpt, one_at_a_time):
+    """Greedy steps fed back on the device (num_scheduler_steps) give the plain path's tokens, with
+    stops landing inside a multi-step window, and leave no page behind."""
+    llm = make(ckpt, num_scheduler_steps=5)
+    calls = []
+    orig = llm.engine.runner.execute_multi
+    llm.engine.runner.execute_multi = lambda so, k: calls.append(k) or orig(so, k)
+    assert tokens(llm.generate(prompts(), GREEDY)) == one_at_a_time
+    assert calls and max(calls) == 5
+    assert_pool_empty(llm)
+    # stop tokens and odd max_tokens: outputs end exactly where the plain path ends them
+    ps = prompts(4, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=m, stop_token_ids=[one_at_a_time[0][7]])
+              for m in (3, 11, 17, 24)]
+    plain = make(ckpt, num_scheduler_steps=1).generate(ps, params)
+    multi = llm.generate(ps, params)
+    for a, b in zip(multi, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
     assert_pool_empty(llm)
 
 

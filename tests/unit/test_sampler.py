@@ -172,3 +172,15 @@ def test_build_checks_lengths_and_empty_batch():
         SamplingBatch.build([SamplingParams()], [[]], [[]], [], 10, "cpu")
     out = Sampler()(torch.randn(0, 10), build([], 10))
     assert out.token_ids.shape == (0,)
+
+
+def test_argmax_rows_matches_argmax_with_ties():
+    from tierserve.runner.sampler import argmax_rows
+    g = torch.Generator().manual_seed(0)
+    for V in (128256, 4096, 1000, 257 * 31):
+        x = torch.randint(-3, 4, (5, V), generator=g).float()     # many ties: the first index must win
+        x[1, V - 1] = 10.0
+        x[2, 0] = 10.0
+        x[3, V // 2] = 10.0
+        x[3, V // 2 + 1] = 10.0
+        assert torch.equal(argmax_rows(x), x.argmax(-1))

@@ -274,3 +274,13 @@ def test_template_syntax_error(tmp_path):
     ours = Tokenizer.from_dir(make_tokenizer_dir(tmp_path, chat_template="{% for m in messages %}"))
     with pytest.raises(ValueError, match="syntax error"):
         ours.apply_chat_template(MESSAGES)
+
+
+def test_synthetic_tokenizer_round_trip():
+    """Random-weight checkpoints without tokenizer.json get a stand-in: token i <-> word t<i>."""
+    from tierserve.loader.tokenizer import Tokenizer
+    tok = Tokenizer.synthetic(300)
+    assert tok.encode("t5 t7  t299") == [5, 7, 299]
+    assert tok.encode("hello") == [0]                       # unknown words -> t0
+    assert tok.decode([45, 136]) == "t45 t136"
+    assert tok.eos_token_ids == [] and tok.chat_template is None

@@ -49,21 +49,23 @@ class AttentionBackend(Protocol):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                 meta: AttnMetadata, scale: float, sliding_window: int | None = None,
-                layer_idx: int = 0) -> torch.Tensor:
+                layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (this step's new tokens); kv_layer [N, 2, page, Hkv, D]
         (a strided view of the page-major KV storage: K at [:, 0], V at [:, 1]).
 
-        Writes k/v into the caches at the slots in ``meta`` and returns the attention output
+        Writes k/v into the caches at the slots in ``meta`` (unless ``kv_written``: a fused kernel did) and returns the attention output
         [T, Hq, D] of each new token over its sequence's context (causal)."""
         ...
 
 
 def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
                   min_tokens_per_split: int = 256) -> int:
-    """Enough (batch x kv_head x split) programs to fill the GPU, none with fewer than 256 tokens."""
-    want = max(1, -(-2 * num_sms // (batch * num_kv_heads)))
+    """Split-K factor of the decode kernel: enough (batch x kv_head x split) programs to fill the GPU
+    (4 per SM while batch x kv_heads alone is below one per SM, else 2), none with fewer than 256
+    tokens of ``max_seq_len``. Tuned on the H200 by scripts/sweep_decode_kernel.py."""
+    per_sm = 4 if batch * num_kv_heads < num_sms else 2
+    want = max(1, -(-per_sm * num_sms // (batch * num_kv_heads)))
     return max(1, min(want, -(-max_seq_len // min_tokens_per_split), 64))
-
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:

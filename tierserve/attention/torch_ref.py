@@ -43,8 +43,9 @@ class TorchRefBackend:
         return out
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
-                sliding_window: int | None = None, layer_idx: int = 0) -> torch.Tensor:
-        write_kv(k, v, kv_layer, meta)
+                sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
+        if not kv_written:
+            write_kv(k, v, kv_layer, meta)
         p = self._prep(meta, sliding_window)
         B = meta.num_seqs
         _, _, rows, hkv, d = kv_layer.shape

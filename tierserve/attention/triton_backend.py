@@ -32,17 +32,17 @@ class TritonBackend:
     _select = staticmethod(_select_pages)
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
-                sliding_window: int | None = None, layer_idx: int = 0) -> torch.Tensor:
+                sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
         # FP8 KV pages: the torch reference dequantises them (a Triton dequant path is later work)
         sparse_ok = meta.sparse is None or sliding_window is None
         if not meta.decode_only or meta.host_kv is not None or not sparse_ok or meta.kv_fp8 is not None:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
-        write_kv(k, v, kv_layer, meta)
+        if not kv_written:
+            write_kv(k, v, kv_layer, meta)
         page = meta.page_size
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
             table, lens = self._select(q, kv_layer, meta)
             return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens, scale,
-                                num_splits=meta.num_splits, max_seq_len=table.shape[-1] * page)
+                                num_splits=meta.num_splits)
         return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,
-                            num_splits=meta.num_splits, max_seq_len=meta.max_seq_bound,
-                            sliding_window=sliding_window)
+                            num_splits=meta.num_splits, sliding_window=sliding_window)

@@ -1,12 +1,16 @@
 """Triton paged-attention decode kernel: one query token per sequence, GQA, split-K (flash-decoding).
 
-Grid (batch, kv_head, split). Each program reads the tokens of its split from the request's pages
-(any page ids, any number of pages), for all query heads that share the KV head, with an online
-softmax; a second small kernel merges the splits by their log-sum-exp. Work per split is bounded
-by ``seq_lens`` read on the device, so a CUDA graph captured once serves every context length.
+Grid (batch, kv_head, split). Each program reads its share of a sequence's tokens from the
+request's pages (any page ids, any number of pages) for all query heads that share the KV head
+(padded to 16 rows so both products run on tensor cores), with an online softmax in base 2; a
+second small kernel merges the splits by their log-sum-exp (skipped with one split). The split
+length comes from ``seq_lens`` read on the device, so a CUDA graph captured once serves every
+context length and a short context still uses every split.
 Reference: ``tierserve.attention.torch_ref`` (tests compare them on random inputs).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -16,26 +20,30 @@ from tierserve.attention.backend import choose_splits  # noqa: F401  (re-export)
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr, scale,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr, qk_scale,
                          s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ptb, s_pth, s_slb, s_slh,
                          s_ob, s_oh, s_os, s_lb, s_lh,
-                         tokens_per_split,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         WINDOW: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seqlen_ptr + b * s_slb + kvh * s_slh)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
+    lo = 0
     if WINDOW > 0:
-        start = tl.maximum(start, seq_len - WINDOW)
+        lo = tl.maximum(seq_len - WINDOW, 0)
+    # each sequence spreads its own length over the splits (read on the device: graph-safe)
+    per = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * per
+    end = tl.minimum(start + per, seq_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     g_mask = g < GROUP
     heads = kvh * GROUP + g
     q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_mask[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
+    if UPCAST:
+        q = q.to(tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -45,22 +53,28 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
         page = tl.load(pt_ptr + b * s_ptb + kvh * s_pth + t // PAGE, mask=t_mask, other=0).to(tl.int64)
         off = (t % PAGE).to(tl.int64)
         k = tl.load(k_ptr + page[:, None] * s_kp + off[:, None] * s_kt + kvh * s_kh + d[None, :],
-                    mask=t_mask[:, None], other=0.0).to(tl.float32)
+                    mask=t_mask[:, None], other=0.0)
         v = tl.load(v_ptr + page[:, None] * s_vp + off[:, None] * s_vt + kvh * s_vh + d[None, :],
-                    mask=t_mask[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)                  # [G, N]
+                    mask=t_mask[:, None], other=0.0)
+        if UPCAST:     # the CPU interpreter's dot mishandles bf16; the GPU multiplies bf16 directly
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale          # [G, N], log2 units
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], out, mask=g_mask[:, None])
-    tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=g_mask)
+    if DIRECT:      # one split: write the final output, no merge pass
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_mask[:, None])
+    else:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], out, mask=g_mask[:, None])
+        tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=g_mask)
 
 
 @triton.jit
@@ -73,44 +87,58 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_os, s_lb, s_lh, s_rb, s
     s_mask = s < NUM_SPLITS
     lse = tl.load(lse_ptr + b * s_lb + h * s_lh + s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, axis=0)
-    w = tl.where(s_mask & (lse > float("-inf")), tl.exp(lse - m), 0.0)
+    w = tl.where(s_mask & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
     o = tl.load(o_ptr + b * s_ob + h * s_oh + s[:, None] * s_os + d[None, :], mask=s_mask[:, None], other=0.0)
     res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * s_rb + h * s_rh + d, res.to(out_ptr.dtype.element_ty))
 
 
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float, num_splits: int, max_seq_len: int,
-                 sliding_window: int | None = None, out: torch.Tensor | None = None,
-                 block_n: int = 64) -> torch.Tensor:
+                 seq_lens: torch.Tensor, scale: float, num_splits: int, sliding_window: int | None = None,
+                 out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int = 4,
+                 num_stages: int = 2) -> torch.Tensor:
     """q [B, Hq, D]; caches [N, page, Hkv, D] (strided views allowed, last dim contiguous);
-    page_table [B, max_pages]; seq_lens [B] (>= 1). Returns [B, Hq, D].
-    ``max_seq_len`` bounds the work split (an upper bound is fine, e.g. max_model_len)."""
+    page_table [B, max_pages] (or [B, Hkv, K] per KV head); seq_lens [B] (or [B, Hkv]), each >= 1.
+    Returns [B, Hq, D]. Each sequence's keys are split evenly over ``num_splits`` programs."""
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_cache.shape
+    if block_n is None:     # H200 sweep: 128-token blocks when one program reads a whole sequence
+        block_n = 128 if num_splits == 1 else 64
     group = Hq // Hkv
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     # dense: one page table / length per sequence; sparse: one per (sequence, KV head)
     per_head = page_table.dim() == 3
     s_pth = page_table.stride(1) if per_head else 0
     s_slb, s_slh = (seq_lens.stride(0), seq_lens.stride(1)) if per_head else (seq_lens.stride(0), 0)
-    tokens_per_split = -(-max_seq_len // num_splits)
-    tokens_per_split = -(-tokens_per_split // block_n) * block_n
-    part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, part, lse, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0), s_pth, s_slb, s_slh,
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        tokens_per_split, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=D,
-        PAGE=page, BLOCK_N=block_n, WINDOW=sliding_window or 0)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _merge_kernel[(B, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
-                           lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-                           NUM_SPLITS=num_splits, SPLIT_PAD=max(triton.next_power_of_2(num_splits), 1),
-                           HEAD_DIM=D)
+    direct = num_splits == 1
+    if direct:
+        part, lse = out, out
+        s_part = (out.stride(0), out.stride(1), 0)
+        s_lse = (0, 0)
+    else:
+        part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+        s_part = (part.stride(0), part.stride(1), part.stride(2))
+        s_lse = (lse.stride(0), lse.stride(1))
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, part, lse, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0), s_pth, s_slb, s_slh,
+        *s_part, *s_lse, NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
+        HEAD_DIM=D, PAGE=page, BLOCK_N=block_n, WINDOW=sliding_window or 0, DIRECT=direct,
+        UPCAST=_INTERPRET,
+        num_warps=num_warps, num_stages=num_stages)
+    if not direct:
+        _merge_kernel[(B, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
+                               lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                               NUM_SPLITS=num_splits, SPLIT_PAD=max(triton.next_power_of_2(num_splits), 1),
+                               HEAD_DIM=D)
     return out
 
 

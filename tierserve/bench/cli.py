@@ -48,10 +48,16 @@ def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shi
     cases = [DecodeCase(b, c, new_tokens) for c in _ints(context) for b in _ints(batch)]
 
     def show(row):
+        if "skipped" in row:
+            con.print(f"{row['engine']:>12}  batch {row['batch']:>3}  ctx {row['context']:>6}  skipped: {row['skipped']}")
+            return
         con.print(f"{row['engine']:>12}  batch {row['batch']:>3}  ctx {row['context']:>6}  "
                   f"{row['tok_s']:9.1f} tok/s  ttft {row['ttft_s']:.3f}s")
     res = bench_decode(model, cases, load_format=load_format, device=device, dtype=dtype,
                        engines=tuple(engines.split(",")), repeats=repeats, progress=show)
+    for row in res["rows"]:
+        if "skipped" in row:
+            show(row)
     path = write_result(res, output)
     con.print(f"wrote {path}")
     if plot:

@@ -97,7 +97,7 @@ def run_transformers(model, case: DecodeCase, prompts) -> dict:
             "tokens": out[:, ids.shape[1]:].tolist()}
 
 
-def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
+def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 31) -> float:
     """Memory bandwidth from a device-to-device copy, bytes read + written per second (DESIGN.md's
     4.15 TB/s on the H200 counts both)."""
     nbytes = nbytes if dev.type == "cuda" else nbytes // 8
@@ -105,7 +105,7 @@ def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
-    for _ in range(5):
+    for _ in range(10):
         _sync(dev)
         t = time.perf_counter()
         dst.copy_(src)
@@ -121,6 +121,32 @@ def roofline_frac(tok_s: float, batch: int, context: int, new_tokens: int, weigh
     step_s = batch / tok_s
     kv = batch * (context + new_tokens / 2) * kv_bytes_per_token
     return (weight_bytes + kv) / bandwidth / step_s
+
+
+def _feasible(model, cases: list[DecodeCase], device: str, num_engines: int):
+    """Drop the cases whose KV cache cannot fit beside the weights of every engine on this GPU (both
+    engines hold their own copy); they are reported as skipped rows, not silently left out."""
+    from tierserve.loader.hf import load_config, resolve_model_path
+    from tierserve.models.config import ModelConfig
+
+    if not (torch.cuda.is_available() and device in ("auto", "cuda")):
+        return [], cases
+    cfg = ModelConfig.from_hf(load_config(resolve_model_path(model)))
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2           # bf16 K and V
+    weights = 2 * cfg.num_params()
+    total = torch.cuda.mem_get_info()[1]
+    # per engine: its share of 90% of the card after every engine's weights and 8 GiB of activations
+    budget = (0.9 * total - num_engines * weights - 8 * 2**30) / num_engines
+    keep, skipped = [], []
+    for c in cases:
+        need = c.batch * (c.context + c.new_tokens) * kv_per_token
+        if need <= budget:
+            keep.append(c)
+        else:
+            skipped.append({"batch": c.batch, "context": c.context, "new_tokens": c.new_tokens,
+                            "skipped": f"needs {need / 2**30:.1f} GiB of KV per engine; "
+                                       f"{max(budget, 0) / 2**30:.1f} GiB fit beside the weights"})
+    return skipped, keep
 
 
 def _hf_model(path, load_format: str, dev: torch.device, dtype: torch.dtype):
@@ -141,6 +167,9 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
     from tierserve import LLM
     from tierserve.loader.hf import resolve_model_path
 
+    skipped, cases = _feasible(model, cases, device, len(engines))
+    if not cases:
+        raise ValueError("no case fits in this device's memory: " + "; ".join(r["skipped"] for r in skipped))
     max_len = max(c.context + c.new_tokens for c in cases)
     max_batch = max(c.batch for c in cases)
     # a KV pool just large enough for the largest case, so the transformers baseline fits beside it
@@ -152,6 +181,7 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
     eng = llm.engine
     dev, tdtype = eng.runner.device, eng.runner.dtype
     bandwidth = copy_bandwidth(dev)
+    skipped_rows = [{**r, "engine": name} for r in skipped for name in engines]
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
     kv_per_token = eng.runner.layout.bytes_per_token
     path = resolve_model_path(model)
@@ -185,6 +215,7 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
             rows.append(row)
             if progress:
                 progress(row)
+    rows += skipped_rows
     summary = {}
     for case in cases:
         pair = {r["engine"]: r for r in rows if r["batch"] == case.batch and r["context"] == case.context}

@@ -9,7 +9,7 @@ def plot_decode(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "tok_s" in r]      # skipped cases have no numbers
     engines = sorted({r["engine"] for r in rows})
     contexts = sorted({r["context"] for r in rows})
     batches = sorted({r["batch"] for r in rows})

@@ -52,6 +52,8 @@ def _prompts(vocab: list[int] | None, n: int, input_len: int, rng: random.Random
     if vocab is None:     # no /tokenize: text prompts of about input_len words
         words = _CORPUS.split()
         return [" ".join(rng.choice(words) for _ in range(input_len)) for _ in range(n)]
+    if len(vocab) < 32:   # a stand-in tokenizer (random-weight model) knows none of the corpus: random ids
+        vocab = range(1, 32000)
     return [[rng.choice(vocab) for _ in range(input_len)] for _ in range(n)]
 
 

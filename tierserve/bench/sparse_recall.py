@@ -25,9 +25,10 @@ class RecallProbe(TorchRefBackend):
         self.count = [0] * num_layers
         self.low = [0] * num_layers          # queries x heads with recall < 0.9
 
-    def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float, sliding_window=None, layer_idx=0):
+    def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float, sliding_window=None, layer_idx=0,
+                kv_written=False):
         dense = dataclasses.replace(meta, sparse=None)
-        out = super().forward(q, k, v, kv_layer, dense, scale, sliding_window, layer_idx)
+        out = super().forward(q, k, v, kv_layer, dense, scale, sliding_window, layer_idx, kv_written)
         p = self._prep(meta, sliding_window)
         B, page, P = meta.num_seqs, meta.page_size, meta.page_table.shape[1]
         _, _, rows, hkv, d = kv_layer.shape

@@ -41,6 +41,7 @@ class RequestStream:
     request_id: str
     arrival: float = field(default_factory=time.monotonic)
     last: float | None = None                     # time of the latest output
+    seen: int = 0                                 # tokens (longest sample) already reported
     latest: RequestOutput | None = None
     error: BaseException | None = None
     done: bool = False
@@ -195,11 +196,15 @@ class AsyncEngine:
             s = self._streams.get(out.request_id)
             if s is None:             # aborted while the step ran; its abort op is queued
                 continue
+            n = max((len(c.token_ids) for c in out.outputs), default=0)
+            new, s.seen = n - s.seen, n
             if self.listener is not None:
                 if s.last is None:
                     self.listener.on_first_token(now - s.arrival)
-                else:
-                    self.listener.on_token(now - s.last)
+                    new -= 1
+                # a multi-step output carries several tokens: each gets an equal share of the gap
+                for _ in range(max(new, 0)):
+                    self.listener.on_token((now - (s.last or now)) / new)
             s.last = now
             s.latest = out
             s.ready.set()

@@ -22,6 +22,7 @@ from tierserve.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
 from tierserve.runner.model_runner import ModelRunner
+from tierserve.runner.sampler import plain_greedy
 from tierserve.sampling import SamplingParams
 
 log = logging.getLogger("tierserve")
@@ -33,17 +34,6 @@ class _Group:
     request_id: str
     children: list[str]
     finished: set[str] = field(default_factory=set)
-
-
-class _NoText:
-    """Detokenizer stand-in for models without a tokenizer (dummy benchmarks)."""
-    text = ""
-
-    def add(self, token_id: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""
 
 
 class Engine:
@@ -81,7 +71,7 @@ class Engine:
         self._parent: dict[str, str] = {}
         eos = self.generation_config.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else eos)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids or eos)
         self.num_generated_tokens = 0
         self.finished_outputs_only = False   # True: step() returns only finished requests (offline use)
         self.num_prompt_tokens = 0
@@ -104,15 +94,16 @@ class Engine:
                            disk_bytes=int(config.disk_kv_gb * 2**30), remote_url=config.remote_kv_url,
                            policy=config.kv_load_policy, spill_pages=spill_pages)
 
-    def _load_tokenizer(self, config: EngineConfig) -> Tokenizer | None:
+    def _load_tokenizer(self, config: EngineConfig) -> Tokenizer:
         try:
             return Tokenizer.from_dir(resolve_model_path(config.tokenizer) if config.tokenizer
                                       else self.model_path)
         except FileNotFoundError:
             if config.load_format != "dummy" or config.tokenizer:
                 raise
-            log.warning("no tokenizer.json beside %s: token-id prompts only, no output text", self.model_path)
-            return None
+            log.warning("no tokenizer.json beside %s: using a synthetic tokenizer (token i <-> word 't<i>')",
+                        self.model_path)
+            return Tokenizer.synthetic(self.model_cfg.vocab_size)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
@@ -136,8 +127,6 @@ class Engine:
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
             if not prompt:
                 raise ValueError("prompt must not be empty")
             ids = self.tokenizer.encode(prompt)
@@ -164,8 +153,7 @@ class Engine:
             gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         req = Request(rid, ids, params, prompt=text, max_tokens=max_tokens, generator=gen)
         self.requests[rid] = req
-        self._detok[rid] = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-                            if self.tokenizer is not None else _NoText())
+        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         self._stop[rid] = StopChecker(params, self.eos_token_ids)
         self.scheduler.add(req)
         self.num_prompt_tokens += len(ids)
@@ -199,6 +187,12 @@ class Engine:
         so = self.scheduler.schedule()
         if so.is_empty:
             return []
+        k = self._multi_steps(so)
+        if k > 1:
+            outputs = self._step_multi(so, k)
+            if self.config.debug_invariants:
+                self.kv.check_invariants()
+            return outputs
         tiers = self.kv.tiers
         t0 = time.perf_counter()
         result = self.runner.execute(so, tiers.take_transfers() if tiers is not None else None)
@@ -210,25 +204,12 @@ class Engine:
         now = time.monotonic()
         for s in so.scheduled:
             req = s.request
-            req.num_computed_tokens = s.end
-            self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
             if req.prompt_logprobs is not None and req.request_id in result.prompt_logprobs:
                 req.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
             tok = result.sampled.get(req.request_id)
-            if tok is None:
-                continue
-            if req.first_token_time is None:
-                req.first_token_time = now
-            req.append_token(tok)
-            self.num_generated_tokens += 1
-            if req.logprobs is not None:
-                req.logprobs.append(result.logprobs[req.request_id])
-            self._check_stop(req, tok)
-            if self.finished_outputs_only and not req.is_finished:
-                continue
-            out = self._output(req)
-            if out is not None:
-                outputs.append(out)
+            self._accept(req, s.end, tok, result.logprobs.get(req.request_id), now)
+            if tok is not None:
+                self._emit(req, outputs)
         if self.kv.fp8 is not None:          # pages that left every full-precision window -> FP8
             self.runner.fp8.quantise(self.runner.kv.data, self.kv.take_quantise())
         if self.config.debug_invariants:
@@ -238,6 +219,62 @@ class Engine:
                 assert self.kv.quantised <= stored, sorted(self.kv.quantised - stored)
             if tiers is not None:
                 tiers.check_invariants()
+        return outputs
+
+    def _accept(self, req: Request, computed: int, tok: int | None, logprobs, now: float) -> None:
+        """Record that ``computed`` tokens of ``req`` are in the KV cache and take its sampled token."""
+        req.num_computed_tokens = computed
+        self.kv.commit(req.request_id, req.all_token_ids, computed)
+        if tok is None:
+            return
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.append_token(tok)
+        self.num_generated_tokens += 1
+        if req.logprobs is not None:
+            req.logprobs.append(logprobs)
+        self._check_stop(req, tok)
+
+    def _emit(self, req: Request, outputs: list[RequestOutput]) -> None:
+        if self.finished_outputs_only and not req.is_finished:
+            return
+        out = self._output(req)
+        if out is not None:
+            outputs.append(out)
+
+    def _multi_steps(self, so) -> int:
+        """How many greedy decode steps this batch can run back to back on the device (1: one step).
+        Only when nothing waits to be admitted, every request is a plain greedy decode, and the pages
+        for the extra positions can be had now."""
+        k = self.config.num_scheduler_steps
+        if k < 2 or self.scheduler.waiting or so.preempted or self.kv.tiers is not None \
+                or not self.runner.supports_multi_step():
+            return 1
+        for s in so.scheduled:
+            req = s.request
+            if s.num_tokens != 1 or not s.samples or not plain_greedy(req.params) or \
+                    req.prompt_logprobs is not None:
+                return 1
+            k = min(k, req.max_tokens - len(req.output_token_ids), self.max_model_len - req.num_tokens)
+        if k < 2:
+            return 1
+        for s in so.scheduled:
+            if not self.kv.allocate(s.request.request_id, s.end + k - 1):
+                return 1
+            s.page_table = self.kv.page_table(s.request.request_id)
+        return k
+
+    def _step_multi(self, so, k: int) -> list[RequestOutput]:
+        tokens = self.runner.execute_multi(so, k)
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for s, row in zip(so.scheduled, tokens):
+            req = s.request
+            for i, tok in enumerate(row):
+                self._accept(req, s.end + i, tok, None, now)
+                if req.is_finished:
+                    break
+            self._emit(req, outputs)
         return outputs
 
     def _check_stop(self, req: Request, tok: int) -> None:

@@ -130,6 +130,18 @@ class Tokenizer:
                 config[key] = value
         return cls(backend, config, _load_chat_templates(root, config), _read_json(root / "generation_config.json"))
 
+    @classmethod
+    def synthetic(cls, vocab_size: int) -> "Tokenizer":
+        """A stand-in for checkpoints without tokenizer.json (random-weight benchmarks): token i is the
+        word ``t<i>``; other words encode to the unknown token t0. Text in and out keeps working, the text
+        means nothing. No EOS token, no chat template."""
+        from tokenizers import decoders, models, pre_tokenizers
+
+        backend = _Backend(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)    # joins words with spaces
+        return cls(backend, {})
+
     # ---- encoding / decoding -------------------------------------------------------------------------------
     @property
     def backend(self) -> _Backend:

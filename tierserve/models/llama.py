@@ -6,6 +6,7 @@ into one matmul each at load time.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -17,6 +18,12 @@ from tierserve.kv.layout import KVCache
 from tierserve.models.config import ModelConfig
 from tierserve.models.layers.norm import RMSNorm
 from tierserve.models.layers.rotary import RotaryEmbedding
+
+
+def _fused():
+    """The Triton kernels of the fused GPU path (imported on first use: Triton is optional)."""
+    from tierserve.models.layers import triton_fused
+    return triton_fused
 
 
 class Attention(nn.Module):
@@ -39,9 +46,28 @@ class Attention(nn.Module):
         q, k, v = q.view(T, self.nh, self.d), k.view(T, self.nkv, self.d), v.view(T, self.nkv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(rope, q, k)
-        o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx)
+        if isinstance(rope, FusedRope):      # rotary + KV write in one kernel (GPU fast path)
+            written = rope.can_write_kv(kv, meta)
+            _fused().rope_write_kv(q, k, v, rope.cos, rope.sin, meta.positions, kv if written else None,
+                                meta.slot_pages, meta.slot_offsets)
+            o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx,
+                                     kv_written=written)
+        else:
+            q, k = RotaryEmbedding.apply(rope, q, k)
+            o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx)
         return self.o_proj(o.reshape(T, self.nh * self.d))
+
+
+@dataclass
+class FusedRope:
+    """The fp32 cos/sin tables, handed to layers that rotate inside a Triton kernel."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @staticmethod
+    def can_write_kv(kv: torch.Tensor, meta: AttnMetadata) -> bool:
+        # plain bf16/fp32 pages only: sparse page summaries and FP8 pages keep their own write path
+        return kv.shape[2] == meta.page_size and meta.kv_fp8 is None and meta.host_kv is None
 
 
 class MLP(nn.Module):
@@ -50,7 +76,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **f)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, **f)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
+        if use_fused:
+            return self.down_proj(_fused().silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -70,6 +98,15 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(self, h, residual, rope, kv, meta, next_norm: RMSNorm):
+        """h = this layer's normalised input, residual = the stream; returns the next layer's pair."""
+        a = self.self_attn(h, rope, kv, meta)
+        ln = self.post_attention_layernorm
+        add_rmsnorm = _fused().add_rmsnorm
+        h, residual = add_rmsnorm(a, residual, ln.weight, ln.eps)
+        m = self.mlp(h, use_fused=True)
+        return add_rmsnorm(m, residual, next_norm.weight, next_norm.eps)
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int, **f) -> None:
@@ -79,15 +116,33 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **f)
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend, i, **f) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
+        self.fused = False        # enable_fused(): Triton add+norm, rotary+KV write, SiLU*mul
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
                 meta: AttnMetadata, engram=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.fused and engram is None:
+            return self._forward_fused(x, kv, meta)
         rope = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, kv.layer(i), meta, engram)
         return self.norm(x)
+
+    def _forward_fused(self, x: torch.Tensor, kv: KVCache, meta: AttnMetadata) -> torch.Tensor:
+        rope = FusedRope(self.rotary.cos, self.rotary.sin)
+        first = self.layers[0].input_layernorm
+        h, res = _fused().add_rmsnorm(x, None, first.weight, first.eps)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
+            h, res = layer.forward_fused(h, res, rope, kv.layer(i), meta, nxt)
+        return h
+
+    def enable_fused(self) -> None:
+        """Use the Triton kernels of layers/triton_fused.py (CUDA; not with Engram layers)."""
+        _fused()
+        self.fused = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

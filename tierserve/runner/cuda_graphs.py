@@ -2,13 +2,17 @@
 
 Inputs live in static device buffers; a step copies its (small) metadata in, pads the batch to the
 bucket (padding rows read and write a scratch page no request owns) and replays the graph, which
-runs the whole model and the LM head. Sampling runs after the replay, on the device.
+runs the whole model, the LM head and the greedy token; sampling runs after the replay, on the device.
+
+The graph also feeds its greedy token back into its own inputs (next position, slot from the page
+table), so ``num_scheduler_steps`` greedy steps are consecutive replays with no host work between.
 """
 from __future__ import annotations
 
 import torch
 
 from tierserve.attention.backend import AttnMetadata, choose_splits
+from tierserve.runner.sampler import argmax_rows
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -30,6 +34,7 @@ class DecodeGraphs:
         self.slot_offsets = torch.zeros(max_bs, **z)
         self.seq_lens = torch.ones(max_bs, **z)
         self.page_table = torch.full((max_bs, self.max_pages), scratch_page, **z)
+        self.next_tokens = torch.zeros(max_bs, **z)      # greedy token of the last replay
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -47,7 +52,18 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         h = self.model(self.input_ids[:bs], self.positions[:bs], self.kv, self.meta(bs))
-        return self.model.compute_logits(h).float()
+        logits = self.model.compute_logits(h)
+        tok = argmax_rows(logits)
+        self.next_tokens[:bs].copy_(tok)
+        # inputs of the following greedy step: its token at the next position, slot from the page table
+        self.input_ids[:bs].copy_(tok)
+        pos = self.positions[:bs]
+        pos.add_(1)
+        self.seq_lens[:bs].add_(1)
+        page_idx = (pos // self.page_size).clamp_(max=self.max_pages - 1)
+        self.slot_pages[:bs].copy_(self.page_table[:bs].gather(1, page_idx[:, None])[:, 0])
+        self.slot_offsets[:bs].copy_(pos % self.page_size)
+        return logits.float()
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -69,8 +85,9 @@ class DecodeGraphs:
                 return b
         return None
 
-    def run(self, bs: int, ids, pos, pages, offs, seq_lens, table) -> torch.Tensor:
-        """All inputs are device tensors of the real batch; table is [bs, w] with w <= max_pages."""
+    def load(self, bs: int, ids, pos, pages, offs, seq_lens, table) -> None:
+        """Copy one step's inputs (device tensors of the real batch; table [bs, w], w <= max_pages) into
+        the static buffers; padding rows up to the bucket get position 0 on the scratch page only."""
         b = self.bucket_for(bs)
         self.input_ids[:bs].copy_(ids)
         self.positions[:bs].copy_(pos)
@@ -78,9 +95,19 @@ class DecodeGraphs:
         self.slot_offsets[:bs].copy_(offs)
         self.seq_lens[:bs].copy_(seq_lens)
         self.page_table[:bs, :table.shape[1]].copy_(table)
-        if b > bs:   # padding rows: length 1 on the scratch page
+        if b > bs:
+            self.positions[bs:b].zero_()
             self.slot_pages[bs:b].fill_(self.scratch)
+            self.slot_offsets[bs:b].zero_()
             self.seq_lens[bs:b].fill_(1)
-            self.page_table[bs:b, 0].fill_(self.scratch)
+            self.page_table[bs:b].fill_(self.scratch)
+
+    def replay(self, bs: int) -> torch.Tensor:
+        """One decode step on the loaded (or fed-back) inputs; returns the logits [bs, V]."""
+        b = self.bucket_for(bs)
         self.graphs[b].replay()
         return self.logits[b][:bs]
+
+    def run(self, bs: int, ids, pos, pages, offs, seq_lens, table) -> torch.Tensor:
+        self.load(bs, ids, pos, pages, offs, seq_lens, table)
+        return self.replay(bs)

@@ -6,6 +6,8 @@ device and returns plain Python results (one host sync per step).
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tierserve.kv.layout import KVCache, KVLayout
 from tierserve.loader.hf import iter_safetensors, safetensors_files
 from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
-from tierserve.runner.sampler import Sampler, SamplingBatch
+from tierserve.runner.sampler import Sampler, SamplingBatch, argmax_rows, plain_greedy
 
 log = logging.getLogger("tierserve")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,6 +78,9 @@ class ModelRunner:
         if config.quantization == "fp8":
             from tierserve.quant.fp8_linear import quantize_model_fp8
             quantize_model_fp8(model)
+        if self.device.type == "cuda" and config.fused_ops and model_cfg.engram is None \
+                and hasattr(model, "enable_fused"):
+            model.enable_fused()
         self.model = model.eval()
         self.sparse = None
         if config.sparse_attention:
@@ -119,6 +124,8 @@ class ModelRunner:
         if c.gpu_kv_gb is not None:
             return max(1, int(c.gpu_kv_gb * 2**30 // per_page))
         if self.device.type == "cuda":
+            gc.collect()                  # engines dropped earlier in this process give their memory back
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - c.gpu_memory_utilization) * total - 2 * 2**30   # 2 GiB for activations/graphs
             return max(1, int(budget // per_page) - 1)
@@ -134,11 +141,11 @@ class ModelRunner:
         if self.fp8 is not None:
             self.fp8.on_write(meta.slot_pages)
         out = StepOutput()
-        if meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None and \
-                self.engram_hasher is None and \
-                self.graphs.bucket_for(meta.num_seqs) is not None:
+        greedy = None
+        if self._graph_ok(meta, plp):
             logits = self.graphs.run(meta.num_seqs, input_ids, meta.positions, meta.slot_pages,
                                      meta.slot_offsets, meta.seq_lens, meta.page_table)
+            greedy = self.graphs.next_tokens[:meta.num_seqs]
         else:
             engram = self._engram_step(so, input_ids, meta) if self.engram_hasher is not None else None
             hidden = self.model(input_ids, meta.positions, self.kv, meta, engram)
@@ -149,8 +156,9 @@ class ModelRunner:
             rows = [r for r, _ in sample_rows]
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
         reqs = [s.request for _, s in sample_rows]
-        if all(_plain_greedy(r.params) for r in reqs):      # fast path: argmax, nothing else to build
-            for req, tok in zip(reqs, logits.argmax(dim=-1).tolist()):
+        if all(plain_greedy(r.params) for r in reqs):      # fast path: argmax, nothing else to build
+            tokens = greedy if greedy is not None else argmax_rows(logits)
+            for req, tok in zip(reqs, tokens.tolist()):
                 out.sampled[req.request_id] = tok
             return out
         batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
@@ -166,6 +174,43 @@ class ModelRunner:
                 k = 1 + req.params.logprobs
                 out.logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
         return out
+
+    def _graph_ok(self, meta: AttnMetadata, plp) -> bool:
+        return (meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None
+                and self.engram_hasher is None and self.graphs.bucket_for(meta.num_seqs) is not None)
+
+    def supports_multi_step(self) -> bool:
+        """Greedy tokens can be fed back on the device (no sparse selection, FP8 pages, Engram hashing
+        or spilled pages: those need the host between steps)."""
+        return self.sparse is None and self.fp8 is None and self.engram_hasher is None and self.host_kv is None
+
+    @torch.inference_mode()
+    def execute_multi(self, so: SchedulerOutput, steps: int) -> list[list[int]]:
+        """``steps`` greedy decode steps for a pure-decode batch whose page tables already cover
+        ``steps`` new positions; each step's argmax is the next step's input. One host sync.
+        Returns the tokens [request][step] (the caller drops those after a stop)."""
+        meta, ids, _, _ = self._prepare(so, lookahead=steps - 1)
+        B = meta.num_seqs
+        toks = torch.empty(B, steps, dtype=torch.int64, device=self.device)
+        if self._graph_ok(meta, None):
+            self.graphs.load(B, ids, meta.positions, meta.slot_pages, meta.slot_offsets, meta.seq_lens,
+                             meta.page_table)
+            for i in range(steps):
+                self.graphs.replay(B)
+                toks[:, i] = self.graphs.next_tokens[:B]
+            return toks.tolist()
+        ps, rows = meta.page_size, torch.arange(B, device=self.device)
+        for i in range(steps):
+            hidden = self.model(ids, meta.positions, self.kv, meta)
+            ids = argmax_rows(self.model.compute_logits(hidden).float())
+            toks[:, i] = ids
+            if i == steps - 1:
+                break
+            pos = meta.positions + 1
+            meta = dataclasses.replace(
+                meta, positions=pos, seq_lens=meta.seq_lens + 1, slot_pages=meta.page_table[rows, pos // ps],
+                slot_offsets=pos % ps, seq_lens_cpu=[n + 1 for n in meta.seq_lens_cpu], backend_data={})
+        return toks.tolist()
 
     def set_tokenizer(self, tokenizer) -> None:
         """Models with Engram hash canonical token ids, which come from the tokenizer."""
@@ -193,12 +238,13 @@ class ModelRunner:
         """Move pages between the KV storage and lower tiers before this step's forward pass."""
         transfers.manager.apply(transfers, self.kv.data)
 
-    def _prepare(self, so: SchedulerOutput):
+    def _prepare(self, so: SchedulerOutput, lookahead: int = 0):
+        """Step inputs; ``lookahead`` widens the page tables by that many positions (multi-step)."""
         ps = self.config.page_size
         pos_l, page_l, off_l, ids_l, qsl, seq_lens, qlens = [], [], [], [], [0], [], []
         sample_rows, plp = [], []
         n_dev, has_host = self.kv.data.shape[0], False
-        max_pages = max(-(-s.end // ps) for s in so.scheduled)
+        max_pages = max(-(-(s.end + lookahead) // ps) for s in so.scheduled)
         table = np.zeros((len(so.scheduled), max_pages), dtype=np.int64)
         for b, s in enumerate(so.scheduled):
             req = s.request
@@ -237,7 +283,7 @@ class ModelRunner:
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
             sparse=self.sparse, kv_fp8=self.fp8)
         if meta.decode_only:
-            meta.max_seq_bound = max(seq_lens)
+            meta.max_seq_bound = max(seq_lens) + lookahead
             meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)
         return meta, t(ids_l), sample_rows, plp
 
@@ -257,11 +303,6 @@ class ModelRunner:
                     d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
                 rows.append(d)
             out.prompt_logprobs[req.request_id] = rows
-
-
-def _plain_greedy(p) -> bool:
-    return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
 
 
 def _make_backend(name: str, device: torch.device):

@@ -218,3 +218,21 @@ def reference_sample_probs(logits_row: Tensor, params: SamplingParams, prompt_id
     kept = [t for t in kept if p[t] >= params.min_p * top]
     p = softmax_over(kept)
     return torch.tensor([p.get(t, 0.0) for t in range(vocab)], dtype=torch.float64)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for [B, V] (first index of the maximum), in two passes over column chunks:
+    one row of a 128k vocabulary is a single long reduction for ``argmax`` but 256 short ones here."""
+    B, V = x.shape
+    chunk = next((c for c in range(256, 4097) if V % c == 0), 0)
+    if chunk == 0 or V // chunk < 8:
+        return x.argmax(-1)
+    vals, idx = x.view(B, V // chunk, chunk).max(-1)       # first maximum within each chunk
+    best = vals.argmax(-1, keepdim=True)                   # first chunk holding the row maximum
+    return best[:, 0] * chunk + idx.gather(1, best)[:, 0]
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing that needs the logits beyond their argmax."""
+    return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
