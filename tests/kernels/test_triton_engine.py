@@ -10,7 +10,8 @@ from tierserve import LLM, SamplingParams
 pytest.importorskip("triton")
 
 
-def test_triton_backend_engine_matches_reference(tmp_path):
+@pytest.mark.parametrize("budget", [2048, 13])     # 13: continued prefill chunks mixed with decodes
+def test_triton_backend_engine_matches_reference(tmp_path, budget):
     path = make_checkpoint(tmp_path / "m", "llama")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = [[0, 5, 9, 200, 31], [0] + list(range(40, 75))]
@@ -18,7 +19,7 @@ def test_triton_backend_engine_matches_reference(tmp_path):
     outs = {}
     for be in ("torch_ref", "triton"):
         llm = LLM(str(path), dtype="float32", device=dev, max_model_len=128, attention_backend=be, num_kv_pages=64,
-                  page_size=8)
+                  page_size=8, max_num_batched_tokens=budget)
         outs[be] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     assert outs["triton"] == outs["torch_ref"]
 

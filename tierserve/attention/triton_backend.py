@@ -1,13 +1,14 @@
-"""GPU backend: Triton paged decode (split-K) for pure decode steps, the torch reference otherwise.
+"""GPU backend: Triton paged decode (split-K) for decode rows, SDPA per prefill chunk (attention/mixed.py).
 
-Prefill (and mixed prefill/decode) steps gather pages and run SDPA (``torch_ref``); measured in
-benchmarks/results/decode-h200.json as TTFT.
+Spilled pages (host_kv), FP8 pages and sparse selection in steps with prefill fall back to the torch
+reference.
 """
 from __future__ import annotations
 
 import torch
 
 from tierserve.attention.backend import AttnMetadata, write_kv
+from tierserve.attention.mixed import prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
 from tierserve.attention.triton_decode import compact_selection, paged_decode
@@ -34,15 +35,30 @@ class TritonBackend:
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
         # FP8 KV pages: the torch reference dequantises them (a Triton dequant path is later work)
-        sparse_ok = meta.sparse is None or sliding_window is None
-        if not meta.decode_only or meta.host_kv is not None or not sparse_ok or meta.kv_fp8 is not None:
-            return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
+        sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only)
+        if meta.host_kv is not None or not sparse_ok or meta.kv_fp8 is not None:
+            return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
         page = meta.page_size
+        if not meta.decode_only:
+            return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
             table, lens = self._select(q, kv_layer, meta)
             return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens, scale,
                                 num_splits=meta.num_splits)
         return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, sliding_window=sliding_window)
+
+    @staticmethod
+    def _mixed(q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None) -> torch.Tensor:
+        page = meta.page_size
+        split = split_step(meta, kv_layer.shape[3])
+        out = torch.empty_like(q)
+        if split.dec_tokens is not None:
+            out[split.dec_tokens] = paged_decode(q[split.dec_tokens], kv_layer[:, 0, :page], kv_layer[:, 1, :page],
+                                                 split.dec_table, split.dec_lens, scale,
+                                                 num_splits=split.dec_splits, sliding_window=window)
+        for seq, t0, t1, start in split.prefills:
+            out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
+        return out

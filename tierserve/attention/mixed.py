@@ -1,0 +1,76 @@
+"""Steps that mix prefill chunks with decodes (GPU backend).
+
+The step is split once (cached in ``meta.backend_data``): decode rows go to the paged decode kernel
+as one batch; each prefill chunk runs SDPA on its own -- a fresh prompt (position 0, no window)
+attends to its own new keys with ``is_causal`` (flash attention, nothing gathered), a continued
+chunk or a prefix-cache hit gathers only its own pages and uses an explicit causal mask. The
+reference (``torch_ref``) instead pads every request of the step to the longest query and longest
+context, which costs O(batch x max_query x max_context) per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tierserve.attention.backend import AttnMetadata, choose_splits
+
+
+@dataclass
+class StepSplit:
+    dec_tokens: torch.Tensor | None         # packed token index of each decode row
+    dec_table: torch.Tensor | None
+    dec_lens: torch.Tensor | None
+    dec_splits: int
+    prefills: list[tuple[int, int, int, int]]   # (sequence, first token, last token + 1, start position)
+
+
+def split_step(meta: AttnMetadata, num_kv_heads: int) -> StepSplit:
+    cached = meta.backend_data.get("mixed_split")
+    if cached is not None:
+        return cached
+    qsl = [0]
+    for n in meta.query_lens_cpu:
+        qsl.append(qsl[-1] + n)
+    dec = [b for b, n in enumerate(meta.query_lens_cpu) if n == 1]
+    prefills = [(b, qsl[b], qsl[b + 1], meta.seq_lens_cpu[b] - n)
+                for b, n in enumerate(meta.query_lens_cpu) if n > 1]
+    dev = meta.positions.device
+    if dec:
+        idx = torch.tensor(dec, device=dev)
+        max_len = max(meta.seq_lens_cpu[b] for b in dec)
+        split = StepSplit(torch.tensor([qsl[b] for b in dec], device=dev), meta.page_table[idx],
+                          meta.seq_lens[idx], choose_splits(len(dec), num_kv_heads, max_len), prefills)
+    else:
+        split = StepSplit(None, None, None, 1, prefills)
+    meta.backend_data["mixed_split"] = split
+    return split
+
+
+def prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                  meta: AttnMetadata, seq: int, start: int, scale: float,
+                  window: int | None = None) -> torch.Tensor:
+    """Attention of one request's new tokens (q/k/v [n, H, D], already written to the pages) over its
+    context. Returns [n, Hq, D]."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    qh = q.transpose(0, 1)[None]                                              # [1, Hq, n, D]
+    if start == 0 and (window is None or n <= window):
+        keys, vals = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(qh, keys, vals, is_causal=True, scale=scale,
+                                             enable_gqa=hq != hkv)
+        return out[0].transpose(0, 1)
+    page = meta.page_size
+    end = start + n
+    pages = meta.page_table[seq, :-(-end // page)]
+    kv = kv_layer[pages][:, :, :page]                                         # [np, 2, page, Hkv, D]
+    keys = kv[:, 0].reshape(-1, hkv, d)[:end].transpose(0, 1)[None].to(q.dtype)
+    vals = kv[:, 1].reshape(-1, hkv, d)[:end].transpose(0, 1)[None].to(q.dtype)
+    q_pos = torch.arange(start, end, device=q.device)[:, None]
+    k_pos = torch.arange(end, device=q.device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    out = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    return out[0].transpose(0, 1)
