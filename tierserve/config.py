@@ -58,6 +58,7 @@ class EngineConfig:
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
     enforce_eager: bool = False         # True: no CUDA graphs
     fused_ops: bool = True              # CUDA: Triton kernels for add+RMSNorm, rotary+KV write, SiLU*mul
+    decode_gemv: bool = False           # CUDA: Triton skinny GEMM (RMSNorm / residual fused) for <= 16 decode rows
     # greedy decode steps run back to back on the device (each feeds its token to the next) before one
     # host sync; used only when every running request is a plain greedy decode and nothing waits. Output
     # is identical; streaming arrives in chunks of up to this many tokens. 1 = sync after every step.

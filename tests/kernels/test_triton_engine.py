@@ -40,7 +40,8 @@ def test_triton_sparse_decode_engine_matches_reference(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fused_ops_engine_matches_plain_path(tmp_path, family):
-    """Triton add+RMSNorm / rotary+KV write / SiLU*mul give the plain path's greedy tokens and logprobs."""
+    """Triton add+RMSNorm / rotary+KV write / SiLU*mul (and the decode GEMV) give the plain path's greedy
+    tokens and logprobs."""
     path = make_checkpoint(tmp_path / "m", family)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = [[0, 5, 9, 200, 31], [0] + list(range(40, 75))]
@@ -52,7 +53,11 @@ def test_fused_ops_engine_matches_plain_path(tmp_path, family):
     plain = llm.generate(prompts, sp)
     model.enable_fused()
     got = llm.generate(prompts, sp)
-    for a, b in zip(got, plain):
+    model.enable_fused(gemv=True)          # decode rows through the skinny GEMM with fused norm / residual
+    assert model.gemv
+    got_gemv = llm.generate(prompts, sp)
+    for a, b, c in zip(got, plain, got_gemv):
+        assert c.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             for tok, lp in lb.items():

@@ -41,8 +41,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
                 meta: AttnMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        return self.o_proj(self.attend(self.qkv_proj(x), rope, kv, meta))
+
+    def attend(self, qkv: torch.Tensor, rope, kv: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """Everything between the q/k/v projection and o_proj: [T, (Hq+2Hkv)*D] -> [T, Hq*D]."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q, k, v = q.view(T, self.nh, self.d), k.view(T, self.nkv, self.d), v.view(T, self.nkv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -55,7 +59,7 @@ class Attention(nn.Module):
         else:
             q, k = RotaryEmbedding.apply(rope, q, k)
             o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx)
-        return self.o_proj(o.reshape(T, self.nh * self.d))
+        return o.reshape(T, self.nh * self.d)
 
 
 @dataclass
@@ -117,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend, i, **f) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.fused = False        # enable_fused(): Triton add+norm, rotary+KV write, SiLU*mul
+        self.gemv = False         # enable_fused(gemv=True): decode skinny GEMM with fused norm / residual
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
@@ -131,6 +136,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor, kv: KVCache, meta: AttnMetadata) -> torch.Tensor:
         rope = FusedRope(self.rotary.cos, self.rotary.sin)
+        if self.gemv and x.shape[0] <= 16:
+            return self._forward_gemv(x, rope, kv, meta)
         first = self.layers[0].input_layernorm
         h, res = _fused().add_rmsnorm(x, None, first.weight, first.eps)
         n = len(self.layers)
@@ -139,10 +146,29 @@ class LlamaForCausalLM(nn.Module):
             h, res = layer.forward_fused(h, res, rope, kv.layer(i), meta, nxt)
         return h
 
-    def enable_fused(self) -> None:
-        """Use the Triton kernels of layers/triton_fused.py (CUDA; not with Engram layers)."""
+    def _forward_gemv(self, x: torch.Tensor, rope: FusedRope, kv: KVCache, meta: AttnMetadata) -> torch.Tensor:
+        """Decode rows (<= 16): each norm rides in the next projection, each residual add in the
+        projection before it (layers/triton_gemv.py); 8 kernels per layer."""
+        from tierserve.models.layers.triton_gemv import gemv
+
+        res = x
+        for i, layer in enumerate(self.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            o = a.attend(gemv(res, a.qkv_proj.weight, ln1.weight, ln1.eps), rope, kv.layer(i), meta)
+            res = gemv(o, a.o_proj.weight, residual=res)
+            act = _fused().silu_mul(gemv(res, mlp.gate_up_proj.weight, ln2.weight, ln2.eps))
+            res = gemv(act, mlp.down_proj.weight, residual=res)
+        return _fused().add_rmsnorm(res, None, self.norm.weight, self.norm.eps)[0]
+
+    def enable_fused(self, gemv: bool = False) -> None:
+        """Use the Triton kernels of layers/triton_fused.py (CUDA; not with Engram layers); with
+        ``gemv`` also the decode skinny GEMM (plain bias-free nn.Linear layers only)."""
         _fused()
         self.fused = True
+        linears = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                         layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        self.gemv = gemv and all(type(m) is nn.Linear and m.bias is None for m in linears)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -80,7 +80,7 @@ class ModelRunner:
             quantize_model_fp8(model)
         if self.device.type == "cuda" and config.fused_ops and model_cfg.engram is None \
                 and hasattr(model, "enable_fused"):
-            model.enable_fused()
+            model.enable_fused(gemv=config.decode_gemv)
         self.model = model.eval()
         self.sparse = None
         if config.sparse_attention:
