@@ -6,14 +6,16 @@ multiplied by that block's scale (``scale_inv[n // SBN, k // SBK]``, any row gra
 per-row scales of unaligned fused layers work too). Grid: (N tiles, K splits, M tiles). With more
 than one K split each program writes fp32 partials ``[split, M, N]`` and a second small kernel sums
 them in a fixed order (no atomics, deterministic), adds the bias and casts. Two inner products:
-``USE_DOT`` (tensor cores, tf32 inputs -- exact for bf16/fp16 activations and e4m3 weights) for
-M > 4, and a broadcast-multiply-reduce (CUDA cores) for M <= 4. No host sync: CUDA-graph safe.
+``USE_DOT`` (tensor cores; bf16/fp16 activations multiply the e4m3 weights widened to their own
+dtype, exactly; fp32 activations use ieee fp32 products) -- the default for every M -- and a
+broadcast-multiply-reduce on CUDA cores (kept for tests; 0.6 TB/s at M=1 on the H200). No host sync: CUDA-graph safe.
 
 Reference: ``fp8_gemm_ref`` (plain PyTorch). Tile sizes are starting points, to be tuned on the GPU.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -21,13 +23,15 @@ import triton.language as tl
 
 from tierserve.quant.fp8 import DEFAULT_BLOCK, fp8_linear_ref
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # the interpreter's dot mishandles bf16
+
 
 @triton.jit
 def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
                      s_xm, s_wn, s_sn, s_om, s_os,
                      SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_DOT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -48,13 +52,16 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
             k = kb * SBK + kk + tl.arange(0, BLOCK_K)
             k_mask = k < K
             x = tl.load(x_ptr + m64[:, None] * s_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             if USE_DOT:
-                part += tl.dot(x, tl.trans(w), input_precision=DOT_PREC)
+                if LOW_DOT:    # e4m3 -> bf16/fp16 is exact: tensor-core products in the activation dtype
+                    part += tl.dot(x, tl.trans(w.to(x.dtype)))
+                else:
+                    part += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PREC)
             else:
-                part += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                part += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         scale = tl.load(s_row + kb, mask=n_mask, other=0.0)
         acc += part * scale[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -114,7 +121,9 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
         x = x.contiguous()
     scale_inv = scale_inv.contiguous()
     out_dtype = out_dtype or x.dtype
-    use_dot = M > 4 if use_dot is None else use_dot
+    # tensor cores for every M (rows padded to 16): the CUDA-core product measured 0.6 TB/s at M=1 on
+    # the H200 (benchmarks/results/decode-kernels-h200.json)
+    use_dot = True if use_dot is None else use_dot
     block_m = 16 if use_dot else min(16, triton.next_power_of_2(M))
     block_n = block_n or (64 if use_dot else 32)
     block_k = block_k or (128 if use_dot else 64)
@@ -136,7 +145,8 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
         x, qweight, scale_inv, b, dst, M, N, K, kb_per_split,
         x.stride(0), qweight.stride(0), scale_inv.stride(0), dst.stride(-2), dst.stride(0) if not direct else 0,
         SBN=sbn, SBK=sbk, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        DOT_PREC=dot_prec, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=num_warps)
+        DOT_PREC=dot_prec, DIRECT=direct, HAS_BIAS=bias is not None,
+        LOW_DOT=x.dtype in (torch.bfloat16, torch.float16) and not _INTERPRET, num_warps=num_warps, num_stages=4)
     if not direct:
         rb = 256
         _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, N, split, dst.stride(0), dst.stride(1),
