@@ -74,10 +74,11 @@ def run_tierserve(llm, case: DecodeCase, prompts) -> dict:
 
 
 @torch.inference_mode()
-def run_transformers(model, case: DecodeCase, prompts) -> dict:
+def run_transformers(model, case: DecodeCase, prompts, **generate_kw) -> dict:
+    """``generate_kw`` go to ``generate`` (e.g. ``cache_implementation="offloaded"``)."""
     dev = next(model.parameters()).device
     ids = torch.tensor(prompts, device=dev)
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True, **generate_kw)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     _sync(dev)

@@ -58,6 +58,38 @@ def _ttft(llm, prompt) -> tuple[float, dict]:
     return time.perf_counter() - t, out.cached_tokens_by_tier
 
 
+def hf_baselines(model: str | None, load_format: str, ctx: int, new_tokens: int, progress=None) -> list[dict]:
+    """transformers on the same shapes in the same run: decode with its default (all-GPU) cache and with its
+    offloaded cache (layers' KV in CPU RAM, prefetched one layer ahead) -- the baseline for tiered decode."""
+    import gc
+
+    from tierserve.bench.decode import DecodeCase, _hf_model, run_transformers
+    from tierserve.loader.hf import resolve_model_path
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    dev = torch.device("cuda")
+    hf = _hf_model(resolve_model_path(model), load_format, dev, torch.bfloat16)
+    case = DecodeCase(1, ctx, new_tokens)
+    prompt = torch.randint(3, hf.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = []
+    for cache in ("dynamic", "offloaded"):
+        kw = {} if cache == "dynamic" else {"cache_implementation": "offloaded"}
+        try:
+            r = run_transformers(hf, case, prompt, **kw)
+        except torch.OutOfMemoryError as e:
+            r = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+        r.pop("tokens", None)
+        rows.append({"kind": "decode", "engine": "transformers", "cache": cache, "context": ctx, **r})
+        if progress:
+            progress(rows[-1])
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "dummy", device: str = "auto",
                 gpu_fracs: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1), new_tokens: int = 32,
                 cpu_kv_gb: float = 8.0, policy: str = "cost", progress=None) -> dict:
@@ -105,19 +137,22 @@ def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "d
             while not eng.requests["d"].output_token_ids:
                 eng.step()
             _sync(eng.runner.device)
-            t, n = time.perf_counter(), 0
+            t, n0 = time.perf_counter(), len(eng.requests["d"].output_token_ids)
+            req = eng.requests["d"]
             while eng.has_unfinished_requests():
                 eng.step()
-                n += 1
             _sync(eng.runner.device)
             dt = time.perf_counter() - t
+            n = len(req.output_token_ids) - n0
             kv_bytes = (ctx + new_tokens) * eng.runner.layout.bytes_per_token
-            rows.append({"kind": "decode", "context": ctx, "gpu_frac": frac, "gpu_pages": pages,
+            rows.append({"kind": "decode", "engine": "tierserve", "context": ctx, "gpu_frac": frac, "gpu_pages": pages,
                          "tok_s": n / dt, "spilled_pages": eng.kv.num_spilled,
                          "kv_read_GBps": kv_bytes * (1 - min(frac, 1.0)) * n / dt / 1e9})
             if progress:
                 progress(rows[-1])
             del llm
+        if dev.type == "cuda":
+            rows += hf_baselines(model, load_format, ctx, new_tokens, progress)
     summary = dict(bw)
     for ctx in contexts:
         cold = next(r["ttft_s"] for r in rows if r["kind"] == "ttft" and r["context"] == ctx and r["hit"] == "cold")
