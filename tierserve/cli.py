@@ -133,7 +133,7 @@ def _deepseek_v4_info(path, raw: dict) -> list[tuple[str, str]]:
     cfg = DeepseekV4Config.from_hf(raw)
     bf16, m1 = state_bytes(cfg, "bf16"), state_bytes(cfg, "model1")
     kinds = {k: cfg.layer_types.count(k) for k in dict.fromkeys(cfg.layer_types)}
-    return [("path", str(path)), ("architecture", "DeepseekV4ForCausalLM (not yet served by the engine)"),
+    return [("path", str(path)), ("architecture", "DeepseekV4ForCausalLM (engine: per-request state, not paged yet)"),
             ("layers", f"{len(cfg.layer_types)} ({', '.join(f'{n} {k}' for k, n in kinds.items())})"),
             ("hidden size", str(raw.get("hidden_size"))), ("vocab", str(raw.get("vocab_size"))),
             ("experts", f"{raw.get('n_routed_experts')} routed, top-{raw.get('num_experts_per_tok')}, "

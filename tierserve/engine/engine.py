@@ -19,9 +19,8 @@ from tierserve.kv.tiers.fingerprint import kv_fingerprint
 from tierserve.kv.tiers.manager import TierManager
 from tierserve.loader.hf import load_config, load_generation_config, resolve_model_path
 from tierserve.loader.tokenizer import IncrementalDetokenizer, Tokenizer
-from tierserve.models.config import ModelConfig
-from tierserve.models.registry import get_model_class
-from tierserve.runner.model_runner import ModelRunner
+from tierserve.models.registry import model_config
+from tierserve.runner.factory import make_runner
 from tierserve.runner.sampler import plain_greedy
 from tierserve.sampling import SamplingParams
 
@@ -41,15 +40,18 @@ class Engine:
         self.config = config
         self.model_path = resolve_model_path(config.model)
         hf_cfg = load_config(self.model_path)
-        self.model_cfg = ModelConfig.from_hf(hf_cfg)
-        get_model_class(self.model_cfg.architecture)          # unknown architecture -> ValueError early
+        self.model_cfg = model_config(hf_cfg)                 # unknown architecture -> ValueError early
         self.generation_config = load_generation_config(self.model_path)
         self.tokenizer = self._load_tokenizer(config)
         if config.max_model_len is None:
             config.max_model_len = self.model_cfg.max_position_embeddings
         self.max_model_len = config.max_model_len
-        self.runner = ModelRunner(config, self.model_path, self.model_cfg, self.max_model_len, progress)
+        self.runner = make_runner(config, self.model_path, self.model_cfg, self.max_model_len, progress)
         self.runner.set_tokenizer(self.tokenizer)
+        if config.enable_prefix_caching and not getattr(self.runner, "supports_prefix_caching", True):
+            log.info("prefix caching is off for %s: its per-request state is not paged yet",
+                     self.model_cfg.architecture)
+            config.enable_prefix_caching = False
         tiers = self._make_tiers(config)
         host_pages = tiers.spill_capacity if tiers is not None else 0
         if host_pages:
@@ -288,6 +290,9 @@ class Engine:
     def _finish(self, req: Request) -> None:
         req.status = Status.FINISHED
         self.scheduler.finish(req)
+        release = getattr(self.runner, "release", None)      # runners holding per-request state
+        if release is not None:
+            release(req.request_id)
 
     def _completion(self, req: Request, index: int) -> CompletionOutput:
         text = self._stop[req.request_id].final_text(self._detok[req.request_id].text)

@@ -81,17 +81,23 @@ class DeepseekV4Model(nn.Module):
         return SequenceState(0, tuple(b.attn.empty_state(dev, dt) for b in self.layers))
 
     # ------------------------------------------------------------------ forward
-    def _run(self, token_ids: torch.Tensor, state: SequenceState | None, want_state: bool):
+    def _run(self, token_ids: torch.Tensor, state: SequenceState | None, want_state: bool,
+             logits_from: int = 0):
         ids = _as_1d(token_ids, self.device)
         if ids.numel() == 0:
             raise ValueError("input_ids is empty; pass at least one token")
+        if not 0 <= logits_from <= ids.shape[0]:
+            raise ValueError(f"logits_from={logits_from} is outside [0, {ids.shape[0]}]")
         h = self.embed(ids)
         h = h.unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
         states = []
         for i, block in enumerate(self.layers):
             h, st = block(h, ids, None if state is None else state.layers[i], want_state)
             states.append(st)
-        logits = self.head(self.norm(self.hc_head(h)))
+        if logits_from == ids.shape[0]:
+            logits = h.new_empty(0, self.config.vocab_size)
+        else:
+            logits = self.head(self.norm(self.hc_head(h[logits_from:] if logits_from else h)))
         n0 = 0 if state is None else state.num_tokens
         new = SequenceState(n0 + ids.shape[0], tuple(states)) if (want_state or state is not None) else None
         return logits, new
@@ -102,16 +108,19 @@ class DeepseekV4Model(nn.Module):
         return self._run(input_ids, None, want_state=False)[0]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, SequenceState]:
-        """``forward_full`` that also returns the state continuing the sequence."""
-        return self._run(input_ids, None, want_state=True)
+    def prefill(self, input_ids: torch.Tensor, logits_from: int = 0) -> tuple[torch.Tensor, SequenceState]:
+        """``forward_full`` that also returns the state continuing the sequence. ``logits_from``: logits
+        only for the rows ``logits_from..S-1`` (the engine asks for the last row only: a full
+        ``[S, vocab]`` block of a long prompt is large)."""
+        return self._run(input_ids, None, want_state=True, logits_from=logits_from)
 
     @torch.no_grad()
-    def forward_step(self, input_ids: torch.Tensor, state: SequenceState
+    def forward_step(self, input_ids: torch.Tensor, state: SequenceState, logits_from: int = 0
                      ) -> tuple[torch.Tensor, SequenceState]:
-        """Logits ``[n, vocab]`` of the ``n >= 1`` tokens following ``state``, and the new state.
+        """Logits ``[n, vocab]`` of the ``n >= 1`` tokens following ``state``, and the new state
+        (``[n - logits_from, vocab]`` with ``logits_from``, as in ``prefill``).
         ``state`` itself is left untouched (it stays a valid snapshot)."""
-        return self._run(input_ids, state, want_state=True)
+        return self._run(input_ids, state, want_state=True, logits_from=logits_from)
 
 
 def _as_1d(ids: torch.Tensor, device: torch.device) -> torch.Tensor:

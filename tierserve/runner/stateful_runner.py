@@ -1,0 +1,276 @@
+"""StatefulRunner: the engine's runner for models that keep an explicit per-request state.
+
+DeepSeek-V4 (``tierserve.models.deepseek_v4``) does not fit the paged K/V layout of ``ModelRunner``:
+its attention reads a sliding window, pooled (compressed) entries and indexer keys, all held in an
+immutable ``SequenceState`` per request. This runner keeps one such state per running request in a
+dict and runs the model one request at a time:
+
+* a chunk starting at position 0 runs ``model.prefill``; a later chunk (chunked prefill) or a decode
+  step runs ``model.forward_step(new_ids, state)`` on the stored state, and the returned state
+  replaces it;
+* the states of preempted requests (``SchedulerOutput.preempted``) are dropped at the start of a
+  step, those of finished or aborted requests through ``release`` (called by the engine);
+* the last row of each request that samples goes through the shared ``Sampler`` exactly as in
+  ``ModelRunner`` (greedy fast path, penalties, top-k/p, seeds, logprobs); prompt logprobs come from
+  the chunk's own logits.
+
+Page accounting stays with the engine's ``KVManager`` (tokens are counted in pages, so the scheduler's
+budget, ``max_num_seqs`` and preemption all work), but no page holds any data: the pool is sized
+``max_num_seqs * max_model_len / page_size`` so that it never limits these models unless
+``num_kv_pages`` says otherwise. Mapping the state onto pages (and with it prefix caching, lower KV
+tiers and FP8 state) is future work; those settings are refused here. See docs/deepseek_v4.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tierserve.config import EngineConfig
+from tierserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
+from tierserve.runner.sampler import Sampler, SamplingBatch, argmax_rows, plain_greedy
+
+log = logging.getLogger("tierserve")
+
+# The pool only counts tokens here; one PageMeta object per page is the whole cost, but a 1M-token
+# max_model_len times 128 sequences would still be 8M of them.
+MAX_ACCOUNTING_PAGES = 1 << 20
+
+# Engine settings that need paged K/V (or a model this runner does not have) -> why they are refused.
+_UNSUPPORTED = {
+    "kv_dtype": "FP8 state is not implemented yet (the state is not paged)",
+    "sparse_attention": "page-sparse attention needs paged K/V (V4 has its own sparse indexer)",
+    "cpu_kv_gb": "KV tiers need a paged state",
+    "disk_kv_dir": "KV tiers need a paged state",
+    "remote_kv_url": "KV tiers need a paged state",
+    "quantization": "weight quantisation on load is implemented for the Llama family only",
+    "engram_placement": "the model has no Engram",
+}
+
+
+def check_config(config: EngineConfig, architecture: str) -> None:
+    """Refuse, naming the setting, what this runner cannot do (rather than silently ignore it)."""
+    for name, why in _UNSUPPORTED.items():
+        value = getattr(config, name)
+        if value is not None and not (name == "kv_dtype" and value == "auto"):
+            raise ValueError(f"{name}={value!r} is not supported for {architecture} yet: {why} "
+                             "(docs/deepseek_v4.md, 'In the engine')")
+    if config.attention_backend == "triton":
+        raise ValueError(f"attention_backend='triton' is not available for {architecture}: it runs its "
+                         "own plain-PyTorch attention; use attention_backend='auto'")
+
+
+class StatefulRunner:
+    """Same interface as ``ModelRunner`` as far as the engine uses it."""
+
+    supports_prefix_caching = False     # the engine turns prefix caching off (the state is not paged)
+
+    def __init__(self, config: EngineConfig, model_path: Path, model_cfg, max_model_len: int,
+                 progress: bool = False) -> None:
+        arch = model_cfg.architecture
+        check_config(config, arch)
+        if arch not in _LOADERS:
+            raise ValueError(f"no stateful runner support for {arch!r}; supported: {', '.join(sorted(_LOADERS))}")
+        self.config = config
+        self.model_cfg = model_cfg
+        self.max_model_len = max_model_len
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
+        self.model = _LOADERS[arch](model_path, model_cfg, config, self.dtype, self.device)
+        self.num_pages = self._num_pages(max_model_len)
+        # what ModelRunner has for paged K/V; nothing of it exists here
+        self.kv = None
+        self.layout = None
+        self.host_kv = None
+        self.fp8 = None
+        self.sparse = None
+        self.graphs = None
+        self.engram_hasher = None
+        self.tokenizer = None
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
+        self.states: dict[str, Any] = {}     # request id -> the state after its computed tokens
+
+    def _num_pages(self, max_model_len: int) -> int:
+        c = self.config
+        if c.num_kv_pages is not None:
+            return c.num_kv_pages
+        if c.gpu_kv_gb is not None:
+            log.warning("gpu_kv_gb is ignored for %s: its state is not paged yet", self.model_cfg.architecture)
+        want = -(-c.max_num_seqs * max_model_len // c.page_size)
+        if want > MAX_ACCOUNTING_PAGES:
+            log.info("page accounting for %s capped at %d pages (%d tokens); beyond that requests are "
+                     "preempted as with paged KV", self.model_cfg.architecture, MAX_ACCOUNTING_PAGES,
+                     MAX_ACCOUNTING_PAGES * c.page_size)
+        return max(2, min(want, MAX_ACCOUNTING_PAGES))
+
+    # ---- engine hooks ---------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def supports_multi_step(self) -> bool:
+        return False
+
+    def execute_multi(self, so: SchedulerOutput, steps: int) -> list[list[int]]:
+        raise NotImplementedError("StatefulRunner runs one step per engine step (supports_multi_step is False)")
+
+    def tiers_apply(self, transfers) -> None:
+        if transfers:
+            raise RuntimeError("StatefulRunner has no paged K/V to move between tiers")
+
+    def release(self, request_id: str) -> None:
+        """Drop the state of a finished or aborted request."""
+        self.states.pop(request_id, None)
+
+    @property
+    def num_states(self) -> int:
+        return len(self.states)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the states of all live requests."""
+        return sum(st.nbytes() for st in self.states.values())
+
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput, transfers=None) -> StepOutput:
+        self.tiers_apply(transfers)
+        for rid in so.preempted:            # restarts from position 0 (recompute)
+            self.states.pop(rid, None)
+        out = StepOutput()
+        rows: list[torch.Tensor] = []
+        reqs = []
+        for s in so.scheduled:
+            last = self._run_chunk(s, out)
+            if last is not None:
+                rows.append(last)
+                reqs.append(s.request)
+        if not reqs:
+            return out
+        logits = torch.stack(rows).float()
+        self._sample(reqs, logits, out)
+        return out
+
+    def _run_chunk(self, s: ScheduledRequest, out: StepOutput) -> torch.Tensor | None:
+        """Run one request's chunk, store its new state; returns the logits row to sample from (if any)."""
+        req = s.request
+        rid = req.request_id
+        ids = torch.tensor(req.all_token_ids[s.start:s.end], dtype=torch.int64, device=self.device)
+        plp = _prompt_logprob_range(req, s)
+        first = s.num_tokens - 1 if s.samples else s.num_tokens     # first row whose logits are needed
+        if plp is not None:
+            first = min(first, plp[0] - s.start)
+        if s.start == 0:
+            logits, state = self.model.prefill(ids, logits_from=first)
+        else:
+            state = self.states.get(rid)
+            if state is None or state.num_tokens != s.start:
+                have = None if state is None else state.num_tokens
+                raise RuntimeError(f"request {rid!r}: chunk starts at token {s.start} but the stored state "
+                                   f"covers {have} tokens (prefix-cache hits are not supported here)")
+            logits, state = self.model.forward_step(ids, state, logits_from=first)
+        self.states[rid] = state
+        if plp is not None:
+            lo, hi = plp
+            out.prompt_logprobs[rid] = self._prompt_logprobs(req, logits[lo - s.start - first:hi - s.start - first], lo)
+        return logits[-1] if s.samples else None
+
+    def _prompt_logprobs(self, req, logits: torch.Tensor, pos0: int) -> list[dict[int, float]]:
+        """Log-probs of prompt tokens ``pos0+1 ..`` from the logits of positions ``pos0 ..`` (as ModelRunner)."""
+        k = req.params.prompt_logprobs
+        n = logits.shape[0]
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        tgt = req.all_token_ids[pos0 + 1:pos0 + 1 + n]
+        tgt_lp = lsm.gather(1, torch.tensor(tgt, device=lsm.device)[:, None])[:, 0].tolist()
+        top_lp, top_id = (lsm.topk(k, dim=-1) if k > 0 else (None, None))
+        rows = []
+        for i in range(n):
+            d = {tgt[i]: tgt_lp[i]}
+            if k > 0:
+                d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
+            rows.append(d)
+        return rows
+
+    def _sample(self, reqs, logits: torch.Tensor, out: StepOutput) -> None:
+        """The sampling tail of ``ModelRunner.execute``, on the stacked last rows."""
+        if all(plain_greedy(r.params) for r in reqs):      # fast path: argmax, nothing else to build
+            for req, tok in zip(reqs, argmax_rows(logits).tolist()):
+                out.sampled[req.request_id] = tok
+            return
+        batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
+                                    [r.output_token_ids for r in reqs], [r.generator for r in reqs],
+                                    logits.shape[-1], self.device)
+        res = self.sampler(logits, batch)
+        tokens = res.token_ids.tolist()
+        lps = res.logprobs.tolist() if res.logprobs is not None else None
+        lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
+        for i, req in enumerate(reqs):
+            out.sampled[req.request_id] = tokens[i]
+            if req.params.logprobs is not None and lps is not None:
+                k = 1 + req.params.logprobs
+                out.logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
+
+
+def _prompt_logprob_range(req, s: ScheduledRequest) -> tuple[int, int] | None:
+    """Positions ``[lo, hi)`` of this chunk whose next token is a prompt token without a logprob yet."""
+    if req.prompt_logprobs is None:
+        return None
+    lo = max(s.start, len(req.prompt_logprobs) - 1)
+    hi = min(s.end, req.num_prompt_tokens - 1)
+    return (lo, hi) if hi > lo else None
+
+
+# ---- model loading ------------------------------------------------------------------------------
+def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
+    from tierserve.models.deepseek_v4 import load_model
+
+    if config.load_format == "dummy":
+        return random_deepseek_v4(model_cfg.model, config.seed, dtype, device)
+    return load_model(path, dtype=dtype, device=device)
+
+
+def random_deepseek_v4(cfg, seed: int, dtype: torch.dtype, device: torch.device):
+    """``--load-format dummy``: a DeepSeek-V4 at the config's shapes with random weights (matrices
+    N(0, 0.02), norms and mHC scales 1, other vectors 0, a random hash-routing table), built directly
+    at the final dtypes. Refuses a model whose weights do not fit in the free memory of ``device``."""
+    from tierserve.models.deepseek_v4 import DeepseekV4Model
+
+    with torch.device("meta"):
+        model = DeepseekV4Model(cfg)
+    if dtype != torch.float32:
+        model.cast(dtype)
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    free = _free_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise ValueError(f"--load-format dummy: this DeepSeek-V4 config needs {need / 2**30:.1f} GiB of weights "
+                         f"in {dtype}, but only {free / 2**30:.1f} GiB are free on {device}")
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".scale"):
+                p.fill_(1.0)
+            elif p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.zero_()
+        for name, b in model.named_buffers():
+            if not name.endswith("tid2eid"):
+                raise ValueError(f"--load-format dummy: no random init for the DeepSeek-V4 buffer {name!r}")
+            vocab, k = b.shape        # k distinct experts per token id
+            b.copy_(torch.rand(vocab, cfg.n_routed_experts, generator=g, device=device).argsort(-1)[:, :k])
+    return model.eval()
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+_LOADERS = {"DeepseekV4ForCausalLM": _load_deepseek_v4}
