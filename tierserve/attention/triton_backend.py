@@ -1,7 +1,8 @@
 """GPU backend: Triton paged decode (split-K) for decode rows, SDPA per prefill chunk (attention/mixed.py).
 
-Spilled pages (host_kv), FP8 pages and sparse selection in steps with prefill fall back to the torch
-reference.
+FP8 KV pages in pure decode steps go through the dequantising kernel (attention/triton_decode_fp8.py).
+Spilled pages (host_kv), FP8 pages in steps with prefill and sparse selection in steps with prefill fall
+back to the torch reference.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tierserve.attention.mixed import prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
 from tierserve.attention.triton_decode import compact_selection, paged_decode
+from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 
 
 def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata):
@@ -34,13 +36,19 @@ class TritonBackend:
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
-        # FP8 KV pages: the torch reference dequantises them (a Triton dequant path is later work)
         sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only)
-        if meta.host_kv is not None or not sparse_ok or meta.kv_fp8 is not None:
+        # FP8 KV pages: pure decode steps through the dequantising kernel, other steps the torch reference
+        fp8_ok = meta.kv_fp8 is None or (meta.decode_only and meta.sparse is None)
+        if meta.host_kv is not None or not sparse_ok or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
         page = meta.page_size
+        if meta.kv_fp8 is not None:
+            f = meta.kv_fp8
+            return paged_decode_fp8(q, kv_layer, f.quantised, meta.page_table, meta.seq_lens, scale, page,
+                                    f.keep_sink, f.keep_recent, num_splits=meta.num_splits,
+                                    sliding_window=sliding_window)
         if not meta.decode_only:
             return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)

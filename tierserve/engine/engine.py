@@ -192,8 +192,12 @@ class Engine:
         k = self._multi_steps(so)
         if k > 1:
             outputs = self._step_multi(so, k)
+            if self.kv.fp8 is not None:      # pages that left every full-precision window during the k steps
+                self.runner.fp8.quantise(self.runner.kv.data, self.kv.take_quantise())
             if self.config.debug_invariants:
                 self.kv.check_invariants()
+                if self.kv.fp8 is not None:
+                    assert self.kv.quantised <= set(self.runner.fp8.quantised.nonzero().flatten().tolist())
             return outputs
         tiers = self.kv.tiers
         t0 = time.perf_counter()

@@ -102,10 +102,10 @@ class ModelRunner:
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
-                and self.sparse is None and self.fp8 is None:
+                and self.sparse is None:
             from tierserve.runner.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
-                                       max_model_len, self.scratch_page, self.device)
+                                       max_model_len, self.scratch_page, self.device, kv_fp8=self.fp8)
             try:
                 self.graphs.capture()
             except Exception as e:       # a kernel that fails to build must not take the engine down
@@ -180,9 +180,11 @@ class ModelRunner:
                 and self.engram_hasher is None and self.graphs.bucket_for(meta.num_seqs) is not None)
 
     def supports_multi_step(self) -> bool:
-        """Greedy tokens can be fed back on the device (no sparse selection, FP8 pages, Engram hashing
-        or spilled pages: those need the host between steps)."""
-        return self.sparse is None and self.fp8 is None and self.engram_hasher is None and self.host_kv is None
+        """Greedy tokens can be fed back on the device (no sparse selection, Engram hashing or spilled
+        pages: those need the host between steps). FP8 KV pages are fine: pages that become FP8-readable
+        during the k steps are quantised only afterwards, and until then read through an on-the-fly
+        quantisation that gives the same numbers."""
+        return self.sparse is None and self.engram_hasher is None and self.host_kv is None
 
     @torch.inference_mode()
     def execute_multi(self, so: SchedulerOutput, steps: int) -> list[list[int]]:
@@ -192,6 +194,9 @@ class ModelRunner:
         meta, ids, _, _ = self._prepare(so, lookahead=steps - 1)
         B = meta.num_seqs
         toks = torch.empty(B, steps, dtype=torch.int64, device=self.device)
+        if self.fp8 is not None:        # every page the k steps write holds full-precision tokens
+            pos = meta.positions[:, None] + torch.arange(steps, device=self.device)
+            self.fp8.on_write(meta.page_table.gather(1, pos // meta.page_size))
         if self._graph_ok(meta, None):
             self.graphs.load(B, ids, meta.positions, meta.slot_pages, meta.slot_offsets, meta.seq_lens,
                              meta.page_table)

@@ -1,0 +1,148 @@
+"""Triton paged decode over FP8 KV pages (issue 6) vs the torch reference's FP8 path, and the engine with it.
+
+Runs on the GPU when there is one, else on the CPU under TRITON_INTERPRET=1 at tiny sizes."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from tests.helpers.tiny_models import make_checkpoint  # noqa: E402
+from tierserve import LLM, SamplingParams  # noqa: E402
+from tierserve.attention.backend import AttnMetadata  # noqa: E402
+from tierserve.attention.torch_ref import TorchRefBackend  # noqa: E402
+from tierserve.attention.triton_decode_fp8 import paged_decode_fp8  # noqa: E402
+from tierserve.kv.fp8_pages import Fp8PagePolicy  # noqa: E402
+from tierserve.runner.kv_fp8 import Fp8Pages  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(dtype, hq, hkv, ps, D, seq_lens, sink, recent, seed, N=48, L=2):
+    """Page-major storage [N, L, 2, ps, Hkv, D] with a different magnitude per (page, K/V, head), disjoint
+    random pages per sequence (table padding: random ids, never read) and the pages the policy would
+    allow to be stored as FP8 at this step (no query reads them at full precision any more)."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.randint(-3, 4, (N, 1, 2, 1, hkv, 1), generator=g).float())
+    data = (torch.randn(N, L, 2, ps, hkv, D, generator=g) * mag).to(dtype)
+    B, P = len(seq_lens), max(-(-n // ps) for n in seq_lens) + 1
+    perm = torch.randperm(N, generator=g)
+    table = torch.randint(0, N, (B, P), generator=g)
+    pol, used, eligible = Fp8PagePolicy(ps, sink, recent), 0, []
+    for b, n in enumerate(seq_lens):
+        k = -(-n // ps)
+        table[b, :k] = perm[used:used + k]
+        eligible += [int(perm[used + i]) for i in range(k) if i * ps >= sink and not pol.needs_full(i, n - 1)]
+        used += k
+    q = torch.randn(B, hq, D, generator=g).to(dtype)
+    pick = [p for p in eligible if torch.rand(1, generator=g).item() < 0.6]     # a mix: stored or not yet
+    return data.to(DEV), table.to(DEV), q.to(DEV), torch.tensor(seq_lens, device=DEV), eligible, pick
+
+
+def _ref(q, kv_layer, fp8, table, seq_lens, window, layer):
+    B = q.shape[0]
+    z = torch.zeros(B, dtype=torch.long, device=q.device)
+    meta = AttnMetadata(num_seqs=B, num_tokens=B, page_size=fp8.page_size, positions=seq_lens - 1, slot_pages=z,
+                        slot_offsets=z, query_start_loc=torch.arange(B + 1, device=q.device), seq_lens=seq_lens,
+                        page_table=table, query_lens_cpu=[1] * B, seq_lens_cpu=seq_lens.tolist(),
+                        decode_only=True, kv_fp8=fp8)
+    return TorchRefBackend().forward(q, None, None, kv_layer, meta, q.shape[-1] ** -0.5, window, layer,
+                                     kv_written=True)
+
+
+CASES = [  # hq, hkv, page, D, seq_lens, keep_sink, keep_recent, splits, window, block_n
+    (4, 2, 16, 16, [1, 9, 40, 100], 4, 16, 1, None, None),
+    (4, 2, 16, 16, [1, 16, 17, 100], 0, 0, 3, None, 16),
+    (8, 2, 4, 16, [3, 17, 50], 5, 7, 2, None, 16),          # 4 pages per block
+    (6, 6, 8, 32, [8, 33, 70], 16, 1, 2, None, 32),
+    (4, 1, 16, 16, [12, 90], 4, 16, 2, 30, 32),              # sliding window, 2 pages per block
+    (4, 2, 16, 16, [60, 61], 0, 100, 1, None, None),         # window covers everything: no FP8 read
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fp8_decode_matches_reference(dtype, case):
+    hq, hkv, ps, D, lens, sink, recent, splits, window, bn = CASES[case]
+    data, table, q, seq_lens, eligible, pick = _inputs(dtype, hq, hkv, ps, D, lens, sink, recent, seed=case)
+    fp8 = Fp8Pages(data.shape[0], ps, sink, recent, DEV)
+    layer = 1
+
+    def run():
+        return paged_decode_fp8(q, data[:, layer], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
+                                num_splits=splits, sliding_window=window, block_n=bn)
+
+    fake = run()                            # every FP8 read quantised on the fly
+    # fp32 reference on the same values (exact in bf16), every FP8 read fake-quantised
+    want32 = _ref(q.float(), data[:, layer].float(), Fp8Pages(data.shape[0], ps, sink, recent, DEV), table,
+                  seq_lens, window, layer)
+    if eligible and dtype == torch.float32:     # the rule matters: full precision everywhere differs
+        everything_full = Fp8Pages(data.shape[0], ps, 0, 1 << 20, DEV)
+        full = _ref(q, data[:, layer], everything_full, table, seq_lens, window, layer)
+        assert (fake - full).abs().max() > 1e-3
+    fp8.quantise(data, pick)                # a mix of pages stored as FP8 and not yet
+    assert bool(fp8.quantised.any()) == bool(pick)
+    got = run()
+    assert torch.equal(got, fake)           # storage and on-the-fly quantisation: the very same numbers
+    want = _ref(q, data[:, layer], fp8, table, seq_lens, window, layer)      # reads the stored pages
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(got, want32, atol=2e-5, rtol=2e-5)
+    else:   # bf16 outputs (and the bf16 reference's softmax) are rounded: compare at bf16 precision
+        tol = dict(atol=2e-2 * want32.abs().max().item(), rtol=2e-2)
+        torch.testing.assert_close(got.float(), want32, **tol)
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+# ---- engine --------------------------------------------------------------------------------------------
+PROMPTS = [[0] + [(7 * i + 3) % 500 + 3 for i in range(45)], [0] + [(11 * i + 5) % 500 + 3 for i in range(30)]]
+LATER = [[0] + [(13 * i + 1) % 500 + 3 for i in range(40)]]      # second round: recycles freed (FP8) pages
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("fp8dec") / "llama", "llama")
+
+
+def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8"):
+    llm = LLM(str(ckpt), dtype="float32", device=DEV, max_model_len=128, attention_backend=backend,
+              num_kv_pages=20, page_size=8, max_num_batched_tokens=16, kv_dtype=kv_dtype, kv_fp8_keep_sink=4,
+              kv_fp8_keep_recent=8, num_scheduler_steps=steps, enable_prefix_caching=False)
+    runner = llm.engine.runner
+    calls = {"multi": 0, "decode": 0}
+    multi, fwd = runner.execute_multi, runner.backend.forward
+
+    def count_multi(*a, **kw):
+        calls["multi"] += 1
+        return multi(*a, **kw)
+
+    def count_fwd(q, k, v, kv_layer, meta, *a, **kw):
+        calls["decode"] += meta.decode_only
+        return fwd(q, k, v, kv_layer, meta, *a, **kw)
+
+    runner.execute_multi = count_multi
+    runner.backend.forward = count_fwd
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=logprobs)
+    outs = [o.outputs[0] for o in llm.generate(PROMPTS, sp) + llm.generate(LATER, sp)]
+    if kv_dtype == "fp8":
+        assert bool(runner.fp8.quantised.any())           # pages really were stored as FP8
+    lps = [[next(iter(d.values())) for d in o.logprobs] for o in outs] if logprobs is not None else None
+    return [o.token_ids for o in outs], lps, calls
+
+
+def test_engine_triton_fp8_matches_reference_and_multi_step(ckpt):
+    """kv_dtype=fp8: the Triton decode kernel gives the torch reference's greedy tokens and logprobs, and
+    multi-step decode (pages that turn FP8 inside the k steps are quantised on the fly until the engine
+    stores them after the k steps) gives the one-step tokens."""
+    ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0)
+    one, lp_one, calls_one = _generate(ckpt, "triton", 1, logprobs=0)
+    multi, _, calls_multi = _generate(ckpt, "triton", 4)
+    _, lp_full, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, kv_dtype="auto")
+    assert calls_one["decode"] > 0 and calls_one["multi"] == 0 and calls_multi["multi"] > 0
+    assert one == ref
+    torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)
+    assert (torch.tensor(lp_one) - torch.tensor(lp_full)).abs().max() > 1e-3      # FP8 reads do matter
+    assert multi == one
