@@ -68,6 +68,29 @@ def generate(prompt: str = typer.Argument("def fibonacci(n):", help="prompt text
     sys.stdout.write("\n")
 
 
+@app.command("train-indexer")
+def train_indexer_cmd(model: Optional[str] = typer.Option(None, help="checkpoint dir (default: tierserve-nano)"),
+                      output: str = typer.Option(..., help="directory for indexer.safetensors + indexer.json"),
+                      steps: int = typer.Option(300, min=1), seq_len: int = typer.Option(512, min=32),
+                      batch: int = typer.Option(4, min=1), heads: int = typer.Option(4, min=1),
+                      lr: float = typer.Option(2e-3), seed: int = typer.Option(0),
+                      device: str = typer.Option("auto")) -> None:
+    """Distil a lightning indexer (sparse page selector) from the model's own attention on local text."""
+    from rich.progress import Progress
+
+    from tierserve.train.indexer import train_indexer
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("training indexer", total=steps)
+        res = train_indexer(model, output, steps=steps, seq_len=seq_len, batch=batch, heads=heads, lr=lr,
+                            seed=seed, device=device,
+                            progress=lambda step, loss: bar.update(task, completed=step + 1,
+                                                                   description=f"KL {loss:.4f}"))
+    for row in res["heldout"]["per_layer"]:
+        typer.echo("  ".join(f"{k} {v}" for k, v in row.items()))
+    typer.echo(f"wrote {output} ({res['train_seconds']} s)")
+
+
 @app.command()
 def info(model: Optional[str] = typer.Option(None, help="checkpoint dir or shipped config name")) -> None:
     """Architecture, parameter count, dtype and KV bytes per token of a model (no weights loaded)."""

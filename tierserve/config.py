@@ -50,6 +50,7 @@ class EngineConfig:
     kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
     sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
     sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
+    indexer_path: str | None = None     # sparse_attention=indexer: dir from `tierserve train-indexer` (default <model>/indexer)
     kv_dtype: str = "auto"              # fp8: FP8 (e4m3) KV pages, sink + recent tokens at full precision (lossy)
     kv_fp8_keep_sink: int = 16          # first tokens of each sequence always read at full precision
     kv_fp8_keep_recent: int = 64        # most recent tokens (per query) always read at full precision
@@ -83,7 +84,12 @@ class EngineConfig:
         if self.engram_placement is not None:
             _choice("engram_placement", self.engram_placement, ("device", "cpu", "disk"))
         if self.sparse_attention is not None:
-            _choice("sparse_attention", self.sparse_attention, ("pages",))
+            _choice("sparse_attention", self.sparse_attention, ("pages", "indexer"))
+            if self.sparse_attention == "indexer":
+                for name in ("cpu_kv_gb", "disk_kv_dir", "remote_kv_url"):
+                    if getattr(self, name) is not None:
+                        raise ValueError(f"sparse_attention='indexer' cannot be combined with {name} yet: the "
+                                         "index keys do not move between tiers")
             _int_range("sparse_topk_tokens", self.sparse_topk_tokens, 1, 1 << 24)
         for name in ("cpu_kv_gb", "disk_kv_gb"):
             v = getattr(self, name)

@@ -34,6 +34,9 @@ class AttnMetadata:
     host_kv: list[tuple[int, torch.Tensor]] | None = None    # (first slot, storage) per spill store
     sparse: Any = None             # attention.select.SparseConfig when sparse attention is on
     kv_fp8: Any = None             # runner.kv_fp8.Fp8Pages when kv_dtype=fp8 (quantised flags + read rule)
+    # sparse selector "indexer": per-token index keys [pages, layers, page, dim] (same page ids as the KV);
+    # each layer leaves its indexer queries in backend_data[("index_q", layer)] before attention
+    index_keys: torch.Tensor | None = None
 
     @property
     def max_query_len(self) -> int:

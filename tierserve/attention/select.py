@@ -7,6 +7,9 @@ any key in the page is  sum_d max(q_d * kmin_d, q_d * kmax_d)  -- an upper bound
 pages of its recent window (including its own page) and the top-scoring remaining pages, up to
 ``topk_tokens`` tokens in all; exact attention then runs over the chosen pages only. While a
 sequence is no longer than ``topk_tokens`` attention stays dense.
+
+``indexer`` selector: a trained lightning indexer scores every cached token (attention/indexer.py);
+a page scores as its best visible token, one choice shared by all KV heads; same budget and rules.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-SELECTORS = ("pages",)
+SELECTORS = ("pages", "indexer")
 
 
 @dataclass(frozen=True)

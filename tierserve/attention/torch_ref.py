@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tierserve.attention.backend import AttnMetadata, write_kv
+from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.select import page_upper_bounds, select_pages
 
 
@@ -60,7 +61,10 @@ class TorchRefBackend:
         vals = kv[:, :, 1, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
         qp = q[:, :, None, :] if meta.decode_only else q[p["q_index"]].transpose(1, 2)   # [B, Hq, max_q, D]
         if meta.sparse is not None:
-            ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
+            if meta.sparse.selector == "indexer":
+                ub = indexer_page_scores(meta, layer_idx, p["q_index"], p["mask"]).expand(-1, hkv, -1, -1)
+            else:
+                ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
             chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, meta.sparse)   # [B, Hkv, Q, P]
             mask = mask & chosen.repeat_interleave(page, dim=-1)                   # [B, Hkv, Q, L]
         if meta.decode_only:

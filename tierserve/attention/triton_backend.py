@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from tierserve.attention.backend import AttnMetadata, write_kv
+from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
@@ -16,10 +17,16 @@ from tierserve.attention.triton_decode import compact_selection, paged_decode
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 
 
-def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata):
+def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0):
     page = meta.page_size
-    summ = kv_layer[meta.page_table, :, page]                     # [B, P, 2, Hkv, D]: key min / max
-    ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
+    if meta.sparse.selector == "indexer":
+        B, P = meta.page_table.shape
+        visible = torch.arange(P * page, device=q.device)[None, None, :] < meta.seq_lens[:, None, None]
+        ub = indexer_page_scores(meta, layer_idx, torch.arange(B, device=q.device)[:, None], visible)
+        ub = ub.expand(-1, kv_layer.shape[3], -1, -1)
+    else:
+        summ = kv_layer[meta.page_table, :, page]                 # [B, P, 2, Hkv, D]: key min / max
+        ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     cfg = meta.sparse     # at most the top-k budget plus the always-kept sink, recent and own pages
     bound = cfg.topk_tokens // page + -(-cfg.sink_tokens // page) + -(-cfg.recent_tokens // page) + 2
@@ -52,7 +59,7 @@ class TritonBackend:
         if not meta.decode_only:
             return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
-            table, lens = self._select(q, kv_layer, meta)
+            table, lens = self._select(q, kv_layer, meta, layer_idx)
             return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens, scale,
                                 num_splits=meta.num_splits)
         return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,

@@ -95,6 +95,8 @@ def tiers(model: Optional[str] = typer.Option(None, help="checkpoint dir or ship
 def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir (default: tierserve-nano)"),
                   topk: str = typer.Option("128,256,512", help="comma-separated sparse_topk_tokens"),
                   context: int = typer.Option(1023), windows: int = typer.Option(4),
+                  selector: str = typer.Option("pages", help="comma-separated: pages, indexer"),
+                  indexer_path: Optional[str] = typer.Option(None, help="indexer dir (default <model>/indexer)"),
                   output: Path = typer.Option(Path("benchmarks/results/sparse-recall.json"))) -> None:
     """Share of the dense attention mass inside the pages the sparse selector picks, per layer."""
     from tierserve.bench.results import write_result
@@ -103,7 +105,9 @@ def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir
 
     corpus = collect_corpus(seed=0)
     text = "\n".join(read_text(f) for f in corpus.heldout_files)
-    res = measure_recall(model, text, _ints(topk), context, max_windows=windows)
+    res = measure_recall(model, text, _ints(topk), context, max_windows=windows,
+                         selectors=tuple(x.strip() for x in selector.split(",") if x.strip()),
+                         indexer_path=indexer_path)
     typer.echo(f"wrote {write_result(res, output)}  {res['summary']}")
 
 

@@ -11,6 +11,7 @@ import dataclasses
 
 
 from tierserve.attention.backend import AttnMetadata
+from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.select import SparseConfig, page_upper_bounds, select_pages
 from tierserve.attention.torch_ref import TorchRefBackend, _gather_pages
 from tierserve.bench.results import make_result
@@ -39,7 +40,10 @@ class RecallProbe(TorchRefBackend):
         scores = (qp @ keys.repeat_interleave(g, dim=1).transpose(-1, -2)) * scale   # [B, Hq, Q, L]
         scores = scores.masked_fill(~p["mask"][:, None], float("-inf"))
         probs = scores.softmax(-1)
-        ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
+        if self.cfg.selector == "indexer":
+            ub = indexer_page_scores(meta, layer_idx, p["q_index"], p["mask"]).expand(-1, hkv, -1, -1)
+        else:
+            ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
         chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, self.cfg)           # [B, Hkv, Q, P]
         chosen = chosen.repeat_interleave(g, dim=1).repeat_interleave(page, dim=-1)
         recall = (probs * chosen).sum(-1)                                              # [B, Hq, Q]
@@ -52,13 +56,14 @@ class RecallProbe(TorchRefBackend):
 
 
 def measure_recall(model: str | None, text: str, topk_list: list[int], context: int, chunk: int = 32,
-                   max_windows: int = 4) -> dict:
+                   max_windows: int = 4, selectors: tuple[str, ...] = ("pages",), indexer_path: str | None = None
+                   ) -> dict:
     from tierserve import LLM, SamplingParams
 
     rows = []
-    for topk in topk_list:
-        llm = LLM(model, sparse_attention="pages", sparse_topk_tokens=topk, max_model_len=context + 1,
-                  max_num_batched_tokens=chunk, enable_prefix_caching=False)
+    for selector, topk in [(s, t) for s in selectors for t in topk_list]:
+        llm = LLM(model, sparse_attention=selector, sparse_topk_tokens=topk, max_model_len=context + 1,
+                  max_num_batched_tokens=chunk, enable_prefix_caching=False, indexer_path=indexer_path)
         cfg = llm.engine.runner.sparse
         layers = llm.engine.runner.model.layers
         probe = RecallProbe(cfg, len(layers))
@@ -71,11 +76,15 @@ def measure_recall(model: str | None, text: str, topk_list: list[int], context: 
         llm.generate(windows, SamplingParams(temperature=0, max_tokens=1))
         for i in range(len(layers)):
             n = max(probe.count[i], 1)
-            rows.append({"selector": "pages", "topk_tokens": topk, "context": context, "layer": i,
+            rows.append({"selector": selector, "topk_tokens": topk, "context": context, "layer": i,
                          "mass_recall": probe.sum[i] / n, "frac_below_0.9": probe.low[i] / n,
                          "query_heads_measured": probe.count[i]})
-    summary = {f"mean_recall_top{t}": sum(r["mass_recall"] for r in rows if r["topk_tokens"] == t) /
-               max(1, sum(1 for r in rows if r["topk_tokens"] == t)) for t in topk_list}
+    summary = {}
+    for sel in selectors:
+        for t in topk_list:
+            mine = [r["mass_recall"] for r in rows if r["topk_tokens"] == t and r["selector"] == sel]
+            summary[f"mean_recall_top{t}" if sel == "pages" else f"mean_recall_{sel}_top{t}"] = \
+                sum(mine) / max(1, len(mine))
     settings = {"model": model or "tierserve-nano", "context": context, "chunk": chunk, "windows": max_windows,
-                "sink_tokens": 16, "recent_tokens": 64}
+                "sink_tokens": 16, "recent_tokens": 64, "selectors": list(selectors), "indexer_path": indexer_path}
     return make_result("tierserve bench", "sparse-recall", settings, rows, summary)

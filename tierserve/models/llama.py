@@ -38,10 +38,21 @@ class Attention(nn.Module):
         self.backend = backend
         self.window = cfg.sliding_window
         self.scale = self.d ** -0.5
+        self.indexer = None        # attention.indexer.Indexer (sparse_attention="indexer"), with its rope tables
+        self.index_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
                 meta: AttnMetadata) -> torch.Tensor:
+        if self.indexer is not None and meta.index_keys is not None:
+            self._index(x, meta)
         return self.o_proj(self.attend(self.qkv_proj(x), rope, kv, meta))
+
+    def _index(self, x: torch.Tensor, meta: AttnMetadata) -> None:
+        """Indexer keys of the new tokens into the paged index cache; its queries for the selector."""
+        cos, sin = self.index_tables
+        q, k, w = self.indexer(x, cos[meta.positions], sin[meta.positions])
+        meta.index_keys[meta.slot_pages, self.layer_idx, meta.slot_offsets] = k.to(meta.index_keys.dtype)
+        meta.backend_data[("index_q", self.layer_idx)] = (q, w)
 
     def attend(self, qkv: torch.Tensor, rope, kv: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         """Everything between the q/k/v projection and o_proj: [T, (Hq+2Hkv)*D] -> [T, Hq*D]."""
@@ -168,7 +179,21 @@ class LlamaForCausalLM(nn.Module):
         self.fused = True
         linears = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        self.gemv = gemv and all(type(m) is nn.Linear and m.bias is None for m in linears)
+        self.gemv = gemv and all(type(m) is nn.Linear and m.bias is None for m in linears) \
+            and all(layer.self_attn.indexer is None for layer in self.layers)
+
+    def attach_indexers(self, indexers) -> None:
+        """Per-layer lightning indexers (attention/indexer.py) for the ``indexer`` sparse selector."""
+        c = indexers.cfg
+        if (c.num_layers, c.hidden_size, c.dim) != (len(self.layers), self.cfg.hidden_size, self.cfg.head_dim):
+            raise ValueError(f"indexer was trained for layers={c.num_layers}, hidden={c.hidden_size}, "
+                             f"dim={c.dim}; this model has {len(self.layers)}, {self.cfg.hidden_size}, "
+                             f"head dim {self.cfg.head_dim}")
+        self.indexers = indexers
+        for layer, idx in zip(self.layers, indexers.layers):
+            layer.self_attn.indexer = idx
+            layer.self_attn.index_tables = (self.rotary.cos, self.rotary.sin)
+        self.gemv = False          # the decode GEMV folds the norm away: the indexer needs its input
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -86,12 +86,22 @@ class ModelRunner:
         if config.sparse_attention:
             from tierserve.attention.select import SparseConfig
             self.sparse = SparseConfig(config.sparse_attention, config.sparse_topk_tokens)
+        use_index = self.sparse is not None and self.sparse.selector == "indexer"
+        if use_index:                 # trained lightning indexers; their keys are paged beside the KV
+            from tierserve.attention.indexer import IndexerSet
+            self.model.attach_indexers(IndexerSet.load(config.indexer_path or model_path / "indexer",
+                                                       self.device, self.dtype))
+        pages_summary = self.sparse is not None and self.sparse.selector == "pages"
         self.layout = KVLayout(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
-                               config.page_size, self.dtype, summary_rows=1 if self.sparse else 0)
+                               config.page_size, self.dtype, summary_rows=1 if pages_summary else 0)
+        self._index_page_bytes = (model_cfg.num_layers * config.page_size * model_cfg.head_dim *
+                                  self.dtype.itemsize) if use_index else 0
         self.num_pages = self._num_pages(max_model_len)
         # one extra page that the pool never hands out: CUDA-graph padding rows write there
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
+        self.index_keys = torch.zeros(self.num_pages + 1, model_cfg.num_layers, config.page_size, model_cfg.head_dim,
+                                      dtype=self.dtype, device=self.device) if use_index else None
         self.fp8 = None                    # FP8 KV pages (quantised in place, see runner/kv_fp8.py)
         if config.kv_dtype == "fp8":
             from tierserve.runner.kv_fp8 import Fp8Pages
@@ -118,7 +128,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
 
     def _num_pages(self, max_model_len: int) -> int:
-        c, per_page = self.config, self.layout.bytes_per_page
+        c, per_page = self.config, self.layout.bytes_per_page + self._index_page_bytes
         if c.num_kv_pages is not None:
             return c.num_kv_pages
         if c.gpu_kv_gb is not None:
@@ -286,7 +296,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
-            sparse=self.sparse, kv_fp8=self.fp8)
+            sparse=self.sparse, kv_fp8=self.fp8, index_keys=self.index_keys)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens) + lookahead
             meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)
