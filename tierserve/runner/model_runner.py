@@ -24,7 +24,7 @@ from tierserve.kv.layout import KVCache, KVLayout
 from tierserve.loader.hf import iter_safetensors, safetensors_files
 from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
-from tierserve.runner.sampler import Sampler, SamplingBatch, argmax_rows, plain_greedy
+from tierserve.runner.sampler import Sampler, argmax_rows, sample_requests
 
 log = logging.getLogger("tierserve")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,23 +166,7 @@ class ModelRunner:
             rows = [r for r, _ in sample_rows]
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
         reqs = [s.request for _, s in sample_rows]
-        if all(plain_greedy(r.params) for r in reqs):      # fast path: argmax, nothing else to build
-            tokens = greedy if greedy is not None else argmax_rows(logits)
-            for req, tok in zip(reqs, tokens.tolist()):
-                out.sampled[req.request_id] = tok
-            return out
-        batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
-                                    [r.output_token_ids for r in reqs], [r.generator for r in reqs],
-                                    logits.shape[-1], self.device)
-        res = self.sampler(logits, batch)
-        tokens = res.token_ids.tolist()
-        lps = res.logprobs.tolist() if res.logprobs is not None else None
-        lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
-        for i, req in enumerate(reqs):
-            out.sampled[req.request_id] = tokens[i]
-            if req.params.logprobs is not None and lps is not None:
-                k = 1 + req.params.logprobs
-                out.logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
+        sample_requests(self.sampler, reqs, logits, out.sampled, out.logprobs, greedy)
         return out
 
     def _graph_ok(self, meta: AttnMetadata, plp) -> bool:

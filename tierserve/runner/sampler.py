@@ -236,3 +236,27 @@ def plain_greedy(p: SamplingParams) -> bool:
     """Greedy with nothing that needs the logits beyond their argmax."""
     return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0
             and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)
+
+
+def sample_requests(sampler: "Sampler", reqs, logits: torch.Tensor, sampled: dict, logprobs: dict,
+                    greedy: torch.Tensor | None = None) -> None:
+    """Sample one token per request from its logits row (``logits [len(reqs), V]``, fp32) into
+    ``sampled[request_id]`` (and ``logprobs[request_id]`` when asked for). ``greedy``: argmax tokens
+    already computed on the device (CUDA-graph path)."""
+    if all(plain_greedy(r.params) for r in reqs):      # fast path: argmax, nothing else to build
+        tokens = greedy if greedy is not None else argmax_rows(logits)
+        for req, tok in zip(reqs, tokens.tolist()):
+            sampled[req.request_id] = tok
+        return
+    batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
+                                [r.output_token_ids for r in reqs], [r.generator for r in reqs],
+                                logits.shape[-1], logits.device)
+    res = sampler(logits, batch)
+    tokens = res.token_ids.tolist()
+    lps = res.logprobs.tolist() if res.logprobs is not None else None
+    lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
+    for i, req in enumerate(reqs):
+        sampled[req.request_id] = tokens[i]
+        if req.params.logprobs is not None and lps is not None:
+            k = 1 + req.params.logprobs
+            logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))

@@ -32,7 +32,7 @@ import torch
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
-from tierserve.runner.sampler import Sampler, SamplingBatch, argmax_rows, plain_greedy
+from tierserve.runner.sampler import Sampler, sample_requests
 
 log = logging.getLogger("tierserve")
 
@@ -194,23 +194,7 @@ class StatefulRunner:
         return rows
 
     def _sample(self, reqs, logits: torch.Tensor, out: StepOutput) -> None:
-        """The sampling tail of ``ModelRunner.execute``, on the stacked last rows."""
-        if all(plain_greedy(r.params) for r in reqs):      # fast path: argmax, nothing else to build
-            for req, tok in zip(reqs, argmax_rows(logits).tolist()):
-                out.sampled[req.request_id] = tok
-            return
-        batch = SamplingBatch.build([r.params for r in reqs], [r.prompt_token_ids for r in reqs],
-                                    [r.output_token_ids for r in reqs], [r.generator for r in reqs],
-                                    logits.shape[-1], self.device)
-        res = self.sampler(logits, batch)
-        tokens = res.token_ids.tolist()
-        lps = res.logprobs.tolist() if res.logprobs is not None else None
-        lp_ids = res.logprob_token_ids.tolist() if res.logprob_token_ids is not None else None
-        for i, req in enumerate(reqs):
-            out.sampled[req.request_id] = tokens[i]
-            if req.params.logprobs is not None and lps is not None:
-                k = 1 + req.params.logprobs
-                out.logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
+        sample_requests(self.sampler, reqs, logits, out.sampled, out.logprobs)
 
 
 def _prompt_logprob_range(req, s: ScheduledRequest) -> tuple[int, int] | None:
