@@ -113,7 +113,7 @@ def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8"):
               kv_fp8_keep_recent=8, num_scheduler_steps=steps, enable_prefix_caching=False)
     runner = llm.engine.runner
     calls = {"multi": 0, "decode": 0}
-    multi, fwd = runner.execute_multi, runner.backend.forward
+    multi, fwd = runner.launch_multi, runner.backend.forward
 
     def count_multi(*a, **kw):
         calls["multi"] += 1
@@ -123,7 +123,7 @@ def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8"):
         calls["decode"] += meta.decode_only
         return fwd(q, k, v, kv_layer, meta, *a, **kw)
 
-    runner.execute_multi = count_multi
+    runner.launch_multi = count_multi
     runner.backend.forward = count_fwd
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=logprobs)
     outs = [o.outputs[0] for o in llm.generate(PROMPTS, sp) + llm.generate(LATER, sp)]

@@ -54,11 +54,14 @@ def test_multi_step_decode_identical_and_used(ckpt, one_at_a_time):
     """Greedy steps fed back on the device (num_scheduler_steps) give the plain path's tokens, with
     stops landing inside a multi-step window, and leave no page behind."""
     llm = make(ckpt, num_scheduler_steps=5)
-    calls = []
-    orig = llm.engine.runner.execute_multi
-    llm.engine.runner.execute_multi = lambda so, k: calls.append(k) or orig(so, k)
+    calls, extends = [], []
+    runner = llm.engine.runner
+    orig, orig_ext = runner.launch_multi, runner.extend_multi
+    runner.launch_multi = lambda so, k: calls.append(k) or orig(so, k)
+    runner.extend_multi = lambda w, k, t: extends.append(k) or orig_ext(w, k, t)
     assert tokens(llm.generate(prompts(), GREEDY)) == one_at_a_time
     assert calls and max(calls) == 5
+    assert extends                      # windows were queued behind windows (pipelined)
     assert_pool_empty(llm)
     # stop tokens and odd max_tokens: outputs end exactly where the plain path ends them
     ps = prompts(4, seed=3)
@@ -69,6 +72,28 @@ def test_multi_step_decode_identical_and_used(ckpt, one_at_a_time):
     for a, b in zip(multi, plain):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+    assert_pool_empty(llm)
+
+
+def test_abort_while_multi_step_window_in_flight(ckpt, one_at_a_time):
+    """An abort between engine steps, while a window is queued, leaves the other request's tokens as
+    the plain path's and frees every page."""
+    llm = make(ckpt, num_scheduler_steps=4)
+    eng = llm.engine
+    p = prompts()
+    eng.add_request("keep", p[0], GREEDY)
+    eng.add_request("drop", p[1], GREEDY)
+    done = {}
+    while eng.multi.inflight is None:
+        for o in eng.step():
+            done[o.request_id] = o
+    eng.abort_request("drop")
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            done[o.request_id] = o
+    assert done["keep"].outputs[0].token_ids == one_at_a_time[0]
+    while eng.multi.inflight is not None:       # a speculative window may still be queued
+        eng.step()
     assert_pool_empty(llm)
 
 

@@ -97,6 +97,25 @@ _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def split_buffers(out: torch.Tensor, num_splits: int):
+    """Per-split partial outputs and log-sum-exps [B, Hq, splits(, D)] fp32 with their strides; with one
+    split the kernel writes ``out`` directly (strides of ``out``, no lse)."""
+    B, Hq, D = out.shape
+    if num_splits == 1:
+        return out, out, (out.stride(0), out.stride(1), 0), (0, 0)
+    part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=out.device)
+    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=out.device)
+    return part, lse, (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
+
+
+def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    B, Hq, num_splits, D = part.shape
+    _merge_kernel[(B, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
+                           lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                           NUM_SPLITS=num_splits, SPLIT_PAD=max(triton.next_power_of_2(num_splits), 1),
+                           HEAD_DIM=D)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, num_splits: int, sliding_window: int | None = None,
                  out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int = 4,
@@ -117,15 +136,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     direct = num_splits == 1
-    if direct:
-        part, lse = out, out
-        s_part = (out.stride(0), out.stride(1), 0)
-        s_lse = (0, 0)
-    else:
-        part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-        s_part = (part.stride(0), part.stride(1), part.stride(2))
-        s_lse = (lse.stride(0), lse.stride(1))
+    part, lse, s_part, s_lse = split_buffers(out, num_splits)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, part, lse, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -135,10 +146,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         UPCAST=_INTERPRET,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
-        _merge_kernel[(B, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
-                               lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-                               NUM_SPLITS=num_splits, SPLIT_PAD=max(triton.next_power_of_2(num_splits), 1),
-                               HEAD_DIM=D)
+        merge_splits(part, lse, out)
     return out
 
 

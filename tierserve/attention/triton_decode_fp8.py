@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_decode import _merge_kernel
+from tierserve.attention.triton_decode import merge_splits, split_buffers
 
 
 @triton.jit
@@ -182,15 +182,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     direct = num_splits == 1
-    if direct:
-        part, lse = out, out
-        s_part = (out.stride(0), out.stride(1), 0)
-        s_lse = (0, 0)
-    else:
-        part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-        s_part = (part.stride(0), part.stride(1), part.stride(2))
-        s_lse = (lse.stride(0), lse.stride(1))
+    part, lse, s_part, s_lse = split_buffers(out, num_splits)
     _fp8_decode_split_kernel[(B, Hkv, num_splits)](
         q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
@@ -199,8 +191,5 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
     if not direct:
-        _merge_kernel[(B, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
-                               lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-                               NUM_SPLITS=num_splits, SPLIT_PAD=max(triton.next_power_of_2(num_splits), 1),
-                               HEAD_DIM=D)
+        merge_splits(part, lse, out)
     return out

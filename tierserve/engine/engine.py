@@ -10,6 +10,7 @@ import torch
 
 from tierserve.config import EngineConfig
 from tierserve.engine.outputs import CompletionOutput, RequestOutput
+from tierserve.engine.multi_step import MultiStepDecoder
 from tierserve.engine.request import Request, Status
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.stop import StopChecker
@@ -21,7 +22,6 @@ from tierserve.loader.hf import load_config, load_generation_config, resolve_mod
 from tierserve.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierserve.models.registry import model_config
 from tierserve.runner.factory import make_runner
-from tierserve.runner.sampler import plain_greedy
 from tierserve.sampling import SamplingParams
 
 log = logging.getLogger("tierserve")
@@ -66,6 +66,7 @@ class Engine:
         self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching,
                             tiers=tiers, fp8=fp8)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.multi = MultiStepDecoder(self)          # num_scheduler_steps > 1: pipelined greedy windows
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stop: dict[str, StopChecker] = {}
@@ -186,19 +187,14 @@ class Engine:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.multi.inflight is not None:          # a multi-step window is queued: read it
+            return self._after_multi(self.multi.advance())
         so = self.scheduler.schedule()
         if so.is_empty:
             return []
-        k = self._multi_steps(so)
+        k = self.multi.plan(so)
         if k > 1:
-            outputs = self._step_multi(so, k)
-            if self.kv.fp8 is not None:      # pages that left every full-precision window during the k steps
-                self.runner.fp8.quantise(self.runner.kv.data, self.kv.take_quantise())
-            if self.config.debug_invariants:
-                self.kv.check_invariants()
-                if self.kv.fp8 is not None:
-                    assert self.kv.quantised <= set(self.runner.fp8.quantised.nonzero().flatten().tolist())
-            return outputs
+            return self._after_multi(self.multi.start(so, k))
         tiers = self.kv.tiers
         t0 = time.perf_counter()
         result = self.runner.execute(so, tiers.take_transfers() if tiers is not None else None)
@@ -248,39 +244,13 @@ class Engine:
         if out is not None:
             outputs.append(out)
 
-    def _multi_steps(self, so) -> int:
-        """How many greedy decode steps this batch can run back to back on the device (1: one step).
-        Only when nothing waits to be admitted, every request is a plain greedy decode, and the pages
-        for the extra positions can be had now."""
-        k = self.config.num_scheduler_steps
-        if k < 2 or self.scheduler.waiting or so.preempted or self.kv.tiers is not None \
-                or not self.runner.supports_multi_step():
-            return 1
-        for s in so.scheduled:
-            req = s.request
-            if s.num_tokens != 1 or not s.samples or not plain_greedy(req.params) or \
-                    req.prompt_logprobs is not None:
-                return 1
-            k = min(k, req.max_tokens - len(req.output_token_ids), self.max_model_len - req.num_tokens)
-        if k < 2:
-            return 1
-        for s in so.scheduled:
-            if not self.kv.allocate(s.request.request_id, s.end + k - 1):
-                return 1
-            s.page_table = self.kv.page_table(s.request.request_id)
-        return k
-
-    def _step_multi(self, so, k: int) -> list[RequestOutput]:
-        tokens = self.runner.execute_multi(so, k)
-        outputs: list[RequestOutput] = []
-        now = time.monotonic()
-        for s, row in zip(so.scheduled, tokens):
-            req = s.request
-            for i, tok in enumerate(row):
-                self._accept(req, s.end + i, tok, None, now)
-                if req.is_finished:
-                    break
-            self._emit(req, outputs)
+    def _after_multi(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        if self.kv.fp8 is not None:      # pages that left every full-precision window during the steps
+            self.runner.fp8.quantise(self.runner.kv.data, self.kv.take_quantise())
+        if self.config.debug_invariants:
+            self.kv.check_invariants()
+            if self.kv.fp8 is not None:
+                assert self.kv.quantised <= set(self.runner.fp8.quantised.nonzero().flatten().tolist())
         return outputs
 
     def _check_stop(self, req: Request, tok: int) -> None:

@@ -103,6 +103,13 @@ class DecodeGraphs:
             self.seq_lens[bs:b].fill_(1)
             self.page_table[bs:b].fill_(self.scratch)
 
+    def set_tables(self, bs: int, table: torch.Tensor) -> None:
+        """New page tables for the fed-back inputs (the next multi-step window of the same batch): the
+        slot of each row's next position is looked up again."""
+        self.page_table[:bs, :table.shape[1]].copy_(table)
+        idx = (self.positions[:bs] // self.page_size).clamp(max=self.max_pages - 1)
+        self.slot_pages[:bs].copy_(self.page_table[:bs].gather(1, idx[:, None])[:, 0])
+
     def replay(self, bs: int) -> torch.Tensor:
         """One decode step on the loaded (or fed-back) inputs; returns the logits [bs, V]."""
         b = self.bucket_for(bs)

@@ -6,7 +6,6 @@ device and returns plain Python results (one host sync per step).
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ from tierserve.kv.layout import KVCache, KVLayout
 from tierserve.loader.hf import iter_safetensors, safetensors_files
 from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
-from tierserve.runner.sampler import Sampler, argmax_rows, sample_requests
+from tierserve.runner import multi_step
+from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 
 log = logging.getLogger("tierserve")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -185,31 +185,18 @@ class ModelRunner:
         """``steps`` greedy decode steps for a pure-decode batch whose page tables already cover
         ``steps`` new positions; each step's argmax is the next step's input. One host sync.
         Returns the tokens [request][step] (the caller drops those after a stop)."""
-        meta, ids, _, _ = self._prepare(so, lookahead=steps - 1)
-        B = meta.num_seqs
-        toks = torch.empty(B, steps, dtype=torch.int64, device=self.device)
-        if self.fp8 is not None:        # every page the k steps write holds full-precision tokens
-            pos = meta.positions[:, None] + torch.arange(steps, device=self.device)
-            self.fp8.on_write(meta.page_table.gather(1, pos // meta.page_size))
-        if self._graph_ok(meta, None):
-            self.graphs.load(B, ids, meta.positions, meta.slot_pages, meta.slot_offsets, meta.seq_lens,
-                             meta.page_table)
-            for i in range(steps):
-                self.graphs.replay(B)
-                toks[:, i] = self.graphs.next_tokens[:B]
-            return toks.tolist()
-        ps, rows = meta.page_size, torch.arange(B, device=self.device)
-        for i in range(steps):
-            hidden = self.model(ids, meta.positions, self.kv, meta)
-            ids = argmax_rows(self.model.compute_logits(hidden).float())
-            toks[:, i] = ids
-            if i == steps - 1:
-                break
-            pos = meta.positions + 1
-            meta = dataclasses.replace(
-                meta, positions=pos, seq_lens=meta.seq_lens + 1, slot_pages=meta.page_table[rows, pos // ps],
-                slot_offsets=pos % ps, seq_lens_cpu=[n + 1 for n in meta.seq_lens_cpu], backend_data={})
-        return toks.tolist()
+        return multi_step.collect(self.launch_multi(so, steps))
+
+    @torch.inference_mode()
+    def launch_multi(self, so: SchedulerOutput, steps: int) -> multi_step.Window:
+        """Queue a multi-step window without waiting for it (runner/multi_step.py)."""
+        return multi_step.launch(self, so, steps)
+
+    @torch.inference_mode()
+    def extend_multi(self, window: multi_step.Window, steps: int, tables: list[list[int]]) -> multi_step.Window:
+        return multi_step.extend(self, window, steps, tables)
+
+    collect_multi = staticmethod(multi_step.collect)
 
     def set_tokenizer(self, tokenizer) -> None:
         """Models with Engram hash canonical token ids, which come from the tokenizer."""
@@ -288,20 +275,8 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden: torch.Tensor, plp, out: StepOutput) -> None:
         for req, row, n, pos0 in plp:
-            k = req.params.prompt_logprobs
-            logits = self.model.compute_logits(hidden[row:row + n]).float()
-            lsm = torch.log_softmax(logits, dim=-1)
-            tgt = req.all_token_ids[pos0 + 1:pos0 + 1 + n]
-            target = torch.tensor(tgt, device=self.device)
-            tgt_lp = lsm.gather(1, target[:, None])[:, 0].tolist()
-            top_lp, top_id = (lsm.topk(k, dim=-1) if k > 0 else (None, None))
-            rows = []
-            for i in range(n):
-                d = {tgt[i]: tgt_lp[i]}
-                if k > 0:
-                    d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
-                rows.append(d)
-            out.prompt_logprobs[req.request_id] = rows
+            logits = self.model.compute_logits(hidden[row:row + n])
+            out.prompt_logprobs[req.request_id] = prompt_logprob_rows(req, logits, pos0)
 
 
 def _make_backend(name: str, device: torch.device):

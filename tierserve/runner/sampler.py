@@ -260,3 +260,21 @@ def sample_requests(sampler: "Sampler", reqs, logits: torch.Tensor, sampled: dic
         if req.params.logprobs is not None and lps is not None:
             k = 1 + req.params.logprobs
             logprobs[req.request_id] = dict(zip(lp_ids[i][:k], lps[i][:k]))
+
+
+def prompt_logprob_rows(req, logits: torch.Tensor, pos0: int) -> list[dict[int, float]]:
+    """Log-probs of the prompt tokens at positions ``pos0+1 ..`` from the logits of positions ``pos0 ..``:
+    the actual token's, plus the top ``params.prompt_logprobs``."""
+    k = req.params.prompt_logprobs
+    n = logits.shape[0]
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    tgt = req.all_token_ids[pos0 + 1:pos0 + 1 + n]
+    tgt_lp = lsm.gather(1, torch.tensor(tgt, device=lsm.device)[:, None])[:, 0].tolist()
+    top_lp, top_id = (lsm.topk(k, dim=-1) if k > 0 else (None, None))
+    rows = []
+    for i in range(n):
+        d = {tgt[i]: tgt_lp[i]}
+        if k > 0:
+            d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
+        rows.append(d)
+    return rows

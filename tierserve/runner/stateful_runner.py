@@ -32,7 +32,7 @@ import torch
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
-from tierserve.runner.sampler import Sampler, sample_requests
+from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 
 log = logging.getLogger("tierserve")
 
@@ -178,20 +178,7 @@ class StatefulRunner:
         return logits[-1] if s.samples else None
 
     def _prompt_logprobs(self, req, logits: torch.Tensor, pos0: int) -> list[dict[int, float]]:
-        """Log-probs of prompt tokens ``pos0+1 ..`` from the logits of positions ``pos0 ..`` (as ModelRunner)."""
-        k = req.params.prompt_logprobs
-        n = logits.shape[0]
-        lsm = torch.log_softmax(logits.float(), dim=-1)
-        tgt = req.all_token_ids[pos0 + 1:pos0 + 1 + n]
-        tgt_lp = lsm.gather(1, torch.tensor(tgt, device=lsm.device)[:, None])[:, 0].tolist()
-        top_lp, top_id = (lsm.topk(k, dim=-1) if k > 0 else (None, None))
-        rows = []
-        for i in range(n):
-            d = {tgt[i]: tgt_lp[i]}
-            if k > 0:
-                d.update(zip(top_id[i].tolist(), top_lp[i].tolist()))
-            rows.append(d)
-        return rows
+        return prompt_logprob_rows(req, logits, pos0)
 
     def _sample(self, reqs, logits: torch.Tensor, out: StepOutput) -> None:
         sample_requests(self.sampler, reqs, logits, out.sampled, out.logprobs)

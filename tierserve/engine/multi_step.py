@@ -1,0 +1,104 @@
+"""Engine side of multi-step greedy decode (``num_scheduler_steps``), pipelined.
+
+While every running request is a plain greedy decode and nothing waits, the engine hands the runner a
+window of k decode steps (runner/multi_step.py) and, before reading its tokens, queues the next window
+of the same batch behind it; then it reads the first window and does the host work (stop checks,
+detokenising, prefix-cache bookkeeping) while the GPU runs the second. A request that stops inside a
+window still occupies its row of the window queued behind (those tokens are dropped; the pages it wrote
+are freed with the request and only reused by work queued later on the same stream). The queue ends
+when a request finishes, a request waits, or a budget (max_tokens, max_model_len) gets short.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tierserve.engine.outputs import RequestOutput
+from tierserve.engine.scheduler import SchedulerOutput
+from tierserve.runner.sampler import plain_greedy
+
+
+@dataclass
+class EngineWindow:
+    so: SchedulerOutput
+    bases: list[int]          # per request: tokens in the KV cache after the window's first step
+    handle: object            # runner.multi_step.Window
+    steps: int
+
+
+class MultiStepDecoder:
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.inflight: EngineWindow | None = None
+
+    def plan(self, so: SchedulerOutput) -> int:
+        """Steps this freshly scheduled batch can run back to back (1: one ordinary step). Allocates
+        the pages of the extra positions."""
+        e = self.engine
+        k = e.config.num_scheduler_steps
+        if k < 2 or e.scheduler.waiting or so.preempted or e.kv.tiers is not None \
+                or not e.runner.supports_multi_step():
+            return 1
+        for s in so.scheduled:
+            req = s.request
+            if s.num_tokens != 1 or not s.samples or not plain_greedy(req.params) or \
+                    req.prompt_logprobs is not None:
+                return 1
+            k = min(k, self._room(req, 0))
+        if k < 2 or not self._allocate(so, [s.end for s in so.scheduled], k):
+            return 1
+        return k
+
+    def start(self, so: SchedulerOutput, k: int) -> list[RequestOutput]:
+        bases = [s.end for s in so.scheduled]
+        self.inflight = EngineWindow(so, bases, self.engine.runner.launch_multi(so, k), k)
+        return self.advance()
+
+    def advance(self) -> list[RequestOutput]:
+        """Queue the next window behind the one in flight, then read the one in flight."""
+        w = self.inflight
+        self.inflight = self._extend(w)
+        outputs = self._collect(w)
+        if self.inflight is not None and all(s.request.is_finished for s in self.inflight.so.scheduled):
+            self.inflight = None             # nothing left to read in it
+        return outputs
+
+    def _room(self, req, ahead: int) -> int:
+        """Steps left for ``req`` after ``ahead`` steps not yet read: max_tokens and max_model_len."""
+        e = self.engine
+        return min(req.max_tokens - len(req.output_token_ids), e.max_model_len - req.num_tokens) - ahead
+
+    def _allocate(self, so: SchedulerOutput, bases: list[int], k: int) -> bool:
+        kv = self.engine.kv
+        for s, base in zip(so.scheduled, bases):
+            if not kv.allocate(s.request.request_id, base + k - 1):
+                return False
+            s.page_table = kv.page_table(s.request.request_id)
+        return True
+
+    def _extend(self, w: EngineWindow) -> EngineWindow | None:
+        e = self.engine
+        if e.scheduler.waiting or any(s.request.is_finished for s in w.so.scheduled):
+            return None
+        k = min([e.config.num_scheduler_steps] + [self._room(s.request, w.steps) for s in w.so.scheduled])
+        bases = [b + w.steps for b in w.bases]
+        if k < 2 or not self._allocate(w.so, bases, k):
+            return None
+        handle = e.runner.extend_multi(w.handle, k, [s.page_table for s in w.so.scheduled])
+        return EngineWindow(w.so, bases, handle, k)
+
+    def _collect(self, w: EngineWindow) -> list[RequestOutput]:
+        e = self.engine
+        tokens = e.runner.collect_multi(w.handle)
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for s, base, row in zip(w.so.scheduled, w.bases, tokens):
+            req = s.request
+            if req.is_finished:              # stopped in an earlier window, or aborted meanwhile
+                continue
+            for i, tok in enumerate(row):
+                e._accept(req, base + i, tok, None, now)
+                if req.is_finished:
+                    break
+            e._emit(req, outputs)
+        return outputs
