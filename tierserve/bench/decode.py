@@ -68,7 +68,9 @@ def run_tierserve(llm, case: DecodeCase, prompts) -> dict:
     n_dec = case.batch * (case.new_tokens - 1)
     return {"engine": "tierserve", "tok_s": n_dec / decode_s if decode_s > 0 else float("nan"),
             "ms_per_token": 1e3 * decode_s / max(case.new_tokens - 1, 1), "ttft_s": t_first - t0,
-            "median_step_ms": 1e3 * statistics.median(step_times) if step_times else None,
+            # an engine step returns up to num_scheduler_steps tokens per request (one host sync)
+            "median_ms_per_engine_step": 1e3 * statistics.median(step_times) if step_times else None,
+            "engine_steps": len(step_times),
             "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
             "tokens": [done[f"b{i}"] for i in range(len(prompts))]}
 
