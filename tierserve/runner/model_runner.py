@@ -20,7 +20,8 @@ from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import SchedulerOutput
 from tierserve.kv.layout import KVCache, KVLayout
-from tierserve.loader.hf import iter_safetensors, safetensors_files
+from tierserve.loader.hf import iter_safetensors, load_config, safetensors_files
+from tierserve.quant.fp8 import fp8_format_from_hf
 from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
 from tierserve.runner import multi_step
@@ -74,7 +75,13 @@ class ModelRunner:
                 if getattr(layer, "engram", None) is not None:
                     layer.engram.reset_parameters(torch.Generator().manual_seed(config.seed))
         else:
-            model.load_weights(iter_safetensors(safetensors_files(model_path), self.device, progress))
+            weights = iter_safetensors(safetensors_files(model_path), self.device, progress)
+            fmt = fp8_format_from_hf(load_config(model_path))
+            if fmt is not None:         # block-scaled FP8 checkpoint: codes and scales load as stored
+                from tierserve.quant.fp8_linear import pair_fp8_weights
+                model.use_fp8_checkpoint(fmt.block_size, fmt.pow2_scale)
+                weights = pair_fp8_weights(weights)
+            model.load_weights(weights)
         if config.quantization == "fp8":
             from tierserve.quant.fp8_linear import quantize_model_fp8
             quantize_model_fp8(model)
