@@ -21,7 +21,8 @@ def prompts(n=4):
 
 
 def run(path, ps, **kw):
-    llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=256, **kw)
+    kw.setdefault("max_model_len", 256)
+    llm = LLM(str(path), dtype="float32", device="cpu", **kw)
     return [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
             for o in llm.generate(ps, SP)], llm
 
@@ -49,3 +50,32 @@ def test_chunked_batched_and_prefix_hit_unchanged(ckpt):
     a = llm.generate([ps[0]], SP)[0]
     b = llm.generate([ps[0]], SP)[0]
     assert b.num_cached_tokens > 0 and b.outputs[0].token_ids == a.outputs[0].token_ids == alone[0]
+
+
+@pytest.fixture(scope="module")
+def conv_ckpt(tmp_path_factory):
+    return make_engram_checkpoint(tmp_path_factory.mktemp("engram-conv") / "m", conv_kernel_size=3)
+
+
+def test_conv_state_carried_across_steps_equals_full_recompute(conv_ckpt, ckpt):
+    """Engram with a causal conv: the per-request conv history kept between engine steps (decode, chunked
+    prefill, batching, preemption) gives what one pass over the whole sequence gives."""
+    ps = prompts(3)
+    ref, llm = run(conv_ckpt, ps, num_scheduler_steps=1)
+    assert llm.engine.runner.engram_conv and not llm.engine.config.enable_prefix_caching
+    assert not llm.engine.runner.engram_conv.states                 # released when requests finish
+    assert [t for t, _ in run(ckpt, ps)[0]] != [t for t, _ in ref]  # the conv really changes the model
+    for kw in ({"max_num_batched_tokens": 7}, {"num_kv_pages": 8, "max_model_len": 128, "max_num_batched_tokens": 16}):
+        got, llm2 = run(conv_ckpt, ps, **kw)
+        if "num_kv_pages" in kw:
+            assert llm2.engine.scheduler.num_preemptions > 0
+        for (t1, l1), (t2, l2) in zip(got, ref):
+            assert t1 == t2, kw
+            assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4, kw
+    # full recompute: each generated token's logprob from one prefill pass over prompt + generation
+    full = LLM(str(conv_ckpt), dtype="float32", device="cpu", max_model_len=256)
+    for p, (toks, lps) in zip(ps, ref):
+        out = full.generate([p + toks], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+        tail = out.prompt_logprobs[len(p):]
+        for tok, lp, row in zip(toks, lps, tail):
+            assert abs(row[tok] - lp) < 1e-4

@@ -206,9 +206,6 @@ class LlamaForCausalLM(nn.Module):
         from tierserve.memory.engram import Engram
 
         ecfg = self.cfg.engram
-        if ecfg.conv_kernel_size:
-            raise ValueError("engram.conv_kernel_size > 0 needs per-request conv state, which the engine "
-                             "does not keep yet; use conv_kernel_size 0 (the V4.1 layout)")
         if placement is not None:
             ecfg = replace(ecfg, placement=placement)
             self.cfg.engram = ecfg

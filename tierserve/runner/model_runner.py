@@ -116,6 +116,12 @@ class ModelRunner:
                                 config.kv_fp8_keep_recent, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.engram_hasher = None          # set by set_tokenizer for models with Engram
+        self.engram_conv = None            # Engram conv history per request (conv_kernel_size > 0)
+        if model_cfg.engram is not None:
+            from tierserve.memory.engram import engram_modules
+            from tierserve.runner.engram_state import EngramConvStates
+            self.engram_conv = EngramConvStates(engram_modules(self.model))
+        self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
@@ -166,6 +172,8 @@ class ModelRunner:
         else:
             engram = self._engram_step(so, input_ids, meta) if self.engram_hasher is not None else None
             hidden = self.model(input_ids, meta.positions, self.kv, meta, engram)
+            if engram is not None and self.engram_conv:
+                self.engram_conv.store(so, engram.new_conv_state)
             if plp:
                 self._prompt_logprobs(hidden, plp, out)
             if not sample_rows:
@@ -205,6 +213,11 @@ class ModelRunner:
 
     collect_multi = staticmethod(multi_step.collect)
 
+    def release(self, request_id: str) -> None:
+        """A request finished or was aborted: drop its per-request state."""
+        if self.engram_conv:
+            self.engram_conv.release(request_id)
+
     def set_tokenizer(self, tokenizer) -> None:
         """Models with Engram hash canonical token ids, which come from the tokenizer."""
         if self.model_cfg.engram is None:
@@ -221,11 +234,12 @@ class ModelRunner:
         from tierserve.memory.engram import engram_modules, prepare_engram_step
         from tierserve.memory.engram_hash import engram_history
 
+        conv = self.engram_conv.gather(so, self.device, self.dtype) if self.engram_conv else None
         look = self.model_cfg.engram.lookback
         hist = torch.tensor([engram_history(s.request.all_token_ids, s.start, look) for s in so.scheduled],
                             dtype=torch.int64)
         return prepare_engram_step(engram_modules(self.model), self.engram_hasher, input_ids.cpu(),
-                                   meta.query_start_loc.cpu(), hist)
+                                   meta.query_start_loc.cpu(), hist, conv)
 
     def tiers_apply(self, transfers) -> None:
         """Move pages between the KV storage and lower tiers before this step's forward pass."""
