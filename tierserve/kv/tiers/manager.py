@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -20,6 +21,8 @@ import torch
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers.disk import DiskTier
 from tierserve.kv.tiers.host import HostTier
+
+log = logging.getLogger("tierserve")
 
 TIERS = ("gpu", "cpu", "disk", "remote")
 _DEFAULT_BW = {"cpu": 10e9, "disk": 1.5e9, "remote": 0.5e9}     # bytes/s until measured
@@ -65,6 +68,7 @@ class TierManager:
         self.prefill_s_per_token: float | None = None
         self.hits = {t: 0 for t in TIERS}             # pages served per tier
         self._pending = KVTransfers()
+        self.zero_copy: bool | None = None            # GPU reads CPU-RAM hits from pinned memory (None: untried)
 
     @property
     def enabled(self) -> bool:
@@ -211,9 +215,11 @@ class TierManager:
         if cpu:
             t0 = time.perf_counter()
             slots = torch.tensor([s for _, s in cpu])
-            staging = torch.empty((len(cpu), *self.page_shape), dtype=self.dtype, pin_memory=pin)
-            torch.index_select(self.host.data, 0, slots, out=staging)
-            kv_data[torch.tensor([p for p, _ in cpu], device=dev)] = staging.to(dev, non_blocking=pin)
+            pids = torch.tensor([p for p, _ in cpu], device=dev)
+            if not (pin and self.zero_copy is not False and self._gather_zero_copy(slots, pids, kv_data)):
+                staging = torch.empty((len(cpu), *self.page_shape), dtype=self.dtype, pin_memory=pin)
+                torch.index_select(self.host.data, 0, slots, out=staging)
+                kv_data[pids] = staging.to(dev, non_blocking=pin)
             if pin:
                 torch.cuda.current_stream(dev).synchronize()
             self._measure("cpu", len(cpu) * self.page_bytes, time.perf_counter() - t0)
@@ -223,6 +229,25 @@ class TierManager:
             for i, (_, hit) in enumerate(other):
                 flat[i].copy_(torch.frombuffer(bytearray(hit.payload), dtype=torch.uint8))
             kv_data[torch.tensor([p for p, _ in other], device=dev)] = staging.to(dev, non_blocking=pin)
+
+    def _gather_zero_copy(self, slots: torch.Tensor, pids: torch.Tensor, kv_data: torch.Tensor) -> bool:
+        """CPU-RAM hits read by a GPU kernel straight from pinned memory (kv/tiers/zero_copy.py). The first
+        use is checked against the host copy; any failure turns it off for good (staging copy instead)."""
+        try:
+            from tierserve.kv.tiers.zero_copy import gather_pages
+
+            gather_pages(self.host.data, slots.to(kv_data.device), kv_data, pids)
+            if self.zero_copy is None:
+                ok = torch.equal(kv_data[pids[:1]].cpu(), self.host.data[slots[:1]])
+                if not ok:
+                    raise RuntimeError("gathered page differs from the host page")
+                self.zero_copy = True
+            return True
+        except Exception as e:        # no Triton, or pinned memory the device cannot address
+            log.warning("zero-copy read of CPU-RAM KV pages is off (%s: %s); using a staging copy",
+                        type(e).__name__, e)
+            self.zero_copy = False
+            return False
 
     def flush(self) -> None:
         for tier in (self.disk, self.remote):
