@@ -6,6 +6,8 @@ back to the torch reference.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from tierserve.attention.backend import AttnMetadata, write_kv
@@ -15,6 +17,8 @@ from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
 from tierserve.attention.triton_decode import compact_selection, paged_decode
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+
+log = logging.getLogger("tierserve")
 
 
 def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0):
@@ -38,6 +42,7 @@ class TritonBackend:
 
     def __init__(self) -> None:
         self._ref = TorchRefBackend()
+        self.host_reads: bool | None = None    # decode reads spilled pages from CPU RAM (None: not yet checked)
 
     _select = staticmethod(_select_pages)
 
@@ -46,6 +51,9 @@ class TritonBackend:
         sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only)
         # FP8 KV pages: pure decode steps through the dequantising kernel, other steps the torch reference
         fp8_ok = meta.kv_fp8 is None or (meta.decode_only and meta.sparse is None)
+        if meta.host_kv is not None and meta.host_ram_only and meta.decode_only and meta.sparse is None \
+                and meta.kv_fp8 is None and self.host_reads is not False:
+            return self._decode_host(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if meta.host_kv is not None or not sparse_ok or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
@@ -64,6 +72,31 @@ class TritonBackend:
                                 num_splits=meta.num_splits)
         return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, sliding_window=sliding_window)
+
+    def _decode_host(self, q, k, v, kv_layer, meta: AttnMetadata, scale, window, layer_idx, kv_written):
+        """Decode over pages partly spilled to CPU RAM: the kernel reads those straight from (pinned) host
+        memory, no gather. Checked once against the reference; any failure turns it off (reference)."""
+        if not kv_written:
+            write_kv(k, v, kv_layer, meta)
+        page = meta.page_size
+        store = meta.host_kv[0][1]
+        try:
+            out = paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens,
+                               scale, num_splits=meta.num_splits, sliding_window=window,
+                               host_cache=(store[:, layer_idx, 0, :page], store[:, layer_idx, 1, :page]),
+                               num_device_pages=kv_layer.shape[0])
+            if self.host_reads is None:
+                want = self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
+                tol = 1e-3 if q.dtype == torch.float32 else 3e-2
+                if not torch.allclose(out.float(), want.float(), atol=tol, rtol=tol):
+                    raise RuntimeError("differs from the reference")
+                self.host_reads = True
+            return out
+        except Exception as e:      # pinned memory the device cannot address, or a wrong read
+            log.warning("decode reading spilled KV pages from CPU RAM is off (%s: %s); gathering them instead",
+                        type(e).__name__, e)
+            self.host_reads = False
+            return self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
 
     @staticmethod
     def _mixed(q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None) -> torch.Tensor:

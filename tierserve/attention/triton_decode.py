@@ -22,10 +22,11 @@ from tierserve.attention.backend import choose_splits  # noqa: F401  (re-export)
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr, qk_scale,
                          s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ptb, s_pth, s_slb, s_slh,
-                         s_ob, s_oh, s_os, s_lb, s_lh,
+                         s_ob, s_oh, s_os, s_lb, s_lh, hk_ptr, hv_ptr, s_hkp, s_hvp, n_dev,
                          NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         WINDOW: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr):
+                         WINDOW: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+                         HOST: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -52,10 +53,22 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
         t_mask = t < end
         page = tl.load(pt_ptr + b * s_ptb + kvh * s_pth + t // PAGE, mask=t_mask, other=0).to(tl.int64)
         off = (t % PAGE).to(tl.int64)
-        k = tl.load(k_ptr + page[:, None] * s_kp + off[:, None] * s_kt + kvh * s_kh + d[None, :],
-                    mask=t_mask[:, None], other=0.0)
-        v = tl.load(v_ptr + page[:, None] * s_vp + off[:, None] * s_vt + kvh * s_vh + d[None, :],
-                    mask=t_mask[:, None], other=0.0)
+        if HOST:       # page ids >= n_dev are host slots: read from pinned CPU RAM (same layout)
+            on_host = page >= n_dev
+            dp = tl.where(on_host, 0, page)
+            hp = tl.where(on_host, page - n_dev, 0)
+            dm, hm = t_mask & (page < n_dev), t_mask & on_host
+            row = off[:, None] * s_kt + kvh * s_kh + d[None, :]
+            k = tl.load(k_ptr + dp[:, None] * s_kp + row, mask=dm[:, None], other=0.0) + \
+                tl.load(hk_ptr + hp[:, None] * s_hkp + row, mask=hm[:, None], other=0.0)
+            row = off[:, None] * s_vt + kvh * s_vh + d[None, :]
+            v = tl.load(v_ptr + dp[:, None] * s_vp + row, mask=dm[:, None], other=0.0) + \
+                tl.load(hv_ptr + hp[:, None] * s_hvp + row, mask=hm[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + page[:, None] * s_kp + off[:, None] * s_kt + kvh * s_kh + d[None, :],
+                        mask=t_mask[:, None], other=0.0)
+            v = tl.load(v_ptr + page[:, None] * s_vp + off[:, None] * s_vt + kvh * s_vh + d[None, :],
+                        mask=t_mask[:, None], other=0.0)
         if UPCAST:     # the CPU interpreter's dot mishandles bf16; the GPU multiplies bf16 directly
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale          # [G, N], log2 units
@@ -119,10 +132,13 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, num_splits: int, sliding_window: int | None = None,
                  out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int = 4,
-                 num_stages: int = 2) -> torch.Tensor:
+                 num_stages: int = 2, host_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 num_device_pages: int = 0) -> torch.Tensor:
     """q [B, Hq, D]; caches [N, page, Hkv, D] (strided views allowed, last dim contiguous);
     page_table [B, max_pages] (or [B, Hkv, K] per KV head); seq_lens [B] (or [B, Hkv]), each >= 1.
-    Returns [B, Hq, D]. Each sequence's keys are split evenly over ``num_splits`` programs."""
+    Returns [B, Hq, D]. Each sequence's keys are split evenly over ``num_splits`` programs.
+    ``host_cache``: (K, V) views of spilled pages in (pinned) CPU RAM with the caches' per-page layout;
+    page ids >= ``num_device_pages`` are read from there (slot = id - num_device_pages)."""
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_cache.shape
     if block_n is None:     # H200 sweep: 128-token blocks when one program reads a whole sequence
@@ -137,13 +153,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     direct = num_splits == 1
     part, lse, s_part, s_lse = split_buffers(out, num_splits)
+    hk, hv = host_cache if host_cache is not None else (k_cache, v_cache)
+    if host_cache is not None:
+        assert hk.stride()[1:] == k_cache.stride()[1:] and hv.stride()[1:] == v_cache.stride()[1:], \
+            "host pages must have the device pages' layout"
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, part, lse, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), page_table.stride(0), s_pth, s_slb, s_slh,
-        *s_part, *s_lse, NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
+        *s_part, *s_lse, hk, hv, hk.stride(0), hv.stride(0), num_device_pages,
+        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page, BLOCK_N=block_n, WINDOW=sliding_window or 0, DIRECT=direct,
-        UPCAST=_INTERPRET,
+        UPCAST=_INTERPRET, HOST=host_cache is not None,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)

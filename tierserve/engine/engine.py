@@ -56,6 +56,7 @@ class Engine:
         host_pages = tiers.spill_capacity if tiers is not None else 0
         if host_pages:
             self.runner.host_kv = tiers.spill_stores()
+            self.runner.host_ram_slots = tiers.host.num_pages if tiers.host is not None else 0
         cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "

@@ -123,6 +123,7 @@ class ModelRunner:
             self.engram_conv = EngramConvStates(engram_modules(self.model))
         self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
+        self.host_ram_slots = 0                      # host_kv's first store is CPU RAM with this many slots
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and self.sparse is None:
@@ -250,7 +251,7 @@ class ModelRunner:
         ps = self.config.page_size
         pos_l, page_l, off_l, ids_l, qsl, seq_lens, qlens = [], [], [], [], [0], [], []
         sample_rows, plp = [], []
-        n_dev, has_host = self.kv.data.shape[0], False
+        n_dev, has_host, max_slot = self.kv.data.shape[0], False, -1
         max_pages = max(-(-(s.end + lookahead) // ps) for s in so.scheduled)
         table = np.zeros((len(so.scheduled), max_pages), dtype=np.int64)
         for b, s in enumerate(so.scheduled):
@@ -258,6 +259,7 @@ class ModelRunner:
             pos = np.arange(s.start, s.end, dtype=np.int64)
             pt = np.asarray(s.page_table[:max_pages], dtype=np.int64)
             if (pt < 0).any():               # spilled to CPU RAM: virtual ids after the device pages
+                max_slot = max(max_slot, int((-pt[pt < 0] - 1).max()))
                 pt = np.where(pt < 0, n_dev - pt - 1, pt)
                 has_host = True
             table[b, :len(pt)] = pt
@@ -288,6 +290,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
+            host_ram_only=has_host and max_slot < self.host_ram_slots,
             sparse=self.sparse, kv_fp8=self.fp8, index_keys=self.index_keys)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens) + lookahead
