@@ -79,3 +79,22 @@ def test_triton_decode_reads_spilled_pages_from_cpu_ram(tmp_path):
     assert outs["triton"] == outs["torch_ref"]
     assert llms["triton"].engine.kv.num_spilled > 0
     assert llms["triton"].engine.runner.backend.host_reads is True     # the host path ran and was checked
+
+
+def test_triton_sparse_decode_over_spilled_pages(tmp_path):
+    """Sparse decode with most pages in CPU RAM: pages are scored from summaries kept on the device and
+    only the chosen ones are read (device or host) by the kernel -- same tokens as the reference."""
+    path = make_checkpoint(tmp_path / "m", "llama")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(110)], [0] + [(5 * i + 1) % 400 + 3 for i in range(100)]]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs, llms = {}, {}
+    for be in ("torch_ref", "triton"):
+        llms[be] = LLM(str(path), dtype="float32", device=dev, max_model_len=160, attention_backend=be,
+                       page_size=8, num_kv_pages=24, cpu_kv_gb=0.01, max_num_batched_tokens=16,
+                       enable_prefix_caching=False, sparse_attention="pages", sparse_topk_tokens=88)
+        outs[be] = [o.outputs[0].token_ids for o in llms[be].generate(prompts, sp)]
+    assert outs["triton"] == outs["torch_ref"]
+    eng = llms["triton"].engine
+    assert eng.kv.num_spilled > 0 and eng.runner.host_summaries is not None
+    assert eng.runner.backend.host_reads is True

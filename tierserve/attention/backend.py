@@ -33,6 +33,7 @@ class AttnMetadata:
     # spilled: entry id >= num device pages means host slot (id - num device pages)
     host_kv: list[tuple[int, torch.Tensor]] | None = None    # (first slot, storage) per spill store
     host_ram_only: bool = False    # every spilled page of this step is in the first store (CPU RAM, slot 0 up)
+    host_summaries: torch.Tensor | None = None   # [ram slots, L, 2, summary rows, Hkv, D] on the device
     sparse: Any = None             # attention.select.SparseConfig when sparse attention is on
     kv_fp8: Any = None             # runner.kv_fp8.Fp8Pages when kv_dtype=fp8 (quantised flags + read rule)
     # sparse selector "indexer": per-token index keys [pages, layers, page, dim] (same page ids as the KV);

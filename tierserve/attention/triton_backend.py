@@ -29,7 +29,11 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
         ub = indexer_page_scores(meta, layer_idx, torch.arange(B, device=q.device)[:, None], visible)
         ub = ub.expand(-1, kv_layer.shape[3], -1, -1)
     else:
-        summ = kv_layer[meta.page_table, :, page]                 # [B, P, 2, Hkv, D]: key min / max
+        pt, n_dev = meta.page_table, kv_layer.shape[0]
+        summ = kv_layer[pt.clamp(max=n_dev - 1), :, page]         # [B, P, 2, Hkv, D]: key min / max
+        if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
+            host = meta.host_summaries[(pt - n_dev).clamp(min=0), layer_idx, :, 0]
+            summ = torch.where((pt >= n_dev)[..., None, None, None], host, summ)
         ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     cfg = meta.sparse     # at most the top-k budget plus the always-kept sink, recent and own pages
@@ -51,7 +55,9 @@ class TritonBackend:
         sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only)
         # FP8 KV pages: pure decode steps through the dequantising kernel, other steps the torch reference
         fp8_ok = meta.kv_fp8 is None or (meta.decode_only and meta.sparse is None)
-        if meta.host_kv is not None and meta.host_ram_only and meta.decode_only and meta.sparse is None \
+        host_sparse_ok = meta.sparse is None or (meta.sparse.selector == "pages" and sliding_window is None
+                                                 and meta.host_summaries is not None)
+        if meta.host_kv is not None and meta.host_ram_only and meta.decode_only and host_sparse_ok \
                 and meta.kv_fp8 is None and self.host_reads is not False:
             return self._decode_host(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if meta.host_kv is not None or not sparse_ok or not fp8_ok:
@@ -80,8 +86,11 @@ class TritonBackend:
             write_kv(k, v, kv_layer, meta)
         page = meta.page_size
         store = meta.host_kv[0][1]
+        table, lens = meta.page_table, meta.seq_lens
+        if meta.sparse is not None:     # scored from summaries on the GPU; only chosen pages are read
+            table, lens = self._select(q, kv_layer, meta, layer_idx)
         try:
-            out = paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens,
+            out = paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens,
                                scale, num_splits=meta.num_splits, sliding_window=window,
                                host_cache=(store[:, layer_idx, 0, :page], store[:, layer_idx, 1, :page]),
                                num_device_pages=kv_layer.shape[0])

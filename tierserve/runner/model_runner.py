@@ -124,6 +124,7 @@ class ModelRunner:
         self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.host_ram_slots = 0                      # host_kv's first store is CPU RAM with this many slots
+        self.host_summaries: torch.Tensor | None = None   # GPU copy of spilled pages' summary rows (sparse)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and self.sparse is None:
@@ -243,7 +244,20 @@ class ModelRunner:
                                    meta.query_start_loc.cpu(), hist, conv)
 
     def tiers_apply(self, transfers) -> None:
-        """Move pages between the KV storage and lower tiers before this step's forward pass."""
+        """Move pages between the KV storage and lower tiers before this step's forward pass. Pages that
+        spill to CPU RAM leave their sparse-selection summaries on the GPU (``host_summaries``), so a
+        sparse step scores them without touching the host."""
+        rows = self.layout.summary_rows
+        if rows and transfers.spill and self.host_ram_slots:
+            if self.host_summaries is None:
+                L, _, _, H, D = self.kv.data.shape[1:]
+                self.host_summaries = torch.zeros(self.host_ram_slots, L, 2, rows, H, D, dtype=self.dtype,
+                                                  device=self.device)
+            ram = [(p, s) for p, s in transfers.spill if s < self.host_ram_slots]
+            if ram:
+                pids = torch.tensor([p for p, _ in ram], device=self.device)
+                slots = torch.tensor([s for _, s in ram], device=self.device)
+                self.host_summaries[slots] = self.kv.data[pids][:, :, :, self.config.page_size:]
         transfers.manager.apply(transfers, self.kv.data)
 
     def _prepare(self, so: SchedulerOutput, lookahead: int = 0):
@@ -290,7 +304,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
-            host_ram_only=has_host and max_slot < self.host_ram_slots,
+            host_ram_only=has_host and max_slot < self.host_ram_slots, host_summaries=self.host_summaries,
             sparse=self.sparse, kv_fp8=self.fp8, index_keys=self.index_keys)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens) + lookahead
