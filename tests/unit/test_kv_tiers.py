@@ -255,3 +255,27 @@ def test_blocks_of_another_page_layout_are_refused(ckpt, reference, tmp_path):
     out = make(ckpt, disk_kv_dir=str(disk)).generate([PROMPT], SP)[0]
     assert out.outputs[0].token_ids == reference["p"]
     assert "disk" not in out.cached_tokens_by_tier
+
+
+def test_sparse_selection_counts_decide_what_spills(ckpt):
+    """With sparse attention and a pool smaller than the sequence, the pages attention chooses least spill
+    first: the sink page (always chosen) stays on the device while later pages go to CPU RAM. Placement
+    never changes the output."""
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
+              max_num_batched_tokens=16)
+    ref = make(ckpt, **kw).generate([PROMPT], sp)[0].outputs[0].token_ids
+    llm = make(ckpt, num_kv_pages=9, max_model_len=192, cpu_kv_gb=0.01, **kw)
+    eng = llm.engine
+    assert eng.runner.page_heat is not None and eng.kv.page_heat is not None
+    eng.add_request("r", PROMPT, sp)
+    sink_spilled, spilled_any, out = False, False, None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            out = o
+        t = eng.kv._tables.get("r")
+        if t is not None:
+            spilled_any |= any(p < 0 for p in t.pages)
+            sink_spilled |= t.pages[0] < 0
+    assert spilled_any and not sink_spilled
+    assert out.outputs[0].token_ids == ref

@@ -34,6 +34,7 @@ class AttnMetadata:
     host_kv: list[tuple[int, torch.Tensor]] | None = None    # (first slot, storage) per spill store
     host_ram_only: bool = False    # every spilled page of this step is in the first store (CPU RAM, slot 0 up)
     host_summaries: torch.Tensor | None = None   # [ram slots, L, 2, summary rows, Hkv, D] on the device
+    page_heat: torch.Tensor | None = None        # [device pages] float: times sparse attention chose a page
     sparse: Any = None             # attention.select.SparseConfig when sparse attention is on
     kv_fp8: Any = None             # runner.kv_fp8.Fp8Pages when kv_dtype=fp8 (quantised flags + read rule)
     # sparse selector "indexer": per-token index keys [pages, layers, page, dim] (same page ids as the KV);
@@ -71,6 +72,17 @@ def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int 
     per_sm = 4 if batch * num_kv_heads < num_sms else 2
     want = max(1, -(-per_sm * num_sms // (batch * num_kv_heads)))
     return max(1, min(want, -(-max_seq_len // min_tokens_per_split), 64))
+
+
+def count_selection(meta: AttnMetadata, chosen: torch.Tensor, n_dev: int) -> None:
+    """Add how often each device page was chosen (``chosen [B, ..., P]`` over ``meta.page_table``) to
+    ``meta.page_heat``; the tier manager spills the least chosen pages first."""
+    if meta.page_heat is None:
+        return
+    pt = meta.page_table
+    counts = chosen.reshape(pt.shape[0], -1, pt.shape[1]).sum(1).float()          # [B, P]
+    on_dev = pt < n_dev
+    meta.page_heat.index_add_(0, pt[on_dev], counts[on_dev])
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tierserve.attention.backend import AttnMetadata, write_kv
+from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.select import page_upper_bounds, select_pages
 
@@ -66,6 +66,7 @@ class TorchRefBackend:
             else:
                 ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
             chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, meta.sparse)   # [B, Hkv, Q, P]
+            count_selection(meta, chosen & p["q_valid"][:, None, :, None], kv_layer.shape[0])
             mask = mask & chosen.repeat_interleave(page, dim=-1)                   # [B, Hkv, Q, L]
         if meta.decode_only:
             # one query per sequence: fold the query heads sharing a KV head into the query axis

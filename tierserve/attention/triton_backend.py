@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from tierserve.attention.backend import AttnMetadata, write_kv
+from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
@@ -36,6 +36,7 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
             summ = torch.where((pt >= n_dev)[..., None, None, None], host, summ)
         ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
+    count_selection(meta, chosen, kv_layer.shape[0])
     cfg = meta.sparse     # at most the top-k budget plus the always-kept sink, recent and own pages
     bound = cfg.topk_tokens // page + -(-cfg.sink_tokens // page) + -(-cfg.recent_tokens // page) + 2
     return compact_selection(chosen, meta.page_table, meta.seq_lens, page, max_selected=bound)

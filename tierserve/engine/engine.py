@@ -57,6 +57,10 @@ class Engine:
         if host_pages:
             self.runner.host_kv = tiers.spill_stores()
             self.runner.host_ram_slots = tiers.host.num_pages if tiers.host is not None else 0
+        if tiers is not None and getattr(self.runner, "sparse", None) is not None:
+            # sparse attention counts how often it chooses each page: the least chosen spill first
+            r = self.runner
+            r.page_heat = torch.zeros(r.num_pages + 1, dtype=torch.float32, device=r.device)
         cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
@@ -66,6 +70,9 @@ class Engine:
             if config.kv_dtype == "fp8" else None
         self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching,
                             tiers=tiers, fp8=fp8)
+        if getattr(self.runner, "page_heat", None) is not None:
+            heat = self.runner.page_heat
+            self.kv.page_heat = lambda pids: heat[torch.tensor(pids, device=heat.device)].tolist()
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.multi = MultiStepDecoder(self)          # num_scheduler_steps > 1: pipelined greedy windows
         self.requests: dict[str, Request] = {}

@@ -6,7 +6,7 @@ order (page i holds tokens [i*page_size, (i+1)*page_size)). Attention may read a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tierserve.kv.block_pool import BlockPool
 from tierserve.kv.fp8_pages import Fp8PagePolicy
@@ -52,6 +52,8 @@ class KVManager:
         if self.tiers is not None and enable_prefix_caching:
             self.pool.on_evict = self.tiers.on_evict
         self._tables: dict[str, _Table] = {}
+        # pids -> how often sparse attention chose each page (set by the engine when the runner counts)
+        self.page_heat: Callable[[list[int]], list[float]] | None = None
         self.hit_tokens = {"gpu": 0, "cpu": 0, "disk": 0, "remote": 0}   # prefix-cache tokens served per tier
         self.num_spilled = 0
 
@@ -186,25 +188,30 @@ class KVManager:
 
         Page-table entries of spilled pages become ``-(slot + 1)``; the copy happens at the start of
         the next step (before the freed GPU page can be overwritten). The last page of a table and
-        pages not yet fully computed are never spilled."""
+        pages not yet fully computed are never spilled. With ``page_heat`` (how often sparse attention
+        chose each page, kept by the runner) the least chosen pages go first; otherwise the oldest."""
         if self.tiers is None or not self.tiers.spill_capacity:
             return 0
-        done = 0
+        cands = []                          # (table, index in table, page id)
         for t in self._tables.values():
             for i in range(min(t.computed // self.page_size, len(t.pages) - 1)):
                 pid = t.pages[i]
-                if pid < 0 or pid in exclude or self.pool.meta[pid].ref_count != 1:
-                    continue
-                slot = self.tiers.spill_reserve()
-                if slot is None:
-                    return done
-                self.tiers.schedule_spill(pid, slot)
-                self.pool.release([pid])
-                t.pages[i] = -(slot + 1)
-                self.num_spilled += 1
-                done += 1
-                if done >= n:
-                    return done
+                if pid >= 0 and pid not in exclude and self.pool.meta[pid].ref_count == 1:
+                    cands.append((t, i, pid))
+        if self.page_heat is not None and len(cands) > n:
+            heat = self.page_heat([pid for _, _, pid in cands])
+            order = sorted(range(len(cands)), key=lambda j: heat[j])      # stable: oldest first on ties
+            cands = [cands[j] for j in order]
+        done = 0
+        for t, i, pid in cands[:n]:
+            slot = self.tiers.spill_reserve()
+            if slot is None:
+                return done
+            self.tiers.schedule_spill(pid, slot)
+            self.pool.release([pid])
+            t.pages[i] = -(slot + 1)
+            self.num_spilled += 1
+            done += 1
         return done
 
     def check_invariants(self) -> None:

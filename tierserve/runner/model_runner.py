@@ -125,6 +125,7 @@ class ModelRunner:
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.host_ram_slots = 0                      # host_kv's first store is CPU RAM with this many slots
         self.host_summaries: torch.Tensor | None = None   # GPU copy of spilled pages' summary rows (sparse)
+        self.page_heat: torch.Tensor | None = None        # sparse selections per device page (tiers)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and self.sparse is None:
@@ -305,7 +306,10 @@ class ModelRunner:
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
             host_ram_only=has_host and max_slot < self.host_ram_slots, host_summaries=self.host_summaries,
+            page_heat=self.page_heat,
             sparse=self.sparse, kv_fp8=self.fp8, index_keys=self.index_keys)
+        if self.page_heat is not None:      # a page starting over (first token written) has no history
+            self.page_heat[meta.slot_pages[meta.slot_offsets == 0]] = 0
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens) + lookahead
             meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)
