@@ -279,3 +279,22 @@ def test_sparse_selection_counts_decide_what_spills(ckpt):
             sink_spilled |= t.pages[0] < 0
     assert spilled_any and not sink_spilled
     assert out.outputs[0].token_ids == ref
+
+
+def test_hot_spilled_pages_come_back_when_pages_free_up(ckpt):
+    """A second request holds pool pages while the first spills; once it finishes, the first request's
+    most chosen spilled pages are promoted back into the freed GPU pages. Outputs never change."""
+    kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
+              max_num_batched_tokens=16)
+    long_sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    short_sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    short = OTHER[:40]
+    ref_long = make(ckpt, **kw).generate([PROMPT], long_sp)[0].outputs[0].token_ids
+    ref_short = make(ckpt, **kw).generate([short], short_sp)[0].outputs[0].token_ids
+    llm = make(ckpt, num_kv_pages=12, max_model_len=192, cpu_kv_gb=0.01, **kw)
+    outs = llm.generate([PROMPT, short], [long_sp, short_sp])
+    assert outs[0].outputs[0].token_ids == ref_long and outs[1].outputs[0].token_ids == ref_short
+    kv = llm.engine.kv
+    assert kv.num_spilled > 0 and kv.num_promoted > 0
+    assert_clean(llm)
+    kv.tiers.check_invariants()

@@ -35,6 +35,7 @@ class AttnMetadata:
     host_ram_only: bool = False    # every spilled page of this step is in the first store (CPU RAM, slot 0 up)
     host_summaries: torch.Tensor | None = None   # [ram slots, L, 2, summary rows, Hkv, D] on the device
     page_heat: torch.Tensor | None = None        # [device pages] float: times sparse attention chose a page
+    host_heat: torch.Tensor | None = None        # [CPU-RAM slots] float: the same for spilled pages
     sparse: Any = None             # attention.select.SparseConfig when sparse attention is on
     kv_fp8: Any = None             # runner.kv_fp8.Fp8Pages when kv_dtype=fp8 (quantised flags + read rule)
     # sparse selector "indexer": per-token index keys [pages, layers, page, dim] (same page ids as the KV);
@@ -83,6 +84,10 @@ def count_selection(meta: AttnMetadata, chosen: torch.Tensor, n_dev: int) -> Non
     counts = chosen.reshape(pt.shape[0], -1, pt.shape[1]).sum(1).float()          # [B, P]
     on_dev = pt < n_dev
     meta.page_heat.index_add_(0, pt[on_dev], counts[on_dev])
+    if meta.host_heat is not None and meta.host_kv is not None:
+        slot = pt - n_dev
+        ram = (slot >= 0) & (slot < meta.host_heat.shape[0])
+        meta.host_heat.index_add_(0, slot[ram], counts[ram])
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:

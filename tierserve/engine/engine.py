@@ -61,6 +61,8 @@ class Engine:
             # sparse attention counts how often it chooses each page: the least chosen spill first
             r = self.runner
             r.page_heat = torch.zeros(r.num_pages + 1, dtype=torch.float32, device=r.device)
+            if r.host_ram_slots:
+                r.host_heat = torch.zeros(r.host_ram_slots, dtype=torch.float32, device=r.device)
         cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
@@ -73,6 +75,10 @@ class Engine:
         if getattr(self.runner, "page_heat", None) is not None:
             heat = self.runner.page_heat
             self.kv.page_heat = lambda pids: heat[torch.tensor(pids, device=heat.device)].tolist()
+        if getattr(self.runner, "host_heat", None) is not None:
+            slot_heat = self.runner.host_heat
+            self.kv.slot_heat = lambda slots: slot_heat[torch.tensor(slots, device=slot_heat.device)].tolist()
+            self.kv.host_ram_slots = self.runner.host_ram_slots
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.multi = MultiStepDecoder(self)          # num_scheduler_steps > 1: pipelined greedy windows
         self.requests: dict[str, Request] = {}
@@ -197,6 +203,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.multi.inflight is not None:          # a multi-step window is queued: read it
             return self._after_multi(self.multi.advance())
+        if self.kv.slot_heat is not None:          # hot spilled pages back into free GPU pages
+            self.kv.promote_hot(reserve=max(len(self.scheduler.running), self.runner.num_pages // 8))
         so = self.scheduler.schedule()
         if so.is_empty:
             return []

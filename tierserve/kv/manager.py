@@ -54,6 +54,9 @@ class KVManager:
         self._tables: dict[str, _Table] = {}
         # pids -> how often sparse attention chose each page (set by the engine when the runner counts)
         self.page_heat: Callable[[list[int]], list[float]] | None = None
+        self.slot_heat: Callable[[list[int]], list[float]] | None = None     # the same for CPU-RAM slots
+        self.host_ram_slots = 0
+        self.num_promoted = 0
         self.hit_tokens = {"gpu": 0, "cpu": 0, "disk": 0, "remote": 0}   # prefix-cache tokens served per tier
         self.num_spilled = 0
 
@@ -213,6 +216,30 @@ class KVManager:
             self.num_spilled += 1
             done += 1
         return done
+
+    def promote_hot(self, reserve: int) -> int:
+        """Bring the most chosen spilled pages (CPU RAM) back into free GPU pages, keeping ``reserve``
+        pages free. Call at the start of a step, before scheduling (no spill is pending then); the copy
+        runs first thing in the next transfer batch, so the released slot may be reused at once."""
+        if self.slot_heat is None or self.tiers is None:
+            return 0
+        budget = self.pool.num_free - reserve
+        if budget <= 0:
+            return 0
+        cands = [(t, i, -p - 1) for t in self._tables.values() for i, p in enumerate(t.pages)
+                 if p < 0 and -p - 1 < self.host_ram_slots]
+        if not cands:
+            return 0
+        heat = self.slot_heat([slot for _, _, slot in cands])
+        order = sorted((j for j in range(len(cands)) if heat[j] > 0), key=lambda j: -heat[j])[:budget]
+        for j in order:
+            t, i, slot = cands[j]
+            pid = self.pool.allocate(1)[0]
+            self.tiers.schedule_unspill(slot, pid)
+            self.tiers.spill_release(slot)
+            t.pages[i] = pid
+            self.num_promoted += 1
+        return len(order)
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()

@@ -126,6 +126,7 @@ class ModelRunner:
         self.host_ram_slots = 0                      # host_kv's first store is CPU RAM with this many slots
         self.host_summaries: torch.Tensor | None = None   # GPU copy of spilled pages' summary rows (sparse)
         self.page_heat: torch.Tensor | None = None        # sparse selections per device page (tiers)
+        self.host_heat: torch.Tensor | None = None        # ... per CPU-RAM slot (spilled pages)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and self.sparse is None:
@@ -259,6 +260,12 @@ class ModelRunner:
                 pids = torch.tensor([p for p, _ in ram], device=self.device)
                 slots = torch.tensor([s for _, s in ram], device=self.device)
                 self.host_summaries[slots] = self.kv.data[pids][:, :, :, self.config.page_size:]
+                if self.host_heat is not None:          # a page's selection count follows it down
+                    self.host_heat[slots] = self.page_heat[pids]
+        if self.host_heat is not None and transfers.unspill:   # ... and back up
+            slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
+            pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
+            self.page_heat[pids] = self.host_heat[slots]
         transfers.manager.apply(transfers, self.kv.data)
 
     def _prepare(self, so: SchedulerOutput, lookahead: int = 0):
@@ -306,7 +313,7 @@ class ModelRunner:
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
             host_ram_only=has_host and max_slot < self.host_ram_slots, host_summaries=self.host_summaries,
-            page_heat=self.page_heat,
+            page_heat=self.page_heat, host_heat=self.host_heat,
             sparse=self.sparse, kv_fp8=self.fp8, index_keys=self.index_keys)
         if self.page_heat is not None:      # a page starting over (first token written) has no history
             self.page_heat[meta.slot_pages[meta.slot_offsets == 0]] = 0

@@ -42,10 +42,11 @@ class KVTransfers:
     offload: list[tuple[int, bytes, tuple[int, ...], bool, bool]] = field(default_factory=list)
     onload: list[tuple[int, TierHit]] = field(default_factory=list)
     spill: list[tuple[int, int]] = field(default_factory=list)   # (GPU page, host slot) of live pages
+    unspill: list[tuple[int, int]] = field(default_factory=list)  # (host slot, GPU page): promoted back
     manager: Any = None          # the TierManager that applies them
 
     def __bool__(self) -> bool:
-        return bool(self.offload or self.onload or self.spill)
+        return bool(self.offload or self.onload or self.spill or self.unspill)
 
 
 class TierManager:
@@ -171,6 +172,11 @@ class TierManager:
     def schedule_spill(self, pid: int, slot: int) -> None:
         self._pending.spill.append((pid, slot))
 
+    def schedule_unspill(self, slot: int, pid: int) -> None:
+        """A spilled live page (CPU-RAM slot) comes back to GPU page ``pid`` at the next step's start,
+        before any spill of that step (so the slot may be released and reused at once)."""
+        self._pending.unspill.append((slot, pid))
+
     def take_transfers(self) -> KVTransfers:
         out, self._pending = self._pending, KVTransfers()
         out.manager = self
@@ -183,6 +189,8 @@ class TierManager:
         if not tr:
             return
         dev = kv_data.device
+        if tr.unspill:                                   # (0) promoted live pages, before any spill reuses a slot
+            self._from_host([s for s, _ in tr.unspill], [p for _, p in tr.unspill], kv_data)
         leaving = []
         if tr.offload:                                   # (1) read out pages leaving the GPU, in one copy
             pids = torch.tensor([o[0] for o in tr.offload], device=dev)
@@ -214,14 +222,7 @@ class TierManager:
         other = [(pid, h) for pid, h in onload if h.source != "cpu"]
         if cpu:
             t0 = time.perf_counter()
-            slots = torch.tensor([s for _, s in cpu])
-            pids = torch.tensor([p for p, _ in cpu], device=dev)
-            if not (pin and self.zero_copy is not False and self._gather_zero_copy(slots, pids, kv_data)):
-                staging = torch.empty((len(cpu), *self.page_shape), dtype=self.dtype, pin_memory=pin)
-                torch.index_select(self.host.data, 0, slots, out=staging)
-                kv_data[pids] = staging.to(dev, non_blocking=pin)
-            if pin:
-                torch.cuda.current_stream(dev).synchronize()
+            self._from_host([s for _, s in cpu], [p for p, _ in cpu], kv_data)
             self._measure("cpu", len(cpu) * self.page_bytes, time.perf_counter() - t0)
         if other:
             staging = torch.empty((len(other), *self.page_shape), dtype=self.dtype, pin_memory=pin)
@@ -229,6 +230,19 @@ class TierManager:
             for i, (_, hit) in enumerate(other):
                 flat[i].copy_(torch.frombuffer(bytearray(hit.payload), dtype=torch.uint8))
             kv_data[torch.tensor([p for p, _ in other], device=dev)] = staging.to(dev, non_blocking=pin)
+
+    def _from_host(self, host_slots: list[int], gpu_pages: list[int], kv_data: torch.Tensor) -> None:
+        """CPU-RAM slots -> GPU pages: a zero-copy kernel where it works, else a staging copy."""
+        dev = kv_data.device
+        pin = dev.type == "cuda"
+        slots = torch.tensor(host_slots)
+        pids = torch.tensor(gpu_pages, device=dev)
+        if not (pin and self.zero_copy is not False and self._gather_zero_copy(slots, pids, kv_data)):
+            staging = torch.empty((len(host_slots), *self.page_shape), dtype=self.dtype, pin_memory=pin)
+            torch.index_select(self.host.data, 0, slots, out=staging)
+            kv_data[pids] = staging.to(dev, non_blocking=pin)
+        if pin:
+            torch.cuda.current_stream(dev).synchronize()
 
     def _gather_zero_copy(self, slots: torch.Tensor, pids: torch.Tensor, kv_data: torch.Tensor) -> bool:
         """CPU-RAM hits read by a GPU kernel straight from pinned memory (kv/tiers/zero_copy.py). The first
