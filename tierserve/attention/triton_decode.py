@@ -20,6 +20,22 @@ from tierserve.attention.backend import choose_splits  # noqa: F401  (re-export)
 
 
 @triton.jit
+def store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh,
+                DIRECT: tl.constexpr):
+    """Epilogue of a split program: normalise; with one split write the final output (no merge pass),
+    else the partial output and its base-2 log-sum-exp."""
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT:
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=g_mask[:, None])
+    else:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], out, mask=g_mask[:, None])
+        tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=g_mask)
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr, qk_scale,
                          s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ptb, s_pth, s_slb, s_slh,
                          s_ob, s_oh, s_os, s_lb, s_lh, hk_ptr, hv_ptr, s_hkp, s_hvp, n_dev,
@@ -79,15 +95,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    if DIRECT:      # one split: write the final output, no merge pass
-        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=g_mask[:, None])
-    else:
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], out, mask=g_mask[:, None])
-        tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=g_mask)
+    store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_decode import merge_splits, split_buffers
+from tierserve.attention.triton_decode import merge_splits, split_buffers, store_split
 
 
 @triton.jit
@@ -142,15 +142,7 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    if DIRECT:
-        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=g_mask[:, None])
-    else:
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + split * s_os + d[None, :], out, mask=g_mask[:, None])
-        tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=g_mask)
+    store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
 
 
 _LOG2E = 1.4426950408889634
