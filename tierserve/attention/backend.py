@@ -82,12 +82,13 @@ def count_selection(meta: AttnMetadata, chosen: torch.Tensor, n_dev: int) -> Non
         return
     pt = meta.page_table
     counts = chosen.reshape(pt.shape[0], -1, pt.shape[1]).sum(1).float()          # [B, P]
-    on_dev = pt < n_dev
-    meta.page_heat.index_add_(0, pt[on_dev], counts[on_dev])
+    # masked by multiplying, not by boolean indexing (which would sync with the host every layer)
+    meta.page_heat.index_add_(0, pt.clamp(max=n_dev - 1).flatten(), (counts * (pt < n_dev)).flatten())
     if meta.host_heat is not None and meta.host_kv is not None:
         slot = pt - n_dev
         ram = (slot >= 0) & (slot < meta.host_heat.shape[0])
-        meta.host_heat.index_add_(0, slot[ram], counts[ram])
+        idx = slot.clamp(0, meta.host_heat.shape[0] - 1).flatten()
+        meta.host_heat.index_add_(0, idx, (counts * ram).flatten())
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:

@@ -54,15 +54,9 @@ class Engine:
             config.enable_prefix_caching = False
         tiers = self._make_tiers(config)
         host_pages = tiers.spill_capacity if tiers is not None else 0
-        if host_pages:
-            self.runner.host_kv = tiers.spill_stores()
-            self.runner.host_ram_slots = tiers.host.num_pages if tiers.host is not None else 0
-        if tiers is not None and getattr(self.runner, "sparse", None) is not None:
-            # sparse attention counts how often it chooses each page: the least chosen spill first
-            r = self.runner
-            r.page_heat = torch.zeros(r.num_pages + 1, dtype=torch.float32, device=r.device)
-            if r.host_ram_slots:
-                r.host_heat = torch.zeros(r.host_ram_slots, dtype=torch.float32, device=r.device)
+        spill = None
+        if host_pages:      # sparse attention counts its choices per page: placement follows them
+            spill = self.runner.attach_spill(tiers, count_heat=getattr(self.runner, "sparse", None) is not None)
         cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
@@ -72,13 +66,10 @@ class Engine:
             if config.kv_dtype == "fp8" else None
         self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching,
                             tiers=tiers, fp8=fp8)
-        if getattr(self.runner, "page_heat", None) is not None:
-            heat = self.runner.page_heat
-            self.kv.page_heat = lambda pids: heat[torch.tensor(pids, device=heat.device)].tolist()
-        if getattr(self.runner, "host_heat", None) is not None:
-            slot_heat = self.runner.host_heat
-            self.kv.slot_heat = lambda slots: slot_heat[torch.tensor(slots, device=slot_heat.device)].tolist()
-            self.kv.host_ram_slots = self.runner.host_ram_slots
+        if spill is not None and spill.page_heat is not None:
+            self.kv.page_heat = spill.page_heat_of
+            if spill.host_heat is not None:
+                self.kv.slot_heat, self.kv.host_ram_slots = spill.slot_heat_of, spill.ram_slots
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.multi = MultiStepDecoder(self)          # num_scheduler_steps > 1: pipelined greedy windows
         self.requests: dict[str, Request] = {}

@@ -221,7 +221,7 @@ class KVManager:
         """Bring the most chosen spilled pages (CPU RAM) back into free GPU pages, keeping ``reserve``
         pages free. Call at the start of a step, before scheduling (no spill is pending then); the copy
         runs first thing in the next transfer batch, so the released slot may be reused at once."""
-        if self.slot_heat is None or self.tiers is None:
+        if self.slot_heat is None or self.tiers is None or not self.tiers.host.num_spilled:
             return 0
         budget = self.pool.num_free - reserve
         if budget <= 0:

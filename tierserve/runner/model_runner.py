@@ -26,6 +26,7 @@ from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
 from tierserve.runner import multi_step
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
+from tierserve.runner.spill_state import SpillState
 
 log = logging.getLogger("tierserve")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,10 +124,7 @@ class ModelRunner:
             self.engram_conv = EngramConvStates(engram_modules(self.model))
         self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
-        self.host_ram_slots = 0                      # host_kv's first store is CPU RAM with this many slots
-        self.host_summaries: torch.Tensor | None = None   # GPU copy of spilled pages' summary rows (sparse)
-        self.page_heat: torch.Tensor | None = None        # sparse selections per device page (tiers)
-        self.host_heat: torch.Tensor | None = None        # ... per CPU-RAM slot (spilled pages)
+        self.spill: SpillState | None = None         # device-side state of spilled pages (attach_spill)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and self.sparse is None:
@@ -245,27 +243,27 @@ class ModelRunner:
         return prepare_engram_step(engram_modules(self.model), self.engram_hasher, input_ids.cpu(),
                                    meta.query_start_loc.cpu(), hist, conv)
 
+    def attach_spill(self, tiers, count_heat: bool) -> SpillState:
+        """Live pages may spill to ``tiers`` (CPU RAM, then a disk file); ``count_heat``: count sparse
+        selections per page so the KV manager can place pages by them."""
+        self.host_kv = tiers.spill_stores()
+        ram = tiers.host.num_pages if tiers.host is not None else 0
+        self.spill = SpillState(self.host_kv, ram, self.num_pages + 1, self.layout.summary_rows,
+                                self.config.page_size, self.device, self.dtype, count_heat)
+        return self.spill
+
+    @property
+    def host_summaries(self) -> torch.Tensor | None:
+        return self.spill.summaries if self.spill is not None else None
+
+    @property
+    def page_heat(self) -> torch.Tensor | None:
+        return self.spill.page_heat if self.spill is not None else None
+
     def tiers_apply(self, transfers) -> None:
-        """Move pages between the KV storage and lower tiers before this step's forward pass. Pages that
-        spill to CPU RAM leave their sparse-selection summaries on the GPU (``host_summaries``), so a
-        sparse step scores them without touching the host."""
-        rows = self.layout.summary_rows
-        if rows and transfers.spill and self.host_ram_slots:
-            if self.host_summaries is None:
-                L, _, _, H, D = self.kv.data.shape[1:]
-                self.host_summaries = torch.zeros(self.host_ram_slots, L, 2, rows, H, D, dtype=self.dtype,
-                                                  device=self.device)
-            ram = [(p, s) for p, s in transfers.spill if s < self.host_ram_slots]
-            if ram:
-                pids = torch.tensor([p for p, _ in ram], device=self.device)
-                slots = torch.tensor([s for _, s in ram], device=self.device)
-                self.host_summaries[slots] = self.kv.data[pids][:, :, :, self.config.page_size:]
-                if self.host_heat is not None:          # a page's selection count follows it down
-                    self.host_heat[slots] = self.page_heat[pids]
-        if self.host_heat is not None and transfers.unspill:   # ... and back up
-            slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
-            pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
-            self.page_heat[pids] = self.host_heat[slots]
+        """Move pages between the KV storage and lower tiers before this step's forward pass."""
+        if self.spill is not None:
+            self.spill.on_transfers(transfers, self.kv.data)
         transfers.manager.apply(transfers, self.kv.data)
 
     def _prepare(self, so: SchedulerOutput, lookahead: int = 0):
@@ -312,11 +310,12 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
             page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
             decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
-            host_ram_only=has_host and max_slot < self.host_ram_slots, host_summaries=self.host_summaries,
-            page_heat=self.page_heat, host_heat=self.host_heat,
             sparse=self.sparse, kv_fp8=self.fp8, index_keys=self.index_keys)
-        if self.page_heat is not None:      # a page starting over (first token written) has no history
-            self.page_heat[meta.slot_pages[meta.slot_offsets == 0]] = 0
+        if self.spill is not None:
+            sp = self.spill
+            meta.host_ram_only = has_host and max_slot < sp.ram_slots
+            meta.host_summaries, meta.page_heat, meta.host_heat = sp.summaries, sp.page_heat, sp.host_heat
+            sp.on_write(meta.slot_pages, meta.slot_offsets)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens) + lookahead
             meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)

@@ -1,0 +1,55 @@
+"""Device-side state of live pages spilled to CPU RAM (tiers), owned by the runner.
+
+- ``stores``: where spilled pages live, ``(first slot, storage)`` per store (CPU RAM first, then the disk
+  spill file); page-table entries past the device pool point there.
+- ``summaries``: with the ``pages`` sparse selector, a spilled page's key min / max rows stay on the device
+  (1/page_size of its bytes), so a sparse step scores every page without touching the host.
+- ``page_heat`` / ``host_heat``: how often sparse attention chose each device page / CPU-RAM slot. The
+  count follows a page down and back up; the KV manager spills the least chosen pages first and promotes
+  the most chosen ones back (``page_heat_of`` / ``slot_heat_of`` are its callbacks).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SpillState:
+    def __init__(self, stores, ram_slots: int, num_pages: int, summary_rows: int, page_size: int,
+                 device: torch.device, dtype: torch.dtype, count_heat: bool) -> None:
+        self.stores, self.ram_slots = stores, ram_slots
+        self.summary_rows, self.page_size, self.device, self.dtype = summary_rows, page_size, device, dtype
+        self.summaries: torch.Tensor | None = None      # [ram slots, L, 2, summary rows, Hkv, D], on first spill
+        z = dict(dtype=torch.float32, device=device)
+        self.page_heat = torch.zeros(num_pages, **z) if count_heat else None
+        self.host_heat = torch.zeros(ram_slots, **z) if count_heat and ram_slots else None
+
+    def on_transfers(self, transfers, kv_data: torch.Tensor) -> None:
+        """Before the transfers run (pages still in place): keep spilled pages' summaries and counts."""
+        ram = [(p, s) for p, s in transfers.spill if s < self.ram_slots]
+        if ram:
+            pids = torch.tensor([p for p, _ in ram], device=self.device)
+            slots = torch.tensor([s for _, s in ram], device=self.device)
+            if self.summary_rows:
+                if self.summaries is None:
+                    L, _, _, H, D = kv_data.shape[1:]
+                    self.summaries = torch.zeros(self.ram_slots, L, 2, self.summary_rows, H, D,
+                                                 dtype=self.dtype, device=self.device)
+                self.summaries[slots] = kv_data[pids][:, :, :, self.page_size:]
+            if self.host_heat is not None:
+                self.host_heat[slots] = self.page_heat[pids]
+        if self.host_heat is not None and transfers.unspill:
+            slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
+            pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
+            self.page_heat[pids] = self.host_heat[slots]
+
+    def on_write(self, slot_pages: torch.Tensor, slot_offsets: torch.Tensor) -> None:
+        """A page whose first token is written starts over with no history (no host sync)."""
+        if self.page_heat is not None:
+            keep = (slot_offsets != 0).to(self.page_heat.dtype)
+            self.page_heat.scatter_reduce_(0, slot_pages, keep, reduce="prod")
+
+    def page_heat_of(self, pids: list[int]) -> list[float]:
+        return self.page_heat[torch.tensor(pids, device=self.device)].tolist()
+
+    def slot_heat_of(self, slots: list[int]) -> list[float]:
+        return self.host_heat[torch.tensor(slots, device=self.device)].tolist()
