@@ -20,6 +20,20 @@ from tierserve.attention.backend import choose_splits  # noqa: F401  (re-export)
 
 
 @triton.jit
+def load_group_q(q_ptr, b, kvh, s_qb, s_qh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """The query heads sharing KV head ``kvh``, padded to GROUP_PAD rows: (q, heads, row mask, dims)."""
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    g_mask = g < GROUP
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_mask[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q, heads, g_mask, d
+
+
+@triton.jit
 def store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh,
                 DIRECT: tl.constexpr):
     """Epilogue of a split program: normalise; with one split write the final output (no merge pass),
@@ -54,13 +68,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
     per = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * per
     end = tl.minimum(start + per, seq_len)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    g_mask = g < GROUP
-    heads = kvh * GROUP + g
-    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_mask[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, heads, g_mask, d = load_group_q(q_ptr, b, kvh, s_qb, s_qh, GROUP, GROUP_PAD, HEAD_DIM, UPCAST)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)

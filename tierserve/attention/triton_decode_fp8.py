@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_decode import merge_splits, split_buffers, store_split
+from tierserve.attention.triton_decode import load_group_q, merge_splits, split_buffers, store_split
 
 
 @triton.jit
@@ -110,13 +110,7 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     per = tl.cdiv(tl.cdiv(seq_len - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo_blk + split * per
     end = tl.minimum(start + per, seq_len)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    g_mask = g < GROUP
-    heads = kvh * GROUP + g
-    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_mask[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q, heads, g_mask, d = load_group_q(q_ptr, b, kvh, s_qb, s_qh, GROUP, GROUP_PAD, HEAD_DIM, UPCAST)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
