@@ -48,7 +48,7 @@ class Engine:
         self.max_model_len = config.max_model_len
         self.runner = make_runner(config, self.model_path, self.model_cfg, self.max_model_len, progress)
         self.runner.set_tokenizer(self.tokenizer)
-        if config.enable_prefix_caching and not getattr(self.runner, "supports_prefix_caching", True):
+        if config.enable_prefix_caching and not self.runner.supports_prefix_caching:
             log.info("prefix caching is off for %s: its per-request state is not paged yet",
                      self.model_cfg.architecture)
             config.enable_prefix_caching = False
@@ -56,7 +56,7 @@ class Engine:
         host_pages = tiers.spill_capacity if tiers is not None else 0
         spill = None
         if host_pages:      # sparse attention counts its choices per page: placement follows them
-            spill = self.runner.attach_spill(tiers, count_heat=getattr(self.runner, "sparse", None) is not None)
+            spill = self.runner.attach_spill(tiers, count_heat=self.runner.sparse is not None)
         cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
@@ -271,9 +271,7 @@ class Engine:
     def _finish(self, req: Request) -> None:
         req.status = Status.FINISHED
         self.scheduler.finish(req)
-        release = getattr(self.runner, "release", None)      # runners holding per-request state
-        if release is not None:
-            release(req.request_id)
+        self.runner.release(req.request_id)          # per-request state the runner holds
 
     def _completion(self, req: Request, index: int) -> CompletionOutput:
         text = self._stop[req.request_id].final_text(self._detok[req.request_id].text)
