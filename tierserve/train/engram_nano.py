@@ -2,7 +2,7 @@
 
     python -m tierserve.train.engram_nano --out DIR [--device cuda|cpu] [--size nano|tiny] [--seed 0]
         [--steps N] [--minutes M] [--max-files N] [--epochs E] [--evals 10] [--engram-layers 1[,2]]
-        [--engram-heads H] [--engram-dim D] [--engram-rows R] [--engram-lr-mult M]
+        [--engram-heads H] [--engram-dim D] [--engram-rows R] [--engram-lr-mult M] [--engram-wd W]
 
 Two models are trained on one corpus, one tokenizer and one token budget, with the same data order (one
 ``torch.Generator`` seeded the same way draws the windows of both) and the same backbone initialisation:
@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--engram-dim", type=int, default=None, help="row width per head")
     ap.add_argument("--engram-rows", type=int, default=None, help="requested rows per head (next unused prime)")
     ap.add_argument("--engram-lr-mult", type=float, default=ENGRAM_LR_MULT, help="table learning-rate factor")
+    ap.add_argument("--engram-wd", type=float, default=0.0, help="AdamW weight decay of the table rows")
     return ap.parse_args(argv)
 
 
@@ -168,13 +169,16 @@ def make_canonical(tok_dir: Path, vocab: int):
     return build_canonical_ids(Tokenizer.from_dir(tok_dir), vocab_size=vocab)
 
 
-def make_engram_optimizer(model: EngramLlama, lr: float, wd: float, device: torch.device, lr_mult: float):
-    """nano's AdamW groups for the backbone and the projections; table rows: no decay, ``lr_mult`` x lr."""
+def make_engram_optimizer(model: EngramLlama, lr: float, wd: float, device: torch.device, lr_mult: float,
+                          table_wd: float = 0.0):
+    """nano's AdamW groups for the backbone and the projections; table rows: ``table_wd`` decay (default
+    none), ``lr_mult`` x lr."""
     tables = {id(m.table.weight) for m in model.engram.values()}
     params = [p for p in model.parameters() if id(p) not in tables]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-              {"params": [m.table.weight for m in model.engram.values()], "weight_decay": 0.0, "lr_mult": lr_mult}]
+              {"params": [m.table.weight for m in model.engram.values()], "weight_decay": table_wd,
+               "lr_mult": lr_mult}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
@@ -345,7 +349,8 @@ def _run(args, t_start: float) -> dict:
         m = EngramLlama(nano.build_model(cfg, ids, args.attn), ecfg, hasher)
         m.reset_engram(torch.Generator().manual_seed(gen_seed))
         m = m.to(device)
-        return m, make_engram_optimizer(m, cfg["lr"], cfg["wd"], device, args.engram_lr_mult)
+        return m, make_engram_optimizer(m, cfg["lr"], cfg["wd"], device, args.engram_lr_mult,
+                                                args.engram_wd)
 
     steps_fit = None
     if args.steps:
@@ -403,7 +408,8 @@ def _run(args, t_start: float) -> dict:
         "size": args.size, "config": cfg, "seed": args.seed, "steps": steps, "steps_fit": steps_fit,
         "tokens_seen": steps * cfg["batch"] * cfg["ctx"], "train_tokens": len(train_np),
         "epochs": round(steps * cfg["batch"] * cfg["ctx"] / len(train_np), 2),
-        "engram": ecfg.to_dict(), "engram_lr_mult": args.engram_lr_mult, "engram_table_std": TABLE_STD,
+        "engram": ecfg.to_dict(), "engram_lr_mult": args.engram_lr_mult, "engram_wd": args.engram_wd,
+        "engram_table_std": TABLE_STD,
         "engram_extra_matmul_flops_per_token": 2 * len(ecfg.layers) * (ecfg.hc_mult * C * E + C * E),
         "canonical_ids": canon.num_canonical,
         "heldout_loss": {n: r["heldout_loss"] for n, r in results.items()},
