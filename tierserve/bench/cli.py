@@ -111,6 +111,66 @@ def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir
     typer.echo(f"wrote {write_result(res, output)}  {res['summary']}")
 
 
+@app.command()
+def engram(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped config or checkpoint dir (config.json)"),
+           load_format: str = typer.Option("dummy", help="dummy only: random backbone and tables"),
+           engram_layers: str = typer.Option("1,15", help="decoder layers that carry Engram"),
+           table_params: str = typer.Option("1e9,1e10", help="total table parameters over all Engram layers"),
+           heads: int = typer.Option(8, help="hash heads per n-gram order (orders 2, 3)"),
+           dim: int = typer.Option(64, help="row width per head"),
+           placements: str = typer.Option(",".join(("device", "cpu-copy", "cpu-zero_copy"))),
+           batch: str = typer.Option("1,64", help="decode batch sizes"), prompt_len: int = typer.Option(512),
+           new_tokens: int = typer.Option(64), prefill: str = typer.Option("8x2048", help="PROMPTSxTOKENS"),
+           repeats: int = typer.Option(2, help="timed runs per case (median), after one warm-up"),
+           device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
+           time_budget: float = typer.Option(480.0, help="seconds; later configurations are skipped past it"),
+           smoke: bool = typer.Option(False, help="tiny sizes on the CPU for CI"),
+           output: Path = typer.Option(Path("benchmarks/results/engram.json")),
+           plot: bool = typer.Option(True, help="write a PNG beside the JSON")) -> None:
+    """Engram tables on the device vs in host RAM (copy / zero-copy gathers) vs no Engram: decode and prefill
+    tok/s, GPU memory; slowdown of host placement per metric."""
+    from rich.console import Console
+
+    from tierserve.bench.engram import EngramSizes, bench_engram, plot_engram
+    from tierserve.bench.results import write_result
+
+    con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+    if load_format != "dummy":
+        raise typer.BadParameter("bench engram builds random weights and tables: use --load-format dummy")
+    if smoke:
+        model, engram_layers, table_params, heads, dim, device = None, "1,2", "1e5,4e5", 2, 32, "cpu"
+        batch, prompt_len, new_tokens, prefill, repeats = "1,4", 16, 8, "2x64", 1
+    try:
+        n_prompts, prefill_len = (int(x) for x in prefill.lower().split("x"))
+        params = [float(x) for x in table_params.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--prefill must be PROMPTSxTOKENS and --table-params numbers, got {prefill!r}, "
+                                 f"{table_params!r}")
+    sizes = EngramSizes(prompt_len, new_tokens, tuple(_ints(batch)), n_prompts, prefill_len, repeats,
+                        step_tokens=256 if smoke else 8192)
+
+    def show(r: dict) -> None:
+        head = f"{r['config']:>20}"
+        if "metric" not in r:
+            con.print(f"{head}  {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
+            return
+        peak = f"  peak {r['peak_gpu_gib']:.1f} GiB" if r.get("peak_gpu_gib") else ""
+        con.print(f"{head}  {r['metric']:>7} b{r['batch']:<3} {r['tok_s']:10.1f} tok/s{peak}  tokens {r['tokens_sha1']}")
+    res = bench_engram(model, params, layers=tuple(_ints(engram_layers)), heads=heads, dim=dim,
+                       placements=tuple(p.strip() for p in placements.split(",") if p.strip()), sizes=sizes,
+                       device=device, dtype=dtype, time_budget_s=time_budget,
+                       partial_path=str(output) + ".partial.jsonl", progress=show,
+                       log=con.print)
+    path = write_result(res, output)
+    con.print(f"wrote {path}")
+    con.print_json(data=res["summary"])
+    if plot:
+        try:
+            con.print(f"wrote {plot_engram(res, path.with_suffix('.png'))}")
+        except ImportError as e:
+            con.print(f"no plot ({e.name} not installed)")
+
+
 def _mount(module: str, attr: str = "app") -> None:
     try:
         sub = getattr(importlib.import_module(module), attr)

@@ -31,6 +31,7 @@ from torch import nn
 
 from tierserve.memory.engram_config import FP8_BLOCK, HOST_GATHERS, PLACEMENTS
 from tierserve.memory.engram_fp8 import dequantize_rows, quantize_rows
+from tierserve.progress import ProgressBar
 
 _NP_WORD = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _INIT_CHUNK = 1 << 16
@@ -113,13 +114,26 @@ class EngramTable(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, std: float = 1.0, generator: torch.Generator | None = None) -> None:
         """Rows ~ N(0, std^2), written in chunks (tables may be larger than RAM). A disk table without a
-        file (no ``disk_path``) is skipped: it gets its rows by mapping a checkpoint."""
+        file (no ``disk_path``) is skipped: it gets its rows by mapping a checkpoint. With a CUDA compute
+        device the rows are drawn there (seeded from ``generator``) whatever the placement, so every
+        placement gets the same rows. Tables of 1 GiB or more show a progress bar on stderr."""
         if self.placement == "disk" and not self._host:
             return
-        for r0 in range(0, self.num_rows, _INIT_CHUNK):
-            n = min(_INIT_CHUNK, self.num_rows - r0)
-            rows = torch.randn(n, self.dim, generator=generator) * std
-            self._write_rows(r0, rows)
+        gen_dev, chunk = torch.device("cpu"), _INIT_CHUNK
+        if self.device.type == "cuda":         # draw on the GPU (fast even for 10B rows), same for every placement
+            seed = int(torch.randint(0, 1 << 62, (1,), generator=generator))
+            gen_dev, chunk = self.device, max(1, (1 << 26) // self.dim)     # 64M values a chunk
+            generator = torch.Generator(gen_dev).manual_seed(seed)
+        gib = self.nbytes() / 2**30
+        bar = ProgressBar(f"engram table {gib:.1f} GiB", self.num_rows) if gib >= 1 else None
+        for r0 in range(0, self.num_rows, chunk):
+            n = min(chunk, self.num_rows - r0)
+            rows = torch.randn(n, self.dim, generator=generator, device=gen_dev) * std
+            self._write_rows(r0, rows if self.fp8 else rows.to(self.dtype))
+            if bar:
+                bar.advance(n)
+        if bar:
+            bar.close()
 
     @torch.no_grad()
     def load_(self, name: str, tensor: torch.Tensor) -> None:

@@ -339,6 +339,8 @@ def _make_backend(name: str, device: torch.device):
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in model.named_parameters():
+        if ".engram." in name:          # Engram resets its own; the backbone is the same whatever the placement
+            continue
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         else:
