@@ -98,3 +98,30 @@ def test_triton_sparse_decode_over_spilled_pages(tmp_path):
     eng = llms["triton"].engine
     assert eng.kv.num_spilled > 0 and eng.runner.host_summaries is not None
     assert eng.runner.backend.host_reads is True
+
+
+def test_triton_prefill_chunks_read_spilled_pages(tmp_path, monkeypatch):
+    """A prompt larger than the device pool, prefilled in small chunks: later chunks attend to context
+    already spilled to CPU RAM through the paged prefill kernel's host reads -- reference tokens."""
+    import tierserve.attention.triton_backend as tb
+
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append(kw.get("host_cache") is not None)
+        return real(*a, **kw)
+
+    real = tb.paged_prefill
+    monkeypatch.setattr(tb, "paged_prefill", spy)
+    path = make_checkpoint(tmp_path / "m", "llama")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(90)]]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = {}
+    for be in ("torch_ref", "triton"):
+        llm = LLM(str(path), dtype="float32", device=dev, max_model_len=128, attention_backend=be, page_size=8,
+                  num_kv_pages=5, cpu_kv_gb=0.01, max_num_batched_tokens=16, enable_prefix_caching=False)
+        outs[be] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    assert outs["triton"] == outs["torch_ref"]
+    assert any(calls), "no prefill chunk read host pages"
+    assert llm.engine.runner.backend.host_reads is True

@@ -1,9 +1,10 @@
 """Steps that mix prefill chunks with decodes (GPU backend).
 
 The step is split once (cached in ``meta.backend_data``): decode rows go to the paged decode kernel
-as one batch; each prefill chunk runs SDPA on its own -- a fresh prompt (position 0, no window)
-attends to its own new keys with ``is_causal`` (flash attention, nothing gathered), a continued
-chunk or a prefix-cache hit gathers only its own pages and uses an explicit causal mask. The
+as one batch; a fresh prompt (position 0, within the window) runs SDPA with ``is_causal`` on its own
+new keys (flash attention, nothing gathered); every continued chunk or prefix-cache hit goes, packed,
+to the paged prefill kernel (attention/triton_prefill.py), which reads the cached context from the pages
+(``prefill_chunk`` below, a gather + masked SDPA, is the fallback for head sizes the kernel lacks). The
 reference (``torch_ref``) instead pads every request of the step to the longest query and longest
 context, which costs O(batch x max_query x max_context) per layer.
 """
@@ -24,6 +25,18 @@ class StepSplit:
     dec_lens: torch.Tensor | None
     dec_splits: int
     prefills: list[tuple[int, int, int, int]]   # (sequence, first token, last token + 1, start position)
+    # continued chunks packed for the paged prefill kernel: page-table rows, first packed token, query
+    # length and context length per chunk (device), and the longest chunk (host)
+    cont_table: torch.Tensor | None = None
+    cont_qstart: torch.Tensor | None = None
+    cont_qlen: torch.Tensor | None = None
+    cont_lens: torch.Tensor | None = None
+    cont_max_q: int = 0
+
+
+def is_fresh(n: int, start: int, window: int | None) -> bool:
+    """A chunk that attends only to its own new tokens (SDPA with is_causal)."""
+    return start == 0 and (window is None or n <= window)
 
 
 def split_step(meta: AttnMetadata, num_kv_heads: int) -> StepSplit:
@@ -44,6 +57,13 @@ def split_step(meta: AttnMetadata, num_kv_heads: int) -> StepSplit:
                           meta.seq_lens[idx], choose_splits(len(dec), num_kv_heads, max_len), prefills)
     else:
         split = StepSplit(None, None, None, 1, prefills)
+    cont = [c for c in prefills if c[3] > 0]
+    if cont:
+        split.cont_table = meta.page_table[torch.tensor([c[0] for c in cont], device=dev)]
+        split.cont_qstart = torch.tensor([c[1] for c in cont], device=dev)
+        split.cont_qlen = torch.tensor([c[2] - c[1] for c in cont], device=dev)
+        split.cont_lens = split.cont_qstart.new_tensor([c[3] + c[2] - c[1] for c in cont])
+        split.cont_max_q = max(c[2] - c[1] for c in cont)
     meta.backend_data["mixed_split"] = split
     return split
 
@@ -56,7 +76,7 @@ def prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: t
     n, hq, d = q.shape
     hkv = k.shape[1]
     qh = q.transpose(0, 1)[None]                                              # [1, Hq, n, D]
-    if start == 0 and (window is None or n <= window):
+    if is_fresh(n, start, window):
         keys, vals = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         out = F.scaled_dot_product_attention(qh, keys, vals, is_causal=True, scale=scale,
                                              enable_gqa=hq != hkv)

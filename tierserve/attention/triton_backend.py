@@ -1,8 +1,9 @@
-"""GPU backend: Triton paged decode (split-K) for decode rows, SDPA per prefill chunk (attention/mixed.py).
+"""GPU backend: Triton paged decode (split-K) for decode rows; prefill chunks through SDPA (fresh prompts)
+or the Triton paged prefill kernel (continued chunks, prefix hits); see attention/mixed.py.
 
 FP8 KV pages in pure decode steps go through the dequantising kernel (attention/triton_decode_fp8.py).
-Spilled pages (host_kv), FP8 pages in steps with prefill and sparse selection in steps with prefill fall
-back to the torch reference.
+Pages spilled to CPU RAM are read in place by both kernels (``_host``). Pages spilled to disk, FP8 pages in
+steps with prefill and sparse selection in steps with prefill fall back to the torch reference.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 
 from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
 from tierserve.attention.indexer import indexer_page_scores
-from tierserve.attention.mixed import prefill_chunk, split_step
+from tierserve.attention.mixed import is_fresh, prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
 from tierserve.attention.triton_decode import compact_selection, paged_decode
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+from tierserve.attention.triton_prefill import paged_prefill
+from tierserve.attention.triton_prefill import supported as prefill_supported
 
 log = logging.getLogger("tierserve")
 
@@ -58,9 +61,9 @@ class TritonBackend:
         fp8_ok = meta.kv_fp8 is None or (meta.decode_only and meta.sparse is None)
         host_sparse_ok = meta.sparse is None or (meta.sparse.selector == "pages" and sliding_window is None
                                                  and meta.host_summaries is not None)
-        if meta.host_kv is not None and meta.host_ram_only and meta.decode_only and host_sparse_ok \
-                and meta.kv_fp8 is None and self.host_reads is not False:
-            return self._decode_host(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
+        if meta.host_kv is not None and meta.host_ram_only and host_sparse_ok and meta.kv_fp8 is None \
+                and (meta.decode_only or meta.sparse is None) and self.host_reads is not False:
+            return self._host(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if meta.host_kv is not None or not sparse_ok or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
@@ -80,9 +83,10 @@ class TritonBackend:
         return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, sliding_window=sliding_window)
 
-    def _decode_host(self, q, k, v, kv_layer, meta: AttnMetadata, scale, window, layer_idx, kv_written):
-        """Decode over pages partly spilled to CPU RAM: the kernel reads those straight from (pinned) host
-        memory, no gather. Checked once against the reference; any failure turns it off (reference)."""
+    def _host(self, q, k, v, kv_layer, meta: AttnMetadata, scale, window, layer_idx, kv_written):
+        """Attention over pages partly spilled to CPU RAM: the decode and prefill kernels read those
+        straight from (pinned) host memory, no gather. Checked once against the reference; any failure
+        turns it off (reference)."""
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
         page = meta.page_size
@@ -90,11 +94,14 @@ class TritonBackend:
         table, lens = meta.page_table, meta.seq_lens
         if meta.sparse is not None:     # scored from summaries on the GPU; only chosen pages are read
             table, lens = self._select(q, kv_layer, meta, layer_idx)
+        host = (store[:, layer_idx, 0, :page], store[:, layer_idx, 1, :page])
         try:
-            out = paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens,
-                               scale, num_splits=meta.num_splits, sliding_window=window,
-                               host_cache=(store[:, layer_idx, 0, :page], store[:, layer_idx, 1, :page]),
-                               num_device_pages=kv_layer.shape[0])
+            if meta.decode_only:
+                out = paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens,
+                                   scale, num_splits=meta.num_splits, sliding_window=window,
+                                   host_cache=host, num_device_pages=kv_layer.shape[0])
+            else:
+                out = self._mixed(q, k, v, kv_layer, meta, scale, window, host_cache=host)
             if self.host_reads is None:
                 want = self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
                 tol = 1e-3 if q.dtype == torch.float32 else 3e-2
@@ -103,20 +110,30 @@ class TritonBackend:
                 self.host_reads = True
             return out
         except Exception as e:      # pinned memory the device cannot address, or a wrong read
-            log.warning("decode reading spilled KV pages from CPU RAM is off (%s: %s); gathering them instead",
+            log.warning("attention reading spilled KV pages from CPU RAM is off (%s: %s); gathering them instead",
                         type(e).__name__, e)
             self.host_reads = False
             return self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
 
     @staticmethod
-    def _mixed(q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None) -> torch.Tensor:
+    def _mixed(q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None,
+               host_cache=None) -> torch.Tensor:
         page = meta.page_size
         split = split_step(meta, kv_layer.shape[3])
         out = torch.empty_like(q)
+        kc, vc = kv_layer[:, 0, :page], kv_layer[:, 1, :page]
+        host = dict(host_cache=host_cache, num_device_pages=kv_layer.shape[0]) if host_cache else {}
         if split.dec_tokens is not None:
-            out[split.dec_tokens] = paged_decode(q[split.dec_tokens], kv_layer[:, 0, :page], kv_layer[:, 1, :page],
-                                                 split.dec_table, split.dec_lens, scale,
-                                                 num_splits=split.dec_splits, sliding_window=window)
+            out[split.dec_tokens] = paged_decode(q[split.dec_tokens], kc, vc, split.dec_table, split.dec_lens, scale,
+                                                 num_splits=split.dec_splits, sliding_window=window, **host)
+        kernel = prefill_supported(q.shape[-1])
+        if split.cont_table is not None and kernel:
+            paged_prefill(q, kc, vc, split.cont_table, split.cont_qstart, split.cont_qlen, split.cont_lens,
+                          split.cont_max_q, scale, sliding_window=window, out=out, **host)
         for seq, t0, t1, start in split.prefills:
-            out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
+            if is_fresh(t1 - t0, start, window):
+                out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
+            elif start == 0 or not kernel:
+                assert host_cache is None, "host pages need the prefill kernel"
+                out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
         return out

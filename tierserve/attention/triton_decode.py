@@ -34,6 +34,33 @@ def load_group_q(q_ptr, b, kvh, s_qb, s_qh, GROUP: tl.constexpr, GROUP_PAD: tl.c
 
 
 @triton.jit
+def load_page_rows(k_ptr, v_ptr, hk_ptr, hv_ptr, row_pt_ptr, t, t_mask, kvh, d,
+                   s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_hkp, s_hvp, n_dev, PAGE: tl.constexpr, HOST: tl.constexpr):
+    """K and V rows [N, D] of KV head ``kvh`` at token positions ``t`` of the sequence whose page table
+    starts at ``row_pt_ptr``. With HOST, page ids >= n_dev are host slots read from pinned CPU RAM
+    (``hk_ptr`` / ``hv_ptr``, the same per-page layout)."""
+    page = tl.load(row_pt_ptr + t // PAGE, mask=t_mask, other=0).to(tl.int64)
+    off = (t % PAGE).to(tl.int64)
+    if HOST:
+        on_host = page >= n_dev
+        dp = tl.where(on_host, 0, page)
+        hp = tl.where(on_host, page - n_dev, 0)
+        dm, hm = t_mask & (page < n_dev), t_mask & on_host
+        row = off[:, None] * s_kt + kvh * s_kh + d[None, :]
+        k = tl.load(k_ptr + dp[:, None] * s_kp + row, mask=dm[:, None], other=0.0) + \
+            tl.load(hk_ptr + hp[:, None] * s_hkp + row, mask=hm[:, None], other=0.0)
+        row = off[:, None] * s_vt + kvh * s_vh + d[None, :]
+        v = tl.load(v_ptr + dp[:, None] * s_vp + row, mask=dm[:, None], other=0.0) + \
+            tl.load(hv_ptr + hp[:, None] * s_hvp + row, mask=hm[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + page[:, None] * s_kp + off[:, None] * s_kt + kvh * s_kh + d[None, :],
+                    mask=t_mask[:, None], other=0.0)
+        v = tl.load(v_ptr + page[:, None] * s_vp + off[:, None] * s_vt + kvh * s_vh + d[None, :],
+                    mask=t_mask[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh,
                 DIRECT: tl.constexpr):
     """Epilogue of a split program: normalise; with one split write the final output (no merge pass),
@@ -75,24 +102,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_mask = t < end
-        page = tl.load(pt_ptr + b * s_ptb + kvh * s_pth + t // PAGE, mask=t_mask, other=0).to(tl.int64)
-        off = (t % PAGE).to(tl.int64)
-        if HOST:       # page ids >= n_dev are host slots: read from pinned CPU RAM (same layout)
-            on_host = page >= n_dev
-            dp = tl.where(on_host, 0, page)
-            hp = tl.where(on_host, page - n_dev, 0)
-            dm, hm = t_mask & (page < n_dev), t_mask & on_host
-            row = off[:, None] * s_kt + kvh * s_kh + d[None, :]
-            k = tl.load(k_ptr + dp[:, None] * s_kp + row, mask=dm[:, None], other=0.0) + \
-                tl.load(hk_ptr + hp[:, None] * s_hkp + row, mask=hm[:, None], other=0.0)
-            row = off[:, None] * s_vt + kvh * s_vh + d[None, :]
-            v = tl.load(v_ptr + dp[:, None] * s_vp + row, mask=dm[:, None], other=0.0) + \
-                tl.load(hv_ptr + hp[:, None] * s_hvp + row, mask=hm[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptr + page[:, None] * s_kp + off[:, None] * s_kt + kvh * s_kh + d[None, :],
-                        mask=t_mask[:, None], other=0.0)
-            v = tl.load(v_ptr + page[:, None] * s_vp + off[:, None] * s_vt + kvh * s_vh + d[None, :],
-                        mask=t_mask[:, None], other=0.0)
+        k, v = load_page_rows(k_ptr, v_ptr, hk_ptr, hv_ptr, pt_ptr + b * s_ptb + kvh * s_pth, t, t_mask, kvh, d,
+                              s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_hkp, s_hvp, n_dev, PAGE, HOST)
         if UPCAST:     # the CPU interpreter's dot mishandles bf16; the GPU multiplies bf16 directly
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale          # [G, N], log2 units
