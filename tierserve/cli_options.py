@@ -37,6 +37,8 @@ _HELP = {
     "disk_kv_gb": "disk KV tier capacity, GiB",
     "remote_kv_url": "KV tier on Redis/Valkey, e.g. redis://127.0.0.1:6379",
     "kv_load_policy": "cost (load a lower-tier hit only when faster than recompute) | always",
+    "kv_prefetch": "read a waiting request's disk/remote prefix hits into CPU RAM in the background "
+                   "(default: on when --disk-kv-dir or --remote-kv-url is set)",
     "debug_invariants": "check page accounting after every step",
     "seed": "engine seed",
 }

@@ -48,6 +48,7 @@ class EngineConfig:
     disk_kv_gb: float = 64.0            # disk tier capacity
     remote_kv_url: str | None = None    # redis://host:port -- KV shared between replicas
     kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
+    kv_prefetch: bool | None = None     # read waiting requests' disk/remote hits ahead (None: on with those tiers)
     sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
     sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
     indexer_path: str | None = None     # sparse_attention=indexer: dir from `tierserve train-indexer` (default <model>/indexer)
@@ -72,6 +73,8 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
+        if self.kv_prefetch is not None and not isinstance(self.kv_prefetch, bool):
+            raise ValueError(f"kv_prefetch must be True, False or None (auto), got {self.kv_prefetch!r}")
         _choice("kv_dtype", self.kv_dtype, ("auto", "fp8"))
         _int_range("kv_fp8_keep_sink", self.kv_fp8_keep_sink, 0, 1 << 24)
         _int_range("kv_fp8_keep_recent", self.kv_fp8_keep_recent, 0, 1 << 24)

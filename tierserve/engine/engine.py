@@ -100,7 +100,8 @@ class Engine:
         return TierManager(page_shape, layout.dtype, fp,
                            host_pages=host_pages, disk_dir=config.disk_kv_dir,
                            disk_bytes=int(config.disk_kv_gb * 2**30), remote_url=config.remote_kv_url,
-                           policy=config.kv_load_policy, spill_pages=spill_pages)
+                           policy=config.kv_load_policy, spill_pages=spill_pages,
+                           prefetch=config.kv_prefetch is not False)
 
     def _load_tokenizer(self, config: EngineConfig) -> Tokenizer:
         try:

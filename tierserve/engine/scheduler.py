@@ -56,6 +56,8 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+        if req.params.prompt_logprobs is None:      # as in schedule(): its prefix may be a hit, read it ahead
+            self.kv.prefetch(req.request_id, req.all_token_ids, req.num_tokens - 1)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -95,6 +95,20 @@ class KVManager:
             self.pool.hits += 1
         return hit
 
+    def prefetch(self, req_id: str, token_ids: Sequence[int], max_tokens: int) -> None:
+        """A request waits: start reading the pages of its prefix that are not in the GPU pool from the
+        disk/remote tiers in the background (tiers/prefetch.py); ``find_prefix`` then finds them in CPU RAM.
+        Released when the request is admitted or freed."""
+        if self.tiers is None or self.tiers.prefetcher is None or not self.enable_prefix_caching:
+            return
+        ps, parent, pages = self.page_size, None, []
+        for i in range(max_tokens // ps):
+            toks = tuple(token_ids[i * ps:(i + 1) * ps])
+            parent = hash_page(parent, toks)
+            if pages or self.pool.lookup(parent, toks) is None:      # after the leading GPU-pool hits
+                pages.append((i, parent, toks))
+        self.tiers.prefetch(req_id, pages)
+
     # ---- allocation -----------------------------------------------------------------------------
     def allocate(self, req_id: str, num_tokens: int, prefix: PrefixHit | None = None) -> bool:
         """Make ``req_id``'s table cover ``num_tokens`` tokens. All-or-nothing; False if no room."""
@@ -123,6 +137,8 @@ class KVManager:
                 self.tiers.schedule_onload(pid, th)
             table.pages.extend(new)
         self._tables[req_id] = table
+        if new_table and self.tiers is not None:       # admitted: what it did not use is not needed
+            self.tiers.prefetch_release(req_id)
         return True
 
     def commit(self, req_id: str, token_ids: Sequence[int], num_computed: int) -> None:
@@ -167,6 +183,8 @@ class KVManager:
         return out
 
     def free(self, req_id: str) -> None:
+        if self.tiers is not None:                     # finished or aborted while waiting: drop its reads
+            self.tiers.prefetch_release(req_id)
         table = self._tables.pop(req_id, None)
         if table is not None:
             self.pool.release([p for p in table.pages if p >= 0])

@@ -59,6 +59,14 @@ class _EngineCollector:
         for tier, n in e.kv.hit_tokens.items():
             hits.add_metric(self.labels + [tier], n)
         yield hits
+        prefetcher = e.kv.tiers.prefetcher if e.kv.tiers is not None else None
+        if prefetcher is not None:
+            pf = CounterMetricFamily(P + "prefix_cache_prefetch", "Disk/remote prefix-cache pages served from a "
+                                     "background read (hit) or read at admission (miss).",
+                                     labels=["model_name", "result"])
+            for result, key in (("hit", "hits"), ("miss", "misses")):
+                pf.add_metric(self.labels + [result], prefetcher.counts[key])
+            yield pf
         yield self._counter("num_preemptions", "Requests preempted (pages released, recomputed later).",
                             e.scheduler.num_preemptions)
 

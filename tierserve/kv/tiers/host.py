@@ -1,8 +1,9 @@
 """Host tier: KV pages in (pinned, when CUDA exists) CPU RAM.
 
-Two uses share one pool of slots: cached pages (content-addressed by page hash, LRU, evictable) and
-spilled pages of live sequences that do not fit on the GPU (reserved until their request ends).
-Accounting: free + cached + spilled == total.
+Three uses share one pool of slots: cached pages (content-addressed by page hash, LRU, evictable),
+spilled pages of live sequences that do not fit on the GPU (reserved until their request ends) and
+staged pages: disk/remote blocks read ahead by the prefetcher (prefetch.py) for a waiting request.
+Accounting: free + cached + spilled + staged == total.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class HostTier:
         self._index: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()
         self._free = list(range(num_pages - 1, -1, -1))
         self._spilled: set[int] = set()
+        self._staged: set[int] = set()
 
     def lookup(self, block_hash: bytes, tokens: tuple[int, ...]) -> int | None:
         hit = self._index.get(block_hash)
@@ -60,6 +62,22 @@ class HostTier:
         self._spilled.remove(slot)
         self._free.append(slot)
 
+    def stage(self) -> int | None:
+        """A free slot for a prefetched page (never evicts a cached one), or None."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._staged.add(slot)
+        return slot
+
+    def unstage(self, slot: int) -> None:
+        self._staged.remove(slot)
+        self._free.append(slot)
+
+    @property
+    def num_staged(self) -> int:
+        return len(self._staged)
+
     @property
     def num_spilled(self) -> int:
         return len(self._spilled)
@@ -77,5 +95,6 @@ class HostTier:
         self._index.clear()
 
     def check_invariants(self) -> None:
-        assert len(self._index) + len(self._free) + len(self._spilled) == self.num_pages
-        assert len({s for s, _ in self._index.values()} | set(self._free) | self._spilled) == self.num_pages
+        assert len(self._index) + len(self._free) + len(self._spilled) + len(self._staged) == self.num_pages
+        assert len({s for s, _ in self._index.values()} | set(self._free) | self._spilled | self._staged) \
+            == self.num_pages

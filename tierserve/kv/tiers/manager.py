@@ -8,6 +8,8 @@
 - Data moves only in ``apply``, which the model runner calls at the start of a step, before the
   forward pass: (1) read out pages leaving the GPU, (2) load hits into their new GPU pages,
   (3) store what was read out. Tiering never changes an output token.
+- With ``prefetch`` (prefetch.py) a waiting request's disk/remote pages are read in the background, so
+  its hit is served from CPU RAM at admission instead of by a read on the step's critical path.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class TierHit:
     source: str                  # "cpu" | "disk" | "remote"
     slot: int | None = None      # host slot
     payload: bytes | None = None
+    prefetched: bool = False     # a disk/remote page read ahead (prefetch.py): slot (staged) or payload set
+                                 # when it is admitted
 
 
 @dataclass
@@ -52,7 +56,8 @@ class KVTransfers:
 class TierManager:
     def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, fingerprint: str, *,
                  host_pages: int = 0, disk_dir: str | None = None, disk_bytes: int = 0,
-                 remote_url: str | None = None, policy: str = "cost", spill_pages: int = 0) -> None:
+                 remote_url: str | None = None, policy: str = "cost", spill_pages: int = 0,
+                 prefetch: bool = True) -> None:
         self.page_shape, self.dtype, self.fingerprint, self.policy = page_shape, dtype, fingerprint, policy
         self.page_bytes = int(torch.Size(page_shape).numel()) * torch.empty((), dtype=dtype).element_size()
         self.host = HostTier(page_shape, dtype, host_pages) if host_pages else None
@@ -70,6 +75,10 @@ class TierManager:
         self.hits = {t: 0 for t in TIERS}             # pages served per tier
         self._pending = KVTransfers()
         self.zero_copy: bool | None = None            # GPU reads CPU-RAM hits from pinned memory (None: untried)
+        self.prefetcher = None
+        if prefetch and ((self.disk is not None and self.disk.enabled) or self.remote is not None):
+            from tierserve.kv.tiers.prefetch import Prefetcher
+            self.prefetcher = Prefetcher(self._read_lower, self.page_bytes, self.host)
 
     @property
     def enabled(self) -> bool:
@@ -96,22 +105,52 @@ class TierManager:
             slot = self.host.lookup(h, toks)
             if slot is not None:
                 return TierHit(h, toks, "cpu", slot=slot)
+        if self.prefetcher is not None:
+            fetched = self.prefetcher.get(h, toks)
+            if fetched is not None:       # slot / payload are taken at admission (schedule_onload)
+                return TierHit(h, toks, fetched.source, prefetched=True)
+        got = self._read_lower(h, toks)
+        if got is None:
+            return None
+        name, payload, seconds = got
+        self._measure(name, len(payload), seconds)
+        return TierHit(h, toks, name, payload=payload)
+
+    def _read_lower(self, h: bytes, toks: tuple[int, ...]) -> tuple[str, bytes, float] | None:
+        """(tier, verified payload, seconds) from disk, then remote; None on a miss. Also runs on the
+        prefetch threads (the tiers' reads are thread-safe)."""
         for tier in (self.disk, self.remote):
             if tier is None:
                 continue
             t0 = time.perf_counter()
             payload = tier.read(h, toks)
-            if payload is not None and len(payload) != self.page_bytes:   # never mis-shape a page
-                payload = None
-            if payload is not None:
-                self._measure(tier.name, len(payload), time.perf_counter() - t0)
-                return TierHit(h, toks, tier.name, payload=payload)
+            if payload is not None and len(payload) == self.page_bytes:   # never mis-shape a page
+                return tier.name, payload, time.perf_counter() - t0
         return None
+
+    def prefetch(self, key: str, pages: list[tuple[int, bytes, tuple[int, ...]]]) -> None:
+        """Read ahead the pages of a waiting request's prefix that only disk/remote may hold (in prompt
+        order, starting after its GPU-pool hits); stops at the first page no lower tier can hold."""
+        if self.prefetcher is None:
+            return
+        todo = []
+        for i, h, toks in pages:
+            if self.host is not None and self.host.contains(h):
+                continue
+            if self.remote is None and not (self.disk.enabled and self.disk.contains(h)):
+                break
+            todo.append((i, h, toks))
+        if todo:
+            self.prefetcher.submit(key, todo)
+
+    def prefetch_release(self, key: str) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.release(key)
 
     def _load_pays(self, hits: list[TierHit], page_size: int) -> bool:
         if self.prefill_s_per_token is None:
             return True
-        load = sum(self.page_bytes / self.bandwidth[h.source] for h in hits)
+        load = sum(self.page_bytes / self.bandwidth["cpu" if h.prefetched else h.source] for h in hits)
         return load < len(hits) * page_size * self.prefill_s_per_token
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
@@ -138,6 +177,12 @@ class TierManager:
 
     def schedule_onload(self, pid: int, hit: TierHit) -> None:
         self.hits[hit.source] += 1
+        if hit.prefetched:
+            fetched, hit.slot = self.prefetcher.claim(hit.block_hash)
+            hit.payload = fetched.payload
+            self._measure(fetched.source, self.page_bytes, fetched.seconds)
+        elif self.prefetcher is not None and hit.source != "cpu":
+            self.prefetcher.counts["misses"] += 1          # read on the step's critical path
         self._pending.onload.append((pid, hit))
 
     # ---- spill space for live pages: CPU RAM slots first, then the disk spill file ----------------
@@ -150,6 +195,8 @@ class TierManager:
         if slot is None and self.disk_spill is not None:
             s = self.disk_spill.reserve()
             slot = None if s is None else self._host_slots + s
+        if slot is None and self.prefetcher is not None and self.prefetcher.give_back_slot():
+            slot = self.host.reserve()                    # live pages before read-ahead ones
         return slot
 
     def spill_release(self, slot: int) -> None:
@@ -178,6 +225,8 @@ class TierManager:
         self._pending.unspill.append((slot, pid))
 
     def take_transfers(self) -> KVTransfers:
+        if self.prefetcher is not None:
+            self.prefetcher.reap()
         out, self._pending = self._pending, KVTransfers()
         out.manager = self
         return out
@@ -205,6 +254,9 @@ class TierManager:
                     store[torch.tensor([s for _, s in mine])] = kv_data.index_select(0, pids).to("cpu")
         if tr.onload:                                    # (2) hits into their new GPU pages
             self._onload(tr.onload, kv_data)
+            for _, hit in tr.onload:                     # prefetched pages' staged slots are free again
+                if hit.prefetched and hit.slot is not None:
+                    self.host.unstage(hit.slot)
         for h, toks, page, to_host, persist in leaving:  # (3) store what was read out
             if to_host and self.host is not None:
                 self.host.store(h, toks, page)
@@ -218,8 +270,8 @@ class TierManager:
     def _onload(self, onload: list[tuple[int, TierHit]], kv_data: torch.Tensor) -> None:
         dev = kv_data.device
         pin = dev.type == "cuda"
-        cpu = [(pid, h.slot) for pid, h in onload if h.source == "cpu"]
-        other = [(pid, h) for pid, h in onload if h.source != "cpu"]
+        cpu = [(pid, h.slot) for pid, h in onload if h.slot is not None]       # CPU RAM: cached or prefetched
+        other = [(pid, h) for pid, h in onload if h.slot is None]
         if cpu:
             t0 = time.perf_counter()
             self._from_host([s for _, s in cpu], [p for p, _ in cpu], kv_data)
@@ -264,6 +316,8 @@ class TierManager:
             return False
 
     def flush(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.flush()
@@ -271,6 +325,8 @@ class TierManager:
     def stats(self) -> dict:
         out = {"hits_pages": dict(self.hits), "bandwidth_bytes_s": dict(self.bandwidth),
                "prefill_s_per_token": self.prefill_s_per_token}
+        if self.prefetcher is not None:
+            out["prefetch"] = self.prefetcher.stats()
         if self.host is not None:
             out["cpu"] = {"pages": self.host.num_pages, "used": self.host.num_used}
         if self.disk is not None:
@@ -285,3 +341,6 @@ class TierManager:
             self.host.check_invariants()
         if self.disk_spill is not None:
             assert 0 <= self.disk_spill.num_used <= self.disk_spill.num_pages
+        if self.prefetcher is not None:
+            staged = sum(1 for _, h in self._pending.onload if h.prefetched and h.slot is not None)
+            self.prefetcher.check_invariants(in_transit=staged)
