@@ -46,5 +46,9 @@ def test_mixed_step_matches_reference(window, dtype):
     want = TorchRefBackend().forward(q, k, v, kv_ref, _meta(qlens, seqlens, page, table), D ** -0.5, window)
     got = TritonBackend().forward(q, k, v, kv_got, _meta(qlens, seqlens, page, table), D ** -0.5, window)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    t0 = 0
+    for kind, n in zip(("decode", "fresh", "continued", "decode", "continued"), qlens):   # name the failing part
+        torch.testing.assert_close(got[t0:t0 + n].float(), want[t0:t0 + n].float(), atol=tol, rtol=tol,
+                                   msg=lambda m: f"{kind} rows {t0}:{t0 + n}: {m}")
+        t0 += n
     assert torch.equal(kv_got, kv_ref)          # both wrote the step's keys and values identically

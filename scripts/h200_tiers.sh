@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Issue 5 on one H200 in one call: GPU kernel tests (prefill/decode kernels reading pinned host pages),
+# then `bench tiers` at 32k and 128k against transformers' default and offloaded caches.
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+df -h /tmp | tail -1; free -g | head -2
+timeout 150 python -m pytest tests/kernels -q -x -p no:cacheprovider -p no:warnings 2>&1 | tail -4 | tee "$OUT/kernels.txt"
+timeout ${TIERS_TIMEOUT:-400} python -m tierserve.cli bench tiers --model llama-3.1-8b --load-format dummy \
+    --context ${CONTEXTS:-32768,131072} --cpu-kv-gb 40 --output "$OUT/tiers-h200.json" 2>&1 \
+    | grep -v -i "warn\|it/s\]" | tee "$OUT/tiers.log" | tail -30
+grep -i "zero-copy\|is off\|fall" "$OUT/tiers.log" | head -3
