@@ -36,7 +36,8 @@ def test_mixed_step_matches_reference(window, dtype):
     hq, hkv, D, page, N = 4, 2, 16, 4, 40
     qlens, seqlens = [1, 7, 5, 1, 9], [20, 7, 16, 3, 30]     # decode, fresh, continued, decode, continued
     P = max(-(-s // page) for s in seqlens)
-    table = torch.stack([torch.randperm(N, device=DEV)[:P] for _ in qlens])
+    # distinct pages per sequence (as the engine allocates them), in random order
+    table = torch.randperm(N, device=DEV)[:len(qlens) * P].view(len(qlens), P)
     kv_ref = torch.randn(N, 2, page, hkv, D, device=DEV).to(dtype)      # earlier context: random pages
     kv_got = kv_ref.clone()
     T = sum(qlens)

@@ -157,6 +157,10 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         "each (page, K/V) block must be contiguous"
     if block_n is None:
         block_n = max(page_size, 128 if num_splits == 1 else 64)
+        if q.dtype == torch.float32 and q.is_cuda:
+            # Triton 3.6 on the H200 failed to compile (TritonGPURemoveLayoutConversions) the fp32 kernel
+            # with 128-token blocks of 16-token pages; 32-token blocks compiled and matched the reference
+            block_n = max(page_size, 32)
     assert block_n % page_size == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
     n_codes = page_size * Hkv * D
     scale_off = -(-n_codes // 4) * 4                              # as in quant/fp8_kv.py
