@@ -79,3 +79,30 @@ def test_conv_state_carried_across_steps_equals_full_recompute(conv_ckpt, ckpt):
         tail = out.prompt_logprobs[len(p):]
         for tok, lp, row in zip(toks, lps, tail):
             assert abs(row[tok] - lp) < 1e-4
+
+
+@pytest.mark.parametrize("placement", [None, "cpu"])
+def test_static_rows_for_cuda_graphs_equal_the_eager_hand_off(ckpt, placement):
+    """The CUDA-graph path's static row buffers (filled before the replay) give each Engram layer exactly
+    the rows the eager hand-off gives it (runner/engram_graphs.py); bucket padding rows are ignored."""
+    import torch
+
+    from tierserve.memory.engram import engram_modules, prepare_engram_step
+    from tierserve.runner.engram_graphs import StaticEngramRows
+
+    _, llm = run(ckpt, prompts(1), engram_placement=placement)
+    runner = llm.engine.runner
+    mods = engram_modules(runner.model)
+    g = torch.Generator().manual_seed(5)
+    B = 3                                                      # a decode step of 3 requests
+    ids = torch.randint(3, 500, (B,), generator=g)
+    qsl = torch.arange(B + 1)
+    hist = torch.randint(3, 500, (B, 2), generator=g)
+    hidden = torch.randn(B, runner.model_cfg.hidden_size, generator=g)
+    eager = prepare_engram_step(mods, runner.engram_hasher, ids, qsl, hist)
+    static = StaticEngramRows(mods, 8, runner.device, runner.dtype)
+    static.fill(prepare_engram_step(mods, runner.engram_hasher, ids, qsl, hist), B)
+    for layer, m in mods.items():
+        want = eager.apply(m, hidden)
+        got = static.view(B).apply(m, hidden)
+        assert torch.equal(got, want)

@@ -22,8 +22,9 @@ def buckets(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv, page_size: int, max_bs: int, max_model_len: int, scratch_page: int,
-                 device: torch.device, kv_fp8=None) -> None:
+                 device: torch.device, kv_fp8=None, engram=None) -> None:
         self.model, self.kv, self.page_size = model, kv, page_size
+        self.engram = engram           # runner.engram_graphs.StaticEngramRows (filled before each replay)
         self.kv_fp8 = kv_fp8           # runner.kv_fp8.Fp8Pages (flags on the device, read inside the graph)
         self.max_bs, self.max_len, self.device = max_bs, max_model_len, device
         self.max_pages = -(-max_model_len // page_size)
@@ -52,7 +53,8 @@ class DecodeGraphs:
             max_seq_bound=self.max_len, kv_fp8=self.kv_fp8)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        h = self.model(self.input_ids[:bs], self.positions[:bs], self.kv, self.meta(bs))
+        h = self.model(self.input_ids[:bs], self.positions[:bs], self.kv, self.meta(bs),
+                       self.engram.view(bs) if self.engram is not None else None)
         logits = self.model.compute_logits(h)
         tok = argmax_rows(logits)
         self.next_tokens[:bs].copy_(tok)

@@ -42,3 +42,28 @@ class EngramConvStates:
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+
+
+def make_hasher(model_cfg, tokenizer):
+    """The n-gram hasher of a model with Engram: canonical ids come from the tokenizer."""
+    from tierserve.memory.engram_canonical import build_canonical_ids
+    from tierserve.memory.engram_hash import NgramHasher
+
+    if tokenizer is None:
+        raise ValueError("a model with Engram needs its tokenizer (canonical token ids)")
+    canon = build_canonical_ids(tokenizer, vocab_size=model_cfg.vocab_size)
+    return NgramHasher(model_cfg.engram, canon.table, canon.num_canonical)
+
+
+def start_step(model, hasher, conv: EngramConvStates | None, so, input_ids: torch.Tensor, meta, lookback: int,
+               device: torch.device, dtype: torch.dtype):
+    """Hash the step's tokens (with each request's look-back) and start every Engram layer's gather:
+    the ``memory.engram.EngramStep`` the model (or the CUDA-graph buffers) consume."""
+    from tierserve.memory.engram import engram_modules, prepare_engram_step
+    from tierserve.memory.engram_hash import engram_history
+
+    state = conv.gather(so, device, dtype) if conv else None
+    hist = torch.tensor([engram_history(s.request.all_token_ids, s.start, lookback) for s in so.scheduled],
+                        dtype=torch.int64)
+    return prepare_engram_step(engram_modules(model), hasher, input_ids.cpu(), meta.query_start_loc.cpu(), hist,
+                               state)

@@ -24,7 +24,7 @@ from tierserve.loader.hf import iter_safetensors, load_config, safetensors_files
 from tierserve.quant.fp8 import fp8_format_from_hf
 from tierserve.models.config import ModelConfig
 from tierserve.models.registry import get_model_class
-from tierserve.runner import multi_step
+from tierserve.runner import engram_state, multi_step
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 from tierserve.runner.spill_state import SpillState
 
@@ -120,8 +120,7 @@ class ModelRunner:
         self.engram_conv = None            # Engram conv history per request (conv_kernel_size > 0)
         if model_cfg.engram is not None:
             from tierserve.memory.engram import engram_modules
-            from tierserve.runner.engram_state import EngramConvStates
-            self.engram_conv = EngramConvStates(engram_modules(self.model))
+            self.engram_conv = engram_state.EngramConvStates(engram_modules(self.model))
         self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.spill: SpillState | None = None         # device-side state of spilled pages (attach_spill)
@@ -129,8 +128,15 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and self.sparse is None:
             from tierserve.runner.cuda_graphs import DecodeGraphs
+            static_rows = None
+            if model_cfg.engram is not None and not self.engram_conv:
+                from tierserve.memory.engram import engram_modules
+                from tierserve.runner.engram_graphs import StaticEngramRows
+                static_rows = StaticEngramRows(engram_modules(self.model), config.max_num_seqs, self.device,
+                                               self.dtype)
             self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
-                                       max_model_len, self.scratch_page, self.device, kv_fp8=self.fp8)
+                                       max_model_len, self.scratch_page, self.device, kv_fp8=self.fp8,
+                                       engram=static_rows)
             try:
                 self.graphs.capture()
             except Exception as e:       # a kernel that fails to build must not take the engine down
@@ -168,6 +174,8 @@ class ModelRunner:
         out = StepOutput()
         greedy = None
         if self._graph_ok(meta, plp):
+            if self.graphs.engram is not None:      # rows gathered now, read by the graph from static buffers
+                self.graphs.engram.fill(self._engram_step(so, input_ids, meta), meta.num_seqs)
             logits = self.graphs.run(meta.num_seqs, input_ids, meta.positions, meta.slot_pages,
                                      meta.slot_offsets, meta.seq_lens, meta.page_table)
             greedy = self.graphs.next_tokens[:meta.num_seqs]
@@ -188,7 +196,8 @@ class ModelRunner:
 
     def _graph_ok(self, meta: AttnMetadata, plp) -> bool:
         return (meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None
-                and self.engram_hasher is None and self.graphs.bucket_for(meta.num_seqs) is not None)
+                and (self.engram_hasher is None or self.graphs.engram is not None)
+                and self.graphs.bucket_for(meta.num_seqs) is not None)
 
     def supports_multi_step(self) -> bool:
         """Greedy tokens can be fed back on the device (no sparse selection, Engram hashing or spilled
@@ -222,26 +231,12 @@ class ModelRunner:
 
     def set_tokenizer(self, tokenizer) -> None:
         """Models with Engram hash canonical token ids, which come from the tokenizer."""
-        if self.model_cfg.engram is None:
-            return
-        from tierserve.memory.engram_canonical import build_canonical_ids
-        from tierserve.memory.engram_hash import NgramHasher
-
-        if tokenizer is None:
-            raise ValueError("a model with Engram needs its tokenizer (canonical token ids)")
-        canon = build_canonical_ids(tokenizer, vocab_size=self.model_cfg.vocab_size)
-        self.engram_hasher = NgramHasher(self.model_cfg.engram, canon.table, canon.num_canonical)
+        if self.model_cfg.engram is not None:
+            self.engram_hasher = engram_state.make_hasher(self.model_cfg, tokenizer)
 
     def _engram_step(self, so: SchedulerOutput, input_ids: torch.Tensor, meta: AttnMetadata):
-        from tierserve.memory.engram import engram_modules, prepare_engram_step
-        from tierserve.memory.engram_hash import engram_history
-
-        conv = self.engram_conv.gather(so, self.device, self.dtype) if self.engram_conv else None
-        look = self.model_cfg.engram.lookback
-        hist = torch.tensor([engram_history(s.request.all_token_ids, s.start, look) for s in so.scheduled],
-                            dtype=torch.int64)
-        return prepare_engram_step(engram_modules(self.model), self.engram_hasher, input_ids.cpu(),
-                                   meta.query_start_loc.cpu(), hist, conv)
+        return engram_state.start_step(self.model, self.engram_hasher, self.engram_conv, so, input_ids, meta,
+                                       self.model_cfg.engram.lookback, self.device, self.dtype)
 
     def attach_spill(self, tiers, count_heat: bool) -> SpillState:
         """Live pages may spill to ``tiers`` (CPU RAM, then a disk file); ``count_heat``: count sparse
