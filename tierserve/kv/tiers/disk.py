@@ -2,7 +2,10 @@
 
 Files are named ``<hash hex>.kvp`` (the index is the directory itself, scanned at start). A write goes
 to a unique temporary name and is renamed into place, so processes sharing a directory never see a
-partial file. A block that fails verification (checksum, fingerprint, hash, tokens) is logged,
+partial file. Pages arrive as CPU tensors; the writer threads (io.AsyncWriter, several: blake2b and
+file writes release the GIL) take the bytes view, checksum and write them, and room is reserved
+before a write so that concurrent writers stay within the capacity. At most io.MAX_QUEUED_BYTES wait
+for a writer; past that pages are not persisted (one warning, ``write_dropped`` in stats). A block that fails verification (checksum, fingerprint, hash, tokens) is logged,
 deleted and treated as a miss. A directory that cannot be written (read-only, disk full) disables
 the tier with a warning; the engine carries on without it.
 """
@@ -10,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
-import time
 import uuid
 from pathlib import Path
 
 from tierserve.kv.tiers import codec, flush_at_exit
+from tierserve.kv.tiers.io import AsyncWriter
 
 log = logging.getLogger("tierserve.kv.disk")
 SUFFIX = ".kvp"
@@ -33,7 +35,9 @@ class DiskTier:
         self.index: dict[bytes, int] = {}
         self.num_corrupt = 0
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue()
+        self._room_lock = threading.Lock()       # serialises capacity reservations of the writer threads
+        self._reserved = 0                       # bytes of writes under way (room made, not yet indexed)
+        self._writer = AsyncWriter("disk", self._write)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".probe-{uuid.uuid4().hex}"
@@ -47,8 +51,6 @@ class DiskTier:
                 self.index[bytes.fromhex(f.stem)] = f.stat().st_size
             except (ValueError, OSError):
                 continue
-        self._thread = threading.Thread(target=self._writer, name="tierserve-disk-kv", daemon=True)
-        self._thread.start()
         flush_at_exit(self)
 
     def _disable(self, why: str) -> None:
@@ -63,13 +65,18 @@ class DiskTier:
         return self.enabled and block_hash in self.index
 
     # ---- read -----------------------------------------------------------------------------------
-    def read(self, block_hash: bytes, tokens: tuple[int, ...]) -> bytes | None:
-        """The page payload, or None on a miss or a bad block (which is then removed)."""
+    def read(self, block_hash: bytes, tokens: tuple[int, ...]) -> memoryview | None:
+        """The page payload (a view into a fresh writable buffer), or None on a miss or a bad block
+        (which is then removed). Thread-safe: the synchronous path reads a hit's pages in parallel."""
         if not self.contains(block_hash):
             return None
         path = self._path(block_hash)
         try:
-            blob = path.read_bytes()
+            with open(path, "rb", buffering=0) as f:
+                blob = bytearray(os.fstat(f.fileno()).st_size)
+                got = f.readinto(blob)
+            if got != len(blob):
+                blob = blob[:got]
         except OSError:
             with self._lock:
                 self.index.pop(block_hash, None)
@@ -77,7 +84,8 @@ class DiskTier:
         try:
             payload = codec.decode(blob, self.fingerprint, block_hash, tokens)
         except codec.CorruptBlock as e:
-            self.num_corrupt += 1
+            with self._lock:
+                self.num_corrupt += 1
             log.warning("disk KV block %s rejected (%s); removed, will recompute", path.name, e)
             with self._lock:
                 self.index.pop(block_hash, None)
@@ -93,68 +101,69 @@ class DiskTier:
         return payload
 
     # ---- write ----------------------------------------------------------------------------------
-    def write_async(self, block_hash: bytes, tokens: tuple[int, ...], payload: bytes) -> None:
-        if self.enabled and block_hash not in self.index:
-            self._queue.put((block_hash, tokens, payload))
+    def write_async(self, block_hash: bytes, tokens: tuple[int, ...], payload) -> bool:
+        """Queue a page (a CPU tensor the caller no longer writes to, or bytes) for writing; False if it
+        was not queued (tier off, already stored, or the writers' backlog is full)."""
+        if not self.enabled or block_hash in self.index:
+            return False
+        return self._writer.submit(block_hash, codec.as_buffer(payload).nbytes, block_hash, tokens, payload)
 
-    def _writer(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is not None and self.enabled:
-                    self._write(*item)
-            finally:
-                self._queue.task_done()
-
-    def _write(self, block_hash: bytes, tokens: tuple[int, ...], payload: bytes) -> None:
-        blob = codec.encode(self.fingerprint, block_hash, tokens, payload)
+    def _write(self, block_hash: bytes, tokens: tuple[int, ...], payload) -> None:
+        if not self.enabled or block_hash in self.index:
+            return
+        parts = codec.encode_parts(self.fingerprint, block_hash, tokens, payload)
+        size = sum(memoryview(p).nbytes for p in parts)
         final = self._path(block_hash)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        self._make_room(size)
         try:
-            self._make_room(len(blob))
-            tmp.write_bytes(blob)
+            with open(tmp, "wb") as f:
+                for part in parts:
+                    f.write(part)
             os.replace(tmp, final)
         except OSError as e:
             try:
                 tmp.unlink()
             except OSError:
                 pass
+            with self._lock:
+                self._reserved -= size
             self._disable(f"write to {self.dir} failed: {e}")
             return
         with self._lock:
-            self.index[block_hash] = len(blob)
+            self._reserved -= size
+            self.index[block_hash] = size
 
     def _make_room(self, need: int) -> None:
-        with self._lock:
-            used = sum(self.index.values())
-        if used + need <= self.capacity:
-            return
-        files = sorted(self.dir.glob("*" + SUFFIX), key=lambda f: f.stat().st_mtime)
-        for f in files:
-            if used + need <= self.capacity:
-                break
-            try:
-                size = f.stat().st_size
-                f.unlink()
-            except OSError:
-                continue
-            used -= size
+        """Reserve ``need`` bytes, evicting the least recently used files past the capacity."""
+        with self._room_lock:
             with self._lock:
-                self.index.pop(bytes.fromhex(f.stem), None)
+                used = sum(self.index.values()) + self._reserved
+                self._reserved += need
+            if used + need <= self.capacity:
+                return
+            files = sorted(self.dir.glob("*" + SUFFIX), key=lambda f: f.stat().st_mtime)
+            for f in files:
+                if used + need <= self.capacity:
+                    break
+                try:
+                    size = f.stat().st_size
+                    f.unlink()
+                except OSError:
+                    continue
+                used -= size
+                with self._lock:
+                    self.index.pop(bytes.fromhex(f.stem), None)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until queued writes are on disk."""
-        if not self.enabled and self._queue.empty():
-            return
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
+        self._writer.flush(timeout)
 
     # ---- maintenance ----------------------------------------------------------------------------
     def stats(self) -> dict:
         return {"dir": str(self.dir), "enabled": self.enabled, "blocks": len(self.index),
                 "bytes": sum(self.index.values()), "capacity_bytes": self.capacity,
-                "corrupt_removed": self.num_corrupt}
+                "corrupt_removed": self.num_corrupt, **self._writer.stats()}
 
 
 def scan(directory: str | os.PathLike) -> dict:

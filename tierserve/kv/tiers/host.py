@@ -47,6 +47,30 @@ class HostTier:
         self.data[slot].copy_(page, non_blocking=False)
         self._index[block_hash] = (slot, tokens)
 
+    def store_many(self, entries: list[tuple[bytes, tuple[int, ...]]], pages: torch.Tensor,
+                   keep: set[int] = frozenset()) -> None:
+        """Cache ``pages[i]`` under ``entries[i]`` with one copy; never evicts a slot in ``keep`` (CPU-RAM
+        hits of the step still to be loaded) nor one filled by this call. Pages without room are skipped."""
+        keep, rows, slots = set(keep), [], []
+        for i, (h, toks) in enumerate(entries):
+            if h in self._index:
+                self._index.move_to_end(h)
+                continue
+            if self._free:
+                slot = self._free.pop()
+            else:
+                victim = next((k for k, (s, _) in self._index.items() if s not in keep), None)
+                if victim is None:
+                    break
+                slot = self._index.pop(victim)[0]
+            keep.add(slot)
+            self._index[h] = (slot, toks)
+            rows.append(i)
+            slots.append(slot)
+        if rows:
+            src = pages if len(rows) == len(pages) else pages.index_select(0, torch.tensor(rows))
+            self.data.index_copy_(0, torch.tensor(slots), src.to(self.data.dtype))
+
     def reserve(self) -> int | None:
         """A slot for a spilled live page: a free one, else the least recently used cached one."""
         if self._free:

@@ -2,7 +2,10 @@
 
 - Lookups continue a request's prefix chain below the GPU pool: host, then disk, then remote.
 - A hit chain is used only when loading it is estimated to beat recomputing it (policy "cost"):
-  load time = bytes / measured tier bandwidth, recompute time = tokens x measured prefill time.
+  load time = bytes / measured tier bandwidth, recompute time = tokens x measured prefill time. The
+  decision is taken before the disk/remote pages are read (a tier never measured is measured first on
+  the chain's first window of reads, a small probe) and checked again on the chain actually read.
+  Until a prefill has been measured, hits are loaded.
 - Pages evicted from the GPU pool go down to the host tier; newly completed pages are written
   through to disk and remote asynchronously.
 - Data moves only in ``apply``, which the model runner calls at the start of a step, before the
@@ -21,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from tierserve.kv.prefix import hash_page
+from tierserve.kv.tiers import io
 from tierserve.kv.tiers.disk import DiskTier
 from tierserve.kv.tiers.host import HostTier
 
@@ -36,7 +40,7 @@ class TierHit:
     tokens: tuple[int, ...]
     source: str                  # "cpu" | "disk" | "remote"
     slot: int | None = None      # host slot
-    payload: bytes | None = None
+    payload: bytes | memoryview | None = None   # verified disk/remote page (a view into its read buffer)
     prefetched: bool = False     # a disk/remote page read ahead (prefetch.py): slot (staged) or payload set
                                  # when it is admitted
 
@@ -71,6 +75,7 @@ class TierManager:
             from tierserve.kv.tiers.remote import RemoteTier
             self.remote = RemoteTier(remote_url, fingerprint)
         self.bandwidth = dict(_DEFAULT_BW)
+        self._measured: set[str] = set()              # tiers whose bandwidth was measured (else the default)
         self.prefill_s_per_token: float | None = None
         self.hits = {t: 0 for t in TIERS}             # pages served per tier
         self._pending = KVTransfers()
@@ -91,16 +96,35 @@ class TierManager:
         for i in range(start_page, end_page):
             toks = tuple(token_ids[i * page_size:(i + 1) * page_size])
             h = hash_page(parent, toks)
-            hit = self._find_one(h, toks)
-            if hit is None:
-                break
+            hit = self._find_near(h, toks)
+            if hit is None:                   # disk / remote: read below, in parallel windows
+                on_disk = self.disk is not None and self.disk.contains(h)
+                if not on_disk and self.remote is None:
+                    break
+                hit = TierHit(h, toks, "disk" if on_disk else "remote")
             hits.append(hit)
             parent = h
-        if hits and self.policy == "cost" and not self._load_pays(hits, page_size):
+        cost = self.policy == "cost" and self.prefill_s_per_token is not None
+        todo = [k for k, x in enumerate(hits) if x.source != "cpu" and not x.prefetched]
+        end, window, checked = len(hits), 2 * io.READ_WORKERS, not cost
+        for w in range(0, len(todo), window):
+            ks = [k for k in todo[w:w + window] if k < end]
+            if not ks:
+                break
+            if not checked and hits[ks[0]].source in self._measured:    # else this window is the probe
+                checked = True
+                if not self._load_pays(hits[:end], page_size):
+                    return []
+            bad = self._read_window(hits, ks)
+            if bad is not None:
+                end = bad
+        hits = hits[:end]
+        if hits and cost and not self._load_pays(hits, page_size):
             return []
         return hits
 
-    def _find_one(self, h: bytes, toks: tuple[int, ...]) -> TierHit | None:
+    def _find_near(self, h: bytes, toks: tuple[int, ...]) -> TierHit | None:
+        """A hit that needs no read now: CPU RAM, or a page the prefetcher read ahead."""
         if self.host is not None:
             slot = self.host.lookup(h, toks)
             if slot is not None:
@@ -109,16 +133,19 @@ class TierManager:
             fetched = self.prefetcher.get(h, toks)
             if fetched is not None:       # slot / payload are taken at admission (schedule_onload)
                 return TierHit(h, toks, fetched.source, prefetched=True)
-        got = self._read_lower(h, toks)
-        if got is None:
-            return None
-        name, payload, seconds = got
-        self._measure(name, len(payload), seconds)
-        return TierHit(h, toks, name, payload=payload)
+        return None
 
-    def _read_lower(self, h: bytes, toks: tuple[int, ...]) -> tuple[str, bytes, float] | None:
-        """(tier, verified payload, seconds) from disk, then remote; None on a miss. Also runs on the
-        prefetch threads (the tiers' reads are thread-safe)."""
+    def _read_window(self, hits: list[TierHit], ks: list[int]) -> int | None:
+        """Read + verify pages ``hits[k]`` (k in ``ks``) on the read pool; the first k that missed (the
+        chain ends there) or None. The window's aggregate throughput feeds the bandwidth estimate."""
+        bad, nbytes, seconds = io.read_window(self._read_lower, hits, ks)
+        for name, n in nbytes.items():
+            self._measure(name, n, seconds)
+        return bad
+
+    def _read_lower(self, h: bytes, toks: tuple[int, ...]) -> tuple[str, memoryview, float] | None:
+        """(tier, verified payload, seconds) from disk, then remote; None on a miss. Runs on the read
+        pool and the prefetch threads (the tiers' reads are thread-safe)."""
         for tier in (self.disk, self.remote):
             if tier is None:
                 continue
@@ -161,8 +188,11 @@ class TierManager:
             self.prefill_s_per_token = x if p is None else 0.8 * p + 0.2 * x
 
     def _measure(self, tier: str, nbytes: int, seconds: float) -> None:
+        """The first measurement replaces the default, later ones are averaged in."""
         if seconds > 0 and nbytes >= 4096:
-            self.bandwidth[tier] = 0.8 * self.bandwidth[tier] + 0.2 * (nbytes / seconds)
+            x = nbytes / seconds
+            self.bandwidth[tier] = 0.8 * self.bandwidth[tier] + 0.2 * x if tier in self._measured else x
+            self._measured.add(tier)
 
     # ---- events from the GPU pool -------------------------------------------------------------
     def on_evict(self, pid: int, block_hash: bytes, tokens: tuple[int, ...]) -> None:
@@ -233,87 +263,55 @@ class TierManager:
 
     # ---- data movement (runner side, start of a step) -----------------------------------------
     def apply(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
-        """Move the step's pages. Transfers are grouped: one gather + one copy per direction and source,
-        so PCIe sees a few large copies rather than one per page."""
+        """Move the step's pages, in groups of at most io.GROUP_BYTES (one gather + one copy per group and
+        direction), so PCIe sees large copies and no temporary holds a whole set of pages."""
         if not tr:
             return
-        dev = kv_data.device
         if tr.unspill:                                   # (0) promoted live pages, before any spill reuses a slot
             self._from_host([s for s, _ in tr.unspill], [p for _, p in tr.unspill], kv_data)
-        leaving = []
-        if tr.offload:                                   # (1) read out pages leaving the GPU, in one copy
-            pids = torch.tensor([o[0] for o in tr.offload], device=dev)
-            pages = kv_data.index_select(0, pids).to("cpu")
-            leaving = [(h, toks, pages[i], to_host, persist)
-                       for i, (_, h, toks, to_host, persist) in enumerate(tr.offload)]
+        if tr.offload:                                   # (1) read out pages leaving the GPU, group by group
+            self._offload(tr, kv_data)
         if tr.spill:                                     # live pages moving to CPU RAM / the spill file
             for first, store in self.spill_stores():
-                mine = [(p, s - first) for p, s in tr.spill if first <= s < first + store.shape[0]]
-                if mine:
-                    pids = torch.tensor([p for p, _ in mine], device=dev)
-                    store[torch.tensor([s for _, s in mine])] = kv_data.index_select(0, pids).to("cpu")
+                io.spill([(p, s - first) for p, s in tr.spill if first <= s < first + store.shape[0]], kv_data, store)
         if tr.onload:                                    # (2) hits into their new GPU pages
             self._onload(tr.onload, kv_data)
             for _, hit in tr.onload:                     # prefetched pages' staged slots are free again
                 if hit.prefetched and hit.slot is not None:
                     self.host.unstage(hit.slot)
-        for h, toks, page, to_host, persist in leaving:  # (3) store what was read out
-            if to_host and self.host is not None:
-                self.host.store(h, toks, page)
-            if persist:
-                payload = page.contiguous().view(torch.uint8).numpy().tobytes()
-                if self.disk is not None:
-                    self.disk.write_async(h, toks, payload)
-                if self.remote is not None:
-                    self.remote.write_async(h, toks, payload)
+
+    def _offload(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
+        """Pages leaving the GPU: to CPU RAM (never evicting a CPU-RAM hit this step still loads) and / or
+        handed, as CPU tensors, to the disk / remote writers (io.offload)."""
+        keep = {h.slot for _, h in tr.onload if h.slot is not None and not h.prefetched}
+        writers = [t for t in (self.disk, self.remote) if t is not None]
+        io.offload(tr.offload, kv_data, self.page_bytes, self.host, keep, writers)
 
     def _onload(self, onload: list[tuple[int, TierHit]], kv_data: torch.Tensor) -> None:
-        dev = kv_data.device
-        pin = dev.type == "cuda"
         cpu = [(pid, h.slot) for pid, h in onload if h.slot is not None]       # CPU RAM: cached or prefetched
         other = [(pid, h) for pid, h in onload if h.slot is None]
         if cpu:
             t0 = time.perf_counter()
             self._from_host([s for _, s in cpu], [p for p, _ in cpu], kv_data)
             self._measure("cpu", len(cpu) * self.page_bytes, time.perf_counter() - t0)
-        if other:
-            staging = torch.empty((len(other), *self.page_shape), dtype=self.dtype, pin_memory=pin)
-            flat = staging.view(len(other), -1).view(torch.uint8)
-            for i, (_, hit) in enumerate(other):
-                flat[i].copy_(torch.frombuffer(bytearray(hit.payload), dtype=torch.uint8))
-            kv_data[torch.tensor([p for p, _ in other], device=dev)] = staging.to(dev, non_blocking=pin)
+        if other:                                        # verified payloads, grouped, one copy into staging
+            io.load_payloads(kv_data, [p for p, _ in other], [h.payload for _, h in other])
+            for _, h in other:
+                h.payload = None                         # the read buffer can go
 
     def _from_host(self, host_slots: list[int], gpu_pages: list[int], kv_data: torch.Tensor) -> None:
-        """CPU-RAM slots -> GPU pages: a zero-copy kernel where it works, else a staging copy."""
-        dev = kv_data.device
-        pin = dev.type == "cuda"
-        slots = torch.tensor(host_slots)
-        pids = torch.tensor(gpu_pages, device=dev)
-        if not (pin and self.zero_copy is not False and self._gather_zero_copy(slots, pids, kv_data)):
-            staging = torch.empty((len(host_slots), *self.page_shape), dtype=self.dtype, pin_memory=pin)
-            torch.index_select(self.host.data, 0, slots, out=staging)
-            kv_data[pids] = staging.to(dev, non_blocking=pin)
+        """CPU-RAM slots -> GPU pages: a zero-copy kernel where it works (checked on first use, off for good
+        after a failure), else grouped staging copies."""
+        pin = kv_data.device.type == "cuda"
+        if not (pin and self.zero_copy is not False and self._gather_zero_copy(
+                torch.tensor(host_slots), torch.tensor(gpu_pages, device=kv_data.device), kv_data)):
+            io.from_host(self.host.data, host_slots, gpu_pages, kv_data)
         if pin:
-            torch.cuda.current_stream(dev).synchronize()
+            torch.cuda.current_stream(kv_data.device).synchronize()
 
     def _gather_zero_copy(self, slots: torch.Tensor, pids: torch.Tensor, kv_data: torch.Tensor) -> bool:
-        """CPU-RAM hits read by a GPU kernel straight from pinned memory (kv/tiers/zero_copy.py). The first
-        use is checked against the host copy; any failure turns it off for good (staging copy instead)."""
-        try:
-            from tierserve.kv.tiers.zero_copy import gather_pages
-
-            gather_pages(self.host.data, slots.to(kv_data.device), kv_data, pids)
-            if self.zero_copy is None:
-                ok = torch.equal(kv_data[pids[:1]].cpu(), self.host.data[slots[:1]])
-                if not ok:
-                    raise RuntimeError("gathered page differs from the host page")
-                self.zero_copy = True
-            return True
-        except Exception as e:        # no Triton, or pinned memory the device cannot address
-            log.warning("zero-copy read of CPU-RAM KV pages is off (%s: %s); using a staging copy",
-                        type(e).__name__, e)
-            self.zero_copy = False
-            return False
+        self.zero_copy = io.gather_zero_copy(self.host.data, slots, pids, kv_data, check=self.zero_copy is None)
+        return self.zero_copy
 
     def flush(self) -> None:
         if self.prefetcher is not None:

@@ -31,6 +31,7 @@ from concurrent.futures import thread as _cf_thread
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 log = logging.getLogger("tierserve")
@@ -40,7 +41,7 @@ log = logging.getLogger("tierserve")
 class Fetched:
     source: str                    # "disk" | "remote"
     seconds: float                 # read + verify time (feeds the tier's bandwidth estimate)
-    payload: bytes | None = None   # None: the page is in the host slot the read was given
+    payload: bytes | memoryview | None = None   # None: the page is in the host slot the read was given
 
 
 @dataclass
@@ -205,6 +206,6 @@ class Prefetcher:
         source, payload, seconds = got
         if slot is None:
             return Fetched(source, seconds, payload)
-        dst = self.host.data[slot].view(-1).view(torch.uint8)
-        dst.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dst = self.host.data[slot].view(-1).view(torch.uint8).numpy()
+        dst[:] = np.frombuffer(payload, dtype=np.uint8)        # straight from the read buffer, one copy
         return Fetched(source, seconds)
