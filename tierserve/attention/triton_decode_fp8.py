@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_decode import load_group_q, merge_splits, split_buffers, store_split
+from tierserve.attention.triton_decode import load_group_q, merge_splits, softmax_update, split_buffers, store_split
 
 
 @triton.jit
@@ -130,12 +130,7 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
         v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale          # [G, N], log2 units
         s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc)
     store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_decode import _INTERPRET, _LOG2E, load_page_rows
+from tierserve.attention.triton_decode import _INTERPRET, _LOG2E, load_page_rows, softmax_update
 
 
 @triton.jit
@@ -65,13 +65,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_pt
         if WINDOW > 0:
             see = see & (q_pos[:, None] - t[None, :] < WINDOW)
         s = tl.where(see, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * s_ot + heads[:, None] * s_oh + d[None, :]
     tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=r_mask[:, None])
