@@ -6,7 +6,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 df -h /tmp | tail -1; free -g | head -2
-timeout 120 python -m pytest tests/kernels -q -p no:cacheprovider -p no:warnings --tb=short > "$OUT/kernels.txt" 2>&1
+timeout 120 python -m pytest ${KTESTS:-tests/kernels} -q -p no:cacheprovider -p no:warnings --tb=short > "$OUT/kernels.txt" 2>&1
 grep -E "rows [0-9]|Greatest|passed|failed" "$OUT/kernels.txt" | head -12
 timeout ${TIERS_TIMEOUT:-400} python -m tierserve.cli bench tiers --model llama-3.1-8b --load-format dummy \
     --context ${CONTEXTS:-32768,131072} --cpu-kv-gb 40 --output "$OUT/tiers-h200.json" 2>&1 \
