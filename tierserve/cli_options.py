@@ -22,6 +22,8 @@ _HELP = {
     "max_num_batched_tokens": "token budget per engine step",
     "max_num_seqs": "max running requests",
     "enable_prefix_caching": "reuse KV pages of shared prefixes",
+    "prefix_unit": "DeepSeek-V4: tokens per stored prefix unit (state snapshot every N tokens; default 1024)",
+    "prefix_cache_gb": "DeepSeek-V4: GiB for prefix state snapshots (default: a quarter of the KV pool's size)",
     "load_format": "auto | safetensors | dummy (random weights from config.json)",
     "sparse_attention": "pages: top-k sparse attention over pages scored by key min/max bounds (lossy)",
     "sparse_topk_tokens": "tokens each query attends to with --sparse-attention",

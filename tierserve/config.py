@@ -42,6 +42,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per engine step (chunked prefill)
     max_num_seqs: int = 128             # cap on running requests
     enable_prefix_caching: bool = True
+    # models with an explicit per-request state (DeepSeek-V4): state snapshots every prefix_unit tokens
+    # (None: 1024 rounded to the page size and compress ratios) in a cache of prefix_cache_gb GiB
+    # (None: a quarter of what the KV pool would hold, at most a quarter of free memory)
+    prefix_unit: int | None = None
+    prefix_cache_gb: float | None = None
     load_format: str = "auto"
     cpu_kv_gb: float | None = None      # host tier (pinned CPU RAM) for KV pages below the GPU pool
     disk_kv_dir: str | None = None      # disk tier directory (context caching across restarts)
@@ -94,7 +99,9 @@ class EngineConfig:
                         raise ValueError(f"sparse_attention='indexer' cannot be combined with {name} yet: the "
                                          "index keys do not move between tiers")
             _int_range("sparse_topk_tokens", self.sparse_topk_tokens, 1, 1 << 24)
-        for name in ("cpu_kv_gb", "disk_kv_gb"):
+        if self.prefix_unit is not None:
+            _int_range("prefix_unit", self.prefix_unit, 1, 1 << 24)
+        for name in ("cpu_kv_gb", "disk_kv_gb", "prefix_cache_gb"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
                 raise ValueError(f"{name} must be a positive number of GiB, got {v!r}")

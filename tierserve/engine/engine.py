@@ -64,13 +64,15 @@ class Engine:
                              "lower max_model_len or give the pool more memory (num_kv_pages / gpu_kv_gb)")
         fp8 = Fp8PagePolicy(config.page_size, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent) \
             if config.kv_dtype == "fp8" else None
-        self.kv = KVManager(self.runner.num_pages, config.page_size, config.enable_prefix_caching,
-                            tiers=tiers, fp8=fp8)
+        # a runner with per-request state (DeepSeek-V4) caches prefixes as state snapshots, not pages
+        state_prefix = getattr(self.runner, "find_state_prefix", None) if config.enable_prefix_caching else None
+        self.kv = KVManager(self.runner.num_pages, config.page_size,
+                            config.enable_prefix_caching and state_prefix is None, tiers=tiers, fp8=fp8)
         if spill is not None and spill.page_heat is not None:
             self.kv.page_heat = spill.page_heat_of
             if spill.host_heat is not None:
                 self.kv.slot_heat, self.kv.host_ram_slots = spill.slot_heat_of, spill.ram_slots
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, state_prefix)
         self.multi = MultiStepDecoder(self)          # num_scheduler_steps > 1: pipelined greedy windows
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}

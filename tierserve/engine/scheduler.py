@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from tierserve.engine.request import Request, Status
-from tierserve.kv.manager import KVManager
+from tierserve.kv.manager import KVManager, PrefixHit
+
+
+@dataclass
+class _StateHit(PrefixHit):
+    """A prefix hit on a runner-held state snapshot: no pages to share, ``tokens`` on the device."""
+    tokens: int = 0
+
+    def tokens_by_tier(self, page_size: int) -> dict[str, int]:
+        return {"gpu": self.tokens} if self.tokens else {}
 
 
 @dataclass
@@ -46,8 +56,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, kv: KVManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 state_prefix: Callable[[str, Sequence[int], int], int] | None = None) -> None:
         self.kv = kv
+        # runners with per-request state instead of pages (DeepSeek-V4): (request id, token ids, max tokens)
+        # -> tokens of a stored prefix the runner continues from; replaces the KV manager's page index
+        self.state_prefix = state_prefix
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -94,8 +108,7 @@ class Scheduler:
             prefix = None
             if req.num_computed_tokens == 0 and req.params.prompt_logprobs is None:
                 # keep at least one token to compute so the request gets logits
-                prefix = self.kv.find_prefix(req.all_token_ids, req.num_tokens - 1)
-                req.num_computed_tokens = prefix.num_pages * self.kv.page_size
+                prefix = self._find_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, prefix):
                 req.num_computed_tokens = 0
@@ -113,6 +126,21 @@ class Scheduler:
                                                   self.kv.page_table(req.request_id)))
             budget -= n
         return out
+
+    def _find_prefix(self, req: Request) -> PrefixHit:
+        """Set ``req.num_computed_tokens`` to its prefix-cache hit; returns the hit."""
+        if self.state_prefix is None:
+            prefix = self.kv.find_prefix(req.all_token_ids, req.num_tokens - 1)
+            req.num_computed_tokens = prefix.num_pages * self.kv.page_size
+            return prefix
+        # the runner holds the state of those tokens; their pages are fresh (bookkeeping only), so the
+        # hit carries no pages and is counted here
+        n = self.state_prefix(req.request_id, req.all_token_ids, req.num_tokens - 1)
+        req.num_computed_tokens = n
+        self.kv.pool.queries += 1
+        if n:
+            self.kv.pool.hits += 1
+        return _StateHit(tokens=n)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)

@@ -17,13 +17,18 @@ dict and runs the model one request at a time:
 Page accounting stays with the engine's ``KVManager`` (tokens are counted in pages, so the scheduler's
 budget, ``max_num_seqs`` and preemption all work), but no page holds any data: the pool is sized
 ``max_num_seqs * max_model_len / page_size`` so that it never limits these models unless
-``num_kv_pages`` says otherwise. Mapping the state onto pages (and with it prefix caching, lower KV
-tiers and FP8 state) is future work; those settings are refused here. See docs/deepseek_v4.md.
+``num_kv_pages`` says otherwise. Mapping the state onto pages (and with it lower KV tiers and FP8
+state) is future work; those settings are refused here. See docs/deepseek_v4.md.
+
+Prefix caching keeps whole state snapshots at prefix-unit boundaries (``state_cache.py``): chunks are
+split at every boundary they cross and the state there is stored; the scheduler asks
+``find_state_prefix`` for a waiting request (instead of the KV manager's page index), which puts the
+snapshot in place as the request's state and returns how many tokens it covers. The scheduler then
+starts the request there; its page table still covers all of its tokens (fresh bookkeeping pages).
 """
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,10 @@ import torch
 
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tierserve.models.deepseek_v4.dummy import free_bytes
 from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
+from tierserve.runner.state_cache import StateCache, choose_unit
 
 log = logging.getLogger("tierserve")
 
@@ -67,7 +74,7 @@ def check_config(config: EngineConfig, architecture: str) -> None:
 class StatefulRunner:
     """Same interface as ``ModelRunner`` as far as the engine uses it."""
 
-    supports_prefix_caching = False     # the engine turns prefix caching off (the state is not paged)
+    supports_prefix_caching = True      # through find_state_prefix (state snapshots), not the page index
 
     def __init__(self, config: EngineConfig, model_path: Path, model_cfg, max_model_len: int,
                  progress: bool = False) -> None:
@@ -93,6 +100,7 @@ class StatefulRunner:
         self.tokenizer = None
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.states: dict[str, Any] = {}     # request id -> the state after its computed tokens
+        self.prefix_cache = self._make_prefix_cache() if config.enable_prefix_caching else None
 
     def _num_pages(self, max_model_len: int) -> int:
         c = self.config
@@ -106,6 +114,26 @@ class StatefulRunner:
                      "preempted as with paged KV", self.model_cfg.architecture, MAX_ACCOUNTING_PAGES,
                      MAX_ACCOUNTING_PAGES * c.page_size)
         return max(2, min(want, MAX_ACCOUNTING_PAGES))
+
+    def _make_prefix_cache(self) -> StateCache:
+        from tierserve.models.deepseek_v4.kv_bytes import state_bytes
+
+        c, cfg = self.config, self.model_cfg.model
+        unit = choose_unit(c.prefix_unit, c.page_size,
+                           [cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers)])
+        if c.prefix_cache_gb is not None:
+            budget = int(c.prefix_cache_gb * 2**30)
+        else:   # a quarter of what the states of a full pool would need (tokens + fixed per-request) ...
+            sb = state_bytes(cfg, buffer_dtype_bytes=torch.empty(0, dtype=self.dtype).element_size())
+            scale = torch.empty(0, dtype=self.dtype).element_size() / 2      # the bf16 layout: 2-byte values
+            pool = sb.per_token * scale * self.num_pages * c.page_size + c.max_num_seqs * (sb.window * scale + sb.buffers)
+            budget = int(0.25 * pool)
+            free = free_bytes(self.device)         # ... and at most a quarter of free memory now
+            if free is not None:
+                budget = min(budget, free // 4)
+        log.info("%s prefix cache: a state snapshot every %d tokens, %.2f GiB", self.model_cfg.architecture,
+                 unit, budget / 2**30)
+        return StateCache(unit, c.page_size, budget)
 
     # ---- engine hooks ---------------------------------------------------------------------------
     def set_tokenizer(self, tokenizer) -> None:
@@ -124,6 +152,18 @@ class StatefulRunner:
     def release(self, request_id: str) -> None:
         """Drop the state of a finished or aborted request."""
         self.states.pop(request_id, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(request_id)
+
+    def find_state_prefix(self, request_id: str, token_ids, max_tokens: int) -> int:
+        """Scheduler hook for a waiting request: tokens of its longest stored prefix (at most
+        ``max_tokens``); that snapshot becomes its state, so its first chunk continues from there."""
+        if self.prefix_cache is None:
+            return 0
+        n, state = self.prefix_cache.lookup(token_ids, max_tokens, request_id)
+        if n:
+            self.states[request_id] = state
+        return n
 
     @property
     def num_states(self) -> int:
@@ -162,15 +202,28 @@ class StatefulRunner:
         first = s.num_tokens - 1 if s.samples else s.num_tokens     # first row whose logits are needed
         if plp is not None:
             first = min(first, plp[0] - s.start)
-        if s.start == 0:
-            logits, state = self.model.prefill(ids, logits_from=first)
-        else:
+        state = None
+        if s.start > 0:
             state = self.states.get(rid)
             if state is None or state.num_tokens != s.start:
                 have = None if state is None else state.num_tokens
                 raise RuntimeError(f"request {rid!r}: chunk starts at token {s.start} but the stored state "
-                                   f"covers {have} tokens (prefix-cache hits are not supported here)")
-            logits, state = self.model.forward_step(ids, state, logits_from=first)
+                                   f"covers {have} tokens")
+        cache = self.prefix_cache
+        # split at prefix-unit boundaries so that the state exactly there exists (not when prompt logprobs
+        # need the rows of the whole chunk: then only a chunk ending on a boundary is stored)
+        cuts = cache.cuts(s.start, s.end) if cache is not None and plp is None else []
+        a = s.start
+        for b in [*cuts, s.end]:
+            piece = ids[a - s.start:b - s.start]
+            lf = max(0, first - (a - s.start)) if b == s.end else b - a      # only the last piece's rows
+            if state is None:
+                logits, state = self.model.prefill(piece, logits_from=lf)
+            else:
+                logits, state = self.model.forward_step(piece, state, logits_from=lf)
+            if cache is not None and cache.is_boundary(b):
+                cache.store(rid, req.all_token_ids, state)
+            a = b
         self.states[rid] = state
         if plp is not None:
             lo, hi = plp
@@ -193,55 +246,15 @@ def _prompt_logprob_range(req, s: ScheduledRequest) -> tuple[int, int] | None:
     return (lo, hi) if hi > lo else None
 
 
+
 # ---- model loading ------------------------------------------------------------------------------
 def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
     from tierserve.models.deepseek_v4 import load_model
 
     if config.load_format == "dummy":
+        from tierserve.models.deepseek_v4.dummy import random_deepseek_v4
         return random_deepseek_v4(model_cfg.model, config.seed, dtype, device)
     return load_model(path, dtype=dtype, device=device)
-
-
-def random_deepseek_v4(cfg, seed: int, dtype: torch.dtype, device: torch.device):
-    """``--load-format dummy``: a DeepSeek-V4 at the config's shapes with random weights (matrices
-    N(0, 0.02), norms and mHC scales 1, other vectors 0, a random hash-routing table), built directly
-    at the final dtypes. Refuses a model whose weights do not fit in the free memory of ``device``."""
-    from tierserve.models.deepseek_v4 import DeepseekV4Model
-
-    with torch.device("meta"):
-        model = DeepseekV4Model(cfg)
-    if dtype != torch.float32:
-        model.cast(dtype)
-    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    free = _free_bytes(device)
-    if free is not None and need > 0.9 * free:
-        raise ValueError(f"--load-format dummy: this DeepSeek-V4 config needs {need / 2**30:.1f} GiB of weights "
-                         f"in {dtype}, but only {free / 2**30:.1f} GiB are free on {device}")
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".scale"):
-                p.fill_(1.0)
-            elif p.dim() > 1:
-                p.normal_(0.0, 0.02, generator=g)
-            else:
-                p.zero_()
-        for name, b in model.named_buffers():
-            if not name.endswith("tid2eid"):
-                raise ValueError(f"--load-format dummy: no random init for the DeepSeek-V4 buffer {name!r}")
-            vocab, k = b.shape        # k distinct experts per token id
-            b.copy_(torch.rand(vocab, cfg.n_routed_experts, generator=g, device=device).argsort(-1)[:, :k])
-    return model.eval()
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 _LOADERS = {"DeepseekV4ForCausalLM": _load_deepseek_v4}
