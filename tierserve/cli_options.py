@@ -24,6 +24,8 @@ _HELP = {
     "enable_prefix_caching": "reuse KV pages of shared prefixes",
     "prefix_unit": "DeepSeek-V4: tokens per stored prefix unit (state snapshot every N tokens; default 1024)",
     "prefix_cache_gb": "DeepSeek-V4: GiB for prefix state snapshots (default: a quarter of the KV pool's size)",
+    "cpu_experts": "MoE models (DeepSeek-V4): routed experts live in (pinned) CPU RAM and run on the CPU; "
+                   "attention, gates and the shared expert stay on the device",
     "load_format": "auto | safetensors | dummy (random weights from config.json)",
     "sparse_attention": "pages: top-k sparse attention over pages scored by key min/max bounds (lossy)",
     "sparse_topk_tokens": "tokens each query attends to with --sparse-attention",

@@ -48,6 +48,7 @@ class EngineConfig:
     prefix_unit: int | None = None
     prefix_cache_gb: float | None = None
     load_format: str = "auto"
+    cpu_experts: bool = False           # MoE models: routed experts in (pinned) CPU RAM, computed on the CPU
     cpu_kv_gb: float | None = None      # host tier (pinned CPU RAM) for KV pages below the GPU pool
     disk_kv_dir: str | None = None      # disk tier directory (context caching across restarts)
     disk_kv_gb: float = 64.0            # disk tier capacity
@@ -78,6 +79,8 @@ class EngineConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
+        if not isinstance(self.cpu_experts, bool):
+            raise ValueError(f"cpu_experts must be True or False, got {self.cpu_experts!r}")
         if self.kv_prefetch is not None and not isinstance(self.kv_prefetch, bool):
             raise ValueError(f"kv_prefetch must be True, False or None (auto), got {self.kv_prefetch!r}")
         _choice("kv_dtype", self.kv_dtype, ("auto", "fp8"))

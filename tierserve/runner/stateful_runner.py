@@ -251,10 +251,14 @@ def _prompt_logprob_range(req, s: ScheduledRequest) -> tuple[int, int] | None:
 def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
     from tierserve.models.deepseek_v4 import load_model
 
+    # --cpu-experts: build in CPU RAM, then move all but the routed experts to the device
+    build = torch.device("cpu") if config.cpu_experts else device
     if config.load_format == "dummy":
         from tierserve.models.deepseek_v4.dummy import random_deepseek_v4
-        return random_deepseek_v4(model_cfg.model, config.seed, dtype, device)
-    return load_model(path, dtype=dtype, device=device)
+        model = random_deepseek_v4(model_cfg.model, config.seed, dtype, build)
+    else:
+        model = load_model(path, dtype=dtype, device=build)
+    return model.place(device, cpu_experts=True) if config.cpu_experts else model
 
 
 _LOADERS = {"DeepseekV4ForCausalLM": _load_deepseek_v4}

@@ -74,6 +74,25 @@ class DeepseekV4Model(nn.Module):
             p.data = p.data.to(torch.float32 if keep else dtype)
         return self
 
+    def place(self, device: str | torch.device, cpu_experts: bool = False) -> DeepseekV4Model:
+        """Move to ``device``; with ``cpu_experts`` the routed experts of every MoE layer move to CPU RAM
+        instead (pinned when ``device`` is CUDA) and run there; the gates, shared experts, attention and
+        everything else go to ``device``."""
+        device = torch.device(device)
+        if cpu_experts:
+            for block in self.layers:
+                block.ffn.experts_to_host(pin=device.type == "cuda")
+        for name, mod in self.named_modules():
+            if cpu_experts and ".ffn.experts" in f".{name}":
+                continue
+            for k, p in mod._parameters.items():
+                if p is not None:
+                    p.data = p.data.to(device)
+            for k, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[k] = b.to(device)
+        return self
+
     # ------------------------------------------------------------------ state
     def new_state(self) -> SequenceState:
         """The state of an empty sequence."""

@@ -71,13 +71,33 @@ class MoE(nn.Module):
         self.shared_experts = (Expert(cfg.hidden_size, inter * cfg.n_shared_experts, limit)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        weights, idx = self.gate(x, token_ids)
+        self.host_experts = False      # routed experts in CPU RAM, computed there (``experts_to_host``)
+
+    def experts_to_host(self, pin: bool) -> None:
+        """Replace the routed experts' weights by copies in CPU RAM (page-locked when ``pin``), so the
+        compute-device copies are freed; ``forward`` then runs the routed experts on the CPU."""
+        for expert in self.experts:
+            for lin in (expert.w1, expert.w2, expert.w3):
+                w = lin.weight.detach()
+                host = torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=pin).copy_(w)
+                lin.weight = nn.Parameter(host, requires_grad=False)
+        self.host_experts = True
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sum of the selected experts' outputs, weighted; all on the device of the expert weights."""
         out = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)
             y = self.experts[e](x[tok]) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(x, token_ids)
+        if self.host_experts:      # tokens to the host, experts there, the sum back (no-ops on the CPU)
+            out = self.routed(x.to("cpu"), weights.to("cpu"), idx.to("cpu")).to(x.device)
+        else:
+            out = self.routed(x, weights, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
