@@ -171,6 +171,77 @@ def engram(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped con
             con.print(f"no plot ({e.name} not installed)")
 
 
+@app.command("sparse-fp8")
+def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped config or checkpoint dir"),
+               load_format: str = typer.Option("dummy", help="dummy: random weights at the config's shapes"),
+               sections: str = typer.Option("a,b,c", help="a: FP8 weights/KV at 2k; b: sparse (+FP8 KV) at 128k; "
+                                            "c: tiered KV (~10%% on the GPU) at 128k and 1M"),
+               context: int = typer.Option(2048, help="section a: prompt tokens"),
+               new_tokens: int = typer.Option(128, help="section a: tokens generated"),
+               repeats: int = typer.Option(2, help="section a: timed runs (median), after one warm-up"),
+               long_context: int = typer.Option(131072, help="section b: prompt tokens"),
+               long_new_tokens: int = typer.Option(64, help="sections b, c: tokens generated"),
+               tier_contexts: str = typer.Option("131072,1048576", help="section c: contexts"),
+               prefill_max: int = typer.Option(131072, help="section c: longer contexts are filled synthetically"),
+               topk: int = typer.Option(2048, help="sparse_topk_tokens"),
+               gpu_frac: float = typer.Option(0.1, help="section c: share of the sequence's pages on the GPU"),
+               chunk: int = typer.Option(8192, help="max_num_batched_tokens of long prefills"),
+               host_ram_gb: Optional[float] = typer.Option(None, help="section c: cap on the CPU tier's host RAM "
+                                                           "(default MemAvailable - 8 GiB)"),
+               tier_prefill_budget: float = typer.Option(100.0, help="section c: seconds for a real prefill over "
+                                                         "the tiers; past it the context is filled synthetically"),
+               budgets: str = typer.Option("a=100,b=180,c=200", help="seconds per section (unused time carries "
+                                           "over); later settings are skipped"),
+               max_wall: float = typer.Option(510.0, help="seconds after the start past which nothing runs"),
+               device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
+               smoke: bool = typer.Option(False, help="tiny sizes on the CPU (tierserve-nano) for CI"),
+               output: Path = typer.Option(Path("benchmarks/results/sparse-fp8.json")),
+               plot: bool = typer.Option(True, help="write a PNG beside the JSON")) -> None:
+    """Issue 6 speed suite: FP8 weights / FP8 KV vs BF16 (a), sparse top-k (+FP8 KV) vs dense at 128k with
+    attention ms per step (b), tiered KV with ~10% on the GPU at 128k / 1M (c); every baseline in the same run."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from tierserve.bench.results import write_result
+    from tierserve.bench.sparse_fp8 import SMOKE, Sizes, bench_sparse_fp8, plot_sparse_fp8
+
+    con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+    try:
+        budget = {k.strip(): float(v) for k, v in (x.split("=") for x in budgets.split(",") if x.strip())}
+        sizes = Sizes(short_context=context, short_new_tokens=new_tokens, repeats=repeats, long_context=long_context,
+                      long_new_tokens=long_new_tokens, tier_contexts=tuple(_ints(tier_contexts)),
+                      prefill_max=prefill_max, topk=topk, gpu_frac=gpu_frac, chunk=chunk, host_ram_gb=host_ram_gb,
+                      budgets={**Sizes().budgets, **budget}, tier_prefill_budget=tier_prefill_budget,
+                      max_wall_s=max_wall)
+    except ValueError:
+        raise typer.BadParameter(f"--budgets must look like a=100,b=180,c=200, got {budgets!r}")
+    if smoke:
+        model, load_format, device, sizes = None, "auto", "cpu", replace(SMOKE)
+    secs = tuple(x.strip() for x in sections.split(",") if x.strip())
+    if not secs or set(secs) - {"a", "b", "c"}:
+        raise typer.BadParameter(f"--sections must be a comma-separated subset of a,b,c, got {sections!r}")
+
+    def show(r: dict) -> None:
+        head = f"{r['section']} {r['setting']:>20} {r.get('context', ''):>8}"
+        if "tok_s" not in r:
+            con.print(f"{head}  {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r.get('error', '')}")
+            return
+        extra = "".join(f"  {k} {r[k]:.3g}" for k in ("speedup_vs_bf16", "greedy_match_bf16", "speedup_vs_dense_bf16",
+                                                       "attention_ms_per_step", "prefill_s", "fill_s") if r.get(k) is not None)
+        con.print(f"{head}  {r['tok_s']:9.1f} tok/s{extra}")
+    res = bench_sparse_fp8(model, secs, sizes, load_format=load_format, device=device, dtype=dtype,
+                           partial_path=str(output) + ".partial.jsonl", progress=show, log=con.print)
+    path = write_result(res, output)
+    con.print(f"wrote {path}")
+    con.print_json(data=res["summary"])
+    if plot:
+        try:
+            con.print(f"wrote {plot_sparse_fp8(res, path.with_suffix('.png'))}")
+        except ImportError as e:
+            con.print(f"no plot ({e.name} not installed)")
+
+
 def _mount(module: str, attr: str = "app") -> None:
     try:
         sub = getattr(importlib.import_module(module), attr)

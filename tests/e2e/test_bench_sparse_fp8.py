@@ -1,0 +1,97 @@
+"""`tierserve bench sparse-fp8 --smoke` on the CPU (tierserve-nano): every section's rows and fields, the skipped
+rows that say why, the partial rows file and the plot; and the synthetic KV fill of section c on its own."""
+import json
+import time
+
+import torch
+from typer.testing import CliRunner
+
+from tierserve.cli import app
+
+
+def _one(rows, **kw):
+    got = [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+    assert len(got) == 1, (kw, rows)
+    return got[0]
+
+
+def test_bench_sparse_fp8_smoke(tmp_path):
+    out = tmp_path / "sf.json"
+    t = time.perf_counter()
+    r = CliRunner().invoke(app, ["bench", "sparse-fp8", "--smoke", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert time.perf_counter() - t < 120          # < 60 s on an idle 2-core CPU; headroom for a shared one
+    res = json.loads(out.read_text())
+    assert res["meta"]["subcommand"] == "sparse-fp8" and res["meta"]["settings"]["sections"] == ["a", "b", "c"]
+    rows = res["rows"]
+    assert not [x for x in rows if "error" in x], rows
+    for x in rows:                                  # a measurement or a reason, never neither
+        assert ("tok_s" in x) != ("skipped" in x), x
+        assert x["engine"] == "tierserve" and x["section"] in "abc" and "context" in x
+        if "tok_s" in x:
+            assert x["tok_s"] > 0 and x["attention_ms_per_step"] > 0 and x["batch"] == 1
+            assert x["attention_ms_per_step"] == x["attention_ms_per_layer"] * 4      # nano: 4 layers
+
+    # a: BF16 and the three FP8 settings, each against BF16 in the same run
+    bf16 = _one(rows, section="a", setting="bf16")
+    assert bf16["context"] == 300 and bf16["new_tokens"] == 8 and "speedup_vs_bf16" not in bf16
+    for name in ("fp8-weights+fp8-kv", "fp8-weights", "fp8-kv"):
+        x = _one(rows, section="a", setting=name)
+        assert x["speedup_vs_bf16"] == x["tok_s"] / bf16["tok_s"]
+        assert 0 <= x["greedy_match_bf16"] <= 1
+    assert _one(rows, section="a", setting="fp8-weights")["weight_bytes"] < bf16["weight_bytes"]
+    assert _one(rows, section="a", setting="fp8-kv")["kv_read_bytes_per_step"] < bf16["kv_read_bytes_per_step"]
+
+    # b: dense vs sparse (prefilled densely, decoded sparsely); sparse + FP8 KV is measured or refused with a reason
+    dense, sparse = _one(rows, section="b", setting="dense-bf16"), _one(rows, section="b", setting="sparse")
+    assert sparse["sparse_topk_tokens"] == 96 and "dense prefill" in sparse["kv_fill"] and sparse["prefill_s"] > 0
+    assert sparse["speedup_vs_dense_bf16"] == sparse["tok_s"] / dense["tok_s"]
+    assert sparse["attention_speedup_vs_dense_bf16"] > 0
+    assert sparse["kv_read_bytes_per_step"] < dense["kv_read_bytes_per_step"]
+    both = _one(rows, section="b", setting="sparse+fp8-kv")
+    assert "tok_s" in both or "sparse_attention" in both["skipped"]
+
+    # c: real prefill over the tiers; a context whose CPU tier does not fit is skipped with the bytes, and the
+    # largest power of two that fits is filled synthetically instead
+    real = _one(rows, section="c", setting="tiered-sparse", context=300)
+    assert real["gpu_pages"] < real["seq_pages"] and real["spilled_pages"] > 0
+    big = _one(rows, section="c", context=4096)
+    assert "CPU tier needs" in big["skipped"] and "usable host RAM" in big["skipped"]
+    fb = _one(rows, section="c", context=2048)
+    assert fb["fallback_for"] == 4096 and fb["kv_fill"].startswith("synthetic") and fb["fill_s"] > 0
+    assert fb["spilled_pages"] > 0 and fb["gpu_share"] <= 0.11
+    fp8 = _one(rows, section="c", setting="tiered-sparse+fp8-kv")
+    assert "tok_s" in fp8 or "kv_dtype" in fp8["skipped"]
+
+    s = res["summary"]
+    assert s["targets"]["a_speedup_vs_bf16"] == 1.8 and s["a_fp8-weights+fp8-kv_c300_speedup_vs_bf16"] > 0
+    assert "b_best_speedup" in s and s["wall_s"] > 0
+    partial = [json.loads(line) for line in (tmp_path / "sf.json.partial.jsonl").read_text().splitlines()]
+    assert "run_start" in partial[0] and partial[1:] == json.loads(json.dumps(rows))
+    assert (tmp_path / "sf.png").stat().st_size > 0
+
+
+def test_synthetic_fill_spills_and_decodes():
+    """The synthetic fill leaves a consistent engine: pages spilled to CPU RAM hold the random K/V and their
+    key min/max rows, the accounting invariants hold, and the request decodes to the end."""
+    from tierserve import LLM
+    from tierserve.bench.sparse_fp8_tiers import synthetic_prefill
+
+    llm = LLM(None, device="cpu", max_model_len=600, num_kv_pages=8, cpu_kv_gb=0.01, sparse_attention="pages",
+              sparse_topk_tokens=96, max_num_batched_tokens=64, enable_prefix_caching=False, max_num_seqs=1,
+              debug_invariants=True)
+    eng = llm.engine
+    req = synthetic_prefill(eng, "s", 512, 4, 64, time.perf_counter() + 60, seed=0)
+    table = eng.kv.page_table("s")
+    assert len(table) == 32 and sum(p < 0 for p in table) >= 24 and req.num_computed_tokens == 512
+    eng.kv.check_invariants()
+    eng.kv.tiers.check_invariants()
+    host = eng.runner.host_kv[0][1]
+    slot = -table[0] - 1
+    k = host[slot, :, 0, :16]                                # [layers, 16 tokens, Hkv, D]
+    assert k.abs().sum() > 0
+    torch.testing.assert_close(host[slot, :, 0, 16], k.amin(1))
+    torch.testing.assert_close(host[slot, :, 1, 16], k.amax(1))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert len(req.output_token_ids) == 4

@@ -1,0 +1,159 @@
+"""Section c of `tierserve bench sparse-fp8` (see sparse_fp8.py): decode with ~10% of the sequence's KV pages on the GPU and the rest
+in CPU RAM (``num_kv_pages`` = the GPU share, ``cpu_kv_gb`` for the others), sparse pages top-k: the selector
+scores every page from its key min/max summary (kept on the GPU) and attention reads only the chosen pages,
+from the GPU or straight from pinned host memory.
+
+Contexts up to ``prefill_max`` are prefilled for real (densely, see sparse_fp8.py). Longer ones are filled
+synthetically (``synthetic_prefill``): the request's pages are allocated through the KV manager chunk by chunk
+-- which spills the oldest to CPU RAM as the pool fills, as a prefill would -- and filled with N(0, 1) keys and
+values plus their summary rows, and the request is marked as having computed them; its last prompt token is then
+computed by an ordinary engine step. A context whose CPU tier does not fit in host RAM is a skipped row with the
+bytes; the largest power-of-two context that does fit is then measured instead (``fallback_for``).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from tierserve.bench.engram import _host_available as host_available
+from tierserve.bench.sparse_fp8_run import DENSE_PREFILL, Bench, Budget, check
+
+SYNTHETIC = "synthetic: N(0,1) K/V written into the pages (no prefill), oldest pages spilled to CPU RAM"
+
+
+def _pinned(nbytes: int) -> int:
+    """Bytes a pinned allocation may take: torch's caching host allocator rounds sizes up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if torch.cuda.is_available() and nbytes > 0 else nbytes
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _fill(data: torch.Tensor, pids: list[int], page_size: int, gen: torch.Generator) -> None:
+    idx = torch.tensor(pids, dtype=torch.int64, device=data.device)
+    L, _, rows, H, D = data.shape[1:]
+    x = torch.randn((len(pids), L, 2, page_size, H, D), generator=gen, device=data.device, dtype=data.dtype)
+    data[idx, :, :, :page_size] = x
+    if rows > page_size:                 # the sparse selector's per-page key min / max rows
+        data[idx, :, 0, page_size] = x[:, :, 0].amin(2)
+        data[idx, :, 1, page_size] = x[:, :, 0].amax(2)
+
+
+def synthetic_prefill(eng, rid: str, n_tokens: int, new_tokens: int, chunk: int, deadline: float, seed: int):
+    """A running request whose first ``n_tokens`` (a multiple of the page size) are in the KV cache, filled with
+    random values instead of computed; its prompt has one more token, computed by the next engine step."""
+    from tierserve import SamplingParams
+    from tierserve.engine.request import Status
+
+    ps, kv, runner = eng.config.page_size, eng.kv, eng.runner
+    if n_tokens % ps or chunk % ps:
+        raise ValueError(f"n_tokens ({n_tokens}) and chunk ({chunk}) must be multiples of the page size {ps}")
+    prompt = torch.randint(3, eng.model_cfg.vocab_size, (n_tokens + 1,),
+                           generator=torch.Generator().manual_seed(seed)).tolist()
+    eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    req = eng.requests[rid]
+    eng.scheduler.waiting.remove(req)
+    gen = torch.Generator(device=runner.device).manual_seed(seed)
+    done = 0
+    while done < n_tokens:
+        check(deadline, f"the synthetic fill, at {done} of {n_tokens} tokens")
+        before = len(kv.page_table(rid)) if kv.has(rid) else 0
+        n = min(chunk, n_tokens - done)
+        if not kv.allocate(rid, done + n):            # spills the oldest complete pages to CPU RAM
+            raise RuntimeError(f"KV pool and CPU tier are full at {done} of {n_tokens} tokens")
+        if kv.tiers is not None:                      # those pages leave before their GPU pages are reused
+            runner.tiers_apply(kv.tiers.take_transfers())
+        _fill(runner.kv.data, kv.page_table(rid)[before:], ps, gen)
+        done += n
+        kv.commit(rid, req.all_token_ids, done)
+    req.num_computed_tokens, req.num_cached_tokens, req.status = n_tokens, 0, Status.RUNNING
+    eng.scheduler.running.append(req)
+    return req
+
+
+def section_c(bench: Bench, deadline: float) -> None:
+    from tierserve.loader.hf import load_config, resolve_model_path
+    from tierserve.models.config import ModelConfig
+    from tierserve.runner.model_runner import resolve_device, resolve_dtype
+
+    s, common = bench.sizes, bench.common
+    cfg = ModelConfig.from_hf(load_config(resolve_model_path(bench.model)))
+    item = resolve_dtype(common["dtype"], cfg, resolve_device(common["device"])).itemsize
+    ps, new = 16, s.long_new_tokens
+    page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item * (ps + 1)
+
+    def plan(ctx: int) -> dict:
+        total = -(-(ctx + new + 16) // ps)
+        gpu = max(4, math.ceil(s.gpu_frac * total))
+        return {"context": ctx, "seq_pages": total, "gpu_pages": gpu, "gpu_share": gpu / total,
+                "host_pages": total - gpu + 8, "host_bytes": (total - gpu + 8) * page_bytes}
+
+    def limit() -> tuple[int, str]:
+        avail = host_available()
+        usable = avail - 8 * 2**30
+        why = f"MemAvailable {avail / 2**30:.1f} GiB - 8 GiB"
+        if s.host_ram_gb is not None and s.host_ram_gb * 2**30 < usable:
+            usable, why = int(s.host_ram_gb * 2**30), f"--host-ram-gb {s.host_ram_gb:g}"
+        return usable, why
+
+    settings = [("tiered-sparse", {"context": c}) for c in s.tier_contexts]
+    settings.insert(1, ("tiered-sparse+fp8-kv", {"context": s.tier_contexts[0], "kv_dtype": "fp8"}))
+
+    def one(name, setting, deadline):
+        p = plan(setting["context"])
+        ctx = p["context"]
+        synthetic = setting.get("synthetic", ctx > s.prefill_max)
+        row = {**p, "batch": 1, "new_tokens": new, "sparse_topk_tokens": s.topk,
+               "kv_fill": SYNTHETIC if synthetic else DENSE_PREFILL}
+        usable, why = limit()
+        if _pinned(p["host_bytes"]) > usable:
+            fit = 1 << int(math.log2(max(ctx, 2)))
+            while fit > s.prefill_max and _pinned(plan(fit)["host_bytes"]) > usable:
+                fit //= 2
+            if fit > s.prefill_max and "fallback_for" not in setting:
+                settings.append((name, {**setting, "context": fit, "fallback_for": ctx}))
+            row["skipped"] = (
+                f"the CPU tier needs {_gib(p['host_bytes'])} ({_gib(_pinned(p['host_bytes']))} as one pinned "
+                f"allocation, which torch may round up to a power of two) for {p['host_pages']} pages of "
+                f"{page_bytes / 2**20:.3f} MiB (K+V of {ps} tokens plus the key min/max row, all layers, "
+                f"{item}-byte values); usable host RAM {_gib(usable)} ({why}). kv_dtype=fp8 would not shrink it: "
+                "FP8 pages keep their full-size slots and cannot be combined with cpu_kv_gb yet")
+            return row
+        gpu_why = bench.gpu_room(p["gpu_pages"], sparse=True)
+        if gpu_why:
+            return {**row, "skipped": gpu_why}
+        chunk = min(s.chunk, p["gpu_pages"] // 2 * ps)
+        extra = {k: v for k, v in setting.items() if k == "kv_dtype"}
+        llm, build_s = bench.build(max_model_len=ctx + new + 16, num_kv_pages=p["gpu_pages"],
+                                   cpu_kv_gb=(p["host_pages"] + 4) * page_bytes / 2**30, sparse_attention="pages",
+                                   sparse_topk_tokens=s.topk, max_num_batched_tokens=chunk, **extra)
+        eng = llm.engine
+        row["build_s"] = build_s
+        if synthetic:
+            t = time.perf_counter()
+            req = synthetic_prefill(eng, "synthetic", ctx, new, chunk, deadline, bench.seed)
+            row["fill_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            while not req.output_token_ids:           # the last prompt token: an ordinary (decode-shaped) step
+                check(deadline, "the first step after the synthetic fill")
+                eng.step()
+            row["first_step_s"] = time.perf_counter() - t
+            out = bench.decode(eng, req, deadline)
+            out.pop("tokens")
+        else:          # a prefill whose attention reads the spilled context from CPU RAM: give it a bounded share
+            try:
+                out = bench.long_run(llm, ctx, new, min(deadline, time.perf_counter() + s.tier_prefill_budget),
+                                     dense_prefill=True)
+            except Budget as e:
+                settings.append((name, {**setting, "synthetic": True, "fallback_for": "prefill"}))
+                return {**row, "skipped": f"{e} (limit {s.tier_prefill_budget:.0f} s for this prefill); "
+                                          "measured with a synthetic fill instead"}
+        row.update(out, spilled_pages=eng.kv.num_spilled, promoted_pages=eng.kv.num_promoted,
+                   host_reads_in_kernel=getattr(eng.runner.backend, "host_reads", None),
+                   **bench.facts(eng, ctx, {"sparse_attention": "pages", **extra}))
+        del llm, eng
+        return row
+    bench.run_settings("c", settings, deadline, one)
