@@ -17,6 +17,8 @@ import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 from tierserve.kv.tiers import codec, flush_at_exit
 from tierserve.kv.tiers.io import AsyncWriter
 
@@ -73,7 +75,7 @@ class DiskTier:
         path = self._path(block_hash)
         try:
             with open(path, "rb", buffering=0) as f:
-                blob = bytearray(os.fstat(f.fileno()).st_size)
+                blob = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)   # not zero-filled
                 got = f.readinto(blob)
             if got != len(blob):
                 blob = blob[:got]

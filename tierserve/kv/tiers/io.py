@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger("tierserve")
 
 GROUP_BYTES = 256 << 20          # largest device temporary / host staging buffer of one transfer group
-READ_WORKERS = 8                 # threads reading + verifying disk/remote hits
+READ_WORKERS = min(8, max(2, os.cpu_count() or 2))   # threads reading + verifying disk/remote hits
 WRITE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))   # disk writers; a core stays with the engine
 MAX_QUEUED_BYTES = 2 << 30       # persisted pages waiting for a writer, beyond which pages are dropped
 
