@@ -147,3 +147,20 @@ def test_engram_decode_in_cuda_graphs_matches_eager(tmp_path, placement):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(la[t] - lb[t]) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_sparse_decode_in_cuda_graphs_matches_eager(tmp_path):
+    """"pages" sparse decode inside CUDA graphs (selection from the page summaries on the device) and in
+    multi-step windows: same greedy tokens as the eager path, one step at a time."""
+    path = make_checkpoint(tmp_path / "m", "llama")
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(110)], [0] + [(5 * i + 1) % 400 + 3 for i in range(100)]]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = {}
+    for eager, k in ((True, 1), (False, 1), (False, 8)):
+        llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=160, page_size=8, num_kv_pages=64,
+                  sparse_attention="pages", sparse_topk_tokens=88, enforce_eager=eager, num_scheduler_steps=k)
+        assert (llm.engine.runner.graphs is None) == eager
+        outs[(eager, k)] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    assert outs[(False, 1)] == outs[(True, 1)]
+    assert outs[(False, 8)] == outs[(True, 1)]

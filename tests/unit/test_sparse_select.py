@@ -1,6 +1,7 @@
 """Sparse page selection: bounds, selection vs a naive per-query reference, summaries, dense fallback."""
 import random
 
+import pytest
 import torch
 
 from tests.helpers.tiny_models import make_checkpoint
@@ -83,3 +84,24 @@ def test_summaries_and_dense_equivalence(tmp_path):
         torch.testing.assert_close(kv[pid, :, 1, 16], keys.amax(1))
         checked += 1
     assert checked >= 7
+
+
+@pytest.mark.parametrize("backend", ["torch_ref", "triton"])
+def test_sparse_decode_multi_step_equals_single_steps(tmp_path, backend):
+    """"pages" selection runs on the device, so sparse decode may run multi-step windows (and CUDA graphs):
+    the same tokens as one step at a time, with the budget really dropping pages."""
+    pytest.importorskip("triton")
+    path = make_checkpoint(tmp_path / "m", "llama")
+    prompts = [[0] + [(13 * i + 7) % 500 + 3 for i in range(120)], [0] + [(7 * i + 1) % 400 + 3 for i in range(90)]]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    outs = {}
+    for k in (1, 8):
+        llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=256, sparse_attention="pages",
+                  sparse_topk_tokens=96, num_scheduler_steps=k, attention_backend=backend)
+        assert llm.engine.runner.supports_multi_step()
+        windows = []
+        real = llm.engine.runner.launch_multi
+        llm.engine.runner.launch_multi = lambda so, steps: windows.append(steps) or real(so, steps)
+        outs[k] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+        assert bool(windows) == (k > 1)
+    assert outs[1] == outs[8]

@@ -22,9 +22,10 @@ def buckets(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv, page_size: int, max_bs: int, max_model_len: int, scratch_page: int,
-                 device: torch.device, kv_fp8=None, engram=None) -> None:
+                 device: torch.device, kv_fp8=None, engram=None, sparse=None) -> None:
         self.model, self.kv, self.page_size = model, kv, page_size
         self.engram = engram           # runner.engram_graphs.StaticEngramRows (filled before each replay)
+        self.sparse = sparse           # attention.select.SparseConfig: pages chosen inside the graph
         self.kv_fp8 = kv_fp8           # runner.kv_fp8.Fp8Pages (flags on the device, read inside the graph)
         self.max_bs, self.max_len, self.device = max_bs, max_model_len, device
         self.max_pages = -(-max_model_len // page_size)
@@ -50,7 +51,7 @@ class DecodeGraphs:
             query_start_loc=torch.arange(bs + 1, device=self.device), seq_lens=self.seq_lens[:bs],
             page_table=self.page_table[:bs], query_lens_cpu=[1] * bs, seq_lens_cpu=[self.max_len] * bs,
             decode_only=True, num_splits=choose_splits(bs, self.num_kv_heads, self.max_len, self.sms),
-            max_seq_bound=self.max_len, kv_fp8=self.kv_fp8)
+            max_seq_bound=self.max_len, kv_fp8=self.kv_fp8, sparse=self.sparse)
 
     def _forward(self, bs: int) -> torch.Tensor:
         h = self.model(self.input_ids[:bs], self.positions[:bs], self.kv, self.meta(bs),

@@ -126,7 +126,7 @@ class ModelRunner:
         self.spill: SpillState | None = None         # device-side state of spilled pages (attach_spill)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
-                and self.sparse is None:
+                and (self.sparse is None or self.sparse.selector == "pages"):
             from tierserve.runner.cuda_graphs import DecodeGraphs
             static_rows = None
             if model_cfg.engram is not None and not self.engram_conv:
@@ -136,7 +136,7 @@ class ModelRunner:
                                                self.dtype)
             self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
                                        max_model_len, self.scratch_page, self.device, kv_fp8=self.fp8,
-                                       engram=static_rows)
+                                       engram=static_rows, sparse=self.sparse)
             try:
                 self.graphs.capture()
             except Exception as e:       # a kernel that fails to build must not take the engine down
@@ -197,14 +197,17 @@ class ModelRunner:
     def _graph_ok(self, meta: AttnMetadata, plp) -> bool:
         return (meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None
                 and (self.engram_hasher is None or self.graphs.engram is not None)
+                and (self.sparse is None or self.spill is None)      # spill placement counts selections
                 and self.graphs.bucket_for(meta.num_seqs) is not None)
 
     def supports_multi_step(self) -> bool:
-        """Greedy tokens can be fed back on the device (no sparse selection, Engram hashing or spilled
-        pages: those need the host between steps). FP8 KV pages are fine: pages that become FP8-readable
+        """Greedy tokens can be fed back on the device (no Engram hashing or spilled pages, and sparse
+        selection only without KV tiers: those need the host between steps; "pages" selection runs on the
+        device from the page summaries). FP8 KV pages are fine: pages that become FP8-readable
         during the k steps are quantised only afterwards, and until then read through an on-the-fly
         quantisation that gives the same numbers."""
-        return self.sparse is None and self.engram_hasher is None and self.host_kv is None
+        sparse_ok = self.sparse is None or (self.sparse.selector == "pages" and self.spill is None)
+        return sparse_ok and self.engram_hasher is None and self.host_kv is None
 
     @torch.inference_mode()
     def execute_multi(self, so: SchedulerOutput, steps: int) -> list[list[int]]:
