@@ -108,9 +108,10 @@ def ckpt(tmp_path_factory):
 
 
 def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8"):
+    # eager: the decode calls are counted at the backend (a CUDA graph replay would bypass the counter)
     llm = LLM(str(ckpt), dtype="float32", device=DEV, max_model_len=128, attention_backend=backend,
               num_kv_pages=20, page_size=8, max_num_batched_tokens=16, kv_dtype=kv_dtype, kv_fp8_keep_sink=4,
-              kv_fp8_keep_recent=8, num_scheduler_steps=steps, enable_prefix_caching=False)
+              kv_fp8_keep_recent=8, num_scheduler_steps=steps, enable_prefix_caching=False, enforce_eager=True)
     runner = llm.engine.runner
     calls = {"multi": 0, "decode": 0}
     multi, fwd = runner.launch_multi, runner.backend.forward

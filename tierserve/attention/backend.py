@@ -100,11 +100,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: Att
 
 
 def update_page_summary(k: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata) -> None:
+    """Fold the step's keys into their pages' per-channel key min / max; a page whose first token is
+    written this step starts over. No host sync (no boolean indexing): capturable in CUDA graphs."""
     row = meta.page_size
     kmin, kmax = kv_layer[:, 0, row], kv_layer[:, 1, row]          # [N, Hkv, D]
-    first = meta.slot_offsets == 0                                   # a page's first token resets it
-    kmin[meta.slot_pages[first]] = k[first]
-    kmax[meta.slot_pages[first]] = k[first]
-    idx = meta.slot_pages[:, None, None].expand_as(k)
+    pages = meta.slot_pages
+    first = (meta.slot_offsets == 0).to(torch.int32)                 # a page's first token resets it
+    reset = torch.zeros(kmin.shape[0], dtype=torch.int32, device=k.device).index_add_(0, pages, first)
+    restart = (reset[pages] > 0)[:, None, None]                      # [T, 1, 1]: the token's page starts over
+    # duplicate pages write identical values; a restarted page keeps no old min / max
+    kmin.index_copy_(0, pages, torch.where(restart, k, kmin[pages]))
+    kmax.index_copy_(0, pages, torch.where(restart, k, kmax[pages]))
+    idx = pages[:, None, None].expand_as(k)
     kmin.scatter_reduce_(0, idx, k, reduce="amin", include_self=True)
     kmax.scatter_reduce_(0, idx, k, reduce="amax", include_self=True)

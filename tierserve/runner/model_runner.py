@@ -335,7 +335,10 @@ def _make_backend(name: str, device: torch.device):
 
 
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:
+    """Random weights from ``seed`` alone: the same on every build (CPU weights from a CPU generator,
+    device weights from a device generator), whatever ran before in the process."""
     g = torch.Generator(device="cpu").manual_seed(seed)
+    dev_gen: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         if ".engram." in name:          # Engram resets its own; the backbone is the same whatever the placement
             continue
@@ -347,4 +350,6 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
             if cpu is not None:
                 p.data.copy_(cpu)
             else:
-                p.data.normal_(0, 0.02)
+                if p.device not in dev_gen:
+                    dev_gen[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                p.data.normal_(0, 0.02, generator=dev_gen[p.device])

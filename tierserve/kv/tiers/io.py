@@ -145,7 +145,7 @@ def load_payloads(kv_data: torch.Tensor, pids: list[int], payloads: list) -> Non
         idx = torch.tensor(pids[at:at + n])
         dst = torch.empty((len(grp), *kv_data.shape[1:]), dtype=kv_data.dtype, pin_memory=pin) \
             if dev.type != "cpu" else None
-        rows = (dst if dst is not None else kv_data).view(-1 if dst is not None else kv_data.shape[0], -1)
+        rows = dst.view(len(grp), -1) if dst is not None else kv_data.view(kv_data.shape[0], -1)
         flat = rows.view(torch.uint8).numpy()
         where = list(range(len(grp))) if dst is not None else idx.tolist()
 
