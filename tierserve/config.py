@@ -87,7 +87,7 @@ class EngineConfig:
         _int_range("kv_fp8_keep_sink", self.kv_fp8_keep_sink, 0, 1 << 24)
         _int_range("kv_fp8_keep_recent", self.kv_fp8_keep_recent, 0, 1 << 24)
         if self.kv_dtype == "fp8":
-            for name in ("sparse_attention", "cpu_kv_gb", "disk_kv_dir", "remote_kv_url"):
+            for name in ("cpu_kv_gb", "disk_kv_dir", "remote_kv_url"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"kv_dtype='fp8' cannot be combined with {name} yet (issue 6, part 2)")
         if self.quantization is not None:

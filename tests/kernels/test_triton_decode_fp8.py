@@ -107,11 +107,12 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("fp8dec") / "llama", "llama")
 
 
-def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8"):
+def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8", rounds=None, **kw):
     # eager: the decode calls are counted at the backend (a CUDA graph replay would bypass the counter)
-    llm = LLM(str(ckpt), dtype="float32", device=DEV, max_model_len=128, attention_backend=backend,
-              num_kv_pages=20, page_size=8, max_num_batched_tokens=16, kv_dtype=kv_dtype, kv_fp8_keep_sink=4,
-              kv_fp8_keep_recent=8, num_scheduler_steps=steps, enable_prefix_caching=False, enforce_eager=True)
+    settings = dict(dtype="float32", device=DEV, max_model_len=128, attention_backend=backend, num_kv_pages=20,
+                    page_size=8, max_num_batched_tokens=16, kv_dtype=kv_dtype, kv_fp8_keep_sink=4,
+                    kv_fp8_keep_recent=8, num_scheduler_steps=steps, enable_prefix_caching=False, enforce_eager=True)
+    llm = LLM(str(ckpt), **{**settings, **kw})
     runner = llm.engine.runner
     calls = {"multi": 0, "decode": 0}
     multi, fwd = runner.launch_multi, runner.backend.forward
@@ -127,7 +128,7 @@ def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8"):
     runner.launch_multi = count_multi
     runner.backend.forward = count_fwd
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=logprobs)
-    outs = [o.outputs[0] for o in llm.generate(PROMPTS, sp) + llm.generate(LATER, sp)]
+    outs = [o.outputs[0] for r in (rounds or (PROMPTS, LATER)) for o in llm.generate(r, sp)]
     if kv_dtype == "fp8":
         assert bool(runner.fp8.quantised.any())           # pages really were stored as FP8
     lps = [[next(iter(d.values())) for d in o.logprobs] for o in outs] if logprobs is not None else None
@@ -146,4 +147,23 @@ def test_engine_triton_fp8_matches_reference_and_multi_step(ckpt):
     assert one == ref
     torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)
     assert (torch.tensor(lp_one) - torch.tensor(lp_full)).abs().max() > 1e-3      # FP8 reads do matter
+    assert multi == one
+
+
+def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt):
+    """kv_dtype=fp8 with sparse "pages" attention: the FP8 kernel reads only the selected pages, each under
+    the read rule of its real position (page summaries survive quantisation) -- the torch reference's
+    tokens and logprobs; multi-step gives the one-step tokens; the budget really drops pages."""
+    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(140)], [0] + [(11 * i + 5) % 500 + 3 for i in range(120)]]]
+    sparse = dict(sparse_attention="pages", sparse_topk_tokens=88, max_model_len=192, num_kv_pages=64,
+                  rounds=long)                                        # 11 of up to 20 pages
+
+    ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, **sparse)
+    one, lp_one, calls = _generate(ckpt, "triton", 1, logprobs=0, **sparse)
+    multi, _, calls_multi = _generate(ckpt, "triton", 4, **sparse)
+    _, lp_dense, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, max_model_len=192, num_kv_pages=64, rounds=long)
+    assert calls["decode"] > 0 and calls_multi["multi"] > 0
+    assert one == ref
+    torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)
+    assert (torch.tensor(lp_one) - torch.tensor(lp_dense)).abs().max() > 1e-3      # pages were dropped
     assert multi == one

@@ -54,12 +54,8 @@ class TorchRefBackend:
         P = meta.page_table.shape[1]
         kv = _gather_pages(kv_layer, meta, layer_idx).view(B, P, 2, rows, hkv, d)
         mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]
-        if meta.kv_fp8 is not None:       # each key twice: full precision and its FP8 reading
-            kv, mask = meta.kv_fp8.attention_inputs(kv, meta, p)
-            P = kv.shape[1]
-        keys = kv[:, :, 0, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)   # [B, Hkv, L, D]
-        vals = kv[:, :, 1, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
         qp = q[:, :, None, :] if meta.decode_only else q[p["q_index"]].transpose(1, 2)   # [B, Hq, max_q, D]
+        chosen_keys = None
         if meta.sparse is not None:
             if meta.sparse.selector == "indexer":
                 ub = indexer_page_scores(meta, layer_idx, p["q_index"], p["mask"]).expand(-1, hkv, -1, -1)
@@ -67,7 +63,16 @@ class TorchRefBackend:
                 ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
             chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, meta.sparse)   # [B, Hkv, Q, P]
             count_selection(meta, chosen & p["q_valid"][:, None, :, None], kv_layer.shape[0])
-            mask = mask & chosen.repeat_interleave(page, dim=-1)                   # [B, Hkv, Q, L]
+            chosen_keys = chosen.repeat_interleave(page, dim=-1)                   # [B, Hkv, Q, L]
+        if meta.kv_fp8 is not None:       # each key twice: full precision and its FP8 reading
+            kv, mask = meta.kv_fp8.attention_inputs(kv, meta, p)
+            P = kv.shape[1]
+            if chosen_keys is not None:
+                chosen_keys = torch.cat([chosen_keys, chosen_keys], dim=-1)
+        if chosen_keys is not None:
+            mask = mask & chosen_keys
+        keys = kv[:, :, 0, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)   # [B, Hkv, L, D]
+        vals = kv[:, :, 1, :page].reshape(B, P * page, hkv, d).transpose(1, 2).to(q.dtype)
         if meta.decode_only:
             # one query per sequence: fold the query heads sharing a KV head into the query axis
             hq = q.shape[1]

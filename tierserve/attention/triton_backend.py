@@ -24,7 +24,8 @@ from tierserve.attention.triton_prefill import supported as prefill_supported
 log = logging.getLogger("tierserve")
 
 
-def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0):
+def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0,
+                  logical: bool = False):
     page = meta.page_size
     if meta.sparse.selector == "indexer":
         B, P = meta.page_table.shape
@@ -42,7 +43,7 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
     count_selection(meta, chosen, kv_layer.shape[0])
     cfg = meta.sparse     # at most the top-k budget plus the always-kept sink, recent and own pages
     bound = cfg.topk_tokens // page + -(-cfg.sink_tokens // page) + -(-cfg.recent_tokens // page) + 2
-    return compact_selection(chosen, meta.page_table, meta.seq_lens, page, max_selected=bound)
+    return compact_selection(chosen, meta.page_table, meta.seq_lens, page, max_selected=bound, logical=logical)
 
 
 class TritonBackend:
@@ -58,7 +59,7 @@ class TritonBackend:
                 sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
         sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only)
         # FP8 KV pages: pure decode steps through the dequantising kernel, other steps the torch reference
-        fp8_ok = meta.kv_fp8 is None or (meta.decode_only and meta.sparse is None)
+        fp8_ok = meta.kv_fp8 is None or meta.decode_only
         host_sparse_ok = meta.sparse is None or (meta.sparse.selector == "pages" and sliding_window is None
                                                  and meta.host_summaries is not None)
         if meta.host_kv is not None and meta.host_ram_only and host_sparse_ok and meta.kv_fp8 is None \
@@ -71,9 +72,13 @@ class TritonBackend:
         page = meta.page_size
         if meta.kv_fp8 is not None:
             f = meta.kv_fp8
-            return paged_decode_fp8(q, kv_layer, f.quantised, meta.page_table, meta.seq_lens, scale, page,
+            table, sel = meta.page_table, None
+            if meta.sparse is not None:   # read only the selected pages, each under its position's rule
+                table, logical, lens = self._select(q, kv_layer, meta, layer_idx, logical=True)
+                sel = (logical, lens)
+            return paged_decode_fp8(q, kv_layer, f.quantised, table, meta.seq_lens, scale, page,
                                     f.keep_sink, f.keep_recent, num_splits=meta.num_splits,
-                                    sliding_window=sliding_window)
+                                    sliding_window=sliding_window, selection=sel)
         if not meta.decode_only:
             return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)

@@ -207,13 +207,14 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def compact_selection(chosen: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                      max_selected: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_selected: int | None = None, logical: bool = False):
     """Turn a page selection into per-(sequence, KV head) page tables the decode kernel reads densely.
 
     chosen [B, Hkv, P] bool (must include each sequence's last page); page_table [B, P]; seq_lens [B].
     Returns (table [B, Hkv, K] of page ids in position order, lengths [B, Hkv] in tokens): the selected
     pages are full except the last, whose valid length is the sequence's tail. ``max_selected`` is a
-    static bound on pages per row (no host sync; entries past a row's length are never read)."""
+    static bound on pages per row (no host sync; entries past a row's length are never read).
+    ``logical``: also return the logical page index of each entry (table, logical, lengths)."""
     B, H, P = chosen.shape
     n_sel = chosen.sum(-1)                                                  # [B, Hkv]
     K = min(P, max_selected) if max_selected is not None else P
@@ -222,5 +223,7 @@ def compact_selection(chosen: torch.Tensor, page_table: torch.Tensor, seq_lens: 
     table = page_table[:, None, :].expand(B, H, P).gather(-1, idx)
     tail = seq_lens - (seq_lens - 1) // page_size * page_size              # tokens in the last page
     lens = (n_sel - 1) * page_size + tail[:, None]
+    if logical:
+        return table.contiguous(), idx.contiguous(), lens.contiguous()
     return table.contiguous(), lens.contiguous()
 

@@ -94,31 +94,38 @@ def _read_kv(ptr, bptr, page, off, kvh, d, valid, stored, low, s_p, s_t, s_h, s_
 def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr,
                              qk_scale, keep_sink, keep_recent,
                              s_qb, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_ob, s_oh, s_os, s_lb, s_lh,
+                             lg_ptr, sel_ptr, s_pth, s_selb, s_selh,
                              NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
-                             UPCAST: tl.constexpr):
+                             UPCAST: tl.constexpr, SPARSE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seqlen_ptr + b)
     p = seq_len - 1                                 # the query's position
+    n = seq_len                                     # tokens this program's row reads (compacted if SPARSE)
+    if SPARSE:      # selected pages only: table and logical page index per (sequence, KV head)
+        n = tl.load(sel_ptr + b * s_selb + kvh * s_selh)
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(seq_len - WINDOW, 0)
     lo_blk = lo // BLOCK_N * BLOCK_N                # blocks start on page boundaries
-    per = tl.cdiv(tl.cdiv(seq_len - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per = tl.cdiv(tl.cdiv(n - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo_blk + split * per
-    end = tl.minimum(start + per, seq_len)
+    end = tl.minimum(start + per, n)
     q, heads, g_mask, d = load_group_q(q_ptr, b, kvh, s_qb, s_qh, GROUP, GROUP_PAD, HEAD_DIM, UPCAST)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for t0 in range(start, end, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        valid = t < seq_len                         # whole pages are loaded (amax), masked below
-        page = tl.load(pt_ptr + b * s_ptb + t // PAGE, mask=valid, other=0).to(tl.int64)
-        off = (t % PAGE).to(tl.int64)
+        u = t0 + tl.arange(0, BLOCK_N)
+        valid = u < n                               # whole pages are loaded (amax), masked below
+        page = tl.load(pt_ptr + b * s_ptb + kvh * s_pth + u // PAGE, mask=valid, other=0).to(tl.int64)
+        off = (u % PAGE).to(tl.int64)
+        t = u                                       # the token's position in its sequence
+        if SPARSE:
+            t = tl.load(lg_ptr + b * s_ptb + kvh * s_pth + u // PAGE, mask=valid, other=0) * PAGE + off
         stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
         last = (t // PAGE + 1) * PAGE - 1
         low = valid & (t >= keep_sink) & (p - t >= keep_recent) & (last < p)     # the read rule
@@ -141,10 +148,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, page_size: int, keep_sink: int, keep_recent: int,
                      num_splits: int, sliding_window: int | None = None, out: torch.Tensor | None = None,
-                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
-    page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D]."""
+    page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
+    ``selection`` (sparse attention): (logical page index [B, Hkv, K], tokens [B, Hkv]) of the pages in
+    ``page_table`` [B, Hkv, K] (``compact_selection``): only those are read, each under the read rule of
+    its real position."""
     B, Hq, D = q.shape
     N, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -168,13 +179,19 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     direct = num_splits == 1
     part, lse, s_part, s_lse = split_buffers(out, num_splits)
+    if selection is not None:
+        logical, sel_lens = selection
+        assert page_table.dim() == 3 and logical.stride() == page_table.stride() and sliding_window is None
+        sel = (logical, sel_lens, page_table.stride(1), sel_lens.stride(0), sel_lens.stride(1))
+    else:
+        sel = (page_table, seq_lens, 0, 0, 0)
     _fp8_decode_split_kernel[(B, Hkv, num_splits)](
         q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse,
+        kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse, *sel,
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
-        DIRECT=direct, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages)
+        DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)
     return out

@@ -2,7 +2,8 @@
 
 A quantised page keeps its place in the page-major KV tensor: for each layer and K/V, the bytes of
 ``page[l, kv]`` hold ``page_size * Hkv * D`` e4m3 codes, then ``Hkv`` fp32 scales (4-byte aligned),
-then zeros. ``dequant = code * scale``. The scale is the smallest power of two >= amax / 448, so
+then zeros; rows after the page's tokens (the sparse selector's key min / max summary) are kept.
+``dequant = code * scale``. The scale is the smallest power of two >= amax / 448, so
 dividing by it is exact and the codes are round-to-nearest e4m3 of the page's values.
 
 The read rule (which tokens a query reads in FP8) lives here too, because both the attention
@@ -53,7 +54,7 @@ def quantise_pages_(data: torch.Tensor, pids: torch.Tensor, page_size: int) -> N
     if pids.numel() == 0:
         return
     n, (L, two, rows, h, d) = pids.numel(), data.shape[1:]
-    nbytes = rows * h * d * data.element_size()
+    nbytes = page_size * h * d * data.element_size()      # the token rows only: summary rows stay as they are
     n_codes, off = _offsets(page_size, h, d)
     if off + 4 * h > nbytes:
         raise ValueError(f"a page of {page_size} tokens in {data.dtype} has no room for FP8 codes + scales")
@@ -61,7 +62,7 @@ def quantise_pages_(data: torch.Tensor, pids: torch.Tensor, page_size: int) -> N
     blob = torch.zeros(n, L, two, nbytes, dtype=torch.uint8, device=data.device)
     blob[..., :n_codes] = codes.view(torch.uint8).reshape(n, L, two, n_codes)
     blob[..., off:off + 4 * h] = scale.reshape(n, L, two, h).contiguous().view(torch.uint8)
-    data[pids] = blob.view(data.dtype).view(n, L, two, rows, h, d)
+    data[pids, :, :, :page_size] = blob.view(data.dtype).view(n, L, two, page_size, h, d)
 
 
 def dequant_pages(blob: torch.Tensor, page_size: int) -> torch.Tensor:
