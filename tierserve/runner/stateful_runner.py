@@ -3,8 +3,12 @@
 DeepSeek-V4 (``tierserve.models.deepseek_v4``) does not fit the paged K/V layout of ``ModelRunner``:
 its attention reads a sliding window, pooled (compressed) entries and indexer keys, all held in an
 immutable ``SequenceState`` per request. This runner keeps one such state per running request in a
-dict and runs the model one request at a time:
+dict:
 
+* the one-token chunks of a step that continue a stored state (decode steps) run together in one
+  ``model.decode_batch`` pass (packed per-token work, the MoE over all rows' tokens, attention over
+  padded stacks of the rows' states; ``batch_decode = False`` or TIERSERVE_STATEFUL_BATCH_DECODE=0
+  runs them one request per forward as below);
 * a chunk starting at position 0 runs ``model.prefill``; a later chunk (chunked prefill) or a decode
   step runs ``model.forward_step(new_ids, state)`` on the stored state, and the returned state
   replaces it;
@@ -29,6 +33,7 @@ starts the request there; its page table still covers all of its tokens (fresh b
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +106,10 @@ class StatefulRunner:
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.states: dict[str, Any] = {}     # request id -> the state after its computed tokens
         self.prefix_cache = self._make_prefix_cache() if config.enable_prefix_caching else None
+        # decode rows of a step in one forward (``decode_batch``); off: one forward per request (the old
+        # path, kept as the reference); TIERSERVE_STATEFUL_BATCH_DECODE=0 turns it off at start
+        self.batch_decode = os.environ.get("TIERSERVE_STATEFUL_BATCH_DECODE", "1").strip().lower() not in (
+            "0", "false", "no", "off")
 
     def _num_pages(self, max_model_len: int) -> int:
         c = self.config
@@ -180,11 +189,12 @@ class StatefulRunner:
         for rid in so.preempted:            # restarts from position 0 (recompute)
             self.states.pop(rid, None)
         out = StepOutput()
+        batched = self._decode_rows(so.scheduled) if self.batch_decode and hasattr(self.model, "decode_batch") else {}
         rows: list[torch.Tensor] = []
         reqs = []
-        for s in so.scheduled:
-            last = self._run_chunk(s, out)
-            if last is not None:
+        for i, s in enumerate(so.scheduled):        # rows stay in scheduled order (the sampler's order)
+            last = batched[i] if i in batched else self._run_chunk(s, out)
+            if last is not None and s.samples:
                 rows.append(last)
                 reqs.append(s.request)
         if not reqs:
@@ -192,6 +202,26 @@ class StatefulRunner:
         logits = torch.stack(rows).float()
         self._sample(reqs, logits, out)
         return out
+
+    def _decode_rows(self, scheduled: list[ScheduledRequest]) -> dict[int, torch.Tensor]:
+        """Run every one-token chunk that continues a stored state (decode steps, also a one-token
+        chunk of a prompt) in one ``decode_batch`` pass; returns scheduled index -> its logits row.
+        Chunks that need prompt logprobs, prefills and longer chunks are left to ``_run_chunk``."""
+        picked = [i for i, s in enumerate(scheduled)
+                  if s.num_tokens == 1 and s.start > 0 and _prompt_logprob_range(s.request, s) is None
+                  and (st := self.states.get(s.request.request_id)) is not None and st.num_tokens == s.start]
+        if not picked:
+            return {}
+        reqs = [scheduled[i].request for i in picked]
+        ids = torch.tensor([r.all_token_ids[scheduled[i].start] for i, r in zip(picked, reqs)],
+                           dtype=torch.int64, device=self.device)
+        logits, states = self.model.decode_batch(ids, [self.states[r.request_id] for r in reqs])
+        cache = self.prefix_cache
+        for i, r, st in zip(picked, reqs, states):
+            self.states[r.request_id] = st
+            if cache is not None and cache.is_boundary(st.num_tokens):
+                cache.store(r.request_id, r.all_token_ids, st)
+        return {i: logits[j] for j, i in enumerate(picked)}
 
     def _run_chunk(self, s: ScheduledRequest, out: StepOutput) -> torch.Tensor | None:
         """Run one request's chunk, store its new state; returns the logits row to sample from (if any)."""

@@ -4,8 +4,8 @@ Module and parameter names follow the public checkpoint (``embed``, ``layers.N.a
 ``layers.N.ffn.experts.E.w1``, ``head`` ...), so ``weights.py`` only has to strip prefixes, rename a
 handful of mHC keys and dequantise.
 
-Token ids are 1-D (one sequence). Batching and the paged KV pool are the engine's job: it maps the
-per-layer ``LayerState`` tensors (see ``state.py``) onto pages.
+Token ids are 1-D (one sequence); ``decode_batch`` (``batch.py``) runs one new token for each of many
+sequences in one pass. The paged KV pool is future work: the engine keeps one ``SequenceState`` per request.
 """
 from __future__ import annotations
 
@@ -140,6 +140,16 @@ class DeepseekV4Model(nn.Module):
         (``[n - logits_from, vocab]`` with ``logits_from``, as in ``prefill``).
         ``state`` itself is left untouched (it stays a valid snapshot)."""
         return self._run(input_ids, state, want_state=True, logits_from=logits_from)
+
+    @torch.no_grad()
+    def decode_batch(self, token_ids: torch.Tensor, states: list[SequenceState]
+                     ) -> tuple[torch.Tensor, list[SequenceState]]:
+        """One forward pass for ``B`` sequences, one new token each: ``token_ids[b]`` follows
+        ``states[b]`` (any lengths). Returns logits ``[B, vocab]`` and the new states; equals
+        ``forward_step`` row by row up to the summation order of batched products (``batch.py``)."""
+        from tierserve.models.deepseek_v4.batch import decode_batch
+
+        return decode_batch(self, token_ids, states)
 
 
 def _as_1d(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
