@@ -53,7 +53,7 @@ def quantise_pages_(data: torch.Tensor, pids: torch.Tensor, page_size: int) -> N
     """Quantise pages ``pids`` of ``data [N, L, 2, rows, H, D]`` in place (full precision -> FP8 blob)."""
     if pids.numel() == 0:
         return
-    n, (L, two, rows, h, d) = pids.numel(), data.shape[1:]
+    n, (L, two, _, h, d) = pids.numel(), data.shape[1:]
     nbytes = page_size * h * d * data.element_size()      # the token rows only: summary rows stay as they are
     n_codes, off = _offsets(page_size, h, d)
     if off + 4 * h > nbytes:
