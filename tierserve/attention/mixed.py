@@ -68,6 +68,20 @@ def split_step(meta: AttnMetadata, num_kv_heads: int) -> StepSplit:
     return split
 
 
+def split_step_all_chunks(meta: AttnMetadata, split: StepSplit):
+    """Every prefill chunk of the step (fresh ones too), packed for a prefill kernel: (page-table rows,
+    first packed token, query length, context length, longest chunk); cached in ``meta.backend_data``."""
+    cached = meta.backend_data.get("all_chunks")
+    if cached is None:
+        dev, ch = meta.positions.device, split.prefills
+        qlen = torch.tensor([c[2] - c[1] for c in ch], device=dev)
+        cached = (meta.page_table[torch.tensor([c[0] for c in ch], device=dev)],
+                  torch.tensor([c[1] for c in ch], device=dev), qlen,
+                  torch.tensor([c[3] + c[2] - c[1] for c in ch], device=dev), max(c[2] - c[1] for c in ch))
+        meta.backend_data["all_chunks"] = cached
+    return cached
+
+
 def prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                   meta: AttnMetadata, seq: int, start: int, scale: float,
                   window: int | None = None) -> torch.Tensor:

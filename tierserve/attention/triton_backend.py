@@ -13,13 +13,14 @@ import torch
 
 from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
 from tierserve.attention.indexer import indexer_page_scores
-from tierserve.attention.mixed import is_fresh, prefill_chunk, split_step
+from tierserve.attention.mixed import is_fresh, prefill_chunk, split_step, split_step_all_chunks
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
 from tierserve.attention.triton_decode import compact_selection, paged_decode
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 from tierserve.attention.triton_prefill import paged_prefill
 from tierserve.attention.triton_prefill import supported as prefill_supported
+from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
 
 log = logging.getLogger("tierserve")
 
@@ -59,7 +60,7 @@ class TritonBackend:
                 sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
         sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only)
         # FP8 KV pages: pure decode steps through the dequantising kernel, other steps the torch reference
-        fp8_ok = meta.kv_fp8 is None or meta.decode_only
+        fp8_ok = meta.kv_fp8 is None or meta.decode_only or prefill_supported(q.shape[-1])
         host_sparse_ok = meta.sparse is None or (meta.sparse.selector == "pages" and sliding_window is None
                                                  and meta.host_summaries is not None)
         if meta.host_kv is not None and meta.host_ram_only and host_sparse_ok and meta.kv_fp8 is None \
@@ -70,7 +71,7 @@ class TritonBackend:
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
         page = meta.page_size
-        if meta.kv_fp8 is not None:
+        if meta.kv_fp8 is not None and meta.decode_only:
             f = meta.kv_fp8
             table, sel = meta.page_table, None
             if meta.sparse is not None:   # read only the selected pages, each under its position's rule
@@ -80,6 +81,8 @@ class TritonBackend:
                                     f.keep_sink, f.keep_recent, num_splits=meta.num_splits,
                                     sliding_window=sliding_window, selection=sel)
         if not meta.decode_only:
+            if meta.kv_fp8 is not None:
+                return self._mixed_fp8(q, kv_layer, meta, scale, sliding_window)
             return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
             table, lens = self._select(q, kv_layer, meta, layer_idx)
@@ -141,4 +144,20 @@ class TritonBackend:
             elif start == 0 or not kernel:
                 assert host_cache is None, "host pages need the prefill kernel"
                 out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
+        return out
+
+    @staticmethod
+    def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None) -> torch.Tensor:
+        """A step with prefill chunks over FP8 KV pages: decode rows through the FP8 decode kernel, every
+        chunk (fresh ones too: the read rule applies inside a chunk) through the FP8 prefill kernel."""
+        f = meta.kv_fp8
+        split = split_step(meta, kv_layer.shape[3])
+        out = torch.empty_like(q)
+        if split.dec_tokens is not None:
+            out[split.dec_tokens] = paged_decode_fp8(
+                q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
+                f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window)
+        chunks = split_step_all_chunks(meta, split)
+        paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
+                          sliding_window=window, out=out)
         return out

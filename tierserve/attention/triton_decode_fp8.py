@@ -145,6 +145,15 @@ _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def scale_offset(page_size: int, num_kv_heads: int, head_dim: int, elem_size: int, rows: int) -> int:
+    """Byte offset of the per-head scales in a quantised (page, K/V) block (as in quant/fp8_kv.py)."""
+    n_codes = page_size * num_kv_heads * head_dim
+    off = -(-n_codes // 4) * 4
+    assert off + 4 * num_kv_heads <= rows * num_kv_heads * head_dim * elem_size, \
+        "no room for FP8 codes + scales in a page"
+    return off
+
+
 def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, page_size: int, keep_sink: int, keep_recent: int,
                      num_splits: int, sliding_window: int | None = None, out: torch.Tensor | None = None,
@@ -168,10 +177,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
             # with 128-token blocks of 16-token pages; 32-token blocks compiled and matched the reference
             block_n = max(page_size, 32)
     assert block_n % page_size == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
-    n_codes = page_size * Hkv * D
-    scale_off = -(-n_codes // 4) * 4                              # as in quant/fp8_kv.py
-    esz = kv_layer.element_size()
-    assert scale_off + 4 * Hkv <= rows * Hkv * D * esz, "no room for FP8 codes + scales in a page"
+    scale_off = scale_offset(page_size, Hkv, D, kv_layer.element_size(), rows)
     kv_bytes = kv_layer.view(torch.uint8)                         # same storage, byte strides
     flags = quantised.view(torch.uint8)
     group = Hq // Hkv

@@ -19,6 +19,29 @@ from tierserve.attention.triton_decode import _INTERPRET, _LOG2E, load_page_rows
 
 
 @triton.jit
+def chunk_rows(q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP: tl.constexpr,
+               GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """A program's rows: BLOCK_T tokens of chunk ``c`` x the query heads of KV head ``kvh``.
+    Returns (q [ROWS, D], packed token index, head, row mask, dims, query positions, chunk length, seq len)."""
+    q_len = tl.load(qlen_ptr + c)
+    q_start = tl.load(qstart_ptr + c)
+    seq_len = tl.load(seqlen_ptr + c)
+    ROWS: tl.constexpr = BLOCK_T * GROUP_PAD
+    r = tl.arange(0, ROWS)
+    tok = blk * BLOCK_T + r // GROUP_PAD                     # token index inside the chunk
+    g = r % GROUP_PAD
+    r_mask = (tok < q_len) & (g < GROUP)
+    heads = kvh * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    packed = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + packed[:, None] * s_qt + heads[:, None] * s_qh + d[None, :], mask=r_mask[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = seq_len - q_len + tok
+    return q, packed, heads, r_mask, d, q_pos, q_len, seq_len
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, o_ptr, qk_scale,
                     s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ptb, s_ot, s_oh,
                     hk_ptr, hv_ptr, s_hkp, s_hvp, n_dev,
@@ -28,28 +51,16 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_pt
     c = tl.program_id(0)
     blk = tl.program_id(1)
     kvh = tl.program_id(2)
-    q_len = tl.load(qlen_ptr + c)
-    if blk * BLOCK_T >= q_len:
+    if blk * BLOCK_T >= tl.load(qlen_ptr + c):
         return
-    q_start = tl.load(qstart_ptr + c)
-    seq_len = tl.load(seqlen_ptr + c)
+    q, packed, heads, r_mask, d, q_pos, q_len, seq_len = chunk_rows(
+        q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP, GROUP_PAD, BLOCK_T, HEAD_DIM, UPCAST)
     ctx0 = seq_len - q_len                                   # position of the chunk's first token
-    ROWS: tl.constexpr = BLOCK_T * GROUP_PAD
-    r = tl.arange(0, ROWS)
-    tok = blk * BLOCK_T + r // GROUP_PAD                     # token index inside the chunk
-    g = r % GROUP_PAD
-    r_mask = (tok < q_len) & (g < GROUP)
-    heads = kvh * GROUP + g
-    d = tl.arange(0, HEAD_DIM)
-    q_off = (q_start + tok).to(tl.int64)[:, None] * s_qt + heads[:, None] * s_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=r_mask[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    q_pos = ctx0 + tok
     hi = tl.minimum(ctx0 + (blk + 1) * BLOCK_T, seq_len)     # keys past the block's last query are unseen
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(ctx0 + blk * BLOCK_T - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    ROWS: tl.constexpr = BLOCK_T * GROUP_PAD
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
@@ -66,9 +77,14 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_pt
             see = see & (q_pos[:, None] - t[None, :] < WINDOW)
         s = tl.where(see, s, float("-inf"))
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc)
+    store_rows(o_ptr, acc, l_i, packed, heads, r_mask, d, s_ot, s_oh)
+
+
+@triton.jit
+def store_rows(o_ptr, acc, l_i, packed, heads, r_mask, d, s_ot, s_oh):
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_off = (q_start + tok).to(tl.int64)[:, None] * s_ot + heads[:, None] * s_oh + d[None, :]
-    tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=r_mask[:, None])
+    tl.store(o_ptr + packed[:, None] * s_ot + heads[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=r_mask[:, None])
 
 
 def supported(head_dim: int) -> bool:
