@@ -52,7 +52,6 @@ class Sizes:
     budgets: dict = field(default_factory=lambda: {"a": 100.0, "b": 180.0, "c": 200.0})
     warmup: bool = True                # a warm-up run before the timed ones (kernels compiled, graphs captured)
     tier_prefill_budget: float = 100.0  # section c: seconds for a real prefill over the tiers, else synthetic
-    fp8_prefill_max: int = 32768       # longer FP8-KV-only prefills are not run (torch-reference prefill)
     max_wall_s: float = 510.0          # no section runs past this many seconds after the start
 
 

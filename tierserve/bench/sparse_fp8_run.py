@@ -238,10 +238,6 @@ class Bench:
         def one(name, setting, deadline):
             setting = dict(setting, **({"sparse_topk_tokens": s.topk} if "sparse_attention" in setting else {}))
             why = self.gpu_room(pages, sparse="sparse_attention" in setting)
-            if setting == {"kv_dtype": "fp8"} and ctx > s.fp8_prefill_max:
-                why = (f"not run above {s.fp8_prefill_max} tokens: with kv_dtype=fp8, steps with prefill run on the "
-                       "torch reference (masked SDPA over chunk x 2 x context keys per layer); FP8 KV decode speed "
-                       "is measured in section a")
             if why:
                 return {"skipped": why}
             llm, build_s = self.build(max_model_len=ctx + new + 16, num_kv_pages=pages,
