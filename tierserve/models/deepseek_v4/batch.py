@@ -36,6 +36,17 @@ from tierserve.models.deepseek_v4.rope import apply_rope
 from tierserve.models.deepseek_v4.state import CompressorState, LayerState, SequenceState
 
 
+def _pad(ts: Sequence[torch.Tensor], left: bool) -> torch.Tensor:
+    """``[B, max_len, ...]`` stack of ``ts``, zero-padded on the left or right (a plain stack when all
+    lengths are equal: the common case, and cheaper)."""
+    if len(ts) == 1:
+        return ts[0].unsqueeze(0)
+    n = ts[0].shape[0]
+    if all(t.shape[0] == n for t in ts):
+        return torch.stack(list(ts))
+    return pad_sequence(list(ts), batch_first=True, padding_side="left" if left else "right")
+
+
 # ---------------------------------------------------------------------------------------- compressor
 def _close_windows(comp: Compressor, kv: torch.Tensor, gate: torch.Tensor, prev: list[tuple | None],
                    entry: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -73,10 +84,8 @@ def compressor_decode(comp: Compressor, x: torch.Tensor, states: Sequence[Compre
     lens = [st.num_pending for st in states]
     P = max(lens)
     if P:
-        kv = torch.cat([pad_sequence([st.pending_kv for st in states], batch_first=True,
-                                     padding_side="left"), new_kv], dim=1)       # [B, P + 1, C]
-        gate = torch.cat([pad_sequence([st.pending_gate for st in states], batch_first=True,
-                                       padding_side="left"), new_gate], dim=1)
+        kv = torch.cat([_pad([st.pending_kv for st in states], left=True), new_kv], dim=1)   # [B, P + 1, C]
+        gate = torch.cat([_pad([st.pending_gate for st in states], left=True), new_gate], dim=1)
     else:
         kv, gate = new_kv, new_gate
     closing = [b for b in range(B) if lens[b] + 1 == m]
@@ -120,14 +129,15 @@ def attention_decode(attn, x: torch.Tensor, states: Sequence[LayerState]
     wlens = [st.window.shape[0] for st in states]
     L = max(wlens)
     if L:
-        raw = torch.cat([pad_sequence([st.window for st in states], batch_first=True, padding_side="left"),
-                         kv[:, None]], dim=1)                                     # [B, L + 1, D]
+        raw = torch.cat([_pad([st.window for st in states], left=True), kv[:, None]], dim=1)   # [B, L + 1, D]
     else:
         raw = kv[:, None]
     keep = [min(n + 1, W) for n in wlens]
     K = min(L + 1, W)
     keys = raw[:, L + 1 - K:]                                                     # [B, K, D]
-    valid = torch.arange(K, device=dev)[None, :] >= (K - torch.tensor(keep, device=dev))[:, None]
+    valid = None               # [B, K] length mask, None when every row reads all K columns
+    if any(k != K for k in keep):
+        valid = torch.arange(K, device=dev)[None, :] >= (K - torch.tensor(keep, device=dev))[:, None]
 
     comp = keys_list = cstates = istates = None
     if attn.compressor is not None:
@@ -141,20 +151,32 @@ def attention_decode(attn, x: torch.Tensor, states: Sequence[LayerState]
         counts = [c.shape[0] for c in comp]
         T = max(counts)
         if T:
-            entries = pad_sequence(comp, batch_first=True)                       # [B, T, D]
-            have = torch.tensor(counts, device=dev)[:, None]
-            present = torch.arange(T, device=dev)[None, :] < have                # [B, T]
+            entries = _pad(comp, left=False)                                     # [B, T, D]
+            ragged = any(c != T for c in counts)
+            if ragged:
+                have = torch.tensor(counts, device=dev)[:, None]
+                present = torch.arange(T, device=dev)[None, :] < have            # [B, T]
             if attn.indexer is not None:     # every complete entry is visible to a decode token
-                idx_keys = pad_sequence(keys_list, batch_first=True)             # [B, T, Di]
-                scores = index_scores(attn.indexer, x, q_lora, positions, idx_keys)
-                top = scores.masked_fill(~present, float("-inf")).topk(min(attn.indexer.topk, T), dim=-1).indices
-                entries = entries.gather(1, top[..., None].expand(-1, -1, entries.shape[-1]))
-                present = top < have
+                scores = index_scores(attn.indexer, x, q_lora, positions, _pad(keys_list, left=False))
+                if ragged:
+                    scores = scores.masked_fill(~present, float("-inf"))
+                k = min(attn.indexer.topk, T)
+                if k < T:
+                    top = scores.topk(k, dim=-1).indices                         # [B, k]
+                    entries = entries.gather(1, top[..., None].expand(-1, -1, entries.shape[-1]))
+                    if ragged:
+                        present = top < have
             keys = torch.cat([keys, entries], dim=1)
-            valid = torch.cat([valid, present], dim=1)
+            if ragged or valid is not None:
+                if valid is None:
+                    valid = torch.ones(B, K, dtype=torch.bool, device=dev)
+                if not ragged:
+                    present = torch.ones(B, T, dtype=torch.bool, device=dev)
+                valid = torch.cat([valid, present], dim=1)
 
     logits = torch.matmul(q, keys.transpose(1, 2)) * attn.scale                  # [B, H, K]
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     sink = attn.attn_sink.to(logits.dtype).view(1, -1, 1).expand(B, -1, 1)
     logits = torch.cat([logits, sink], dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values

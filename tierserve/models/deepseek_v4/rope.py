@@ -12,6 +12,7 @@ rotates it back by the query position (the conjugate rotation).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -89,8 +90,14 @@ class RopeSpec:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [len(positions), rope_dim // 2], computed in fp32."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq().to(positions.device)[None, :]
+        freqs = positions.to(torch.float32)[:, None] * _inv_freq_on(self, positions.device)[None, :]
         return ((freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq_on(spec: RopeSpec, device: torch.device) -> torch.Tensor:
+    """``spec.inv_freq()`` on ``device``, computed once (it is read at every layer of every step)."""
+    return spec.inv_freq().to(device)
 
 
 def _mscale(scale: float, m: float | None = 1.0) -> float:
