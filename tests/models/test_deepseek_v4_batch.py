@@ -108,6 +108,21 @@ def test_decode_batch_of_one_and_repeated_rows(models):
         assert_states_close(a, b)
     two, _ = model.decode_batch(torch.tensor([t, t]), [state, state])
     torch.testing.assert_close(two[0], two[1], atol=0, rtol=0)
+    torch.testing.assert_close(two[:1], ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n", [2, 21])
+def test_decode_batch_equal_lengths(models, n):
+    """Rows of one length take the unmasked path (plain stacks, no length masks)."""
+    model = models["mixed"]
+    starts = [start(model, n, seed=s) for s in range(3)]
+    states, toks = [s for s, _ in starts], [t for _, t in starts]
+    logits, new = model.decode_batch(torch.tensor(toks), states)
+    for i, (s, t) in enumerate(starts):
+        ref, sr = model.forward_step(torch.tensor([t]), s)
+        torch.testing.assert_close(logits[i:i + 1], ref, atol=ATOL, rtol=0)
+        for a, b in zip(new[i].layers, sr.layers):
+            assert_states_close(a, b)
 
 
 def test_decode_batch_leaves_states_untouched(models):

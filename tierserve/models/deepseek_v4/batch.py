@@ -19,9 +19,9 @@ together (``_close_windows``); the new states are views of the batch tensors (a 
 a slice of ``[B, L + 1, D]``), and a row's compressed entries are only copied when it gains one.
 
 The arithmetic per row is the same as ``forward_step`` on that sequence alone, up to the summation
-order of the batched matrix products and the masked (zero-weight) padding: fp32 logits agree to
-~1e-6 (tests/models/test_deepseek_v4_batch.py). Prefill and multi-token chunks stay one sequence per
-forward (``forward_step`` / ``prefill``).
+order of the batched matrix products and the masked (zero-weight) padding: fp32 log-probs agree
+within a few 1e-6 (tests/models/test_deepseek_v4_batch.py). Prefill and multi-token chunks stay
+one sequence per forward (``forward_step`` / ``prefill``).
 """
 from __future__ import annotations
 
