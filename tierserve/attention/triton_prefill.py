@@ -20,9 +20,11 @@ from tierserve.attention.triton_decode import _INTERPRET, _LOG2E, load_page_rows
 
 @triton.jit
 def chunk_rows(q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP: tl.constexpr,
-               GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+               GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """A program's rows: BLOCK_T tokens of chunk ``c`` x the query heads of KV head ``kvh``.
-    Returns (q [ROWS, D], packed token index, head, row mask, dims, query positions, chunk length, seq len)."""
+    Returns (q [ROWS, D], packed token index, head, row mask, dims, query positions, and the key range
+    [lo, hi) the rows can see: up to the block's last query, from the window's start rounded down to BLOCK_N)."""
     q_len = tl.load(qlen_ptr + c)
     q_start = tl.load(qstart_ptr + c)
     seq_len = tl.load(seqlen_ptr + c)
@@ -37,8 +39,13 @@ def chunk_rows(q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh,
     q = tl.load(q_ptr + packed[:, None] * s_qt + heads[:, None] * s_qh + d[None, :], mask=r_mask[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    q_pos = seq_len - q_len + tok
-    return q, packed, heads, r_mask, d, q_pos, q_len, seq_len
+    ctx0 = seq_len - q_len                                   # position of the chunk's first token
+    q_pos = ctx0 + tok
+    hi = tl.minimum(ctx0 + (blk + 1) * BLOCK_T, seq_len)     # keys past the block's last query are unseen
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(ctx0 + blk * BLOCK_T - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    return q, packed, heads, r_mask, d, q_pos, lo, hi
 
 
 @triton.jit
@@ -53,13 +60,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_pt
     kvh = tl.program_id(2)
     if blk * BLOCK_T >= tl.load(qlen_ptr + c):
         return
-    q, packed, heads, r_mask, d, q_pos, q_len, seq_len = chunk_rows(
-        q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP, GROUP_PAD, BLOCK_T, HEAD_DIM, UPCAST)
-    ctx0 = seq_len - q_len                                   # position of the chunk's first token
-    hi = tl.minimum(ctx0 + (blk + 1) * BLOCK_T, seq_len)     # keys past the block's last query are unseen
-    lo = 0
-    if WINDOW > 0:
-        lo = tl.maximum(ctx0 + blk * BLOCK_T - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    q, packed, heads, r_mask, d, q_pos, lo, hi = chunk_rows(
+        q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP, GROUP_PAD, BLOCK_T, HEAD_DIM, UPCAST,
+        BLOCK_N, WINDOW)
     ROWS: tl.constexpr = BLOCK_T * GROUP_PAD
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)

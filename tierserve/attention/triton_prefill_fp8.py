@@ -33,13 +33,9 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
     kvh = tl.program_id(2)
     if blk * BLOCK_T >= tl.load(qlen_ptr + c):
         return
-    q, packed, heads, r_mask, d, q_pos, q_len, seq_len = chunk_rows(
-        q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP, GROUP_PAD, BLOCK_T, HEAD_DIM, UPCAST)
-    ctx0 = seq_len - q_len
-    hi = tl.minimum(ctx0 + (blk + 1) * BLOCK_T, seq_len)
-    lo = 0
-    if WINDOW > 0:
-        lo = tl.maximum(ctx0 + blk * BLOCK_T - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    q, packed, heads, r_mask, d, q_pos, lo, hi = chunk_rows(
+        q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP, GROUP_PAD, BLOCK_T, HEAD_DIM, UPCAST,
+        BLOCK_N, WINDOW)
     ROWS: tl.constexpr = BLOCK_T * GROUP_PAD
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from tierserve.bench.decode import DecodeCase, _prompts, _sync, run_tierserve
-from tierserve.bench.results import make_result
+from tierserve.bench.results import make_result, row_emitter
 
 PLACEMENTS = ("device", "cpu-copy", "cpu-zero_copy")
 TARGET_SLOWDOWN_PCT = 3.0
@@ -196,19 +196,7 @@ def bench_engram(model: str | None, table_params, *, layers=(1, 15), heads: int 
                     table_params=[float(p) for p in table_params], placements=list(placements), seed=seed,
                     sizes=asdict(sizes), prefix_caching=False, time_budget_s=time_budget_s)
     rows: list[dict] = []
-    partial = Path(f"{partial_path}") if partial_path else None
-    if partial:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        with partial.open("a") as f:
-            f.write(json.dumps({"run_start": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings}) + "\n")
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        if partial:
-            with partial.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        if progress:
-            progress(row)
+    emit = row_emitter(rows, settings, partial_path, progress)
 
     last = 0.0
     with tempfile.TemporaryDirectory(prefix="tierserve-engram-") as tmp:

@@ -39,3 +39,26 @@ def write_result(result: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def row_emitter(rows: list[dict], settings: dict[str, Any], partial_path: str | Path | None = None,
+                progress=None):
+    """``emit(row)``: append to ``rows``, to ``partial_path`` as a JSON line (after a ``run_start`` line with
+    the settings, so a run killed by a time limit keeps its finished rows) and show it via ``progress``."""
+    import time
+
+    partial = Path(partial_path) if partial_path else None
+    if partial:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("a") as f:
+            f.write(json.dumps({"run_start": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings},
+                               default=str) + "\n")
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if partial:
+            with partial.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+        if progress:
+            progress(row)
+    return emit

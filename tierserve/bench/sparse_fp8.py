@@ -25,12 +25,10 @@ leave a row with ``skipped`` saying why.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from tierserve.bench.results import make_result
+from tierserve.bench.results import make_result, row_emitter
 
 SECTIONS = ("a", "b", "c")
 TARGETS = {"a_speedup": 1.8, "b_speedup": 2.5, "c_tok_s": {131072: 120.0, 1048576: 50.0}}
@@ -78,19 +76,7 @@ def bench_sparse_fp8(model: str | None, sections=SECTIONS, sizes: Sizes | None =
                     seed=seed, sections=list(sections), sizes=asdict(sizes), batch=1, prefix_caching=False,
                     attention_time="layer 0's backend call replayed on a captured decode step, x layers")
     rows: list[dict] = []
-    partial = Path(f"{partial_path}") if partial_path else None
-    if partial:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        with partial.open("a") as f:
-            f.write(json.dumps({"run_start": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings}) + "\n")
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        if partial:
-            with partial.open("a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-        if progress:
-            progress(row)
+    emit = row_emitter(rows, settings, partial_path, progress)
 
     common = dict(load_format=load_format, device=device, dtype=dtype, seed=seed, max_num_seqs=1,
                   enable_prefix_caching=False)
