@@ -2,8 +2,8 @@
 
 The step is split once (cached in ``meta.backend_data``): decode rows go to the paged decode kernel
 as one batch; a fresh prompt (position 0, within the window) runs SDPA with ``is_causal`` on its own
-new keys (flash attention, nothing gathered); every continued chunk or prefix-cache hit goes, packed,
-to the paged prefill kernel (attention/triton_prefill.py), which reads the cached context from the pages
+new keys (flash attention, nothing gathered); every other chunk (continued, a prefix-cache hit, or a
+prompt longer than the sliding window) goes, packed (``packed_chunks``), to the paged prefill kernel (attention/triton_prefill.py), which reads the cached context from the pages
 (``prefill_chunk`` below, a gather + masked SDPA, is the fallback for head sizes the kernel lacks). The
 reference (``torch_ref``) instead pads every request of the step to the longest query and longest
 context, which costs O(batch x max_query x max_context) per layer.
@@ -25,13 +25,6 @@ class StepSplit:
     dec_lens: torch.Tensor | None
     dec_splits: int
     prefills: list[tuple[int, int, int, int]]   # (sequence, first token, last token + 1, start position)
-    # continued chunks packed for the paged prefill kernel: page-table rows, first packed token, query
-    # length and context length per chunk (device), and the longest chunk (host)
-    cont_table: torch.Tensor | None = None
-    cont_qstart: torch.Tensor | None = None
-    cont_qlen: torch.Tensor | None = None
-    cont_lens: torch.Tensor | None = None
-    cont_max_q: int = 0
 
 
 def is_fresh(n: int, start: int, window: int | None) -> bool:
@@ -57,29 +50,24 @@ def split_step(meta: AttnMetadata, num_kv_heads: int) -> StepSplit:
                           meta.seq_lens[idx], choose_splits(len(dec), num_kv_heads, max_len), prefills)
     else:
         split = StepSplit(None, None, None, 1, prefills)
-    cont = [c for c in prefills if c[3] > 0]
-    if cont:
-        split.cont_table = meta.page_table[torch.tensor([c[0] for c in cont], device=dev)]
-        split.cont_qstart = torch.tensor([c[1] for c in cont], device=dev)
-        split.cont_qlen = torch.tensor([c[2] - c[1] for c in cont], device=dev)
-        split.cont_lens = split.cont_qstart.new_tensor([c[3] + c[2] - c[1] for c in cont])
-        split.cont_max_q = max(c[2] - c[1] for c in cont)
     meta.backend_data["mixed_split"] = split
     return split
 
 
-def split_step_all_chunks(meta: AttnMetadata, split: StepSplit):
-    """Every prefill chunk of the step (fresh ones too), packed for a prefill kernel: (page-table rows,
-    first packed token, query length, context length, longest chunk); cached in ``meta.backend_data``."""
-    cached = meta.backend_data.get("all_chunks")
-    if cached is None:
-        dev, ch = meta.positions.device, split.prefills
-        qlen = torch.tensor([c[2] - c[1] for c in ch], device=dev)
-        cached = (meta.page_table[torch.tensor([c[0] for c in ch], device=dev)],
-                  torch.tensor([c[1] for c in ch], device=dev), qlen,
-                  torch.tensor([c[3] + c[2] - c[1] for c in ch], device=dev), max(c[2] - c[1] for c in ch))
-        meta.backend_data["all_chunks"] = cached
-    return cached
+def packed_chunks(meta: AttnMetadata, split: StepSplit, window: int | None, fresh_too: bool = False):
+    """The step's prefill chunks that a prefill kernel handles -- those that read cached context (or, with a
+    window, more than their own tokens' window), or every chunk with ``fresh_too`` -- packed: (page-table
+    rows, first packed token, query length, context length per chunk on the device, longest chunk), or None
+    when there are none. Cached per (window, fresh_too) in ``meta.backend_data``."""
+    key = ("packed_chunks", window, fresh_too)
+    if key not in meta.backend_data:
+        ch = [c for c in split.prefills if fresh_too or not is_fresh(c[2] - c[1], c[3], window)]
+        dev = meta.positions.device
+        meta.backend_data[key] = None if not ch else (
+            meta.page_table[torch.tensor([c[0] for c in ch], device=dev)],
+            torch.tensor([c[1] for c in ch], device=dev), torch.tensor([c[2] - c[1] for c in ch], device=dev),
+            torch.tensor([c[3] + c[2] - c[1] for c in ch], device=dev), max(c[2] - c[1] for c in ch))
+    return meta.backend_data[key]
 
 
 def prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,

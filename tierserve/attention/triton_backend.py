@@ -13,7 +13,7 @@ import torch
 
 from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
 from tierserve.attention.indexer import indexer_page_scores
-from tierserve.attention.mixed import is_fresh, prefill_chunk, split_step, split_step_all_chunks
+from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
 from tierserve.attention.triton_decode import compact_selection, paged_decode
@@ -135,14 +135,13 @@ class TritonBackend:
             out[split.dec_tokens] = paged_decode(q[split.dec_tokens], kc, vc, split.dec_table, split.dec_lens, scale,
                                                  num_splits=split.dec_splits, sliding_window=window, **host)
         kernel = prefill_supported(q.shape[-1])
-        if split.cont_table is not None and kernel:
-            paged_prefill(q, kc, vc, split.cont_table, split.cont_qstart, split.cont_qlen, split.cont_lens,
-                          split.cont_max_q, scale, sliding_window=window, out=out, **host)
+        chunks = packed_chunks(meta, split, window)
+        if chunks is not None and kernel:               # chunks that read cached context: the prefill kernel
+            paged_prefill(q, kc, vc, *chunks, scale, sliding_window=window, out=out, **host)
         for seq, t0, t1, start in split.prefills:
-            if is_fresh(t1 - t0, start, window):
-                out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
-            elif start == 0 or not kernel:
-                assert host_cache is None, "host pages need the prefill kernel"
+            fresh = is_fresh(t1 - t0, start, window)
+            if fresh or not kernel:                     # own keys only (flash SDPA); else gather + masked SDPA
+                assert fresh or host_cache is None, "host pages need the prefill kernel"
                 out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
         return out
 
@@ -157,7 +156,7 @@ class TritonBackend:
             out[split.dec_tokens] = paged_decode_fp8(
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
                 f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window)
-        chunks = split_step_all_chunks(meta, split)
+        chunks = packed_chunks(meta, split, window, fresh_too=True)
         paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
                           sliding_window=window, out=out)
         return out
