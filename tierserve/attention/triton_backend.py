@@ -7,6 +7,7 @@ steps with prefill and sparse selection in steps with prefill fall back to the t
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -21,6 +22,7 @@ from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 from tierserve.attention.triton_prefill import paged_prefill
 from tierserve.attention.triton_prefill import supported as prefill_supported
 from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
+from tierserve.attention.triton_stage import remap_host_entries, stage_layer
 
 log = logging.getLogger("tierserve")
 
@@ -108,8 +110,11 @@ class TritonBackend:
                 out = paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], table, lens,
                                    scale, num_splits=meta.num_splits, sliding_window=window,
                                    host_cache=host, num_device_pages=kv_layer.shape[0])
-            else:
-                out = self._mixed(q, k, v, kv_layer, meta, scale, window, host_cache=host)
+            else:       # prefill: this layer's host pages staged on the device once (not once per query block)
+                slots, staged_meta = self._staged_meta(meta, kv_layer.shape[0])
+                staged = stage_layer(store[:, layer_idx], slots, page)
+                out = self._mixed(q, k, v, kv_layer, staged_meta, scale, window,
+                                  host_cache=(staged[:, 0], staged[:, 1]))
             if self.host_reads is None:
                 want = self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
                 tol = 1e-3 if q.dtype == torch.float32 else 3e-2
@@ -122,6 +127,15 @@ class TritonBackend:
                         type(e).__name__, e)
             self.host_reads = False
             return self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
+
+    @staticmethod
+    def _staged_meta(meta: AttnMetadata, n_dev: int):
+        """Per step (cached): the host slots its tables read and a metadata whose tables point host entries
+        at the staged copy (its own backend_data, shared by the layers)."""
+        if "staged" not in meta.backend_data:
+            slots, table = remap_host_entries(meta.page_table, n_dev)
+            meta.backend_data["staged"] = (slots, dataclasses.replace(meta, page_table=table, backend_data={}))
+        return meta.backend_data["staged"]
 
     @staticmethod
     def _mixed(q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None,
