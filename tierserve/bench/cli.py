@@ -254,3 +254,63 @@ def _mount(module: str, attr: str = "app") -> None:
 
 
 _mount("tierserve.bench.serving_cli")
+
+
+@app.command("deepseek-v4")
+def deepseek_v4(model: Optional[str] = typer.Option("deepseek-v4-flash", help="shipped config or checkpoint dir "
+                                                   "(config.json of a DeepSeek-V4)"),
+                layers: int = typer.Option(4, help="keep the first N layers (their attention / MoE types)"),
+                load_format: str = typer.Option("dummy", help="dummy only: random weights built on the device"),
+                context: str = typer.Option("4096,65536,262144", help="comma-separated prompt lengths"),
+                new_tokens: int = typer.Option(32, help="greedy tokens per request"),
+                long_new_tokens: int = typer.Option(32, help="tokens per request for contexts above 65536"),
+                chunk: int = typer.Option(8192, help="max_num_batched_tokens: prefill chunk of tierserve"),
+                engines: str = typer.Option("tierserve,transformers"),
+                ours_budget: float = typer.Option(330.0, help="seconds from the start by which tierserve's runs "
+                                                  "must end (a prefill past it is stopped, row says where)"),
+                max_wall: float = typer.Option(500.0, help="seconds from the start after which no transformers "
+                                               "run starts"),
+                device: str = typer.Option("auto"), dtype: str = typer.Option("auto"), seed: int = typer.Option(0),
+                smoke: bool = typer.Option(False, help="tiny V4 on the CPU (fp32) for CI; greedy tokens must agree"),
+                output: Path = typer.Option(Path("benchmarks/results/deepseek-v4-h200.json")),
+                plot: bool = typer.Option(True, help="write a PNG beside the JSON")) -> None:
+    """DeepSeek-V4-Flash cut to N layers: decode tok/s, TTFT, peak memory and state bytes per token,
+    tierserve vs transformers on the same dummy weights, at each context (issue 7)."""
+    from rich.console import Console
+
+    from tierserve.bench.deepseek_v4 import bench_deepseek_v4, plot_deepseek_v4
+    from tierserve.bench.results import write_result
+
+    con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+    if load_format != "dummy":
+        raise typer.BadParameter("bench deepseek-v4 builds random weights: use --load-format dummy")
+    if smoke:
+        context, new_tokens, long_new_tokens, chunk, device = "16,40,100", 8, 8, 32, "cpu"
+        import torch
+        torch.set_num_threads(1)        # tiny ops: thread hand-offs cost more than they give
+
+    def show(r: dict) -> None:
+        head = f"{r['engine']:>12} ctx {r['context']:>7}"
+        if "tok_s" not in r:
+            con.print(f"{head}  " + (f"out of memory: {r['out_of_memory']}" if "out_of_memory" in r
+                                    else f"skipped: {r.get('skipped')}"))
+            return
+        peak = f"  peak {r['peak_gpu_gib']:.1f} GiB" if r.get("peak_gpu_gib") else ""
+        state = f"  state {r['state_bytes_per_token']:.0f} B/token" if "state_bytes_per_token" in r else ""
+        con.print(f"{head}  {r['tok_s']:9.1f} tok/s  ttft {r['ttft_s']:.3f} s{peak}{state}")
+    res = bench_deepseek_v4(model, _ints(context), layers=layers, new_tokens=new_tokens,
+                            long_new_tokens=long_new_tokens, chunk=chunk, device=device, dtype=dtype, seed=seed,
+                            ours_budget_s=ours_budget, max_wall_s=max_wall,
+                            engines=tuple(e.strip() for e in engines.split(",") if e.strip()), smoke=smoke,
+                            partial_path=str(output) + ".partial.jsonl", progress=show, log=con.print)
+    path = write_result(res, output)
+    con.print(f"wrote {path}")
+    con.print_json(data=res["summary"])
+    if smoke and not all(r.get("greedy_equal", True) for r in res["rows"]):
+        con.print("error: greedy tokens of tierserve and transformers differ on the smoke model")
+        raise typer.Exit(1)
+    if plot:
+        try:
+            con.print(f"wrote {plot_deepseek_v4(res, path.with_suffix('.png'))}")
+        except ImportError as e:
+            con.print(f"no plot ({e.name} not installed)")
