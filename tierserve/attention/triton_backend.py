@@ -55,6 +55,7 @@ class TritonBackend:
     def __init__(self) -> None:
         self._ref = TorchRefBackend()
         self.host_reads: bool | None = None    # decode reads spilled pages from CPU RAM (None: not yet checked)
+        self.fp8_prefill: bool | None = None   # steps with prefill over FP8 pages use their kernel (False: failed)
 
     _select = staticmethod(_select_pages)
 
@@ -84,7 +85,16 @@ class TritonBackend:
                                     sliding_window=sliding_window, selection=sel)
         if not meta.decode_only:
             if meta.kv_fp8 is not None:
-                return self._mixed_fp8(q, kv_layer, meta, scale, sliding_window)
+                if self.fp8_prefill is not False:
+                    try:
+                        out = self._mixed_fp8(q, kv_layer, meta, scale, sliding_window)
+                        self.fp8_prefill = True
+                        return out
+                    except Exception as e:      # a kernel that fails to build must not take the engine down
+                        log.warning("FP8 prefill kernel is off (%s: %s); steps with prefill use the reference",
+                                    type(e).__name__, e)
+                        self.fp8_prefill = False
+                return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
             return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
             table, lens = self._select(q, kv_layer, meta, layer_idx)
