@@ -20,11 +20,9 @@ from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import SchedulerOutput
 from tierserve.kv.layout import KVCache, KVLayout
-from tierserve.loader.hf import iter_safetensors, load_config, safetensors_files
-from tierserve.quant.fp8 import fp8_format_from_hf
 from tierserve.models.config import ModelConfig
-from tierserve.models.registry import get_model_class
 from tierserve.runner import engram_state, multi_step
+from tierserve.runner.build import build_model
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 from tierserve.runner.spill_state import SpillState
 
@@ -63,32 +61,8 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
         self.backend = _make_backend(config.attention_backend, self.device)
-        cls = get_model_class(model_cfg.architecture)
-        with torch.device("meta"):
-            model = cls(model_cfg, self.backend, max_model_len, dtype=self.dtype)
-        model = model.to_empty(device=self.device)
-        model.rotary.build(self.device)
-        if model_cfg.engram is not None:
-            model.attach_engram(config.engram_placement, self.device, self.dtype)
-        if config.load_format == "dummy":
-            _init_dummy(model, config.seed)
-            for layer in model.layers:
-                if getattr(layer, "engram", None) is not None:
-                    layer.engram.reset_parameters(torch.Generator().manual_seed(config.seed))
-        else:
-            weights = iter_safetensors(safetensors_files(model_path), self.device, progress)
-            fmt = fp8_format_from_hf(load_config(model_path))
-            if fmt is not None:         # block-scaled FP8 checkpoint: codes and scales load as stored
-                from tierserve.quant.fp8_linear import pair_fp8_weights
-                model.use_fp8_checkpoint(fmt.block_size, fmt.pow2_scale)
-                weights = pair_fp8_weights(weights)
-            model.load_weights(weights)
-        if config.quantization == "fp8":
-            from tierserve.quant.fp8_linear import quantize_model_fp8
-            quantize_model_fp8(model)
-        if self.device.type == "cuda" and config.fused_ops and model_cfg.engram is None \
-                and hasattr(model, "enable_fused"):
-            model.enable_fused(gemv=config.decode_gemv)
+        model = build_model(config, model_cfg, model_path, self.backend, max_model_len, self.device, self.dtype,
+                            progress)
         self.model = model.eval()
         self.sparse = None
         if config.sparse_attention:
@@ -332,24 +306,3 @@ def _make_backend(name: str, device: torch.device):
         from tierserve.attention.triton_backend import TritonBackend
         return TritonBackend()
     return TorchRefBackend()
-
-
-def _init_dummy(model: torch.nn.Module, seed: int) -> None:
-    """Random weights from ``seed`` alone: the same on every build (CPU weights from a CPU generator,
-    device weights from a device generator), whatever ran before in the process."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    dev_gen: dict[torch.device, torch.Generator] = {}
-    for name, p in model.named_parameters():
-        if ".engram." in name:          # Engram resets its own; the backbone is the same whatever the placement
-            continue
-        if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-        else:
-            cpu = torch.empty(p.shape, dtype=torch.float32).normal_(0, 0.02, generator=g) \
-                if p.device.type == "cpu" else None
-            if cpu is not None:
-                p.data.copy_(cpu)
-            else:
-                if p.device not in dev_gen:
-                    dev_gen[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-                p.data.normal_(0, 0.02, generator=dev_gen[p.device])
