@@ -107,7 +107,7 @@ def hf_baselines(model: str | None, load_format: str, ctx: int, new_tokens: int,
 
 
 def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "dummy", device: str = "auto",
-                gpu_fracs: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1), new_tokens: int = 32,
+                gpu_fracs: tuple[float, ...] = (1.0, 0.6, 0.5, 0.25, 0.1), new_tokens: int = 32,
                 cpu_kv_gb: float = 8.0, policy: str = "cost", progress=None) -> dict:
     from tierserve import LLM, SamplingParams
 
@@ -150,6 +150,7 @@ def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "d
         ctx = max(contexts)
         prompt = torch.randint(3, vocab, (ctx,), generator=torch.Generator().manual_seed(1)).tolist()
         total_pages = -(-(ctx + new_tokens) // 16) + 2
+        ref_tokens = None
         for frac in gpu_fracs:
             pages = max(4, int(total_pages * frac))
             spill_gb = (total_pages - pages) * page_bytes / 1e9      # what must leave the GPU
@@ -171,9 +172,13 @@ def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "d
             dt = time.perf_counter() - t
             n = len(req.output_token_ids) - n0
             kv_bytes = (ctx + new_tokens) * eng.runner.layout.bytes_per_token
+            tokens = list(req.output_token_ids)
+            ref_tokens = ref_tokens if ref_tokens is not None else tokens      # the first (all-GPU) run
             rows.append({"kind": "decode", "engine": "tierserve", "context": ctx, "gpu_frac": frac, "gpu_pages": pages,
+                         "gpu_kv_gib": pages * page_bytes / 2**30, "gpu_kv_saving": 1 - pages / total_pages,
                          "tok_s": n / dt, "spilled_pages": eng.kv.num_spilled,
-                         "kv_read_GBps": kv_bytes * (1 - min(frac, 1.0)) * n / dt / 1e9})
+                         "kv_read_GBps": kv_bytes * (1 - min(frac, 1.0)) * n / dt / 1e9,
+                         "tokens_equal_first_run": tokens == ref_tokens})
             if progress:
                 progress(rows[-1])
             del llm
