@@ -106,3 +106,22 @@ def test_static_rows_for_cuda_graphs_equal_the_eager_hand_off(ckpt, placement):
         want = eager.apply(m, hidden)
         got = static.view(B).apply(m, hidden)
         assert torch.equal(got, want)
+
+
+def test_multi_step_windows_hash_on_the_device(ckpt):
+    """Device tables: decode windows hash each step's token with a device-side history (DeviceEngram) and
+    feed greedy tokens back without the host -- the same tokens as one step at a time."""
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    outs = {}
+    for k in (1, 8):
+        llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=256, num_scheduler_steps=k)
+        runner = llm.engine.runner
+        assert runner.device_engram is not None and runner.supports_multi_step()
+        windows = []
+        real = runner.launch_multi
+        runner.launch_multi = lambda so, steps: windows.append(steps) or real(so, steps)
+        outs[k] = [o.outputs[0].token_ids for o in llm.generate(prompts(), sp)]
+        assert bool(windows) == (k > 1)
+    assert outs[1] == outs[8]
+    host = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=256, engram_placement="cpu")
+    assert host.engine.runner.device_engram is None and not host.engine.runner.supports_multi_step()

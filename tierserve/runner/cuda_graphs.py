@@ -24,7 +24,8 @@ class DecodeGraphs:
     def __init__(self, model, kv, page_size: int, max_bs: int, max_model_len: int, scratch_page: int,
                  device: torch.device, kv_fp8=None, engram=None, sparse=None) -> None:
         self.model, self.kv, self.page_size = model, kv, page_size
-        self.engram = engram           # runner.engram_graphs.StaticEngramRows (filled before each replay)
+        self.engram = engram           # runner.engram_graphs: DeviceEngram (hashes in the graph) or
+        #                                StaticEngramRows (rows filled before each replay)
         self.sparse = sparse           # attention.select.SparseConfig: pages chosen inside the graph
         self.kv_fp8 = kv_fp8           # runner.kv_fp8.Fp8Pages (flags on the device, read inside the graph)
         self.max_bs, self.max_len, self.device = max_bs, max_model_len, device
@@ -54,11 +55,14 @@ class DecodeGraphs:
             max_seq_bound=self.max_len, kv_fp8=self.kv_fp8, sparse=self.sparse)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        h = self.model(self.input_ids[:bs], self.positions[:bs], self.kv, self.meta(bs),
-                       self.engram.view(bs) if self.engram is not None else None)
+        ids = self.input_ids[:bs]
+        h = self.model(ids, self.positions[:bs], self.kv, self.meta(bs),
+                       self.engram.begin(bs, ids) if self.engram is not None else None)
         logits = self.model.compute_logits(h)
         tok = argmax_rows(logits)
         self.next_tokens[:bs].copy_(tok)
+        if self.engram is not None:       # this step's tokens join the n-gram history of the next
+            self.engram.advance(bs, ids)
         # inputs of the following greedy step: its token at the next position, slot from the page table
         self.input_ids[:bs].copy_(tok)
         pos = self.positions[:bs]

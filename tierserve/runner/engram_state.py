@@ -60,10 +60,15 @@ def start_step(model, hasher, conv: EngramConvStates | None, so, input_ids: torc
     """Hash the step's tokens (with each request's look-back) and start every Engram layer's gather:
     the ``memory.engram.EngramStep`` the model (or the CUDA-graph buffers) consume."""
     from tierserve.memory.engram import engram_modules, prepare_engram_step
-    from tierserve.memory.engram_hash import engram_history
 
     state = conv.gather(so, device, dtype) if conv else None
-    hist = torch.tensor([engram_history(s.request.all_token_ids, s.start, lookback) for s in so.scheduled],
-                        dtype=torch.int64)
-    return prepare_engram_step(engram_modules(model), hasher, input_ids.cpu(), meta.query_start_loc.cpu(), hist,
-                               state)
+    return prepare_engram_step(engram_modules(model), hasher, input_ids.cpu(), meta.query_start_loc.cpu(),
+                               history_rows(so, lookback), state)
+
+
+def history_rows(so, lookback: int) -> torch.Tensor:
+    """[B, lookback] raw ids before each scheduled chunk's first token (-1 before the sequence start)."""
+    from tierserve.memory.engram_hash import engram_history
+
+    return torch.tensor([engram_history(s.request.all_token_ids, s.start, lookback) for s in so.scheduled],
+                        dtype=torch.int64).view(len(so.scheduled), lookback)

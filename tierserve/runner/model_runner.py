@@ -92,9 +92,14 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.engram_hasher = None          # set by set_tokenizer for models with Engram
         self.engram_conv = None            # Engram conv history per request (conv_kernel_size > 0)
+        self.device_engram = None          # Engram hashed and gathered on the device (graphs, multi-step)
         if model_cfg.engram is not None:
             from tierserve.memory.engram import engram_modules
-            self.engram_conv = engram_state.EngramConvStates(engram_modules(self.model))
+            from tierserve.runner.engram_graphs import DeviceEngram
+            mods = engram_modules(self.model)
+            self.engram_conv = engram_state.EngramConvStates(mods)
+            if DeviceEngram.supports(mods):
+                self.device_engram = DeviceEngram(mods, model_cfg.engram.lookback, config.max_num_seqs, self.device)
         self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.spill: SpillState | None = None         # device-side state of spilled pages (attach_spill)
@@ -102,25 +107,30 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and (self.sparse is None or self.sparse.selector == "pages"):
             from tierserve.runner.cuda_graphs import DecodeGraphs
-            static_rows = None
-            if model_cfg.engram is not None and not self.engram_conv:
-                from tierserve.memory.engram import engram_modules
+            graph_engram = None
+            if self.device_engram is not None:
+                graph_engram = self.device_engram
+            elif model_cfg.engram is not None and not self.engram_conv:
                 from tierserve.runner.engram_graphs import StaticEngramRows
-                static_rows = StaticEngramRows(engram_modules(self.model), config.max_num_seqs, self.device,
-                                               self.dtype)
+                graph_engram = StaticEngramRows(engram_modules(self.model), config.max_num_seqs, self.device,
+                                                self.dtype)
             self.graphs = DecodeGraphs(self.model, self.kv, config.page_size, config.max_num_seqs,
                                        max_model_len, self.scratch_page, self.device, kv_fp8=self.fp8,
-                                       engram=static_rows, sparse=self.sparse)
-            try:
-                self.graphs.capture()
-            except Exception as e:       # a kernel that fails to build must not take the engine down
-                log.warning("CUDA-graph / Triton decode setup failed (%s: %s); falling back to the "
-                            "torch reference backend without graphs", type(e).__name__, e)
-                self.graphs = None
-                self.backend = _make_backend("torch_ref", self.device)
-                for layer in self.model.layers:
-                    layer.self_attn.backend = self.backend
+                                       engram=graph_engram, sparse=self.sparse)
+            if self.device_engram is None:        # else once the hasher exists (set_tokenizer)
+                self._capture_graphs()
         self.max_model_len = max_model_len
+
+    def _capture_graphs(self) -> None:
+        try:
+            self.graphs.capture()
+        except Exception as e:       # a kernel that fails to build must not take the engine down
+            log.warning("CUDA-graph / Triton decode setup failed (%s: %s); falling back to the "
+                        "torch reference backend without graphs", type(e).__name__, e)
+            self.graphs = None
+            self.backend = _make_backend("torch_ref", self.device)
+            for layer in self.model.layers:
+                layer.self_attn.backend = self.backend
 
     def _num_pages(self, max_model_len: int) -> int:
         c, per_page = self.config, self.layout.bytes_per_page + self._index_page_bytes
@@ -148,7 +158,10 @@ class ModelRunner:
         out = StepOutput()
         greedy = None
         if self._graph_ok(meta, plp):
-            if self.graphs.engram is not None:      # rows gathered now, read by the graph from static buffers
+            if self.device_engram is not None:      # the graph hashes and gathers; it needs the history
+                self.device_engram.load(meta.num_seqs, engram_state.history_rows(so, self.model_cfg.engram.lookback),
+                                        self.graphs.bucket_for(meta.num_seqs))
+            elif self.graphs.engram is not None:    # rows gathered now, read by the graph from static buffers
                 self.graphs.engram.fill(self._engram_step(so, input_ids, meta), meta.num_seqs)
             logits = self.graphs.run(meta.num_seqs, input_ids, meta.positions, meta.slot_pages,
                                      meta.slot_offsets, meta.seq_lens, meta.page_table)
@@ -181,7 +194,8 @@ class ModelRunner:
         during the k steps are quantised only afterwards, and until then read through an on-the-fly
         quantisation that gives the same numbers."""
         sparse_ok = self.sparse is None or (self.sparse.selector == "pages" and self.spill is None)
-        return sparse_ok and self.engram_hasher is None and self.host_kv is None
+        engram_ok = self.engram_hasher is None or self.device_engram is not None
+        return sparse_ok and engram_ok and self.host_kv is None
 
     @torch.inference_mode()
     def execute_multi(self, so: SchedulerOutput, steps: int) -> list[list[int]]:
@@ -210,6 +224,10 @@ class ModelRunner:
         """Models with Engram hash canonical token ids, which come from the tokenizer."""
         if self.model_cfg.engram is not None:
             self.engram_hasher = engram_state.make_hasher(self.model_cfg, tokenizer)
+            if self.device_engram is not None:
+                self.device_engram.hasher = self.engram_hasher
+                if self.graphs is not None and not self.graphs.graphs:
+                    self._capture_graphs()
 
     def _engram_step(self, so: SchedulerOutput, input_ids: torch.Tensor, meta: AttnMetadata):
         return engram_state.start_step(self.model, self.engram_hasher, self.engram_conv, so, input_ids, meta,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tierserve.attention.backend import AttnMetadata, choose_splits
+from tierserve.runner.engram_state import history_rows
 from tierserve.runner.sampler import argmax_rows
 
 
@@ -33,6 +34,9 @@ class Window:
 def launch(runner, so, steps: int) -> Window:
     meta, ids, _, _ = runner._prepare(so, lookahead=steps - 1)
     graph = runner._graph_ok(meta, None)
+    if runner.device_engram is not None:          # Engram rows are hashed on the device from this history
+        runner.device_engram.load(meta.num_seqs, history_rows(so, runner.model_cfg.engram.lookback),
+                                  runner.graphs.bucket_for(meta.num_seqs) if graph else None)
     if graph:
         runner.graphs.load(meta.num_seqs, ids, meta.positions, meta.slot_pages, meta.slot_offsets,
                            meta.seq_lens, meta.page_table)
@@ -83,8 +87,11 @@ def _run(runner, meta: AttnMetadata, ids: torch.Tensor, steps: int, graph: bool,
             runner.graphs.replay(B)
             toks[:, i] = runner.graphs.next_tokens[:B]
     else:
+        eng = runner.device_engram
         for i in range(steps):
-            hidden = runner.model(ids, meta.positions, runner.kv, meta)
+            hidden = runner.model(ids, meta.positions, runner.kv, meta, eng.begin(B, ids) if eng else None)
+            if eng is not None:
+                eng.advance(B, ids)
             ids = argmax_rows(runner.model.compute_logits(hidden).float())
             toks[:, i] = ids
             pos = meta.positions + 1
