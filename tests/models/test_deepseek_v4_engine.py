@@ -157,7 +157,7 @@ def test_dummy_weights(ckpts):
     assert ta != refs                                  # random weights, not the checkpoint's
 
 
-@pytest.mark.parametrize("setting", [dict(kv_dtype="fp8"), dict(cpu_kv_gb=1.0), dict(sparse_attention="pages"),
+@pytest.mark.parametrize("setting", [dict(cpu_kv_gb=1.0), dict(sparse_attention="pages"),
                                      dict(quantization="fp8"), dict(attention_backend="triton")])
 def test_unsupported_settings_refused(ckpts, setting):
     path, _ = ckpts["mixed"]

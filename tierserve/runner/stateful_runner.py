@@ -21,8 +21,10 @@ dict:
 Page accounting stays with the engine's ``KVManager`` (tokens are counted in pages, so the scheduler's
 budget, ``max_num_seqs`` and preemption all work), but no page holds any data: the pool is sized
 ``max_num_seqs * max_model_len / page_size`` so that it never limits these models unless
-``num_kv_pages`` says otherwise. Mapping the state onto pages (and with it lower KV tiers and FP8
-state) is future work; those settings are refused here. See docs/deepseek_v4.md.
+``num_kv_pages`` says otherwise. Mapping the state onto pages (and with it lower KV tiers) is future
+work; those settings are refused here. ``kv_dtype="fp8"`` stores each layer's compressed entries and
+indexer keys in DeepSeek's MODEL1 layout (``models/deepseek_v4/model1.py``; window rings and open
+compressor windows stay in the model dtype). See docs/deepseek_v4.md.
 
 Prefix caching keeps whole state snapshots at prefix-unit boundaries (``state_cache.py``): chunks are
 split at every boundary they cross and the state there is stored; the scheduler asks
@@ -54,7 +56,6 @@ MAX_ACCOUNTING_PAGES = 1 << 20
 
 # Engine settings that need paged K/V (or a model this runner does not have) -> why they are refused.
 _UNSUPPORTED = {
-    "kv_dtype": "FP8 state is not implemented yet (the state is not paged)",
     "sparse_attention": "page-sparse attention needs paged K/V (V4 has its own sparse indexer)",
     "cpu_kv_gb": "KV tiers need a paged state",
     "disk_kv_dir": "KV tiers need a paged state",
@@ -68,12 +69,29 @@ def check_config(config: EngineConfig, architecture: str) -> None:
     """Refuse, naming the setting, what this runner cannot do (rather than silently ignore it)."""
     for name, why in _UNSUPPORTED.items():
         value = getattr(config, name)
-        if value is not None and not (name == "kv_dtype" and value == "auto"):
+        if value is not None:
             raise ValueError(f"{name}={value!r} is not supported for {architecture} yet: {why} "
                              "(docs/deepseek_v4.md, 'In the engine')")
     if config.attention_backend == "triton":
         raise ValueError(f"attention_backend='triton' is not available for {architecture}: it runs its "
                          "own plain-PyTorch attention; use attention_backend='auto'")
+
+
+class _NoPagedKV:
+    """``runner.kv`` for the engine's FP8 page hook: there is no paged K/V data."""
+    data = None
+
+
+class _BookkeepingFp8:
+    """Stands in for ``ModelRunner.fp8`` (``quantise(data, pids)`` / ``quantised``) when the pages are
+    bookkeeping only: marks the pages the engine hands over, converts nothing."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.quantised = torch.zeros(num_pages, dtype=torch.bool)
+
+    def quantise(self, data, pids) -> None:
+        if len(pids):
+            self.quantised[torch.as_tensor(list(pids), dtype=torch.long)] = True
 
 
 class StatefulRunner:
@@ -93,12 +111,17 @@ class StatefulRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
         self.model = _LOADERS[arch](model_path, model_cfg, config, self.dtype, self.device)
+        # kv_dtype fp8: compressed entries and indexer keys in the MODEL1 layout (docs/deepseek_v4.md)
+        self.model.set_kv_dtype(config.kv_dtype)
         self.num_pages = self._num_pages(max_model_len)
         # what ModelRunner has for paged K/V; nothing of it exists here
-        self.kv = None
+        # (with kv_dtype fp8 the engine hands ``kv.data`` to ``fp8.quantise``: an empty stand-in)
+        self.kv = _NoPagedKV() if config.kv_dtype == "fp8" else None
         self.layout = None
         self.host_kv = None
-        self.fp8 = None
+        # kv_dtype fp8: the engine's page policy still queues bookkeeping pages "for quantisation";
+        # they hold no data (the state itself is stored in MODEL1), so this only records them
+        self.fp8 = _BookkeepingFp8(self.num_pages) if config.kv_dtype == "fp8" else None
         self.sparse = None
         self.graphs = None
         self.engram_hasher = None
@@ -133,9 +156,15 @@ class StatefulRunner:
         if c.prefix_cache_gb is not None:
             budget = int(c.prefix_cache_gb * 2**30)
         else:   # a quarter of what the states of a full pool would need (tokens + fixed per-request) ...
-            sb = state_bytes(cfg, buffer_dtype_bytes=torch.empty(0, dtype=self.dtype).element_size())
-            scale = torch.empty(0, dtype=self.dtype).element_size() / 2      # the bf16 layout: 2-byte values
-            pool = sb.per_token * scale * self.num_pages * c.page_size + c.max_num_seqs * (sb.window * scale + sb.buffers)
+            esize = torch.empty(0, dtype=self.dtype).element_size()
+            scale = esize / 2                       # the bf16 layout: 2-byte values
+            if c.kv_dtype == "fp8":                 # MODEL1 entries / keys (bytes as stored), window in dtype
+                sb = state_bytes(cfg, "model1", buffer_dtype_bytes=esize, window_layout="bf16")
+                per_token, window = sb.per_token, sb.window
+            else:
+                sb = state_bytes(cfg, buffer_dtype_bytes=esize)
+                per_token, window = sb.per_token * scale, sb.window * scale
+            pool = per_token * self.num_pages * c.page_size + c.max_num_seqs * (window + sb.buffers)
             budget = int(0.25 * pool)
             free = free_bytes(self.device)         # ... and at most a quarter of free memory now
             if free is not None:

@@ -27,6 +27,9 @@ from torch import nn
 from tierserve.models.deepseek_v4.compressor import Compressor, visible_entries
 from tierserve.models.deepseek_v4.config import CSA, SLIDING, DeepseekV4Config
 from tierserve.models.deepseek_v4.indexer import Indexer, selection_bias
+from tierserve.models.deepseek_v4.kv_bytes import entry_bytes, index_key_bytes
+from tierserve.models.deepseek_v4.model1 import (dequantise_entries, dequantise_index_keys, quantise_entries,
+                                                 quantise_index_keys)
 from tierserve.models.deepseek_v4.norm import RMSNorm, rms_unweighted
 from tierserve.models.deepseek_v4.rope import apply_rope
 from tierserve.models.deepseek_v4.state import LayerState
@@ -88,6 +91,9 @@ class Attention(nn.Module):
             cfg.hidden_size, self.head_dim, self.ratio, overlap=self.kind == CSA, rope=cfg.rope_compress,
             eps=cfg.rms_norm_eps)
         self.indexer = Indexer(cfg) if self.kind == CSA else None
+        # kv_dtype fp8: compressed entries (and indexer keys) are stored in the MODEL1 layout
+        # (model1.py) and read back dequantised; set through DeepseekV4Model.set_kv_dtype
+        self.kv_fp8 = False
 
     # ------------------------------------------------------------------ pieces
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
@@ -123,16 +129,40 @@ class Attention(nn.Module):
                            self.attn_sink, self.scale, block=QUERY_BLOCK)
         return self._output(o, cos, sin)
 
+    # ------------------------------------------------------------------ stored entries
+    # Without kv_fp8 all four are the identity: entries are stored and read as computed.
+    def store_entries(self, new: torch.Tensor) -> torch.Tensor:
+        """Compressed entries ``[..., D]`` as they are kept in the state (MODEL1 rows with kv_fp8)."""
+        return quantise_entries(new, self.compressor.rope.rope_dim) if self.kv_fp8 else new
+
+    def read_entries(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored compressed entries -> ``[..., D]`` values that attention reads."""
+        if not self.kv_fp8:
+            return stored
+        return dequantise_entries(stored, self.head_dim, self.compressor.rope.rope_dim, dtype)
+
+    def store_keys(self, new: torch.Tensor) -> torch.Tensor:
+        return quantise_index_keys(new) if self.kv_fp8 else new
+
+    def read_keys(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantise_index_keys(stored, self.indexer.head_dim, dtype) if self.kv_fp8 else stored
+
     # ------------------------------------------------------------------ state
     def empty_state(self, device: torch.device, dtype: torch.dtype) -> LayerState:
         z = torch.zeros(0, self.head_dim, device=device, dtype=dtype)
         if self.compressor is None:
             return LayerState(num_tokens=0, window=z)
         idx = self.indexer
+        comp, keys = z, None if idx is None else torch.zeros(0, idx.head_dim, device=device, dtype=dtype)
+        if self.kv_fp8:
+            u8 = torch.uint8
+            comp = torch.zeros(0, entry_bytes(self.head_dim, self.compressor.rope.rope_dim, "model1"),
+                               device=device, dtype=u8)
+            if idx is not None:
+                keys = torch.zeros(0, index_key_bytes(idx.head_dim, "model1"), device=device, dtype=u8)
         return LayerState(
-            num_tokens=0, window=z, compressed=z, compressor=self.compressor.empty_state(device, dtype),
-            index_keys=None if idx is None else torch.zeros(0, idx.head_dim, device=device, dtype=dtype),
-            indexer=None if idx is None else idx.compressor.empty_state(device, dtype))
+            num_tokens=0, window=z, compressed=comp, compressor=self.compressor.empty_state(device, dtype),
+            index_keys=keys, indexer=None if idx is None else idx.compressor.empty_state(device, dtype))
 
     # ------------------------------------------------------------------ prefill / step
     def forward_full(self, x: torch.Tensor, return_state: bool = False
@@ -142,14 +172,19 @@ class Attention(nn.Module):
         positions = torch.arange(S, device=x.device)
         q_lora, q, kv, cos, sin = self._project(x, positions)
         comp = keys = cstate = istate = None
+        comp_st = keys_st = None
         if self.compressor is not None:
             comp, cstate = self.compressor.forward_full(x)
+            comp_st = self.store_entries(comp)
+            comp = self.read_entries(comp_st, x.dtype)
         if self.indexer is not None:
             keys, istate = self.indexer.compressor.forward_full(x)
+            keys_st = self.store_keys(keys)
+            keys = self.read_keys(keys_st, x.dtype)
         out = self._attend(x, positions, q_lora, q, kv, 0, comp, keys, cos, sin)
         if not return_state:
             return out, None
-        return out, LayerState(S, kv[-self.window:], comp, cstate, keys, istate)
+        return out, LayerState(S, kv[-self.window:], comp_st, cstate, keys_st, istate)
 
     def forward_step(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         """The ``n >= 1`` tokens ``x`` (``[n, hidden]``) that follow ``state``."""
@@ -157,12 +192,14 @@ class Attention(nn.Module):
         positions = torch.arange(p0, p0 + x.shape[0], device=x.device)
         q_lora, q, kv, cos, sin = self._project(x, positions)
         raw = torch.cat([state.window, kv])
-        comp = keys = cstate = istate = None
+        comp = keys = cstate = istate = comp_st = keys_st = None
         if self.compressor is not None:
             new, cstate = self.compressor.step(x, state.compressor)
-            comp = torch.cat([state.compressed, new])
+            comp_st = torch.cat([state.compressed, self.store_entries(new)])    # each entry quantised once
+            comp = self.read_entries(comp_st, x.dtype)
         if self.indexer is not None:
             new_keys, istate = self.indexer.compressor.step(x, state.indexer)
-            keys = torch.cat([state.index_keys, new_keys])
+            keys_st = torch.cat([state.index_keys, self.store_keys(new_keys)])
+            keys = self.read_keys(keys_st, x.dtype)
         out = self._attend(x, positions, q_lora, q, raw, p0 - state.window.shape[0], comp, keys, cos, sin)
-        return out, LayerState(p0 + x.shape[0], raw[-self.window:], comp, cstate, keys, istate)
+        return out, LayerState(p0 + x.shape[0], raw[-self.window:], comp_st, cstate, keys_st, istate)

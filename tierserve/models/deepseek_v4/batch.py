@@ -9,7 +9,8 @@ the head. Attention runs over padded stacks of the rows' states, one set of kern
 * window: the rings, left-padded to ``[B, L, D]``, with the new K=V row appended -> ``[B, L + 1, D]``;
   row ``b`` reads its last ``min(len_b + 1, W)`` columns (a length mask);
 * compressed entries ``[B, T, D]`` and (CSA) indexer keys ``[B, T, Di]``, right-padded with a length
-  mask; for a decode token every complete entry is visible, so HCA reads all ``T_b`` entries and CSA
+  mask (with kv_fp8 the stored MODEL1 rows are padded, then dequantised in one call); for a decode
+  token every complete entry is visible, so HCA reads all ``T_b`` entries and CSA
   the indexer's top-``min(k, T)`` per row (padded slots score ``-inf`` and are masked afterwards);
 * softmax with the per-head sink, inverse rope and the grouped output projection on the batch.
 
@@ -114,6 +115,19 @@ def _append(old: Sequence[torch.Tensor], new: Sequence[torch.Tensor | None]) -> 
     return [o if n is None else torch.cat([o, n]) for o, n in zip(old, new)]
 
 
+def _stored(attn, store, new: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The rows' new entries in their stored form (MODEL1 rows with kv_fp8, quantised in one call;
+    as computed otherwise)."""
+    rows = [b for b, n in enumerate(new) if n is not None]
+    if not attn.kv_fp8 or not rows:
+        return list(new)
+    packed = store(torch.cat([new[b] for b in rows]))
+    out: list[torch.Tensor | None] = [None] * len(new)
+    for j, b in enumerate(rows):
+        out[b] = packed[j:j + 1]
+    return out
+
+
 # ---------------------------------------------------------------------------------------- attention
 def attention_decode(attn, x: torch.Tensor, states: Sequence[LayerState]
                      ) -> tuple[torch.Tensor, list[LayerState]]:
@@ -142,22 +156,23 @@ def attention_decode(attn, x: torch.Tensor, states: Sequence[LayerState]
     comp = keys_list = cstates = istates = None
     if attn.compressor is not None:
         new, cstates = compressor_decode(attn.compressor, x, [st.compressor for st in states])
-        comp = _append([st.compressed for st in states], new)
+        comp = _append([st.compressed for st in states], _stored(attn, attn.store_entries, new))
     if attn.indexer is not None:
         new, istates = compressor_decode(attn.indexer.compressor, x, [st.indexer for st in states])
-        keys_list = _append([st.index_keys for st in states], new)
+        keys_list = _append([st.index_keys for st in states], _stored(attn, attn.store_keys, new))
 
     if comp is not None:
         counts = [c.shape[0] for c in comp]
         T = max(counts)
         if T:
-            entries = _pad(comp, left=False)                                     # [B, T, D]
+            entries = attn.read_entries(_pad(comp, left=False), x.dtype)        # [B, T, D]
             ragged = any(c != T for c in counts)
             if ragged:
                 have = torch.tensor(counts, device=dev)[:, None]
                 present = torch.arange(T, device=dev)[None, :] < have            # [B, T]
             if attn.indexer is not None:     # every complete entry is visible to a decode token
-                scores = index_scores(attn.indexer, x, q_lora, positions, _pad(keys_list, left=False))
+                scores = index_scores(attn.indexer, x, q_lora, positions,
+                                      attn.read_keys(_pad(keys_list, left=False), x.dtype))
                 if ragged:
                     scores = scores.masked_fill(~present, float("-inf"))
                 k = min(attn.indexer.topk, T)

@@ -52,12 +52,18 @@ class StateBytes:
         return self.window + self.buffers + self.per_token * num_tokens
 
 
-def state_bytes(cfg: DeepseekV4Config, layout: str = "bf16", buffer_dtype_bytes: int = 2) -> StateBytes:
+def state_bytes(cfg: DeepseekV4Config, layout: str = "bf16", buffer_dtype_bytes: int = 2,
+                window_layout: str | None = None) -> StateBytes:
+    """``window_layout`` (default: ``layout``): the layout of the window rings. The engine's
+    ``--kv-dtype fp8`` keeps them in the model dtype (``window_layout="bf16"``, times
+    ``buffer_dtype_bytes / 2``); ``layout="model1"`` alone counts them in MODEL1 as well."""
     D, r, W = cfg.head_dim, cfg.rope_compress.rope_dim, cfg.sliding_window
     entry, key = entry_bytes(D, r, layout), index_key_bytes(cfg.index_head_dim, layout)
+    wl = layout if window_layout is None else window_layout
+    wscale = buffer_dtype_bytes / 2 if wl == "bf16" and window_layout is not None else 1
     per_token, window, buffers = 0.0, 0, 0
     for i, kind in enumerate(cfg.layer_types):
-        window += W * entry_bytes(D, cfg.rope_for(i).rope_dim, layout)
+        window += int(W * entry_bytes(D, cfg.rope_for(i).rope_dim, wl) * wscale)
         if kind == SLIDING:
             continue
         m = cfg.compress_ratio(i)

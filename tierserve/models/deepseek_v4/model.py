@@ -94,6 +94,23 @@ class DeepseekV4Model(nn.Module):
         return self
 
     # ------------------------------------------------------------------ state
+    KV_DTYPES = ("auto", "fp8")
+
+    @property
+    def kv_dtype(self) -> str:
+        return "fp8" if any(b.attn.kv_fp8 for b in self.layers) else "auto"
+
+    def set_kv_dtype(self, kv_dtype: str) -> DeepseekV4Model:
+        """``"fp8"``: store compressed entries and indexer keys in the MODEL1 layout (``model1.py``; each
+        entry quantised once when its window closes, read back dequantised); the window rings and the
+        compressors' open windows stay in the model dtype. ``"auto"``: everything in the model dtype.
+        States of one setting cannot be continued under the other."""
+        if kv_dtype not in self.KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r} is not supported; allowed: {', '.join(self.KV_DTYPES)}")
+        for b in self.layers:
+            b.attn.kv_fp8 = kv_dtype == "fp8"
+        return self
+
     def new_state(self) -> SequenceState:
         """The state of an empty sequence."""
         dev, dt = self.device, self.dtype
