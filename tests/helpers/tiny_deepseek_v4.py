@@ -123,3 +123,20 @@ def quantize_checkpoint(src: Path, dst: Path, block=(128, 128), fp8_scale_suffix
     cfg["expert_dtype"] = "fp4"
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def engine_checkpoints(tmp_path_factory, names=None) -> dict[str, Path]:
+    """name -> a tiny checkpoint dir with a synthetic 128-token tokenizer, ready for ``LLM``."""
+    from tierserve.loader.tokenizer import Tokenizer
+
+    out = {}
+    for name in names or CONFIGS:
+        path = make_checkpoint(tmp_path_factory.mktemp(name), name)
+        Tokenizer.synthetic(128).backend.save(str(path / "tokenizer.json"))
+        out[name] = path
+    return out
+
+
+def rand_ids(n: int, seed: int) -> list[int]:
+    """``n`` random token ids in [2, 128) from ``seed``."""
+    return torch.randint(2, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

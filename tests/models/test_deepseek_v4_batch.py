@@ -10,9 +10,8 @@ indexer top-k below the entry count, HCA ratios 8 / 16, windows 8 / 12).
 import pytest
 import torch
 
-from tests.helpers.tiny_deepseek_v4 import CONFIGS, make_checkpoint, one_thread  # noqa: F401
+from tests.helpers.tiny_deepseek_v4 import engine_checkpoints, rand_ids, CONFIGS, make_checkpoint, one_thread  # noqa: F401
 from tierserve import LLM, SamplingParams
-from tierserve.loader.tokenizer import Tokenizer
 from tierserve.models.deepseek_v4 import load_model
 from tierserve.models.deepseek_v4.state import LayerState
 
@@ -24,12 +23,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    out = {}
-    for name in CONFIGS:
-        path = make_checkpoint(tmp_path_factory.mktemp(name), name)
-        Tokenizer.synthetic(128).backend.save(str(path / "tokenizer.json"))
-        out[name] = path
-    return out
+    return engine_checkpoints(tmp_path_factory, CONFIGS)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +31,7 @@ def models(paths):
     return {name: load_model(p) for name, p in paths.items()}
 
 
-def rand(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+rand = rand_ids
 
 
 def start(model, n: int, seed: int):

@@ -10,9 +10,8 @@ import weakref
 import pytest
 import torch
 
-from tests.helpers.tiny_deepseek_v4 import make_checkpoint, one_thread  # noqa: F401
+from tests.helpers.tiny_deepseek_v4 import engine_checkpoints, rand_ids, make_checkpoint, one_thread  # noqa: F401
 from tierserve import LLM, SamplingParams
-from tierserve.loader.tokenizer import Tokenizer
 from tierserve.models.deepseek_v4 import load_model
 
 SP = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
@@ -20,16 +19,10 @@ SP = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    out = {}
-    for name in ("mixed", "hca-first"):
-        path = make_checkpoint(tmp_path_factory.mktemp(name), name)
-        Tokenizer.synthetic(128).backend.save(str(path / "tokenizer.json"))
-        out[name] = path
-    return out
+    return engine_checkpoints(tmp_path_factory, ("mixed", "hca-first"))
 
 
-def rand(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+rand = rand_ids
 
 
 def make(path, **kw) -> LLM:

@@ -12,9 +12,8 @@ import math
 import pytest
 import torch
 
-from tests.helpers.tiny_deepseek_v4 import CONFIGS, make_checkpoint, one_thread  # noqa: F401
+from tests.helpers.tiny_deepseek_v4 import engine_checkpoints, rand_ids, CONFIGS, make_checkpoint, one_thread  # noqa: F401
 from tierserve import LLM, SamplingParams
-from tierserve.loader.tokenizer import Tokenizer
 from tierserve.models.deepseek_v4 import load_model
 from tierserve.models.deepseek_v4.config import CSA, SLIDING
 from tierserve.models.deepseek_v4.kv_bytes import entry_bytes, index_key_bytes, state_bytes
@@ -90,16 +89,10 @@ def test_index_keys_against_reference(Di):
 # ---------------------------------------------------------------------------------------- model
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    out = {}
-    for name in CONFIGS:
-        path = make_checkpoint(tmp_path_factory.mktemp(name), name)
-        Tokenizer.synthetic(128).backend.save(str(path / "tokenizer.json"))
-        out[name] = path
-    return out
+    return engine_checkpoints(tmp_path_factory, CONFIGS)
 
 
-def rand(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+rand = rand_ids
 
 
 def stored_bytes(cfg, n: int) -> int:

@@ -7,9 +7,8 @@ tokens (a multiple of the page size 16 and of the compress ratios 4 / 8 / 16).
 import pytest
 import torch
 
-from tests.helpers.tiny_deepseek_v4 import make_checkpoint, one_thread  # noqa: F401
+from tests.helpers.tiny_deepseek_v4 import engine_checkpoints, rand_ids, make_checkpoint, one_thread  # noqa: F401
 from tierserve import LLM, SamplingParams
-from tierserve.loader.tokenizer import Tokenizer
 
 UNIT = 16
 SP = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
@@ -17,12 +16,7 @@ SP = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    out = {}
-    for name in ("mixed", "hca-first"):
-        path = make_checkpoint(tmp_path_factory.mktemp(name), name)
-        Tokenizer.synthetic(128).backend.save(str(path / "tokenizer.json"))
-        out[name] = path
-    return out
+    return engine_checkpoints(tmp_path_factory, ("mixed", "hca-first"))
 
 
 def make(path, **kw) -> LLM:
@@ -31,8 +25,7 @@ def make(path, **kw) -> LLM:
     return LLM(str(path), dtype="float32", device="cpu", **kw)
 
 
-def rand(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+rand = rand_ids
 
 
 def assert_same(got, want) -> None:
