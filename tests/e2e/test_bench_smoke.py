@@ -31,4 +31,7 @@ def test_bench_tiers_smoke(tmp_path):
     assert served["cold"] == {} and "gpu" in served["gpu"] and "cpu" in served["cpu"] and "disk" in served["disk"]
     spill = [row for row in res["rows"] if row["kind"] == "decode" and row["gpu_frac"] < 1]
     assert spill and spill[0]["spilled_pages"] > 0
+    # lossless: the run with pages in CPU RAM gives the all-GPU run's greedy tokens, and saves GPU memory
+    assert all(row["tokens_equal_first_run"] for row in res["rows"] if row["kind"] == "decode")
+    assert spill[0]["gpu_kv_saving"] > 0.3
     assert res["summary"]["host_to_device_GBps"] > 0
