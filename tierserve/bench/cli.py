@@ -17,6 +17,23 @@ def _ints(s: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated integers, got {s!r}")
 
 
+def _write(con, res: dict, output: Path, plot_fn=None, summary: bool = False) -> Path:
+    """Write the result JSON (and, with ``plot_fn``, the PNG beside it); say where on ``con``."""
+    from tierserve.bench.results import write_result
+
+    path = write_result(res, output)
+    con.print(f"wrote {path}")
+    if summary:
+        con.print_json(data=res["summary"])
+    if plot_fn is not None:
+        try:
+            con.print(f"wrote {plot_fn(res, path.with_suffix('.png'))}")
+        except ImportError as e:
+            con.print(f"no plot ({e.name} not installed)")
+    return path
+
+
+
 @app.command()
 def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shipped config (llama-3.1-8b, qwen3-8b)"),
            load_format: str = typer.Option("auto", help="auto | dummy (random weights at the config's shapes)"),
@@ -33,7 +50,6 @@ def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shi
     from rich.console import Console
 
     from tierserve.bench.decode import DecodeCase, bench_decode
-    from tierserve.bench.results import write_result
 
     con = Console(stderr=True)
     if "transformers" in engines:
@@ -58,14 +74,8 @@ def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shi
     for row in res["rows"]:
         if "skipped" in row:
             show(row)
-    path = write_result(res, output)
-    con.print(f"wrote {path}")
-    if plot:
-        try:
-            from tierserve.bench.plot import plot_decode
-            con.print(f"wrote {plot_decode(res, path.with_suffix('.png'))}")
-        except ImportError as e:
-            con.print(f"no plot ({e.name} not installed)")
+    from tierserve.bench.plot import plot_decode
+    _write(con, res, output, plot_decode if plot else None)
 
 
 @app.command()
@@ -133,7 +143,6 @@ def engram(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped con
     from rich.console import Console
 
     from tierserve.bench.engram import EngramSizes, bench_engram, plot_engram
-    from tierserve.bench.results import write_result
 
     con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     if load_format != "dummy":
@@ -162,14 +171,7 @@ def engram(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped con
                        device=device, dtype=dtype, time_budget_s=time_budget,
                        partial_path=str(output) + ".partial.jsonl", progress=show,
                        log=con.print)
-    path = write_result(res, output)
-    con.print(f"wrote {path}")
-    con.print_json(data=res["summary"])
-    if plot:
-        try:
-            con.print(f"wrote {plot_engram(res, path.with_suffix('.png'))}")
-        except ImportError as e:
-            con.print(f"no plot ({e.name} not installed)")
+    _write(con, res, output, plot_engram if plot else None, summary=True)
 
 
 @app.command("sparse-fp8")
@@ -204,7 +206,6 @@ def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped
 
     from rich.console import Console
 
-    from tierserve.bench.results import write_result
     from tierserve.bench.sparse_fp8 import SMOKE, Sizes, bench_sparse_fp8, plot_sparse_fp8
 
     con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
@@ -233,14 +234,7 @@ def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped
         con.print(f"{head}  {r['tok_s']:9.1f} tok/s{extra}")
     res = bench_sparse_fp8(model, secs, sizes, load_format=load_format, device=device, dtype=dtype,
                            partial_path=str(output) + ".partial.jsonl", progress=show, log=con.print)
-    path = write_result(res, output)
-    con.print(f"wrote {path}")
-    con.print_json(data=res["summary"])
-    if plot:
-        try:
-            con.print(f"wrote {plot_sparse_fp8(res, path.with_suffix('.png'))}")
-        except ImportError as e:
-            con.print(f"no plot ({e.name} not installed)")
+    _write(con, res, output, plot_sparse_fp8 if plot else None, summary=True)
 
 
 def _mount(module: str, attr: str = "app") -> None:
@@ -280,7 +274,6 @@ def deepseek_v4(model: Optional[str] = typer.Option("deepseek-v4-flash", help="s
     from rich.console import Console
 
     from tierserve.bench.deepseek_v4 import bench_deepseek_v4, plot_deepseek_v4
-    from tierserve.bench.results import write_result
 
     con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     if load_format != "dummy":
@@ -304,14 +297,7 @@ def deepseek_v4(model: Optional[str] = typer.Option("deepseek-v4-flash", help="s
                             ours_budget_s=ours_budget, max_wall_s=max_wall,
                             engines=tuple(e.strip() for e in engines.split(",") if e.strip()), smoke=smoke,
                             partial_path=str(output) + ".partial.jsonl", progress=show, log=con.print)
-    path = write_result(res, output)
-    con.print(f"wrote {path}")
-    con.print_json(data=res["summary"])
+    _write(con, res, output, plot_deepseek_v4 if plot else None, summary=True)
     if smoke and not all(r.get("greedy_equal", True) for r in res["rows"]):
         con.print("error: greedy tokens of tierserve and transformers differ on the smoke model")
         raise typer.Exit(1)
-    if plot:
-        try:
-            con.print(f"wrote {plot_deepseek_v4(res, path.with_suffix('.png'))}")
-        except ImportError as e:
-            con.print(f"no plot ({e.name} not installed)")

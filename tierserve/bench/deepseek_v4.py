@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tierserve.bench.decode import DecodeCase, _sync, copy_bandwidth, run_transformers
+from tierserve.bench.plot import save_figure
 from tierserve.bench.results import make_result, row_emitter
 
 LLAMA_31_8B_KV_BYTES = 131072          # 32 layers x 2 (K, V) x 8 heads x 128 x 2 bytes (bf16)
@@ -291,9 +292,5 @@ def plot_deepseek_v4(result: dict, path: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"DeepSeek-V4-Flash, first {result['meta']['settings']['layers']} layers, dummy weights, "
-                 f"on {result['meta']['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"DeepSeek-V4-Flash, first {result['meta']['settings']['layers']} layers, "
+                                  f"dummy weights, on {result['meta']['device']}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tierserve.bench.decode import DecodeCase, _prompts, _sync, run_tierserve
+from tierserve.bench.plot import save_figure
 from tierserve.bench.results import make_result, row_emitter
 
 PLACEMENTS = ("device", "cpu-copy", "cpu-zero_copy")
@@ -285,9 +286,5 @@ def plot_engram(result: dict, path: Path) -> Path:
         ax.set(ylabel="tok/s", title=k.replace("_", " "))
         ax.grid(alpha=0.3, axis="y")
     meta = result["meta"]
-    fig.suptitle(f"Engram tables: device vs host RAM, {Path(meta['settings']['model']).name} on {meta['device']}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"Engram tables: device vs host RAM, {Path(meta['settings']['model']).name} "
+                                  f"on {meta['device']}")

@@ -4,6 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def save_figure(fig, path, title: str) -> Path:
+    """The common end of every benchmark plot: suptitle, tight layout, PNG at 110 dpi, figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_decode(result: dict, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -27,8 +39,4 @@ def plot_decode(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     meta = result["meta"]
-    fig.suptitle(f"decode: {Path(meta['settings']['model']).name} on {meta['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"decode: {Path(meta['settings']['model']).name} on {meta['device']}")

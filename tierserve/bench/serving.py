@@ -20,6 +20,7 @@ from typing import Sequence
 
 import httpx
 
+from tierserve.bench.plot import save_figure
 from tierserve.bench.results import make_result
 
 # Prompts are built from the server's own tokenization of this text, so they have exactly input_len tokens.
@@ -202,10 +203,5 @@ def plot_serving(result: dict, path: str | Path) -> Path | None:
         a.set_xlabel("concurrency")
         a.set_title(title)
         a.grid(alpha=0.3)
-    fig.suptitle(f"tierserve serving: {s['model']}, in {s['input_len']} / out {s['output_len']} tokens, "
-                 f"rate {s['request_rate']} req/s ({result['meta']['date']})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"tierserve serving: {s['model']}, in {s['input_len']} / out {s['output_len']} "
+                                  f"tokens, rate {s['request_rate']} req/s ({result['meta']['date']})")

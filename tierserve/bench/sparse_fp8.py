@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from tierserve.bench.plot import save_figure
 from tierserve.bench.results import make_result, row_emitter
 
 SECTIONS = ("a", "b", "c")
@@ -153,8 +154,4 @@ def plot_sparse_fp8(result: dict, path) -> object:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3, axis="y")
     meta = result["meta"]
-    fig.suptitle(f"sparse / FP8 decode, {meta['settings']['model']} on {meta['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"sparse / FP8 decode, {meta['settings']['model']} on {meta['device']}")
