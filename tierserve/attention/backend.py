@@ -105,9 +105,11 @@ def update_page_summary(k: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetad
     row = meta.page_size
     kmin, kmax = kv_layer[:, 0, row], kv_layer[:, 1, row]          # [N, Hkv, D]
     pages = meta.slot_pages
-    first = (meta.slot_offsets == 0).to(torch.int32)                 # a page's first token resets it
-    reset = torch.zeros(kmin.shape[0], dtype=torch.int32, device=k.device).index_add_(0, pages, first)
-    restart = (reset[pages] > 0)[:, None, None]                      # [T, 1, 1]: the token's page starts over
+    restart = meta.backend_data.get("summary_restart")               # the same for every layer of a step
+    if restart is None:
+        first = (meta.slot_offsets == 0).to(torch.int32)             # a page's first token resets it
+        reset = torch.zeros(kmin.shape[0], dtype=torch.int32, device=k.device).index_add_(0, pages, first)
+        restart = meta.backend_data["summary_restart"] = (reset[pages] > 0)[:, None, None]   # [T, 1, 1]
     # duplicate pages write identical values; a restarted page keeps no old min / max
     kmin.index_copy_(0, pages, torch.where(restart, k, kmin[pages]))
     kmax.index_copy_(0, pages, torch.where(restart, k, kmax[pages]))
