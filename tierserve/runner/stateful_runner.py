@@ -47,52 +47,13 @@ from tierserve.models.deepseek_v4.dummy import free_bytes
 from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 from tierserve.runner.state_cache import StateCache, choose_unit
+from tierserve.runner.stateful_setup import LOADERS, BookkeepingFp8, NoPagedKV, check_config
 
 log = logging.getLogger("tierserve")
 
 # The pool only counts tokens here; one PageMeta object per page is the whole cost, but a 1M-token
 # max_model_len times 128 sequences would still be 8M of them.
 MAX_ACCOUNTING_PAGES = 1 << 20
-
-# Engine settings that need paged K/V (or a model this runner does not have) -> why they are refused.
-_UNSUPPORTED = {
-    "sparse_attention": "page-sparse attention needs paged K/V (V4 has its own sparse indexer)",
-    "cpu_kv_gb": "KV tiers need a paged state",
-    "disk_kv_dir": "KV tiers need a paged state",
-    "remote_kv_url": "KV tiers need a paged state",
-    "quantization": "weight quantisation on load is implemented for the Llama family only",
-    "engram_placement": "the model has no Engram",
-}
-
-
-def check_config(config: EngineConfig, architecture: str) -> None:
-    """Refuse, naming the setting, what this runner cannot do (rather than silently ignore it)."""
-    for name, why in _UNSUPPORTED.items():
-        value = getattr(config, name)
-        if value is not None:
-            raise ValueError(f"{name}={value!r} is not supported for {architecture} yet: {why} "
-                             "(docs/deepseek_v4.md, 'In the engine')")
-    if config.attention_backend == "triton":
-        raise ValueError(f"attention_backend='triton' is not available for {architecture}: it runs its "
-                         "own plain-PyTorch attention; use attention_backend='auto'")
-
-
-class _NoPagedKV:
-    """``runner.kv`` for the engine's FP8 page hook: there is no paged K/V data."""
-    data = None
-
-
-class _BookkeepingFp8:
-    """Stands in for ``ModelRunner.fp8`` (``quantise(data, pids)`` / ``quantised``) when the pages are
-    bookkeeping only: marks the pages the engine hands over, converts nothing."""
-
-    def __init__(self, num_pages: int) -> None:
-        self.quantised = torch.zeros(num_pages, dtype=torch.bool)
-
-    def quantise(self, data, pids) -> None:
-        if len(pids):
-            self.quantised[torch.as_tensor(list(pids), dtype=torch.long)] = True
-
 
 class StatefulRunner:
     """Same interface as ``ModelRunner`` as far as the engine uses it."""
@@ -103,25 +64,25 @@ class StatefulRunner:
                  progress: bool = False) -> None:
         arch = model_cfg.architecture
         check_config(config, arch)
-        if arch not in _LOADERS:
-            raise ValueError(f"no stateful runner support for {arch!r}; supported: {', '.join(sorted(_LOADERS))}")
+        if arch not in LOADERS:
+            raise ValueError(f"no stateful runner support for {arch!r}; supported: {', '.join(sorted(LOADERS))}")
         self.config = config
         self.model_cfg = model_cfg
         self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, model_cfg, self.device)
-        self.model = _LOADERS[arch](model_path, model_cfg, config, self.dtype, self.device)
+        self.model = LOADERS[arch](model_path, model_cfg, config, self.dtype, self.device)
         # kv_dtype fp8: compressed entries and indexer keys in the MODEL1 layout (docs/deepseek_v4.md)
         self.model.set_kv_dtype(config.kv_dtype)
         self.num_pages = self._num_pages(max_model_len)
         # what ModelRunner has for paged K/V; nothing of it exists here
         # (with kv_dtype fp8 the engine hands ``kv.data`` to ``fp8.quantise``: an empty stand-in)
-        self.kv = _NoPagedKV() if config.kv_dtype == "fp8" else None
+        self.kv = NoPagedKV() if config.kv_dtype == "fp8" else None
         self.layout = None
         self.host_kv = None
         # kv_dtype fp8: the engine's page policy still queues bookkeeping pages "for quantisation";
         # they hold no data (the state itself is stored in MODEL1), so this only records them
-        self.fp8 = _BookkeepingFp8(self.num_pages) if config.kv_dtype == "fp8" else None
+        self.fp8 = BookkeepingFp8(self.num_pages) if config.kv_dtype == "fp8" else None
         self.sparse = None
         self.graphs = None
         self.engram_hasher = None
@@ -303,21 +264,3 @@ def _prompt_logprob_range(req, s: ScheduledRequest) -> tuple[int, int] | None:
     lo = max(s.start, len(req.prompt_logprobs) - 1)
     hi = min(s.end, req.num_prompt_tokens - 1)
     return (lo, hi) if hi > lo else None
-
-
-
-# ---- model loading ------------------------------------------------------------------------------
-def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
-    from tierserve.models.deepseek_v4 import load_model
-
-    # --cpu-experts: build in CPU RAM, then move all but the routed experts to the device
-    build = torch.device("cpu") if config.cpu_experts else device
-    if config.load_format == "dummy":
-        from tierserve.models.deepseek_v4.dummy import random_deepseek_v4
-        model = random_deepseek_v4(model_cfg.model, config.seed, dtype, build)
-    else:
-        model = load_model(path, dtype=dtype, device=build)
-    return model.place(device, cpu_experts=True) if config.cpu_experts else model
-
-
-_LOADERS = {"DeepseekV4ForCausalLM": _load_deepseek_v4}

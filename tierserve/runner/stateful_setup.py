@@ -1,0 +1,66 @@
+"""What the StatefulRunner (runner/stateful_runner.py) refuses, its stand-ins for the paged runner's KV
+hooks, and how it loads each architecture it serves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tierserve.config import EngineConfig
+
+
+# Engine settings that need paged K/V (or a model this runner does not have) -> why they are refused.
+_UNSUPPORTED = {
+    "sparse_attention": "page-sparse attention needs paged K/V (V4 has its own sparse indexer)",
+    "cpu_kv_gb": "KV tiers need a paged state",
+    "disk_kv_dir": "KV tiers need a paged state",
+    "remote_kv_url": "KV tiers need a paged state",
+    "quantization": "weight quantisation on load is implemented for the Llama family only",
+    "engram_placement": "the model has no Engram",
+}
+
+
+def check_config(config: EngineConfig, architecture: str) -> None:
+    """Refuse, naming the setting, what this runner cannot do (rather than silently ignore it)."""
+    for name, why in _UNSUPPORTED.items():
+        value = getattr(config, name)
+        if value is not None:
+            raise ValueError(f"{name}={value!r} is not supported for {architecture} yet: {why} "
+                             "(docs/deepseek_v4.md, 'In the engine')")
+    if config.attention_backend == "triton":
+        raise ValueError(f"attention_backend='triton' is not available for {architecture}: it runs its "
+                         "own plain-PyTorch attention; use attention_backend='auto'")
+
+
+class NoPagedKV:
+    """``runner.kv`` for the engine's FP8 page hook: there is no paged K/V data."""
+    data = None
+
+
+class BookkeepingFp8:
+    """Stands in for ``ModelRunner.fp8`` (``quantise(data, pids)`` / ``quantised``) when the pages are
+    bookkeeping only: marks the pages the engine hands over, converts nothing."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.quantised = torch.zeros(num_pages, dtype=torch.bool)
+
+    def quantise(self, data, pids) -> None:
+        if len(pids):
+            self.quantised[torch.as_tensor(list(pids), dtype=torch.long)] = True
+
+
+# ---- model loading ------------------------------------------------------------------------------
+def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
+    from tierserve.models.deepseek_v4 import load_model
+
+    # --cpu-experts: build in CPU RAM, then move all but the routed experts to the device
+    build = torch.device("cpu") if config.cpu_experts else device
+    if config.load_format == "dummy":
+        from tierserve.models.deepseek_v4.dummy import random_deepseek_v4
+        model = random_deepseek_v4(model_cfg.model, config.seed, dtype, build)
+    else:
+        model = load_model(path, dtype=dtype, device=build)
+    return model.place(device, cpu_experts=True) if config.cpu_experts else model
+
+
+LOADERS = {"DeepseekV4ForCausalLM": _load_deepseek_v4}
