@@ -3,14 +3,13 @@ served from CPU RAM at admission; outputs never change, corrupt blocks are still
 requests give everything back."""
 import logging
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.helpers.redis_server import redis_server
 from tierserve import LLM, SamplingParams
 from tierserve.config import EngineConfig
 from tierserve.kv.prefix import hash_page
@@ -246,20 +245,7 @@ def test_remote_tier_hit_served_by_prefetch(reference):
     exe = shutil.which("redis-server")
     if not exe:
         pytest.skip("redis-server not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        url = f"redis://127.0.0.1:{port}/0"
+    with redis_server(exe) as url:
         a = make(remote_kv_url=url)
         a.generate([PROMPT], SP)
         a.engine.kv.tiers.flush()
@@ -269,9 +255,6 @@ def test_remote_tier_hit_served_by_prefetch(reference):
         assert out.cached_tokens_by_tier.get("remote") == PAGES * PS
         assert b.engine.kv.tiers.stats()["prefetch"]["hits"] == PAGES
         assert_clean(b)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_setting_and_flag():

@@ -3,7 +3,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.redis_server import free_port, redis_server
 from tests.helpers.tiny_models import make_checkpoint
 from tierserve import LLM, SamplingParams
 
@@ -135,29 +135,12 @@ def test_cost_model_prefers_recompute_when_faster(ckpt, tmp_path):
     assert tm._load_pays(hits, page_size=16)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url():
     exe = shutil.which("redis-server")
     assert exe, "redis-server is required for the remote-tier tests (apt-get install redis-server)"
-    port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with redis_server(exe) as url:
+        yield url
 
 
 def test_two_engines_share_redis(ckpt, reference, redis_url):
@@ -171,7 +154,7 @@ def test_two_engines_share_redis(ckpt, reference, redis_url):
 
 
 def test_unreachable_redis_does_not_block(ckpt, reference, caplog):
-    llm = make(ckpt, remote_kv_url=f"redis://127.0.0.1:{_free_port()}/0")
+    llm = make(ckpt, remote_kv_url=f"redis://127.0.0.1:{free_port()}/0")
     t0 = time.time()
     with caplog.at_level(logging.WARNING):
         out = llm.generate([PROMPT], SP)[0]
