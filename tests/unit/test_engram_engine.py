@@ -104,7 +104,7 @@ def test_static_rows_for_cuda_graphs_equal_the_eager_hand_off(ckpt, placement):
     static.fill(prepare_engram_step(mods, runner.engram_hasher, ids, qsl, hist), B)
     for layer, m in mods.items():
         want = eager.apply(m, hidden)
-        got = static.view(B).apply(m, hidden)
+        got = static.begin(B).apply(m, hidden)
         assert torch.equal(got, want)
 
 

@@ -72,8 +72,6 @@ class StaticEngramRows:
     def advance(self, bs: int, ids: torch.Tensor) -> None:
         pass
 
-    view = begin
-
 
 class GraphEngramStep:
     """The model's Engram hand-off during capture: each layer reads its static rows."""
