@@ -72,6 +72,7 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
 
         self.host_experts = False      # routed experts in CPU RAM, computed there (``experts_to_host``)
+        self._stacked: tuple[torch.Tensor, ...] | None = None     # (w1, w3, w2) of ``stacked``
 
     def experts_to_host(self, pin: bool) -> None:
         """Replace the routed experts' weights by copies in CPU RAM (page-locked when ``pin``), so the
@@ -82,6 +83,40 @@ class MoE(nn.Module):
                 host = torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=pin).copy_(w)
                 lin.weight = nn.Parameter(host, requires_grad=False)
         self.host_experts = True
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routed experts' weights stacked, ``w1 / w3 [E, I, D]`` and ``w2 [E, D, I]``; the experts'
+        own weights become views into them (built once, an expert at a time, so the extra memory is
+        transient; rebuilt if the weights were replaced since, e.g. by ``place``)."""
+        st, ex = self._stacked, self.experts
+        if st is not None and all(st[j][i].data_ptr() == getattr(ex[i], w).weight.data_ptr()
+                                  for i in (0, len(ex) - 1) for j, w in enumerate(("w1", "w3", "w2"))):
+            return st
+        out = []
+        for w in ("w1", "w3", "w2"):
+            first = getattr(ex[0], w).weight
+            buf = torch.empty((len(ex), *first.shape), dtype=first.dtype, device=first.device)
+            for i, e in enumerate(ex):
+                lin = getattr(e, w)
+                buf[i].copy_(lin.weight.detach())
+                lin.weight.data = buf[i]
+            out.append(buf)
+        self._stacked = tuple(out)
+        return self._stacked
+
+    def forward_decode(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """``forward`` without host syncs or data-dependent shapes (CUDA-graph safe), for a few rows:
+        the Triton kernels of ``moe_triton.py`` on the GPU, a gather of the selected experts elsewhere.
+        Not for ``host_experts``."""
+        from tierserve.models.deepseek_v4.moe_triton import routed_gather, routed_triton, triton
+
+        weights, idx = self.gate(x, token_ids)
+        w1, w3, w2 = self.stacked()
+        fn = routed_triton if x.is_cuda and triton is not None else routed_gather
+        out = fn(x.contiguous(), weights, idx, w1, w3, w2, self.experts[0].limit)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Sum of the selected experts' outputs, weighted; all on the device of the expert weights."""
