@@ -22,6 +22,7 @@ from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 from tierserve.attention.triton_prefill import paged_prefill
 from tierserve.attention.triton_prefill import supported as prefill_supported
 from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
+from tierserve.attention.triton_select import fused_select, selection_bound, use_fused_selection
 from tierserve.attention.triton_stage import remap_host_entries, stage_layer
 
 log = logging.getLogger("tierserve")
@@ -30,6 +31,9 @@ log = logging.getLogger("tierserve")
 def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0,
                   logical: bool = False):
     page = meta.page_size
+    if meta.sparse.selector == "pages" and use_fused_selection(q.device):   # two kernels (triton_select.py)
+        return fused_select(q, kv_layer, meta, layer_idx, logical)
+    # the PyTorch chain: the "indexer" selector, and the reference of the fused kernels
     if meta.sparse.selector == "indexer":
         B, P = meta.page_table.shape
         visible = torch.arange(P * page, device=q.device)[None, None, :] < meta.seq_lens[:, None, None]
@@ -44,8 +48,7 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
         ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     count_selection(meta, chosen, kv_layer.shape[0])
-    cfg = meta.sparse     # at most the top-k budget plus the always-kept sink, recent and own pages
-    bound = cfg.topk_tokens // page + -(-cfg.sink_tokens // page) + -(-cfg.recent_tokens // page) + 2
+    bound = selection_bound(meta.sparse, page)    # the top-k budget plus the always-kept pages
     return compact_selection(chosen, meta.page_table, meta.seq_lens, page, max_selected=bound, logical=logical)
 
 

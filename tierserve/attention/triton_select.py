@@ -1,0 +1,202 @@
+"""Fused top-k page selection for sparse decode ("pages" selector), two Triton kernels.
+
+1. ``_page_score_kernel`` grid (batch, KV head, page block): reads each page's key min / max summary row
+   straight from the page pool (row ``page_size`` of the page; spilled pages' rows from the device copy
+   of the host summaries) and writes the page's score, the upper bound
+   max over the group's query heads of  sum_d relu(q_d) * kmax_d + min(q_d, 0) * kmin_d,
+   as fp32 [B, Hkv, P]: -inf for pages the query cannot see, +inf for the pages always kept (sink pages,
+   the recent window, the query's own page; every visible page while the context fits the budget).
+   Only the pages that compete are read.
+2. ``_topk_compact_kernel`` grid (batch, KV head): finds the ``budget``-th largest score by a bitwise
+   binary search over the scores' order-preserving int32 keys (ties at the threshold go to the lowest
+   page index: deterministic), keeps those pages plus every +inf page, and writes the compacted page
+   table the decode kernels read (same contract as ``triton_decode.compact_selection``), and adds the
+   selection counts to the tiers' page heat (``backend.count_selection``) with atomics.
+
+No host sync and no data-dependent shape: capturable in CUDA graphs. Reference: the PyTorch chain
+``select.page_upper_bounds`` -> ``select.select_pages`` -> ``compact_selection`` (tests compare them).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, seqlen_ptr, out_ptr,
+                       P, n_dev, n_host, s_qb, s_qh, s_kp, s_kh, s_xp, s_xh, s_hp, s_hh, s_gp, s_gh,
+                       s_ptb, s_ob, s_oh,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
+                       TOPK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr, HOST: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    seq_len = tl.load(seqlen_ptr + b)
+    pos = seq_len - 1
+    in_row = p < P
+    start = p * PAGE
+    visible = in_row & (start <= pos)
+    forced = (start < SINK) | (start + PAGE > pos - RECENT) | (p == pos // PAGE) | (seq_len <= TOPK)
+    forced = forced & visible
+    need = visible & (forced == 0)
+    page = tl.load(pt_ptr + b * s_ptb + p, mask=need, other=0).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    if HOST:    # page ids >= n_dev are spilled: their summaries sit in the host-summary copy on the device
+        on_host = page >= n_dev
+        dp = tl.where(on_host, 0, page)
+        hp = tl.where(on_host, page - n_dev, 0)
+        dm = need & (on_host == 0)
+        hm = need & on_host & (hp < n_host)
+        kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm[:, None], other=0.0) + \
+            tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm[:, None], other=0.0)
+        kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm[:, None], other=0.0) + \
+            tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm[:, None], other=0.0)
+    else:
+        kmin = tl.load(kmin_ptr + page[:, None] * s_kp + h * s_kh + d[None, :], mask=need[:, None], other=0.0)
+        kmax = tl.load(kmax_ptr + page[:, None] * s_xp + h * s_xh + d[None, :], mask=need[:, None], other=0.0)
+    kmin = kmin.to(tl.float32)
+    kmax = kmax.to(tl.float32)
+    ub = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for g in tl.static_range(GROUP):
+        qg = tl.load(q_ptr + b * s_qb + (h * GROUP + g) * s_qh + d).to(tl.float32)
+        s = tl.sum(tl.maximum(qg, 0.0)[None, :] * kmax + tl.minimum(qg, 0.0)[None, :] * kmin, axis=1)
+        ub = tl.maximum(ub, s)
+    score = tl.where(forced, float("inf"), tl.where(visible, ub, float("-inf")))
+    tl.store(out_ptr + b * s_ob + h * s_oh + p, score, mask=in_row)
+
+
+@triton.jit
+def _topk_compact_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
+                         P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
+                         K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
+                         BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.arange(0, BLOCK)
+    in_row = p < P
+    seq_len = tl.load(seqlen_ptr + b)
+    visible = in_row & (p * PAGE <= seq_len - 1)
+    s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=in_row, other=float("-inf"))
+    chosen = visible & (s == float("inf"))
+    if BUDGET > 0:
+        bits = s.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)        # int32 keys in the order of the fp32 scores
+        key = tl.where(in_row, key, -2147483647 - 1)
+        # the largest threshold t with at least BUDGET keys >= t (the BUDGET-th largest key)
+        lo = tl.full([], -2147483648, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+        for _ in tl.static_range(32):
+            mid = (lo + hi + 1) >> 1
+            cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+            take = cnt >= BUDGET
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
+        t = lo.to(tl.int32)
+        above = key > t
+        tie = (key == t).to(tl.int32)
+        room = BUDGET - tl.sum(above.to(tl.int32), axis=0)
+        top = above | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))    # ties: the lowest page indices
+        chosen = chosen | (top & visible)
+    c = chosen.to(tl.int32)
+    rank = tl.cumsum(c, axis=0) - 1                      # slot of each chosen page, in position order
+    n_sel = tl.sum(c, axis=0)
+    page = tl.load(pt_ptr + b * s_ptb + p, mask=in_row, other=0)
+    keep = chosen & (rank < K_OUT)
+    tl.store(table_ptr + b * s_tb + h * s_th + rank, page, mask=keep)
+    tl.store(logical_ptr + b * s_tb + h * s_th + rank, p.to(tl.int64), mask=keep)
+    j = tl.arange(0, K_PAD)                               # unused slots: the row's last entry, never read
+    rest = (j >= n_sel) & (j < K_OUT)
+    last = tl.load(pt_ptr + b * s_ptb + P - 1)
+    tl.store(table_ptr + b * s_tb + h * s_th + j, tl.zeros([K_PAD], tl.int64) + last, mask=rest)
+    tl.store(logical_ptr + b * s_tb + h * s_th + j, tl.zeros([K_PAD], tl.int64) + (P - 1), mask=rest)
+    tail = seq_len - (seq_len - 1) // PAGE * PAGE
+    tl.store(lens_ptr + b * s_lb + h * s_lh, (n_sel - 1) * PAGE + tail)
+    if HEAT:
+        pid = page.to(tl.int64)
+        ones = tl.full([BLOCK], 1.0, tl.float32)
+        tl.atomic_add(heat_ptr + tl.where(pid < n_dev, pid, 0), ones, mask=chosen & (pid < n_dev))
+        if HOST_HEAT:
+            slot = pid - n_dev
+            ok = chosen & (slot >= 0) & (slot < n_hheat)
+            tl.atomic_add(hheat_ptr + tl.where(ok, slot, 0), ones, mask=ok)
+
+
+def use_fused_selection(device: torch.device) -> bool:
+    """The fused kernels run on CUDA and under the Triton interpreter; TIERSERVE_SPARSE_SELECT=torch
+    forces the PyTorch reference chain (for comparisons)."""
+    if os.environ.get("TIERSERVE_SPARSE_SELECT", "").lower() == "torch":
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def selection_bound(cfg, page_size: int) -> int:
+    """Static bound on the pages one (sequence, KV head) keeps: the budget plus the always-kept pages."""
+    return cfg.topk_tokens // page_size + -(-cfg.sink_tokens // page_size) + -(-cfg.recent_tokens // page_size) + 2
+
+
+def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
+                page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 64) -> torch.Tensor:
+    """q [B, Hq, D] (one decode query per sequence at seq_len - 1); kv_layer [N, 2, rows, Hkv, D] with the
+    key min / max at row ``page_size``; page_table [B, P]; ``host_summaries`` [slots, 2, rows, Hkv, D] (one
+    layer) for page ids >= N. Returns fp32 scores [B, Hkv, P] (-inf invisible, +inf always kept)."""
+    B, Hq, D = q.shape
+    N, _, rows, Hkv, _ = kv_layer.shape
+    P = page_table.shape[1]
+    assert rows > page_size and q.stride(-1) == 1 and kv_layer.stride(-1) == 1 and page_table.stride(1) == 1
+    kmin, kmax = kv_layer[:, 0, page_size], kv_layer[:, 1, page_size]          # [N, Hkv, D] views
+    if host_summaries is not None:
+        hmin, hmax, n_host = host_summaries[:, 0, 0], host_summaries[:, 1, 0], host_summaries.shape[0]
+        assert hmin.stride(-1) == 1
+    else:
+        hmin, hmax, n_host = kmin, kmax, 0
+    out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
+    block_p = min(block_p, triton.next_power_of_2(P))
+    _page_score_kernel[(B, Hkv, triton.cdiv(P, block_p))](
+        q, kmin, kmax, hmin, hmax, page_table, seq_lens, out, P, N, n_host,
+        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
+        hmin.stride(0), hmin.stride(1), hmax.stride(0), hmax.stride(1), page_table.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE=page_size, BLOCK_P=block_p, TOPK=cfg.topk_tokens,
+        SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None, num_warps=4)
+    return out
+
+
+def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                 budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
+                 host_heat: torch.Tensor | None = None, num_device_pages: int = 0):
+    """scores [B, Hkv, P] from ``page_scores`` -> (table [B, Hkv, K], logical [B, Hkv, K], lens [B, Hkv]) as
+    ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen page to
+    ``page_heat`` (device page ids) / ``host_heat`` (spilled slots, id - num_device_pages)."""
+    B, Hkv, P = scores.shape
+    K = min(P, max_selected)
+    table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
+    logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
+    lens = torch.empty(B, Hkv, dtype=seq_lens.dtype, device=scores.device)
+    block = triton.next_power_of_2(P)
+    heat = page_heat if page_heat is not None else scores
+    hheat = host_heat if host_heat is not None else scores
+    _topk_compact_kernel[(B, Hkv)](
+        scores, page_table, seq_lens, table, logical, lens, heat, hheat, P, num_device_pages,
+        host_heat.shape[0] if host_heat is not None else 0,
+        scores.stride(0), scores.stride(1), page_table.stride(0), table.stride(0), table.stride(1),
+        lens.stride(0), lens.stride(1),
+        K_OUT=K, K_PAD=triton.next_power_of_2(K), BUDGET=min(max(budget, 0), P), PAGE=page_size, BLOCK=block,
+        HEAT=page_heat is not None, HOST_HEAT=host_heat is not None,
+        num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+    return table, logical, lens
+
+
+def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int = 0, logical: bool = False):
+    """``triton_backend._select_pages`` for the "pages" selector: scores, top-k, compaction and the
+    selection counts in two kernel launches."""
+    page, cfg, n_dev = meta.page_size, meta.sparse, kv_layer.shape[0]
+    host = meta.host_summaries[:, layer_idx] if meta.host_kv is not None else None
+    scores = page_scores(q, kv_layer, meta.page_table, meta.seq_lens, page, cfg, host)
+    host_heat = meta.host_heat if meta.host_kv is not None else None
+    table, idx, lens = topk_compact(scores, meta.page_table, meta.seq_lens, page, cfg.topk_tokens // page,
+                                    selection_bound(cfg, page), meta.page_heat,
+                                    host_heat if meta.page_heat is not None else None, n_dev)
+    return (table, idx, lens) if logical else (table, lens)
