@@ -38,11 +38,15 @@ def test_triton_sparse_decode_engine_matches_reference(tmp_path):
     assert outs["triton"] == outs["torch_ref"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "engram"])
 def test_fused_ops_engine_matches_plain_path(tmp_path, family):
     """Triton add+RMSNorm / rotary+KV write / SiLU*mul (and the decode GEMV) give the plain path's greedy
-    tokens and logprobs."""
-    path = make_checkpoint(tmp_path / "m", family)
+    tokens and logprobs (Engram layers: their term joins the stream before the fused norm)."""
+    if family == "engram":
+        from tests.helpers.tiny_engram import make_engram_checkpoint
+        path = make_engram_checkpoint(tmp_path / "m")
+    else:
+        path = make_checkpoint(tmp_path / "m", family)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = [[0, 5, 9, 200, 31], [0] + list(range(40, 75))]
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
@@ -147,6 +151,28 @@ def test_engram_decode_in_cuda_graphs_matches_eager(tmp_path, placement):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(la[t] - lb[t]) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llama", "engram"])
+def test_bf16_decode_bit_identical_eager_graphs_multi_step(tmp_path, family):
+    """bf16 greedy decode: eager steps, CUDA-graph steps and 4-step graph windows give bit-identical logprobs
+    (the split-K factor is the graphs' choice on every path; prompts > 256 tokens so that it is > 1)."""
+    from tests.helpers.tiny_engram import make_engram_checkpoint
+
+    path = make_engram_checkpoint(tmp_path / "m") if family == "engram" else make_checkpoint(tmp_path / "m", "llama")
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(300)], [0] + [(5 * i + 1) % 400 + 3 for i in range(280)]]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    outs = {}
+    for eager, k in ((True, 1), (False, 1), (False, 4)):
+        llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=2048, page_size=16, num_kv_pages=300,
+                  enforce_eager=eager, num_scheduler_steps=k, enable_prefix_caching=False)
+        assert (llm.engine.runner.graphs is None) == eager
+        outs[(eager, k)] = [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs,
+                                                                            o.outputs[0].token_ids)])
+                            for o in llm.generate(prompts, sp)]
+    assert outs[(False, 1)] == outs[(True, 1)]
+    assert outs[(False, 4)] == outs[(True, 1)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

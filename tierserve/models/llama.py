@@ -138,32 +138,39 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
                 meta: AttnMetadata, engram=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if self.fused and engram is None:
-            return self._forward_fused(x, kv, meta)
+        if self.fused:
+            return self._forward_fused(x, kv, meta, engram)
         rope = self.rotary.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, kv.layer(i), meta, engram)
         return self.norm(x)
 
-    def _forward_fused(self, x: torch.Tensor, kv: KVCache, meta: AttnMetadata) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor, kv: KVCache, meta: AttnMetadata, engram=None) -> torch.Tensor:
         rope = FusedRope(self.rotary.cos, self.rotary.sin)
         if self.gemv and x.shape[0] <= 16:
-            return self._forward_gemv(x, rope, kv, meta)
+            return self._forward_gemv(x, rope, kv, meta, engram)
         first = self.layers[0].input_layernorm
-        h, res = _fused().add_rmsnorm(x, None, first.weight, first.eps)
+        add_rmsnorm = _fused().add_rmsnorm
+        h, res = add_rmsnorm(x, None, first.weight, first.eps)
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
+            if layer.engram is not None and engram is not None:     # joins the stream, then the norm again
+                ln = layer.input_layernorm
+                h, res = add_rmsnorm(engram.apply(layer.engram, res), res, ln.weight, ln.eps)
             nxt = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
             h, res = layer.forward_fused(h, res, rope, kv.layer(i), meta, nxt)
         return h
 
-    def _forward_gemv(self, x: torch.Tensor, rope: FusedRope, kv: KVCache, meta: AttnMetadata) -> torch.Tensor:
+    def _forward_gemv(self, x: torch.Tensor, rope: FusedRope, kv: KVCache, meta: AttnMetadata,
+                      engram=None) -> torch.Tensor:
         """Decode rows (<= 16): each norm rides in the next projection, each residual add in the
         projection before it (layers/triton_gemv.py); 8 kernels per layer."""
         from tierserve.models.layers.triton_gemv import gemv
 
         res = x
         for i, layer in enumerate(self.layers):
+            if layer.engram is not None and engram is not None:
+                res = res + engram.apply(layer.engram, res)
             a, mlp = layer.self_attn, layer.mlp
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             o = a.attend(gemv(res, a.qkv_proj.weight, ln1.weight, ln1.eps), rope, kv.layer(i), meta)
@@ -173,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
         return _fused().add_rmsnorm(res, None, self.norm.weight, self.norm.eps)[0]
 
     def enable_fused(self, gemv: bool = False) -> None:
-        """Use the Triton kernels of layers/triton_fused.py (CUDA; not with Engram layers); with
+        """Use the Triton kernels of layers/triton_fused.py (CUDA; Engram layers included); with
         ``gemv`` also the decode skinny GEMM (plain bias-free nn.Linear layers only)."""
         _fused()
         self.fused = True

@@ -39,7 +39,7 @@ def build_model(config: EngineConfig, model_cfg: ModelConfig, model_path: Path, 
     if config.quantization == "fp8":
         from tierserve.quant.fp8_linear import quantize_model_fp8
         quantize_model_fp8(model)
-    if device.type == "cuda" and config.fused_ops and model_cfg.engram is None and hasattr(model, "enable_fused"):
+    if device.type == "cuda" and config.fused_ops and hasattr(model, "enable_fused"):
         model.enable_fused(gemv=config.decode_gemv)
     return model
 

@@ -20,6 +20,14 @@ def buckets(max_bs: int) -> list[int]:
     return out + [max_bs]
 
 
+def decode_splits(bs: int, num_kv_heads: int, max_len: int, max_bs: int, num_sms: int) -> int:
+    """Split-K factor of a pure decode step of ``bs`` rows, the same with or without CUDA graphs (the
+    graph's: its bucket's batch and the engine's max_model_len), so that eager, multi-step and graph
+    decode steps add up every key in the same order and give bit-identical outputs."""
+    b = next((x for x in buckets(max_bs) if x >= bs), bs)
+    return choose_splits(b, num_kv_heads, max_len, num_sms)
+
+
 class DecodeGraphs:
     def __init__(self, model, kv, page_size: int, max_bs: int, max_model_len: int, scratch_page: int,
                  device: torch.device, kv_fp8=None, engram=None, sparse=None) -> None:
@@ -51,7 +59,7 @@ class DecodeGraphs:
             slot_pages=self.slot_pages[:bs], slot_offsets=self.slot_offsets[:bs],
             query_start_loc=torch.arange(bs + 1, device=self.device), seq_lens=self.seq_lens[:bs],
             page_table=self.page_table[:bs], query_lens_cpu=[1] * bs, seq_lens_cpu=[self.max_len] * bs,
-            decode_only=True, num_splits=choose_splits(bs, self.num_kv_heads, self.max_len, self.sms),
+            decode_only=True, num_splits=decode_splits(bs, self.num_kv_heads, self.max_len, self.max_bs, self.sms),
             max_seq_bound=self.max_len, kv_fp8=self.kv_fp8, sparse=self.sparse)
 
     def _forward(self, bs: int) -> torch.Tensor:

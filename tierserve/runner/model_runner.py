@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import torch
 
-from tierserve.attention.backend import AttnMetadata, choose_splits
+from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import SchedulerOutput
@@ -23,6 +23,7 @@ from tierserve.kv.layout import KVCache, KVLayout
 from tierserve.models.config import ModelConfig
 from tierserve.runner import engram_state, multi_step
 from tierserve.runner.build import build_model
+from tierserve.runner.cuda_graphs import decode_splits
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 from tierserve.runner.spill_state import SpillState
 
@@ -187,6 +188,11 @@ class ModelRunner:
                 and (self.sparse is None or self.spill is None)      # spill placement counts selections
                 and self.graphs.bucket_for(meta.num_seqs) is not None)
 
+    def decode_splits(self, bs: int) -> int:
+        """Split-K factor of a pure decode step: the CUDA graphs' choice, also on the eager path (same bits)."""
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 132
+        return decode_splits(bs, self.model_cfg.num_kv_heads, self.max_model_len, self.config.max_num_seqs, sms)
+
     def supports_multi_step(self) -> bool:
         """Greedy tokens can be fed back on the device (no Engram hashing or spilled pages, and sparse
         selection only without KV tiers: those need the host between steps; "pages" selection runs on the
@@ -308,7 +314,7 @@ class ModelRunner:
             sp.on_write(meta.slot_pages, meta.slot_offsets)
         if meta.decode_only:
             meta.max_seq_bound = max(seq_lens) + lookahead
-            meta.num_splits = choose_splits(meta.num_seqs, self.model_cfg.num_kv_heads, meta.max_seq_bound)
+            meta.num_splits = self.decode_splits(meta.num_seqs)
         return meta, t(ids_l), sample_rows, plp
 
     def _prompt_logprobs(self, hidden: torch.Tensor, plp, out: StepOutput) -> None:

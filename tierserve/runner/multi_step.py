@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierserve.attention.backend import AttnMetadata, choose_splits
+from tierserve.attention.backend import AttnMetadata
 from tierserve.runner.engram_state import history_rows
 from tierserve.runner.sampler import argmax_rows
 
@@ -60,7 +60,7 @@ def extend(runner, w: Window, steps: int, tables: list[list[int]]) -> Window:
         bound = meta.max_seq_bound + steps
         meta = dataclasses.replace(meta, page_table=table, slot_pages=_slots(table, meta.positions, ps),
                                    backend_data={}, max_seq_bound=bound,
-                                   num_splits=choose_splits(B, runner.model_cfg.num_kv_heads, bound))
+                                   num_splits=runner.decode_splits(B))
     return _run(runner, meta, w.ids, steps, w.graph, table)
 
 
