@@ -13,7 +13,7 @@ def test_engram_config_matches_requested_params():
     assert cfg.layers == (1, 15) and cfg.num_heads == 16
     assert 1e10 <= exact < 1.0001e10                  # distinct primes just above the requested rows
     names = [c["config"] for c in plan([1e9, 1e10], ("device", "cpu-copy", "cpu-zero_copy"), cuda=True)]
-    assert names == ["none", "none-unfused", "none-1step", "1B-device", "10B-device", "1B-cpu-copy", "10B-cpu-copy",
+    assert names == ["none", "none-1step", "1B-device", "10B-device", "1B-cpu-copy", "10B-cpu-copy",
                      "1B-cpu-zero_copy", "10B-cpu-zero_copy"]
 
 

@@ -13,11 +13,11 @@ Each case runs ``repeats + 1`` times; the first is a warm-up, the median is repo
 so repeats recompute their prompts. Memory: bytes allocated once the engine is built (weights, KV pool,
 device tables) and the peak of each case (``max_memory_allocated`` after a reset). Rows are bit-identical
 across placements, so the greedy tokens of every cpu placement must equal the device placement's.
-The runner runs Engram models (without conv) through CUDA graphs without fused kernels; tables on the device
+The runner runs Engram models (without conv) through CUDA graphs with the fused kernels; tables on the device
 or read zero-copy are hashed and gathered inside the graph (multi-step windows), copy-gather host tables
-before every step (one step per round trip). So the backbone without Engram is measured three times: as the engine runs it by default; ``none-unfused`` (graphs and multi-step windows without
-fused ops: the path of Engram models whose tables are on the device or read zero-copy); ``none-1step``
-(also one step per host round trip: the path of copy-gather host tables).
+before every step (one step per round trip). So the backbone without Engram is measured twice: as the engine
+runs it by default (the path of device and zero-copy tables) and ``none-1step`` (one step per host round
+trip: the path of copy-gather host tables).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def label(n: float) -> str:
 def plan(table_params, placements, cuda: bool) -> list[dict]:
     out = [{"config": "none", "eager": False}]
     if cuda:    # the paths Engram models take, without Engram: device / zero-copy tables, copy-gather tables
-        out += [{"config": "none-unfused", "eager": "unfused"}, {"config": "none-1step", "eager": True}]
+        out += [{"config": "none-1step", "eager": True}]
     bad = [pl for pl in placements if pl not in PLACEMENTS]
     if bad:
         raise ValueError(f"placements must be among {', '.join(PLACEMENTS)}, got {', '.join(bad)}")
@@ -143,10 +143,8 @@ def _run_config(c: dict, base_path: Path, tmp: str, common: dict, dev: torch.dev
         path = str(d)
         if (base_path / "tokenizer.json").is_file():
             kw["tokenizer"] = str(base_path)        # else the engine uses its synthetic dummy tokenizer
-    elif c["eager"] == "unfused":                    # graphs + multi-step windows, no fused ops
-        kw.update(fused_ops=False)
-    elif c["eager"]:                                 # ... and one step per host round trip
-        kw.update(fused_ops=False, num_scheduler_steps=1)
+    elif c["eager"]:                                 # one step per host round trip
+        kw.update(num_scheduler_steps=1)
     before = torch.cuda.memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     t0 = time.perf_counter()
     llm = LLM(path, **kw)
@@ -196,8 +194,8 @@ def bench_engram(model: str | None, table_params, *, layers=(1, 15), heads: int 
             c["table_bytes"] = c["table_params"] * item
             c["engram_bytes_per_token"] = len(layers) * 2 * heads * dim * item
     settings = dict(model=str(model or "tierserve-nano"), load_format="dummy", device=str(dev),
-                    dtype=str(tdtype).removeprefix("torch."), engram_path="CUDA graphs with rows gathered before each "
-                    "replay; no fused ops or multi-step decode (the runner's path for Engram models)",
+                    dtype=str(tdtype).removeprefix("torch."), engram_path="CUDA graphs with fused ops; device / zero-copy "
+                    "tables hashed and gathered in the graph (multi-step), copy-gather tables before each replay",
                     engram_layers=list(layers), heads_per_order=heads, dim_per_head=dim, orders=[2, 3],
                     table_params=[float(p) for p in table_params], placements=list(placements), seed=seed,
                     sizes=asdict(sizes), prefix_caching=False, time_budget_s=time_budget_s)
@@ -237,10 +235,10 @@ def _key(r: dict) -> str:
 
 def summarise(rows: list[dict], table_params) -> dict:
     """Per table size: slowdown of each cpu placement vs device (%), GPU GiB saved, greedy match; and the
-    cost of Engram on the device vs the backbone on the same path (``none-unfused``)."""
+    cost of Engram on the device vs the backbone on the same path (``none``)."""
     done = [r for r in rows if "metric" in r]
     by = {(r["config"], _key(r)): r for r in done}
-    ref = "none-unfused" if any(r["config"] == "none-unfused" for r in done) else "none"
+    ref = "none"
     out: dict = {"target_slowdown_pct": TARGET_SLOWDOWN_PCT, "tables": {}}
     for p in table_params:
         lab = label(p)

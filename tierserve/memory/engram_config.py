@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PLACEMENTS = ("device", "cpu", "disk")
-HOST_GATHERS = ("copy", "zero_copy")
+HOST_GATHERS = ("auto", "copy", "zero_copy")
 FP8_BLOCK = 32            # values per power-of-two scale in FP8 rows
 MAX_ORDER = 8
 
@@ -31,7 +31,8 @@ class EngramConfig:
     hc_mult: int = 1                        # hyper-connection streams (mHC): one gate per stream
     placement: str = "device"               # device | cpu (pinned host RAM) | disk (memory-mapped file)
     disk_path: str | None = None            # directory for the memory-mapped tables (placement="disk")
-    host_gather: str = "copy"               # copy: host gather + side-stream copy; zero_copy: Triton kernel
+    host_gather: str = "auto"               # copy: host gather + side-stream copy; zero_copy: Triton kernel
+    #                                         reading pinned RAM (in CUDA graphs); auto: zero_copy on CUDA
     fp8_rows: bool = False                  # rows stored as e4m3 with one power-of-two scale per 32 values
     seed: int = 0                           # hash multipliers are drawn from seed + 10007 * layer
     canonical_vocab_size: int | None = None  # number of canonical token ids; None = take it from the table

@@ -48,13 +48,15 @@ class PrefetchHandle:
 
 class EngramTable(nn.Module):
     def __init__(self, num_rows: int, dim: int, *, placement: str = "device", device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, fp8: bool = False, host_gather: str = "copy",
+                 dtype: torch.dtype = torch.float32, fp8: bool = False, host_gather: str = "auto",
                  path: str | os.PathLike | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"engram.placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         if host_gather not in HOST_GATHERS:
             raise ValueError(f"engram.host_gather must be one of {', '.join(HOST_GATHERS)}, got {host_gather!r}")
+        if host_gather == "auto":    # zero-copy: fastest measured on the H200, and hashed inside CUDA graphs
+            host_gather = "zero_copy" if placement == "cpu" and torch.device(device).type == "cuda" else "copy"
         if host_gather == "zero_copy" and placement != "cpu":
             raise ValueError(f"engram.host_gather=zero_copy needs placement=cpu (pinned host RAM), got {placement}")
         if fp8 and dim % FP8_BLOCK:
