@@ -24,7 +24,8 @@ with tempfile.TemporaryDirectory() as tmp:
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     llm.generate([list(range(100, 612))], sp)                       # warm-up
     phases = {"engram_step": 0.0, "fill": 0.0, "replay": 0.0, "n": 0}
-    real_step, real_fill, real_run = runner._engram_step, runner.graphs.engram.fill, runner.graphs.run
+    eng = runner.graphs.engram     # StaticEngramRows (copy gathers) fills rows before each replay; DeviceEngram
+    real_step, real_fill, real_run = runner._engram_step, getattr(eng, "fill", None), runner.graphs.run
 
     def timed(name, fn):
         def wrap(*a, **kw):
@@ -37,7 +38,8 @@ with tempfile.TemporaryDirectory() as tmp:
             return r
         return wrap
     runner._engram_step = timed("engram_step", real_step)
-    runner.graphs.engram.fill = timed("fill", real_fill)
+    if real_fill is not None:
+        eng.fill = timed("fill", real_fill)
     runner.graphs.run = timed("replay", real_run)
     t = time.perf_counter()
     out = llm.generate([list(range(100, 612))], sp)[0]
@@ -45,7 +47,9 @@ with tempfile.TemporaryDirectory() as tmp:
     n = max(1, phases["n"])
     print(f"{placement}: {len(out.outputs[0].token_ids) / total:.1f} tok/s end to end; per decode step (ms): "
           + ", ".join(f"{k} {1e3 * v / n:.3f}" for k, v in phases.items() if k != "n"))
-    runner._engram_step, runner.graphs.engram.fill, runner.graphs.run = real_step, real_fill, real_run
+    runner._engram_step, runner.graphs.run = real_step, real_run
+    if real_fill is not None:
+        eng.fill = real_fill
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         llm.generate([list(range(100, 612))], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
