@@ -103,7 +103,7 @@ class Engine:
                            host_pages=host_pages, disk_dir=config.disk_kv_dir,
                            disk_bytes=int(config.disk_kv_gb * 2**30), remote_url=config.remote_kv_url,
                            policy=config.kv_load_policy, spill_pages=spill_pages,
-                           prefetch=config.kv_prefetch is not False)
+                           prefetch=config.kv_prefetch is not False, device=self.runner.kv.data.device)
 
     def _load_tokenizer(self, config: EngineConfig) -> Tokenizer:
         try:
@@ -210,8 +210,9 @@ class Engine:
         result = self.runner.execute(so, tiers.take_transfers() if tiers is not None else None)
         if tiers is not None:
             prefill = sum(s.num_tokens for s in so.scheduled if s.num_tokens > 1)
-            if prefill:
-                tiers.observe_prefill(so.num_batched_tokens, time.perf_counter() - t0)
+            if prefill:                    # tokens x the context each attends to: the attention part of the cost
+                attended = sum(s.num_tokens * s.start + s.num_tokens * (s.num_tokens + 1) // 2 for s in so.scheduled)
+                tiers.observe_prefill(so.num_batched_tokens, time.perf_counter() - t0, attended)
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for s in so.scheduled:

@@ -5,7 +5,9 @@ copies into staging memory and the asynchronous writer (byte-bounded backlog) of
   ``GROUP_BYTES`` (one gather, one non-blocking copy into fresh pinned memory and one sync per group on
   CUDA; on the CPU the gather is the copy), never as one temporary of the whole set.
 - ``read_pool``: disk/remote hits of one request are read and verified on ``READ_WORKERS`` threads
-  (file reads and blake2b release the GIL).
+  (file reads and the CRC-32 release the GIL); ``read_chain`` keeps them all busy.
+- ``warm_up``: the one-time costs of the first hit (Triton compile and check of the zero-copy gather,
+  the first pinned staging group, the reader threads) paid at engine start.
 - ``AsyncWriter``: persisted pages are handed over as CPU tensors; the bytes view, encoding, checksum and
   file write happen on its threads. At most ``MAX_QUEUED_BYTES`` wait: past that a page is not persisted
   (one warning, counted) rather than blocking the engine or exhausting RAM.
@@ -26,7 +28,7 @@ import torch
 log = logging.getLogger("tierserve")
 
 GROUP_BYTES = 256 << 20          # largest device temporary / host staging buffer of one transfer group
-READ_WORKERS = min(8, max(2, os.cpu_count() or 2))   # threads reading + verifying disk/remote hits
+READ_WORKERS = min(16, max(2, os.cpu_count() or 2))  # threads reading + verifying disk/remote hits
 WRITE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))   # disk writers; a core stays with the engine
 MAX_QUEUED_BYTES = 2 << 30       # persisted pages waiting for a writer, beyond which pages are dropped
 
@@ -77,22 +79,28 @@ def spill(pairs: list[tuple[int, int]], kv_data: torch.Tensor, store: torch.Tens
         store[torch.tensor([s for _, s in pairs[at:at + len(pages)]])] = pages
 
 
-def read_window(read: Callable, hits: list, ks: list[int]) -> tuple[int | None, dict[str, int], float]:
-    """Read ``hits[k]`` for k in ``ks`` in parallel (``read(hash, tokens)`` -> (tier, payload, s) | None);
-    fill their source and payload up to the first miss. Returns (first missed k or None, bytes read per
-    tier, wall seconds)."""
+def read_chain(read: Callable, hits: list, ks: list[int]) -> tuple[int | None, dict[str, int], float]:
+    """Read ``hits[k]`` for k in ``ks`` (ascending) on the read pool, all submitted at once (no barrier
+    between windows, so every reader stays busy); ``read(hash, tokens)`` -> (tier, payload, s) | None.
+    Fill their source and payload up to the first miss, whose later reads are cancelled (or, if already
+    running, left to finish and be dropped). Returns (first missed k or None, bytes read per tier, wall
+    seconds until the pages kept were read)."""
     t0 = time.perf_counter()
     if len(ks) > 1:
-        got = list(read_pool().map(lambda k: read(hits[k].block_hash, hits[k].tokens), ks))
+        pool = read_pool()
+        futs = [pool.submit(read, hits[k].block_hash, hits[k].tokens) for k in ks]
     else:
-        got = [read(hits[ks[0]].block_hash, hits[ks[0]].tokens)]
-    seconds, nbytes = time.perf_counter() - t0, {}
-    for k, g in zip(ks, got):
+        futs = None
+    nbytes: dict[str, int] = {}
+    for j, k in enumerate(ks):
+        g = futs[j].result() if futs is not None else read(hits[k].block_hash, hits[k].tokens)
         if g is None:
-            return k, nbytes, seconds
+            for f in futs[j + 1:] if futs is not None else ():
+                f.cancel()
+            return k, nbytes, time.perf_counter() - t0
         hits[k].source, hits[k].payload = g[0], g[1]
         nbytes[g[0]] = nbytes.get(g[0], 0) + len(g[1])
-    return None, nbytes, seconds
+    return None, nbytes, time.perf_counter() - t0
 
 
 def from_host(host_data: torch.Tensor, slots: list[int], pids: list[int], kv_data: torch.Tensor) -> None:
@@ -123,6 +131,25 @@ def gather_zero_copy(host_data: torch.Tensor, slots: torch.Tensor, pids: torch.T
         log.warning("zero-copy read of CPU-RAM KV pages is off (%s: %s); using a staging copy",
                     type(e).__name__, e)
         return False
+
+
+def warm_up(host_data: torch.Tensor | None, page_shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> bool | None:
+    """Pay the first hit's one-time costs now: start the reader threads and, on CUDA, cache one pinned
+    staging group in torch's host allocator and compile + check the zero-copy gather on a scratch page
+    (same kernel specialisation as the pool's pages). Returns whether zero-copy works (None: no CPU tier
+    or not CUDA)."""
+    read_pool()
+    if device.type != "cuda":
+        return None
+    torch.empty(GROUP_BYTES, dtype=torch.uint8, pin_memory=True)      # freed into the host allocator's cache
+    if host_data is None:
+        return None
+    scratch = torch.empty((1, *page_shape), dtype=dtype, device=device)
+    ok = gather_zero_copy(host_data, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64, device=device),
+                          scratch, check=True)
+    torch.cuda.current_stream(device).synchronize()
+    return ok
 
 
 def read_pool() -> ThreadPoolExecutor:

@@ -1,11 +1,12 @@
 """TierManager: placement of full, hashed KV pages across CPU RAM, disk and Redis below the GPU pool.
 
 - Lookups continue a request's prefix chain below the GPU pool: host, then disk, then remote.
-- A hit chain is used only when loading it is estimated to beat recomputing it (policy "cost"):
-  load time = bytes / measured tier bandwidth, recompute time = tokens x measured prefill time. The
-  decision is taken before the disk/remote pages are read (a tier never measured is measured first on
-  the chain's first window of reads, a small probe) and checked again on the chain actually read.
-  Until a prefill has been measured, hits are loaded.
+- A hit chain is used only when loading it is estimated to beat recomputing it (policy "cost", cost.py):
+  load time = bytes / measured tier bandwidth (+ the copy into the pages), recompute time = the fitted
+  prefill time of those tokens at their positions. The decision is taken before the disk/remote pages
+  are read (a tier never measured is measured first on the chain's first window of reads, a small
+  probe) and checked again on the chain actually read. Until a prefill has been measured, hits are
+  loaded. The last decision and its estimates are in ``stats()["policy"]``.
 - Pages evicted from the GPU pool go down to the host tier; newly completed pages are written
   through to disk and remote asynchronously.
 - Data moves only in ``apply``, which the model runner calls at the start of a step, before the
@@ -25,13 +26,13 @@ import torch
 
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers import io
+from tierserve.kv.tiers.cost import LoadPolicy
 from tierserve.kv.tiers.disk import DiskTier
 from tierserve.kv.tiers.host import HostTier
 
 log = logging.getLogger("tierserve")
 
 TIERS = ("gpu", "cpu", "disk", "remote")
-_DEFAULT_BW = {"cpu": 10e9, "disk": 1.5e9, "remote": 0.5e9}     # bytes/s until measured
 
 
 @dataclass
@@ -61,8 +62,9 @@ class TierManager:
     def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, fingerprint: str, *,
                  host_pages: int = 0, disk_dir: str | None = None, disk_bytes: int = 0,
                  remote_url: str | None = None, policy: str = "cost", spill_pages: int = 0,
-                 prefetch: bool = True) -> None:
-        self.page_shape, self.dtype, self.fingerprint, self.policy = page_shape, dtype, fingerprint, policy
+                 prefetch: bool = True, device: torch.device | None = None) -> None:
+        """``device``: where the GPU pool lives; the first hit's one-time costs are paid here (io.warm_up)."""
+        self.page_shape, self.dtype, self.fingerprint = page_shape, dtype, fingerprint
         self.page_bytes = int(torch.Size(page_shape).numel()) * torch.empty((), dtype=dtype).element_size()
         self.host = HostTier(page_shape, dtype, host_pages) if host_pages else None
         self.disk = DiskTier(disk_dir, disk_bytes, fingerprint) if disk_dir else None
@@ -74,9 +76,12 @@ class TierManager:
         if remote_url:
             from tierserve.kv.tiers.remote import RemoteTier
             self.remote = RemoteTier(remote_url, fingerprint)
-        self.bandwidth = dict(_DEFAULT_BW)
-        self._measured: set[str] = set()              # tiers whose bandwidth was measured (else the default)
-        self.prefill_s_per_token: float | None = None
+        self.cost = LoadPolicy(policy)
+        self.bandwidth = self.cost.bandwidth          # bytes/s per tier (shared with the policy)
+        self._measured = self.cost.measured           # tiers whose bandwidth was measured (else the default)
+        self._apply_s = 0.0                           # time of this step's transfers (not prefill time)
+        self.last_onload: dict = {}                   # pages and seconds of the last step's hit loads
+        self.last_read: dict = {}                     # pages, bytes and seconds of the last chain's reads
         self.hits = {t: 0 for t in TIERS}             # pages served per tier
         self._pending = KVTransfers()
         self.zero_copy: bool | None = None            # GPU reads CPU-RAM hits from pinned memory (None: untried)
@@ -84,6 +89,25 @@ class TierManager:
         if prefetch and ((self.disk is not None and self.disk.enabled) or self.remote is not None):
             from tierserve.kv.tiers.prefetch import Prefetcher
             self.prefetcher = Prefetcher(self._read_lower, self.page_bytes, self.host)
+        if device is not None:
+            self.zero_copy = io.warm_up(self.host.data if self.host is not None else None, page_shape, dtype,
+                                        torch.device(device))
+
+    @property
+    def policy(self) -> str:
+        return self.cost.policy
+
+    @policy.setter
+    def policy(self, value: str) -> None:
+        self.cost.policy = value
+
+    @property
+    def prefill_s_per_token(self) -> float | None:
+        return self.cost.prefill.per_token()
+
+    @prefill_s_per_token.setter
+    def prefill_s_per_token(self, value: float | None) -> None:
+        self.cost.prefill.set_flat(value)
 
     @property
     def enabled(self) -> bool:
@@ -104,22 +128,21 @@ class TierManager:
                 hit = TierHit(h, toks, "disk" if on_disk else "remote")
             hits.append(hit)
             parent = h
-        cost = self.policy == "cost" and self.prefill_s_per_token is not None
+        decide = self.cost.active
         todo = [k for k, x in enumerate(hits) if x.source != "cpu" and not x.prefetched]
-        end, window, checked = len(hits), 2 * io.READ_WORKERS, not cost
-        for w in range(0, len(todo), window):
-            ks = [k for k in todo[w:w + window] if k < end]
-            if not ks:
-                break
-            if not checked and hits[ks[0]].source in self._measured:    # else this window is the probe
-                checked = True
-                if not self._load_pays(hits[:end], page_size):
-                    return []
-            bad = self._read_window(hits, ks)
-            if bad is not None:
-                end = bad
+        end = len(hits)
+        if todo:
+            self.last_read = {"pages": 0, "bytes": 0, "seconds": 0.0}
+        if decide and todo and hits[todo[0]].source not in self._measured:   # the probe: one window
+            probe, todo = todo[:2 * io.READ_WORKERS], todo[2 * io.READ_WORKERS:]
+            end = self._read_chain(hits, probe, end)
+            todo = [k for k in todo if k < end]
+        if decide and todo and not self._load_pays(hits[:end], page_size, start_page, final=False):
+            return []                                  # decided before the rest is read
+        if todo:
+            end = self._read_chain(hits, todo, end)
         hits = hits[:end]
-        if hits and cost and not self._load_pays(hits, page_size):
+        if hits and decide and not self._load_pays(hits, page_size, start_page, final=True):
             return []
         return hits
 
@@ -135,13 +158,16 @@ class TierManager:
                 return TierHit(h, toks, fetched.source, prefetched=True)
         return None
 
-    def _read_window(self, hits: list[TierHit], ks: list[int]) -> int | None:
-        """Read + verify pages ``hits[k]`` (k in ``ks``) on the read pool; the first k that missed (the
-        chain ends there) or None. The window's aggregate throughput feeds the bandwidth estimate."""
-        bad, nbytes, seconds = io.read_window(self._read_lower, hits, ks)
+    def _read_chain(self, hits: list[TierHit], ks: list[int], end: int) -> int:
+        """Read + verify pages ``hits[k]`` (k in ``ks``) on the read pool; the new end of the chain (the
+        first k that missed, or ``end``). The aggregate throughput feeds the bandwidth estimate."""
+        bad, nbytes, seconds = io.read_chain(self._read_lower, hits, ks)
         for name, n in nbytes.items():
             self._measure(name, n, seconds)
-        return bad
+        n = sum(nbytes.values())
+        self.last_read = {"pages": self.last_read["pages"] + n // self.page_bytes,
+                          "bytes": self.last_read["bytes"] + n, "seconds": self.last_read["seconds"] + seconds}
+        return end if bad is None else min(end, bad)
 
     def _read_lower(self, h: bytes, toks: tuple[int, ...]) -> tuple[str, memoryview, float] | None:
         """(tier, verified payload, seconds) from disk, then remote; None on a miss. Runs on the read
@@ -174,25 +200,19 @@ class TierManager:
         if self.prefetcher is not None:
             self.prefetcher.release(key)
 
-    def _load_pays(self, hits: list[TierHit], page_size: int) -> bool:
-        if self.prefill_s_per_token is None:
-            return True
-        load = sum(self.page_bytes / self.bandwidth["cpu" if h.prefetched else h.source] for h in hits)
-        return load < len(hits) * page_size * self.prefill_s_per_token
+    def _load_pays(self, hits: list[TierHit], page_size: int, start_page: int = 0, final: bool = True) -> bool:
+        sources = ["cpu" if h.prefetched else h.source for h in hits]
+        return self.cost.pays(sources, self.page_bytes, page_size, start_page, final)
 
-    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        """Feed the recompute side of the cost model (engine steps with a real prefill)."""
-        if num_tokens >= 32 and seconds > 0:
-            x = seconds / num_tokens
-            p = self.prefill_s_per_token
-            self.prefill_s_per_token = x if p is None else 0.8 * p + 0.2 * x
+    def observe_prefill(self, num_tokens: int, seconds: float, attended: int | None = None) -> None:
+        """Feed the recompute side of the cost model: an engine step that computed ``num_tokens`` (a
+        prefill among them) in ``seconds``, its tokens attending to ``attended`` tokens in all. The
+        step's tier transfers (timed in ``apply``) are not prefill time and are taken out."""
+        moved, self._apply_s = self._apply_s, 0.0
+        self.cost.prefill.observe(num_tokens, seconds - moved if moved < seconds else seconds, attended)
 
     def _measure(self, tier: str, nbytes: int, seconds: float) -> None:
-        """The first measurement replaces the default, later ones are averaged in."""
-        if seconds > 0 and nbytes >= 4096:
-            x = nbytes / seconds
-            self.bandwidth[tier] = 0.8 * self.bandwidth[tier] + 0.2 * x if tier in self._measured else x
-            self._measured.add(tier)
+        self.cost.measure(tier, nbytes, seconds)
 
     # ---- events from the GPU pool -------------------------------------------------------------
     def on_evict(self, pid: int, block_hash: bytes, tokens: tuple[int, ...]) -> None:
@@ -259,6 +279,7 @@ class TierManager:
             self.prefetcher.reap()
         out, self._pending = self._pending, KVTransfers()
         out.manager = self
+        self._apply_s = 0.0
         return out
 
     # ---- data movement (runner side, start of a step) -----------------------------------------
@@ -267,6 +288,13 @@ class TierManager:
         direction), so PCIe sees large copies and no temporary holds a whole set of pages."""
         if not tr:
             return
+        t0 = time.perf_counter()
+        try:
+            self._apply(tr, kv_data)
+        finally:
+            self._apply_s += time.perf_counter() - t0
+
+    def _apply(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
         if tr.unspill:                                   # (0) promoted live pages, before any spill reuses a slot
             self._from_host([s for s, _ in tr.unspill], [p for _, p in tr.unspill], kv_data)
         if tr.offload:                                   # (1) read out pages leaving the GPU, group by group
@@ -290,12 +318,19 @@ class TierManager:
     def _onload(self, onload: list[tuple[int, TierHit]], kv_data: torch.Tensor) -> None:
         cpu = [(pid, h.slot) for pid, h in onload if h.slot is not None]       # CPU RAM: cached or prefetched
         other = [(pid, h) for pid, h in onload if h.slot is None]
+        self.last_onload = {}
         if cpu:
             t0 = time.perf_counter()
             self._from_host([s for _, s in cpu], [p for p, _ in cpu], kv_data)
-            self._measure("cpu", len(cpu) * self.page_bytes, time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            self._measure("cpu", len(cpu) * self.page_bytes, dt)
+            self.last_onload["cpu"] = {"pages": len(cpu), "seconds": dt, "zero_copy": bool(self.zero_copy)}
         if other:                                        # verified payloads, grouped, one copy into staging
+            t0 = time.perf_counter()
             io.load_payloads(kv_data, [p for p, _ in other], [h.payload for _, h in other])
+            dt = time.perf_counter() - t0
+            self._measure("copy_in", len(other) * self.page_bytes, dt)
+            self.last_onload["copy_in"] = {"pages": len(other), "seconds": dt}
             for _, h in other:
                 h.payload = None                         # the read buffer can go
 
@@ -322,7 +357,8 @@ class TierManager:
 
     def stats(self) -> dict:
         out = {"hits_pages": dict(self.hits), "bandwidth_bytes_s": dict(self.bandwidth),
-               "prefill_s_per_token": self.prefill_s_per_token}
+               "prefill_s_per_token": self.prefill_s_per_token,
+               "policy": {"name": self.policy, "last": self.cost.last, **self.cost.decisions}}
         if self.prefetcher is not None:
             out["prefetch"] = self.prefetcher.stats()
         if self.host is not None:

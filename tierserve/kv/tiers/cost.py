@@ -1,0 +1,137 @@
+"""The recompute side of the load-vs-recompute decision: how long a prefill of N tokens takes.
+
+A prefill step of n tokens whose token i attends to c_i earlier tokens costs about a*n + b*sum(c_i): the
+per-token work (weights, MLP) plus attention, which grows with the context. Samples are engine steps
+with a prefill of >= ``MIN_TOKENS`` tokens; the model is a least-squares fit of the time per token
+against the mean context per token (weighted by the step's tokens), a, b >= 0. Recomputing a prefix of N
+tokens from position 0 is then estimated as a*N + b*N*(N+1)/2, so a long hit is not priced at the
+per-token cost of short chunks (nor a short one at that of long chunks).
+
+Compilation lands in the first steps of each new shape and makes them slower, never faster: samples
+more than ``OUTLIER`` times slower than the fit of the others are dropped (one at a time, worst first),
+so a compile-time step does not price every later hit. With fewer than three samples the fastest
+per-token rate observed is used.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+MIN_TOKENS = 32
+OUTLIER = 2.0
+
+
+class PrefillCost:
+    def __init__(self, keep: int = 64) -> None:
+        self.samples: deque[tuple[float, float, float]] = deque(maxlen=keep)   # (tokens, mean context, s/token)
+        self.a: float | None = None           # seconds per token
+        self.b = 0.0                          # seconds per token per token of context
+
+    @property
+    def measured(self) -> bool:
+        return self.a is not None
+
+    def set_flat(self, seconds_per_token: float | None) -> None:
+        """A fixed cost per token (tests, a known rate); the fit restarts from the next sample."""
+        self.samples.clear()
+        self.a, self.b = seconds_per_token, 0.0
+
+    def observe(self, num_tokens: int, seconds: float, attended: int | None = None) -> None:
+        """One prefill step: ``num_tokens`` computed in ``seconds``; ``attended``: the sum over those tokens
+        of the tokens each attends to (None: unknown, taken as 0)."""
+        if num_tokens < MIN_TOKENS or seconds <= 0:
+            return
+        ctx = (attended or 0) / num_tokens
+        self.samples.append((float(num_tokens), ctx, seconds / num_tokens))
+        self._fit()
+
+    def _fit(self) -> None:
+        pts = list(self.samples)
+        if len(pts) < 3:
+            self.a, self.b = min(y for _, _, y in pts), 0.0
+            return
+        while True:
+            a, b = _wls(pts)
+            worst = max(range(len(pts)), key=lambda i: pts[i][2] / max(a + b * pts[i][1], 1e-30))
+            if len(pts) <= 2 or pts[worst][2] <= OUTLIER * (a + b * pts[worst][1]):
+                break
+            pts.pop(worst)
+        self.a, self.b = a, b
+
+    def per_token(self, context: float = 0.0) -> float | None:
+        return None if self.a is None else self.a + self.b * context
+
+    def estimate(self, num_tokens: int, start: int = 0) -> float | None:
+        """Seconds to prefill tokens [start, start + num_tokens) of a sequence (None: not measured yet)."""
+        if self.a is None:
+            return None
+        n = num_tokens
+        return self.a * n + self.b * (n * start + n * (n + 1) / 2)
+
+
+def _wls(pts: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Weighted least squares y = a + b x (weights w), with a, b >= 0."""
+    sw = sum(w for w, _, _ in pts)
+    mx = sum(w * x for w, x, _ in pts) / sw
+    my = sum(w * y for w, _, y in pts) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, x, _ in pts)
+    sxy = sum(w * (x - mx) * (y - my) for w, x, y in pts)
+    b = sxy / sxx if sxx > 0 else 0.0
+    if b <= 0:
+        return my, 0.0
+    a = my - b * mx
+    if a < 0:                                   # through the origin
+        b = sum(w * x * y for w, x, y in pts) / max(sum(w * x * x for w, x, _ in pts), 1e-30)
+        a = 0.0
+    return a, b
+
+
+DEFAULT_BW = {"cpu": 10e9, "disk": 1.5e9, "remote": 0.5e9, "copy_in": 10e9}   # bytes/s until measured
+
+
+class LoadPolicy:
+    """Load a hit chain or recompute it (``policy="cost"``; ``"always"`` loads). The load side: bytes /
+    the tier's measured bandwidth (disk/remote: read + verify on the reader pool, plus the copy of the
+    verified payloads into the pages, ``copy_in``); a disk/remote tier's default bandwidth is never used
+    for a decision (the caller probes it first). Each decision is kept in ``last`` (the bench reports it)."""
+
+    def __init__(self, policy: str = "cost") -> None:
+        self.policy = policy
+        self.bandwidth = dict(DEFAULT_BW)
+        self.measured: set[str] = set()
+        self.prefill = PrefillCost()
+        self.last: dict | None = None
+        self.decisions = {"load": 0, "recompute": 0}
+
+    @property
+    def active(self) -> bool:
+        return self.policy == "cost" and self.prefill.measured
+
+    def measure(self, tier: str, nbytes: int, seconds: float) -> None:
+        """The first measurement replaces the default, later ones are averaged in."""
+        if seconds > 0 and nbytes >= 4096:
+            x = nbytes / seconds
+            self.bandwidth[tier] = 0.8 * self.bandwidth[tier] + 0.2 * x if tier in self.measured else x
+            self.measured.add(tier)
+
+    def estimate_load(self, sources: list[str], page_bytes: int) -> float:
+        s = 0.0
+        for src in sources:
+            s += page_bytes / self.bandwidth[src]
+            if src != "cpu":
+                s += page_bytes / self.bandwidth["copy_in"]
+        return s
+
+    def pays(self, sources: list[str], page_bytes: int, page_size: int, start_page: int, final: bool) -> bool:
+        """Whether loading pages from ``sources`` (one tier name per page, the chain starting at page
+        ``start_page``) beats recomputing them; ``final``: the decision on the chain actually read."""
+        recompute = self.prefill.estimate(len(sources) * page_size, start_page * page_size)
+        if recompute is None:
+            return True
+        load = self.estimate_load(sources, page_bytes)
+        choice = "load" if load < recompute else "recompute"
+        self.last = {"choice": choice, "pages": len(sources), "start_page": start_page,
+                     "est_load_s": load, "est_recompute_s": recompute, "final": final,
+                     "bandwidth_GBps": {t: self.bandwidth[t] / 1e9 for t in sorted(set(sources))}}
+        if final or choice == "recompute":
+            self.decisions[choice] += 1
+        return choice == "load"
