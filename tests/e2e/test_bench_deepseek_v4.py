@@ -69,6 +69,7 @@ def test_bench_deepseek_v4_smoke(tmp_path):
     for x in rows:
         assert x["tok_s"] > 0 and x["ttft_s"] > 0 and x["batch"] == 1 and x["new_tokens"] == 8, x
     for x in rows[:3]:
+        assert x["cuda_graphs"] is False and x["graph_replays"] == 0      # CPU: no graphs
         assert x["state_bytes"] > 0 and x["state_bytes_per_token"] == x["state_bytes"] / x["context"]
         assert x["state_bytes"] <= x["state_bytes_at_context"] and x["roofline_frac"] > 0
         assert x["llama_kv_ratio"] == 131072 / x["state_bytes_per_token"]

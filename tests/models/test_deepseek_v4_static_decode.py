@@ -98,6 +98,7 @@ def test_load_export_move_round_trip(models):
     for x, y in zip(ss.export(0, 13).layers, st.layers):
         assert_states_close(x, y)
     assert ss.positions[0] == 13
+    assert ss.bytes_for(13) == st.nbytes()
     with pytest.raises(ValueError, match="does not fit"):
         StaticState(model, slots=1, max_len=8).load(0, st)
     assert StaticState.estimate_bytes(model, 3, 64) == sum(

@@ -1,7 +1,8 @@
 """`tierserve bench deepseek-v4`: a V4-Flash-shaped model cut to its first N layers, dummy weights, tierserve
 against transformers' ``DeepseekV4ForCausalLM`` on the same weights in the same run (issue 7).
 
-Per context (batch 1, greedy): TTFT, decode tok/s, peak GPU memory, tierserve's state bytes per token
+Per context (batch 1, greedy): TTFT, decode tok/s (``cuda_graphs``: whether tierserve's decode steps ran as
+CUDA graphs, ``graph_replays``: how many), peak GPU memory, tierserve's state bytes per token
 (runner and ``kv_bytes.py``) against a Llama-3.1-8B's 131072. tierserve runs first (dummy weights built on
 the device, prefill in chunks of ``max_num_batched_tokens``, stopped past its time budget); then
 transformers' model is built on the device and filled from ours (2 x 55 GB resident only for that copy),
@@ -139,6 +140,15 @@ def _free(model) -> None:
     """Drop the storage of every tensor of ``model`` now, whoever still holds the module (the engine)."""
     for t in [*model.parameters(), *model.buffers()]:
         t.data = t.data.new_empty(0)
+    for m in model.modules():             # the MoE's stacked experts (moe.py: MoE.stacked)
+        if getattr(m, "_stacked", None) is not None:
+            m._stacked = None
+
+
+def _replays(runner) -> int:
+    """Decode steps the runner has run through CUDA graphs so far."""
+    slots = getattr(runner, "slots", None)
+    return slots.replays if slots is not None else 0
 
 
 def _guarded(fn, dev: torch.device) -> dict:
@@ -198,7 +208,10 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
     if "tierserve" in engines:
         _run_ours(eng, len(warm), warm, 4, float("inf"))            # warm-up (kernels, allocator)
         for c in contexts:
+            replays = _replays(eng.runner)
             r = _guarded(lambda: _run_ours(eng, c, prompts[c], new_for[c], t_start + ours_budget_s), dev)
+            r.update(cuda_graphs=bool(getattr(eng.runner, "cuda_graphs", False)),
+                     graph_replays=_replays(eng.runner) - replays)
             eng.abort_request("v4")           # a no-op unless the run stopped with an error
             ours_tokens[c] = r.pop("tokens", None)
             if "tok_s" in r:
@@ -213,6 +226,8 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
     hf, stop = None, None
     if "transformers" in engines and time.perf_counter() - t_start <= max_wall_s:
         try:
+            if getattr(eng.runner, "slots", None) is not None:    # slot buffers and graphs go first
+                eng.runner.slots = None
             hf = _hf_from_ours(folder, ours, dev, tdtype, log)
             run_transformers(hf, DecodeCase(1, len(warm), 2), [warm])                   # warm-up
         except (RuntimeError, ValueError) as e:

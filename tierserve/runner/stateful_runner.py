@@ -5,8 +5,9 @@ its attention reads a sliding window, pooled (compressed) entries and indexer ke
 immutable ``SequenceState`` per request. This runner keeps one such state per running request in a
 dict:
 
-* the one-token chunks of a step that continue a stored state (decode steps) run together in one
-  ``model.decode_batch`` pass (packed per-token work, the MoE over all rows' tokens, attention over
+* the one-token chunks of a step that continue a stored state (decode steps) run together: on CUDA in
+  fixed slot buffers as one CUDA graph per batch bucket (``stateful_graphs.py``; ``enforce_eager`` turns
+  it off, ``enable_slot_decode(False)`` runs that code eagerly), else in one ``model.decode_batch`` pass (packed per-token work, the MoE over all rows' tokens, attention over
   padded stacks of the rows' states; ``batch_decode = False`` or TIERSERVE_STATEFUL_BATCH_DECODE=0
   runs them one request per forward as below);
 * a chunk starting at position 0 runs ``model.prefill``; a later chunk (chunked prefill) or a decode
@@ -47,7 +48,9 @@ from tierserve.models.deepseek_v4.dummy import free_bytes
 from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 from tierserve.runner.state_cache import StateCache, choose_unit
-from tierserve.runner.stateful_setup import LOADERS, BookkeepingFp8, NoPagedKV, check_config
+from tierserve.runner.stateful_graphs import InSlot
+from tierserve.runner.stateful_setup import (LOADERS, BookkeepingFp8, NoPagedKV, check_config, make_slot_decoder,
+                                             prompt_logprob_range as _prompt_logprob_range, setup_slots_refusal)
 
 log = logging.getLogger("tierserve")
 
@@ -94,6 +97,29 @@ class StatefulRunner:
         # path, kept as the reference); TIERSERVE_STATEFUL_BATCH_DECODE=0 turns it off at start
         self.batch_decode = os.environ.get("TIERSERVE_STATEFUL_BATCH_DECODE", "1").strip().lower() not in (
             "0", "false", "no", "off")
+        # decode rows in fixed slot buffers, one CUDA graph per batch bucket (runner/stateful_graphs.py);
+        # on CUDA unless enforce_eager / cpu_experts; enable_slot_decode(False) runs the same code eagerly
+        self.slots = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.batch_decode:
+            self.enable_slot_decode(use_graphs=True)
+
+    def enable_slot_decode(self, use_graphs: bool) -> bool:
+        """Decode through ``SlotDecoder`` (``stateful_graphs.py``); False (logged) where it cannot."""
+        self.slots = None
+        reason = setup_slots_refusal(self.model, self.config)
+        if reason is None:
+            try:
+                self.slots = make_slot_decoder(self.model, self.config, self.max_model_len, self.device, use_graphs)
+            except (RuntimeError, ValueError) as e:      # capture failed, out of memory
+                reason = f"{type(e).__name__}: {e}"
+        if reason is not None:
+            log.warning("%s decode runs without slot buffers / CUDA graphs: %s", self.model_cfg.architecture, reason)
+        return self.slots is not None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps run as CUDA graphs."""
+        return self.slots is not None and self.slots.uses_graphs
 
     def _num_pages(self, max_model_len: int) -> int:
         c = self.config
@@ -148,9 +174,21 @@ class StatefulRunner:
         if transfers:
             raise RuntimeError("StatefulRunner has no paged K/V to move between tiers")
 
+    def _drop(self, rid: str) -> None:
+        if self.slots is not None and rid in self.slots.slot_of:
+            self.slots.evict(rid, export=False)
+        self.states.pop(rid, None)
+
+    def _take_state(self, rid: str):
+        """The request's ``SequenceState`` (taken out of its slot if it is in one), or None."""
+        st = self.states.get(rid)
+        if isinstance(st, InSlot):
+            st = self.states[rid] = self.slots.evict(rid)
+        return st
+
     def release(self, request_id: str) -> None:
         """Drop the state of a finished or aborted request."""
-        self.states.pop(request_id, None)
+        self._drop(request_id)
         if self.prefix_cache is not None:
             self.prefix_cache.forget(request_id)
 
@@ -161,6 +199,7 @@ class StatefulRunner:
             return 0
         n, state = self.prefix_cache.lookup(token_ids, max_tokens, request_id)
         if n:
+            self._drop(request_id)
             self.states[request_id] = state
         return n
 
@@ -177,41 +216,54 @@ class StatefulRunner:
     def execute(self, so: SchedulerOutput, transfers=None) -> StepOutput:
         self.tiers_apply(transfers)
         for rid in so.preempted:            # restarts from position 0 (recompute)
-            self.states.pop(rid, None)
+            self._drop(rid)
         out = StepOutput()
-        batched = self._decode_rows(so.scheduled) if self.batch_decode and hasattr(self.model, "decode_batch") else {}
+        batched, greedy = {}, {}
+        if self.batch_decode and hasattr(self.model, "decode_batch"):
+            batched, greedy = self._decode_rows(so.scheduled)
         rows: list[torch.Tensor] = []
-        reqs = []
+        reqs, toks = [], []
         for i, s in enumerate(so.scheduled):        # rows stay in scheduled order (the sampler's order)
             last = batched[i] if i in batched else self._run_chunk(s, out)
             if last is not None and s.samples:
                 rows.append(last)
                 reqs.append(s.request)
+                toks.append(greedy.get(i))
         if not reqs:
             return out
         logits = torch.stack(rows).float()
-        self._sample(reqs, logits, out)
+        tokens = torch.stack(toks) if all(t is not None for t in toks) else None    # greedy, from the graph
+        sample_requests(self.sampler, reqs, logits, out.sampled, out.logprobs, tokens)
         return out
 
-    def _decode_rows(self, scheduled: list[ScheduledRequest]) -> dict[int, torch.Tensor]:
+    def _decode_rows(self, scheduled: list[ScheduledRequest]) -> tuple[dict[int, torch.Tensor], dict]:
         """Run every one-token chunk that continues a stored state (decode steps, also a one-token
-        chunk of a prompt) in one ``decode_batch`` pass; returns scheduled index -> its logits row.
+        chunk of a prompt) in one pass (the slot decoder / its CUDA graph, else ``decode_batch``);
+        returns scheduled index -> its logits row, and -> its greedy token (slot decoder only).
         Chunks that need prompt logprobs, prefills and longer chunks are left to ``_run_chunk``."""
         picked = [i for i, s in enumerate(scheduled)
                   if s.num_tokens == 1 and s.start > 0 and _prompt_logprob_range(s.request, s) is None
                   and (st := self.states.get(s.request.request_id)) is not None and st.num_tokens == s.start]
         if not picked:
-            return {}
+            return {}, {}
         reqs = [scheduled[i].request for i in picked]
         ids = torch.tensor([r.all_token_ids[scheduled[i].start] for i, r in zip(picked, reqs)],
                            dtype=torch.int64, device=self.device)
-        logits, states = self.model.decode_batch(ids, [self.states[r.request_id] for r in reqs])
         cache = self.prefix_cache
+        if self.slots is not None and len(reqs) <= self.slots.slots and all(
+                self.slots.fits(scheduled[i].start + 1) for i in picked):
+            logits, greedy = self.slots.decode(self.states, [r.request_id for r in reqs], ids)
+            for r in reqs:
+                n = self.states[r.request_id].num_tokens
+                if cache is not None and cache.is_boundary(n):
+                    cache.store(r.request_id, r.all_token_ids, self.slots.export(r.request_id))
+            return {i: logits[j] for j, i in enumerate(picked)}, {i: greedy[j] for j, i in enumerate(picked)}
+        logits, states = self.model.decode_batch(ids, [self._take_state(r.request_id) for r in reqs])
         for i, r, st in zip(picked, reqs, states):
             self.states[r.request_id] = st
             if cache is not None and cache.is_boundary(st.num_tokens):
                 cache.store(r.request_id, r.all_token_ids, st)
-        return {i: logits[j] for j, i in enumerate(picked)}
+        return {i: logits[j] for j, i in enumerate(picked)}, {}
 
     def _run_chunk(self, s: ScheduledRequest, out: StepOutput) -> torch.Tensor | None:
         """Run one request's chunk, store its new state; returns the logits row to sample from (if any)."""
@@ -224,7 +276,7 @@ class StatefulRunner:
             first = min(first, plp[0] - s.start)
         state = None
         if s.start > 0:
-            state = self.states.get(rid)
+            state = self._take_state(rid)
             if state is None or state.num_tokens != s.start:
                 have = None if state is None else state.num_tokens
                 raise RuntimeError(f"request {rid!r}: chunk starts at token {s.start} but the stored state "
@@ -253,14 +305,3 @@ class StatefulRunner:
     def _prompt_logprobs(self, req, logits: torch.Tensor, pos0: int) -> list[dict[int, float]]:
         return prompt_logprob_rows(req, logits, pos0)
 
-    def _sample(self, reqs, logits: torch.Tensor, out: StepOutput) -> None:
-        sample_requests(self.sampler, reqs, logits, out.sampled, out.logprobs)
-
-
-def _prompt_logprob_range(req, s: ScheduledRequest) -> tuple[int, int] | None:
-    """Positions ``[lo, hi)`` of this chunk whose next token is a prompt token without a logprob yet."""
-    if req.prompt_logprobs is None:
-        return None
-    lo = max(s.start, len(req.prompt_logprobs) - 1)
-    hi = min(s.end, req.num_prompt_tokens - 1)
-    return (lo, hi) if hi > lo else None

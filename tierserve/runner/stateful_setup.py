@@ -49,6 +49,38 @@ class BookkeepingFp8:
             self.quantised[torch.as_tensor(list(pids), dtype=torch.long)] = True
 
 
+# ---- slot decoding (runner/stateful_graphs.py) -------------------------------------------------------
+MAX_SLOTS = 32            # decode rows in slot buffers / the largest CUDA-graph bucket
+
+
+def setup_slots_refusal(model, config: EngineConfig) -> str | None:
+    """Why the model's decode cannot run in slot buffers / CUDA graphs, or None."""
+    layers = getattr(model, "layers", None)
+    if layers is None or not all(hasattr(b.ffn, "forward_decode") for b in layers):
+        return "the model has no graph-safe decode step"
+    if config.cpu_experts or any(b.ffn.host_experts for b in layers):
+        return "cpu_experts: the routed experts run on the host"
+    return None
+
+
+def make_slot_decoder(model, config: EngineConfig, max_model_len: int, device: torch.device, use_graphs: bool):
+    """A ``SlotDecoder`` of up to ``min(max_num_seqs, MAX_SLOTS)`` slots of ``max_model_len`` tokens, fewer
+    where the buffers would take more than a quarter of the free device memory (ValueError: not even one)."""
+    from tierserve.models.deepseek_v4.dummy import free_bytes
+    from tierserve.models.deepseek_v4.static_state import StaticState
+    from tierserve.runner.stateful_graphs import SlotDecoder
+
+    slots = min(config.max_num_seqs, MAX_SLOTS)
+    per_slot = StaticState.estimate_bytes(model, 1, max_model_len)
+    free = free_bytes(device)
+    if free is not None:
+        slots = min(slots, int(0.25 * free) // max(per_slot, 1))
+    if slots < 1:
+        raise ValueError(f"one decode slot of {max_model_len} tokens needs {per_slot / 2**30:.1f} GiB, more than a "
+                         "quarter of the free device memory")
+    return SlotDecoder(model, slots, max_model_len, device, use_graphs)
+
+
 # ---- model loading ------------------------------------------------------------------------------
 def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
     from tierserve.models.deepseek_v4 import load_model
@@ -64,3 +96,12 @@ def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.
 
 
 LOADERS = {"DeepseekV4ForCausalLM": _load_deepseek_v4}
+
+
+def prompt_logprob_range(req, s: "ScheduledRequest") -> tuple[int, int] | None:
+    """Positions ``[lo, hi)`` of this chunk whose next token is a prompt token without a logprob yet."""
+    if req.prompt_logprobs is None:
+        return None
+    lo = max(s.start, len(req.prompt_logprobs) - 1)
+    hi = min(s.end, req.num_prompt_tokens - 1)
+    return (lo, hi) if hi > lo else None

@@ -125,6 +125,23 @@ class StaticState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def bytes_for(self, n: int) -> int:
+        """Bytes the ``SequenceState`` of an ``n``-token sequence holds (``SequenceState.nbytes``)."""
+        def row(t: torch.Tensor) -> int:
+            return t[0, 0].numel() * t.element_size()
+
+        total = 0
+        for lb in self.layers:
+            total += min(n, lb.window) * row(lb.ring)
+            for c in (lb.comp, lb.index):
+                if c is None:
+                    continue
+                e, k = divmod(n, c.ratio)
+                total += k * (row(c.pend_kv) + row(c.pend_gate)) + e * row(c.entries)
+                if c.overlap and e:
+                    total += c.ratio * (row(c.prev_kv) + row(c.prev_gate))
+        return total
+
     def load(self, slot: int, st: SequenceState) -> None:
         if st.num_tokens + 1 > self.max_len:
             raise ValueError(f"a state of {st.num_tokens} tokens does not fit the static buffers (max {self.max_len})")

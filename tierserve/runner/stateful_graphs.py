@@ -1,0 +1,149 @@
+"""Slots and CUDA graphs of the DeepSeek-V4 decode step for the StatefulRunner.
+
+``SlotDecoder`` keeps the decode state of up to ``slots`` requests in a ``StaticState`` (fixed device
+buffers, ``models/deepseek_v4/static_state.py``) and runs ``decode_static`` on rows ``0..n-1``: with
+``use_graphs`` (CUDA, ``enforce_eager`` off) as a CUDA graph captured once per batch-size bucket
+(``cuda_graphs.buckets``; padding rows run on free slots and write only there), else eagerly (the CPU
+tests run exactly this code). The graph also takes the greedy token on the device (``next_tokens``).
+
+Bookkeeping, all on the host: the requests in slots occupy ``0..n-1``; a request joins at slot ``n``
+(``admit``: its ``SequenceState`` is copied in), one that leaves (``evict``: finished, preempted, a chunk
+that needs the per-request path, or not decoding this step) is optionally exported back to a
+``SequenceState`` and the last slot is moved into its place, so a steady batch never moves anything. A
+batch's rows are ordered by slot; ``step`` maps them back to the caller's order.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tierserve.models.deepseek_v4.static_decode import decode_static
+from tierserve.models.deepseek_v4.static_state import StaticState
+from tierserve.runner.cuda_graphs import buckets
+from tierserve.runner.sampler import argmax_rows
+
+log = logging.getLogger("tierserve")
+
+
+class InSlot:
+    """Stands in the runner's ``states`` dict for a request whose state lives in a slot."""
+
+    def __init__(self, dec: SlotDecoder, rid: str) -> None:
+        self.dec, self.rid = dec, rid
+
+    @property
+    def num_tokens(self) -> int:
+        return self.dec.ntok[self.dec.slot_of[self.rid]]
+
+    def nbytes(self) -> int:
+        """Bytes the equivalent ``SequenceState`` would hold (the slot itself is preallocated)."""
+        return self.dec.state.bytes_for(self.num_tokens)
+
+
+class SlotDecoder:
+    def __init__(self, model, slots: int, max_len: int, device: torch.device, use_graphs: bool) -> None:
+        self.model, self.slots, self.device = model, slots, device
+        self.state = StaticState(model, slots, max_len)
+        self.ids = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.next_tokens = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.slot_of: dict[str, int] = {}
+        self.rid_at: list[str | None] = [None] * slots
+        self.ntok = [0] * slots
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.steps = 0                 # decode steps run
+        self.replays = 0               # ... of them through a graph
+        if use_graphs:
+            self.capture()
+
+    @property
+    def uses_graphs(self) -> bool:
+        return bool(self.graphs)
+
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a sequence of ``num_tokens`` tokens (after the step) fits the buffers."""
+        return num_tokens <= self.state.max_len
+
+    # ---- slots ----------------------------------------------------------------------------------
+    def admit(self, rid: str, st) -> None:
+        s = len(self.slot_of)
+        self.state.load(s, st)
+        self.slot_of[rid], self.rid_at[s], self.ntok[s] = s, rid, st.num_tokens
+
+    def export(self, rid: str):
+        s = self.slot_of[rid]
+        return self.state.export(s, self.ntok[s])
+
+    def evict(self, rid: str, export: bool = True):
+        """Take ``rid`` out of its slot; returns its ``SequenceState`` (``export``) or None."""
+        st = self.export(rid) if export else None
+        s = self.slot_of.pop(rid)
+        last = len(self.slot_of)
+        if s != last:
+            self.state.move(last, s)
+            moved = self.rid_at[last]
+            self.slot_of[moved], self.rid_at[s], self.ntok[s] = s, moved, self.ntok[last]
+        self.rid_at[last] = None
+        return st
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _forward(self, n: int) -> torch.Tensor:
+        logits = decode_static(self.model, self.state, self.ids[:n])
+        self.next_tokens[:n].copy_(argmax_rows(logits))
+        return logits.float()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        saved = self.state.positions.clone()
+        for bs in reversed(buckets(self.slots)):
+            for _ in range(2):        # warm up (Triton compile, cuBLAS handles) outside the graph
+                self._forward(bs)
+            torch.cuda.synchronize(self.device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.logits[bs] = self._forward(bs)
+            pool = g.pool() if pool is None else pool
+            self.graphs[bs] = g
+        self.state.positions.copy_(saved)        # warm-up and capture ran on the (empty) slots
+        torch.cuda.synchronize(self.device)
+        log.info("DeepSeek-V4 decode: CUDA graphs captured for batch sizes %s", sorted(self.graphs))
+
+    def _run(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.steps += 1
+        if self.graphs:
+            b = next(b for b in sorted(self.graphs) if b >= n)
+            self.graphs[b].replay()
+            self.replays += 1
+            return self.logits[b][:n], self.next_tokens[:n]
+        return self._forward(n), self.next_tokens[:n]
+
+    def decode(self, states: dict, rids: list[str], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step`` for the runner: first the requests in slots that are not in ``rids`` go back to
+        ``SequenceState``s in ``states``, those of ``rids`` not in a slot yet join (``states[rid]``
+        becomes ``InSlot``)."""
+        for rid in set(self.slot_of) - set(rids):
+            states[rid] = self.evict(rid)
+        for rid in rids:
+            if not isinstance(states[rid], InSlot):
+                self.admit(rid, states[rid])
+                states[rid] = InSlot(self, rid)
+        return self.step(rids, ids)
+
+    def step(self, rids: list[str], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token ``ids[i]`` for each request ``rids[i]`` (exactly the requests in slots); returns
+        logits ``[n, V]`` (fp32) and greedy tokens ``[n]`` in the order of ``rids``."""
+        n = len(rids)
+        if n != len(self.slot_of) or any(r not in self.slot_of for r in rids):
+            raise RuntimeError("SlotDecoder.step: the batch must be exactly the requests in slots")
+        slots = [self.slot_of[r] for r in rids]
+        order = None if slots == list(range(n)) else torch.tensor(slots, device=self.device)
+        if order is None:
+            self.ids[:n].copy_(ids)
+        else:
+            self.ids.index_copy_(0, order, ids)
+        logits, greedy = self._run(n)
+        for s in slots:
+            self.ntok[s] += 1
+        return (logits, greedy) if order is None else (logits[order], greedy[order])
