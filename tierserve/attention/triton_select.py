@@ -54,7 +54,8 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, se
             tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm[:, None], other=0.0)
         kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm[:, None], other=0.0) + \
             tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm[:, None], other=0.0)
-    else:
+    else:       # (ids past the device pool cannot occur here; masked rather than read out of bounds)
+        need = need & (page < n_dev)
         kmin = tl.load(kmin_ptr + page[:, None] * s_kp + h * s_kh + d[None, :], mask=need[:, None], other=0.0)
         kmax = tl.load(kmax_ptr + page[:, None] * s_xp + h * s_xh + d[None, :], mask=need[:, None], other=0.0)
     kmin = kmin.to(tl.float32)
@@ -138,7 +139,7 @@ def selection_bound(cfg, page_size: int) -> int:
 
 
 def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 64) -> torch.Tensor:
+                page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 32) -> torch.Tensor:
     """q [B, Hq, D] (one decode query per sequence at seq_len - 1); kv_layer [N, 2, rows, Hkv, D] with the
     key min / max at row ``page_size``; page_table [B, P]; ``host_summaries`` [slots, 2, rows, Hkv, D] (one
     layer) for page ids >= N. Returns fp32 scores [B, Hkv, P] (-inf invisible, +inf always kept)."""
@@ -146,6 +147,7 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
     N, _, rows, Hkv, _ = kv_layer.shape
     P = page_table.shape[1]
     assert rows > page_size and q.stride(-1) == 1 and kv_layer.stride(-1) == 1 and page_table.stride(1) == 1
+    assert seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     kmin, kmax = kv_layer[:, 0, page_size], kv_layer[:, 1, page_size]          # [N, Hkv, D] views
     if host_summaries is not None:
         hmin, hmax, n_host = host_summaries[:, 0, 0], host_summaries[:, 1, 0], host_summaries.shape[0]
@@ -171,6 +173,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen page to
     ``page_heat`` (device page ids) / ``host_heat`` (spilled slots, id - num_device_pages)."""
     B, Hkv, P = scores.shape
+    assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     K = min(P, max_selected)
     table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
     logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)

@@ -1,0 +1,154 @@
+"""Time sparse "pages" selection per layer on the GPU: the PyTorch chain (page_upper_bounds -> select_pages ->
+count_selection -> compact_selection) vs the fused Triton kernels (attention/triton_select.py), at Llama-8B
+attention shapes (32 query heads, 8 KV heads, D=128, 16-token pages, 128k context = 8192 pages).
+
+Each variant is timed eagerly and inside a CUDA graph of 32 calls (like 32 layers of one decode step);
+before timing, the two selections are compared (same page sets, same decode output).
+
+  python scripts/bench_sparse_select.py [--batch 1,4] [--ctx 131072] [--topk 2048] [--output FILE]
+  TRITON_INTERPRET=1 python scripts/bench_sparse_select.py --smoke --batch 1,2 --ctx 300 --topk 96 --hq 4 \
+      --hkv 2 --head-dim 16         (the checks only, on the CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from tierserve.attention.backend import AttnMetadata
+from tierserve.attention.select import SparseConfig
+from tierserve.attention.triton_backend import _select_pages
+from tierserve.attention.triton_decode import paged_decode
+from tierserve.attention.triton_select import page_scores, selection_bound, topk_compact
+
+
+def build(B, ctx, page, hq, hkv, D, layers, topk, heat, dev):
+    pages = -(-ctx // page)
+    N = B * pages + 1
+    # page-major storage like the engine's: [N, layers, 2, page + 1 summary row, Hkv, D]; layer 0 is timed
+    data = torch.randn(N, layers, 2, page + 1, hkv, D, device=dev, dtype=torch.bfloat16)
+    kv = data[:, 0]
+    kv[:, 0, page] = kv[:, 0, :page].amin(1)
+    kv[:, 1, page] = kv[:, 0, :page].amax(1)
+    table = torch.randperm(N - 1, device=dev)[:B * pages].view(B, pages) + 1
+    seq = torch.full((B,), ctx, device=dev, dtype=torch.int64)
+    q = torch.randn(B, hq, D, device=dev, dtype=torch.bfloat16)
+    meta = AttnMetadata(num_seqs=B, num_tokens=B, page_size=page, positions=seq - 1, slot_pages=table[:, -1],
+                        slot_offsets=(seq - 1) % page, query_start_loc=torch.arange(B + 1, device=dev),
+                        seq_lens=seq, page_table=table, decode_only=True,
+                        sparse=SparseConfig("pages", topk_tokens=topk),
+                        page_heat=torch.zeros(N, device=dev) if heat else None)
+    return q, kv, meta
+
+
+def timed(fn, n=32, reps=7, graph=True):
+    """Median microseconds per call of ``fn`` over ``n`` back-to-back calls (in one CUDA graph or eager)."""
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                fn()
+        run = g.replay
+    else:
+        def run():
+            for _ in range(n):
+                fn()
+    run()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(reps):
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / n)
+    return sorted(ts)[reps // 2]
+
+
+def select(q, kv, meta, mode):
+    if mode == "torch":
+        os.environ["TIERSERVE_SPARSE_SELECT"] = "torch"
+    else:
+        os.environ.pop("TIERSERVE_SPARSE_SELECT", None)
+    return _select_pages(q, kv, meta, 0, logical=True)
+
+
+def check(q, kv, meta):
+    """Compare the fused and the torch selections: rows with the same page set, decode outputs."""
+    heat = meta.page_heat
+    meta.page_heat = heat.clone() if heat is not None else None
+    want = select(q, kv, meta, "torch")
+    want_heat, meta.page_heat = meta.page_heat, heat.clone() if heat is not None else None
+    got = select(q, kv, meta, "fused")
+    same_rows = (want[1] == got[1]).all(-1).float().mean().item()
+    page = meta.page_size
+    outs = [paged_decode(q, kv[:, 0, :page], kv[:, 1, :page], t, n, 0.088, num_splits=1) for t, _, n in (want, got)]
+    heat_ok = heat is None or torch.equal(want_heat, meta.page_heat)
+    meta.page_heat = heat
+    return {"rows_same_pages": round(same_rows, 4), "lens_equal": bool(torch.equal(want[2], got[2])),
+            "heat_equal": heat_ok, "decode_max_abs_diff": (outs[0].float() - outs[1].float()).abs().max().item()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", default="1,4")
+    ap.add_argument("--ctx", type=int, default=131072)
+    ap.add_argument("--topk", type=int, default=2048)
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2, help="layers in the page-major storage (page stride)")
+    ap.add_argument("--no-heat", action="store_true", help="no per-page selection counts (tiers off)")
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--smoke", action="store_true", help="CPU (TRITON_INTERPRET=1), tiny sizes, check only")
+    a = ap.parse_args()
+    dev = torch.device("cpu" if a.smoke else "cuda")
+    rows = []
+    print(f"{'B':>3} {'pages':>6} {'variant':<14} {'eager us':>9} {'graph us':>9}")
+    for B in (int(x) for x in a.batch.split(",")):
+        q, kv, meta = build(B, a.ctx, a.page, a.hq, a.hkv, a.head_dim, a.layers, a.topk, not a.no_heat, dev)
+        cmp = check(q, kv, meta)
+        if a.smoke:
+            print(f"{B:>3} check: {cmp}")
+            continue
+        cfg, P = meta.sparse, meta.page_table.shape[1]
+        scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
+        variants = {
+            "torch chain": lambda: select(q, kv, meta, "torch"),
+            "fused": lambda: select(q, kv, meta, "fused"),
+            "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
+            "  topk+compact": lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
+                                                   cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
+                                                   meta.page_heat, None, kv.shape[0]),
+        }
+        for name, fn in variants.items():
+            # the torch chain must be graph-captured with its env choice fixed at capture time
+            eager, graph = timed(fn, graph=False), timed(fn, graph=True)
+            rows.append({"batch": B, "pages": P, "variant": name.strip(), "eager_us": round(eager, 2),
+                         "graph_us": round(graph, 2)})
+            print(f"{B:>3} {P:>6} {name:<14} {eager:>9.1f} {graph:>9.1f}", flush=True)
+        rows.append({"batch": B, "pages": P, "variant": "check", **cmp})
+        print(f"{B:>3} {P:>6} check: {cmp}", flush=True)
+        del q, kv, meta, scores
+        torch.cuda.empty_cache()
+    if a.output:
+        meta_info = {"tool": "scripts/bench_sparse_select.py", "settings": vars(a),
+                     "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                     "torch": torch.__version__}
+        with open(a.output, "w") as f:
+            json.dump({"meta": meta_info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
