@@ -99,6 +99,34 @@ def check(q, kv, meta):
             "heat_equal": heat_ok, "decode_max_abs_diff": (outs[0].float() - outs[1].float()).abs().max().item()}
 
 
+def bench_batch(B, a, dev):
+    q, kv, meta = build(B, a.ctx, a.page, a.hq, a.hkv, a.head_dim, a.layers, a.topk, not a.no_heat, dev)
+    cmp = check(q, kv, meta)
+    P = meta.page_table.shape[1]
+    if a.smoke:
+        print(f"{B:>3} {P:>6} check: {cmp}")
+        return [{"batch": B, "pages": P, "variant": "check", **cmp}]
+    cfg = meta.sparse
+    scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
+    variants = {
+        "torch chain": lambda: select(q, kv, meta, "torch"),
+        "fused": lambda: select(q, kv, meta, "fused"),
+        "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
+        "  topk+compact": lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
+                                               cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
+                                               meta.page_heat, None, kv.shape[0]),
+    }
+    rows = []
+    for name, fn in variants.items():
+        eager, graph = timed(fn, graph=False), timed(fn, graph=True)
+        rows.append({"batch": B, "pages": P, "variant": name.strip(), "eager_us": round(eager, 2),
+                     "graph_us": round(graph, 2)})
+        print(f"{B:>3} {P:>6} {name:<14} {eager:>9.1f} {graph:>9.1f}", flush=True)
+    rows.append({"batch": B, "pages": P, "variant": "check", **cmp})
+    print(f"{B:>3} {P:>6} check: {cmp}", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", default="1,4")
@@ -117,30 +145,7 @@ def main():
     rows = []
     print(f"{'B':>3} {'pages':>6} {'variant':<14} {'eager us':>9} {'graph us':>9}")
     for B in (int(x) for x in a.batch.split(",")):
-        q, kv, meta = build(B, a.ctx, a.page, a.hq, a.hkv, a.head_dim, a.layers, a.topk, not a.no_heat, dev)
-        cmp = check(q, kv, meta)
-        if a.smoke:
-            print(f"{B:>3} check: {cmp}")
-            continue
-        cfg, P = meta.sparse, meta.page_table.shape[1]
-        scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
-        variants = {
-            "torch chain": lambda: select(q, kv, meta, "torch"),
-            "fused": lambda: select(q, kv, meta, "fused"),
-            "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
-            "  topk+compact": lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
-                                                   cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
-                                                   meta.page_heat, None, kv.shape[0]),
-        }
-        for name, fn in variants.items():
-            # the torch chain must be graph-captured with its env choice fixed at capture time
-            eager, graph = timed(fn, graph=False), timed(fn, graph=True)
-            rows.append({"batch": B, "pages": P, "variant": name.strip(), "eager_us": round(eager, 2),
-                         "graph_us": round(graph, 2)})
-            print(f"{B:>3} {P:>6} {name:<14} {eager:>9.1f} {graph:>9.1f}", flush=True)
-        rows.append({"batch": B, "pages": P, "variant": "check", **cmp})
-        print(f"{B:>3} {P:>6} check: {cmp}", flush=True)
-        del q, kv, meta, scores
+        rows += bench_batch(B, a, dev)
         torch.cuda.empty_cache()
     if a.output:
         meta_info = {"tool": "scripts/bench_sparse_select.py", "settings": vars(a),
