@@ -1,0 +1,80 @@
+"""The load-vs-recompute cost model (kv/tiers/cost.py) and the block checksum formats (codec.py)."""
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from tierserve.kv.tiers import codec
+from tierserve.kv.tiers.cost import LoadPolicy, PrefillCost
+
+
+def _chunks(cost: PrefillCost, a: float, b: float, total: int, chunk: int) -> None:
+    """A chunked prefill of ``total`` tokens on a machine costing a + b x context per token."""
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        attended = n * start + n * (n + 1) // 2
+        cost.observe(n, a * n + b * attended, attended)
+
+
+def test_fit_recovers_per_token_and_attention_cost():
+    cost = PrefillCost()
+    _chunks(cost, 50e-6, 2e-9, 32768, 2048)
+    assert cost.a == pytest.approx(50e-6, rel=1e-6) and cost.b == pytest.approx(2e-9, rel=1e-6)
+    # a 128k prefix costs far more per token than the chunks it was fitted on
+    est = cost.estimate(131072)
+    assert est == pytest.approx(50e-6 * 131072 + 2e-9 * 131072 * 131073 / 2, rel=1e-6)
+    assert est / 131072 > 3 * 50e-6
+
+
+def test_compile_time_steps_are_outliers():
+    cost = PrefillCost()
+    cost.observe(2048, 30.0, 2048 * 2049 // 2)            # the first step compiles: 30 s
+    _chunks(cost, 50e-6, 0.0, 16384, 2048)
+    assert cost.a == pytest.approx(50e-6, rel=0.05) and cost.estimate(1000) < 0.06
+
+
+def test_few_samples_use_the_fastest_rate_and_small_steps_are_ignored():
+    cost = PrefillCost()
+    cost.observe(16, 1.0)                                  # below MIN_TOKENS: not a prefill sample
+    assert not cost.measured and cost.estimate(100) is None
+    cost.observe(1000, 5.0)
+    cost.observe(1000, 1e-3)
+    assert cost.per_token() == pytest.approx(1e-6)
+
+
+def test_policy_records_its_choice_and_estimates():
+    pol = LoadPolicy("cost")
+    assert pol.pays(["disk"] * 4, 1 << 20, 16, 0, final=True) and pol.last is None    # nothing measured: load
+    pol.prefill.set_flat(1e-4)                            # 64 tokens: 6.4 ms to recompute
+    pol.measure("disk", 1 << 30, 1.0)                      # 1 GiB/s: 4 MiB in ~4 ms + the copy-in
+    assert pol.pays(["disk"] * 4, 1 << 20, 16, 0, final=True)
+    assert pol.last["choice"] == "load" and pol.last["est_recompute_s"] == pytest.approx(6.4e-3)
+    for _ in range(30):
+        pol.measure("disk", 1 << 20, 1.0)                  # the disk slows down (averaged in)
+    assert not pol.pays(["disk"] * 4, 1 << 20, 16, 0, final=True)
+    assert pol.last["choice"] == "recompute" and pol.last["est_load_s"] > pol.last["est_recompute_s"]
+    assert pol.decisions == {"load": 1, "recompute": 1}
+
+
+def test_codec_crc_detects_a_flipped_byte_and_reads_format_1():
+    toks = tuple(range(16))
+    payload = np.arange(4096, dtype=np.uint8)
+    blob = bytearray(codec.encode("fp", b"h" * 16, toks, payload))
+    assert blob.startswith(codec.MAGIC) and bytes(codec.decode(blob, "fp", b"h" * 16, toks)) == payload.tobytes()
+    blob[len(blob) // 2] ^= 1
+    with pytest.raises(codec.CorruptBlock, match="checksum"):
+        codec.decode(blob, "fp", b"h" * 16, toks)
+    # a block written by the previous format (blake2b-16 trailer) is still served
+    head = bytes(codec.encode_parts("fp", b"h" * 16, toks, payload)[0])
+    old = codec.MAGIC_V1 + head[len(codec.MAGIC):] + payload.tobytes()
+    old += hashlib.blake2b(old, digest_size=16).digest()
+    assert bytes(codec.decode(old, "fp", b"h" * 16, toks)) == payload.tobytes()
+    assert struct.calcsize("<I") == 4
+
+
+def test_warm_up_on_cpu_is_harmless():
+    from tierserve.kv.tiers.manager import TierManager
+    tm = TierManager((2, 4), torch.float32, "fp", host_pages=4, device=torch.device("cpu"))
+    assert tm.zero_copy is None and tm.stats()["policy"]["name"] == "cost"
