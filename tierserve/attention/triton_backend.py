@@ -13,6 +13,7 @@ import logging
 import torch
 
 from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
+from tierserve.attention.flash_prefix import chunk_attention, flash_ok, gather_context
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
@@ -59,6 +60,9 @@ class TritonBackend:
         self._ref = TorchRefBackend()
         self.host_reads: bool | None = None    # decode reads spilled pages from CPU RAM (None: not yet checked)
         self.fp8_prefill: bool | None = None   # steps with prefill over FP8 pages use their kernel (False: failed)
+        # CUDA, bf16/fp16: chunks over cached context as two flash-attention calls merged by LSE
+        # (attention/flash_prefix.py) rather than the paged prefill kernel
+        self.flash_prefix = True
 
     _select = staticmethod(_select_pages)
 
@@ -150,8 +154,7 @@ class TritonBackend:
             meta.backend_data["staged"] = (slots, dataclasses.replace(meta, page_table=table, backend_data={}))
         return meta.backend_data["staged"]
 
-    @staticmethod
-    def _mixed(q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None,
+    def _mixed(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None,
                host_cache=None) -> torch.Tensor:
         page = meta.page_size
         split = split_step(meta, kv_layer.shape[3])
@@ -161,6 +164,11 @@ class TritonBackend:
         if split.dec_tokens is not None:
             out[split.dec_tokens] = paged_decode(q[split.dec_tokens], kc, vc, split.dec_table, split.dec_lens, scale,
                                                  num_splits=split.dec_splits, sliding_window=window, **host)
+        if self.flash_prefix and window is None and host_cache is None and flash_ok(q):
+            for seq, t0, t1, start in split.prefills:    # context gathered once, two flash calls merged by LSE
+                ctx = gather_context(kc, vc, meta.page_table[seq], start) if start else (None, None)
+                out[t0:t1] = chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], *ctx, scale)
+            return out
         kernel = prefill_supported(q.shape[-1])
         chunks = packed_chunks(meta, split, window)
         if chunks is not None and kernel:               # chunks that read cached context: the prefill kernel

@@ -1,0 +1,79 @@
+"""A prefill chunk over cached context, as two flash-attention calls merged by their log-sum-exp.
+
+A chunk of ``n`` new tokens at positions ``start .. start+n-1`` attends to (a) every cached key before
+``start`` -- no mask at all, so the query heads of one KV-head group fold into the query length and the
+cached keys are read once per KV head, not once per query head -- and (b) its own new keys, causally, which is
+a square causal attention. Each part returns its output and per-row log-sum-exp; the exact softmax over the
+union is their LSE-weighted sum. On CUDA both parts run PyTorch's flash-attention kernel (the one SDPA uses),
+which reaches a far larger share of the tensor-core peak than our paged prefill kernel on long contexts; the
+cached keys are first gathered from their pages into one contiguous block per layer (a copy of
+``2 x start x Hkv x D`` values, small next to the attention FLOPs). ``attend_lse`` has a plain-PyTorch
+implementation for other devices (and the tests).
+
+Not for sliding windows, spilled pages or FP8 pages (the Triton prefill kernels handle those).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def flash_ok(q: torch.Tensor) -> bool:
+    """Whether the CUDA flash kernel takes these queries (dtype and head size)."""
+    d = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, Lq, D], k/v [H, Lk, D] (same H) -> (out [H, Lq, D] in q's dtype, lse [H, Lq] fp32, natural log).
+    ``causal``: square attention (Lq == Lk), row i sees keys 0..i."""
+    if flash_ok(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
+        return out[0], lse[0]
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.softmax(s, dim=-1) @ v.float()
+    return out.to(q.dtype), lse
+
+
+def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Softmax over the union of two disjoint key sets from each part's output and log-sum-exp
+    (o [..., L, D], lse [..., L])."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
+    return out.to(o1.dtype)
+
+
+def gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
+                   length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the first ``length`` cached positions of one sequence, contiguous per KV head:
+    caches [N, page, Hkv, D], ``pages`` its page ids (at least ceil(length / page))."""
+    page, hkv, d = k_cache.shape[1:]
+    ids = pages[:-(-length // page)]
+    keys = k_cache[ids].reshape(-1, hkv, d)[:length].transpose(0, 1).contiguous()
+    vals = v_cache[ids].reshape(-1, hkv, d)[:length].transpose(0, 1).contiguous()
+    return keys, vals
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor | None,
+                    ctx_v: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [n, Hq, D], the chunk's own k/v [n, Hkv, D], cached context ctx_k/ctx_v [Hkv, L, D] (or None)
+    -> [n, Hq, D]: causal attention over context + own keys."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qh = q.transpose(0, 1)                                                       # [Hq, n, D]
+    own_k = k.transpose(0, 1).repeat_interleave(g, dim=0)                        # [Hq, n, D]
+    own_v = v.transpose(0, 1).repeat_interleave(g, dim=0)
+    o_own, lse_own = attend_lse(qh, own_k, own_v, scale, causal=True)
+    if ctx_k is None or ctx_k.shape[1] == 0:
+        return o_own.transpose(0, 1)
+    folded = qh.reshape(hkv, g * n, d)                                           # heads of a group share keys
+    o_ctx, lse_ctx = attend_lse(folded, ctx_k, ctx_v, scale, causal=False)
+    out = merge_lse(o_ctx.reshape(hq, n, d), lse_ctx.reshape(hq, n), o_own, lse_own)
+    return out.transpose(0, 1)
