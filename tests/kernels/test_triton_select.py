@@ -84,6 +84,7 @@ CASES = [  # (B, hkv, group, page, P, seq_lens, cfg)
     (2, 1, 4, 4, 33, [130, 3], SparseConfig("pages", topk_tokens=20, sink_tokens=4, recent_tokens=4)),
     (4, 2, 4, 8, 16, [30, 127, 64, 65], SparseConfig("pages", topk_tokens=64, sink_tokens=16, recent_tokens=16)),
     (2, 2, 2, 4, 12, [40, 47], SparseConfig("pages", topk_tokens=64, sink_tokens=4, recent_tokens=4)),   # dense
+    (2, 2, 4, 8, 18, [141, 100], SparseConfig("pages", topk_tokens=30, sink_tokens=5, recent_tokens=11)),
 ]
 
 

@@ -10,6 +10,10 @@ sequence is no longer than ``topk_tokens`` attention stays dense.
 
 ``indexer`` selector: a trained lightning indexer scores every cached token (attention/indexer.py);
 a page scores as its best visible token, one choice shared by all KV heads; same budget and rules.
+
+The functions here are the PyTorch reference. Sparse decode on the GPU runs the "pages" selection as two
+fused Triton kernels (attention/triton_select.py: scores from the page pool, then top-k + compaction +
+selection counts); ties at the cut go to the lowest page index there.
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def _topk_compact_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, 
     c = chosen.to(tl.int32)
     rank = tl.cumsum(c, axis=0) - 1                      # slot of each chosen page, in position order
     n_sel = tl.sum(c, axis=0)
-    page = tl.load(pt_ptr + b * s_ptb + p, mask=in_row, other=0)
+    page = tl.load(pt_ptr + b * s_ptb + p, mask=chosen, other=0)     # only the chosen entries are read
     keep = chosen & (rank < K_OUT)
     tl.store(table_ptr + b * s_tb + h * s_th + rank, page, mask=keep)
     tl.store(logical_ptr + b * s_tb + h * s_th + rank, p.to(tl.int64), mask=keep)
