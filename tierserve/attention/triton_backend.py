@@ -165,10 +165,14 @@ class TritonBackend:
             out[split.dec_tokens] = paged_decode(q[split.dec_tokens], kc, vc, split.dec_table, split.dec_lens, scale,
                                                  num_splits=split.dec_splits, sliding_window=window, **host)
         if self.flash_prefix and window is None and host_cache is None and flash_ok(q):
-            for seq, t0, t1, start in split.prefills:    # context gathered once, two flash calls merged by LSE
-                ctx = gather_context(kc, vc, meta.page_table[seq], start) if start else (None, None)
-                out[t0:t1] = chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], *ctx, scale)
-            return out
+            try:
+                for seq, t0, t1, start in split.prefills:    # context gathered once, two flash calls merged by LSE
+                    ctx = gather_context(kc, vc, meta.page_table[seq], start) if start else (None, None)
+                    out[t0:t1] = chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], *ctx, scale)
+                return out
+            except RuntimeError as e:     # this torch build's flash op refused: the paged prefill kernel instead
+                log.warning("flash prefill over cached context is off (%s); using the paged prefill kernel", e)
+                self.flash_prefix = False
         kernel = prefill_supported(q.shape[-1])
         chunks = packed_chunks(meta, split, window)
         if chunks is not None and kernel:               # chunks that read cached context: the prefill kernel
