@@ -39,16 +39,16 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, se
     in_row = p < P
     start = p * PAGE
     visible = in_row & (start <= pos)
-    forced = (start < SINK) | (start + PAGE > pos - RECENT) | (p == pos // PAGE) | (seq_len <= TOPK)
-    forced = forced & visible
-    need = visible & (forced == 0)
+    forced = visible & ((start < SINK) | (start + PAGE > pos - RECENT) | (p == pos // PAGE) | (seq_len <= TOPK))
+    # the pages that compete (the negation of ``forced`` among the visible ones, spelled out)
+    need = visible & (start >= SINK) & (start + PAGE <= pos - RECENT) & (p != pos // PAGE) & (seq_len > TOPK)
     page = tl.load(pt_ptr + b * s_ptb + p, mask=need, other=0).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     if HOST:    # page ids >= n_dev are spilled: their summaries sit in the host-summary copy on the device
         on_host = page >= n_dev
         dp = tl.where(on_host, 0, page)
         hp = tl.where(on_host, page - n_dev, 0)
-        dm = need & (on_host == 0)
+        dm = need & (page < n_dev)
         hm = need & on_host & (hp < n_host)
         kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm[:, None], other=0.0) + \
             tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm[:, None], other=0.0)
