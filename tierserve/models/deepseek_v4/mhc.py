@@ -37,8 +37,9 @@ class HyperConnection(nn.Module):
         self.base = nn.Parameter(torch.zeros((2 + hc_mult) * hc_mult))
         self.scale = nn.Parameter(torch.ones(3))
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h``: ``[S, hc, D]`` -> (sub-layer input ``[S, D]``, post ``[S, hc]``, comb ``[S, hc, hc]``)."""
+    def forward(self, h: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``h``: ``[S, hc, D]`` -> (sub-layer input ``[S, D]``, post ``[S, hc]``, comb ``[S, hc, hc]``).
+        ``fused``: the Sinkhorn projection in one Triton launch (``mhc_triton.py``; the graph decode step)."""
         hc = self.hc
         flat = rms_unweighted(h.flatten(start_dim=1).float(), self.norm_eps)
         pre_w, post_w, comb_w = F.linear(flat, self.fn.float()).split([hc, hc, hc * hc], dim=-1)
@@ -46,7 +47,10 @@ class HyperConnection(nn.Module):
         s_pre, s_post, s_comb = self.scale.float().unbind(0)
         pre = torch.sigmoid(pre_w * s_pre + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * s_post + post_b)
-        comb = sinkhorn(comb_w.view(-1, hc, hc) * s_comb + comb_b.view(hc, hc), self.iters, self.hc_eps)
+        proj = sinkhorn
+        if fused:
+            from tierserve.models.deepseek_v4.mhc_triton import sinkhorn_triton as proj
+        comb = proj(comb_w.view(-1, hc, hc) * s_comb + comb_b.view(hc, hc), self.iters, self.hc_eps)
         x = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
         return x, post, comb
 

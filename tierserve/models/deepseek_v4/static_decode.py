@@ -13,7 +13,8 @@ buffers' capacity and every position-dependent choice is made on the device:
   keys, masks the missing ones to ``-inf``, takes a fixed top-``min(index_topk, capacity)`` and masks the
   picks past the row's count (gathering the stored rows first, so MODEL1 entries are dequantised only
   for the picks);
-* the routed experts run through ``MoE.forward_decode`` (Triton kernels by expert index on the GPU);
+* the routed experts run through ``MoE.forward_decode`` (Triton kernels by expert index on the GPU), and
+  on the GPU mHC's Sinkhorn projection is one Triton kernel (``mhc_triton.py``) instead of ~45 tiny ones;
 * ``positions`` advance by one in place, so consecutive replays need no host work.
 
 Rows past the live batch (padding up to a graph bucket) run on whatever their slot holds; their writes
@@ -25,6 +26,7 @@ import torch
 
 from tierserve.models.deepseek_v4.batch import index_scores
 from tierserve.models.deepseek_v4.mhc import HyperConnection
+from tierserve.models.deepseek_v4.moe_triton import triton
 from tierserve.models.deepseek_v4.rope import apply_rope
 from tierserve.models.deepseek_v4.static_state import CompBuffers, LayerBuffers, StaticState
 
@@ -100,11 +102,12 @@ def decode_static(model, state: StaticState, ids: torch.Tensor) -> torch.Tensor:
     B = ids.shape[0]
     pos = state.positions[:B]
     h = model.embed(ids).unsqueeze(1).expand(-1, model.config.hc_mult, -1).contiguous()
+    fused = ids.is_cuda and triton is not None        # Sinkhorn in one launch (mhc_triton.py)
     for block, lb in zip(model.layers, state.layers):
-        x, post, comb = block.hc_attn(h)
+        x, post, comb = block.hc_attn(h, fused=fused)
         out = attention_static(block.attn, lb, block.attn_norm(x), pos)
         h = HyperConnection.merge(out, post, comb, h)
-        x, post, comb = block.hc_ffn(h)
+        x, post, comb = block.hc_ffn(h, fused=fused)
         out = block.ffn.forward_decode(block.ffn_norm(x), ids)
         h = HyperConnection.merge(out, post, comb, h)
     logits = model.head(model.norm(model.hc_head(h)))
