@@ -68,7 +68,8 @@ def decode(model: Optional[str] = typer.Option(None, help="checkpoint dir or shi
             con.print(f"{row['engine']:>12}  batch {row['batch']:>3}  ctx {row['context']:>6}  skipped: {row['skipped']}")
             return
         con.print(f"{row['engine']:>12}  batch {row['batch']:>3}  ctx {row['context']:>6}  "
-                  f"{row['tok_s']:9.1f} tok/s  ttft {row['ttft_s']:.3f}s")
+                  f"{row['tok_s']:9.1f} tok/s  ttft {row['ttft_s']:.3f}s"
+                  + (f"  tokens == plain path: {row['tokens_equal_plain']}" if "tokens_equal_plain" in row else ""))
     res = bench_decode(model, cases, load_format=load_format, device=device, dtype=dtype,
                        engines=tuple(engines.split(",")), repeats=repeats, progress=show)
     for row in res["rows"]:

@@ -75,6 +75,19 @@ def run_tierserve(llm, case: DecodeCase, prompts) -> dict:
             "tokens": [done[f"b{i}"] for i in range(len(prompts))]}
 
 
+def plain_tokens(llm, case: DecodeCase, prompts, max_new: int = 32) -> list[list[int]]:
+    """Greedy tokens of the plain path on the same engine and weights: no CUDA graphs, one step per
+    host round trip (the first ``max_new`` tokens)."""
+    eng = llm.engine
+    graphs, steps = eng.runner.graphs, eng.config.num_scheduler_steps
+    eng.runner.graphs, eng.config.num_scheduler_steps = None, 1
+    try:
+        small = DecodeCase(case.batch, case.context, min(case.new_tokens, max_new))
+        return run_tierserve(llm, small, prompts)["tokens"]
+    finally:
+        eng.runner.graphs, eng.config.num_scheduler_steps = graphs, steps
+
+
 @torch.inference_mode()
 def run_transformers(model, case: DecodeCase, prompts, **generate_kw) -> dict:
     """``generate_kw`` go to ``generate`` (e.g. ``cache_implementation="offloaded"``)."""
@@ -206,6 +219,8 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
             timed = sorted(rs[1:], key=lambda r: r["tok_s"])
             results[name] = {**timed[len(timed) // 2], "tok_s_runs": [round(r["tok_s"], 2) for r in rs[1:]]}
         ref = results.get("transformers", {}).get("tokens")
+        fast = eng.runner.graphs is not None or eng.config.num_scheduler_steps > 1
+        plain = plain_tokens(llm, case, prompts) if "tierserve" in results and fast else None
         for name, r in results.items():
             toks = r.pop("tokens")
             row = {"engine": name, "batch": case.batch, "context": case.context, "new_tokens": case.new_tokens,
@@ -215,6 +230,10 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
             if ref is not None and name != "transformers":
                 same = sum(a == b for a, b in zip(toks, ref))
                 row["greedy_match_transformers"] = f"{same}/{len(ref)} sequences"
+            if plain is not None and name == "tierserve":   # CUDA graphs + multi-step vs the plain path
+                n = len(plain[0])
+                row["tokens_equal_plain"] = all(a[:n] == b for a, b in zip(toks, plain))
+                row["tokens_compared_plain"] = n
             rows.append(row)
             if progress:
                 progress(row)
