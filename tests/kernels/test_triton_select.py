@@ -151,3 +151,14 @@ def test_decode_over_fused_selection_matches_reference(monkeypatch, dtype):
             for t, _, n in (want, got)]
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("P,seq_lens,D,group", [(1, [1], 16, 1), (2, [5, 1], 24, 8), (7, [25, 28], 20, 2)])
+def test_edge_shapes_match_torch_chain(monkeypatch, P, seq_lens, D, group):
+    """One- and two-page tables, a one-token context, head dims that are no power of two, 8 heads a group."""
+    cfg = SparseConfig("pages", topk_tokens=8, sink_tokens=4, recent_tokens=4)
+    q, kv, meta = make_case(11, len(seq_lens), 2, group, 4, D, P, N=12, seq_lens=seq_lens, heat=True)
+    want, got, want_heat, got_heat = run_both(monkeypatch, q, kv, meta, cfg)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    torch.testing.assert_close(got_heat[0], want_heat[0], rtol=0, atol=0)

@@ -29,8 +29,9 @@ import triton.language as tl
 def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, seqlen_ptr, out_ptr,
                        P, n_dev, n_host, s_qb, s_qh, s_kp, s_kh, s_xp, s_xh, s_hp, s_hh, s_gp, s_gh,
                        s_ptb, s_ob, s_oh,
-                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_P: tl.constexpr,
-                       TOPK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr, HOST: tl.constexpr):
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+                       BLOCK_P: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
+                       HOST: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -43,26 +44,27 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, se
     # the pages that compete (the negation of ``forced`` among the visible ones, spelled out)
     need = visible & (start >= SINK) & (start + PAGE <= pos - RECENT) & (p != pos // PAGE) & (seq_len > TOPK)
     page = tl.load(pt_ptr + b * s_ptb + p, mask=need, other=0).to(tl.int64)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, D_PAD)
+    dmask = d < HEAD_DIM
     if HOST:    # page ids >= n_dev are spilled: their summaries sit in the host-summary copy on the device
         on_host = page >= n_dev
         dp = tl.where(on_host, 0, page)
         hp = tl.where(on_host, page - n_dev, 0)
-        dm = need & (page < n_dev)
-        hm = need & on_host & (hp < n_host)
-        kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm[:, None], other=0.0) + \
-            tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm[:, None], other=0.0)
-        kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm[:, None], other=0.0) + \
-            tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm[:, None], other=0.0)
+        dm = (need & (page < n_dev))[:, None] & dmask[None, :]
+        hm = (need & on_host & (hp < n_host))[:, None] & dmask[None, :]
+        kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm, other=0.0) + \
+            tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm, other=0.0)
+        kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm, other=0.0) + \
+            tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm, other=0.0)
     else:       # (ids past the device pool cannot occur here; masked rather than read out of bounds)
-        need = need & (page < n_dev)
-        kmin = tl.load(kmin_ptr + page[:, None] * s_kp + h * s_kh + d[None, :], mask=need[:, None], other=0.0)
-        kmax = tl.load(kmax_ptr + page[:, None] * s_xp + h * s_xh + d[None, :], mask=need[:, None], other=0.0)
+        m = (need & (page < n_dev))[:, None] & dmask[None, :]
+        kmin = tl.load(kmin_ptr + page[:, None] * s_kp + h * s_kh + d[None, :], mask=m, other=0.0)
+        kmax = tl.load(kmax_ptr + page[:, None] * s_xp + h * s_xh + d[None, :], mask=m, other=0.0)
     kmin = kmin.to(tl.float32)
     kmax = kmax.to(tl.float32)
     ub = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(GROUP):
-        qg = tl.load(q_ptr + b * s_qb + (h * GROUP + g) * s_qh + d).to(tl.float32)
+        qg = tl.load(q_ptr + b * s_qb + (h * GROUP + g) * s_qh + d, mask=dmask, other=0.0).to(tl.float32)
         s = tl.sum(tl.maximum(qg, 0.0)[None, :] * kmax + tl.minimum(qg, 0.0)[None, :] * kmin, axis=1)
         ub = tl.maximum(ub, s)
     score = tl.where(forced, float("inf"), tl.where(visible, ub, float("-inf")))
@@ -161,8 +163,9 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
         hmin.stride(0), hmin.stride(1), hmax.stride(0), hmax.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE=page_size, BLOCK_P=block_p, TOPK=cfg.topk_tokens,
-        SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None, num_warps=4)
+        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size, BLOCK_P=block_p,
+        TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
+        num_warps=4)
     return out
 
 
