@@ -103,7 +103,8 @@ def choose_split_k(device: torch.device, n_tiles: int, m_tiles: int, num_kb: int
 def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
              block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
              split_k: int | None = None, use_dot: bool | None = None, block_n: int | None = None,
-             block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+             block_k: int | None = None, num_warps: int = 4, num_stages: int = 4,
+             waves: int = 4) -> torch.Tensor:
     """``x [M, K]`` (fp32/bf16/fp16, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn (row-major),
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[M, N]`` in ``out_dtype`` (default x.dtype)."""
     M, K = x.shape
@@ -131,7 +132,7 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
     if sbk % block_k or block_k & (block_k - 1):
         raise ValueError(f"fp8_gemm: block_k={block_k} must be a power of two dividing the scale block {sbk}")
     m_tiles, n_tiles = -(-M // block_m), -(-N // block_n)
-    split = split_k or choose_split_k(x.device, n_tiles, m_tiles, kbs)
+    split = split_k or choose_split_k(x.device, n_tiles, m_tiles, kbs, waves)
     kb_per_split = -(-kbs // max(1, min(split, kbs)))
     split = -(-kbs // kb_per_split)
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
@@ -146,7 +147,7 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
         x.stride(0), qweight.stride(0), scale_inv.stride(0), dst.stride(-2), dst.stride(0) if not direct else 0,
         SBN=sbn, SBK=sbk, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
         DOT_PREC=dot_prec, DIRECT=direct, HAS_BIAS=bias is not None,
-        LOW_DOT=x.dtype in (torch.bfloat16, torch.float16) and not _INTERPRET, num_warps=num_warps, num_stages=4)
+        LOW_DOT=x.dtype in (torch.bfloat16, torch.float16) and not _INTERPRET, num_warps=num_warps, num_stages=num_stages)
     if not direct:
         rb = 256
         _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, N, split, dst.stride(0), dst.stride(1),
