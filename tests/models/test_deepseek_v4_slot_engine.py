@@ -21,28 +21,39 @@ def path(tmp_path_factory):
     return p
 
 
-def _run(path, slots: bool, params=None, **kw):
+def _run(path, slots: bool, params=None, small=None, **kw):
     kw.setdefault("max_model_len", 128)
     llm = LLM(str(path), dtype="float32", device="cpu", **kw)
     runner = llm.engine.runner
     if slots:
         assert runner.enable_slot_decode(use_graphs=False)
         assert not runner.cuda_graphs
+    if small:                           # (slots, max_len): batches and sequences that do not fit fall back
+        from tierserve.runner.stateful_graphs import SlotDecoder
+        runner.slots = SlotDecoder(runner.model, small[0], small[1], runner.device, use_graphs=False)
     prompts = [rand_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
     params = params or [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in NEWS]
     outs = llm.generate(prompts, params)
     assert runner.num_states == 0 and (runner.slots is None or not runner.slots.slot_of)
-    if slots:
+    if slots and not small:
         assert runner.slots.steps >= max(NEWS) - 1
+    if small:
+        assert 0 < runner.slots.steps < max(NEWS) - 1
     return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("kw", [{}, dict(max_num_seqs=3), dict(max_num_batched_tokens=6),
-                                dict(enable_prefix_caching=True, prefix_unit=16)])
+                                dict(enable_prefix_caching=True, prefix_unit=16), dict(kv_dtype="fp8")])
 def test_slot_decode_equals_decode_batch(path, kw):
     want = _run(path, False, **kw)
     assert [len(t) for t in want] == list(NEWS)
     assert _run(path, True, **kw) == want
+
+
+def test_too_few_slots_or_too_short_fall_back(path):
+    """2 slots of 48 tokens: the first steps (5 requests) and the long tails run ``decode_batch``, requests
+    move in and out of the slots as the batch shrinks and grows past them."""
+    assert _run(path, False, small=(2, 48)) == _run(path, False)
 
 
 def test_slot_decode_with_sampling(path):
