@@ -100,3 +100,18 @@ def test_cuda_graph_replay_equals_eager(path):
                 d.evict("a", export=False)
             rids, toks = rids[1:], toks[1:]
     assert decs[1].replays == 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_engine_with_cuda_graphs_equals_enforce_eager(path):
+    prompts = [rand_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in NEWS]
+    out = {}
+    for eager in (True, False):
+        llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=128, enforce_eager=eager)
+        runner = llm.engine.runner
+        assert runner.cuda_graphs is not eager
+        out[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if not eager:
+            assert runner.slots.replays >= max(NEWS) - 1 and not runner.slots.slot_of
+    assert out[False] == out[True]
