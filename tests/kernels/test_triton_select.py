@@ -162,3 +162,30 @@ def test_edge_shapes_match_torch_chain(monkeypatch, P, seq_lens, D, group):
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     torch.testing.assert_close(got_heat[0], want_heat[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (3000, 128), (64, 64), (50, 80)])
+def test_threshold_search_is_exact_topk(P, budget):
+    """topk_compact on random scores (both signs, repeated values, -0.0 and +0.0, +inf kept, -inf invisible tails) keeps
+    exactly the +inf pages and the ``budget`` best, ties to the lowest index (a stable-sort reference)."""
+    g = torch.Generator().manual_seed(P)
+    page, B, H = 4, 2, 3
+    scores = torch.randn(B, H, P, generator=g) * 10.0 ** torch.randint(-3, 4, (B, H, P), generator=g).float()
+    scores[:, :, ::7] = scores[:, :, 3:4]                         # many equal scores
+    scores[:, :, 5::11], scores[:, :, 6::13] = 0.0, -0.0          # zeros of both signs tie
+    scores[:, :, :2] = float("inf")
+    seq = torch.tensor([P * page, P * page * 2 // 3 + 1])
+    n_vis = (seq - 1) // page + 1
+    scores[1, :, int(n_vis[1]):] = float("-inf")
+    table = torch.randperm(4 * P, generator=g)[:P].repeat(B, 1)
+    t, logical, lens = topk_compact(scores.to(DEV), table.to(DEV), seq.to(DEV), page, budget, max_selected=P)
+    for b in range(B):
+        for h in range(H):
+            s = scores[b, h, : int(n_vis[b])]
+            order = sorted(range(len(s)), key=lambda i: (-float(s[i]), i))
+            keep = set(order[:budget]) | {i for i in range(len(s)) if s[i] == float("inf")}
+            n = len(keep)
+            assert logical[b, h, :n].tolist() == sorted(keep), (b, h)
+            assert t[b, h, :n].tolist() == table[b, sorted(keep)].tolist()
+            tail = int(seq[b]) - (int(seq[b]) - 1) // page * page
+            assert int(lens[b, h]) == (n - 1) * page + tail

@@ -7,8 +7,8 @@
    as fp32 [B, Hkv, P]: -inf for pages the query cannot see, +inf for the pages always kept (sink pages,
    the recent window, the query's own page; every visible page while the context fits the budget).
    Only the pages that compete are read.
-2. ``_topk_compact_kernel`` grid (batch, KV head): finds the ``budget``-th largest score by a bitwise
-   binary search over the scores' order-preserving int32 keys (ties at the threshold go to the lowest
+2. ``_topk_compact_kernel`` grid (batch, KV head): finds the ``budget``-th largest score by a search over
+   the scores' order-preserving int32 keys, two bits a step (ties at the threshold go to the lowest
    page index: deterministic), keeps those pages plus every +inf page, and writes the compacted page
    table the decode kernels read (same contract as ``triton_decode.compact_selection``), and adds the
    selection counts to the tiers' page heat (``backend.count_selection``) with atomics.
@@ -87,16 +87,22 @@ def _topk_compact_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, 
     if BUDGET > 0:
         bits = s.to(tl.int32, bitcast=True)
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)        # int32 keys in the order of the fp32 scores
+        key = tl.where(s == 0.0, 0, key)                  # -0.0 ties with +0.0, as the floats compare
         key = tl.where(in_row, key, -2147483647 - 1)
-        # the largest threshold t with at least BUDGET keys >= t (the BUDGET-th largest key)
+        # the largest threshold t with at least BUDGET keys >= t (the BUDGET-th largest key), two bits a
+        # step: the counts at three thresholds share one reduction, packed in 21-bit fields (P < 2**21)
         lo = tl.full([], -2147483648, tl.int64)
-        hi = tl.full([], 2147483647, tl.int64)
-        for _ in tl.static_range(32):
-            mid = (lo + hi + 1) >> 1
-            cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-            take = cnt >= BUDGET
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid - 1)
+        for i in tl.static_range(16):
+            quarter = 1 << (30 - 2 * i)
+            m1 = (lo + quarter).to(tl.int32)
+            m2 = (lo + 2 * quarter).to(tl.int32)
+            m3 = (lo + 3 * quarter).to(tl.int32)
+            packed = (key >= m1).to(tl.int64) + ((key >= m2).to(tl.int64) << 21) + \
+                ((key >= m3).to(tl.int64) << 42)
+            tot = tl.sum(packed, axis=0)
+            passed = ((tot & 0x1FFFFF) >= BUDGET).to(tl.int64) + (((tot >> 21) & 0x1FFFFF) >= BUDGET).to(tl.int64) \
+                + ((tot >> 42) >= BUDGET).to(tl.int64)
+            lo = lo + passed * quarter
         t = lo.to(tl.int32)
         above = key > t
         tie = (key == t).to(tl.int32)
@@ -177,6 +183,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     ``page_heat`` (device page ids) / ``host_heat`` (spilled slots, id - num_device_pages)."""
     B, Hkv, P = scores.shape
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
+    assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
     K = min(P, max_selected)
     table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
     logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
