@@ -5,30 +5,26 @@ query heads sharing a KV head padded to 16 rows for ``tl.dot``; online softmax i
 merged by their log-sum-exp with that module's ``_merge_kernel``), but every token is read in the
 precision the FP8 read rule (``tierserve.quant.fp8_kv``) gives it. For the query at p = seq_len - 1,
 token j is read in FP8 iff ``j >= keep_sink``, ``p - j >= keep_recent`` and j's page is complete before
-p; otherwise at full precision. A page is read from one of three sources:
+p; otherwise at full precision. Each key/value is loaded once, from one of three sources:
 
-* ``quantised[page]`` set: the page's bytes for this (layer, K/V) hold ``page_size*Hkv*D`` e4m3 codes
-  (token-major, so a code's byte offset equals the element offset of the value it replaced) and ``Hkv``
-  fp32 power-of-two scales at a 4-byte aligned offset; the kernel reads ``code * scale``. The policy
-  never lets the rule ask such a page for full precision, so every token of it reads the FP8 values.
-* not quantised, token read in FP8 (a page that became old enough but is not converted yet, e.g. during
-  the later steps of a multi-step decode): the page is fake-quantised on the fly, bit-exactly like
-  ``fake_quant`` / ``quantise_pages_``: per (page, head) amax over the page's ``page_size`` rows, the
-  smallest power of two >= amax/448 as scale (from the exponent bits, no division), round-to-nearest-even
-  e4m3 of ``x / scale`` (integer rounding on the fp32 bits, subnormals included), times the scale. So a
-  page gives the same numbers whether it was quantised in storage or not.
-* otherwise: the stored full-precision values.
+* ``quantised[page]`` set: only its e4m3 codes (1 byte per value) and the (page, head) fp32 scale are
+  loaded (format in ``triton_fp8_common``); the policy never lets the rule ask such a page for full
+  precision. The codes enter ``tl.dot`` as model-dtype code values (exact) and the power-of-two scale is
+  folded into the scores (keys) and the probabilities (values): no per-value multiply, bit-identical.
+* not quantised, token read in FP8 (the page straddling the keep_recent edge, or a page that left the
+  window but is not converted yet, e.g. inside a multi-step window): the page is quantised on the fly,
+  exactly like storage would (``fake_fold``), in a branch taken only by blocks that hold such a page
+  (one or two blocks per sequence, not the bulk of the context).
+* otherwise: the stored full-precision values (2 bytes per value).
 
 Keys are processed in blocks of ``BLOCK_N`` tokens, a multiple of the page size, aligned to page
 boundaries (also with a sliding window and across splits), so every page lies inside one block and its
-per-head amax is one reduction over the block reshaped to [pages, page_size*D]. Fake quantisation runs
-only in blocks that need it (a scalar branch on the device).
+per-head amax is a row reduction and one small per-page reduction.
 
 CUDA-graph safe: the flags, page tables, sequence lengths and scales are read on the device; the
 wrapper does no host sync, and keep_sink / keep_recent are plain kernel arguments fixed per engine.
-On the GPU the keys/values enter ``tl.dot`` in the model dtype, converted like the reference's
-``.to(q.dtype)`` (exact for bf16: FP8 values have 4 significant bits); under the CPU interpreter (``TRITON_INTERPRET=1``) they are kept in fp32 (its bf16
-dot is unreliable). Reference: ``TorchRefBackend`` with ``meta.kv_fp8`` (tests/kernels/test_triton_decode_fp8.py).
+Under the CPU interpreter (``TRITON_INTERPRET=1``) keys/values enter the dot in fp32 (its bf16 dot is
+unreliable). Reference: ``TorchRefBackend`` with ``meta.kv_fp8`` (tests/kernels/test_triton_decode_fp8.py).
 """
 from __future__ import annotations
 
@@ -38,56 +34,25 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_decode import load_group_q, merge_splits, softmax_update, split_buffers, store_split
+from tierserve.attention.triton_decode import load_group_q, merge_splits, split_buffers, store_split
+from tierserve.attention.triton_fp8_common import fake_fold, load_codes, load_scales, softmax_update_scaled
 
 
 @triton.jit
-def _exp2i(e):
-    """2**e in fp32 for an integer e in [-126, 127], built from the exponent bits (exact)."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _scale_exp(amax):
-    """Exponent of the smallest power of two >= amax / 448 (0 for amax == 0), like ``pow2_scale``:
-    amax = 1.m * 2**e needs 2**(e-8) when 1.m <= 1.75, else 2**(e-7); at least 2**-126."""
-    bits = amax.to(tl.int32, bitcast=True)
-    e = (bits >> 23) & 0xFF
-    es = tl.maximum(e - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32), -126)
-    return tl.where(amax > 0, es, 0)
-
-
-@triton.jit
-def _e4m3_round(y):
-    """Round fp32 ``y`` (|y| <= 448) to the nearest e4m3fn value (ties to even, subnormals included)
-    and return it in fp32: the mantissa is rounded at the e4m3 quantum 2**max(E-3, -9) on the bits."""
-    bits = y.to(tl.int32, bitcast=True)
-    e = (bits >> 23) & 0xFF                                     # biased fp32 exponent
-    m = (bits & 0x7FFFFF) | 0x800000                            # 24-bit significand
-    shift = tl.minimum(tl.maximum(141 - e, 20), 31)            # quantum / ulp(y), as a bit count
-    r = (m + (1 << (shift - 1)) - 1 + ((m >> shift) & 1)) >> shift
-    mag = r.to(tl.float32) * _exp2i(tl.maximum(e - 130, -9))
-    mag = tl.where(e == 0, 0.0, mag)
-    return tl.where(bits < 0, -mag, mag)
-
-
-@triton.jit
-def _read_kv(ptr, bptr, page, off, kvh, d, valid, stored, low, s_p, s_t, s_h, s_bp,
-             SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """[BLOCK_N, D] fp32 keys (or values) of one K/V block: full precision, stored FP8, or fake FP8."""
+def read_folded(ptr, bptr, page, off, kvh, d, valid, stored, fake, any_fake, s_p, s_t, s_h, s_bp,
+                SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    """[BLOCK_N, D] keys (or values) of one K/V block as (values in DTYPE, fp32 scale per token): stored
+    pages give their codes and scales (1 byte per value read), pages at full precision their values with
+    scale 1 (2 bytes), and rows ``fake`` (full-precision pages read in FP8) are quantised on the fly --
+    only when the scalar ``any_fake`` says some row is. Masked-off loads move no bytes."""
     rel = off[:, None] * s_t + kvh * s_h + d[None, :]          # element offset == code byte offset
-    x = tl.load(ptr + page[:, None] * s_p + rel, mask=(valid & ~stored)[:, None], other=0.0).to(tl.float32)
-    codes = tl.load(bptr + page[:, None] * s_bp + rel, mask=(valid & stored)[:, None], other=0)
-    sc_ptr = (bptr + page * s_bp + SCALE_OFF + 4 * kvh).to(tl.pointer_type(tl.float32))
-    sc = tl.load(sc_ptr, mask=valid & stored, other=1.0)
-    out = tl.where(stored[:, None], codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, None], x)
-    fake = low & ~stored
-    if tl.sum(fake.to(tl.int32), axis=0) > 0:    # FP8 reading of a page still at full precision
-        amax = tl.max(tl.reshape(tl.abs(x), (BLOCK_N // PAGE, PAGE * HEAD_DIM)), axis=1)   # per page
-        es = tl.reshape(tl.broadcast_to(_scale_exp(amax)[:, None], (BLOCK_N // PAGE, PAGE)), (BLOCK_N,))
-        fq = _e4m3_round(x * _exp2i(-es)[:, None]) * _exp2i(es)[:, None]
-        out = tl.where(fake[:, None], fq, out)
-    return out
+    x = tl.load(ptr + page[:, None] * s_p + rel, mask=(valid & ~stored)[:, None], other=0.0)
+    val = load_codes(bptr + page[:, None] * s_bp + rel, (valid & stored)[:, None], DTYPE)
+    val = tl.where(stored[:, None], val, x.to(DTYPE))
+    sc = load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, valid & stored)
+    if any_fake:
+        val, sc = fake_fold(x, val, sc, fake, PAGE, BLOCK_N, DTYPE)
+    return val, sc
 
 
 @triton.jit
@@ -129,15 +94,16 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
         stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
         last = (t // PAGE + 1) * PAGE - 1
         low = valid & (t >= keep_sink) & (p - t >= keep_recent) & (last < p)     # the read rule
-        k = _read_kv(kv_ptr, kvb_ptr, page, off, kvh, d, valid, stored, low, s_p, s_t, s_h, s_bp,
-                     SCALE_OFF, PAGE, BLOCK_N, HEAD_DIM)
-        v = _read_kv(kv_ptr + s_kv, kvb_ptr + s_bkv, page, off, kvh, d, valid, stored, low, s_p, s_t, s_h,
-                     s_bp, SCALE_OFF, PAGE, BLOCK_N, HEAD_DIM)
-        k = k.to(q.dtype)       # as the reference's .to(q.dtype); exact for bf16 / fp32
-        v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale          # [G, N], log2 units
+        fake = low & ~stored
+        any_fake = tl.sum(fake.to(tl.int32), axis=0) > 0
+        k, ks = read_folded(kv_ptr, kvb_ptr, page, off, kvh, d, valid, stored, fake, any_fake, s_p, s_t, s_h,
+                            s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        v, vs = read_folded(kv_ptr + s_kv, kvb_ptr + s_bkv, page, off, kvh, d, valid, stored, fake, any_fake,
+                            s_p, s_t, s_h, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        # scales folded into the scores and the probabilities (powers of two: exact)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
         s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
-        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = softmax_update_scaled(s, v, vs, m_i, l_i, acc)
     store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
 
 

@@ -2,14 +2,19 @@
 gives it (``tierserve.quant.fp8_kv``): the query at position p reads token j in FP8 iff j >= keep_sink,
 p - j >= keep_recent and j's page is complete before p.
 
-Same rows as ``triton_prefill.py`` (BLOCK_T tokens x the query heads of one KV head, packed chunks), but the
-rule depends on the query, so every key block is read twice -- full precision (stored values; pages stored
-in FP8 give their codes x scales, which the rule never asks for more) and its FP8 reading (codes x scales,
-or the page fake-quantised on the fly exactly like storage would) -- with both scores computed and the
-rule choosing per (row, key); the probabilities are split the same way over the two value readings. Key
-blocks are multiples of the page size, aligned to pages, so each page's amax is one reduction (the FP8
-decode kernel's ``_read_kv``). No host pages (FP8 KV is refused with KV tiers).
-Reference: ``TorchRefBackend`` with ``meta.kv_fp8``.
+Same rows and blocks as ``triton_prefill.py`` (BLOCK_T tokens x the query heads of one KV head, packed
+chunks, 128 rows x 64 keys on the GPU). The rule is monotone in p, so for a program's rows (positions
+p_lo..p_hi) a key is read in FP8 by every row (rule at p_lo), by none (rule at p_hi false), or by some:
+only the two or three key blocks around ``p - keep_recent`` hold keys of the last kind ("mixed" blocks:
+both readings, both scores, the rule picks per (row, key)); every other block is read once, in the one
+precision all rows use -- stored FP8 pages as their codes (1 byte per value) with the power-of-two scale
+folded into the scores / probabilities, full-precision pages as their values.
+
+FP8 readings of pages still at full precision (the chunk's own pages and the recent ones before it) come
+from a scratch computed once per layer and step (``triton_fp8_quant.prefill_scratch``), not quantised
+again by every query block. Any other full-precision page read in FP8 (a page another holder still keeps
+at full precision) is quantised in the kernel (a branch taken only where one occurs).
+No host pages (FP8 KV is refused with KV tiers). Reference: ``TorchRefBackend`` with ``meta.kv_fp8``.
 """
 from __future__ import annotations
 
@@ -18,24 +23,49 @@ import triton
 import triton.language as tl
 
 from tierserve.attention.triton_decode import _INTERPRET, _LOG2E
-from tierserve.attention.triton_decode_fp8 import _read_kv, scale_offset
+from tierserve.attention.triton_decode_fp8 import scale_offset
+from tierserve.attention.triton_fp8_common import fake_fold, load_scales
+from tierserve.attention.triton_fp8_quant import prefill_scratch, scratch_first_page
 from tierserve.attention.triton_prefill import chunk_rows, store_rows
 
 
 @triton.jit
-def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, o_ptr, qk_scale,
-                        keep_sink, keep_recent, s_qt, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_ot, s_oh,
+def _readings(ptr, bptr, sptr, page, rel, kvh, need_x, from_page, from_sc, fb, any_fb, s_p, s_bp,
+              SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    """Both readings of one K/V block, each loaded only where some row needs it: (full values, FP8 code
+    values, FP8 scales). FP8 codes come from a stored page or the scratch row ``sptr``."""
+    x = tl.load(ptr + page[:, None] * s_p + rel, mask=need_x[:, None], other=0.0)
+    cp = tl.load(bptr + page[:, None] * s_bp + rel, mask=from_page[:, None], other=0)
+    cs = tl.load(sptr[:, None] + rel, mask=from_sc[:, None], other=0)
+    low = tl.where(from_page[:, None], cp, cs).to(tl.float8e4nv, bitcast=True).to(DTYPE)
+    sc = tl.where(from_page, load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, from_page),
+                  load_scales(sptr + SCALE_OFF + 4 * kvh, from_sc))
+    if any_fb:
+        low, sc = fake_fold(x, low, sc, fb, PAGE, BLOCK_N, DTYPE)
+    return x.to(DTYPE), low, sc
+
+
+@triton.jit
+def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, o_ptr, sc_ptr,
+                        qk_scale, keep_sink, keep_recent, SP, s_qt, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb,
+                        s_ot, s_oh, s_sp, s_skv,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                         SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr):
     c = tl.program_id(0)
     blk = tl.program_id(1)
     kvh = tl.program_id(2)
-    if blk * BLOCK_T >= tl.load(qlen_ptr + c):
+    q_len = tl.load(qlen_ptr + c)
+    if blk * BLOCK_T >= q_len:
         return
     q, packed, heads, r_mask, d, q_pos, lo, hi = chunk_rows(
         q_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, c, blk, kvh, s_qt, s_qh, GROUP, GROUP_PAD, BLOCK_T, HEAD_DIM, UPCAST,
         BLOCK_N, WINDOW)
+    seq_len = tl.load(seqlen_ptr + c)
+    c0 = seq_len - q_len
+    first = scratch_first_page(c0, keep_recent, PAGE)      # scratch holds logical pages first ..
+    p_lo = c0 + blk * BLOCK_T                               # positions of the program's first and last rows
+    p_hi = tl.minimum(p_lo + BLOCK_T, seq_len) - 1
     ROWS: tl.constexpr = BLOCK_T * GROUP_PAD
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -43,24 +73,33 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
     for t0 in range(lo, hi, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         valid = t < hi
-        page = tl.load(pt_ptr + c * s_ptb + t // PAGE, mask=valid, other=0).to(tl.int64)
-        off = (t % PAGE).to(tl.int64)
+        lp = t // PAGE
+        page = tl.load(pt_ptr + c * s_ptb + lp, mask=valid, other=0).to(tl.int64)
+        rel = (t % PAGE).to(tl.int64)[:, None] * s_t + kvh * s_h + d[None, :]
         stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
-        never = valid & (t < 0)
-        kf = _read_kv(kv_ptr, kvb_ptr, page, off, kvh, d, valid, stored, never, s_p, s_t, s_h, s_bp,
-                      SCALE_OFF, PAGE, BLOCK_N, HEAD_DIM).to(q.dtype)
-        kl = _read_kv(kv_ptr, kvb_ptr, page, off, kvh, d, valid, stored, valid, s_p, s_t, s_h, s_bp,
-                      SCALE_OFF, PAGE, BLOCK_N, HEAD_DIM).to(q.dtype)
-        vf = _read_kv(kv_ptr + s_kv, kvb_ptr + s_bkv, page, off, kvh, d, valid, stored, never, s_p, s_t, s_h,
-                      s_bp, SCALE_OFF, PAGE, BLOCK_N, HEAD_DIM).to(q.dtype)
-        vl = _read_kv(kv_ptr + s_kv, kvb_ptr + s_bkv, page, off, kvh, d, valid, stored, valid, s_p, s_t, s_h,
-                      s_bp, SCALE_OFF, PAGE, BLOCK_N, HEAD_DIM).to(q.dtype)
-        last = (t // PAGE + 1) * PAGE - 1
-        low = (t[None, :] >= keep_sink) & (q_pos[:, None] - t[None, :] >= keep_recent) & \
-            (last[None, :] < q_pos[:, None])                                     # [ROWS, N]: the read rule
-        s_f = tl.dot(q, tl.trans(kf), input_precision="ieee")
-        s_l = tl.dot(q, tl.trans(kl), input_precision="ieee")
-        s = tl.where(low, s_l, s_f) * qk_scale
+        last = (lp + 1) * PAGE - 1
+        low_all = valid & (t >= keep_sink) & (p_lo - t >= keep_recent) & (last < p_lo)     # FP8 for every row
+        low_any = valid & (t >= keep_sink) & (p_hi - t >= keep_recent) & (last < p_hi)     # FP8 for some row
+        in_sc = lp >= first
+        need_x = valid & ~stored & (~low_all | ~in_sc)
+        fb = low_any & ~stored & ~in_sc
+        any_fb = tl.sum(fb.to(tl.int32), axis=0) > 0
+        from_page = low_any & stored
+        from_sc = low_any & ~stored & in_sc
+        sptr = sc_ptr + (c * SP + tl.maximum(lp - first, 0)).to(tl.int64) * s_sp
+        kf, kl, ksl = _readings(kv_ptr, kvb_ptr, sptr, page, rel, kvh, need_x, from_page, from_sc, fb, any_fb,
+                                s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        vf, vl, vsl = _readings(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, need_x, from_page,
+                                from_sc, fb, any_fb, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        mixed = tl.sum((low_any & ~low_all).to(tl.int32), axis=0) > 0
+        if mixed:       # the rule per (row, key): both scores
+            low = (t[None, :] >= keep_sink) & (q_pos[:, None] - t[None, :] >= keep_recent) & \
+                (last[None, :] < q_pos[:, None])
+            s = tl.where(low, tl.dot(q, tl.trans(kl), input_precision="ieee") * (ksl * qk_scale)[None, :],
+                         tl.dot(q, tl.trans(kf), input_precision="ieee") * qk_scale)
+        else:           # one reading per key
+            k = tl.where(low_all[:, None], kl, kf)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * (tl.where(low_all, ksl, 1.0) * qk_scale)[None, :]
         see = valid[None, :] & (t[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             see = see & (q_pos[:, None] - t[None, :] < WINDOW)
@@ -70,9 +109,16 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p_l = tl.where(low, p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot((p - p_l).to(vf.dtype), vf, input_precision="ieee") + \
-            tl.dot(p_l.to(vl.dtype), vl, input_precision="ieee")
+        if mixed:
+            low = (t[None, :] >= keep_sink) & (q_pos[:, None] - t[None, :] >= keep_recent) & \
+                (last[None, :] < q_pos[:, None])
+            p_l = tl.where(low, p, 0.0)
+            pv = tl.dot((p - p_l).to(vf.dtype), vf, input_precision="ieee") + \
+                tl.dot((p_l * vsl[None, :]).to(vl.dtype), vl, input_precision="ieee")
+        else:
+            v = tl.where(low_all[:, None], vl, vf)
+            pv = tl.dot((p * tl.where(low_all, vsl, 1.0)[None, :]).to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     store_rows(o_ptr, acc, l_i, packed, heads, r_mask, d, s_ot, s_oh)
 
@@ -84,7 +130,8 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
                       block_rows: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """``paged_prefill`` (same packed chunks, same return) over FP8 KV pages: kv_layer [N, 2, rows, Hkv, D]
-    (one layer of the page-major storage, each (page, K/V) block contiguous); quantised [N] bool."""
+    (one layer of the page-major storage, each (page, K/V) block contiguous); quantised [N] bool.
+    Two launches: the chunks' FP8 scratch, then the attention."""
     T, Hq, D = q.shape
     N, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -92,20 +139,22 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
         "each (page, K/V) block must be contiguous"
     group = Hq // Hkv
     group_pad = triton.next_power_of_2(group)
-    rows_blk = block_rows or (32 if _INTERPRET else 64)
+    rows_blk = block_rows or (32 if _INTERPRET else (64 if D > 128 else 128))
     block_t = max(1, rows_blk // group_pad)
     block_n = block_n or max(page_size, 16 if _INTERPRET else 64)
     assert block_n % page_size == 0 and block_n & (block_n - 1) == 0
     kv_bytes = kv_layer.view(torch.uint8)
     if out is None:
         out = torch.empty_like(q)
+    scratch, sp = prefill_scratch(kv_layer, quantised, page_table, q_len, seq_lens, max_q_len, page_size,
+                                  keep_recent)
     grid = (q_len.shape[0], triton.cdiv(max_q_len, block_t), Hkv)
     _prefill_fp8_kernel[grid](
-        q, kv_layer, kv_bytes, quantised.view(torch.uint8), page_table, q_start, q_len, seq_lens, out,
-        scale * _LOG2E, keep_sink, keep_recent, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        q, kv_layer, kv_bytes, quantised.view(torch.uint8), page_table, q_start, q_len, seq_lens, out, scratch,
+        scale * _LOG2E, keep_sink, keep_recent, sp, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), scratch.stride(0), scratch.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n,
         SCALE_OFF=scale_offset(page_size, Hkv, D, kv_layer.element_size(), rows), WINDOW=sliding_window or 0,
-        UPCAST=_INTERPRET, num_warps=num_warps or 4, num_stages=num_stages)
+        UPCAST=_INTERPRET, num_warps=num_warps or (4 if block_t * group_pad <= 64 else 8), num_stages=num_stages)
     return out

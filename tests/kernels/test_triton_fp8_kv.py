@@ -1,0 +1,134 @@
+"""FP8 KV kernels (issue 6): page quantisation into storage and into the prefill scratch (byte-identical to
+``quant.fp8_kv.quantise_pages_``), and the FP8 prefill kernel on long chunks (uniform FP8 blocks read from
+stored pages and from the scratch, mixed blocks at the keep_recent edge, the in-kernel fallback) vs the
+torch reference. GPU when there is one, else the CPU under TRITON_INTERPRET=1 at tiny sizes."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from tierserve.attention.backend import AttnMetadata  # noqa: E402
+from tierserve.attention.torch_ref import TorchRefBackend  # noqa: E402
+from tierserve.attention.triton_fp8_quant import (prefill_scratch, quantise_pages_triton,  # noqa: E402
+                                                  scale_offset, scratch_pages_per_chunk)
+from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8  # noqa: E402
+from tierserve.kv.fp8_pages import Fp8PagePolicy  # noqa: E402
+from tierserve.quant.fp8_kv import quantise_pages_  # noqa: E402
+from tierserve.runner.kv_fp8 import Fp8Pages  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ps,h,d", [(16, 2, 16), (8, 3, 32), (4, 1, 16)])
+def test_store_quantisation_byte_identical(dtype, ps, h, d):
+    g = torch.Generator().manual_seed(ps + h)
+    mag = torch.logspace(-30, 30, 7)[:, None, None, None, None, None]      # scales far from 1 both ways
+    data = (torch.randn(7, 3, 2, ps + 1, h, d, generator=g) * mag).to(dtype)
+    data[1, 0, 0, :, 0] = 0                                                 # an all-zero (page, head): scale 1
+    data[4, 2, 1, 1, 0, :3] = torch.tensor([1e-41, -3e-40, 448.0]).to(dtype)   # subnormals, e4m3 max
+    a, b = data.clone().to(DEV), data.clone().to(DEV)
+    pids = torch.tensor([1, 4, 5, 6], device=DEV)
+    quantise_pages_(a, pids, ps)
+    quantise_pages_triton(b, pids, ps)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))           # codes, scales, zeros, summaries
+
+
+def _pages(seq_lens, ps, N, g):
+    B, P = len(seq_lens), max(-(-n // ps) for n in seq_lens) + 1
+    perm = torch.randperm(N, generator=g)
+    table = torch.randint(0, N, (B, P), generator=g)
+    used = 0
+    for b, n in enumerate(seq_lens):
+        k = -(-n // ps)
+        table[b, :k] = perm[used:used + k]
+        used += k
+    return table
+
+
+def test_prefill_scratch_matches_storage_quantisation():
+    """Each scratch page = the page's FP8 blob as storage would hold it (a partial last page: its valid rows,
+    the rest counted as zero); pages already stored are skipped."""
+    ps, h, d, N, recent = 4, 2, 16, 40, 5
+    g = torch.Generator().manual_seed(1)
+    lens, qlens = [23, 9, 30], [10, 9, 3]
+    data = torch.randn(N, 1, 2, ps, h, d, generator=g).to(DEV)
+    table = _pages(lens, ps, N, g).to(DEV)
+    flags = torch.zeros(N, dtype=torch.bool, device=DEV)
+    flags[table[0, 3]] = True                                     # a stored page: left alone
+    scratch, sp = prefill_scratch(data[:, 0], flags, table, torch.tensor(qlens, device=DEV),
+                                  torch.tensor(lens, device=DEV), max(qlens), ps, recent)
+    assert sp == scratch_pages_per_chunk(max(qlens), ps, recent)
+    blk = scale_offset(ps, h, d) + 4 * h
+    checked = 0
+    for c, (n, k) in enumerate(zip(lens, qlens)):
+        first = max(n - k - max(recent, 1), 0) // ps
+        assert -(-n // ps) - first <= sp
+        for i in range(first, -(-n // ps)):
+            pid = int(table[c, i])
+            if bool(flags[pid]):
+                continue
+            page = data[pid:pid + 1].clone()
+            page[:, :, :, n - i * ps:] = 0                        # rows past the sequence
+            quantise_pages_(page, torch.tensor([0], device=DEV), ps)
+            want = page.view(torch.uint8).reshape(2, -1)[:, :blk]
+            got = scratch[c * sp + i - first]
+            assert torch.equal(got[:, :ps * h * d], want[:, :ps * h * d])
+            assert torch.equal(got[:, blk - 4 * h:], want[:, blk - 4 * h:])
+            checked += 1
+    assert checked == 9
+
+
+PREFILL = [  # hq, hkv, page, D, seq_lens, q_lens, keep_sink, keep_recent, window
+    (8, 2, 4, 16, [70, 45], [40, 45], 5, 7, None),          # continued + fresh chunk, GQA, mixed + uniform blocks
+    (4, 2, 16, 16, [100, 37], [33, 20], 0, 0, None),        # no sink / recent: FP8 as soon as a page is complete
+    (4, 1, 8, 32, [61, 90], [25, 50], 16, 1, None),
+    (4, 2, 4, 16, [66], [30], 3, 100, None),                # window covers everything: no FP8 read
+    (4, 1, 8, 16, [90, 50], [30, 50], 4, 9, 20),            # sliding window
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(PREFILL)))
+def test_fp8_prefill_long_chunks_match_reference(dtype, case):
+    hq, hkv, ps, D, lens, qlens, sink, recent, window = PREFILL[case]
+    g = torch.Generator().manual_seed(10 + case)
+    N = sum(-(-n // ps) for n in lens) + 8
+    mag = torch.exp2(torch.randint(-3, 4, (N, 1, 2, 1, hkv, 1), generator=g).float())
+    data = (torch.randn(N, 2, 2, ps, hkv, D, generator=g) * mag).to(DEV, dtype)
+    table = _pages(lens, ps, N, g).to(DEV)
+    q = torch.randn(sum(qlens), hq, D, generator=g).to(DEV, dtype)
+    fp8 = Fp8Pages(N, ps, sink, recent, DEV)
+    pol = Fp8PagePolicy(ps, sink, recent)
+    # pages no query of the chunks reads at full precision: most stored, a few left (the kernel's fallback)
+    ok = [int(table[b, i]) for b, (n, k) in enumerate(zip(lens, qlens)) for i in range(-(-(n - k) // ps))
+          if i * ps >= sink and not pol.needs_full(i, n - k) and (i + 1) * ps <= n - k]
+    qsl = [0]
+    for k in qlens:
+        qsl.append(qsl[-1] + k)
+    pos = torch.cat([torch.arange(n - k, n) for n, k in zip(lens, qlens)]).to(DEV)
+    z = torch.zeros(len(pos), dtype=torch.long, device=DEV)
+    meta = AttnMetadata(num_seqs=len(lens), num_tokens=qsl[-1], page_size=ps, positions=pos, slot_pages=z,
+                        slot_offsets=z, query_start_loc=torch.tensor(qsl, device=DEV),
+                        seq_lens=torch.tensor(lens, device=DEV), page_table=table, query_lens_cpu=qlens,
+                        seq_lens_cpu=list(lens), kv_fp8=Fp8Pages(N, ps, 0, 1 << 20, DEV))
+    plain = TorchRefBackend().forward(q.float(), None, None, data[:, 1].float(), meta, D ** -0.5, window, 1,
+                                      kv_written=True)                      # every key at full precision
+    fp8.quantise(data, [p for j, p in enumerate(ok) if j % 5 != 2])
+    meta.kv_fp8 = fp8
+    # the reference reads the storage as it is (FP8 blobs live in the storage dtype's bytes)
+    want = TorchRefBackend().forward(q, None, None, data[:, 1], meta, D ** -0.5, window, 1,
+                                     kv_written=True).float()
+    got = paged_prefill_fp8(q, data[:, 1], fp8.quantised, table, torch.tensor(qsl[:-1], device=DEV),
+                            torch.tensor(qlens, device=DEV), meta.seq_lens, max(qlens), D ** -0.5, ps, sink,
+                            recent, sliding_window=window)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    else:
+        torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+    if recent < 100:        # FP8 reads really happened
+        assert (got.float() - plain).abs().max() > 1e-3

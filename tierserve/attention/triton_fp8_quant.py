@@ -1,0 +1,108 @@
+"""FP8 page quantisation in Triton: pages into storage, and a prefill chunk's FP8 readings into a scratch.
+
+* ``quantise_pages_triton(data, pids, page_size)``: the Triton twin of ``quant.fp8_kv.quantise_pages_``
+  (byte-identical result): every layer and K/V block of pages ``pids`` converted in place to e4m3 codes +
+  power-of-two scales. One quantisation launch over (page x layer, K/V, head) into a zeroed byte buffer
+  and one indexed copy into the pages (a program per head cannot convert in place: a head's codes land
+  on bytes other heads still have to read). No host sync (the page ids go up through pinned memory).
+* ``prefill_scratch(...)``: for each prefill chunk, the FP8 reading (codes + scales, the page format) of
+  every page from the first one any of its queries reads in *both* precisions (the keep_recent edge before
+  the chunk) to its last page -- the pages that are still at full precision while some query reads them in
+  FP8 (the chunk's own pages and the recent ones before it). Computed once per layer and step instead of
+  once per query block; pages already stored as FP8 are skipped (the kernel reads those in place).
+  Scratch page ``c * SP + k`` holds logical page ``first_page(c) + k`` of chunk c.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tierserve.attention.triton_fp8_common import quant_block_head
+
+
+def scale_offset(page_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """Byte offset of the per-head fp32 scales after the codes of one (page, K/V) block."""
+    return -(-(page_size * num_kv_heads * head_dim) // 4) * 4
+
+
+@triton.jit
+def scratch_first_page(c0, keep_recent, PAGE: tl.constexpr):
+    """First logical page whose tokens some query at a position >= c0 reads at full precision while
+    another reads them in FP8 (or that is not complete before c0): pages before it are read the same way by
+    every query of a chunk starting at c0."""
+    return tl.maximum(c0 - tl.maximum(keep_recent, 1), 0) // PAGE
+
+
+@triton.jit
+def _store_quant_kernel(src_ptr, dst_ptr, pid_ptr, s_np, s_nl, s_nkv, s_t, s_h, s_di, s_dkv, n_layers, n_heads,
+                        PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        SCALE_OFF: tl.constexpr):
+    i = tl.program_id(0)
+    kv = tl.program_id(1)
+    h = tl.program_id(2)
+    page = tl.load(pid_ptr + i // n_layers).to(tl.int64)
+    src = src_ptr + page * s_np + (i % n_layers).to(tl.int64) * s_nl + kv * s_nkv
+    quant_block_head(src, dst_ptr + i.to(tl.int64) * s_di + kv * s_dkv, PAGE, h, s_t, s_h, n_heads,
+                     PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
+
+
+def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int) -> None:
+    """Quantise pages ``pids`` (int64, on data's device) of ``data [N, L, 2, rows, H, D]`` in place."""
+    n = pids.numel()
+    if n == 0:
+        return
+    N, L, two, rows, h, d = data.shape
+    nbytes = page_size * h * d * data.element_size()
+    off = scale_offset(page_size, h, d)
+    if off + 4 * h > nbytes:
+        raise ValueError(f"a page of {page_size} tokens in {data.dtype} has no room for FP8 codes + scales")
+    assert data.is_contiguous()
+    blob = torch.zeros(n, L, two, nbytes, dtype=torch.uint8, device=data.device)
+    _store_quant_kernel[(n * L, two, h)](
+        data, blob, pids, data.stride(0), data.stride(1), data.stride(2), data.stride(3), data.stride(4),
+        two * nbytes, nbytes, L, h, PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
+        HEAD_DIM=d, SCALE_OFF=off, num_warps=4)
+    data.view(torch.uint8).view(N, L, two, -1)[pids, :, :, :nbytes] = blob
+
+
+@triton.jit
+def _scratch_kernel(kv_ptr, dst_ptr, flag_ptr, pt_ptr, qlen_ptr, seqlen_ptr, keep_recent, SP,
+                    s_p, s_kv, s_t, s_h, s_ptb, s_di, s_dkv, n_heads,
+                    PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SCALE_OFF: tl.constexpr):
+    i = tl.program_id(0)
+    kv = tl.program_id(1)
+    h = tl.program_id(2)
+    c = i // SP
+    seq_len = tl.load(seqlen_ptr + c)
+    lp = scratch_first_page(seq_len - tl.load(qlen_ptr + c), keep_recent, PAGE) + i % SP
+    if lp * PAGE < seq_len:
+        page = tl.load(pt_ptr + c * s_ptb + lp).to(tl.int64)
+        if tl.load(flag_ptr + page) == 0:       # stored FP8 pages are read in place
+            quant_block_head(kv_ptr + page * s_p + kv * s_kv, dst_ptr + i.to(tl.int64) * s_di + kv * s_dkv,
+                             tl.minimum(seq_len - lp * PAGE, PAGE), h, s_t, s_h, n_heads, PAGE, PAGE_PAD,
+                             HEAD_DIM, SCALE_OFF)
+
+
+def scratch_pages_per_chunk(max_q_len: int, page_size: int, keep_recent: int) -> int:
+    """Upper bound of the pages from ``scratch_first_page`` to a chunk's last page."""
+    return -(-(max_q_len + max(keep_recent, 1) + page_size - 1) // page_size)
+
+
+def prefill_scratch(kv_layer: torch.Tensor, quantised: torch.Tensor, page_table: torch.Tensor,
+                    q_len: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, page_size: int,
+                    keep_recent: int) -> tuple[torch.Tensor, int]:
+    """kv_layer [N, 2, rows, Hkv, D]; per chunk c: page_table [C, P], q_len / seq_lens [C] (device).
+    Returns (scratch uint8 [C * SP, 2, block bytes], SP). Entries of pages past a chunk's end or stored
+    as FP8 are left unwritten (never read)."""
+    N, two, rows, h, d = kv_layer.shape
+    C = q_len.shape[0]
+    sp = scratch_pages_per_chunk(max_q_len, page_size, keep_recent)
+    off = scale_offset(page_size, h, d)
+    scratch = torch.empty(C * sp, two, off + 4 * h, dtype=torch.uint8, device=kv_layer.device)
+    _scratch_kernel[(C * sp, two, h)](
+        kv_layer, scratch, quantised.view(torch.uint8), page_table, q_len, seq_lens, keep_recent, sp,
+        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), page_table.stride(0),
+        scratch.stride(0), scratch.stride(1), h, PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
+        HEAD_DIM=d, SCALE_OFF=off, num_warps=4)
+    return scratch, sp
