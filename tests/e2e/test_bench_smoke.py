@@ -27,8 +27,16 @@ def test_bench_tiers_smoke(tmp_path):
     r = runner.invoke(app, ["bench", "tiers", "--smoke", "--device", "cpu", "--output", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    served = {row["hit"]: row["served_by"] for row in res["rows"] if row["kind"] == "ttft"}
+    ttft = {row["hit"]: row for row in res["rows"] if row["kind"] == "ttft"}
+    served = {hit: row["served_by"] for hit, row in ttft.items()}
     assert served["cold"] == {} and "gpu" in served["gpu"] and "cpu" in served["cpu"] and "disk" in served["disk"]
+    # the forced disk load and what the cost policy chose, with its two estimates, side by side
+    pol = ttft["disk-policy"]
+    assert pol["policy_choice"] in ("load", "recompute") and pol["est_load_s"] > 0 and pol["est_recompute_s"] > 0
+    assert ttft["disk"]["disk_read_GBps"] > 0 and res["summary"]["disk_bandwidth_GBps"] > 0
+    # every row was streamed as it came (a run killed by a time limit keeps them)
+    lines = (tmp_path / "tiers.json.partial.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + len(res["rows"]) and (tmp_path / "tiers.png").exists()
     spill = [row for row in res["rows"] if row["kind"] == "decode" and row["gpu_frac"] < 1]
     assert spill and spill[0]["spilled_pages"] > 0
     # lossless: the run with pages in CPU RAM gives the all-GPU run's greedy tokens, and saves GPU memory

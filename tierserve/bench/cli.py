@@ -86,21 +86,28 @@ def tiers(model: Optional[str] = typer.Option(None, help="checkpoint dir or ship
                                        "(the first is the reference for token equality; 0.6 = the seed's 40% saving)"),
           new_tokens: int = typer.Option(32), cpu_kv_gb: float = typer.Option(8.0),
           policy: str = typer.Option("cost", help="kv_load_policy: cost | always"),
+          time_budget: float = typer.Option(500.0, help="seconds; later steps become skipped rows past it"),
+          disk_bw_gb: float = typer.Option(2.0, help="GiB of the fresh file whose raw disk read is measured"),
+          disk_dir: Optional[str] = typer.Option(None, help="where the disk tier's directory is made (default: TMPDIR)"),
           device: str = typer.Option("auto"), smoke: bool = typer.Option(False, help="tiny sizes for CI"),
-          output: Path = typer.Option(Path("benchmarks/results/tiers.json"))) -> None:
-    """TTFT cold vs prefix hits from GPU / CPU RAM / disk, and decode with part of the KV on the GPU."""
+          output: Path = typer.Option(Path("benchmarks/results/tiers.json")),
+          plot: bool = typer.Option(True, help="write a PNG beside the JSON")) -> None:
+    """TTFT cold vs prefix hits from GPU / CPU RAM / disk (forced and as the cost policy chooses), and decode
+    with part of the KV on the GPU; rows stream to OUTPUT.partial.jsonl."""
     from rich.console import Console
 
-    from tierserve.bench.results import write_result
     from tierserve.bench.tiers import bench_tiers
+    from tierserve.bench.tiers_plot import plot_tiers
 
-    con = Console(stderr=True)
+    con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     if smoke:
-        context, gpu_frac, new_tokens, cpu_kv_gb = "200", "1,0.5", 8, 0.05
+        context, gpu_frac, new_tokens, cpu_kv_gb, disk_bw_gb = "200", "1,0.5", 8, 0.05, 1 / 16
     res = bench_tiers(model, _ints(context), load_format=load_format, device=device,
                       gpu_fracs=tuple(float(x) for x in gpu_frac.split(",")), new_tokens=new_tokens,
-                      cpu_kv_gb=cpu_kv_gb, policy=policy, progress=lambda r: con.print(r))
-    con.print(f"wrote {write_result(res, output)}")
+                      cpu_kv_gb=cpu_kv_gb, policy=policy, time_budget_s=time_budget,
+                      disk_bw_bytes=int(disk_bw_gb * 2**30), disk_root=disk_dir,
+                      partial_path=str(output) + ".partial.jsonl", progress=lambda r: con.print(r))
+    _write(con, res, output, plot_tiers if plot else None)
 
 
 @app.command("sparse-recall")

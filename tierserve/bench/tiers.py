@@ -1,197 +1,154 @@
-"""Tiered-KV benchmark (issue 5): TTFT of a long prompt cold and on a prefix hit from each tier, and
-decode speed with only part of the sequence's KV on the GPU -- with the tiers' raw bandwidths (pinned
-host->device copy, disk read) measured in the same run as the baselines.
+"""Tiered-KV benchmark (issue 5): TTFT of a long prompt cold and on a prefix hit from each tier (tiers_ttft.py),
+decode speed with only part of the sequence's KV on the GPU (tiers_decode.py) and transformers' caches on the
+same prompt (tiers_hf.py) -- with the raw bandwidths they are bounded by (pinned host -> device copy, disk read
+with the page cache dropped: tiers_io.py) measured in the same run.
+
+Every row is streamed to ``partial_path`` (JSON lines) as it is produced, so a run stopped by a time limit keeps
+them (``result_from_partial`` turns that file into a result). ``time_budget_s`` bounds the run: a step whose
+estimated time no longer fits is a skipped row that says why, and time is kept for the transformers baselines.
 """
 from __future__ import annotations
 
-import os
+import gc
+import json
 import tempfile
-import time
+from pathlib import Path
 
 import torch
 
-from tierserve.bench.results import make_result
+from tierserve.bench.results import make_result, row_emitter
+from tierserve.bench.tiers_io import Budget, measure_bandwidths
+from tierserve.bench.tiers_ttft import HITS, hit_paths
 
 
-def _sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def measure_bandwidths(dev: torch.device, disk_dir: str, nbytes: int = 256 << 20) -> dict[str, float]:
-    """Pinned host->device copy and local-disk read (after a write + fsync; page cache not dropped)."""
-    out = {}
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    dst.copy_(host)
-    _sync(dev)
-    t = time.perf_counter()
-    for _ in range(3):
-        dst.copy_(host, non_blocking=True)
-    _sync(dev)
-    out["host_to_device_GBps"] = 3 * nbytes / (time.perf_counter() - t) / 1e9
-    path = os.path.join(disk_dir, "bw.bin")
-    data = os.urandom(1 << 20) * (nbytes >> 20)
-    with open(path, "wb") as f:
-        t = time.perf_counter()
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        out["disk_write_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
-    t = time.perf_counter()
-    with open(path, "rb") as f:
-        while f.read(16 << 20):
-            pass
-    out["disk_read_GBps"] = nbytes / (time.perf_counter() - t) / 1e9
-    os.unlink(path)
-    return out
-
-
-def _free(dev) -> None:
-    import gc
-
+def _free() -> None:
     gc.collect()
-    if dev.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _warm_up(llm, vocab: int, n: int) -> None:
-    """Compile and capture what the timed runs use, on tokens no timed prompt shares."""
-    from tierserve import SamplingParams
-
-    ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(-1 % 2**31)).tolist()
-    llm.generate([ids], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+def _prompt(vocab: int, n: int, seed: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _ttft(llm, prompt) -> tuple[float, dict]:
-    from tierserve import SamplingParams
-
-    dev = llm.engine.runner.device
-    _sync(dev)
-    t = time.perf_counter()
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0]
-    _sync(dev)
-    return time.perf_counter() - t, out.cached_tokens_by_tier
-
-
-def hf_baselines(model: str | None, load_format: str, ctx: int, new_tokens: int, progress=None) -> list[dict]:
-    """transformers on the same shapes in the same run: decode with its default (all-GPU) cache and with its
-    offloaded cache (layers' KV in CPU RAM, prefetched one layer ahead) -- the baseline for tiered decode."""
-    import gc
-
-    from tierserve.bench.decode import DecodeCase, _hf_model, run_transformers
-    from tierserve.loader.hf import resolve_model_path
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    dev = torch.device("cuda")
-    hf = _hf_model(resolve_model_path(model), load_format, dev, torch.bfloat16)
-    prompt = torch.randint(3, hf.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(1)).tolist()
-    rows = []
-    for cache in ("dynamic", "offloaded"):
-        kw = {} if cache == "dynamic" else {"cache_implementation": "offloaded"}
-        # the offloaded cache decodes at ~0.6 tok/s at 128k: 8 tokens measure its rate
-        case = DecodeCase(1, ctx, new_tokens if cache == "dynamic" else min(new_tokens, 8))
-        try:
-            r = run_transformers(hf, case, prompt, **kw)
-        except torch.OutOfMemoryError as e:
-            r = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-            torch.cuda.empty_cache()
-        r.pop("tokens", None)
-        rows.append({"kind": "decode", "engine": "transformers", "cache": cache, "context": ctx, **r})
-        if progress:
-            progress(rows[-1])
-    del hf
-    gc.collect()
-    torch.cuda.empty_cache()
-    return rows
+def _hf_reserve(cold_s: float, on_gpu: bool) -> float:
+    """Seconds kept for the transformers baselines: loading, two prefills, a few decode steps."""
+    return 30 + 1.4 * cold_s + 16 * 0.15 + 4 * 2.5 if on_gpu else 0.0
 
 
 def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "dummy", device: str = "auto",
                 gpu_fracs: tuple[float, ...] = (1.0, 0.6, 0.5, 0.25, 0.1), new_tokens: int = 32,
-                cpu_kv_gb: float = 8.0, policy: str = "cost", progress=None) -> dict:
-    from tierserve import LLM, SamplingParams
+                cpu_kv_gb: float = 8.0, policy: str = "cost", time_budget_s: float = 500.0,
+                disk_bw_bytes: int = 2 << 30, disk_root: str | None = None, partial_path: str | None = None,
+                progress=None) -> dict:
+    from tierserve import LLM
+    from tierserve.kv.tiers import io as tier_io
 
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="tierserve-tiers-") as disk:
-        common = dict(load_format=load_format, device=device, max_model_len=max(contexts) + new_tokens + 1,
-                      max_num_seqs=4, kv_load_policy=policy)
-        bw = page_bytes = vocab = None
-        for ctx in contexts:
-            # one engine per context (each takes most of the GPU for its pool), warmed up on other tokens
-            # (kernels compiled for fresh and continued chunks) before the cold prefill is timed
-            llm = LLM(model, cpu_kv_gb=cpu_kv_gb, disk_kv_dir=disk, **common)
-            dev = llm.engine.runner.device
-            if bw is None:
-                bw = measure_bandwidths(dev, disk)
-                page_bytes = llm.engine.runner.layout.bytes_per_page
-                vocab = llm.engine.model_cfg.vocab_size
-            _warm_up(llm, vocab, min(ctx, 2 * llm.engine.config.max_num_batched_tokens + 17))
-            prompt = torch.randint(3, vocab, (ctx,), generator=torch.Generator().manual_seed(ctx)).tolist()
-            for case in ("cold", "gpu", "cpu"):
-                if case == "cpu":
-                    llm.engine.demote_prefix_cache()              # cached pages move to CPU RAM
-                s, tiers = _ttft(llm, prompt)
-                rows.append({"kind": "ttft", "context": ctx, "hit": case, "ttft_s": s, "served_by": tiers})
-                if progress:
-                    progress(rows[-1])
-            llm.engine.kv.tiers.flush()
-            del llm
-            _free(dev)
-            fresh = LLM(model, disk_kv_dir=disk, **common)        # new engine: only the disk tier has it
-            _warm_up(fresh, vocab, min(ctx, 2 * fresh.engine.config.max_num_batched_tokens + 17))
-            s, tiers = _ttft(fresh, prompt)
-            nbytes = tiers.get("disk", 0) / fresh.engine.config.page_size * page_bytes
-            rows.append({"kind": "ttft", "context": ctx, "hit": "disk", "ttft_s": s, "served_by": tiers,
-                         "disk_bytes": nbytes})
-            if progress:
-                progress(rows[-1])
-            del fresh
-            _free(dev)
-        ctx = max(contexts)
-        prompt = torch.randint(3, vocab, (ctx,), generator=torch.Generator().manual_seed(1)).tolist()
-        total_pages = -(-(ctx + new_tokens) // 16) + 2
-        ref_tokens = None
-        for frac in gpu_fracs:
-            pages = max(4, int(total_pages * frac))
-            spill_gb = (total_pages - pages) * page_bytes / 1e9      # what must leave the GPU
-            kw = dict(common, num_kv_pages=pages, cpu_kv_gb=min(cpu_kv_gb, 1.1 * spill_gb + 0.5),
-                      enable_prefix_caching=False,
-                      max_num_batched_tokens=min(2048, max(64, (pages - 2) * 16)))
-            llm = LLM(model, **kw)
-            sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-            eng = llm.engine
-            eng.add_request("d", prompt, sp)
-            while not eng.requests["d"].output_token_ids:
-                eng.step()
-            _sync(eng.runner.device)
-            t, n0 = time.perf_counter(), len(eng.requests["d"].output_token_ids)
-            req = eng.requests["d"]
-            while eng.has_unfinished_requests():
-                eng.step()
-            _sync(eng.runner.device)
-            dt = time.perf_counter() - t
-            n = len(req.output_token_ids) - n0
-            kv_bytes = (ctx + new_tokens) * eng.runner.layout.bytes_per_token
-            tokens = list(req.output_token_ids)
-            ref_tokens = ref_tokens if ref_tokens is not None else tokens      # the first (all-GPU) run
-            rows.append({"kind": "decode", "engine": "tierserve", "context": ctx, "gpu_frac": frac, "gpu_pages": pages,
-                         "gpu_kv_gib": pages * page_bytes / 2**30, "gpu_kv_saving": 1 - pages / total_pages,
-                         "tok_s": n / dt, "spilled_pages": eng.kv.num_spilled,
-                         "kv_read_GBps": kv_bytes * (1 - min(frac, 1.0)) * n / dt / 1e9,
-                         "tokens_equal_first_run": tokens == ref_tokens})
-            if progress:
-                progress(rows[-1])
-            del llm
-            _free(dev)
-        if dev.type == "cuda":
-            rows += hf_baselines(model, load_format, ctx, new_tokens, progress)
-    summary = dict(bw)
-    for ctx in contexts:
-        cold = next(r["ttft_s"] for r in rows if r["kind"] == "ttft" and r["context"] == ctx and r["hit"] == "cold")
-        for hit in ("gpu", "cpu", "disk"):
-            r = next(r for r in rows if r["kind"] == "ttft" and r["context"] == ctx and r["hit"] == hit)
-            summary[f"ttft_{hit}_over_cold_c{ctx}"] = r["ttft_s"] / cold
+    contexts = sorted(contexts)
     settings = dict(model=model or "tierserve-nano", load_format=load_format, contexts=contexts,
-                    gpu_fracs=list(gpu_fracs), new_tokens=new_tokens, cpu_kv_gb=cpu_kv_gb, policy=policy)
+                    gpu_fracs=list(gpu_fracs), new_tokens=new_tokens, cpu_kv_gb=cpu_kv_gb, policy=policy,
+                    time_budget_s=time_budget_s, kv_prefetch=False, read_workers=tier_io.READ_WORKERS)
+    rows: list[dict] = []
+    emit = row_emitter(rows, settings, partial_path, progress)
+    budget = Budget(time_budget_s)
+    common = dict(load_format=load_format, device=device, max_model_len=max(contexts) + new_tokens + 1,
+                  max_num_seqs=4)
+    with tempfile.TemporaryDirectory(prefix="tierserve-tiers-", dir=disk_root) as disk:
+        llm = LLM(model, cpu_kv_gb=cpu_kv_gb, disk_kv_dir=disk, kv_prefetch=False, kv_load_policy=policy, **common)
+        eng = llm.engine
+        dev, vocab = eng.runner.device, eng.model_cfg.vocab_size
+        bw = measure_bandwidths(dev, disk, disk_bw_bytes, tier_io.READ_WORKERS)
+        emit({"kind": "bandwidth", **bw})
+        cold: dict[int, float] = {}
+        saved = None
+        for ctx in contexts:
+            last = ctx == contexts[-1]
+            est = eng.kv.tiers.cost.prefill.estimate(ctx)
+            reserve = _hf_reserve(est or 0, dev.type == "cuda") if last else 0.0
+            why = budget.skip(3 * est + 30, f"the {ctx}-token TTFT cases", reserve) if est else None
+            if why:
+                emit({"kind": "ttft", "context": ctx, "skipped": why})
+                continue
+            try:
+                warm = _prompt(vocab, min(ctx, 2 * eng.config.max_num_batched_tokens + 17), -ctx % 2**31)
+                hit_paths(llm, warm, disk, policy)                      # each path once, not timed
+                got = hit_paths(llm, _prompt(vocab, ctx, ctx), disk, policy, emit, budget, save_kv=last)
+            except Exception as e:                  # keep the rows so far; the next context may still fit
+                emit({"kind": "ttft", "context": ctx, "error": f"{type(e).__name__}: {e}"})
+                continue
+            cold[ctx] = got["cold_s"]
+            if last:
+                saved = got
+        tiers_stats = eng.kv.tiers.stats()
+        del llm, eng
+        _free()
+        ctx = contexts[-1]
+        prompt = _prompt(vocab, ctx, ctx)
+        reserve = _hf_reserve(cold.get(ctx, 0), dev.type == "cuda")
+        if saved is None or saved["kv"] is None:
+            emit({"kind": "decode", "engine": "tierserve", "context": ctx,
+                  "skipped": f"no KV of the {ctx}-token prompt (its TTFT section did not run)"})
+        else:
+            from tierserve.bench.tiers_decode import decode_sweep
+
+            kv, saved["kv"] = saved["kv"], None
+            try:
+                decode_sweep(model, common, prompt, kv, saved["first_token"], gpu_fracs, new_tokens, budget, emit,
+                             reserve_s=reserve)
+            except Exception as e:
+                emit({"kind": "decode", "engine": "tierserve", "context": ctx, "error": f"{type(e).__name__}: {e}"})
+            del kv
+            _free()
+        if dev.type == "cuda":
+            from tierserve.bench.tiers_hf import hf_baselines
+
+            hf_baselines(model, load_format, prompt, budget, emit, cold_s=cold.get(ctx, 60.0))
+    summary = summarize(rows)
+    summary["tier_stats"] = tiers_stats
     return make_result("tierserve bench", "tiers", settings, rows, summary)
+
+
+def summarize(rows: list[dict]) -> dict:
+    out: dict = {}
+    bw = next((r for r in rows if r["kind"] == "bandwidth"), {})
+    out.update({k: v for k, v in bw.items() if k != "kind"})
+    ttft = {(r["context"], r["hit"]): r for r in rows if r["kind"] == "ttft" and "ttft_s" in r}
+    for ctx in sorted({c for c, _ in ttft}):
+        cold = ttft.get((ctx, "cold"), {}).get("ttft_s")
+        for hit in HITS:
+            r = ttft.get((ctx, hit))
+            if r is None:
+                continue
+            out[f"ttft_{hit}_s_c{ctx}"] = r["ttft_s"]
+            if cold and hit != "cold":
+                out[f"ttft_{hit}_over_cold_c{ctx}"] = r["ttft_s"] / cold
+        disk = ttft.get((ctx, "disk"), {})
+        if disk.get("disk_read_GBps") and bw.get("disk_bandwidth_GBps"):
+            out[f"disk_read_over_bandwidth_c{ctx}"] = disk["disk_read_GBps"] / bw["disk_bandwidth_GBps"]
+        pol = ttft.get((ctx, "disk-policy"), {})
+        if pol:
+            out[f"policy_choice_c{ctx}"] = pol.get("policy_choice")
+            out[f"policy_right_c{ctx}"] = pol.get("right_choice")
+    for r in rows:
+        if r["kind"] == "decode" and r.get("tok_s"):
+            key = f"gpu{r['gpu_frac']}" if r["engine"] == "tierserve" else r.get("cache")
+            out[f"decode_tok_s_{r['engine']}_{key}_c{r['context']}"] = r["tok_s"]
+    out["skipped"] = sum(1 for r in rows if "skipped" in r)
+    out["errors"] = sum(1 for r in rows if "error" in r)
+    return out
+
+
+def result_from_partial(partial: str | Path) -> dict:
+    """The result of a run that was stopped: its settings and rows from the partial file (last run in it)."""
+    settings, rows = {}, []
+    for line in Path(partial).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "run_start" in rec:
+            settings, rows = rec["settings"], []
+        else:
+            rows.append(rec)
+    res = make_result("tierserve bench", "tiers", settings, rows, summarize(rows))
+    res["meta"]["status"] = f"partial: rebuilt from {Path(partial).name} (the run was stopped before it finished)"
+    return res
