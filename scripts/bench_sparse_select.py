@@ -120,8 +120,8 @@ def bench_batch(B, a, dev):
     for name, fn in variants.items():
         eager, graph = timed(fn, graph=False), timed(fn, graph=True)
         rows.append({"batch": B, "pages": P, "variant": name.strip(), "eager_us": round(eager, 2),
-                     "graph_us": round(graph, 2)})
-        print(f"{B:>3} {P:>6} {name:<14} {eager:>9.1f} {graph:>9.1f}", flush=True)
+                     "graph_us": round(graph, 2), "per_token_ms_32_layers": round(graph * 32 / 1e3, 3)})
+        print(f"{B:>3} {P:>6} {name:<14} {eager:>9.1f} {graph:>9.1f} {graph * 32 / 1e3:>12.3f}", flush=True)
     rows.append({"batch": B, "pages": P, "variant": "check", **cmp})
     print(f"{B:>3} {P:>6} check: {cmp}", flush=True)
     return rows
@@ -143,7 +143,7 @@ def main():
     a = ap.parse_args()
     dev = torch.device("cpu" if a.smoke else "cuda")
     rows = []
-    print(f"{'B':>3} {'pages':>6} {'variant':<14} {'eager us':>9} {'graph us':>9}")
+    print(f"{'B':>3} {'pages':>6} {'variant':<14} {'eager us':>9} {'graph us':>9} {'x32 layers ms':>12}")
     for B in (int(x) for x in a.batch.split(",")):
         rows += bench_batch(B, a, dev)
         torch.cuda.empty_cache()
