@@ -24,8 +24,8 @@ from tierserve.attention.triton_decode import paged_decode
 from tierserve.attention.triton_select import page_scores, selection_bound, topk_compact
 
 
-def build(B, ctx, page, hq, hkv, D, layers, topk, heat, dev):
-    pages = -(-ctx // page)
+def build(B, ctx, page, hq, hkv, D, layers, topk, heat, dev, table_pages=0):
+    pages = max(-(-ctx // page), table_pages)      # page-table width (the engine's covers max_model_len)
     N = B * pages + 1
     # page-major storage like the engine's: [N, layers, 2, page + 1 summary row, Hkv, D]; layer 0 is timed
     data = torch.randn(N, layers, 2, page + 1, hkv, D, device=dev, dtype=torch.bfloat16)
@@ -100,7 +100,8 @@ def check(q, kv, meta):
 
 
 def bench_batch(B, a, dev):
-    q, kv, meta = build(B, a.ctx, a.page, a.hq, a.hkv, a.head_dim, a.layers, a.topk, not a.no_heat, dev)
+    q, kv, meta = build(B, a.ctx, a.page, a.hq, a.hkv, a.head_dim, a.layers, a.topk, not a.no_heat, dev,
+                        a.table_pages)
     cmp = check(q, kv, meta)
     P = meta.page_table.shape[1]
     if a.smoke:
@@ -137,6 +138,7 @@ def main():
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2, help="layers in the page-major storage (page stride)")
+    ap.add_argument("--table-pages", type=int, default=0, help="page-table width if above ctx / page")
     ap.add_argument("--no-heat", action="store_true", help="no per-page selection counts (tiers off)")
     ap.add_argument("--output", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU (TRITON_INTERPRET=1), tiny sizes, check only")
