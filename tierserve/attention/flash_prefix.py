@@ -25,12 +25,14 @@ def flash_ok(q: torch.Tensor) -> bool:
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [H, Lq, D], k/v [H, Lk, D] (same H) -> (out [H, Lq, D] in q's dtype, lse [H, Lq] fp32, natural log).
-    ``causal``: square attention (Lq == Lk), row i sees keys 0..i."""
+    """q [(B,) H, Lq, D], k/v [(B,) H, Lk, D] (same H) -> (out like q in q's dtype, lse [(B,) H, Lq] fp32,
+    natural log). ``causal``: square attention (Lq == Lk), row i sees keys 0..i."""
     if flash_ok(q):
+        batched = q.dim() == 4
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
-        return out[0], lse[0]
+            q if batched else q[None], k if batched else k[None], v if batched else v[None], 0.0, causal, False,
+            scale=scale)[:2]
+        return (out, lse) if batched else (out[0], lse[0])
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
         keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.select import page_upper_bounds, select_pages
+from tierserve.attention.sparse_prefill import prefill_selection
 
 
 class TorchRefBackend:
@@ -62,6 +63,10 @@ class TorchRefBackend:
             else:
                 ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
             chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, meta.sparse)   # [B, Hkv, Q, P]
+            for b, n in enumerate(meta.query_lens_cpu):      # prefill chunks: one choice per query block
+                if n > 1:
+                    start = meta.seq_lens_cpu[b] - n
+                    chosen[b, :, :n] = prefill_selection(ub[b, :, :n], start, n, page, meta.sparse)
             count_selection(meta, chosen & p["q_valid"][:, None, :, None], kv_layer.shape[0])
             chosen_keys = chosen.repeat_interleave(page, dim=-1)                   # [B, Hkv, Q, L]
         if meta.kv_fp8 is not None:       # each key twice: full precision and its FP8 reading

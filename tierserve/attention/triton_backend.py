@@ -18,6 +18,7 @@ from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages
+from tierserve.attention.sparse_prefill import sparse_chunk_attention, sparse_context
 from tierserve.attention.triton_decode import compact_selection, paged_decode
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 from tierserve.attention.triton_prefill import paged_prefill
@@ -76,6 +77,9 @@ class TritonBackend:
         if meta.host_kv is not None and meta.host_ram_only and host_sparse_ok and meta.kv_fp8 is None \
                 and (meta.decode_only or meta.sparse is None) and self.host_reads is not False:
             return self._host(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
+        if meta.sparse is not None and not meta.decode_only and sliding_window is None and meta.host_kv is None \
+                and meta.kv_fp8 is None and meta.sparse.selector == "pages" and min(meta.query_lens_cpu) > 1:
+            return self._sparse_prefill(q, k, v, kv_layer, meta, scale, kv_written)
         if meta.host_kv is not None or not sparse_ok or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
@@ -144,6 +148,25 @@ class TritonBackend:
                         type(e).__name__, e)
             self.host_reads = False
             return self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
+
+    @staticmethod
+    def _sparse_prefill(q, k, v, kv_layer, meta: AttnMetadata, scale: float, kv_written: bool) -> torch.Tensor:
+        """A step of prefill chunks only, with sparse attention: each chunk causal over itself plus its
+        context, dense while the context is within the budget, else the blocks' top-k pages
+        (attention/sparse_prefill.py)."""
+        if not kv_written:
+            write_kv(k, v, kv_layer, meta)
+        page = meta.page_size
+        out = torch.empty_like(q)
+        kc, vc = kv_layer[:, 0, :page], kv_layer[:, 1, :page]
+        for seq, t0, t1, start in split_step(meta, kv_layer.shape[3]).prefills:
+            if sparse_context(start, page, meta.sparse):
+                out[t0:t1] = sparse_chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta.page_table[seq],
+                                                    start, scale, meta.sparse, page)
+            else:
+                ctx = gather_context(kc, vc, meta.page_table[seq], start) if start else (None, None)
+                out[t0:t1] = chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], *ctx, scale)
+        return out
 
     @staticmethod
     def _staged_meta(meta: AttnMetadata, n_dev: int):
