@@ -51,3 +51,20 @@ def test_tier_manager_zero_copy_checked_then_falls_back(monkeypatch):
     monkeypatch.setattr(zero_copy, "gather_pages", lambda *a: None)        # a kernel that writes nothing
     kv.zero_()
     assert not tm._gather_zero_copy(slots, pids, kv) and tm.zero_copy is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the warm-up compiles the gather only for a CUDA pool")
+def test_tier_manager_warm_up_compiles_and_checks_at_start():
+    """The first CPU-RAM hit's one-time work (compile + check of the gather) is done when the tier manager is
+    made; host slot 0 holds whatever pinned memory held (a NaN here), compared bit for bit."""
+    from tierserve.kv.tiers import io
+    from tierserve.kv.tiers.manager import TierManager
+
+    shape = (2, 2, 4, 2, 8)
+    orig = io.gather_zero_copy
+    io.gather_zero_copy = lambda host, *a, **k: (host[0].view(-1).fill_(float("nan")), orig(host, *a, **k))[1]
+    try:
+        tm = TierManager(shape, torch.float32, "fp", host_pages=6, device=torch.device(DEV))
+    finally:
+        io.gather_zero_copy = orig
+    assert tm.zero_copy is True

@@ -98,6 +98,7 @@ class LoadPolicy:
         self.policy = policy
         self.bandwidth = dict(DEFAULT_BW)
         self.measured: set[str] = set()
+        self._acc: dict[str, tuple[float, float]] = {}     # (bytes, seconds) pooled per tier
         self.prefill = PrefillCost()
         self.last: dict | None = None
         self.decisions = {"load": 0, "recompute": 0}
@@ -107,10 +108,13 @@ class LoadPolicy:
         return self.policy == "cost" and self.prefill.measured
 
     def measure(self, tier: str, nbytes: int, seconds: float) -> None:
-        """The first measurement replaces the default, later ones are averaged in."""
+        """The first measurement replaces the default; later ones are pooled by bytes (bytes / seconds, both
+        summed with the older ones halved at each new one), so a large read outweighs a small probe."""
         if seconds > 0 and nbytes >= 4096:
-            x = nbytes / seconds
-            self.bandwidth[tier] = 0.8 * self.bandwidth[tier] + 0.2 * x if tier in self.measured else x
+            acc = self._acc.get(tier, (0.0, 0.0))
+            acc = (0.5 * acc[0] + nbytes, 0.5 * acc[1] + seconds)
+            self._acc[tier] = acc
+            self.bandwidth[tier] = acc[0] / acc[1]
             self.measured.add(tier)
 
     def estimate_load(self, sources: list[str], page_bytes: int) -> float:

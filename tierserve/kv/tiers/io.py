@@ -124,7 +124,7 @@ def gather_zero_copy(host_data: torch.Tensor, slots: torch.Tensor, pids: torch.T
 
         s, p = slots.cpu(), pids.to(kv_data.device)
         gather_pages(host_data, s.to(kv_data.device), kv_data, p)
-        if check and not torch.equal(kv_data[p[:1]].cpu(), host_data[s[:1]]):
+        if check and not torch.equal(kv_data[p[:1]].cpu().view(torch.uint8), host_data[s[:1]].view(torch.uint8)):
             raise RuntimeError("gathered page differs from the host page")
         return True
     except Exception as e:        # no Triton, or pinned memory the device cannot address
