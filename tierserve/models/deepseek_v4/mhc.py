@@ -39,9 +39,15 @@ class HyperConnection(nn.Module):
 
     def forward(self, h: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h``: ``[S, hc, D]`` -> (sub-layer input ``[S, D]``, post ``[S, hc]``, comb ``[S, hc, hc]``).
-        ``fused``: the Sinkhorn projection in one Triton launch (``mhc_triton.py``; the graph decode step)."""
+        ``fused``: the RMS norm and the Sinkhorn projection in one Triton launch each (``fused_ops.py``,
+        ``mhc_triton.py``; the graph decode step)."""
         hc = self.hc
-        flat = rms_unweighted(h.flatten(start_dim=1).float(), self.norm_eps)
+        flat = h.flatten(start_dim=1).float()
+        if fused:
+            from tierserve.models.deepseek_v4.fused_ops import rms_norm
+            flat = rms_norm(flat, None, self.norm_eps)
+        else:
+            flat = rms_unweighted(flat, self.norm_eps)
         pre_w, post_w, comb_w = F.linear(flat, self.fn.float()).split([hc, hc, hc * hc], dim=-1)
         pre_b, post_b, comb_b = self.base.float().split([hc, hc, hc * hc])
         s_pre, s_post, s_comb = self.scale.float().unbind(0)

@@ -104,15 +104,18 @@ class MoE(nn.Module):
         self._stacked = tuple(out)
         return self._stacked
 
-    def forward_decode(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward_decode(self, x: torch.Tensor, token_ids: torch.Tensor, use_triton: bool | None = None
+                       ) -> torch.Tensor:
         """``forward`` without host syncs or data-dependent shapes (CUDA-graph safe), for a few rows:
-        the Triton kernels of ``moe_triton.py`` on the GPU, a gather of the selected experts elsewhere.
-        Not for ``host_experts``."""
+        the Triton kernels of ``moe_triton.py`` (``use_triton``; default: on the GPU), else a gather of
+        the selected experts. Not for ``host_experts``."""
         from tierserve.models.deepseek_v4.moe_triton import routed_gather, routed_triton, triton
 
         weights, idx = self.gate(x, token_ids)
         w1, w3, w2 = self.stacked()
-        fn = routed_triton if x.is_cuda and triton is not None else routed_gather
+        if use_triton is None:
+            use_triton = x.is_cuda and triton is not None
+        fn = routed_triton if use_triton else routed_gather
         out = fn(x.contiguous(), weights, idx, w1, w3, w2, self.experts[0].limit)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

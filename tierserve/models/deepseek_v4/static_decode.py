@@ -13,8 +13,10 @@ buffers' capacity and every position-dependent choice is made on the device:
   keys, masks the missing ones to ``-inf``, takes a fixed top-``min(index_topk, capacity)`` and masks the
   picks past the row's count (gathering the stored rows first, so MODEL1 entries are dequantised only
   for the picks);
-* the routed experts run through ``MoE.forward_decode`` (Triton kernels by expert index on the GPU), and
-  on the GPU mHC's Sinkhorn projection is one Triton kernel (``mhc_triton.py``) instead of ~45 tiny ones;
+* the routed experts run through ``MoE.forward_decode`` (Triton kernels by expert index), and with
+  ``fused`` (default: on the GPU) mHC's Sinkhorn (``mhc_triton.py``), the RMS norms and rope
+  (``fused_ops.py``) are one Triton launch each instead of ~45 / ~8 / ~12 tiny kernels; the rope
+  cos / sin of a step are computed once per rope setting, not per layer;
 * ``positions`` advance by one in place, so consecutive replays need no host work.
 
 Rows past the live batch (padding up to a graph bucket) run on whatever their slot holds; their writes
@@ -23,15 +25,41 @@ stay in their own slot (entry indices past the capacity go to the scratch row).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from tierserve.models.deepseek_v4.batch import index_scores
+from tierserve.models.deepseek_v4 import fused_ops
 from tierserve.models.deepseek_v4.mhc import HyperConnection
 from tierserve.models.deepseek_v4.moe_triton import triton
+from tierserve.models.deepseek_v4.norm import rms_unweighted
 from tierserve.models.deepseek_v4.rope import apply_rope
 from tierserve.models.deepseek_v4.static_state import CompBuffers, LayerBuffers, StaticState
 
 
-def compressor_static(comp, buf: CompBuffers, x: torch.Tensor, pos: torch.Tensor, store) -> None:
+class Ops:
+    """The step's norms and rope: Triton kernels (``fused``) or the reference modules; cos / sin memo."""
+
+    def __init__(self, fused: bool) -> None:
+        self.fused = fused
+        self.memo: dict = {}
+
+    def norm(self, mod, x: torch.Tensor) -> torch.Tensor:
+        return fused_ops.rms_norm(x, mod.weight, mod.eps) if self.fused else mod(x)
+
+    def unweighted(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        return fused_ops.rms_norm(x, None, eps) if self.fused else rms_unweighted(x, eps)
+
+    def rope(self, x, cos, sin, inverse: bool = False) -> torch.Tensor:
+        return fused_ops.rope(x, cos, sin, inverse) if self.fused else apply_rope(x, cos, sin, inverse)
+
+    def cos_sin(self, spec, positions: torch.Tensor, key, dtype: torch.dtype):
+        """``spec.cos_sin(positions, dtype)``; ``key`` names the positions (the same within a step)."""
+        k = (spec, key, dtype)
+        if k not in self.memo:
+            self.memo[k] = spec.cos_sin(positions, dtype)
+        return self.memo[k]
+
+
+def compressor_static(ops: Ops, comp, buf: CompBuffers, x: torch.Tensor, pos: torch.Tensor, store) -> None:
     """One token per row (``x [B, hidden]`` at positions ``pos [B]``) into the compressor's buffers."""
     B, m, d = x.shape[0], comp.ratio, comp.dim
     C = buf.pend_kv.shape[-1]
@@ -47,10 +75,10 @@ def compressor_static(comp, buf: CompBuffers, x: torch.Tensor, pos: torch.Tensor
     else:
         slots_kv, slots_gate = kv, g
     weights = slots_gate.softmax(dim=1, dtype=torch.float32).to(slots_kv.dtype)
-    pooled = comp.norm((slots_kv * weights).sum(dim=1))
+    pooled = ops.norm(comp.norm, (slots_kv * weights).sum(dim=1))
     entry = torch.div(pos + 1, m, rounding_mode="floor") - 1
-    cos, sin = comp.rope.cos_sin(entry.clamp(min=0) * m, pooled.dtype)
-    stored = store(apply_rope(pooled, cos, sin))
+    cos, sin = ops.cos_sin(comp.rope, entry.clamp(min=0) * m, ("entry", m), pooled.dtype)
+    stored = store(ops.rope(pooled, cos, sin))
     target = torch.where(closing & (entry < buf.capacity), entry, torch.full_like(entry, buf.capacity))
     rest = stored.shape[1:]
     buf.entries[:B].scatter_(1, target.view(B, 1, *([1] * len(rest))).expand(B, 1, *rest), stored[:, None])
@@ -60,25 +88,53 @@ def compressor_static(comp, buf: CompBuffers, x: torch.Tensor, pos: torch.Tensor
         buf.prev_gate[:B].copy_(torch.where(c, g[:, :, :d].to(buf.prev_gate.dtype), buf.prev_gate[:B]))
 
 
-def attention_static(attn, lb: LayerBuffers, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _project(ops: Ops, attn, x: torch.Tensor, pos: torch.Tensor):
+    """``Attention._project`` through ``ops``."""
+    q_lora = ops.norm(attn.q_norm, attn.wq_a(x))
+    q = ops.unweighted(attn.wq_b(q_lora).view(x.shape[0], attn.n_heads, attn.head_dim), attn.eps)
+    cos, sin = ops.cos_sin(attn.rope, pos, "token", x.dtype)
+    kv = ops.rope(ops.norm(attn.norm, attn.wkv(x)), cos, sin)
+    return q_lora, ops.rope(q, cos, sin), kv, cos, sin
+
+
+def _output(ops: Ops, attn, o: torch.Tensor, cos, sin) -> torch.Tensor:
+    """``Attention._output`` through ``ops``."""
+    o = ops.rope(o, cos, sin, inverse=True)
+    S = o.shape[0]
+    grouped = o.reshape(S, attn.groups, -1).transpose(0, 1)
+    w = attn.wo_a.weight.view(attn.groups, attn.group_rank, -1).transpose(1, 2)
+    return attn.wo_b(torch.bmm(grouped, w).transpose(0, 1).reshape(S, -1))
+
+
+def _index_scores(ops: Ops, indexer, x, q_lora, pos, keys: torch.Tensor) -> torch.Tensor:
+    """``batch.index_scores`` through ``ops``: fp32 ``[B, T]``."""
+    q = indexer.wq_b(q_lora).view(x.shape[0], indexer.n_heads, indexer.head_dim)
+    cos, sin = ops.cos_sin(indexer.rope, pos, "token", q.dtype)
+    q = ops.rope(q, cos, sin)
+    s = F.relu(torch.matmul(q.float(), keys.float().transpose(1, 2))) * indexer.head_dim ** -0.5   # [B, H, T]
+    w = indexer.weights_proj(x).float() * indexer.n_heads ** -0.5
+    return (s * w.unsqueeze(-1)).sum(dim=1)
+
+
+def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``Attention.forward_step`` for one token per row, on the rows ``0..B-1`` of the buffers."""
     B, dev = x.shape[0], x.device
     W, D = attn.window, attn.head_dim
-    q_lora, q, kv, cos, sin = attn._project(x, pos)
+    q_lora, q, kv, cos, sin = _project(ops, attn, x, pos)
     ring = lb.ring[:B]
     ring.scatter_(1, (pos % W)[:, None, None].expand(-1, 1, D), kv[:, None].to(ring.dtype))
     keys = ring
     valid = torch.arange(W, device=dev)[None, :] <= pos[:, None]                  # [B, W]
     if attn.compressor is not None:
-        compressor_static(attn.compressor, lb.comp, x, pos, attn.store_entries)
+        compressor_static(ops, attn.compressor, lb.comp, x, pos, attn.store_entries)
         T = lb.comp.capacity
         have = torch.div(pos + 1, attn.ratio, rounding_mode="floor")[:, None]       # complete entries
         stored = lb.comp.entries[:B, :T]
         present = torch.arange(T, device=dev)[None, :] < have                      # [B, T]
         if attn.indexer is not None:
-            compressor_static(attn.indexer.compressor, lb.index, x, pos, attn.store_keys)
+            compressor_static(ops, attn.indexer.compressor, lb.index, x, pos, attn.store_keys)
             ikeys = attn.read_keys(lb.index.entries[:B, :T], x.dtype)
-            scores = index_scores(attn.indexer, x, q_lora, pos, ikeys).masked_fill(~present, float("-inf"))
+            scores = _index_scores(ops, attn.indexer, x, q_lora, pos, ikeys).masked_fill(~present, float("-inf"))
             k = min(attn.indexer.topk, T)
             if k < T:
                 top = scores.topk(k, dim=-1).indices                                # [B, k]
@@ -93,23 +149,26 @@ def attention_static(attn, lb: LayerBuffers, x: torch.Tensor, pos: torch.Tensor)
     logits = torch.cat([logits, sink], dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = logits.softmax(dim=-1)[..., :-1].to(keys.dtype)
-    return attn._output(torch.matmul(probs, keys), cos, sin)
+    return _output(ops, attn, torch.matmul(probs, keys), cos, sin)
 
 
-def decode_static(model, state: StaticState, ids: torch.Tensor) -> torch.Tensor:
+def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """Logits ``[B, vocab]`` of the tokens ``ids [B]`` following the rows ``0..B-1`` of ``state``, whose
-    buffers (and positions) are updated in place."""
+    buffers (and positions) are updated in place. ``fused``: Triton kernels for mHC's Sinkhorn, the norms,
+    rope and the routed experts (default: on the GPU)."""
+    if fused is None:
+        fused = ids.is_cuda and triton is not None
+    ops = Ops(fused)
     B = ids.shape[0]
     pos = state.positions[:B]
     h = model.embed(ids).unsqueeze(1).expand(-1, model.config.hc_mult, -1).contiguous()
-    fused = ids.is_cuda and triton is not None        # Sinkhorn in one launch (mhc_triton.py)
     for block, lb in zip(model.layers, state.layers):
         x, post, comb = block.hc_attn(h, fused=fused)
-        out = attention_static(block.attn, lb, block.attn_norm(x), pos)
+        out = attention_static(ops, block.attn, lb, ops.norm(block.attn_norm, x), pos)
         h = HyperConnection.merge(out, post, comb, h)
         x, post, comb = block.hc_ffn(h, fused=fused)
-        out = block.ffn.forward_decode(block.ffn_norm(x), ids)
+        out = block.ffn.forward_decode(ops.norm(block.ffn_norm, x), ids, use_triton=fused)
         h = HyperConnection.merge(out, post, comb, h)
-    logits = model.head(model.norm(model.hc_head(h)))
+    logits = model.head(ops.norm(model.norm, model.hc_head(h)))
     pos.add_(1)
     return logits
