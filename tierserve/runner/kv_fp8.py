@@ -15,12 +15,22 @@ class Fp8Pages:
         self.quantised = torch.zeros(num_pages, dtype=torch.bool, device=device)
 
     def quantise(self, kv_data: torch.Tensor, pids: list[int]) -> None:
-        """Convert complete pages that no query reads at full precision any more to FP8 in place."""
-        if pids:
-            idx = torch.tensor(sorted(pids), dtype=torch.int64, device=kv_data.device)
+        """Convert complete pages that no query reads at full precision any more to FP8 in place (every
+        layer at once; the KV manager hands each page over once). On CUDA: one Triton launch and one indexed
+        copy, page ids up through pinned memory -- no host sync, so a multi-step window queued behind keeps
+        the GPU busy (``tierserve.attention.triton_fp8_quant``)."""
+        if not pids:
+            return
+        idx = torch.tensor(sorted(pids), dtype=torch.int64)
+        if kv_data.is_cuda:
+            from tierserve.attention.triton_fp8_quant import quantise_pages_triton
+            idx = idx.pin_memory().to(kv_data.device, non_blocking=True)
+            quantise_pages_triton(kv_data, idx, self.page_size)
+        else:
+            idx = idx.to(kv_data.device)
             assert not bool(self.quantised[idx].any()), "page quantised twice"
             quantise_pages_(kv_data, idx, self.page_size)
-            self.quantised[idx] = True
+        self.quantised[idx] = True
 
     def on_write(self, slot_pages: torch.Tensor) -> None:
         """Pages written this step hold full-precision tokens (a recycled page starts over)."""

@@ -1,0 +1,218 @@
+"""FP8 vs BF16 KV attention kernels on the GPU (issue 6), at Llama-3.1-8B attention shapes (32 query heads,
+8 KV heads, head_dim 128, 16-token pages, bf16). Prints a table (and writes JSON with ``--output``):
+
+* decode: BF16 paged decode vs FP8 paged decode, batch 1 and 16, contexts 2k and 32k; FP8 with every
+  page the read rule allows stored as FP8 ("stored") and with one old page per sequence not yet converted
+  (quantised on the fly, as inside a multi-step window: "pending"). Split-K as the engine's CUDA graphs
+  choose it for max_model_len = context + 144. Each call timed inside a CUDA graph of 32 calls (32 layers).
+* quantise: storing the pages that leave the full-precision window, all 32 layers: the Triton path the
+  runner uses now vs the torch reference (``quantise_pages_``, the previous runner path), per call and
+  amortised per decode step (batch B makes B/16 pages old per step).
+* prefill: one 8192-token chunk over a 32k context (positions 24576..32767), BF16 paged prefill vs FP8
+  paged prefill (context pages stored as FP8, the chunk's own pages at full precision, as in a chunked
+  prefill); the FP8 time includes its scratch pass, also shown alone.
+
+Run: ``python scripts/bench_fp8_kv.py [--output fp8_kv.json]``; ``--smoke`` runs tiny sizes (CPU:
+TRITON_INTERPRET=1) to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
+
+
+def timer(fn, graph: bool, reps: int = 32) -> float:
+    """Microseconds per call of ``fn`` (median of 7 timings of ``reps`` calls, in one CUDA graph on the GPU)."""
+    fn()
+    if not graph:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    s, e, ts = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
+    for _ in range(7):
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) * 1e3 / reps)
+    return sorted(ts)[3]
+
+
+def eager_timer(fn, cuda: bool, reps: int = 20) -> float:
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e6 / reps
+
+
+def pool(B: int, ctx: int, dev, dtype, layers: int = 1, extra: int = 0):
+    """KV storage [N, layers, 2, PAGE, HKV, D] with disjoint random pages per sequence, page table [B, P]."""
+    per = -(-(ctx + extra) // PAGE)
+    N = B * per + 1
+    data = torch.randn(N, layers, 2, PAGE, HKV, D, device=dev, dtype=dtype)
+    table = torch.randperm(N - 1, device=dev)[:B * per].view(B, per)
+    return data, table
+
+
+def old_pages(table: torch.Tensor, ctx: int) -> list[int]:
+    """Pages the policy lets be stored as FP8 once ``ctx`` tokens are computed (the query at ctx - 1)."""
+    from tierserve.kv.fp8_pages import Fp8PagePolicy
+    pol = Fp8PagePolicy(PAGE, SINK, RECENT)
+    keep = [i for i in range(ctx // PAGE) if i * PAGE >= SINK and not pol.needs_full(i, ctx)]
+    return table[:, keep].flatten().tolist()
+
+
+def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dict]:
+    from tierserve.attention.backend import choose_splits
+    from tierserve.attention.triton_decode import paged_decode
+    from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+    from tierserve.attention.triton_fp8_quant import quantise_pages_triton
+
+    data, table = pool(B, ctx, dev, dtype)
+    kv = data[:, 0]
+    seq = torch.full((B,), ctx, device=dev)
+    q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
+    splits = choose_splits(B, HKV, ctx + 144, sms)
+    scale = D ** -0.5
+    flags = torch.zeros(data.shape[0], dtype=torch.bool, device=dev)
+    rows = []
+    bf16_bytes = B * ctx * HKV * D * 2 * data.element_size()
+    us = timer(lambda: paged_decode(q, kv[:, 0], kv[:, 1], table, seq, scale, num_splits=splits), graph)
+    rows.append(dict(kernel="decode", setting="bf16", batch=B, context=ctx, splits=splits, us=us,
+                     GBps=bf16_bytes / us / 1e3))
+    old = old_pages(table, ctx)
+    pending = table[:, (ctx - RECENT) // PAGE - 2].tolist()           # an old page per sequence, not stored yet
+    stored = [p for p in old if p not in set(pending)]
+    quantise_pages_triton(data, torch.tensor(stored, device=dev), PAGE)
+    flags[torch.tensor(stored, device=dev)] = True
+    n_fp8 = len(stored) * PAGE
+    fp8_bytes = (B * ctx - n_fp8) * HKV * D * 2 * data.element_size() + n_fp8 * HKV * (D + 4) * 2
+    for name, ids in (("fp8 pending", []), ("fp8 stored", pending)):
+        if ids:
+            quantise_pages_triton(data, torch.tensor(ids, device=dev), PAGE)
+            flags[torch.tensor(ids, device=dev)] = True
+        for bn in (None, 32, 128):
+            try:
+                us = timer(lambda: paged_decode_fp8(q, kv, flags, table, seq, scale, PAGE, SINK, RECENT,
+                                                    num_splits=splits, block_n=bn), graph)
+            except Exception as e:      # a block size that does not compile is reported, not fatal
+                rows.append(dict(kernel="decode", setting=name, batch=B, context=ctx, block_n=bn, error=repr(e)[:80]))
+                continue
+            rows.append(dict(kernel="decode", setting=name, batch=B, context=ctx, splits=splits,
+                             block_n=bn or "auto", us=us, GBps=fp8_bytes / us / 1e3,
+                             speedup_vs_bf16=rows[0]["us"] / us))
+    return rows
+
+
+def quantise_rows(B: int, dev, dtype, cuda: bool) -> list[dict]:
+    from tierserve.attention.triton_fp8_quant import quantise_pages_triton
+    from tierserve.quant.fp8_kv import quantise_pages_
+    from tierserve.runner.kv_fp8 import Fp8Pages
+
+    data = torch.randn(2 * B + 2, LAYERS, 2, PAGE, HKV, D, device=dev, dtype=dtype)
+    ids = torch.arange(B, device=dev)
+    rows = []
+    for name, fn in (("triton (now)", lambda: quantise_pages_triton(data, ids, PAGE)),
+                     ("torch quantise_pages_ (before)", lambda: quantise_pages_(data, ids, PAGE))):
+        us = eager_timer(fn, cuda)
+        rows.append(dict(kernel="quantise", setting=name, batch=B, pages=B, layers=LAYERS, us=us,
+                         us_per_decode_step=us / PAGE))
+
+    fp8 = Fp8Pages(data.shape[0], PAGE, SINK, RECENT, dev)
+
+    def runner_call():          # host time of the runner's call (page ids uploaded, no host sync)
+        fp8.quantised.zero_()
+        t = time.perf_counter()
+        fp8.quantise(data, list(range(B)))
+        return time.perf_counter() - t
+    runner_call()
+    host = sorted(runner_call() for _ in range(9))[4] * 1e6
+    rows.append(dict(kernel="quantise", setting="Fp8Pages.quantise host time", batch=B, pages=B, us=host))
+    return rows
+
+
+def prefill_rows(ctx: int, chunk: int, dev, dtype, graph: bool) -> list[dict]:
+    from tierserve.attention.triton_fp8_quant import prefill_scratch, quantise_pages_triton
+    from tierserve.attention.triton_prefill import paged_prefill
+    from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
+
+    data, table = pool(1, ctx, dev, dtype)
+    kv = data[:, 0]
+    c0 = ctx - chunk
+    q = torch.randn(chunk, HQ, D, device=dev, dtype=dtype)
+    args = (torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), chunk, device=dev),
+            torch.full((1,), ctx, device=dev), chunk)
+    scale = D ** -0.5
+    flops = 4 * HQ * D * (chunk * c0 + chunk * (chunk + 1) / 2)
+    rows = []
+    us = timer(lambda: paged_prefill(q, kv[:, 0], kv[:, 1], table, *args, scale), graph, reps=4)
+    rows.append(dict(kernel="prefill", setting="bf16", context=ctx, chunk=chunk, us=us, TFLOPs=flops / us / 1e6))
+    flags = torch.zeros(data.shape[0], dtype=torch.bool, device=dev)
+    stored = old_pages(table, c0)
+    quantise_pages_triton(data, torch.tensor(stored, device=dev), PAGE)
+    flags[torch.tensor(stored, device=dev)] = True
+    us = timer(lambda: paged_prefill_fp8(q, kv, flags, table, *args, scale, PAGE, SINK, RECENT), graph, reps=4)
+    rows.append(dict(kernel="prefill", setting="fp8 (incl. scratch)", context=ctx, chunk=chunk, us=us,
+                     TFLOPs=flops / us / 1e6, speedup_vs_bf16=rows[0]["us"] / us))
+    us = timer(lambda: prefill_scratch(kv, flags, table, args[1], args[2], chunk, PAGE, RECENT), graph, reps=4)
+    rows.append(dict(kernel="prefill", setting="fp8 scratch pass alone", context=ctx, chunk=chunk, us=us))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter) to check the script")
+    ap.add_argument("--output", help="write the rows as JSON here")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not a.smoke:
+        sys.exit("needs a CUDA GPU (or --smoke)")
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+    global HQ, HKV, D, LAYERS
+    if a.smoke:
+        HQ, HKV, D, LAYERS = 4, 2, 16, 2
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 132
+    decode = [(1, 2048), (1, 32768), (16, 2048), (16, 32768)] if not a.smoke else [(1, 200), (2, 130)]
+    rows = []
+    for B, ctx in decode:
+        rows += decode_rows(B, ctx, dev, dtype, cuda, sms)
+        torch.cuda.empty_cache() if cuda else None
+    for B in ((1, 16) if not a.smoke else (2,)):
+        rows += quantise_rows(B, dev, dtype, cuda)
+    rows += prefill_rows(*((32768, 8192) if not a.smoke else (200, 64)), dev, dtype, cuda)
+    keys = ["kernel", "setting", "batch", "context", "chunk", "splits", "block_n", "us", "GBps", "TFLOPs",
+            "speedup_vs_bf16", "us_per_decode_step", "error"]
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(f"{r[k]:.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys))
+    if a.output:
+        meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
+                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page=PAGE, keep_sink=SINK, keep_recent=RECENT))
+        json.dump({"meta": meta, "rows": rows}, open(a.output, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
