@@ -99,14 +99,11 @@ def check(q, kv, meta):
             "heat_equal": heat_ok, "decode_max_abs_diff": (outs[0].float() - outs[1].float()).abs().max().item()}
 
 
-def bench_batch(B, a, dev):
+def bench_batch(B, a, dev, table_pages):
     q, kv, meta = build(B, a.ctx, a.page, a.hq, a.hkv, a.head_dim, a.layers, a.topk, not a.no_heat, dev,
-                        a.table_pages)
+                        table_pages)
     cmp = check(q, kv, meta)
     P = meta.page_table.shape[1]
-    if a.smoke:
-        print(f"{B:>3} {P:>6} check: {cmp}")
-        return [{"batch": B, "pages": P, "variant": "check", **cmp}]
     cfg = meta.sparse
     scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
     variants = {
@@ -117,12 +114,20 @@ def bench_batch(B, a, dev):
                                                cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                meta.page_heat, None, kv.shape[0]),
     }
+    for bp, nw in ((16, 8), (32, 4), (32, 8), (64, 8)):        # the score kernel's alternatives (default 16, 4)
+        variants[f"  score {bp}p {nw}w"] = lambda bp=bp, nw=nw: page_scores(q, kv, meta.page_table, meta.seq_lens,
+                                                                             a.page, cfg, block_p=bp, num_warps=nw)
+    if a.smoke:            # each variant once, untimed
+        for fn in variants.values():
+            fn()
+        print(f"{B:>3} {P:>6} ran {len(variants)} variants; check: {cmp}")
+        return [{"batch": B, "pages": P, "variant": "check", **cmp}]
     rows = []
     for name, fn in variants.items():
         eager, graph = timed(fn, graph=False), timed(fn, graph=True)
         rows.append({"batch": B, "pages": P, "variant": name.strip(), "eager_us": round(eager, 2),
                      "graph_us": round(graph, 2), "per_token_ms_32_layers": round(graph * 32 / 1e3, 3)})
-        print(f"{B:>3} {P:>6} {name:<14} {eager:>9.1f} {graph:>9.1f} {graph * 32 / 1e3:>12.3f}", flush=True)
+        print(f"{B:>3} {P:>6} {name:<18} {eager:>9.1f} {graph:>9.1f} {graph * 32 / 1e3:>12.3f}", flush=True)
     rows.append({"batch": B, "pages": P, "variant": "check", **cmp})
     print(f"{B:>3} {P:>6} check: {cmp}", flush=True)
     return rows
@@ -138,17 +143,18 @@ def main():
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2, help="layers in the page-major storage (page stride)")
-    ap.add_argument("--table-pages", type=int, default=0, help="page-table width if above ctx / page")
+    ap.add_argument("--table-pages", default="0", help="page-table widths (if above ctx / page), e.g. 0,8200")
     ap.add_argument("--no-heat", action="store_true", help="no per-page selection counts (tiers off)")
     ap.add_argument("--output", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU (TRITON_INTERPRET=1), tiny sizes, check only")
     a = ap.parse_args()
     dev = torch.device("cpu" if a.smoke else "cuda")
     rows = []
-    print(f"{'B':>3} {'pages':>6} {'variant':<14} {'eager us':>9} {'graph us':>9} {'x32 layers ms':>12}")
-    for B in (int(x) for x in a.batch.split(",")):
-        rows += bench_batch(B, a, dev)
-        torch.cuda.empty_cache()
+    print(f"{'B':>3} {'pages':>6} {'variant':<18} {'eager us':>9} {'graph us':>9} {'x32 layers ms':>12}")
+    for width in (int(x) for x in str(a.table_pages).split(",")):
+        for B in (int(x) for x in a.batch.split(",")):
+            rows += bench_batch(B, a, dev, width)
+            torch.cuda.empty_cache()
     if a.output:
         meta_info = {"tool": "scripts/bench_sparse_select.py", "settings": vars(a),
                      "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",

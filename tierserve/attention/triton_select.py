@@ -147,10 +147,14 @@ def selection_bound(cfg, page_size: int) -> int:
 
 
 def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 32) -> torch.Tensor:
+                page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 16,
+                num_warps: int = 4) -> torch.Tensor:
     """q [B, Hq, D] (one decode query per sequence at seq_len - 1); kv_layer [N, 2, rows, Hkv, D] with the
     key min / max at row ``page_size``; page_table [B, P]; ``host_summaries`` [slots, 2, rows, Hkv, D] (one
-    layer) for page ids >= N. Returns fp32 scores [B, Hkv, P] (-inf invisible, +inf always kept)."""
+    layer) for page ids >= N. Returns fp32 scores [B, Hkv, P] (-inf invisible, +inf always kept).
+    Default 16 pages a program, 4 warps: no register spills at D=128 for sm_90 (ptxas: 128 registers, so
+    four programs an SM keep enough gathers in flight; 32 pages need 168); scripts/bench_sparse_select.py
+    times the alternatives."""
     B, Hq, D = q.shape
     N, _, rows, Hkv, _ = kv_layer.shape
     P = page_table.shape[1]
@@ -171,7 +175,7 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size, BLOCK_P=block_p,
         TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
-        num_warps=4)
+        num_warps=num_warps)
     return out
 
 
