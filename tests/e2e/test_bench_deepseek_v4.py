@@ -76,6 +76,7 @@ def test_bench_deepseek_v4_smoke(tmp_path):
     for x in rows[3:]:
         assert x["greedy_equal"] and x["greedy_match_tierserve"] == "8/8 leading tokens", x
     sm = res["summary"]
+    assert sm["tierserve_cuda_graphs"] is False
     assert sm["llama_3_1_8b_kv_bytes_per_token"] == 131072 and sm["state_bytes_per_token_bf16_this_model"] > 0
     assert sm["speedup_c16"] == rows[0]["tok_s"] / rows[3]["tok_s"] and sm["targets"]["tierserve_runs_every_context"]
     assert set(sm["targets"]) == {"speedup_ge_5x_at_c16", "tierserve_runs_every_context", "decode_c100_ge_half_of_c16"}

@@ -276,7 +276,8 @@ def _hf_from_ours(folder: Path, ours, dev: torch.device, dtype: torch.dtype, log
 def _summary(done: dict, contexts: list[int], per_token: float, per_token_full: float) -> dict:
     ours, hf = ({c: done.get((e, c), {}) for c in contexts} for e in ("tierserve", "transformers"))
     short, long_ = contexts[0], contexts[-1]
-    out = {"state_bytes_per_token_bf16_this_model": per_token, "state_bytes_per_token_bf16_full_config":
+    out = {"tierserve_cuda_graphs": any(ours[c].get("cuda_graphs") for c in contexts),
+           "state_bytes_per_token_bf16_this_model": per_token, "state_bytes_per_token_bf16_full_config":
            per_token_full, "llama_3_1_8b_kv_bytes_per_token": LLAMA_31_8B_KV_BYTES,
            "llama_ratio_full_config": LLAMA_31_8B_KV_BYTES / per_token_full}
     for c in contexts:
