@@ -100,6 +100,10 @@ def test_cuda_graph_replay_equals_eager(path):
                 d.evict("a", export=False)
             rids, toks = rids[1:], toks[1:]
     assert decs[1].replays == 12
+    assert decs[1].time_replay(1) is None                 # slots still held
+    for r in rids:
+        decs[1].evict(r, export=False)
+    assert decs[1].time_replay(1) > 0 and decs[0].time_replay(1) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

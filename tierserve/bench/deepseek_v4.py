@@ -204,7 +204,7 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
     log(f"built {n_params / 1e9:.2f}B parameters ({weight_bytes / 2**30:.1f} GiB, {tdtype}) on {dev} "
         f"in {time.perf_counter() - t_start:.1f} s; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     common, warm = dict(dtype=str(tdtype).replace("torch.", ""), batch=1), prompts[contexts[0]][:64]
-    ours_tokens, done = {}, {}
+    ours_tokens, done, graph_ms = {}, {}, None
     if "tierserve" in engines:
         _run_ours(eng, len(warm), warm, 4, float("inf"))            # warm-up (kernels, allocator)
         for c in contexts:
@@ -223,6 +223,8 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
                          roofline_frac=r["tok_s"] * read / bandwidth)
             emit(done.setdefault(("tierserve", c), {"engine": "tierserve", "context": c, "new_tokens": new_for[c],
                                                      **common, **r}))
+        if getattr(eng.runner, "slots", None) is not None:
+            graph_ms = eng.runner.slots.time_replay(1)     # the batch-1 decode graph alone (free slots)
     hf, stop = None, None
     if "transformers" in engines and time.perf_counter() - t_start <= max_wall_s:
         try:
@@ -252,7 +254,8 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
                                                     "new_tokens": new_for[c], **common, **r}))
     settings.update(device=str(dev), dtype=str(tdtype))
     summary = _summary(done, contexts, sb.per_token, sb_full)
-    summary.update(params=n_params, weight_bytes=weight_bytes, copy_bandwidth_GBps=bandwidth / 1e9,
+    summary.update(graph_replay_ms_batch1=graph_ms,      # the decode step's graph alone, no engine around it
+                   params=n_params, weight_bytes=weight_bytes, copy_bandwidth_GBps=bandwidth / 1e9,
                    wall_s=time.perf_counter() - t_start)
     return make_result("tierserve bench", "deepseek-v4", settings, rows, summary)
 

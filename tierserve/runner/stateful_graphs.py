@@ -110,6 +110,23 @@ class SlotDecoder:
         torch.cuda.synchronize(self.device)
         log.info("DeepSeek-V4 decode: CUDA graphs captured for batch sizes %s", sorted(self.graphs))
 
+    def time_replay(self, bs: int = 1, reps: int = 20) -> float | None:
+        """Milliseconds per replay of the bucket-``bs`` graph alone (no host work between replays), on free
+        slots; None without graphs or while a request holds a slot."""
+        if not self.graphs or self.slot_of:
+            return None
+        b = next(b for b in sorted(self.graphs) if b >= bs)
+        self.graphs[b].replay()
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            self.graphs[b].replay()
+        end.record()
+        end.synchronize()
+        self.state.positions.zero_()
+        return start.elapsed_time(end) / reps
+
     def _run(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.steps += 1
         if self.graphs:
