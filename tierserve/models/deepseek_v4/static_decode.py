@@ -152,6 +152,7 @@ def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: tor
     return _output(ops, attn, torch.matmul(probs, keys), cos, sin)
 
 
+@torch.no_grad()
 def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """Logits ``[B, vocab]`` of the tokens ``ids [B]`` following the rows ``0..B-1`` of ``state``, whose
     buffers (and positions) are updated in place. ``fused``: Triton kernels for mHC's Sinkhorn, the norms,
