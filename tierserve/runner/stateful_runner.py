@@ -7,9 +7,10 @@ dict:
 
 * the one-token chunks of a step that continue a stored state (decode steps) run together: on CUDA in
   fixed slot buffers as one CUDA graph per batch bucket (``stateful_graphs.py``; ``enforce_eager`` turns
-  it off, ``enable_slot_decode(False)`` runs that code eagerly), else in one ``model.decode_batch`` pass (packed per-token work, the MoE over all rows' tokens, attention over
-  padded stacks of the rows' states; ``batch_decode = False`` or TIERSERVE_STATEFUL_BATCH_DECODE=0
-  runs them one request per forward as below);
+  it off, ``enable_slot_decode(False)`` runs that code eagerly), else in one ``model.decode_batch`` pass
+  (packed per-token work, the MoE over all rows' tokens, attention over padded stacks of the rows'
+  states; ``batch_decode = False`` or TIERSERVE_STATEFUL_BATCH_DECODE=0 runs them one request per
+  forward as below);
 * a chunk starting at position 0 runs ``model.prefill``; a later chunk (chunked prefill) or a decode
   step runs ``model.forward_step(new_ids, state)`` on the stored state, and the returned state
   replaces it;
