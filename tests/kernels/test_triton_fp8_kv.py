@@ -132,3 +132,35 @@ def test_fp8_prefill_long_chunks_match_reference(dtype, case):
         torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
     if recent < 100:        # FP8 reads really happened
         assert (got.float() - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_decode_stored_page_read_at_full_precision(dtype):
+    """The decode kernel's loads follow the read rule; where a stored page is read at full precision (pages
+    stored under a narrower window than the one read with -- the page policy never does this) it still
+    gives the page's FP8 values, like the reference; pending pages (old, not stored) are quantised on the fly."""
+    from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+
+    hq, hkv, ps, D, lens = 8, 2, 4, 16, [37, 22, 5]
+    g = torch.Generator().manual_seed(3)
+    N = sum(-(-n // ps) for n in lens) + 4
+    data = torch.randn(N, 1, 2, ps, hkv, D, generator=g).to(DEV, dtype)
+    table = _pages(lens, ps, N, g).to(DEV)
+    seq = torch.tensor(lens, device=DEV)
+    q = torch.randn(len(lens), hq, D, generator=g).to(DEV, dtype)
+    pol = Fp8PagePolicy(ps, 3, 5)
+    old = [int(table[b, i]) for b, n in enumerate(lens) for i in range(n // ps)
+           if i * ps >= 3 and not pol.needs_full(i, n - 1)]
+    fp8 = Fp8Pages(N, ps, 6, 11, DEV)                  # read with a wider sink and window than stored under
+    fp8.quantise(data, old[1:])                         # old[0] stays pending
+    z = torch.zeros(len(lens), dtype=torch.long, device=DEV)
+    meta = AttnMetadata(num_seqs=len(lens), num_tokens=len(lens), page_size=ps, positions=seq - 1, slot_pages=z,
+                        slot_offsets=z, query_start_loc=torch.arange(len(lens) + 1, device=DEV), seq_lens=seq,
+                        page_table=table, query_lens_cpu=[1] * len(lens), seq_lens_cpu=lens, decode_only=True,
+                        kv_fp8=fp8)
+    want = TorchRefBackend().forward(q, None, None, data[:, 0], meta, D ** -0.5, None, 0, kv_written=True).float()
+    for splits, bn in ((1, None), (3, 16)):
+        got = paged_decode_fp8(q, data[:, 0], fp8.quantised, table, seq, D ** -0.5, ps, 6, 11,
+                               num_splits=splits, block_n=bn).float()
+        tol = 2e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=tol, rtol=2e-5 if dtype == torch.float32 else 2e-2)

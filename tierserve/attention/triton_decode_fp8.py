@@ -5,17 +5,19 @@ query heads sharing a KV head padded to 16 rows for ``tl.dot``; online softmax i
 merged by their log-sum-exp with that module's ``_merge_kernel``), but every token is read in the
 precision the FP8 read rule (``tierserve.quant.fp8_kv``) gives it. For the query at p = seq_len - 1,
 token j is read in FP8 iff ``j >= keep_sink``, ``p - j >= keep_recent`` and j's page is complete before
-p; otherwise at full precision. Each key/value is loaded once, from one of three sources:
+p; otherwise at full precision. Each key/value is loaded once, in the precision the rule gives it (so
+the loads wait only for the page ids, as in the BF16 kernel, not for the per-page stored flags):
 
-* ``quantised[page]`` set: only its e4m3 codes (1 byte per value) and the (page, head) fp32 scale are
-  loaded (format in ``triton_fp8_common``); the policy never lets the rule ask such a page for full
-  precision. The codes enter ``tl.dot`` as model-dtype code values (exact) and the power-of-two scale is
-  folded into the scores (keys) and the probabilities (values): no per-value multiply, bit-identical.
-* not quantised, token read in FP8 (the page straddling the keep_recent edge, or a page that left the
-  window but is not converted yet, e.g. inside a multi-step window): the page is quantised on the fly,
-  exactly like storage would (``fake_fold``), in a branch taken only by blocks that hold such a page
-  (one or two blocks per sequence, not the bulk of the context).
-* otherwise: the stored full-precision values (2 bytes per value).
+* read in FP8 from a page stored as FP8 (``quantised[page]``; the bulk of a long context): only its e4m3
+  codes (1 byte per value) and the (page, head) fp32 scale (format in ``triton_fp8_common``). The codes
+  enter ``tl.dot`` as model-dtype code values (exact) and the power-of-two scale is folded into the scores
+  (keys) and the probabilities (values): no per-value multiply, bit-identical to dequantising first.
+* read at full precision (sink and recent tokens, a page not complete yet): its stored values (2 bytes).
+* rule and storage disagree (checked per block from the flags; one or two blocks per sequence): a page
+  read in FP8 but still at full precision (the page straddling the keep_recent edge, or one that left the
+  window but is not converted yet, e.g. inside a multi-step window) is quantised on the fly, exactly like
+  storage would (``fake_fold``); a stored page the rule reads at full precision (the policy never lets
+  that happen) gives its FP8 values.
 
 Keys are processed in blocks of ``BLOCK_N`` tokens, a multiple of the page size, aligned to page
 boundaries (also with a sliding window and across splits), so every page lies inside one block and its
@@ -39,19 +41,30 @@ from tierserve.attention.triton_fp8_common import fake_fold, load_codes, load_sc
 
 
 @triton.jit
-def read_folded(ptr, bptr, page, off, kvh, d, valid, stored, fake, any_fake, s_p, s_t, s_h, s_bp,
+def read_folded(ptr, bptr, page, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h, s_bp,
                 SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
-    """[BLOCK_N, D] keys (or values) of one K/V block as (values in DTYPE, fp32 scale per token): stored
-    pages give their codes and scales (1 byte per value read), pages at full precision their values with
-    scale 1 (2 bytes), and rows ``fake`` (full-precision pages read in FP8) are quantised on the fly --
-    only when the scalar ``any_fake`` says some row is. Masked-off loads move no bytes."""
+    """[BLOCK_N, D] keys (or values) of one K/V block as (values in DTYPE, fp32 scale per token).
+
+    The loads follow the read rule alone (``low``: FP8 codes + scale, 1 byte per value; else the
+    full-precision values, 2 bytes), so they wait for the page ids only, not for the stored flags (a
+    second dependent memory round trip per block). Rows where rule and storage disagree (``any_fix``, a
+    scalar: one or two blocks per sequence) are fixed in a branch: a page read in FP8 but not stored yet
+    is quantised on the fly from its values; a stored page read at full precision (the page policy never
+    asks for it) gives its FP8 values. Masked-off loads move no bytes."""
     rel = off[:, None] * s_t + kvh * s_h + d[None, :]          # element offset == code byte offset
-    x = tl.load(ptr + page[:, None] * s_p + rel, mask=(valid & ~stored)[:, None], other=0.0)
-    val = load_codes(bptr + page[:, None] * s_bp + rel, (valid & stored)[:, None], DTYPE)
-    val = tl.where(stored[:, None], val, x.to(DTYPE))
-    sc = load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, valid & stored)
-    if any_fake:
+    vptr = ptr + page[:, None] * s_p + rel
+    cptr = bptr + page[:, None] * s_bp + rel
+    sptr = bptr + page * s_bp + SCALE_OFF + 4 * kvh
+    x = tl.load(vptr, mask=(valid & ~low)[:, None], other=0.0)
+    val = tl.where(low[:, None], load_codes(cptr, low[:, None], DTYPE), x.to(DTYPE))
+    sc = load_scales(sptr, low)
+    if any_fix:
+        fake = low & ~stored
+        bad = valid & ~low & stored
+        x = tl.where(low[:, None], tl.load(vptr, mask=fake[:, None], other=0.0), x)   # whole pages
         val, sc = fake_fold(x, val, sc, fake, PAGE, BLOCK_N, DTYPE)
+        val = tl.where(bad[:, None], load_codes(cptr, bad[:, None], DTYPE), val)
+        sc = tl.where(bad, load_scales(sptr, bad), sc)
     return val, sc
 
 
@@ -94,11 +107,10 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
         stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
         last = (t // PAGE + 1) * PAGE - 1
         low = valid & (t >= keep_sink) & (p - t >= keep_recent) & (last < p)     # the read rule
-        fake = low & ~stored
-        any_fake = tl.sum(fake.to(tl.int32), axis=0) > 0
-        k, ks = read_folded(kv_ptr, kvb_ptr, page, off, kvh, d, valid, stored, fake, any_fake, s_p, s_t, s_h,
+        any_fix = tl.sum((valid & (low != stored)).to(tl.int32), axis=0) > 0
+        k, ks = read_folded(kv_ptr, kvb_ptr, page, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
                             s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
-        v, vs = read_folded(kv_ptr + s_kv, kvb_ptr + s_bkv, page, off, kvh, d, valid, stored, fake, any_fake,
+        v, vs = read_folded(kv_ptr + s_kv, kvb_ptr + s_bkv, page, off, kvh, d, valid, low, stored, any_fix,
                             s_p, s_t, s_h, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
         # scales folded into the scores and the probabilities (powers of two: exact)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
