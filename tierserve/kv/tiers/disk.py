@@ -6,7 +6,8 @@ partial file. Pages arrive as CPU tensors; the writer threads (io.AsyncWriter, s
 file writes release the GIL) take the bytes view, checksum and write them, and room is reserved
 before a write so that concurrent writers stay within the capacity. At most io.MAX_QUEUED_BYTES wait
 for a writer; past that pages are not persisted (one warning, ``write_dropped`` in stats). A block that fails verification (checksum, fingerprint, hash, tokens) is logged,
-deleted and treated as a miss. A directory that cannot be written (read-only, disk full) disables
+deleted and treated as a miss. A read first asks the kernel for the whole file (``POSIX_FADV_WILLNEED``),
+so a cold block's I/O is queued at once rather than in growing read-ahead windows. A directory that cannot be written (read-only, disk full) disables
 the tier with a warning; the engine carries on without it.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tierserve.kv.tiers.io import AsyncWriter
 
 log = logging.getLogger("tierserve.kv.disk")
 SUFFIX = ".kvp"
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 
 class DiskTier:
@@ -75,7 +77,10 @@ class DiskTier:
         path = self._path(block_hash)
         try:
             with open(path, "rb", buffering=0) as f:
-                blob = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)   # not zero-filled
+                size = os.fstat(f.fileno()).st_size
+                if _WILLNEED is not None:        # the whole block's reads queued at once, not window by window
+                    os.posix_fadvise(f.fileno(), 0, size, _WILLNEED)
+                blob = np.empty(size, dtype=np.uint8)   # not zero-filled
                 got = f.readinto(blob)
             if got != len(blob):
                 blob = blob[:got]
