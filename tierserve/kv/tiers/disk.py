@@ -2,13 +2,14 @@
 
 Files are named ``<hash hex>.kvp`` (the index is the directory itself, scanned at start). A write goes
 to a unique temporary name and is renamed into place, so processes sharing a directory never see a
-partial file. Pages arrive as CPU tensors; the writer threads (io.AsyncWriter, several: blake2b and
-file writes release the GIL) take the bytes view, checksum and write them, and room is reserved
-before a write so that concurrent writers stay within the capacity. At most io.MAX_QUEUED_BYTES wait
-for a writer; past that pages are not persisted (one warning, ``write_dropped`` in stats). A block that fails verification (checksum, fingerprint, hash, tokens) is logged,
-deleted and treated as a miss. A read first asks the kernel for the whole file (``POSIX_FADV_WILLNEED``),
-so a cold block's I/O is queued at once rather than in growing read-ahead windows. A directory that cannot be written (read-only, disk full) disables
-the tier with a warning; the engine carries on without it.
+partial file. Pages arrive as CPU tensors; the writer threads (io.AsyncWriter, several: the CRC-32 and
+file writes release the GIL) take the bytes view, checksum and write them, and room is reserved before a
+write so that concurrent writers stay within the capacity. At most io.MAX_QUEUED_BYTES wait for a writer;
+past that pages are not persisted (one warning, ``write_dropped`` in stats). A block that fails
+verification (checksum, fingerprint, hash, tokens) is logged, deleted and treated as a miss. A read first
+asks the kernel for the whole file (``POSIX_FADV_WILLNEED``), so a cold block's I/O is queued at once
+rather than in growing read-ahead windows. A directory that cannot be written (read-only, disk full)
+disables the tier with a warning; the engine carries on without it.
 """
 from __future__ import annotations
 
