@@ -62,6 +62,7 @@ def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "d
         llm = LLM(model, cpu_kv_gb=cpu_kv_gb, disk_kv_dir=disk, kv_prefetch=False, kv_load_policy=policy, **common)
         eng = llm.engine
         dev, vocab = eng.runner.device, eng.model_cfg.vocab_size
+        page_size, page_bytes = eng.config.page_size, eng.runner.layout.bytes_per_page
         bw = measure_bandwidths(dev, disk, disk_bw_bytes, tier_io.READ_WORKERS)
         emit({"kind": "bandwidth", **bw})
         cold: dict[int, float] = {}
@@ -90,20 +91,16 @@ def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "d
         ctx = contexts[-1]
         prompt = _prompt(vocab, ctx, ctx)
         reserve = _hf_reserve(cold.get(ctx, 0), dev.type == "cuda")
-        if saved is None or saved["kv"] is None:
-            emit({"kind": "decode", "engine": "tierserve", "context": ctx,
-                  "skipped": f"no KV of the {ctx}-token prompt (its TTFT section did not run)"})
-        else:
-            from tierserve.bench.tiers_decode import decode_sweep
-
-            kv, saved["kv"] = saved["kv"], None
-            try:
-                decode_sweep(model, common, prompt, kv, saved["first_token"], gpu_fracs, new_tokens, budget, emit,
-                             reserve_s=reserve)
-            except Exception as e:
-                emit({"kind": "decode", "engine": "tierserve", "context": ctx, "error": f"{type(e).__name__}: {e}"})
-            del kv
-            _free()
+        kv, first = (saved["kv"], saved["first_token"]) if saved is not None else (None, None)
+        saved = None
+        from tierserve.bench.tiers_decode import decode_sweep
+        try:
+            decode_sweep(model, common, prompt, kv, first, gpu_fracs, new_tokens, budget, emit,
+                         page_size=page_size, page_bytes=page_bytes, reserve_s=reserve)
+        except Exception as e:
+            emit({"kind": "decode", "engine": "tierserve", "context": ctx, "error": f"{type(e).__name__}: {e}"})
+        del kv
+        _free()
         if dev.type == "cuda":
             from tierserve.bench.tiers_hf import hf_baselines
 

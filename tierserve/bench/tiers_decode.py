@@ -55,16 +55,34 @@ def transplant(eng, rid: str, prompt: list[int], kv: torch.Tensor, new_tokens: i
     return req
 
 
-def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.Tensor, first_token: int | None,
-                 fracs: tuple[float, ...], new_tokens: int, budget, emit, reserve_s: float = 0.0) -> None:
+def _prefill(eng, rid: str, prompt: list[int], new_tokens: int):
+    """Fallback when the TTFT section left no KV: prefill for real (the first, all-GPU share) and keep the KV."""
+    from tierserve import SamplingParams
+    from tierserve.bench.tiers_ttft import copy_pages
+
+    eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    req = eng.requests[rid]
+    while not req.output_token_ids:
+        eng.step()
+    pids = eng.kv.page_table(rid)[:(len(prompt) - 1) // eng.config.page_size]
+    if min(pids, default=0) < 0:
+        raise RuntimeError("pages were spilled during the fallback prefill")
+    return req, copy_pages(eng.runner.kv.data, pids)
+
+
+def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.Tensor | None, first_token: int | None,
+                 fracs: tuple[float, ...], new_tokens: int, budget, emit, *, page_size: int, page_bytes: int,
+                 reserve_s: float = 0.0) -> None:
+    """``kv``: the prompt's full pages (all but the last page of prompt tokens) from the TTFT section; None: the
+    first share (which must be 1.0) prefills them for real."""
     from tierserve import LLM
 
-    ps = 16
-    ctx = len(prompt)
+    ps, ctx = page_size, len(prompt)
     total_pages = -(-(ctx + new_tokens) // ps) + 2
-    page_bytes = kv[0].numel() * kv.element_size()
     spill_gib = (total_pages - max(4, int(total_pages * min(fracs)))) * page_bytes / 2**30
     why = budget.skip(60, "building the decode engine and one GPU share", reserve=reserve_s)
+    if why is None and kv is None and fracs[0] < 1:
+        why = "no KV of the prompt from the TTFT section, and the first GPU share is not 1.0 (its prefill would spill)"
     if why:
         for frac in fracs:
             emit({"kind": "decode", "engine": "tierserve", "context": ctx, "gpu_frac": frac, "skipped": why})
@@ -73,7 +91,7 @@ def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.T
               enable_prefix_caching=False)
     eng = llm.engine
     dev, pool = eng.runner.device, eng.kv.pool
-    ref, need = None, 30.0
+    ref, need, transplanted = None, 30.0, FILL
     try:
         for frac in fracs:
             base = {"kind": "decode", "engine": "tierserve", "context": ctx, "gpu_frac": frac}
@@ -87,8 +105,14 @@ def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.T
                 raise RuntimeError(f"could not take {pool.num_free - pages} pages out of use")
             spilled0 = eng.kv.num_spilled
             rid = f"decode-{frac}"
+            fill = transplanted
             try:
-                req = transplant(eng, rid, prompt, kv, new_tokens, chunk_pages=min(128, max(1, (pages - 2) // 2)))
+                if kv is None:
+                    req, kv = _prefill(eng, rid, prompt, new_tokens)
+                    fill = "prefilled in this engine (the TTFT section left no KV)"
+                    transplanted = "transplanted: the first share's prefill of the prompt, copied into the pages"
+                else:
+                    req = transplant(eng, rid, prompt, kv, new_tokens, chunk_pages=min(128, max(1, (pages - 2) // 2)))
                 while not req.output_token_ids:
                     eng.step()
                 sync(dev)
@@ -101,6 +125,8 @@ def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.T
                 if rid in eng.requests:
                     eng.abort_request(rid)
                 emit({**base, "error": f"{type(e).__name__}: {e}"})
+                if kv is None:
+                    break
                 continue
             finally:
                 if eng.kv.has(BALLAST):
@@ -115,7 +141,7 @@ def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.T
                   "kv_read_GBps": kv_bytes * (1 - min(frac, 1.0)) * n / dt / 1e9,
                   "tokens_equal_first_run": tokens == ref,
                   "first_token_equal_ttft_run": None if first_token is None else tokens[0] == first_token,
-                  "kv_fill": FILL})
+                  "kv_fill": fill})
             need = 1.3 * (time.monotonic() - t_start) + 5
     finally:
         del llm, eng

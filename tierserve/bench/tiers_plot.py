@@ -31,7 +31,6 @@ def plot_tiers(result: dict, path: Path) -> Path:
             ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=6)
     ax.set_xticks([i + width * (len(contexts) - 1) / 2 for i in range(len(HITS))], HITS, fontsize=8)
     ax.set(yscale="log", ylabel="TTFT (s)", title="TTFT: cold vs prefix hit per tier")
-    ax.legend(fontsize=7)
     ax = axes[1]
     dec = [r for r in rows if r["kind"] == "decode" and r.get("tok_s")]
     ours = sorted((r["gpu_frac"], r["tok_s"]) for r in dec if r["engine"] == "tierserve")
@@ -46,8 +45,9 @@ def plot_tiers(result: dict, path: Path) -> Path:
     ctx = next((r["context"] for r in dec), None)
     ax.set(xlabel="share of the sequence's KV pages on the GPU", ylabel="decode tok/s (batch 1)", yscale="log",
            title=f"decode at {ctx} tokens" if ctx else "decode")
-    ax.legend(fontsize=7)
     for a in axes:
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
         a.grid(alpha=0.3)
     meta = result["meta"]
     return save_figure(fig, path, f"bench tiers -- {meta.get('device', '')}, {meta.get('date', '')}")

@@ -53,16 +53,18 @@ def only_disk_holds_it(eng, disk_dir: str) -> float | None:
     return resident_fraction(files)
 
 
-def save_prompt_kv(eng, prompt: list[int]) -> torch.Tensor:
-    """CPU copy of the prompt's cached full pages (all in the GPU pool), for the decode sweep."""
-    hit = eng.kv.find_prefix(prompt, len(prompt) - 1)
-    data = eng.runner.kv.data
-    out = torch.empty((len(hit.pages), *data.shape[1:]), dtype=data.dtype)
-    step = 128
-    for a in range(0, len(hit.pages), step):
-        idx = torch.tensor(hit.pages[a:a + step], device=data.device)
+def copy_pages(data: torch.Tensor, pids: list[int], step: int = 128) -> torch.Tensor:
+    """CPU copy of pages ``pids`` of the KV storage ``data``, ``step`` pages at a time."""
+    out = torch.empty((len(pids), *data.shape[1:]), dtype=data.dtype)
+    for a in range(0, len(pids), step):
+        idx = torch.tensor(pids[a:a + step], device=data.device)
         out[a:a + len(idx)].copy_(data.index_select(0, idx))
     return out
+
+
+def save_prompt_kv(eng, prompt: list[int]) -> torch.Tensor:
+    """CPU copy of the prompt's cached full pages (all in the GPU pool), for the decode sweep."""
+    return copy_pages(eng.runner.kv.data, eng.kv.find_prefix(prompt, len(prompt) - 1).pages)
 
 
 def hit_paths(llm, prompt: list[int], disk_dir: str, policy: str, emit=None, budget=None,
