@@ -92,7 +92,8 @@ def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "d
         prompt = _prompt(vocab, ctx, ctx)
         reserve = _hf_reserve(cold.get(ctx, 0), dev.type == "cuda")
         kv, first = (saved["kv"], saved["first_token"]) if saved is not None else (None, None)
-        saved = None
+        if saved is not None:
+            saved["kv"] = None                  # the sweep holds the only reference (freed after it)
         from tierserve.bench.tiers_decode import decode_sweep
         try:
             decode_sweep(model, common, prompt, kv, first, gpu_fracs, new_tokens, budget, emit,
