@@ -50,17 +50,30 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
+        self.host_kv, self.spill = None, None    # set_spill: steps may read pages spilled to CPU RAM
         self.num_kv_heads = model.cfg.num_kv_heads
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count
 
+    def set_spill(self, host_kv, spill) -> None:
+        """Capture (again) with the tiers' spill stores: the kernels read spilled pages straight from pinned
+        CPU RAM (fixed addresses), scored from summaries on the device; selections counted in the graph.
+        Replayed only for steps whose spilled pages are all in CPU RAM."""
+        self.host_kv, self.spill = host_kv, spill
+        self.graphs.clear()
+        self.logits.clear()
+        self.pool = None
+
     def meta(self, bs: int) -> AttnMetadata:
+        sp = self.spill
+        spill = {} if sp is None else dict(host_kv=self.host_kv, host_ram_only=True, host_summaries=sp.summaries,
+                                           page_heat=sp.page_heat, host_heat=sp.host_heat)
         return AttnMetadata(
             num_seqs=bs, num_tokens=bs, page_size=self.page_size, positions=self.positions[:bs],
             slot_pages=self.slot_pages[:bs], slot_offsets=self.slot_offsets[:bs],
             query_start_loc=torch.arange(bs + 1, device=self.device), seq_lens=self.seq_lens[:bs],
             page_table=self.page_table[:bs], query_lens_cpu=[1] * bs, seq_lens_cpu=[self.max_len] * bs,
             decode_only=True, num_splits=decode_splits(bs, self.num_kv_heads, self.max_len, self.max_bs, self.sms),
-            max_seq_bound=self.max_len, kv_fp8=self.kv_fp8, sparse=self.sparse)
+            max_seq_bound=self.max_len, kv_fp8=self.kv_fp8, sparse=self.sparse, **spill)
 
     def _forward(self, bs: int) -> torch.Tensor:
         ids = self.input_ids[:bs]

@@ -183,9 +183,11 @@ class ModelRunner:
         return out
 
     def _graph_ok(self, meta: AttnMetadata, plp) -> bool:
-        return (meta.decode_only and self.graphs is not None and not plp and meta.host_kv is None
+        return (meta.decode_only and self.graphs is not None and not plp
+                # tiers: graphs captured with the spill stores, replayed while every spilled page is in RAM
+                and (self.spill is None or self.graphs.spill is not None)
+                and (meta.host_kv is None or meta.host_ram_only)
                 and (self.engram_hasher is None or self.graphs.engram is not None)
-                and (self.sparse is None or self.spill is None)      # spill placement counts selections
                 and self.graphs.bucket_for(meta.num_seqs) is not None)
 
     def decode_splits(self, bs: int) -> int:
@@ -245,7 +247,18 @@ class ModelRunner:
         self.host_kv = tiers.spill_stores()
         ram = tiers.host.num_pages if tiers.host is not None else 0
         self.spill = SpillState(self.host_kv, ram, self.num_pages + 1, self.layout.summary_rows,
-                                self.config.page_size, self.device, self.dtype, count_heat)
+                                self.config.page_size, self.device, self.dtype, count_heat,
+                                kv_shape=self.kv.data.shape if self.graphs is not None else None)
+        if self.graphs is not None and ram and self.fp8 is None:
+            captured = bool(self.graphs.graphs)
+            self.graphs.set_spill(self.host_kv, self.spill)
+            if captured:            # else captured later (set_tokenizer)
+                try:
+                    self.graphs.capture()
+                except Exception as e:      # decode with spilled pages stays eager (Triton kernels)
+                    log.warning("CUDA graphs over spilled KV pages failed (%s: %s); decode runs eagerly",
+                                type(e).__name__, e)
+                    self.graphs = None
         return self.spill
 
     @property

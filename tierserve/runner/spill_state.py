@@ -15,10 +15,12 @@ import torch
 
 class SpillState:
     def __init__(self, stores, ram_slots: int, num_pages: int, summary_rows: int, page_size: int,
-                 device: torch.device, dtype: torch.dtype, count_heat: bool) -> None:
+                 device: torch.device, dtype: torch.dtype, count_heat: bool, kv_shape=None) -> None:
         self.stores, self.ram_slots = stores, ram_slots
         self.summary_rows, self.page_size, self.device, self.dtype = summary_rows, page_size, device, dtype
-        self.summaries: torch.Tensor | None = None      # [ram slots, L, 2, summary rows, Hkv, D], on first spill
+        self.summaries: torch.Tensor | None = None      # [ram slots, L, 2, summary rows, Hkv, D]
+        if summary_rows and ram_slots and kv_shape is not None:    # now, so CUDA graphs can read it
+            self._alloc_summaries(kv_shape)
         z = dict(dtype=torch.float32, device=device)
         self.page_heat = torch.zeros(num_pages, **z) if count_heat else None
         self.host_heat = torch.zeros(ram_slots, **z) if count_heat and ram_slots else None
@@ -31,9 +33,7 @@ class SpillState:
             slots = torch.tensor([s for _, s in ram], device=self.device)
             if self.summary_rows:
                 if self.summaries is None:
-                    L, _, _, H, D = kv_data.shape[1:]
-                    self.summaries = torch.zeros(self.ram_slots, L, 2, self.summary_rows, H, D,
-                                                 dtype=self.dtype, device=self.device)
+                    self._alloc_summaries(kv_data.shape)
                 self.summaries[slots] = kv_data[pids][:, :, :, self.page_size:]
             if self.host_heat is not None:
                 self.host_heat[slots] = self.page_heat[pids]
@@ -41,6 +41,12 @@ class SpillState:
             slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
             pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
             self.page_heat[pids] = self.host_heat[slots]
+
+    def _alloc_summaries(self, kv_shape) -> None:
+        """kv_shape: the KV storage's [pages, L, 2, rows, Hkv, D]."""
+        L, _, _, H, D = kv_shape[1:]
+        self.summaries = torch.zeros(self.ram_slots, L, 2, self.summary_rows, H, D, dtype=self.dtype,
+                                     device=self.device)
 
     def on_write(self, slot_pages: torch.Tensor, slot_offsets: torch.Tensor) -> None:
         """A page whose first token is written starts over with no history (no host sync)."""
