@@ -52,14 +52,15 @@ def _pages(seq_lens, ps, N, g):
 
 def test_prefill_scratch_matches_storage_quantisation():
     """Each scratch page = the page's FP8 blob as storage would hold it (a partial last page: its valid rows,
-    the rest counted as zero); pages already stored are skipped."""
+    the rest counted as zero); a page already stored is copied."""
     ps, h, d, N, recent = 4, 2, 16, 40, 5
     g = torch.Generator().manual_seed(1)
     lens, qlens = [23, 9, 30], [10, 9, 3]
     data = torch.randn(N, 1, 2, ps, h, d, generator=g).to(DEV)
     table = _pages(lens, ps, N, g).to(DEV)
     flags = torch.zeros(N, dtype=torch.bool, device=DEV)
-    flags[table[0, 3]] = True                                     # a stored page: left alone
+    flags[table[0, 3]] = True                                     # a stored page: copied as it is
+    quantise_pages_(data, table[0, 3:4], ps)
     scratch, sp = prefill_scratch(data[:, 0], flags, table, torch.tensor(qlens, device=DEV),
                                   torch.tensor(lens, device=DEV), max(qlens), ps, recent)
     assert sp == scratch_pages_per_chunk(max(qlens), ps, recent)
@@ -70,17 +71,16 @@ def test_prefill_scratch_matches_storage_quantisation():
         assert -(-n // ps) - first <= sp
         for i in range(first, -(-n // ps)):
             pid = int(table[c, i])
-            if bool(flags[pid]):
-                continue
             page = data[pid:pid + 1].clone()
-            page[:, :, :, n - i * ps:] = 0                        # rows past the sequence
-            quantise_pages_(page, torch.tensor([0], device=DEV), ps)
+            if not bool(flags[pid]):
+                page[:, :, :, n - i * ps:] = 0                    # rows past the sequence
+                quantise_pages_(page, torch.tensor([0], device=DEV), ps)
             want = page.view(torch.uint8).reshape(2, -1)[:, :blk]
             got = scratch[c * sp + i - first]
             assert torch.equal(got[:, :ps * h * d], want[:, :ps * h * d])
             assert torch.equal(got[:, blk - 4 * h:], want[:, blk - 4 * h:])
             checked += 1
-    assert checked == 9
+    assert checked == 10
 
 
 PREFILL = [  # hq, hkv, page, D, seq_lens, q_lens, keep_sink, keep_recent, window
@@ -95,7 +95,17 @@ PREFILL = [  # hq, hkv, page, D, seq_lens, q_lens, keep_sink, keep_recent, windo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(PREFILL)))
 def test_fp8_prefill_long_chunks_match_reference(dtype, case):
-    hq, hkv, ps, D, lens, qlens, sink, recent, window = PREFILL[case]
+    _prefill_case(dtype, case, *PREFILL[case])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_prefill_stored_pages_read_at_full_precision(dtype):
+    """Pages stored under a narrower sink / window than the kernel reads with (the page policy never does
+    this): rows that read them at full precision get their FP8 values, like the reference."""
+    _prefill_case(dtype, 0, *PREFILL[0], widen=(4, 9))
+
+
+def _prefill_case(dtype, case, hq, hkv, ps, D, lens, qlens, sink, recent, window, widen=(0, 0)):
     g = torch.Generator().manual_seed(10 + case)
     N = sum(-(-n // ps) for n in lens) + 8
     mag = torch.exp2(torch.randint(-3, 4, (N, 1, 2, 1, hkv, 1), generator=g).float())
@@ -119,6 +129,8 @@ def test_fp8_prefill_long_chunks_match_reference(dtype, case):
     plain = TorchRefBackend().forward(q.float(), None, None, data[:, 1].float(), meta, D ** -0.5, window, 1,
                                       kv_written=True)                      # every key at full precision
     fp8.quantise(data, [p for j, p in enumerate(ok) if j % 5 != 2])
+    sink, recent = sink + widen[0], recent + widen[1]
+    fp8.keep_sink, fp8.keep_recent = sink, recent
     meta.kv_fp8 = fp8
     # the reference reads the storage as it is (FP8 blobs live in the storage dtype's bytes)
     want = TorchRefBackend().forward(q, None, None, data[:, 1], meta, D ** -0.5, window, 1,

@@ -111,6 +111,17 @@ def quant_block_head(src, dst, n_valid, h, s_t, s_h, n_heads, PAGE: tl.constexpr
 
 
 @triton.jit
+def copy_block_head(src, dst, h, n_heads, PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SCALE_OFF: tl.constexpr):
+    """Copy head ``h``'s codes and scale of one stored (page, K/V) byte block ``src`` to ``dst``."""
+    r = tl.arange(0, PAGE_PAD)
+    rel = r[:, None] * (n_heads * HEAD_DIM) + h * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(dst + rel, tl.load(src + rel, mask=(r < PAGE)[:, None]), mask=(r < PAGE)[:, None])
+    sc = tl.load((src + SCALE_OFF + 4 * h).to(tl.pointer_type(tl.float32)))
+    tl.store((dst + SCALE_OFF + 4 * h).to(tl.pointer_type(tl.float32)), sc)
+
+
+@triton.jit
 def softmax_update_scaled(s, v, vs, m_i, l_i, acc):
     """``triton_decode.softmax_update`` with per-token value scales ``vs`` [N] folded into the probabilities
     (``p * vs`` rounded to v's dtype equals ``p`` rounded times the power-of-two scale)."""

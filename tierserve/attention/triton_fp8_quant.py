@@ -9,7 +9,8 @@
   every page from the first one any of its queries reads in *both* precisions (the keep_recent edge before
   the chunk) to its last page -- the pages that are still at full precision while some query reads them in
   FP8 (the chunk's own pages and the recent ones before it). Computed once per layer and step instead of
-  once per query block; pages already stored as FP8 are skipped (the kernel reads those in place).
+  once per query block; pages already stored as FP8 are copied as they are, so the attention kernel takes
+  every FP8 reading from that range out of the scratch without looking at the stored flags first.
   Scratch page ``c * SP + k`` holds logical page ``first_page(c) + k`` of chunk c.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_fp8_common import quant_block_head
+from tierserve.attention.triton_fp8_common import copy_block_head, quant_block_head
 
 
 def scale_offset(page_size: int, num_kv_heads: int, head_dim: int) -> int:
@@ -67,8 +68,8 @@ def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int
 
 
 @triton.jit
-def _scratch_kernel(kv_ptr, dst_ptr, flag_ptr, pt_ptr, qlen_ptr, seqlen_ptr, keep_recent, SP,
-                    s_p, s_kv, s_t, s_h, s_ptb, s_di, s_dkv, n_heads,
+def _scratch_kernel(kv_ptr, kvb_ptr, dst_ptr, flag_ptr, pt_ptr, qlen_ptr, seqlen_ptr, keep_recent, SP,
+                    s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_di, s_dkv, n_heads,
                     PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SCALE_OFF: tl.constexpr):
     i = tl.program_id(0)
     kv = tl.program_id(1)
@@ -78,10 +79,12 @@ def _scratch_kernel(kv_ptr, dst_ptr, flag_ptr, pt_ptr, qlen_ptr, seqlen_ptr, kee
     lp = scratch_first_page(seq_len - tl.load(qlen_ptr + c), keep_recent, PAGE) + i % SP
     if lp * PAGE < seq_len:
         page = tl.load(pt_ptr + c * s_ptb + lp).to(tl.int64)
-        if tl.load(flag_ptr + page) == 0:       # stored FP8 pages are read in place
-            quant_block_head(kv_ptr + page * s_p + kv * s_kv, dst_ptr + i.to(tl.int64) * s_di + kv * s_dkv,
-                             tl.minimum(seq_len - lp * PAGE, PAGE), h, s_t, s_h, n_heads, PAGE, PAGE_PAD,
-                             HEAD_DIM, SCALE_OFF)
+        dst = dst_ptr + i.to(tl.int64) * s_di + kv * s_dkv
+        if tl.load(flag_ptr + page) != 0:       # stored as FP8: its codes as they are
+            copy_block_head(kvb_ptr + page * s_bp + kv * s_bkv, dst, h, n_heads, PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
+        else:
+            quant_block_head(kv_ptr + page * s_p + kv * s_kv, dst, tl.minimum(seq_len - lp * PAGE, PAGE), h,
+                             s_t, s_h, n_heads, PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
 
 
 def scratch_pages_per_chunk(max_q_len: int, page_size: int, keep_recent: int) -> int:
@@ -93,16 +96,18 @@ def prefill_scratch(kv_layer: torch.Tensor, quantised: torch.Tensor, page_table:
                     q_len: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, page_size: int,
                     keep_recent: int) -> tuple[torch.Tensor, int]:
     """kv_layer [N, 2, rows, Hkv, D]; per chunk c: page_table [C, P], q_len / seq_lens [C] (device).
-    Returns (scratch uint8 [C * SP, 2, block bytes], SP). Entries of pages past a chunk's end or stored
-    as FP8 are left unwritten (never read)."""
+    Returns (scratch uint8 [C * SP, 2, block bytes], SP). Entries of pages past a chunk's end are left
+    unwritten (never read)."""
     N, two, rows, h, d = kv_layer.shape
     C = q_len.shape[0]
     sp = scratch_pages_per_chunk(max_q_len, page_size, keep_recent)
     off = scale_offset(page_size, h, d)
     scratch = torch.empty(C * sp, two, off + 4 * h, dtype=torch.uint8, device=kv_layer.device)
+    kv_bytes = kv_layer.view(torch.uint8)
     _scratch_kernel[(C * sp, two, h)](
-        kv_layer, scratch, quantised.view(torch.uint8), page_table, q_len, seq_lens, keep_recent, sp,
-        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), page_table.stride(0),
+        kv_layer, kv_bytes, scratch, quantised.view(torch.uint8), page_table, q_len, seq_lens, keep_recent, sp,
+        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0),
+        kv_bytes.stride(1), page_table.stride(0),
         scratch.stride(0), scratch.stride(1), h, PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
         HEAD_DIM=d, SCALE_OFF=off, num_warps=4)
     return scratch, sp

@@ -10,10 +10,15 @@ both readings, both scores, the rule picks per (row, key)); every other block is
 precision all rows use -- stored FP8 pages as their codes (1 byte per value) with the power-of-two scale
 folded into the scores / probabilities, full-precision pages as their values.
 
-FP8 readings of pages still at full precision (the chunk's own pages and the recent ones before it) come
-from a scratch computed once per layer and step (``triton_fp8_quant.prefill_scratch``), not quantised
-again by every query block. Any other full-precision page read in FP8 (a page another holder still keeps
-at full precision) is quantised in the kernel (a branch taken only where one occurs).
+Where a reading comes from depends on positions alone, so the loads wait for the page ids only (as in
+the BF16 kernel), not also for the stored flags: FP8 readings of the pages from the keep_recent edge before
+the chunk to its end come from a scratch computed once per layer and step
+(``triton_fp8_quant.prefill_scratch``: pages still at full precision quantised, stored ones copied), not
+quantised again by every query block; FP8 readings of older pages come from their stored codes; full
+readings from the stored values. The flags only feed a per-block check: a page before the scratch range
+read in FP8 but not stored yet (another holder still keeps it at full precision) is quantised in the
+kernel, and a stored page read at full precision (the policy never asks for it) gives its FP8 values.
+Mixed blocks are found from positions too: the rows read tokens keep_sink..end(p) in FP8, monotone in p.
 No host pages (FP8 KV is refused with KV tiers). Reference: ``TorchRefBackend`` with ``meta.kv_fp8``.
 """
 from __future__ import annotations
@@ -30,19 +35,36 @@ from tierserve.attention.triton_prefill import chunk_rows, store_rows
 
 
 @triton.jit
-def _readings(ptr, bptr, sptr, page, rel, kvh, need_x, from_page, from_sc, fb, any_fb, s_p, s_bp,
+def _low_end(p, keep_recent, PAGE: tl.constexpr):
+    """The query at p reads exactly tokens keep_sink .. _low_end(p) in FP8 (p - j >= keep_recent and j's page
+    complete before p)."""
+    return tl.minimum(p - keep_recent, p // PAGE * PAGE - 1)
+
+
+@triton.jit
+def _readings(ptr, bptr, sptr, page, rel, kvh, full_any, low_page, low_sc, fake, bad, any_fix, s_p, s_bp,
               SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
-    """Both readings of one K/V block, each loaded only where some row needs it: (full values, FP8 code
-    values, FP8 scales). FP8 codes come from a stored page or the scratch row ``sptr``."""
-    x = tl.load(ptr + page[:, None] * s_p + rel, mask=need_x[:, None], other=0.0)
-    cp = tl.load(bptr + page[:, None] * s_bp + rel, mask=from_page[:, None], other=0)
-    cs = tl.load(sptr[:, None] + rel, mask=from_sc[:, None], other=0)
-    low = tl.where(from_page[:, None], cp, cs).to(tl.float8e4nv, bitcast=True).to(DTYPE)
-    sc = tl.where(from_page, load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, from_page),
-                  load_scales(sptr + SCALE_OFF + 4 * kvh, from_sc))
-    if any_fb:
-        low, sc = fake_fold(x, low, sc, fb, PAGE, BLOCK_N, DTYPE)
-    return x.to(DTYPE), low, sc
+    """Both readings of one K/V block, each loaded only where some row uses it, the sources chosen from
+    positions alone: (full values, FP8 code values, FP8 scales). FP8 codes come from the scratch row
+    ``sptr`` (``low_sc``) or, before the scratch range, from the stored page (``low_page``). Rows where
+    storage disagrees (``any_fix``): ``fake`` (a page before the scratch range not stored yet) quantised
+    on the fly, ``bad`` (a stored page some row reads at full precision) dequantised."""
+    vptr = ptr + page[:, None] * s_p + rel
+    cptr = bptr + page[:, None] * s_bp + rel
+    pscale = bptr + page * s_bp + SCALE_OFF + 4 * kvh
+    x = tl.load(vptr, mask=full_any[:, None], other=0.0)
+    cp = tl.load(cptr, mask=low_page[:, None], other=0)
+    cs = tl.load(sptr[:, None] + rel, mask=low_sc[:, None], other=0)
+    low = tl.where(low_sc[:, None], cs, cp).to(tl.float8e4nv, bitcast=True).to(DTYPE)
+    sc = tl.where(low_sc, load_scales(sptr + SCALE_OFF + 4 * kvh, low_sc), load_scales(pscale, low_page))
+    full = x.to(DTYPE)
+    if any_fix:
+        xa = tl.where(fake[:, None], tl.load(vptr, mask=fake[:, None], other=0.0), x)      # whole pages
+        low, sc = fake_fold(xa, low, sc, fake, PAGE, BLOCK_N, DTYPE)
+        deq = tl.load(cptr, mask=bad[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) * \
+            load_scales(pscale, bad)[:, None]
+        full = tl.where(bad[:, None], deq.to(DTYPE), full)
+    return full, low, sc
 
 
 @triton.jit
@@ -66,6 +88,8 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
     first = scratch_first_page(c0, keep_recent, PAGE)      # scratch holds logical pages first ..
     p_lo = c0 + blk * BLOCK_T                               # positions of the program's first and last rows
     p_hi = tl.minimum(p_lo + BLOCK_T, seq_len) - 1
+    end_all = _low_end(p_lo, keep_recent, PAGE)             # keys sink..end_all: FP8 for every row
+    end_any = _low_end(p_hi, keep_recent, PAGE)             # keys sink..end_any: FP8 for some row
     ROWS: tl.constexpr = BLOCK_T * GROUP_PAD
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -76,25 +100,25 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         lp = t // PAGE
         page = tl.load(pt_ptr + c * s_ptb + lp, mask=valid, other=0).to(tl.int64)
         rel = (t % PAGE).to(tl.int64)[:, None] * s_t + kvh * s_h + d[None, :]
-        stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
-        last = (lp + 1) * PAGE - 1
-        low_all = valid & (t >= keep_sink) & (p_lo - t >= keep_recent) & (last < p_lo)     # FP8 for every row
-        low_any = valid & (t >= keep_sink) & (p_hi - t >= keep_recent) & (last < p_hi)     # FP8 for some row
+        low_all = valid & (t >= keep_sink) & (t <= end_all)
+        low_any = valid & (t >= keep_sink) & (t <= end_any)
         in_sc = lp >= first
-        need_x = valid & ~stored & (~low_all | ~in_sc)
-        fb = low_any & ~stored & ~in_sc
-        any_fb = tl.sum(fb.to(tl.int32), axis=0) > 0
-        from_page = low_any & stored
-        from_sc = low_any & ~stored & in_sc
+        stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0      # only for the fix-up check
+        fake = low_any & ~in_sc & ~stored
+        bad = valid & ~low_all & stored
+        any_fix = tl.sum((fake | bad).to(tl.int32), axis=0) > 0
         sptr = sc_ptr + (c * SP + tl.maximum(lp - first, 0)).to(tl.int64) * s_sp
-        kf, kl, ksl = _readings(kv_ptr, kvb_ptr, sptr, page, rel, kvh, need_x, from_page, from_sc, fb, any_fb,
-                                s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
-        vf, vl, vsl = _readings(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, need_x, from_page,
-                                from_sc, fb, any_fb, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
-        mixed = tl.sum((low_any & ~low_all).to(tl.int32), axis=0) > 0
+        full_any = valid & ~low_all
+        low_sc = low_any & in_sc
+        low_page = low_any & ~in_sc
+        kf, kl, ksl = _readings(kv_ptr, kvb_ptr, sptr, page, rel, kvh, full_any, low_page, low_sc, fake, bad,
+                                any_fix, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        vf, vl, vsl = _readings(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, full_any, low_page,
+                                low_sc, fake, bad, any_fix, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        # keys some rows read in FP8 and others not: (end_all, end_any] from keep_sink, inside this block
+        mixed = tl.maximum(tl.maximum(end_all + 1, keep_sink), t0) <= tl.minimum(end_any, tl.minimum(t0 + BLOCK_N, hi) - 1)
         if mixed:       # the rule per (row, key): both scores
-            low = (t[None, :] >= keep_sink) & (q_pos[:, None] - t[None, :] >= keep_recent) & \
-                (last[None, :] < q_pos[:, None])
+            low = (t[None, :] >= keep_sink) & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             s = tl.where(low, tl.dot(q, tl.trans(kl), input_precision="ieee") * (ksl * qk_scale)[None, :],
                          tl.dot(q, tl.trans(kf), input_precision="ieee") * qk_scale)
         else:           # one reading per key
@@ -110,8 +134,7 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if mixed:
-            low = (t[None, :] >= keep_sink) & (q_pos[:, None] - t[None, :] >= keep_recent) & \
-                (last[None, :] < q_pos[:, None])
+            low = (t[None, :] >= keep_sink) & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             p_l = tl.where(low, p, 0.0)
             pv = tl.dot((p - p_l).to(vf.dtype), vf, input_precision="ieee") + \
                 tl.dot((p_l * vsl[None, :]).to(vl.dtype), vl, input_precision="ieee")
