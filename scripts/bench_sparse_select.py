@@ -21,7 +21,8 @@ from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig
 from tierserve.attention.triton_backend import _select_pages
 from tierserve.attention.triton_decode import paged_decode
-from tierserve.attention.triton_select import page_scores, selection_bound, topk_compact
+from tierserve.attention.triton_select import page_scores, selection_bound
+from tierserve.attention.triton_select_topk import topk_compact
 
 
 def build(B, ctx, page, hq, hkv, D, layers, topk, heat, dev, table_pages=0):
@@ -114,6 +115,10 @@ def bench_batch(B, a, dev, table_pages):
                                                cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                meta.page_heat, None, kv.shape[0]),
     }
+    for chunk in (4096, 8192):        # the streaming top-k kernel (default past MAX_BLOCK pages)
+        variants[f"  topk chunk {chunk}"] = lambda chunk=chunk: topk_compact(
+            scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
+            meta.page_heat, None, kv.shape[0], chunk=chunk)
     for bp, nw in ((16, 8), (32, 4), (32, 8), (64, 8)):        # the score kernel's alternatives (default 16, 4)
         variants[f"  score {bp}p {nw}w"] = lambda bp=bp, nw=nw: page_scores(q, kv, meta.page_table, meta.seq_lens,
                                                                              a.page, cfg, block_p=bp, num_warps=nw)

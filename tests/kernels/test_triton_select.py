@@ -1,4 +1,4 @@
-"""Fused sparse page selection (attention/triton_select.py) vs the PyTorch chain it replaces
+"""Fused sparse page selection (attention/triton_select.py, triton_select_topk.py) vs the PyTorch chain it replaces
 (select.page_upper_bounds -> select.select_pages -> compact_selection, count_selection), on random pages
 (interpreter on the CPU, tiny sizes)."""
 import pytest
@@ -8,7 +8,8 @@ from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig, page_upper_bounds
 from tierserve.attention.triton_backend import _select_pages
 from tierserve.attention.triton_decode import paged_decode
-from tierserve.attention.triton_select import page_scores, selection_bound, topk_compact
+from tierserve.attention.triton_select import page_scores, selection_bound
+from tierserve.attention.triton_select_topk import topk_compact
 
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +103,7 @@ def test_fused_selection_matches_torch_chain(monkeypatch, case, spill):
                          meta.host_summaries[:, 1] if spill else None)
     assert_same_selection(want, got, scores, meta)
     if torch.equal(want[1], got[1]):
-        for w, g in zip(want_heat, got_heat):
+        for w, g in zip(want_heat, got_heat, strict=True):
             if w is not None:
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
     else:
@@ -159,13 +160,14 @@ def test_edge_shapes_match_torch_chain(monkeypatch, P, seq_lens, D, group):
     cfg = SparseConfig("pages", topk_tokens=8, sink_tokens=4, recent_tokens=4)
     q, kv, meta = make_case(11, len(seq_lens), 2, group, 4, D, P, N=12, seq_lens=seq_lens, heat=True)
     want, got, want_heat, got_heat = run_both(monkeypatch, q, kv, meta, cfg)
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     torch.testing.assert_close(got_heat[0], want_heat[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("chunk", [None, 64])          # 64: the streaming kernel for wide page tables
 @pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (3000, 128), (64, 64), (50, 80)])
-def test_threshold_search_is_exact_topk(P, budget):
+def test_threshold_search_is_exact_topk(P, budget, chunk):
     """topk_compact on random scores (both signs, repeated values, -0.0 and +0.0, +inf kept, -inf invisible tails) keeps
     exactly the +inf pages and the ``budget`` best, ties to the lowest index (a stable-sort reference)."""
     g = torch.Generator().manual_seed(P)
@@ -178,7 +180,10 @@ def test_threshold_search_is_exact_topk(P, budget):
     n_vis = (seq - 1) // page + 1
     scores[1, :, int(n_vis[1]):] = float("-inf")
     table = torch.randperm(4 * P, generator=g)[:P].repeat(B, 1)
-    t, logical, lens = topk_compact(scores.to(DEV), table.to(DEV), seq.to(DEV), page, budget, max_selected=P)
+    heat = torch.zeros(4 * P, device=DEV)
+    t, logical, lens = topk_compact(scores.to(DEV), table.to(DEV), seq.to(DEV), page, budget, max_selected=P,
+                                    page_heat=heat, num_device_pages=4 * P, chunk=chunk)
+    want_heat = torch.zeros(4 * P)
     for b in range(B):
         for h in range(H):
             s = scores[b, h, : int(n_vis[b])]
@@ -189,3 +194,6 @@ def test_threshold_search_is_exact_topk(P, budget):
             assert t[b, h, :n].tolist() == table[b, sorted(keep)].tolist()
             tail = int(seq[b]) - (int(seq[b]) - 1) // page * page
             assert int(lens[b, h]) == (n - 1) * page + tail
+            assert logical[b, h, n:].eq(P - 1).all() and t[b, h, n:].eq(table[b, P - 1]).all()
+            want_heat[table[b, sorted(keep)]] += 1
+    torch.testing.assert_close(heat.cpu(), want_heat, rtol=0, atol=0)

@@ -7,11 +7,10 @@
    as fp32 [B, Hkv, P]: -inf for pages the query cannot see, +inf for the pages always kept (sink pages,
    the recent window, the query's own page; every visible page while the context fits the budget).
    Only the pages that compete are read.
-2. ``_topk_compact_kernel`` grid (batch, KV head): finds the ``budget``-th largest score by a search over
-   the scores' order-preserving int32 keys, two bits a step (ties at the threshold go to the lowest
-   page index: deterministic), keeps those pages plus every +inf page, and writes the compacted page
-   table the decode kernels read (same contract as ``triton_decode.compact_selection``), and adds the
-   selection counts to the tiers' page heat (``backend.count_selection``) with atomics.
+2. ``triton_select_topk.topk_compact`` grid (batch, KV head): keeps the ``budget`` best pages (ties at the
+   cut: the lowest page index, deterministic) plus every +inf page, writes the compacted page table the
+   decode kernels read (same contract as ``triton_decode.compact_selection``) and adds the selection
+   counts to the tiers' page heat (``backend.count_selection``) with atomics.
 
 No host sync and no data-dependent shape: capturable in CUDA graphs. Reference: the PyTorch chain
 ``select.page_upper_bounds`` -> ``select.select_pages`` -> ``compact_selection`` (tests compare them).
@@ -23,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from tierserve.attention.triton_select_topk import topk_compact
 
 
 @triton.jit
@@ -71,68 +72,6 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, se
     tl.store(out_ptr + b * s_ob + h * s_oh + p, score, mask=in_row)
 
 
-@triton.jit
-def _topk_compact_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
-                         P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
-                         K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    p = tl.arange(0, BLOCK)
-    in_row = p < P
-    seq_len = tl.load(seqlen_ptr + b)
-    visible = in_row & (p * PAGE <= seq_len - 1)
-    s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=in_row, other=float("-inf"))
-    chosen = visible & (s == float("inf"))
-    if BUDGET > 0:
-        bits = s.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)        # int32 keys in the order of the fp32 scores
-        key = tl.where(s == 0.0, 0, key)                  # -0.0 ties with +0.0, as the floats compare
-        key = tl.where(in_row, key, -2147483647 - 1)
-        # the largest threshold t with at least BUDGET keys >= t (the BUDGET-th largest key), two bits a
-        # step: the counts at three thresholds share one reduction, packed in 21-bit fields (P < 2**21)
-        lo = tl.full([], -2147483648, tl.int64)
-        for i in tl.static_range(16):
-            quarter = 1 << (30 - 2 * i)
-            m1 = (lo + quarter).to(tl.int32)
-            m2 = (lo + 2 * quarter).to(tl.int32)
-            m3 = (lo + 3 * quarter).to(tl.int32)
-            packed = (key >= m1).to(tl.int64) + ((key >= m2).to(tl.int64) << 21) + \
-                ((key >= m3).to(tl.int64) << 42)
-            tot = tl.sum(packed, axis=0)
-            passed = ((tot & 0x1FFFFF) >= BUDGET).to(tl.int64) + (((tot >> 21) & 0x1FFFFF) >= BUDGET).to(tl.int64) \
-                + ((tot >> 42) >= BUDGET).to(tl.int64)
-            lo = lo + passed * quarter
-        t = lo.to(tl.int32)
-        above = key > t
-        tie = (key == t).to(tl.int32)
-        room = BUDGET - tl.sum(above.to(tl.int32), axis=0)
-        top = above | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))    # ties: the lowest page indices
-        chosen = chosen | (top & visible)
-    c = chosen.to(tl.int32)
-    rank = tl.cumsum(c, axis=0) - 1                      # slot of each chosen page, in position order
-    n_sel = tl.sum(c, axis=0)
-    page = tl.load(pt_ptr + b * s_ptb + p, mask=chosen, other=0)     # only the chosen entries are read
-    keep = chosen & (rank < K_OUT)
-    tl.store(table_ptr + b * s_tb + h * s_th + rank, page, mask=keep)
-    tl.store(logical_ptr + b * s_tb + h * s_th + rank, p.to(tl.int64), mask=keep)
-    j = tl.arange(0, K_PAD)                               # unused slots: the row's last entry, never read
-    rest = (j >= n_sel) & (j < K_OUT)
-    last = tl.load(pt_ptr + b * s_ptb + P - 1)
-    tl.store(table_ptr + b * s_tb + h * s_th + j, tl.zeros([K_PAD], tl.int64) + last, mask=rest)
-    tl.store(logical_ptr + b * s_tb + h * s_th + j, tl.zeros([K_PAD], tl.int64) + (P - 1), mask=rest)
-    tail = seq_len - (seq_len - 1) // PAGE * PAGE
-    tl.store(lens_ptr + b * s_lb + h * s_lh, (n_sel - 1) * PAGE + tail)
-    if HEAT:
-        pid = page.to(tl.int64)
-        ones = tl.full([BLOCK], 1.0, tl.float32)
-        tl.atomic_add(heat_ptr + tl.where(pid < n_dev, pid, 0), ones, mask=chosen & (pid < n_dev))
-        if HOST_HEAT:
-            slot = pid - n_dev
-            ok = chosen & (slot >= 0) & (slot < n_hheat)
-            tl.atomic_add(hheat_ptr + tl.where(ok, slot, 0), ones, mask=ok)
-
-
 def use_fused_selection(device: torch.device) -> bool:
     """The fused kernels run on CUDA and under the Triton interpreter; TIERSERVE_SPARSE_SELECT=torch
     forces the PyTorch reference chain (for comparisons)."""
@@ -177,33 +116,6 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
         num_warps=num_warps)
     return out
-
-
-def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                 budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
-                 host_heat: torch.Tensor | None = None, num_device_pages: int = 0):
-    """scores [B, Hkv, P] from ``page_scores`` -> (table [B, Hkv, K], logical [B, Hkv, K], lens [B, Hkv]) as
-    ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen page to
-    ``page_heat`` (device page ids) / ``host_heat`` (spilled slots, id - num_device_pages)."""
-    B, Hkv, P = scores.shape
-    assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
-    assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
-    K = min(P, max_selected)
-    table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
-    logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
-    lens = torch.empty(B, Hkv, dtype=seq_lens.dtype, device=scores.device)
-    block = triton.next_power_of_2(P)
-    heat = page_heat if page_heat is not None else scores
-    hheat = host_heat if host_heat is not None else scores
-    _topk_compact_kernel[(B, Hkv)](
-        scores, page_table, seq_lens, table, logical, lens, heat, hheat, P, num_device_pages,
-        host_heat.shape[0] if host_heat is not None else 0,
-        scores.stride(0), scores.stride(1), page_table.stride(0), table.stride(0), table.stride(1),
-        lens.stride(0), lens.stride(1),
-        K_OUT=K, K_PAD=triton.next_power_of_2(K), BUDGET=min(max(budget, 0), P), PAGE=page_size, BLOCK=block,
-        HEAT=page_heat is not None, HOST_HEAT=host_heat is not None,
-        num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
-    return table, logical, lens
 
 
 def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int = 0, logical: bool = False):

@@ -1,0 +1,191 @@
+"""Top-k of the page scores + compaction + selection counts, one Triton program per (sequence, KV head).
+
+Finds the ``budget``-th largest score by a search over the scores' order-preserving int32 keys, two bits
+a step (the counts at three thresholds packed in one reduction), keeps the pages scoring above it, the
+lowest-index ties at it (deterministic) and every +inf page, and writes the compacted page table the
+decode kernels read (``triton_decode.compact_selection``'s contract with ``logical=True``); adds one per
+chosen page to the tiers' page heat (``backend.count_selection``) with atomics.
+
+Two kernels: ``_topk_kernel`` holds a whole row in registers (page tables up to ``MAX_BLOCK`` pages);
+``_topk_wide_kernel`` streams rows of any width in chunks (each search step re-reads the row from cache).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# widest page table held in registers; ptxas for sm_90 at 16 warps: 8192 pages spill 32 bytes a thread,
+# 16384 pages ~700 (the streaming kernel, 8192-page chunks, spills none)
+MAX_BLOCK = 8192
+
+
+@triton.jit
+def _keys(s, valid):
+    """Order-preserving int32 keys of fp32 scores (-0.0 ties with +0.0); invalid lanes the smallest key."""
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(s == 0.0, 0, key)
+    return tl.where(valid, key, -2147483647 - 1)
+
+
+@triton.jit
+def _packed_counts(key, lo, quarter: tl.constexpr):
+    """Counts of keys >= lo + j * quarter for j = 1, 2, 3, packed in 21-bit fields of one int64 sum."""
+    m1 = (lo + quarter).to(tl.int32)
+    m2 = (lo + 2 * quarter).to(tl.int32)
+    m3 = (lo + 3 * quarter).to(tl.int32)
+    packed = (key >= m1).to(tl.int64) + ((key >= m2).to(tl.int64) << 21) + ((key >= m3).to(tl.int64) << 42)
+    return tl.sum(packed, axis=0)
+
+
+@triton.jit
+def _step(lo, tot, quarter: tl.constexpr, BUDGET: tl.constexpr):
+    passed = ((tot & 0x1FFFFF) >= BUDGET).to(tl.int64) + (((tot >> 21) & 0x1FFFFF) >= BUDGET).to(tl.int64) \
+        + ((tot >> 42) >= BUDGET).to(tl.int64)
+    return lo + passed * quarter
+
+
+@triton.jit
+def _emit(chosen, rank, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev, n_hheat,
+          K_OUT: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+    """Store the chosen pages of one block at their slots ``rank`` and count them in the page heat."""
+    page = tl.load(pt_row + p, mask=chosen, other=0).to(tl.int64)     # only the chosen entries are read
+    keep = chosen & (rank < K_OUT)
+    tl.store(table_row + rank, page, mask=keep)
+    tl.store(logical_row + rank, p.to(tl.int64), mask=keep)
+    if HEAT:
+        ones = tl.full(p.shape, 1.0, tl.float32)
+        tl.atomic_add(heat_ptr + tl.where(page < n_dev, page, 0), ones, mask=chosen & (page < n_dev))
+        if HOST_HEAT:
+            slot = page - n_dev
+            ok = chosen & (slot >= 0) & (slot < n_hheat)
+            tl.atomic_add(hheat_ptr + tl.where(ok, slot, 0), ones, mask=ok)
+
+
+@triton.jit
+def _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr,
+            K_OUT: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr):
+    """Unused slots get the row's last entry (never read); the length in tokens of the selection."""
+    j = tl.arange(0, K_PAD)
+    rest = (j >= n_sel) & (j < K_OUT)
+    last = tl.load(pt_row + P - 1).to(tl.int64)
+    tl.store(table_row + j, tl.zeros([K_PAD], tl.int64) + last, mask=rest)
+    tl.store(logical_row + j, tl.zeros([K_PAD], tl.int64) + (P - 1), mask=rest)
+    tail = seq_len - (seq_len - 1) // PAGE * PAGE
+    tl.store(lens_ptr, (n_sel - 1) * PAGE + tail)
+
+
+@triton.jit
+def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
+                 P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
+                 K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
+                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.arange(0, BLOCK)
+    in_row = p < P
+    seq_len = tl.load(seqlen_ptr + b)
+    visible = in_row & (p * PAGE <= seq_len - 1)
+    s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=in_row, other=float("-inf"))
+    chosen = visible & (s == float("inf"))
+    if BUDGET > 0:
+        key = _keys(s, in_row)
+        lo = tl.full([], -2147483648, tl.int64)     # the largest t with >= BUDGET keys >= t, two bits a step
+        for i in tl.static_range(16):
+            lo = _step(lo, _packed_counts(key, lo, 1 << (30 - 2 * i)), 1 << (30 - 2 * i), BUDGET)
+        t = lo.to(tl.int32)
+        tie = (key == t).to(tl.int32)
+        room = BUDGET - tl.sum((key > t).to(tl.int32), axis=0)
+        top = (key > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))    # ties: the lowest page indices
+        chosen = chosen | (top & visible)
+    c = chosen.to(tl.int32)
+    pt_row = pt_ptr + b * s_ptb
+    table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
+    _emit(chosen, tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
+          n_hheat, K_OUT, HEAT, HOST_HEAT)
+    _finish(tl.sum(c, axis=0), seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh,
+            K_OUT, K_PAD, PAGE)
+
+
+@triton.jit
+def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
+                      P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
+                      K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
+                      CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ar = tl.arange(0, CHUNK)
+    seq_len = tl.load(seqlen_ptr + b)
+    n_vis = tl.minimum((seq_len - 1) // PAGE + 1, P)      # only visible pages compete (beyond: -inf)
+    row = score_ptr + b * s_sb + h * s_sh
+    lo = tl.full([], -2147483648, tl.int64)
+    room = 0
+    if BUDGET > 0:
+        for i in tl.static_range(16):
+            tot = tl.zeros([], tl.int64)
+            for c0 in range(0, n_vis, CHUNK):
+                p = c0 + ar
+                tot += _packed_counts(_keys(tl.load(row + p, mask=p < n_vis, other=0.0), p < n_vis), lo,
+                                      1 << (30 - 2 * i))
+            lo = _step(lo, tot, 1 << (30 - 2 * i), BUDGET)
+        n_above = 0
+        for c0 in range(0, n_vis, CHUNK):
+            p = c0 + ar
+            key = _keys(tl.load(row + p, mask=p < n_vis, other=0.0), p < n_vis)
+            n_above += tl.sum((key > lo.to(tl.int32)).to(tl.int32), axis=0)
+        room = BUDGET - n_above
+    t = lo.to(tl.int32)
+    pt_row = pt_ptr + b * s_ptb
+    table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
+    n_sel = 0
+    n_tie = 0
+    for c0 in range(0, n_vis, CHUNK):
+        p = c0 + ar
+        visible = p < n_vis
+        s = tl.load(row + p, mask=visible, other=float("-inf"))
+        chosen = visible & (s == float("inf"))
+        if BUDGET > 0:
+            key = _keys(s, visible)
+            tie = (key == t).to(tl.int32)
+            top = (key > t) | ((tie > 0) & (n_tie + tl.cumsum(tie, axis=0) <= room))
+            n_tie += tl.sum(tie, axis=0)
+            chosen = chosen | (top & visible)
+        c = chosen.to(tl.int32)
+        _emit(chosen, n_sel + tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr,
+              n_dev, n_hheat, K_OUT, HEAT, HOST_HEAT)
+        n_sel += tl.sum(c, axis=0)
+    _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, K_OUT, K_PAD, PAGE)
+
+
+def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                 budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
+                 host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None):
+    """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
+    [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
+    page to ``page_heat`` (device page ids) / ``host_heat`` (spilled slots, id - num_device_pages).
+    ``chunk``: stream rows in chunks of that many pages (default: only past ``MAX_BLOCK`` pages)."""
+    B, Hkv, P = scores.shape
+    assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
+    assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
+    K = min(P, max_selected)
+    table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
+    logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
+    lens = torch.empty(B, Hkv, dtype=seq_lens.dtype, device=scores.device)
+    block = triton.next_power_of_2(P)
+    if chunk is None and block > MAX_BLOCK:
+        chunk = 8192
+    heat = page_heat if page_heat is not None else scores
+    hheat = host_heat if host_heat is not None else scores
+    args = (scores, page_table, seq_lens, table, logical, lens, heat, hheat, P, num_device_pages,
+            host_heat.shape[0] if host_heat is not None else 0,
+            scores.stride(0), scores.stride(1), page_table.stride(0), table.stride(0), table.stride(1),
+            lens.stride(0), lens.stride(1))
+    consts = dict(K_OUT=K, K_PAD=triton.next_power_of_2(K), BUDGET=min(max(budget, 0), P), PAGE=page_size,
+                  HEAT=page_heat is not None, HOST_HEAT=host_heat is not None)
+    if chunk is None:
+        _topk_kernel[(B, Hkv)](*args, BLOCK=block, **consts,
+                               num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+    else:
+        _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=16)
+    return table, logical, lens
