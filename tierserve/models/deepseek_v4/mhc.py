@@ -39,30 +39,29 @@ class HyperConnection(nn.Module):
 
     def forward(self, h: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h``: ``[S, hc, D]`` -> (sub-layer input ``[S, D]``, post ``[S, hc]``, comb ``[S, hc, hc]``).
-        ``fused``: the RMS norm and the Sinkhorn projection in one Triton launch each (``fused_ops.py``,
-        ``mhc_triton.py``; the graph decode step)."""
-        hc = self.hc
-        flat = h.flatten(start_dim=1).float()
+        ``fused``: four Triton-side launches (``mhc_triton.hyper_connection``; the graph decode step)."""
         if fused:
-            from tierserve.models.deepseek_v4.fused_ops import rms_norm
-            flat = rms_norm(flat, None, self.norm_eps)
-        else:
-            flat = rms_unweighted(flat, self.norm_eps)
+            from tierserve.models.deepseek_v4.mhc_triton import hyper_connection
+            return hyper_connection(self, h)
+        hc = self.hc
+        flat = rms_unweighted(h.flatten(start_dim=1).float(), self.norm_eps)
         pre_w, post_w, comb_w = F.linear(flat, self.fn.float()).split([hc, hc, hc * hc], dim=-1)
         pre_b, post_b, comb_b = self.base.float().split([hc, hc, hc * hc])
         s_pre, s_post, s_comb = self.scale.float().unbind(0)
         pre = torch.sigmoid(pre_w * s_pre + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * s_post + post_b)
-        proj = sinkhorn
-        if fused:
-            from tierserve.models.deepseek_v4.mhc_triton import sinkhorn_triton as proj
-        comb = proj(comb_w.view(-1, hc, hc) * s_comb + comb_b.view(hc, hc), self.iters, self.hc_eps)
+        comb = sinkhorn(comb_w.view(-1, hc, hc) * s_comb + comb_b.view(hc, hc), self.iters, self.hc_eps)
         x = (pre.unsqueeze(-1) * h).sum(dim=1).to(h.dtype)
         return x, post, comb
 
     @staticmethod
-    def merge(out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """New streams ``post_k * out + sum_j comb[j, k] h_j`` (``[S, hc, D]``)."""
+    def merge(out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, h: torch.Tensor,
+              fused: bool = False) -> torch.Tensor:
+        """New streams ``post_k * out + sum_j comb[j, k] h_j`` (``[S, hc, D]``); ``fused``: one Triton
+        launch (``mhc_triton.merge``)."""
+        if fused:
+            from tierserve.models.deepseek_v4.mhc_triton import merge
+            return merge(out, post, comb, h)
         dtype = h.dtype
         return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), h)
 

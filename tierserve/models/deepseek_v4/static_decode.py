@@ -14,8 +14,9 @@ buffers' capacity and every position-dependent choice is made on the device:
   picks past the row's count (gathering the stored rows first, so MODEL1 entries are dequantised only
   for the picks);
 * the routed experts run through ``MoE.forward_decode`` (Triton kernels by expert index), and with
-  ``fused`` (default: on the GPU) mHC's Sinkhorn (``mhc_triton.py``), the RMS norms and rope
-  (``fused_ops.py``) are one Triton launch each instead of ~45 / ~8 / ~12 tiny kernels; the rope
+  ``fused`` (default: on the GPU) mHC (``mhc_triton.py``: 4 + 1 launches instead of ~60 with the
+  Sinkhorn iterations), the RMS norms and rope (``fused_ops.py``) are one Triton launch each instead of
+  ~8 / ~12 tiny kernels; the rope
   cos / sin of a step are computed once per rope setting, not per layer;
 * ``positions`` advance by one in place, so consecutive replays need no host work.
 
@@ -166,10 +167,10 @@ def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | No
     for block, lb in zip(model.layers, state.layers):
         x, post, comb = block.hc_attn(h, fused=fused)
         out = attention_static(ops, block.attn, lb, ops.norm(block.attn_norm, x), pos)
-        h = HyperConnection.merge(out, post, comb, h)
+        h = HyperConnection.merge(out, post, comb, h, fused=fused)
         x, post, comb = block.hc_ffn(h, fused=fused)
         out = block.ffn.forward_decode(ops.norm(block.ffn_norm, x), ids, use_triton=fused)
-        h = HyperConnection.merge(out, post, comb, h)
+        h = HyperConnection.merge(out, post, comb, h, fused=fused)
     logits = model.head(ops.norm(model.norm, model.hc_head(h)))
     pos.add_(1)
     return logits
