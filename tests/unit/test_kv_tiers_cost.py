@@ -46,14 +46,14 @@ def test_few_samples_use_the_fastest_rate_and_small_steps_are_ignored():
 
 def test_policy_records_its_choice_and_estimates():
     pol = LoadPolicy("cost")
-    assert pol.pays(["disk"] * 4, 1 << 20, 16, 0, final=True) and pol.last is None    # nothing measured: load
+    assert pol.pays(["disk"] * 4, 1 << 20, 16, 0) and pol.last is None    # nothing measured: load
     pol.prefill.set_flat(1e-4)                            # 64 tokens: 6.4 ms to recompute
     pol.measure("disk", 1 << 30, 1.0)                      # 1 GiB/s: 4 MiB in ~4 ms + the copy-in
-    assert pol.pays(["disk"] * 4, 1 << 20, 16, 0, final=True)
+    assert pol.pays(["disk"] * 4, 1 << 20, 16, 0)
     assert pol.last["choice"] == "load" and pol.last["est_recompute_s"] == pytest.approx(6.4e-3)
     for _ in range(30):
         pol.measure("disk", 1 << 20, 1.0)                  # the disk slows down (averaged in)
-    assert not pol.pays(["disk"] * 4, 1 << 20, 16, 0, final=True)
+    assert not pol.pays(["disk"] * 4, 1 << 20, 16, 0)
     assert pol.last["choice"] == "recompute" and pol.last["est_load_s"] > pol.last["est_recompute_s"]
     assert pol.decisions == {"load": 1, "recompute": 1}
 

@@ -125,17 +125,16 @@ class LoadPolicy:
                 s += page_bytes / self.bandwidth["copy_in"]
         return s
 
-    def pays(self, sources: list[str], page_bytes: int, page_size: int, start_page: int, final: bool) -> bool:
+    def pays(self, sources: list[str], page_bytes: int, page_size: int, start_page: int = 0) -> bool:
         """Whether loading pages from ``sources`` (one tier name per page, the chain starting at page
-        ``start_page``) beats recomputing them; ``final``: the decision on the chain actually read."""
+        ``start_page``) beats recomputing them."""
         recompute = self.prefill.estimate(len(sources) * page_size, start_page * page_size)
         if recompute is None:
             return True
         load = self.estimate_load(sources, page_bytes)
         choice = "load" if load < recompute else "recompute"
         self.last = {"choice": choice, "pages": len(sources), "start_page": start_page,
-                     "est_load_s": load, "est_recompute_s": recompute, "final": final,
+                     "est_load_s": load, "est_recompute_s": recompute,
                      "bandwidth_GBps": {t: self.bandwidth[t] / 1e9 for t in sorted(set(sources))}}
-        if final or choice == "recompute":
-            self.decisions[choice] += 1
+        self.decisions[choice] += 1
         return choice == "load"

@@ -5,8 +5,8 @@
   load time = bytes / measured tier bandwidth (+ the copy into the pages), recompute time = the fitted
   prefill time of those tokens at their positions. The decision is taken before the disk/remote pages
   are read (a tier never measured is measured first on the chain's first window of reads, a small
-  probe) and checked again on the chain actually read. Until a prefill has been measured, hits are
-  loaded. The last decision and its estimates are in ``stats()["policy"]``.
+  probe); a chain with nothing left to read is decided as found. Until a prefill has been measured, hits
+  are loaded. The last decision and its estimates are in ``stats()["policy"]``.
 - Pages evicted from the GPU pool go down to the host tier; newly completed pages are written
   through to disk and remote asynchronously.
 - Data moves only in ``apply``, which the model runner calls at the start of a step, before the
@@ -114,12 +114,15 @@ class TierManager(TierTransfers):
             probe, todo = todo[:2 * io.READ_WORKERS], todo[2 * io.READ_WORKERS:]
             end = self._read_chain(hits, probe, end)
             todo = [k for k in todo if k < end]
-        if decide and todo and not self._load_pays(hits[:end], page_size, start_page, final=False):
+        decided = decide and bool(todo)
+        if decided and not self._load_pays(hits[:end], page_size, start_page):
             return []                                  # decided before the rest is read
         if todo:
             end = self._read_chain(hits, todo, end)
         hits = hits[:end]
-        if hits and decide and not self._load_pays(hits, page_size, start_page, final=True):
+        # decided otherwise on the chain as found (CPU RAM only, or all read by the probe); a chain decided
+        # above is not decided again once read: the reads are paid, loading them is only the copy-in
+        if hits and decide and not decided and not self._load_pays(hits, page_size, start_page):
             return []
         return hits
 
@@ -177,9 +180,9 @@ class TierManager(TierTransfers):
         if self.prefetcher is not None:
             self.prefetcher.release(key)
 
-    def _load_pays(self, hits: list[TierHit], page_size: int, start_page: int = 0, final: bool = True) -> bool:
+    def _load_pays(self, hits: list[TierHit], page_size: int, start_page: int = 0) -> bool:
         sources = ["cpu" if h.prefetched else h.source for h in hits]
-        return self.cost.pays(sources, self.page_bytes, page_size, start_page, final)
+        return self.cost.pays(sources, self.page_bytes, page_size, start_page)
 
     def observe_prefill(self, num_tokens: int, seconds: float, attended: int | None = None) -> None:
         """Feed the recompute side of the cost model: an engine step that computed ``num_tokens`` (a
