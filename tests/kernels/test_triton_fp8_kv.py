@@ -61,14 +61,16 @@ def test_prefill_scratch_matches_storage_quantisation():
     flags = torch.zeros(N, dtype=torch.bool, device=DEV)
     flags[table[0, 3]] = True                                     # a stored page: copied as it is
     quantise_pages_(data, table[0, 3:4], ps)
-    scratch, sp = prefill_scratch(data[:, 0], flags, table, torch.tensor(qlens, device=DEV),
-                                  torch.tensor(lens, device=DEV), max(qlens), ps, recent)
-    assert sp == scratch_pages_per_chunk(max(qlens), ps, recent)
+    scratch, offs = prefill_scratch(data[:, 0], flags, table, torch.tensor(qlens, device=DEV),
+                                    torch.tensor(lens, device=DEV), max(qlens), sum(qlens), ps, recent)
+    sp = scratch_pages_per_chunk(max(qlens), ps, recent)
+    used = 0
     blk = scale_offset(ps, h, d) + 4 * h
     checked = 0
     for c, (n, k) in enumerate(zip(lens, qlens)):
         first = max(n - k - max(recent, 1), 0) // ps
-        assert -(-n // ps) - first <= sp
+        assert -(-n // ps) - first <= sp and int(offs[c]) == used
+        used += -(-n // ps) - first
         for i in range(first, -(-n // ps)):
             pid = int(table[c, i])
             page = data[pid:pid + 1].clone()
@@ -76,11 +78,11 @@ def test_prefill_scratch_matches_storage_quantisation():
                 page[:, :, :, n - i * ps:] = 0                    # rows past the sequence
                 quantise_pages_(page, torch.tensor([0], device=DEV), ps)
             want = page.view(torch.uint8).reshape(2, -1)[:, :blk]
-            got = scratch[c * sp + i - first]
+            got = scratch[used - -(-n // ps) + i]
             assert torch.equal(got[:, :ps * h * d], want[:, :ps * h * d])
             assert torch.equal(got[:, blk - 4 * h:], want[:, blk - 4 * h:])
             checked += 1
-    assert checked == 10
+    assert checked == 10 and scratch.shape[0] >= used
 
 
 PREFILL = [  # hq, hkv, page, D, seq_lens, q_lens, keep_sink, keep_recent, window

@@ -11,7 +11,7 @@
   FP8 (the chunk's own pages and the recent ones before it). Computed once per layer and step instead of
   once per query block; pages already stored as FP8 are copied as they are, so the attention kernel takes
   every FP8 reading from that range out of the scratch without looking at the stored flags first.
-  Scratch page ``c * SP + k`` holds logical page ``first_page(c) + k`` of chunk c.
+  Scratch page ``off[c] + k`` holds logical page ``scratch_first_page(c) + k`` of chunk c.
 """
 from __future__ import annotations
 
@@ -68,18 +68,28 @@ def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int
 
 
 @triton.jit
-def _scratch_kernel(kv_ptr, kvb_ptr, dst_ptr, flag_ptr, pt_ptr, qlen_ptr, seqlen_ptr, keep_recent, SP,
+def _offsets_kernel(qlen_ptr, seqlen_ptr, off_ptr, C, keep_recent, PAGE: tl.constexpr):
+    """off[c]: first scratch page of chunk c (the chunks' page counts laid end to end), one program."""
+    acc = tl.load(seqlen_ptr) * 0
+    for c in range(0, C):
+        seq_len = tl.load(seqlen_ptr + c)
+        tl.store(off_ptr + c, acc)
+        acc += tl.cdiv(seq_len, PAGE) - scratch_first_page(seq_len - tl.load(qlen_ptr + c), keep_recent, PAGE)
+
+
+@triton.jit
+def _scratch_kernel(kv_ptr, kvb_ptr, dst_ptr, off_ptr, flag_ptr, pt_ptr, qlen_ptr, seqlen_ptr, keep_recent, SP,
                     s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_di, s_dkv, n_heads,
                     PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SCALE_OFF: tl.constexpr):
-    i = tl.program_id(0)
+    c = tl.program_id(0) // SP
+    k = tl.program_id(0) % SP
     kv = tl.program_id(1)
     h = tl.program_id(2)
-    c = i // SP
     seq_len = tl.load(seqlen_ptr + c)
-    lp = scratch_first_page(seq_len - tl.load(qlen_ptr + c), keep_recent, PAGE) + i % SP
+    lp = scratch_first_page(seq_len - tl.load(qlen_ptr + c), keep_recent, PAGE) + k
     if lp * PAGE < seq_len:
         page = tl.load(pt_ptr + c * s_ptb + lp).to(tl.int64)
-        dst = dst_ptr + i.to(tl.int64) * s_di + kv * s_dkv
+        dst = dst_ptr + (tl.load(off_ptr + c) + k).to(tl.int64) * s_di + kv * s_dkv
         if tl.load(flag_ptr + page) != 0:       # stored as FP8: its codes as they are
             copy_block_head(kvb_ptr + page * s_bp + kv * s_bkv, dst, h, n_heads, PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
         else:
@@ -93,21 +103,26 @@ def scratch_pages_per_chunk(max_q_len: int, page_size: int, keep_recent: int) ->
 
 
 def prefill_scratch(kv_layer: torch.Tensor, quantised: torch.Tensor, page_table: torch.Tensor,
-                    q_len: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, page_size: int,
-                    keep_recent: int) -> tuple[torch.Tensor, int]:
-    """kv_layer [N, 2, rows, Hkv, D]; per chunk c: page_table [C, P], q_len / seq_lens [C] (device).
-    Returns (scratch uint8 [C * SP, 2, block bytes], SP). Entries of pages past a chunk's end are left
-    unwritten (never read)."""
+                    q_len: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, total_q: int, page_size: int,
+                    keep_recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_layer [N, 2, rows, Hkv, D]; per chunk c: page_table [C, P], q_len / seq_lens [C] (device);
+    ``max_q_len`` / ``total_q``: host bounds of the largest and the summed q_len. Returns (scratch uint8
+    [pages, 2, block bytes], first scratch page of each chunk [C]): chunk c's scratch pages follow each other
+    from there (sized by the tokens, not by C x the longest chunk). Nothing is synced with the host."""
     N, two, rows, h, d = kv_layer.shape
     C = q_len.shape[0]
     sp = scratch_pages_per_chunk(max_q_len, page_size, keep_recent)
+    # sum over chunks of ceil((q_len + R + ps - 1) / ps) <= (total_q + C (R + 2 ps - 2)) / ps
+    total = min(C * sp, (total_q + C * (max(keep_recent, 1) + 2 * page_size - 2)) // page_size + 1)
+    offs = torch.empty(C, dtype=torch.int64, device=kv_layer.device)
+    _offsets_kernel[(1,)](q_len, seq_lens, offs, C, keep_recent, PAGE=page_size, num_warps=1)
     off = scale_offset(page_size, h, d)
-    scratch = torch.empty(C * sp, two, off + 4 * h, dtype=torch.uint8, device=kv_layer.device)
+    scratch = torch.empty(total, two, off + 4 * h, dtype=torch.uint8, device=kv_layer.device)
     kv_bytes = kv_layer.view(torch.uint8)
     _scratch_kernel[(C * sp, two, h)](
-        kv_layer, kv_bytes, scratch, quantised.view(torch.uint8), page_table, q_len, seq_lens, keep_recent, sp,
-        kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0),
+        kv_layer, kv_bytes, scratch, offs, quantised.view(torch.uint8), page_table, q_len, seq_lens, keep_recent,
+        sp, kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0),
         kv_bytes.stride(1), page_table.stride(0),
         scratch.stride(0), scratch.stride(1), h, PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
         HEAD_DIM=d, SCALE_OFF=off, num_warps=4)
-    return scratch, sp
+    return scratch, offs

@@ -69,7 +69,7 @@ def _readings(ptr, bptr, sptr, page, rel, kvh, full_any, low_page, low_sc, fake,
 
 @triton.jit
 def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, o_ptr, sc_ptr,
-                        qk_scale, keep_sink, keep_recent, SP, s_qt, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb,
+                        soff_ptr, qk_scale, keep_sink, keep_recent, s_qt, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb,
                         s_ot, s_oh, s_sp, s_skv,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -85,7 +85,8 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         BLOCK_N, WINDOW)
     seq_len = tl.load(seqlen_ptr + c)
     c0 = seq_len - q_len
-    first = scratch_first_page(c0, keep_recent, PAGE)      # scratch holds logical pages first ..
+    first = scratch_first_page(c0, keep_recent, PAGE)      # scratch pages soff[c].. hold logical pages first..
+    s0 = tl.load(soff_ptr + c)
     p_lo = c0 + blk * BLOCK_T                               # positions of the program's first and last rows
     p_hi = tl.minimum(p_lo + BLOCK_T, seq_len) - 1
     end_all = _low_end(p_lo, keep_recent, PAGE)             # keys sink..end_all: FP8 for every row
@@ -107,7 +108,7 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         fake = low_any & ~in_sc & ~stored
         bad = valid & ~low_all & stored
         any_fix = tl.sum((fake | bad).to(tl.int32), axis=0) > 0
-        sptr = sc_ptr + (c * SP + tl.maximum(lp - first, 0)).to(tl.int64) * s_sp
+        sptr = sc_ptr + (s0 + tl.maximum(lp - first, 0)).to(tl.int64) * s_sp
         full_any = valid & ~low_all
         low_sc = low_any & in_sc
         low_page = low_any & ~in_sc
@@ -169,12 +170,12 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
     kv_bytes = kv_layer.view(torch.uint8)
     if out is None:
         out = torch.empty_like(q)
-    scratch, sp = prefill_scratch(kv_layer, quantised, page_table, q_len, seq_lens, max_q_len, page_size,
-                                  keep_recent)
+    scratch, soff = prefill_scratch(kv_layer, quantised, page_table, q_len, seq_lens, max_q_len, T, page_size,
+                                    keep_recent)
     grid = (q_len.shape[0], triton.cdiv(max_q_len, block_t), Hkv)
     _prefill_fp8_kernel[grid](
         q, kv_layer, kv_bytes, quantised.view(torch.uint8), page_table, q_start, q_len, seq_lens, out, scratch,
-        scale * _LOG2E, keep_sink, keep_recent, sp, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        soff, scale * _LOG2E, keep_sink, keep_recent, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), scratch.stride(0), scratch.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n,
