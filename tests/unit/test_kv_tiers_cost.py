@@ -78,3 +78,18 @@ def test_warm_up_on_cpu_is_harmless():
     from tierserve.kv.tiers.manager import TierManager
     tm = TierManager((2, 4), torch.float32, "fp", host_pages=4, device=torch.device("cpu"))
     assert tm.zero_copy is None and tm.stats()["policy"]["name"] == "cost"
+
+
+def test_engine_feeds_prefill_steps_with_their_context(tmp_path):
+    """Chunked prefill steps reach the cost model with the tokens they attend to (later chunks attend to more),
+    and the engine's tier manager has its one-time work done at start."""
+    from tests.helpers.tiny_models import make_checkpoint
+    from tierserve import LLM, SamplingParams
+
+    ckpt = make_checkpoint(tmp_path / "llama", "llama")
+    llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=256, cpu_kv_gb=0.01,
+              max_num_batched_tokens=64)
+    llm.generate([list(range(3, 200))], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    ctxs = [x for _, x, _ in llm.engine.kv.tiers.cost.prefill.samples]
+    assert len(ctxs) == 3 and ctxs == sorted(ctxs) and ctxs[0] == pytest.approx(32.5)
+    assert llm.engine.kv.tiers.cost.prefill.estimate(1000) > 0
