@@ -5,6 +5,7 @@
   page the read rule allows stored as FP8 ("stored") and with one old page per sequence not yet converted
   (quantised on the fly, as inside a multi-step window: "pending"). Split-K as the engine's CUDA graphs
   choose it for max_model_len = context + 144. Each call timed inside a CUDA graph of 32 calls (32 layers).
+  FP8: the default configuration and the best of a small sweep (block_n, num_warps, num_stages).
 * quantise: storing the pages that leave the full-precision window, all 32 layers: the Triton path the
   runner uses now vs the torch reference (``quantise_pages_``, the previous runner path), per call and
   amortised per decode step (batch B makes B/16 pages old per step).
@@ -26,6 +27,11 @@ import time
 import torch
 
 HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
+# FP8 decode configurations tried (the first is the kernel's default)
+CONFIGS = [dict(block_n=None, num_warps=4, num_stages=2)] + [
+    dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+# FP8 prefill configurations tried (the first is the kernel's default: 128 rows, 64 keys, 8 warps)
+PCONFIGS = [dict(), dict(num_stages=3), dict(block_n=32), dict(block_rows=64, num_warps=4)]
 
 
 def timer(fn, graph: bool, reps: int = 32) -> float:
@@ -110,15 +116,22 @@ def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dic
         if ids:
             quantise_pages_triton(data, torch.tensor(ids, device=dev), PAGE)
             flags[torch.tensor(ids, device=dev)] = True
-        for bn in (None, 32, 128):
+        res = []
+        for cfg in CONFIGS:
             try:
                 us = timer(lambda: paged_decode_fp8(q, kv, flags, table, seq, scale, PAGE, SINK, RECENT,
-                                                    num_splits=splits, block_n=bn), graph)
-            except Exception as e:      # a block size that does not compile is reported, not fatal
-                rows.append(dict(kernel="decode", setting=name, batch=B, context=ctx, block_n=bn, error=repr(e)[:80]))
-                continue
-            rows.append(dict(kernel="decode", setting=name, batch=B, context=ctx, splits=splits,
-                             block_n=bn or "auto", us=us, GBps=fp8_bytes / us / 1e3,
+                                                    num_splits=splits, **cfg), graph)
+                res.append((us, cfg))
+            except Exception as e:      # a configuration that does not compile is reported, not fatal
+                print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
+        if not res:
+            rows.append(dict(kernel="decode", setting=name, batch=B, context=ctx, error="no config compiled"))
+            continue
+        default = [r for r in res if r[1] == CONFIGS[0]]
+        picks = [("default", default[0])] if default else []
+        for label, (us, cfg) in picks + [("best", min(res, key=lambda r: r[0]))]:
+            rows.append(dict(kernel="decode", setting=f"{name} ({label})", batch=B, context=ctx, splits=splits,
+                             config=",".join(f"{k}={v}" for k, v in cfg.items()), us=us, GBps=fp8_bytes / us / 1e3,
                              speedup_vs_bf16=rows[0]["us"] / us))
     return rows
 
@@ -170,9 +183,16 @@ def prefill_rows(ctx: int, chunk: int, dev, dtype, graph: bool) -> list[dict]:
     stored = old_pages(table, c0)
     quantise_pages_triton(data, torch.tensor(stored, device=dev), PAGE)
     flags[torch.tensor(stored, device=dev)] = True
-    us = timer(lambda: paged_prefill_fp8(q, kv, flags, table, *args, scale, PAGE, SINK, RECENT), graph, reps=4)
-    rows.append(dict(kernel="prefill", setting="fp8 (incl. scratch)", context=ctx, chunk=chunk, us=us,
-                     TFLOPs=flops / us / 1e6, speedup_vs_bf16=rows[0]["us"] / us))
+    for cfg in PCONFIGS:
+        try:
+            us = timer(lambda: paged_prefill_fp8(q, kv, flags, table, *args, scale, PAGE, SINK, RECENT, **cfg),
+                       graph, reps=4)
+        except Exception as e:      # a configuration that does not compile is reported, not fatal
+            rows.append(dict(kernel="prefill", setting="fp8", config=str(cfg), error=repr(e)[:80]))
+            continue
+        rows.append(dict(kernel="prefill", setting="fp8 (incl. scratch)", context=ctx, chunk=chunk,
+                         config=",".join(f"{k}={v}" for k, v in cfg.items()) or "default", us=us,
+                         TFLOPs=flops / us / 1e6, speedup_vs_bf16=rows[0]["us"] / us))
     us = timer(lambda: prefill_scratch(kv, flags, table, args[1], args[2], chunk, chunk, PAGE, RECENT), graph, reps=4)
     rows.append(dict(kernel="prefill", setting="fp8 scratch pass alone", context=ctx, chunk=chunk, us=us))
     return rows
@@ -188,9 +208,9 @@ def main() -> None:
         sys.exit("needs a CUDA GPU (or --smoke)")
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"
-    global HQ, HKV, D, LAYERS
+    global HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS
     if a.smoke:
-        HQ, HKV, D, LAYERS = 4, 2, 16, 2
+        HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS = 4, 2, 16, 2, CONFIGS[:2], PCONFIGS[:1]
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 132
@@ -202,7 +222,7 @@ def main() -> None:
     for B in ((1, 16) if not a.smoke else (2,)):
         rows += quantise_rows(B, dev, dtype, cuda)
     rows += prefill_rows(*((32768, 8192) if not a.smoke else (200, 64)), dev, dtype, cuda)
-    keys = ["kernel", "setting", "batch", "context", "chunk", "splits", "block_n", "us", "GBps", "TFLOPs",
+    keys = ["kernel", "setting", "batch", "context", "chunk", "splits", "config", "us", "GBps", "TFLOPs",
             "speedup_vs_bf16", "us_per_decode_step", "error"]
     print(" | ".join(keys))
     for r in rows:
