@@ -44,7 +44,8 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, se
     forced = visible & ((start < SINK) | (start + PAGE > pos - RECENT) | (p == pos // PAGE) | (seq_len <= TOPK))
     # the pages that compete (the negation of ``forced`` among the visible ones, spelled out)
     need = visible & (start >= SINK) & (start + PAGE <= pos - RECENT) & (p != pos // PAGE) & (seq_len > TOPK)
-    page = tl.load(pt_ptr + b * s_ptb + p, mask=need, other=0).to(tl.int64)
+    # (masked by the row only, so that this load need not wait for seq_len: one latency less)
+    page = tl.load(pt_ptr + b * s_ptb + p, mask=in_row, other=0).to(tl.int64)
     d = tl.arange(0, D_PAD)
     dmask = d < HEAD_DIM
     if HOST:    # page ids >= n_dev are spilled: their summaries sit in the host-summary copy on the device
