@@ -55,7 +55,7 @@ def test_policy_records_its_choice_and_estimates():
         pol.measure("disk", 1 << 20, 1.0)                  # the disk slows down (averaged in)
     assert not pol.pays(["disk"] * 4, 1 << 20, 16, 0)
     assert pol.last["choice"] == "recompute" and pol.last["est_load_s"] > pol.last["est_recompute_s"]
-    assert pol.decisions == {"load": 1, "recompute": 1}
+    assert pol.decisions == {"load": 1, "recompute": 1, "stopped": 0}
 
 
 def test_codec_crc_detects_a_flipped_byte_and_reads_format_1():
@@ -93,3 +93,31 @@ def test_engine_feeds_prefill_steps_with_their_context(tmp_path):
     ctxs = [x for _, x, _ in llm.engine.kv.tiers.cost.prefill.samples]
     assert len(ctxs) == 3 and ctxs == sorted(ctxs) and ctxs[0] == pytest.approx(32.5)
     assert llm.engine.kv.tiers.cost.prefill.estimate(1000) > 0
+
+
+def test_a_chain_whose_reads_turn_slow_is_dropped_while_read(tmp_path, monkeypatch):
+    """The disk was measured fast (say its probe came from the page cache); the reads now crawl: once reading the
+    rest at the rate seen would take longer than recomputing the whole chain, the chain is dropped unread."""
+    import time
+
+    from tests.unit.test_kv_tiers_io import PS, SHAPE, chain
+    from tierserve.kv.tiers.disk import DiskTier
+    from tierserve.kv.tiers.manager import TierManager
+
+    n = 200
+    tm = TierManager(SHAPE, torch.float32, "fp", disk_dir=str(tmp_path), disk_bytes=1 << 30, prefetch=False)
+    pages = chain(n)
+    for pid, (h, toks) in enumerate(pages):
+        tm.on_register(pid, h, toks)
+    tm.apply(tm.take_transfers(), torch.randn(n, *SHAPE))
+    tm.flush()
+    tm._measure("disk", 1 << 30, 1e-3)                 # measured at 1 TB/s: loading looks free
+    tm.prefill_s_per_token = 0.05 / (n * PS)           # the whole chain recomputes in 50 ms
+    reads = []
+    orig = DiskTier.read
+    monkeypatch.setattr(DiskTier, "read", lambda self, h, t: reads.append(h) or time.sleep(0.004) or orig(self, h, t))
+    tokens = [t for _, toks in pages for t in toks]
+    assert tm.find(tokens, PS, 0, n, None) == []
+    last = tm.stats()["policy"]["last"]
+    assert last["choice"] == "recompute" and last["stopped_after_pages"] >= 64 and tm.cost.decisions["stopped"] == 1
+    assert len(reads) < n

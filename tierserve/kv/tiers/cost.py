@@ -101,7 +101,7 @@ class LoadPolicy:
         self._acc: dict[str, tuple[float, float]] = {}     # (bytes, seconds) pooled per tier
         self.prefill = PrefillCost()
         self.last: dict | None = None
-        self.decisions = {"load": 0, "recompute": 0}
+        self.decisions = {"load": 0, "recompute": 0, "stopped": 0}
 
     @property
     def active(self) -> bool:
@@ -138,3 +138,9 @@ class LoadPolicy:
                      "bandwidth_GBps": {t: self.bandwidth[t] / 1e9 for t in sorted(set(sources))}}
         self.decisions[choice] += 1
         return choice == "load"
+
+    def stopped(self, pages_read: int, est_rest_s: float, est_recompute_s: float) -> None:
+        """A chain decided for loading was dropped while being read (the disk gave less than estimated)."""
+        self.decisions["stopped"] += 1
+        self.last = {**(self.last or {}), "choice": "recompute", "stopped_after_pages": pages_read,
+                     "est_rest_load_s": est_rest_s, "est_recompute_s": est_recompute_s}

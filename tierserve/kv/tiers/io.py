@@ -79,12 +79,14 @@ def spill(pairs: list[tuple[int, int]], kv_data: torch.Tensor, store: torch.Tens
         store[torch.tensor([s for _, s in pairs[at:at + len(pages)]])] = pages
 
 
-def read_chain(read: Callable, hits: list, ks: list[int]) -> tuple[int | None, dict[str, int], float]:
+def read_chain(read: Callable, hits: list, ks: list[int], keep_going: Callable | None = None,
+               every: int = 64) -> tuple[int | None, dict[str, int], float]:
     """Read ``hits[k]`` for k in ``ks`` (ascending) on the read pool, all submitted at once (no barrier
     between windows, so every reader stays busy); ``read(hash, tokens)`` -> (tier, payload, s) | None.
     Fill their source and payload up to the first miss, whose later reads are cancelled (or, if already
-    running, left to finish and be dropped). Returns (first missed k or None, bytes read per tier, wall
-    seconds until the pages kept were read)."""
+    running, left to finish and be dropped). Every ``every`` pages ``keep_going(bytes read, pages left,
+    seconds)`` may stop the chain there (the same as a miss). Returns (first missed / stopped k or None,
+    bytes read per tier, wall seconds until the pages kept were read)."""
     t0 = time.perf_counter()
     if len(ks) > 1:
         pool = read_pool()
@@ -94,8 +96,10 @@ def read_chain(read: Callable, hits: list, ks: list[int]) -> tuple[int | None, d
     nbytes: dict[str, int] = {}
     for j, k in enumerate(ks):
         g = futs[j].result() if futs is not None else read(hits[k].block_hash, hits[k].tokens)
-        if g is None:
-            for f in futs[j + 1:] if futs is not None else ():
+        stop = g is None or (keep_going is not None and j and j % every == 0
+                             and not keep_going(sum(nbytes.values()), len(ks) - j, time.perf_counter() - t0))
+        if stop:
+            for f in futs[j:] if futs is not None else ():
                 f.cancel()
             return k, nbytes, time.perf_counter() - t0
         hits[k].source, hits[k].payload = g[0], g[1]

@@ -5,8 +5,9 @@
   load time = bytes / measured tier bandwidth (+ the copy into the pages), recompute time = the fitted
   prefill time of those tokens at their positions. The decision is taken before the disk/remote pages
   are read (a tier never measured is measured first on the chain's first window of reads, a small
-  probe); a chain with nothing left to read is decided as found. Until a prefill has been measured, hits
-  are loaded. The last decision and its estimates are in ``stats()["policy"]``.
+  probe); a chain with nothing left to read is decided as found. While the rest is read, the chain is
+  dropped once reading what is left would take longer than recomputing it all (``_Watch``). Until a
+  prefill has been measured, hits are loaded. The last decision and its estimates are in ``stats()["policy"]``.
 - Pages evicted from the GPU pool go down to the host tier; newly completed pages are written
   through to disk and remote asynchronously.
 - Data moves only in ``apply``, which the model runner calls at the start of a step, before the
@@ -118,7 +119,10 @@ class TierManager(TierTransfers):
         if decided and not self._load_pays(hits[:end], page_size, start_page):
             return []                                  # decided before the rest is read
         if todo:
-            end = self._read_chain(hits, todo, end)
+            watch = self._watch(hits[:end], page_size, start_page) if decided else None
+            end = self._read_chain(hits, todo, end, watch)
+            if watch is not None and watch.stopped:
+                return []
         hits = hits[:end]
         # decided otherwise on the chain as found (CPU RAM only, or all read by the probe); a chain decided
         # above is not decided again once read: the reads are paid, loading them is only the copy-in
@@ -138,16 +142,21 @@ class TierManager(TierTransfers):
                 return TierHit(h, toks, fetched.source, prefetched=True)
         return None
 
-    def _read_chain(self, hits: list[TierHit], ks: list[int], end: int) -> int:
+    def _read_chain(self, hits: list[TierHit], ks: list[int], end: int, watch=None) -> int:
         """Read + verify pages ``hits[k]`` (k in ``ks``) on the read pool; the new end of the chain (the
         first k that missed, or ``end``). The aggregate throughput feeds the bandwidth estimate."""
-        bad, nbytes, seconds = io.read_chain(self._read_lower, hits, ks)
+        bad, nbytes, seconds = io.read_chain(self._read_lower, hits, ks, watch)
         for name, n in nbytes.items():
             self._measure(name, n, seconds)
         n = sum(nbytes.values())
         self.last_read = {"pages": self.last_read["pages"] + n // self.page_bytes,
                           "bytes": self.last_read["bytes"] + n, "seconds": self.last_read["seconds"] + seconds}
         return end if bad is None else min(end, bad)
+
+    def _watch(self, hits: list[TierHit], page_size: int, start_page: int) -> "_Watch":
+        recompute = self.cost.prefill.estimate(len(hits) * page_size, start_page * page_size)
+        copy_in = sum(h.source != "cpu" for h in hits) * self.page_bytes / self.bandwidth["copy_in"]
+        return _Watch(self.cost, self.page_bytes, recompute, copy_in)
 
     def _read_lower(self, h: bytes, toks: tuple[int, ...]) -> tuple[str, memoryview, float] | None:
         """(tier, verified payload, seconds) from disk, then remote; None on a miss. Runs on the read
@@ -245,3 +254,25 @@ class TierManager(TierTransfers):
         if self.prefetcher is not None:
             staged = sum(1 for _, h in self._pending.onload if h.prefetched and h.slot is not None)
             self.prefetcher.check_invariants(in_transit=staged)
+
+
+class _Watch:
+    """Checks a chain's reads while they land: a probe (or an old measurement) may promise more than the disk
+    now gives (e.g. its first pages were still in the page cache). The reads so far are paid; the rest is
+    worth reading only while reading it (at the rate seen so far) plus the copy-in beats recomputing the
+    whole chain. When it no longer does, the chain is dropped and recomputed -- at most about twice the
+    better choice's time."""
+
+    def __init__(self, cost, page_bytes: int, recompute: float, copy_in: float) -> None:
+        self.cost, self.page_bytes, self.recompute, self.copy_in = cost, page_bytes, recompute, copy_in
+        self.stopped = False
+
+    def __call__(self, done_bytes: int, pages_left: int, seconds: float) -> bool:
+        if done_bytes <= 0 or seconds <= 0:
+            return True
+        rest = pages_left * self.page_bytes * seconds / done_bytes + self.copy_in
+        if rest < self.recompute:
+            return True
+        self.stopped = True
+        self.cost.stopped(done_bytes // self.page_bytes, rest, self.recompute)
+        return False
