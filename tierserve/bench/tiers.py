@@ -21,14 +21,14 @@ from tierserve.bench.tiers_io import Budget, measure_bandwidths
 from tierserve.bench.tiers_ttft import HITS, hit_paths
 
 
-def _free() -> None:
-    """Give back device memory and pinned host memory (torch caches freed pinned blocks, rounded up to a
-    power of two: a 30 GiB CPU tier holds 32 GiB until then)."""
+def _free(host: bool = False) -> None:
+    """Give back device memory; with ``host`` also the pinned host memory torch caches (in power-of-two blocks:
+    the TTFT engine's 30 GiB CPU tier is a 32 GiB block, which the decode engine's ~16 GiB tier reuses)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         empty_host = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-        if empty_host is not None:
+        if host and empty_host is not None:
             empty_host()
 
 
@@ -101,7 +101,7 @@ def bench_tiers(model: str | None, contexts: list[int], *, load_format: str = "d
         except Exception as e:
             emit({"kind": "decode", "engine": "tierserve", "context": ctx, "error": f"{type(e).__name__}: {e}"})
         del kv
-        _free()
+        _free(host=True)
         if dev.type == "cuda":
             from tierserve.bench.tiers_hf import hf_baselines
 

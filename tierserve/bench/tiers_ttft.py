@@ -3,7 +3,8 @@
 
 - ``cold``: nothing cached (its pages are written through to disk as they complete);
 - ``gpu``: the GPU prefix cache;
-- ``cpu``: after ``demote_prefix_cache`` (the pages move to CPU RAM);
+- ``cpu``: after ``demote_prefix_cache`` (the pages move to CPU RAM), read by the zero-copy gather;
+- ``cpu-staging`` (where zero-copy works): the same through pinned staging copies, to compare the two;
 - ``disk``: GPU cache and CPU tier forgotten, the page files' page cache dropped (so the hit reads the disk,
   like the raw bandwidth it is compared with), loaded whatever the cost (``kv_load_policy=always``): the forced
   load, with the chain's read + verify time;
@@ -22,7 +23,7 @@ import torch
 
 from tierserve.bench.tiers_io import drop_page_cache, resident_fraction
 
-HITS = ("cold", "gpu", "cpu", "disk", "disk-policy")
+HITS = ("cold", "gpu", "cpu", "cpu-staging", "disk", "disk-policy")
 
 
 def sync(dev: torch.device) -> None:
@@ -69,7 +70,7 @@ def save_prompt_kv(eng, prompt: list[int]) -> torch.Tensor:
 
 def hit_paths(llm, prompt: list[int], disk_dir: str, policy: str, emit=None, budget=None,
               save_kv: bool = False) -> dict:
-    """Run the five cases on ``prompt``; rows go to ``emit`` (None: a warm-up). Returns {"first_token", "cold_s",
+    """Run the cases on ``prompt``; rows go to ``emit`` (None: a warm-up). Returns {"first_token", "cold_s",
     "kv": saved pages or None}."""
     eng = llm.engine
     tiers = eng.kv.tiers
@@ -88,11 +89,19 @@ def hit_paths(llm, prompt: list[int], disk_dir: str, policy: str, emit=None, bud
     if save_kv:
         out["kv"] = save_prompt_kv(eng, prompt)
     eng.demote_prefix_cache()
-    tiers.last_onload = {}
-    s, served, _ = ttft(llm, prompt)
-    load = tiers.last_onload.get("cpu") or {}
-    row("cpu", s, served, load_s=load.get("seconds"), zero_copy=tiers.zero_copy,
-        load_GBps=load["pages"] * page_bytes / load["seconds"] / 1e9 if load.get("seconds") else None)
+    zero_copy = tiers.zero_copy
+    for case in ("cpu", "cpu-staging") if zero_copy else ("cpu",):
+        if case == "cpu-staging":                        # the same hit through pinned staging copies
+            eng.demote_prefix_cache()
+            tiers.zero_copy = False
+        tiers.last_onload = {}
+        try:
+            s, served, _ = ttft(llm, prompt)
+        finally:
+            tiers.zero_copy = zero_copy
+        load = tiers.last_onload.get("cpu") or {}
+        row(case, s, served, load_s=load.get("seconds"), zero_copy=case == "cpu" and bool(zero_copy),
+            load_GBps=load["pages"] * page_bytes / load["seconds"] / 1e9 if load.get("seconds") else None)
     tiers.flush()                                        # the write-through is on disk
     disk_s = None
     for case in ("disk", "disk-policy"):
