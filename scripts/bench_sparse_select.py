@@ -8,6 +8,7 @@ before timing, the two selections are compared (same page sets, same decode outp
   python scripts/bench_sparse_select.py [--batch 1,4] [--ctx 131072] [--topk 2048] [--output FILE]
   TRITON_INTERPRET=1 python scripts/bench_sparse_select.py --smoke --batch 1,2 --ctx 300 --topk 96 --hq 4 \
       --hkv 2 --head-dim 16         (the checks only, on the CPU)
+  python scripts/bench_sparse_select.py --ptxas   (no GPU: the kernels compiled for sm_90, registers and spills)
 """
 from __future__ import annotations
 
@@ -138,6 +139,44 @@ def bench_batch(B, a, dev, table_pages):
     return rows
 
 
+def ptxas_report(a):
+    """Compile the kernels for sm_90 without a GPU (Triton's bundled ptxas): registers and spills per config."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tierserve.attention import triton_select, triton_select_topk
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+
+    def build_one(fn, types, consts, warps):
+        sig = dict(zip(fn.arg_names[:len(types)], types, strict=True)) | {k: "constexpr" for k in consts}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(k.asm["ptx"])
+            f.flush()
+            r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"],
+                               capture_output=True, text=True)
+        info = [x.split(":")[-1].strip() for x in r.stderr.splitlines() if "registers" in x or "spill" in x]
+        print(fn.__name__, consts, warps, "warps:", " | ".join(info))
+
+    score_types = ["*bf16"] * 5 + ["*i64", "*i64", "*fp32"] + ["i32"] * 16
+    for host in (False, True):
+        for bp, nw in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
+            build_one(triton_select._page_score_kernel, score_types,
+                      dict(GROUP=a.hq // a.hkv, HEAD_DIM=a.head_dim, D_PAD=a.head_dim, PAGE=a.page, BLOCK_P=bp,
+                           TOPK=a.topk, SINK=16, RECENT=64, HOST=host), nw)
+    topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 10
+    common = dict(K_OUT=133, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
+    for block in (8192, 16384):
+        build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block}, 16)
+    for chunk in (4096, 8192):
+        build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk}, 16)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", default="1,4")
@@ -152,7 +191,10 @@ def main():
     ap.add_argument("--no-heat", action="store_true", help="no per-page selection counts (tiers off)")
     ap.add_argument("--output", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU (TRITON_INTERPRET=1), tiny sizes, check only")
+    ap.add_argument("--ptxas", action="store_true", help="no GPU needed: compile for sm_90, print registers/spills")
     a = ap.parse_args()
+    if a.ptxas:
+        return ptxas_report(a)
     dev = torch.device("cpu" if a.smoke else "cuda")
     rows = []
     print(f"{'B':>3} {'pages':>6} {'variant':<18} {'eager us':>9} {'graph us':>9} {'x32 layers ms':>12}")
