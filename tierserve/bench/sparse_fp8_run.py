@@ -16,9 +16,12 @@ if TYPE_CHECKING:
 
 A_SETTINGS = {"bf16": {}, "fp8-weights+fp8-kv": {"quantization": "fp8", "kv_dtype": "fp8"},
               "fp8-weights": {"quantization": "fp8"}, "fp8-kv": {"kv_dtype": "fp8"}}
-B_SETTINGS = {"dense-bf16": {}, "sparse+fp8-kv": {"sparse_attention": "pages", "kv_dtype": "fp8"},
+B_SETTINGS = {"dense-bf16": {},
+              "sparse+fp8-kv+fp8-weights": {"sparse_attention": "pages", "kv_dtype": "fp8", "quantization": "fp8"},
+              "sparse+fp8-kv": {"sparse_attention": "pages", "kv_dtype": "fp8"},
               "sparse": {"sparse_attention": "pages"}, "fp8-kv": {"kv_dtype": "fp8"}}
 DENSE_PREFILL = "dense prefill (sparse selection off until the first token), sparse decode"
+SPARSE_PREFILL = "sparse prefill (own chunk dense, context top-k pages per 64-query block), sparse decode"
 
 
 class Budget(Exception):
@@ -243,9 +246,10 @@ class Bench:
             llm, build_s = self.build(max_model_len=ctx + new + 16, num_kv_pages=pages,
                                       max_num_batched_tokens=min(s.chunk, ctx), **setting)
             sparse = "sparse_attention" in setting
+            dense_fill = sparse and "kv_dtype" in setting     # sparse prefill has no FP8-page path yet
             row = {"context": ctx, "batch": 1, "new_tokens": new, **setting, "build_s": build_s,
-                   "kv_fill": DENSE_PREFILL if sparse else "prefill",
-                   **self.long_run(llm, ctx, new, deadline, dense_prefill=sparse),
+                   "kv_fill": DENSE_PREFILL if dense_fill else SPARSE_PREFILL if sparse else "prefill",
+                   **self.long_run(llm, ctx, new, deadline, dense_prefill=dense_fill),
                    **self.facts(llm.engine, ctx, setting)}
             if name == "dense-bf16":
                 ref.update(row)
