@@ -107,15 +107,18 @@ def test_cuda_graph_replay_equals_eager(path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_engine_with_cuda_graphs_equals_enforce_eager(path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_with_cuda_graphs_equals_enforce_eager(path, dtype):
+    """enforce_eager runs the slot decoder's code without graphs: bit-identical tokens and logprobs."""
     prompts = [rand_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in NEWS]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in NEWS]
     out = {}
     for eager in (True, False):
-        llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=128, enforce_eager=eager)
+        llm = LLM(str(path), dtype=dtype, device="cuda", max_model_len=128, enforce_eager=eager)
         runner = llm.engine.runner
-        assert runner.cuda_graphs is not eager
-        out[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert runner.cuda_graphs is not eager and runner.slots is not None
+        out[eager] = [(o.outputs[0].token_ids, [lp[t] for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+                      for o in llm.generate(prompts, params)]
         if not eager:
             assert runner.slots.replays >= max(NEWS) - 1 and not runner.slots.slot_of
     assert out[False] == out[True]

@@ -6,8 +6,8 @@ immutable ``SequenceState`` per request. This runner keeps one such state per ru
 dict:
 
 * the one-token chunks of a step that continue a stored state (decode steps) run together: on CUDA in
-  fixed slot buffers as one CUDA graph per batch bucket (``stateful_graphs.py``; ``enforce_eager`` turns
-  it off, ``enable_slot_decode(False)`` runs that code eagerly), else in one ``model.decode_batch`` pass
+  fixed slot buffers as one CUDA graph per batch bucket (``stateful_graphs.py``; ``enforce_eager`` runs
+  that code eagerly, as ``enable_slot_decode(False)`` does), else in one ``model.decode_batch`` pass
   (packed per-token work, the MoE over all rows' tokens, attention over padded stacks of the rows'
   states; ``batch_decode = False`` or TIERSERVE_STATEFUL_BATCH_DECODE=0 runs them one request per
   forward as below);
@@ -98,11 +98,11 @@ class StatefulRunner:
         # path, kept as the reference); TIERSERVE_STATEFUL_BATCH_DECODE=0 turns it off at start
         self.batch_decode = os.environ.get("TIERSERVE_STATEFUL_BATCH_DECODE", "1").strip().lower() not in (
             "0", "false", "no", "off")
-        # decode rows in fixed slot buffers, one CUDA graph per batch bucket (runner/stateful_graphs.py);
-        # on CUDA unless enforce_eager / cpu_experts; enable_slot_decode(False) runs the same code eagerly
+        # decode rows in fixed slot buffers, one CUDA graph per batch bucket (runner/stateful_graphs.py) on
+        # CUDA; enforce_eager runs the same slot code without graphs, so both give the same bits
         self.slots = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.batch_decode:
-            self.enable_slot_decode(use_graphs=True)
+        if self.device.type == "cuda" and self.batch_decode:
+            self.enable_slot_decode(use_graphs=not config.enforce_eager)
 
     def enable_slot_decode(self, use_graphs: bool) -> bool:
         """Decode through ``SlotDecoder`` (``stateful_graphs.py``); False (logged) where it cannot."""
