@@ -28,13 +28,20 @@ from tierserve.attention.triton_select import fused_select, selection_bound, use
 from tierserve.attention.triton_stage import remap_host_entries, stage_layer
 
 log = logging.getLogger("tierserve")
+_FUSED_OFF: list = []          # non-empty once the fused selection kernels failed (then the PyTorch chain)
 
 
 def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0,
                   logical: bool = False):
     page = meta.page_size
-    if meta.sparse.selector == "pages" and use_fused_selection(q.device):   # two kernels (triton_select.py)
-        return fused_select(q, kv_layer, meta, layer_idx, logical)
+    if meta.sparse.selector == "pages" and use_fused_selection(q.device) and not _FUSED_OFF:
+        try:                                   # two kernels (triton_select.py)
+            return fused_select(q, kv_layer, meta, layer_idx, logical)
+        except Exception as e:      # a kernel that fails to build must not take the engine down
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            log.warning("fused sparse page selection is off (%s: %s); using the PyTorch chain", type(e).__name__, e)
+            _FUSED_OFF.append(True)
     # the PyTorch chain: the "indexer" selector, and the reference of the fused kernels
     if meta.sparse.selector == "indexer":
         B, P = meta.page_table.shape
