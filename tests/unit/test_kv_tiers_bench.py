@@ -36,3 +36,16 @@ def test_disk_bandwidth_of_a_fresh_file(tmp_path):
     out = disk_bandwidth(str(tmp_path), 8 << 20, workers=2)
     assert out["disk_bandwidth_GBps"] > 0 and out["disk_bandwidth_file_bytes"] == 8 << 20
     assert not list(tmp_path.iterdir())                       # the file is removed
+
+
+def test_transformers_timed_generate_stamps_each_step(tmp_path):
+    """One generate gives the baseline's TTFT (first stamp) and decode rate (the rest)."""
+    import torch
+    import transformers
+
+    from tests.helpers.tiny_models import make_checkpoint
+    from tierserve.bench.tiers_hf import timed_generate
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "llama", "llama")).eval()
+    r = timed_generate(hf, torch.randint(3, 200, (1, 40)), 5)
+    assert r["decode_tokens"] == 4 and r["ttft_s"] > 0 and r["tok_s"] > 0
