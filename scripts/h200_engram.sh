@@ -7,5 +7,5 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 timeout 90 python scripts/debug_engram_placement.py cuda 2>&1 | grep -v -i "warn\|synthetic" | tail -5
 timeout ${ENGRAM_TIMEOUT:-240} python -m tierserve.cli bench engram --model llama-3.1-8b --load-format dummy \
     --engram-layers 1,15 --table-params 1e9,1e10 --placements "${PLACEMENTS:-device,cpu-copy,cpu-zero_copy}" \
-    --time-budget "${ENGRAM_BUDGET:-200}" --output "$OUT/engram-h200.json" 2>&1 \
+    --time-budget "${ENGRAM_BUDGET:-200}" --repeats "${REPEATS:-2}" --output "$OUT/engram-h200.json" 2>&1 \
     | grep -v -i "warn\|synthetic" | tail -6
