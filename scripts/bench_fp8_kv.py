@@ -28,10 +28,10 @@ import torch
 
 HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
 # FP8 decode configurations tried (the first is the kernel's default)
-CONFIGS = [dict(block_n=None, num_warps=4, num_stages=2)] + [
+CONFIGS = [dict(block_n=None, num_warps=None, num_stages=2)] + [
     dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
-# FP8 prefill configurations tried (the first is the kernel's default: 128 rows, 64 keys, 8 warps)
-PCONFIGS = [dict(), dict(num_stages=3), dict(block_n=32), dict(block_rows=64, num_warps=4)]
+# FP8 prefill configurations tried (the first is the kernel's default: 128 rows, 32 keys, 8 warps)
+PCONFIGS = [dict(), dict(block_n=64), dict(num_stages=3), dict(block_rows=64, num_warps=4)]
 
 
 def timer(fn, graph: bool, reps: int = 32) -> float:

@@ -135,7 +135,7 @@ def scale_offset(page_size: int, num_kv_heads: int, head_dim: int, elem_size: in
 def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, page_size: int, keep_sink: int, keep_recent: int,
                      num_splits: int, sliding_window: int | None = None, out: torch.Tensor | None = None,
-                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
@@ -148,12 +148,13 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
     assert kv_layer.stride(4) == 1 and kv_layer.stride(3) == D and kv_layer.stride(2) == Hkv * D, \
         "each (page, K/V) block must be contiguous"
-    if block_n is None:
-        block_n = max(page_size, 128 if num_splits == 1 else 64)
-        if q.dtype == torch.float32 and q.is_cuda:
-            # Triton 3.6 on the H200 failed to compile (TritonGPURemoveLayoutConversions) the fp32 kernel
-            # with 128-token blocks of 16-token pages; 32-token blocks compiled and matched the reference
-            block_n = max(page_size, 32)
+    if q.dtype == torch.float32 and q.is_cuda:
+        # Triton 3.6 on the H200 failed to compile (TritonGPURemoveLayoutConversions) the fp32 kernel
+        # with 128-token blocks of 16-token pages; 32-token blocks compiled and matched the reference
+        block_n, num_warps = block_n or max(page_size, 32), num_warps or 4
+    # ptxas for sm_90 (compiled offline, bf16, Llama-8B shapes): 64-token blocks with 8 warps use 210
+    # registers and spill nothing; with 4 warps (the BF16 kernel's setting) they spill, 128-token blocks too
+    block_n, num_warps = block_n or max(page_size, 64), num_warps or 8
     assert block_n % page_size == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
     scale_off = scale_offset(page_size, Hkv, D, kv_layer.element_size(), rows)
     kv_bytes = kv_layer.view(torch.uint8)                         # same storage, byte strides

@@ -2,13 +2,14 @@
 gives it (``tierserve.quant.fp8_kv``): the query at position p reads token j in FP8 iff j >= keep_sink,
 p - j >= keep_recent and j's page is complete before p.
 
-Same rows and blocks as ``triton_prefill.py`` (BLOCK_T tokens x the query heads of one KV head, packed
-chunks, 128 rows x 64 keys on the GPU). The rule is monotone in p, so for a program's rows (positions
-p_lo..p_hi) a key is read in FP8 by every row (rule at p_lo), by none (rule at p_hi false), or by some:
-only the two or three key blocks around ``p - keep_recent`` hold keys of the last kind ("mixed" blocks:
-both readings, both scores, the rule picks per (row, key)); every other block is read once, in the one
-precision all rows use -- stored FP8 pages as their codes (1 byte per value) with the power-of-two scale
-folded into the scores / probabilities, full-precision pages as their values.
+Same rows as ``triton_prefill.py`` (BLOCK_T tokens x the query heads of one KV head, packed chunks, 128
+rows on the GPU; blocks of 32 keys, where the BF16 kernel takes 64, to stay within the registers). The
+rule is monotone in p, so for a program's rows (positions p_lo..p_hi) a key is read in FP8 by every row
+(rule at p_lo), by none (rule at p_hi false), or by some. Each key block is loaded once, every key in the
+reading all rows use (keys of the third kind: their full reading) -- stored FP8 pages as their codes
+(1 byte per value) with the power-of-two scale folded into the scores / probabilities, full-precision
+pages as their values. Only the two or three blocks around ``p - keep_recent`` hold keys of the third kind
+("mixed" blocks): there their FP8 reading is loaded as well, scored too, and the rule picks per (row, key).
 
 Where a reading comes from depends on positions alone, so the loads wait for the page ids only (as in
 the BF16 kernel), not also for the stored flags: FP8 readings of the pages from the keep_recent edge before
@@ -42,29 +43,35 @@ def _low_end(p, keep_recent, PAGE: tl.constexpr):
 
 
 @triton.jit
-def _readings(ptr, bptr, sptr, page, rel, kvh, full_any, low_page, low_sc, fake, bad, any_fix, s_p, s_bp,
-              SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
-    """Both readings of one K/V block, each loaded only where some row uses it, the sources chosen from
-    positions alone: (full values, FP8 code values, FP8 scales). FP8 codes come from the scratch row
-    ``sptr`` (``low_sc``) or, before the scratch range, from the stored page (``low_page``). Rows where
-    storage disagrees (``any_fix``): ``fake`` (a page before the scratch range not stored yet) quantised
-    on the fly, ``bad`` (a stored page some row reads at full precision) dequantised."""
+def _codes(bptr, sptr, page, rel, kvh, from_page, from_sc, s_bp, SCALE_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """FP8 code values and scales of the rows ``from_sc`` (scratch row ``sptr``) / ``from_page`` (stored page)."""
+    cp = tl.load(bptr + page[:, None] * s_bp + rel, mask=from_page[:, None], other=0)
+    cs = tl.load(sptr[:, None] + rel, mask=from_sc[:, None], other=0)
+    val = tl.where(from_sc[:, None], cs, cp).to(tl.float8e4nv, bitcast=True).to(DTYPE)
+    sc = tl.where(from_sc, load_scales(sptr + SCALE_OFF + 4 * kvh, from_sc),
+                  load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, from_page))
+    return val, sc
+
+
+@triton.jit
+def _reading(ptr, bptr, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix, s_p, s_bp,
+             SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    """One K/V block in the reading every row of the program uses for each key (keys some rows read in FP8
+    and others not: their full reading), as (values, scales; 1 for full readings), loaded from positions
+    alone. Rows where storage disagrees (``any_fix``): ``fake`` (a page before the scratch range not stored
+    yet) quantised on the fly, ``bad`` (a stored page read at full precision) dequantised."""
     vptr = ptr + page[:, None] * s_p + rel
-    cptr = bptr + page[:, None] * s_bp + rel
-    pscale = bptr + page * s_bp + SCALE_OFF + 4 * kvh
-    x = tl.load(vptr, mask=full_any[:, None], other=0.0)
-    cp = tl.load(cptr, mask=low_page[:, None], other=0)
-    cs = tl.load(sptr[:, None] + rel, mask=low_sc[:, None], other=0)
-    low = tl.where(low_sc[:, None], cs, cp).to(tl.float8e4nv, bitcast=True).to(DTYPE)
-    sc = tl.where(low_sc, load_scales(sptr + SCALE_OFF + 4 * kvh, low_sc), load_scales(pscale, low_page))
-    full = x.to(DTYPE)
+    x = tl.load(vptr, mask=full[:, None], other=0.0)
+    val, sc = _codes(bptr, sptr, page, rel, kvh, low_page, low_sc, s_bp, SCALE_OFF, DTYPE)
+    val = tl.where(full[:, None], x.to(DTYPE), val)
     if any_fix:
-        xa = tl.where(fake[:, None], tl.load(vptr, mask=fake[:, None], other=0.0), x)      # whole pages
-        low, sc = fake_fold(xa, low, sc, fake, PAGE, BLOCK_N, DTYPE)
+        xa = tl.where(fake[:, None], tl.load(vptr, mask=fake[:, None], other=0.0).to(DTYPE), val)   # whole pages
+        val, sc = fake_fold(xa, val, sc, fake, PAGE, BLOCK_N, DTYPE)
+        cptr = bptr + page[:, None] * s_bp + rel
         deq = tl.load(cptr, mask=bad[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) * \
-            load_scales(pscale, bad)[:, None]
-        full = tl.where(bad[:, None], deq.to(DTYPE), full)
-    return full, low, sc
+            load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, bad)[:, None]
+        val = tl.where(bad[:, None], deq.to(DTYPE), val)
+    return val, sc
 
 
 @triton.jit
@@ -102,29 +109,27 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         page = tl.load(pt_ptr + c * s_ptb + lp, mask=valid, other=0).to(tl.int64)
         rel = (t % PAGE).to(tl.int64)[:, None] * s_t + kvh * s_h + d[None, :]
         low_all = valid & (t >= keep_sink) & (t <= end_all)
-        low_any = valid & (t >= keep_sink) & (t <= end_any)
+        mix = valid & (t >= keep_sink) & (t > end_all) & (t <= end_any)      # FP8 for some rows only
         in_sc = lp >= first
         stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0      # only for the fix-up check
-        fake = low_any & ~in_sc & ~stored
+        fake = low_all & ~in_sc & ~stored
         bad = valid & ~low_all & stored
         any_fix = tl.sum((fake | bad).to(tl.int32), axis=0) > 0
         sptr = sc_ptr + (s0 + tl.maximum(lp - first, 0)).to(tl.int64) * s_sp
-        full_any = valid & ~low_all
-        low_sc = low_any & in_sc
-        low_page = low_any & ~in_sc
-        kf, kl, ksl = _readings(kv_ptr, kvb_ptr, sptr, page, rel, kvh, full_any, low_page, low_sc, fake, bad,
-                                any_fix, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
-        vf, vl, vsl = _readings(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, full_any, low_page,
-                                low_sc, fake, bad, any_fix, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        full = valid & ~low_all
+        low_sc = low_all & in_sc
+        low_page = low_all & ~in_sc
+        k, ks = _reading(kv_ptr, kvb_ptr, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix,
+                         s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        v, vs = _reading(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, full, low_page, low_sc, fake,
+                         bad, any_fix, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]
         # keys some rows read in FP8 and others not: (end_all, end_any] from keep_sink, inside this block
         mixed = tl.maximum(tl.maximum(end_all + 1, keep_sink), t0) <= tl.minimum(end_any, tl.minimum(t0 + BLOCK_N, hi) - 1)
-        if mixed:       # the rule per (row, key): both scores
-            low = (t[None, :] >= keep_sink) & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
-            s = tl.where(low, tl.dot(q, tl.trans(kl), input_precision="ieee") * (ksl * qk_scale)[None, :],
-                         tl.dot(q, tl.trans(kf), input_precision="ieee") * qk_scale)
-        else:           # one reading per key
-            k = tl.where(low_all[:, None], kl, kf)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * (tl.where(low_all, ksl, 1.0) * qk_scale)[None, :]
+        if mixed:       # their FP8 reading too (two or three blocks per program): the rule per (row, key)
+            kl, ksl = _codes(kvb_ptr, sptr, page, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp, SCALE_OFF, q.dtype)
+            low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
+            s = tl.where(low, tl.dot(q, tl.trans(kl), input_precision="ieee") * (ksl * qk_scale)[None, :], s)
         see = valid[None, :] & (t[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             see = see & (q_pos[:, None] - t[None, :] < WINDOW)
@@ -135,13 +140,14 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if mixed:
-            low = (t[None, :] >= keep_sink) & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
+            vl, vsl = _codes(kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp,
+                             SCALE_OFF, q.dtype)
+            low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             p_l = tl.where(low, p, 0.0)
-            pv = tl.dot((p - p_l).to(vf.dtype), vf, input_precision="ieee") + \
+            pv = tl.dot(((p - p_l) * vs[None, :]).to(v.dtype), v, input_precision="ieee") + \
                 tl.dot((p_l * vsl[None, :]).to(vl.dtype), vl, input_precision="ieee")
         else:
-            v = tl.where(low_all[:, None], vl, vf)
-            pv = tl.dot((p * tl.where(low_all, vsl, 1.0)[None, :]).to(v.dtype), v, input_precision="ieee")
+            pv = tl.dot((p * vs[None, :]).to(v.dtype), v, input_precision="ieee")
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     store_rows(o_ptr, acc, l_i, packed, heads, r_mask, d, s_ot, s_oh)
@@ -165,7 +171,8 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
     group_pad = triton.next_power_of_2(group)
     rows_blk = block_rows or (32 if _INTERPRET else (64 if D > 128 else 128))
     block_t = max(1, rows_blk // group_pad)
-    block_n = block_n or max(page_size, 16 if _INTERPRET else 64)
+    # 32 keys per block: with 64 (the BF16 kernel's) ptxas for sm_90 spills ~400 bytes a thread, with 32 ~8
+    block_n = block_n or max(page_size, 16 if _INTERPRET else 32)
     assert block_n % page_size == 0 and block_n & (block_n - 1) == 0
     kv_bytes = kv_layer.view(torch.uint8)
     if out is None:
