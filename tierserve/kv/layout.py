@@ -46,7 +46,20 @@ class KVCache:
         self.num_pages = num_pages
         self.data = torch.zeros(num_pages, layout.num_layers, 2, layout.rows_per_page,
                                 layout.num_kv_heads, layout.head_dim, dtype=layout.dtype, device=device)
+        # hit pages still being copied in, layer by layer, on a side stream (tiers/overlap.py: ``wait(i)``,
+        # ``wait_all()``); None when every page is in place
+        self.loading = None
 
     def layer(self, i: int) -> torch.Tensor:
-        """Layer ``i``'s view ``[num_pages, 2, rows_per_page, num_kv_heads, head_dim]`` (K at [:, 0], V at [:, 1])."""
+        """Layer ``i``'s view ``[num_pages, 2, rows_per_page, num_kv_heads, head_dim]`` (K at [:, 0], V at [:, 1]).
+        The model asks for it when layer ``i`` runs: its reads then wait for that layer's copies only."""
+        if self.loading is not None:
+            self.loading.wait(i)
         return self.data[:, i]
+
+    def settle(self) -> None:
+        """After the forward pass (or before anything that reads every layer, e.g. a CUDA graph): the
+        compute stream waits for whatever a load still copies."""
+        if self.loading is not None:
+            self.loading.wait_all()
+            self.loading = None

@@ -104,6 +104,7 @@ class ModelRunner:
         self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
         self.spill: SpillState | None = None         # device-side state of spilled pages (attach_spill)
+        self._tiers = None                           # the tier manager whose transfers tiers_apply runs
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and (self.sparse is None or self.sparse.selector == "pages"):
@@ -151,14 +152,15 @@ class ModelRunner:
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput, transfers=None) -> StepOutput:
-        if transfers:
-            self.tiers_apply(transfers)
+        if transfers is not None:
+            self.tiers_apply(transfers, overlap=True)
         meta, input_ids, sample_rows, plp = self._prepare(so)
         if self.fp8 is not None:
             self.fp8.on_write(meta.slot_pages)
         out = StepOutput()
         greedy = None
         if self._graph_ok(meta, plp):
+            self.kv.settle()                        # a graph reads every layer: hit pages in place first
             if self.device_engram is not None:      # the graph hashes and gathers; it needs the history
                 self.device_engram.load(meta.num_seqs, engram_state.history_rows(so, self.model_cfg.engram.lookback),
                                         self.graphs.bucket_for(meta.num_seqs))
@@ -170,6 +172,7 @@ class ModelRunner:
         else:
             engram = self._engram_step(so, input_ids, meta) if self.engram_hasher is not None else None
             hidden = self.model(input_ids, meta.positions, self.kv, meta, engram)
+            self.kv.settle()
             if engram is not None and self.engram_conv:
                 self.engram_conv.store(so, engram.new_conv_state)
             if plp:
@@ -224,9 +227,12 @@ class ModelRunner:
     collect_multi = staticmethod(multi_step.collect)
 
     def release(self, request_id: str) -> None:
-        """A request finished or was aborted: drop its per-request state."""
+        """A request finished or was aborted: drop its per-request state; its last pages are written
+        through to the lower tiers now, not at a next step that may never come."""
         if self.engram_conv:
             self.engram_conv.release(request_id)
+        if self._tiers is not None:
+            self._tiers.write_pending()
 
     def set_tokenizer(self, tokenizer) -> None:
         """Models with Engram hash canonical token ids, which come from the tokenizer."""
@@ -269,11 +275,17 @@ class ModelRunner:
     def page_heat(self) -> torch.Tensor | None:
         return self.spill.page_heat if self.spill is not None else None
 
-    def tiers_apply(self, transfers) -> None:
-        """Move pages between the KV storage and lower tiers before this step's forward pass."""
+    def tiers_apply(self, transfers, overlap: bool = False) -> None:
+        """Move pages between the KV storage and lower tiers before this step's forward pass; with
+        ``overlap`` CPU-RAM hits may still be copying, layer by layer, while it runs (``kv.loading``)."""
+        self._tiers = transfers.manager
+        self.kv.settle()
+        if not transfers:
+            transfers.manager.bind(self.kv.data)
+            return
         if self.spill is not None:
             self.spill.on_transfers(transfers, self.kv.data)
-        transfers.manager.apply(transfers, self.kv.data)
+        self.kv.loading = transfers.manager.apply(transfers, self.kv.data, overlap=overlap)
 
     def _prepare(self, so: SchedulerOutput, lookahead: int = 0):
         """Step inputs; ``lookahead`` widens the page tables by that many positions (multi-step)."""

@@ -152,6 +152,14 @@ def warm_up(host_data: torch.Tensor | None, page_shape: tuple[int, ...], dtype: 
     scratch = torch.empty((1, *page_shape), dtype=dtype, device=device)
     ok = gather_zero_copy(host_data, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64, device=device),
                           scratch, check=True)
+    if ok and len(page_shape) > 1:       # the per-layer variant of the overlapped loads (overlap.py)
+        try:
+            from tierserve.kv.tiers.zero_copy import gather_pages
+
+            idx = torch.zeros(1, dtype=torch.int64, device=device)
+            gather_pages(host_data, idx, scratch, idx, layer=0)
+        except Exception as e:
+            log.warning("per-layer zero-copy gather failed to build (%s: %s)", type(e).__name__, e)
     torch.cuda.current_stream(device).synchronize()
     return ok
 

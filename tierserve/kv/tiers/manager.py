@@ -29,7 +29,8 @@ from tierserve.kv.tiers import io
 from tierserve.kv.tiers.cost import LoadPolicy
 from tierserve.kv.tiers.disk import DiskTier
 from tierserve.kv.tiers.host import HostTier
-from tierserve.kv.tiers.transfers import KVTransfers, TierHit, TierTransfers
+from tierserve.kv.tiers import flush_at_exit
+from tierserve.kv.tiers.transfers import OVERLAP_DEFAULT, KVTransfers, TierHit, TierTransfers
 
 log = logging.getLogger("tierserve")
 
@@ -63,6 +64,15 @@ class TierManager(TierTransfers):
         self.hits = {t: 0 for t in TIERS}             # pages served per tier
         self._pending = KVTransfers()
         self.zero_copy: bool | None = None            # GPU reads CPU-RAM hits from pinned memory (None: untried)
+        # CPU-RAM hits copied on a side stream, layer by layer, while the forward pass runs (overlap.py):
+        # ``overlap_loads`` False (or TIERSERVE_KV_OVERLAP=0) keeps the synchronous copies; ``streams`` is
+        # made on the first CUDA load (tests set a stand-in)
+        self.overlap_loads = OVERLAP_DEFAULT
+        self.streams = None
+        self._loading = None                          # the overlapped load still in flight (LayerReady)
+        self._unstage_after: list[int] = []           # staged slots it reads, freed once it is done
+        self._overlapped = False                      # this step's hits load during the forward pass
+        self._kv_data: torch.Tensor | None = None     # the device page storage (bind / apply)
         self.prefetcher = None
         if prefetch and ((self.disk is not None and self.disk.enabled) or self.remote is not None):
             from tierserve.kv.tiers.prefetch import Prefetcher
@@ -70,6 +80,8 @@ class TierManager(TierTransfers):
         if device is not None:
             self.zero_copy = io.warm_up(self.host.data if self.host is not None else None, page_shape, dtype,
                                         torch.device(device))
+        if (self.disk is not None and self.disk.enabled) or self.remote is not None:
+            flush_at_exit(self)                       # a last step's pages still reach disk / Redis
 
     @property
     def policy(self) -> str:
@@ -196,8 +208,11 @@ class TierManager(TierTransfers):
     def observe_prefill(self, num_tokens: int, seconds: float, attended: int | None = None) -> None:
         """Feed the recompute side of the cost model: an engine step that computed ``num_tokens`` (a
         prefill among them) in ``seconds``, its tokens attending to ``attended`` tokens in all. The
-        step's tier transfers (timed in ``apply``) are not prefill time and are taken out."""
+        step's tier transfers (timed in ``apply``) are not prefill time and are taken out; a step whose hit
+        loads overlapped its forward pass is no sample (its time mixes both)."""
         moved, self._apply_s = self._apply_s, 0.0
+        if self._overlapped:
+            return
         self.cost.prefill.observe(num_tokens, seconds - moved if moved < seconds else seconds, attended)
 
     def _measure(self, tier: str, nbytes: int, seconds: float) -> None:
@@ -225,6 +240,13 @@ class TierManager(TierTransfers):
         self._pending.onload.append((pid, hit))
 
     def flush(self) -> None:
+        """Pages waiting to leave the device are read out (``write_pending``: a last step's registered
+        pages), then every queued write reaches storage."""
+        try:
+            self.write_pending()
+            self.settle_loads()
+        except Exception as e:           # at interpreter exit the device may be gone: never raise here
+            log.warning("KV pages pending for the lower tiers were not written (%s: %s)", type(e).__name__, e)
         if self.prefetcher is not None:
             self.prefetcher.drain()
         for tier in (self.disk, self.remote):
@@ -253,6 +275,7 @@ class TierManager(TierTransfers):
             assert 0 <= self.disk_spill.num_used <= self.disk_spill.num_pages
         if self.prefetcher is not None:
             staged = sum(1 for _, h in self._pending.onload if h.prefetched and h.slot is not None)
+            staged += len(self._unstage_after)              # read by a load still in flight
             self.prefetcher.check_invariants(in_transit=staged)
 
 

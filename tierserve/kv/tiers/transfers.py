@@ -7,13 +7,21 @@ not count it as prefill time.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tierserve.kv.tiers import io
+from tierserve.kv.tiers import io, overlap
+from tierserve.kv.tiers.overlap import LayerReady
+
+log = logging.getLogger("tierserve")
+# CPU-RAM hits copied layer by layer on a side stream, overlapped with the forward pass (overlap.py);
+# TIERSERVE_KV_OVERLAP=0: the synchronous copies before the forward pass (the reference, for comparison)
+OVERLAP_DEFAULT = os.environ.get("TIERSERVE_KV_OVERLAP", "1") != "0"
 
 
 @dataclass
@@ -88,51 +96,87 @@ class TierTransfers:
         out, self._pending = self._pending, KVTransfers()
         out.manager = self
         self._apply_s = 0.0
+        self._overlapped = False
         return out
 
     # ---- data movement (runner side, start of a step) -----------------------------------------
-    def apply(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
+    def apply(self, tr: KVTransfers, kv_data: torch.Tensor, overlap: bool = False) -> LayerReady | None:
         """Move the step's pages, in groups of at most io.GROUP_BYTES (one gather + one copy per group and
-        direction), so PCIe sees large copies and no temporary holds a whole set of pages."""
+        direction), so PCIe sees large copies and no temporary holds a whole set of pages. With ``overlap``
+        (the caller makes layer i's reads wait on the result's ``wait(i)``, overlap.py) CPU-RAM hits are
+        copied layer by layer on a side stream where that works (``overlap_loads``, CUDA with the
+        zero-copy gather checked, or test ``streams``); returns that load, else None (all done)."""
+        self.settle_loads()
+        self._kv_data = kv_data
         if not tr:
-            return
+            return None
         t0 = time.perf_counter()
         try:
-            self._apply(tr, kv_data)
+            return self._apply(tr, kv_data, overlap)
         finally:
             self._apply_s += time.perf_counter() - t0
 
-    def _apply(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
+    def _apply(self, tr: KVTransfers, kv_data: torch.Tensor, overlap: bool) -> LayerReady | None:
         if tr.unspill:                                   # (0) promoted live pages, before any spill reuses a slot
             self._from_host([s for s, _ in tr.unspill], [p for _, p in tr.unspill], kv_data)
         if tr.offload:                                   # (1) read out pages leaving the GPU, group by group
-            self._offload(tr, kv_data)
+            self._offload(tr.offload, tr.onload, kv_data)
         if tr.spill:                                     # live pages moving to CPU RAM / the spill file
             for first, store in self.spill_stores():
                 io.spill([(p, s - first) for p, s in tr.spill if first <= s < first + store.shape[0]], kv_data, store)
+        ready = None
         if tr.onload:                                    # (2) hits into their new GPU pages
-            self._onload(tr.onload, kv_data)
-            for _, hit in tr.onload:                     # prefetched pages' staged slots are free again
-                if hit.prefetched and hit.slot is not None:
-                    self.host.unstage(hit.slot)
+            ready = self._onload(tr.onload, kv_data, overlap)
+            staged = [h.slot for _, h in tr.onload if h.prefetched and h.slot is not None]
+            if ready is None:                            # prefetched pages' staged slots are free again
+                for slot in staged:
+                    self.host.unstage(slot)
+            else:                                        # ... once the side stream has read them
+                self._unstage_after.extend(staged)
+        return ready
 
-    def _offload(self, tr: KVTransfers, kv_data: torch.Tensor) -> None:
-        """Pages leaving the GPU: to CPU RAM (never evicting a CPU-RAM hit this step still loads) and / or
+    def bind(self, kv_data: torch.Tensor) -> None:
+        """The device page storage (the runner's), for writes scheduled outside a step (``write_pending``)."""
+        self._kv_data = kv_data
+
+    def write_pending(self) -> int:
+        """Read out the pages waiting to leave the device now (write-through of pages registered in the
+        last step, evictions) instead of at the next step's start: a finished request's last pages reach
+        disk / Redis even if no step follows. The step's other transfers stay pending. Returns the pages."""
+        todo, kv_data = self._pending.offload, self._kv_data
+        if not todo or kv_data is None:
+            return 0
+        self._pending.offload = []
+        self.settle_loads()
+        self._offload(todo, self._pending.onload, kv_data)
+        return len(todo)
+
+    def settle_loads(self) -> None:
+        """Wait (host) for an overlapped load's copies; then its staged slots are free and its copy time known."""
+        ready, self._loading = self._loading, None
+        if ready is None:
+            return
+        seconds = ready.settle()
+        for slot in self._unstage_after:
+            self.host.unstage(slot)
+        self._unstage_after = []
+        if seconds > 0:
+            self._measure("cpu", ready.pages * self.page_bytes, seconds)
+        if "cpu" in self.last_onload:
+            self.last_onload["cpu"]["seconds"] = seconds
+
+    def _offload(self, offload: list, onload: list, kv_data: torch.Tensor) -> None:
+        """Pages leaving the GPU: to CPU RAM (never evicting a CPU-RAM hit still to load) and / or
         handed, as CPU tensors, to the disk / remote writers (io.offload)."""
-        keep = {h.slot for _, h in tr.onload if h.slot is not None and not h.prefetched}
+        keep = {h.slot for _, h in onload if h.slot is not None and not h.prefetched}
         writers = [t for t in (self.disk, self.remote) if t is not None]
-        io.offload(tr.offload, kv_data, self.page_bytes, self.host, keep, writers)
+        io.offload(offload, kv_data, self.page_bytes, self.host, keep, writers)
 
-    def _onload(self, onload: list[tuple[int, TierHit]], kv_data: torch.Tensor) -> None:
+    def _onload(self, onload: list[tuple[int, TierHit]], kv_data: torch.Tensor, overlap: bool) -> LayerReady | None:
         cpu = [(pid, h.slot) for pid, h in onload if h.slot is not None]       # CPU RAM: cached or prefetched
         other = [(pid, h) for pid, h in onload if h.slot is None]
         self.last_onload = {}
-        if cpu:
-            t0 = time.perf_counter()
-            self._from_host([s for _, s in cpu], [p for p, _ in cpu], kv_data)
-            dt = time.perf_counter() - t0
-            self._measure("cpu", len(cpu) * self.page_bytes, dt)
-            self.last_onload["cpu"] = {"pages": len(cpu), "seconds": dt, "zero_copy": bool(self.zero_copy)}
+        ready = None
         if other:                                        # verified payloads, grouped, one copy into staging
             t0 = time.perf_counter()
             io.load_payloads(kv_data, [p for p, _ in other], [h.payload for _, h in other])
@@ -141,6 +185,52 @@ class TierTransfers:
             self.last_onload["copy_in"] = {"pages": len(other), "seconds": dt}
             for _, h in other:
                 h.payload = None                         # the read buffer can go
+        if cpu:
+            slots, pids = [s for _, s in cpu], [p for p, _ in cpu]
+            t0 = time.perf_counter()
+            ready = self._from_host_layers(slots, pids, kv_data) if overlap else None
+            if ready is None:
+                self._from_host(slots, pids, kv_data)
+                dt = time.perf_counter() - t0
+                self._measure("cpu", len(cpu) * self.page_bytes, dt)
+            self.last_onload["cpu"] = {"pages": len(cpu), "seconds": None if ready else dt,
+                                       "zero_copy": bool(self.zero_copy), "overlap": ready is not None,
+                                       "issue_s": time.perf_counter() - t0}
+        return ready
+
+    def _from_host_layers(self, slots: list[int], pids: list[int], kv_data: torch.Tensor) -> LayerReady | None:
+        """CPU-RAM slots -> GPU pages layer by layer on the side stream (overlap.py); None where that is off
+        or unavailable (the synchronous path then runs: it checks the zero-copy kernel on first use)."""
+        streams = self.streams
+        cuda = kv_data.device.type == "cuda"
+        if streams is None and cuda and self.overlap_loads and self.zero_copy is True:
+            streams = self.streams = overlap.Streams(kv_data.device)
+        if streams is None or not self.overlap_loads or (cuda and self.zero_copy is not True):
+            return None
+        idx: dict = {}
+        host = self.host.data
+        if cuda:
+            from tierserve.kv.tiers.zero_copy import gather_pages
+
+        def prepare() -> None:                           # index tensors allocated on the side stream
+            idx["s"] = torch.tensor(slots, device=kv_data.device)
+            idx["p"] = torch.tensor(pids, device=kv_data.device)
+
+        def copy(i: int) -> None:
+            if cuda:
+                gather_pages(host, idx["s"], kv_data, idx["p"], layer=i)
+            else:
+                kv_data[idx["p"], i] = host[idx["s"], i]
+        try:
+            self._loading = overlap.load_layers(streams, kv_data.shape[1], copy, prepare, pages=len(slots))
+            self._overlapped = True
+        except Exception as e:                           # a launch failed: the synchronous path, for good
+            log.warning("overlapped CPU-RAM hit load failed (%s: %s); loading before the forward pass",
+                        type(e).__name__, e)
+            if cuda:
+                torch.cuda.synchronize(kv_data.device)
+            self.overlap_loads, self._loading = False, None
+        return self._loading
 
     def _from_host(self, host_slots: list[int], gpu_pages: list[int], kv_data: torch.Tensor) -> None:
         """CPU-RAM slots -> GPU pages: a zero-copy kernel where it works (checked on first use, off for good

@@ -15,14 +15,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _gather_kernel(src_ptr, slot_ptr, dst_ptr, page_ptr, PAGE_ELEMS: tl.constexpr, BLOCK: tl.constexpr):
+def _gather_kernel(src_ptr, slot_ptr, dst_ptr, page_ptr, PAGE_STRIDE: tl.constexpr, ELEMS: tl.constexpr,
+                   BLOCK: tl.constexpr):
     i = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < PAGE_ELEMS
+    mask = c < ELEMS
     slot = tl.load(slot_ptr + i).to(tl.int64)
     page = tl.load(page_ptr + i).to(tl.int64)
-    v = tl.load(src_ptr + slot * PAGE_ELEMS + c, mask=mask)
-    tl.store(dst_ptr + page * PAGE_ELEMS + c, v, mask=mask)
+    v = tl.load(src_ptr + slot * PAGE_STRIDE + c, mask=mask)
+    tl.store(dst_ptr + page * PAGE_STRIDE + c, v, mask=mask)
 
 
 def _flat_words(t: torch.Tensor) -> torch.Tensor:
@@ -35,9 +36,11 @@ def _flat_words(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_pages(src: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, pages: torch.Tensor,
-                 block: int = 4096) -> None:
+                 block: int = 4096, layer: int | None = None) -> None:
     """``dst[pages[i]] = src[slots[i]]`` for page tensors ``[N, ...]`` of the same page shape and dtype.
-    ``src`` may live in pinned host memory; ``slots`` / ``pages`` are int64 on ``dst``'s device."""
+    ``src`` may live in pinned host memory; ``slots`` / ``pages`` are int64 on ``dst``'s device. With
+    ``layer``: only ``[:, layer]`` of each page (one contiguous part of it; the hit loads overlapped with
+    the forward pass copy a step's pages layer by layer, overlap.py)."""
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
         raise ValueError(f"page shapes differ: {tuple(src.shape[1:])} {src.dtype} vs {tuple(dst.shape[1:])} {dst.dtype}")
     if not (src.is_contiguous() and dst.is_contiguous()):
@@ -46,6 +49,12 @@ def gather_pages(src: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor, page
     if n == 0:
         return
     s, d = _flat_words(src), _flat_words(dst)
-    elems = s.shape[1]
-    _gather_kernel[(n, triton.cdiv(elems, block))](s, slots, d, pages, PAGE_ELEMS=elems, BLOCK=block,
-                                                   num_warps=4)
+    stride = elems = s.shape[1]
+    if layer is not None:                  # page-major: layer ``layer`` of a page is words [a, a + elems)
+        if src.dim() < 2 or not 0 <= layer < src.shape[1] or elems % src.shape[1]:
+            raise ValueError(f"layer {layer}: pages of shape {tuple(src.shape[1:])} have no such layer "
+                             f"of whole {s.dtype} words")
+        elems = stride // src.shape[1]
+        s, d = s[:, layer * elems:], d[:, layer * elems:]     # same strides, offset base pointers
+    _gather_kernel[(n, triton.cdiv(elems, block))](s, slots, d, pages, PAGE_STRIDE=stride, ELEMS=elems,
+                                                   BLOCK=block, num_warps=4)
