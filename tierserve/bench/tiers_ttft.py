@@ -3,7 +3,10 @@
 
 - ``cold``: nothing cached (its pages are written through to disk as they complete);
 - ``gpu``: the GPU prefix cache;
-- ``cpu``: after ``demote_prefix_cache`` (the pages move to CPU RAM), read by the zero-copy gather;
+- ``cpu``: after ``demote_prefix_cache`` (the pages move to CPU RAM), read by the zero-copy gather, layer by
+  layer on a side stream while the forward pass runs (kv/tiers/overlap.py; on a GPU);
+- ``cpu-sync`` (where zero-copy works): the same, all copied before the forward pass (``overlap_loads`` off,
+  the engine's TIERSERVE_KV_OVERLAP=0);
 - ``cpu-staging`` (where zero-copy works): the same through pinned staging copies, to compare the two;
 - ``disk``: GPU cache and CPU tier forgotten, the page files' page cache dropped (so the hit reads the disk,
   like the raw bandwidth it is compared with), loaded whatever the cost (``kv_load_policy=always``): the forced
@@ -23,7 +26,7 @@ import torch
 
 from tierserve.bench.tiers_io import drop_page_cache, resident_fraction
 
-HITS = ("cold", "gpu", "cpu", "cpu-staging", "disk", "disk-policy")
+HITS = ("cold", "gpu", "cpu", "cpu-sync", "cpu-staging", "disk", "disk-policy")
 
 
 def sync(dev: torch.device) -> None:
@@ -89,18 +92,23 @@ def hit_paths(llm, prompt: list[int], disk_dir: str, policy: str, emit=None, bud
     if save_kv:
         out["kv"] = save_prompt_kv(eng, prompt)
     eng.demote_prefix_cache()
-    zero_copy = tiers.zero_copy
-    for case in ("cpu", "cpu-staging") if zero_copy else ("cpu",):
-        if case == "cpu-staging":                        # the same hit through pinned staging copies
+    zero_copy, overlap = tiers.zero_copy, tiers.overlap_loads
+    for case in ("cpu", "cpu-sync", "cpu-staging") if zero_copy else ("cpu",):
+        if case != "cpu":                                # the same hit again, from CPU RAM
             eng.demote_prefix_cache()
+        if case == "cpu-staging":                        # through pinned staging copies
             tiers.zero_copy = False
+        if case == "cpu-sync":                           # zero-copy, all copied before the forward pass
+            tiers.overlap_loads = False
         tiers.last_onload = {}
         try:
             s, served, _ = ttft(llm, prompt)
+            tiers.settle_loads()                         # an overlapped load's copy time is known now
         finally:
-            tiers.zero_copy = zero_copy
+            tiers.zero_copy, tiers.overlap_loads = zero_copy, overlap
         load = tiers.last_onload.get("cpu") or {}
-        row(case, s, served, load_s=load.get("seconds"), zero_copy=case == "cpu" and bool(zero_copy),
+        row(case, s, served, load_s=load.get("seconds"), zero_copy=case != "cpu-staging" and bool(zero_copy),
+            overlap=load.get("overlap"), issue_s=load.get("issue_s"),
             load_GBps=load["pages"] * page_bytes / load["seconds"] / 1e9 if load.get("seconds") else None)
     tiers.flush()                                        # the write-through is on disk
     disk_s = None
