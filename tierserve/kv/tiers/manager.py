@@ -10,9 +10,11 @@
   prefill has been measured, hits are loaded. The last decision and its estimates are in ``stats()["policy"]``.
 - Pages evicted from the GPU pool go down to the host tier; newly completed pages are written
   through to disk and remote asynchronously.
-- Data moves only in ``apply``, which the model runner calls at the start of a step, before the
+- Data moves in ``apply``, which the model runner calls at the start of a step, before the
   forward pass: (1) read out pages leaving the GPU, (2) load hits into their new GPU pages,
-  (3) store what was read out. Tiering never changes an output token.
+  (3) store what was read out; CPU-RAM hits on a GPU finish during the forward pass, layer by layer
+  (overlap.py). A finished request's last pages are read out at once (``write_pending``). Tiering never
+  changes an output token.
 - With ``prefetch`` (prefetch.py) a waiting request's disk/remote pages are read in the background, so
   its hit is served from CPU RAM at admission instead of by a read on the step's critical path.
 """

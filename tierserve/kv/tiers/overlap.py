@@ -112,13 +112,11 @@ class LayerReady:
         return self.streams.elapsed(self.start, self.end)
 
 
-def load_layers(streams, num_layers: int, copy_layer: Callable[[int], None],
-                prepare: Callable[[], None] | None = None, pages: int = 0) -> LayerReady:
-    """Issue ``copy_layer(i)`` for every layer on the side stream (after ``prepare``), an event after each."""
+def load_layers(streams, num_layers: int, copy_layer: Callable[[int], None], pages: int = 0) -> LayerReady:
+    """Issue ``copy_layer(i)`` for every layer on the side stream, after the compute stream's work so far
+    (pages read out earlier in the step), an event after each."""
     streams.begin()
     start = streams.record(timing=True)
-    if prepare is not None:
-        streams.launch(prepare)
     events = []
     for i in range(num_layers):
         streams.launch(lambda i=i: copy_layer(i))

@@ -3,7 +3,9 @@ pages, and ``apply``, which the model runner calls at the start of a step, befor
 promoted live pages back, (1) pages leaving the GPU read out, group by group, (2) hits loaded into their
 new GPU pages -- CPU RAM by the zero-copy gather (or staging copies), disk/remote payloads through pinned
 staging groups (io.py). Each step's transfer time is kept (``_apply_s``) so the prefill cost model does
-not count it as prefill time.
+not count it as prefill time. On a GPU, CPU-RAM hits are copied layer by layer on a side stream while the
+forward pass runs (overlap.py; ``apply`` returns the load, ``settle_loads`` waits for it). ``write_pending``
+reads out pages waiting to leave the device outside a step (a finished request's last pages, ``flush``).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from typing import Any
 
 import torch
 
-from tierserve.kv.tiers import io, overlap
-from tierserve.kv.tiers.overlap import LayerReady
+from tierserve.kv.tiers import io
+from tierserve.kv.tiers.overlap import LayerReady, Streams, load_layers
 
 log = logging.getLogger("tierserve")
 # CPU-RAM hits copied layer by layer on a side stream, overlapped with the forward pass (overlap.py);
@@ -204,25 +206,24 @@ class TierTransfers:
         streams = self.streams
         cuda = kv_data.device.type == "cuda"
         if streams is None and cuda and self.overlap_loads and self.zero_copy is True:
-            streams = self.streams = overlap.Streams(kv_data.device)
+            streams = self.streams = Streams(kv_data.device)
         if streams is None or not self.overlap_loads or (cuda and self.zero_copy is not True):
             return None
-        idx: dict = {}
         host = self.host.data
-        if cuda:
+        s_idx, p_idx = torch.tensor(slots, device=kv_data.device), torch.tensor(pids, device=kv_data.device)
+        if cuda:                                         # made on the compute stream, read on the side one
             from tierserve.kv.tiers.zero_copy import gather_pages
 
-        def prepare() -> None:                           # index tensors allocated on the side stream
-            idx["s"] = torch.tensor(slots, device=kv_data.device)
-            idx["p"] = torch.tensor(pids, device=kv_data.device)
+            s_idx.record_stream(streams.side)
+            p_idx.record_stream(streams.side)
 
         def copy(i: int) -> None:
             if cuda:
-                gather_pages(host, idx["s"], kv_data, idx["p"], layer=i)
+                gather_pages(host, s_idx, kv_data, p_idx, layer=i)
             else:
-                kv_data[idx["p"], i] = host[idx["s"], i]
+                kv_data[p_idx, i] = host[s_idx, i]
         try:
-            self._loading = overlap.load_layers(streams, kv_data.shape[1], copy, prepare, pages=len(slots))
+            self._loading = load_layers(streams, kv_data.shape[1], copy, pages=len(slots))
             self._overlapped = True
         except Exception as e:                           # a launch failed: the synchronous path, for good
             log.warning("overlapped CPU-RAM hit load failed (%s: %s); loading before the forward pass",
