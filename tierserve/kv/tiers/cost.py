@@ -144,3 +144,25 @@ class LoadPolicy:
         self.decisions["stopped"] += 1
         self.last = {**(self.last or {}), "choice": "recompute", "stopped_after_pages": pages_read,
                      "est_rest_load_s": est_rest_s, "est_recompute_s": est_recompute_s}
+
+
+class ReadWatch:
+    """Checks a chain's reads while they land: a probe (or an old measurement) may promise more than the disk
+    now gives (e.g. its first pages were still in the page cache). The reads so far are paid; the rest is
+    worth reading only while reading it (at the rate seen so far) plus the copy-in beats recomputing the
+    whole chain. When it no longer does, the chain is dropped and recomputed -- at most about twice the
+    better choice's time."""
+
+    def __init__(self, cost, page_bytes: int, recompute: float, copy_in: float) -> None:
+        self.cost, self.page_bytes, self.recompute, self.copy_in = cost, page_bytes, recompute, copy_in
+        self.stopped = False
+
+    def __call__(self, done_bytes: int, pages_left: int, seconds: float) -> bool:
+        if done_bytes <= 0 or seconds <= 0:
+            return True
+        rest = pages_left * self.page_bytes * seconds / done_bytes + self.copy_in
+        if rest < self.recompute:
+            return True
+        self.stopped = True
+        self.cost.stopped(done_bytes // self.page_bytes, rest, self.recompute)
+        return False

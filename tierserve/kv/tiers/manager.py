@@ -6,7 +6,7 @@
   prefill time of those tokens at their positions. The decision is taken before the disk/remote pages
   are read (a tier never measured is measured first on the chain's first window of reads, a small
   probe); a chain with nothing left to read is decided as found. While the rest is read, the chain is
-  dropped once reading what is left would take longer than recomputing it all (``_Watch``). Until a
+  dropped once reading what is left would take longer than recomputing it all (``cost.ReadWatch``). Until a
   prefill has been measured, hits are loaded. The last decision and its estimates are in ``stats()["policy"]``.
 - Pages evicted from the GPU pool go down to the host tier; newly completed pages are written
   through to disk and remote asynchronously.
@@ -28,7 +28,7 @@ import torch
 
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers import io
-from tierserve.kv.tiers.cost import LoadPolicy
+from tierserve.kv.tiers.cost import LoadPolicy, ReadWatch
 from tierserve.kv.tiers.disk import DiskTier
 from tierserve.kv.tiers.host import HostTier
 from tierserve.kv.tiers import flush_at_exit
@@ -167,10 +167,10 @@ class TierManager(TierTransfers):
                           "bytes": self.last_read["bytes"] + n, "seconds": self.last_read["seconds"] + seconds}
         return end if bad is None else min(end, bad)
 
-    def _watch(self, hits: list[TierHit], page_size: int, start_page: int) -> "_Watch":
+    def _watch(self, hits: list[TierHit], page_size: int, start_page: int) -> ReadWatch:
         recompute = self.cost.prefill.estimate(len(hits) * page_size, start_page * page_size)
         copy_in = sum(h.source != "cpu" for h in hits) * self.page_bytes / self.bandwidth["copy_in"]
-        return _Watch(self.cost, self.page_bytes, recompute, copy_in)
+        return ReadWatch(self.cost, self.page_bytes, recompute, copy_in)
 
     def _read_lower(self, h: bytes, toks: tuple[int, ...]) -> tuple[str, memoryview, float] | None:
         """(tier, verified payload, seconds) from disk, then remote; None on a miss. Runs on the read
@@ -280,24 +280,3 @@ class TierManager(TierTransfers):
             staged += len(self._unstage_after)              # read by a load still in flight
             self.prefetcher.check_invariants(in_transit=staged)
 
-
-class _Watch:
-    """Checks a chain's reads while they land: a probe (or an old measurement) may promise more than the disk
-    now gives (e.g. its first pages were still in the page cache). The reads so far are paid; the rest is
-    worth reading only while reading it (at the rate seen so far) plus the copy-in beats recomputing the
-    whole chain. When it no longer does, the chain is dropped and recomputed -- at most about twice the
-    better choice's time."""
-
-    def __init__(self, cost, page_bytes: int, recompute: float, copy_in: float) -> None:
-        self.cost, self.page_bytes, self.recompute, self.copy_in = cost, page_bytes, recompute, copy_in
-        self.stopped = False
-
-    def __call__(self, done_bytes: int, pages_left: int, seconds: float) -> bool:
-        if done_bytes <= 0 or seconds <= 0:
-            return True
-        rest = pages_left * self.page_bytes * seconds / done_bytes + self.copy_in
-        if rest < self.recompute:
-            return True
-        self.stopped = True
-        self.cost.stopped(done_bytes // self.page_bytes, rest, self.recompute)
-        return False
