@@ -119,8 +119,8 @@ def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dic
         res = []
         for cfg in CONFIGS:
             try:
-                us = timer(lambda: paged_decode_fp8(q, kv, flags, table, seq, scale, PAGE, SINK, RECENT,
-                                                    num_splits=splits, **cfg), graph)
+                us = timer(lambda cfg=cfg: paged_decode_fp8(q, kv, flags, table, seq, scale, PAGE, SINK, RECENT,
+                                                            num_splits=splits, **cfg), graph)
                 res.append((us, cfg))
             except Exception as e:      # a configuration that does not compile is reported, not fatal
                 print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
@@ -164,7 +164,10 @@ def quantise_rows(B: int, dev, dtype, cuda: bool) -> list[dict]:
 
 
 def prefill_rows(ctx: int, chunk: int, dev, dtype, graph: bool) -> list[dict]:
-    from tierserve.attention.triton_fp8_quant import prefill_scratch, quantise_pages_triton
+    from tierserve.attention.triton_fp8_quant import (
+        prefill_scratch,
+        quantise_pages_triton,
+    )
     from tierserve.attention.triton_prefill import paged_prefill
     from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
 
@@ -185,7 +188,7 @@ def prefill_rows(ctx: int, chunk: int, dev, dtype, graph: bool) -> list[dict]:
     flags[torch.tensor(stored, device=dev)] = True
     for cfg in PCONFIGS:
         try:
-            us = timer(lambda: paged_prefill_fp8(q, kv, flags, table, *args, scale, PAGE, SINK, RECENT, **cfg),
+            us = timer(lambda cfg=cfg: paged_prefill_fp8(q, kv, flags, table, *args, scale, PAGE, SINK, RECENT, **cfg),
                        graph, reps=4)
         except Exception as e:      # a configuration that does not compile is reported, not fatal
             rows.append(dict(kernel="prefill", setting="fp8", config=str(cfg), error=repr(e)[:80]))

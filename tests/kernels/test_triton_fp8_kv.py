@@ -11,14 +11,18 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from tierserve.attention.backend import AttnMetadata  # noqa: E402
-from tierserve.attention.torch_ref import TorchRefBackend  # noqa: E402
-from tierserve.attention.triton_fp8_quant import (prefill_scratch, quantise_pages_triton,  # noqa: E402
-                                                  scale_offset, scratch_pages_per_chunk)
-from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8  # noqa: E402
-from tierserve.kv.fp8_pages import Fp8PagePolicy  # noqa: E402
-from tierserve.quant.fp8_kv import quantise_pages_  # noqa: E402
-from tierserve.runner.kv_fp8 import Fp8Pages  # noqa: E402
+from tierserve.attention.backend import AttnMetadata
+from tierserve.attention.torch_ref import TorchRefBackend
+from tierserve.attention.triton_fp8_quant import (
+    prefill_scratch,
+    quantise_pages_triton,
+    scale_offset,
+    scratch_pages_per_chunk,
+)
+from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
+from tierserve.kv.fp8_pages import Fp8PagePolicy
+from tierserve.quant.fp8_kv import quantise_pages_
+from tierserve.runner.kv_fp8 import Fp8Pages
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

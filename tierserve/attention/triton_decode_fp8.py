@@ -36,8 +36,18 @@ import torch
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_decode import load_group_q, merge_splits, split_buffers, store_split
-from tierserve.attention.triton_fp8_common import fake_fold, load_codes, load_scales, softmax_update_scaled
+from tierserve.attention.triton_decode import (
+    load_group_q,
+    merge_splits,
+    split_buffers,
+    store_split,
+)
+from tierserve.attention.triton_fp8_common import (
+    fake_fold,
+    load_codes,
+    load_scales,
+    softmax_update_scaled,
+)
 
 
 @triton.jit
@@ -144,7 +154,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     ``page_table`` [B, Hkv, K] (``compact_selection``): only those are read, each under the read rule of
     its real position."""
     B, Hq, D = q.shape
-    N, two, rows, Hkv, _ = kv_layer.shape
+    _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
     assert kv_layer.stride(4) == 1 and kv_layer.stride(3) == D and kv_layer.stride(2) == Hkv * D, \
         "each (page, K/V) block must be contiguous"

@@ -53,7 +53,7 @@ def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int
     n = pids.numel()
     if n == 0:
         return
-    N, L, two, rows, h, d = data.shape
+    N, L, two, _, h, d = data.shape
     nbytes = page_size * h * d * data.element_size()
     off = scale_offset(page_size, h, d)
     if off + 4 * h > nbytes:
@@ -71,7 +71,7 @@ def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int
 def _offsets_kernel(qlen_ptr, seqlen_ptr, off_ptr, C, keep_recent, PAGE: tl.constexpr):
     """off[c]: first scratch page of chunk c (the chunks' page counts laid end to end), one program."""
     acc = tl.load(seqlen_ptr) * 0
-    for c in range(0, C):
+    for c in range(C):
         seq_len = tl.load(seqlen_ptr + c)
         tl.store(off_ptr + c, acc)
         acc += tl.cdiv(seq_len, PAGE) - scratch_first_page(seq_len - tl.load(qlen_ptr + c), keep_recent, PAGE)
@@ -109,7 +109,7 @@ def prefill_scratch(kv_layer: torch.Tensor, quantised: torch.Tensor, page_table:
     ``max_q_len`` / ``total_q``: host bounds of the largest and the summed q_len. Returns (scratch uint8
     [pages, 2, block bytes], first scratch page of each chunk [C]): chunk c's scratch pages follow each other
     from there (sized by the tokens, not by C x the longest chunk). Nothing is synced with the host."""
-    N, two, rows, h, d = kv_layer.shape
+    _, two, _, h, d = kv_layer.shape
     C = q_len.shape[0]
     sp = scratch_pages_per_chunk(max_q_len, page_size, keep_recent)
     # sum over chunks of ceil((q_len + R + ps - 1) / ps) <= (total_q + C (R + 2 ps - 2)) / ps

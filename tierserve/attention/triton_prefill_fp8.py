@@ -163,7 +163,7 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
     (one layer of the page-major storage, each (page, K/V) block contiguous); quantised [N] bool.
     Two launches: the chunks' FP8 scratch, then the attention."""
     T, Hq, D = q.shape
-    N, two, rows, Hkv, _ = kv_layer.shape
+    _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
     assert kv_layer.stride(4) == 1 and kv_layer.stride(3) == D and kv_layer.stride(2) == Hkv * D, \
         "each (page, K/V) block must be contiguous"
