@@ -5,6 +5,7 @@ bf16 cuBLAS; then the whole 8B decode with --decode-gemv off/on. JSON to $OUT/ke
 import gc, json, os
 import torch
 import torch.nn.functional as F
+from tierserve.bench.gpu_timer import graph_time_us
 from tierserve.models.layers.triton_fused import add_rmsnorm
 from tierserve.models.layers.triton_gemv import gemv
 from tierserve.quant.fp8 import quantize_fp8_blockwise
@@ -14,20 +15,7 @@ dev = torch.device("cuda")
 OUT = os.environ.get("OUT", "/tmp")
 res = {"gemm": [], "decode": []}
 
-
-def timed(fn, reps=16):
-    fn(); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay(); torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(7):
-        s.record(); g.replay(); e.record(); e.synchronize(); ts.append(s.elapsed_time(e) / reps * 1e3)
-    return sorted(ts)[3]
-
+timed = graph_time_us
 
 shapes = {"qkv": (6144, 4096, "norm"), "o_proj": (4096, 4096, "res"), "gate_up": (28672, 4096, "norm"),
           "down": (4096, 14336, "res")}

@@ -11,32 +11,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
+from tierserve.bench.gpu_timer import graph_time_us  # noqa: E402
 from tierserve.quant.fp8 import quantize_fp8_blockwise  # noqa: E402
 from tierserve.quant.triton_fp8_gemv import fp8_gemm  # noqa: E402
 
 dev = torch.device("cuda")
 OUT = os.environ.get("OUT", "/tmp")
 
-
-def timed(fn, reps=16):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(7):
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / reps * 1e3)
-    return sorted(ts)[3]
-
+timed = graph_time_us
 
 shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 grid = list(itertools.product((32, 64, 128, 256), (4, 8), (3, 4, 6), (2, 4, 8, 16)))
