@@ -5,7 +5,8 @@
   page the read rule allows stored as FP8 ("stored") and with one old page per sequence not yet converted
   (quantised on the fly, as inside a multi-step window: "pending"). Split-K as the engine's CUDA graphs
   choose it for max_model_len = context + 144. Each call timed inside a CUDA graph of 32 calls (32 layers).
-  FP8: the default configuration and the best of a small sweep (block_n, num_warps, num_stages).
+  FP8: the default configuration and the best of a small sweep (block_n, num_warps, num_stages, and
+  rule_loads: loads by the read rule -- the default -- or by the stored flags).
 * quantise: storing the pages that leave the full-precision window, all 32 layers: the Triton path the
   runner uses now vs the torch reference (``quantise_pages_``, the previous runner path), per call and
   amortised per decode step (batch B makes B/16 pages old per step).
@@ -29,7 +30,8 @@ import torch
 HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
 # FP8 decode configurations tried (the first is the kernel's default)
 CONFIGS = [dict(block_n=None, num_warps=None, num_stages=2)] + [
-    dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+    dict(block_n=bn, num_warps=w, num_stages=st, rule_loads=rl)
+    for bn in (32, 64) for w in (4, 8) for st in (2, 3) for rl in (True, False)]    # 128 spills (ptxas)
 # FP8 prefill configurations tried (the first is the kernel's default: 128 rows, 32 keys, 8 warps)
 PCONFIGS = [dict(), dict(block_n=64), dict(num_stages=3), dict(block_rows=64, num_warps=4)]
 
@@ -205,6 +207,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter) to check the script")
     ap.add_argument("--output", help="write the rows as JSON here")
+    ap.add_argument("--quick", action="store_true", help="time the default configurations only (no sweep)")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not a.smoke:
@@ -214,6 +217,8 @@ def main() -> None:
     global HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS
     if a.smoke:
         HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS = 4, 2, 16, 2, CONFIGS[:2], PCONFIGS[:1]
+    if a.quick:
+        CONFIGS, PCONFIGS = CONFIGS[:1], PCONFIGS[:1]
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 132
@@ -234,7 +239,8 @@ def main() -> None:
         meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
                     date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page=PAGE, keep_sink=SINK, keep_recent=RECENT))
-        json.dump({"meta": meta, "rows": rows}, open(a.output, "w"), indent=1)
+        with open(a.output, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -182,3 +182,7 @@ def test_fp8_decode_stored_page_read_at_full_precision(dtype):
                                num_splits=splits, block_n=bn).float()
         tol = 2e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
         torch.testing.assert_close(got, want, atol=tol, rtol=2e-5 if dtype == torch.float32 else 2e-2)
+        # loads following the stored flags instead of the rule: the very same numbers
+        flags = paged_decode_fp8(q, data[:, 0], fp8.quantised, table, seq, D ** -0.5, ps, 6, 11,
+                                 num_splits=splits, block_n=bn, rule_loads=False).float()
+        assert torch.equal(flags, got)
