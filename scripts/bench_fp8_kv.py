@@ -34,30 +34,18 @@ CONFIGS = [dict(block_n=None, num_warps=None, num_stages=2)] + [
     for bn in (32, 64) for w in (4, 8) for st in (2, 3) for rl in (True, False)]    # 128 spills (ptxas)
 # FP8 prefill configurations tried (the first is the kernel's default: 128 rows, 32 keys, 8 warps)
 PCONFIGS = [dict(), dict(block_n=64), dict(num_stages=3), dict(block_rows=64, num_warps=4)]
+OLD = None      # (decode, prefill) kernels before the rework, for comparison (scripts/fp8_kv_before.py)
 
 
 def timer(fn, graph: bool, reps: int = 32) -> float:
-    """Microseconds per call of ``fn`` (median of 7 timings of ``reps`` calls, in one CUDA graph on the GPU)."""
+    """Microseconds per call of ``fn``: ``reps`` calls in one CUDA graph on the GPU, one call on the CPU."""
+    if graph:
+        from tierserve.bench.gpu_timer import graph_time_us
+        return graph_time_us(fn, reps=reps)
     fn()
-    if not graph:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    s, e, ts = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), []
-    for _ in range(7):
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3 / reps)
-    return sorted(ts)[3]
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e6
 
 
 def eager_timer(fn, cuda: bool, reps: int = 20) -> float:
@@ -87,6 +75,15 @@ def old_pages(table: torch.Tensor, ctx: int) -> list[int]:
     pol = Fp8PagePolicy(PAGE, SINK, RECENT)
     keep = [i for i in range(ctx // PAGE) if i * PAGE >= SINK and not pol.needs_full(i, ctx)]
     return table[:, keep].flatten().tolist()
+
+
+def before(name: str, fn, graph: bool, base_us: float, reps: int = 32, **row) -> dict:
+    """A row for the pre-rework kernel (scripts/fp8_kv_before.py) on the same inputs."""
+    try:
+        us = timer(fn, graph, reps=reps)
+    except Exception as e:      # reported, not fatal
+        return dict(setting=name, error=repr(e)[:80], **row)
+    return dict(setting=name, us=us, speedup_vs_bf16=base_us / us, **row)
 
 
 def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dict]:
@@ -135,6 +132,10 @@ def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dic
             rows.append(dict(kernel="decode", setting=f"{name} ({label})", batch=B, context=ctx, splits=splits,
                              config=",".join(f"{k}={v}" for k, v in cfg.items()), us=us, GBps=fp8_bytes / us / 1e3,
                              speedup_vs_bf16=rows[0]["us"] / us))
+        if OLD is not None:
+            rows.append(before(f"{name} (before the rework)", lambda: OLD[0](
+                q, kv, flags, table, seq, scale, PAGE, SINK, RECENT, num_splits=splits), graph, rows[0]["us"],
+                kernel="decode", batch=B, context=ctx, splits=splits))
     return rows
 
 
@@ -198,6 +199,10 @@ def prefill_rows(ctx: int, chunk: int, dev, dtype, graph: bool) -> list[dict]:
         rows.append(dict(kernel="prefill", setting="fp8 (incl. scratch)", context=ctx, chunk=chunk,
                          config=",".join(f"{k}={v}" for k, v in cfg.items()) or "default", us=us,
                          TFLOPs=flops / us / 1e6, speedup_vs_bf16=rows[0]["us"] / us))
+    if OLD is not None:
+        rows.append(before("fp8 (before the rework)", lambda: OLD[1](q, kv, flags, table, *args, scale, PAGE, SINK,
+                                                                      RECENT), graph, rows[0]["us"], reps=1,
+                           kernel="prefill", context=ctx, chunk=chunk))
     us = timer(lambda: prefill_scratch(kv, flags, table, args[1], args[2], chunk, chunk, PAGE, RECENT), graph, reps=4)
     rows.append(dict(kernel="prefill", setting="fp8 scratch pass alone", context=ctx, chunk=chunk, us=us))
     return rows
@@ -208,17 +213,22 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter) to check the script")
     ap.add_argument("--output", help="write the rows as JSON here")
     ap.add_argument("--quick", action="store_true", help="time the default configurations only (no sweep)")
+    ap.add_argument("--no-before", action="store_true", help="skip the pre-rework kernels (loaded from git)")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not a.smoke:
         sys.exit("needs a CUDA GPU (or --smoke)")
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"
-    global HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS
+    global HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS, OLD
     if a.smoke:
         HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS = 4, 2, 16, 2, CONFIGS[:2], PCONFIGS[:1]
     if a.quick:
         CONFIGS, PCONFIGS = CONFIGS[:1], PCONFIGS[:1]
+    if not a.no_before:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from fp8_kv_before import load
+        OLD = load()
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 132
