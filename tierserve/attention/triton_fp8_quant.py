@@ -68,13 +68,13 @@ def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int
 
 
 @triton.jit
-def _offsets_kernel(qlen_ptr, seqlen_ptr, off_ptr, C, keep_recent, PAGE: tl.constexpr):
+def _offsets_kernel(qlen_ptr, seqlen_ptr, off_ptr, C, keep_recent, PAGE: tl.constexpr, C_PAD: tl.constexpr):
     """off[c]: first scratch page of chunk c (the chunks' page counts laid end to end), one program."""
-    acc = tl.load(seqlen_ptr) * 0
-    for c in range(C):
-        seq_len = tl.load(seqlen_ptr + c)
-        tl.store(off_ptr + c, acc)
-        acc += tl.cdiv(seq_len, PAGE) - scratch_first_page(seq_len - tl.load(qlen_ptr + c), keep_recent, PAGE)
+    c = tl.arange(0, C_PAD)
+    seq_len = tl.load(seqlen_ptr + c, mask=c < C, other=0)
+    n = tl.cdiv(seq_len, PAGE) - scratch_first_page(seq_len - tl.load(qlen_ptr + c, mask=c < C, other=0),
+                                                    keep_recent, PAGE)
+    tl.store(off_ptr + c, tl.cumsum(n, axis=0) - n, mask=c < C)
 
 
 @triton.jit
@@ -115,7 +115,8 @@ def prefill_scratch(kv_layer: torch.Tensor, quantised: torch.Tensor, page_table:
     # sum over chunks of ceil((q_len + R + ps - 1) / ps) <= (total_q + C (R + 2 ps - 2)) / ps
     total = min(C * sp, (total_q + C * (max(keep_recent, 1) + 2 * page_size - 2)) // page_size + 1)
     offs = torch.empty(C, dtype=torch.int64, device=kv_layer.device)
-    _offsets_kernel[(1,)](q_len, seq_lens, offs, C, keep_recent, PAGE=page_size, num_warps=1)
+    _offsets_kernel[(1,)](q_len, seq_lens, offs, C, keep_recent, PAGE=page_size,
+                          C_PAD=max(triton.next_power_of_2(C), 16), num_warps=1)
     off = scale_offset(page_size, h, d)
     scratch = torch.empty(total, two, off + 4 * h, dtype=torch.uint8, device=kv_layer.device)
     kv_bytes = kv_layer.view(torch.uint8)
