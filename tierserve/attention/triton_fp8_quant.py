@@ -48,23 +48,24 @@ def _store_quant_kernel(src_ptr, dst_ptr, pid_ptr, s_np, s_nl, s_nkv, s_t, s_h, 
                      PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
 
 
-def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int) -> None:
-    """Quantise pages ``pids`` (int64, on data's device) of ``data [N, L, 2, rows, H, D]`` in place."""
-    n = pids.numel()
-    if n == 0:
-        return
+def quantise_pages_triton(data: torch.Tensor, pids: torch.Tensor, page_size: int, group: int = 64) -> None:
+    """Quantise pages ``pids`` (int64, on data's device) of ``data [N, L, 2, rows, H, D]`` in place, ``group``
+    pages at a time (the staging blob is ``group`` pages: a 8192-token prefill chunk frees 512 at once)."""
     N, L, two, _, h, d = data.shape
     nbytes = page_size * h * d * data.element_size()
     off = scale_offset(page_size, h, d)
     if off + 4 * h > nbytes:
         raise ValueError(f"a page of {page_size} tokens in {data.dtype} has no room for FP8 codes + scales")
     assert data.is_contiguous()
-    blob = torch.zeros(n, L, two, nbytes, dtype=torch.uint8, device=data.device)
-    _store_quant_kernel[(n * L, two, h)](
-        data, blob, pids, data.stride(0), data.stride(1), data.stride(2), data.stride(3), data.stride(4),
-        two * nbytes, nbytes, L, h, PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
-        HEAD_DIM=d, SCALE_OFF=off, num_warps=4)
-    data.view(torch.uint8).view(N, L, two, -1)[pids, :, :, :nbytes] = blob
+    for i in range(0, pids.numel(), group):
+        ids = pids[i:i + group]
+        n = ids.numel()
+        blob = torch.zeros(n, L, two, nbytes, dtype=torch.uint8, device=data.device)
+        _store_quant_kernel[(n * L, two, h)](
+            data, blob, ids, data.stride(0), data.stride(1), data.stride(2), data.stride(3), data.stride(4),
+            two * nbytes, nbytes, L, h, PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
+            HEAD_DIM=d, SCALE_OFF=off, num_warps=4)
+        data.view(torch.uint8).view(N, L, two, -1)[ids, :, :, :nbytes] = blob
 
 
 @triton.jit
