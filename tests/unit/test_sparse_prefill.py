@@ -68,8 +68,9 @@ def test_engine_sparse_prefill_matches_reference(tmp_path, monkeypatch, budget):
     monkeypatch.setattr(triton_backend, "sparse_chunk_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     path = make_checkpoint(tmp_path / "m", "llama")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(210)]]
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    # the short prompt decodes while the long one still prefills: steps mixing decode rows and sparse chunks
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(210)], [0] + [(5 * i + 1) % 400 + 3 for i in range(120)]]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = {}
     for be in ("torch_ref", "triton"):
         llm = LLM(str(path), dtype="float32", device=dev, max_model_len=256, attention_backend=be, num_kv_pages=64,

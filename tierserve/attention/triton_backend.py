@@ -85,8 +85,8 @@ class TritonBackend:
                 and (meta.decode_only or meta.sparse is None) and self.host_reads is not False:
             return self._host(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if meta.sparse is not None and not meta.decode_only and sliding_window is None and meta.host_kv is None \
-                and meta.kv_fp8 is None and meta.sparse.selector == "pages" and min(meta.query_lens_cpu) > 1:
-            return self._sparse_prefill(q, k, v, kv_layer, meta, scale, kv_written)
+                and meta.kv_fp8 is None and meta.sparse.selector == "pages":
+            return self._sparse_prefill(q, k, v, kv_layer, meta, scale, kv_written, layer_idx)
         if meta.host_kv is not None or not sparse_ok or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
@@ -156,17 +156,28 @@ class TritonBackend:
             self.host_reads = False
             return self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
 
-    @staticmethod
-    def _sparse_prefill(q, k, v, kv_layer, meta: AttnMetadata, scale: float, kv_written: bool) -> torch.Tensor:
-        """A step of prefill chunks only, with sparse attention: each chunk causal over itself plus its
-        context, dense while the context is within the budget, else the blocks' top-k pages
-        (attention/sparse_prefill.py)."""
+    def _sparse_prefill(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float, kv_written: bool,
+                        layer_idx: int) -> torch.Tensor:
+        """A step with prefill chunks and sparse attention: decode rows as in pure decode steps (each its
+        own top-k pages); each chunk causal over itself plus its context, dense while the context is within
+        the budget, else the blocks' top-k pages (attention/sparse_prefill.py)."""
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
         page = meta.page_size
         out = torch.empty_like(q)
         kc, vc = kv_layer[:, 0, :page], kv_layer[:, 1, :page]
-        for seq, t0, t1, start in split_step(meta, kv_layer.shape[3]).prefills:
+        split = split_step(meta, kv_layer.shape[3])
+        if split.dec_tokens is not None:
+            n = split.dec_tokens.shape[0]
+            dmeta = dataclasses.replace(meta, num_seqs=n, num_tokens=n, page_table=split.dec_table,
+                                        seq_lens=split.dec_lens, decode_only=True, backend_data={},
+                                        query_lens_cpu=[1] * n,
+                                        seq_lens_cpu=[s for s, q_n in zip(meta.seq_lens_cpu, meta.query_lens_cpu)
+                                                      if q_n == 1])
+            qd = q[split.dec_tokens]
+            table, lens = self._select(qd, kv_layer, dmeta, layer_idx)
+            out[split.dec_tokens] = paged_decode(qd, kc, vc, table, lens, scale, num_splits=split.dec_splits)
+        for seq, t0, t1, start in split.prefills:
             if sparse_context(start, page, meta.sparse):
                 out[t0:t1] = sparse_chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta.page_table[seq],
                                                     start, scale, meta.sparse, page)
