@@ -176,8 +176,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     assert kv_layer.stride(4) == 1 and kv_layer.stride(3) == D and kv_layer.stride(2) == Hkv * D, \
         "each (page, K/V) block must be contiguous"
     if q.dtype == torch.float32 and q.is_cuda:
-        # Triton 3.6 on the H200 failed to compile (TritonGPURemoveLayoutConversions) the fp32 kernel
-        # with 128-token blocks of 16-token pages; 32-token blocks compiled and matched the reference
+        # fp32 (the GPU tests): Triton 3.6 on the H200 failed to compile (TritonGPURemoveLayoutConversions)
+        # the earlier kernel with 128-token blocks; 32-token blocks compiled (this one: ptxas spills less)
         block_n, num_warps = block_n or max(page_size, 32), num_warps or 4
     # ptxas for sm_90 (compiled offline, bf16, Llama-8B shapes): 64-token blocks with 8 warps use 210
     # registers and spill nothing; with 4 warps (the BF16 kernel's setting) they spill, 128-token blocks too
