@@ -214,3 +214,22 @@ def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkey
         assert llm.engine.kv.num_spilled > 0
     assert replays, "no decode step replayed a graph"
     assert outs[False] == outs[True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dense FP8 prefill fallback is CUDA-only")
+def test_sparse_fp8_prefill_chunks_attend_densely_on_cuda(tmp_path, caplog):
+    """Sparse attention over FP8 pages: prefill chunks take the dense FP8 prefill kernel on the GPU (the
+    masked reference would need chunk x context memory), with a warning; same tokens as dense FP8 while the
+    prompt is all prefill and the decode budget covers the context."""
+    path = make_checkpoint(tmp_path / "m", "llama")
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(150)]]
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    outs = {}
+    for sparse in (None, "pages"):
+        llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=192, page_size=8, num_kv_pages=64,
+                  kv_dtype="fp8", sparse_attention=sparse, sparse_topk_tokens=88, max_num_batched_tokens=32,
+                  enable_prefix_caching=False)
+        with caplog.at_level("WARNING", logger="tierserve"):
+            outs[sparse] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    assert outs["pages"] == outs[None]
+    assert "prefill chunks attend densely" in caplog.text

@@ -71,6 +71,7 @@ class TritonBackend:
         # CUDA, bf16/fp16: chunks over cached context as two flash-attention calls merged by LSE
         # (attention/flash_prefix.py) rather than the paged prefill kernel
         self.flash_prefix = True
+        self._warned_fp8_sparse_prefill = False
 
     _select = staticmethod(_select_pages)
 
@@ -87,7 +88,14 @@ class TritonBackend:
         if meta.sparse is not None and not meta.decode_only and sliding_window is None and meta.host_kv is None \
                 and meta.kv_fp8 is None and meta.sparse.selector == "pages":
             return self._sparse_prefill(q, k, v, kv_layer, meta, scale, kv_written, layer_idx)
-        if meta.host_kv is not None or not sparse_ok or not fp8_ok:
+        if meta.sparse is not None and meta.kv_fp8 is not None and not meta.decode_only and q.is_cuda \
+                and meta.host_kv is None and fp8_ok and self.fp8_prefill is not False:
+            if not self._warned_fp8_sparse_prefill:     # the masked reference would need O(chunk x context)
+                log.warning("sparse attention over FP8 KV pages: prefill chunks attend densely on the GPU "
+                            "(no sparse FP8 prefill path yet); decode steps stay sparse")
+                self._warned_fp8_sparse_prefill = True
+            meta = dataclasses.replace(meta, sparse=None)
+        if meta.host_kv is not None or (not sparse_ok and meta.sparse is not None) or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
