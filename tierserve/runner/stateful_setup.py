@@ -3,10 +3,14 @@ hooks, and how it loads each architecture it serves."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tierserve.config import EngineConfig
+
+if TYPE_CHECKING:
+    from tierserve.engine.scheduler import ScheduledRequest
 
 
 # Engine settings that need paged K/V (or a model this runner does not have) -> why they are refused.
