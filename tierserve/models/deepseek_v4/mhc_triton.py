@@ -32,14 +32,7 @@ if triton is not None:
         mask = (i < HC) & (j < HC)
         offs = row * HC * HC + i * HC + j
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        mx = tl.max(x, axis=1)
-        e = tl.where(mask, tl.exp(x - mx[:, None]), 0.0)
-        m = tl.where(mask, e / tl.sum(e, axis=1)[:, None] + eps, 0.0)
-        m = m / (tl.sum(m, axis=0)[None, :] + eps)
-        for _ in range(iters - 1):
-            m = m / (tl.sum(m, axis=1)[:, None] + eps)
-            m = m / (tl.sum(m, axis=0)[None, :] + eps)
-        tl.store(out_ptr + offs, m, mask=mask)
+        tl.store(out_ptr + offs, _sinkhorn_rows(x, mask, iters, eps), mask=mask)
 
 
 if triton is not None:
