@@ -187,9 +187,11 @@ class ModelRunner:
 
     def _graph_ok(self, meta: AttnMetadata, plp) -> bool:
         return (meta.decode_only and self.graphs is not None and not plp
-                # tiers: graphs captured with the spill stores, replayed while every spilled page is in RAM
-                and (self.spill is None or self.graphs.spill is not None)
-                and (meta.host_kv is None or meta.host_ram_only)
+                # tiers: graphs captured with the spill stores, replayed while every spilled page is in RAM;
+                # without them (no RAM tier), only steps with no spilled page and no selections to count
+                and ((self.graphs.spill is not None and (meta.host_kv is None or meta.host_ram_only))
+                     or (self.graphs.spill is None and meta.host_kv is None
+                         and (self.sparse is None or self.spill is None)))
                 and (self.engram_hasher is None or self.graphs.engram is not None)
                 and self.graphs.bucket_for(meta.num_seqs) is not None)
 
