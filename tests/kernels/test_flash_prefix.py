@@ -27,7 +27,7 @@ def _case(n, L, hq, hkv, d, dtype, device, seed):
     return r(n, hq, d), r(n, hkv, d), r(n, hkv, d), r(hkv, L, d), r(hkv, L, d)
 
 
-@pytest.mark.parametrize("n,L,hq,hkv", [(1, 5, 4, 4), (7, 37, 8, 2), (16, 0, 4, 1), (13, 64, 8, 8)])
+@pytest.mark.parametrize("n,L,hq,hkv", [(1, 5, 4, 4), (7, 37, 8, 2), (16, 0, 4, 1), (13, 64, 8, 8), (1100, 50, 2, 1)])
 def test_chunk_attention_matches_masked_reference(n, L, hq, hkv):
     q, k, v, ck, cv = _case(n, L, hq, hkv, 32, torch.float32, "cpu", n * 100 + L)
     got = flash_prefix.chunk_attention(q, k, v, ck, cv, 0.17)

@@ -14,7 +14,13 @@ Not for sliding windows, spilled pages or FP8 pages (the Triton prefill kernels 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("tierserve")
+_FLASH_OFF: list = []      # non-empty once the flash op failed
+_ROWS = 1024               # query rows per slice of the plain path
 
 
 def flash_ok(q: torch.Tensor) -> bool:
@@ -27,19 +33,25 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [(B,) H, Lq, D], k/v [(B,) H, Lk, D] (same H) -> (out like q in q's dtype, lse [(B,) H, Lq] fp32,
     natural log). ``causal``: square attention (Lq == Lk), row i sees keys 0..i."""
-    if flash_ok(q):
+    if flash_ok(q) and not _FLASH_OFF:
         batched = q.dim() == 4
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q if batched else q[None], k if batched else k[None], v if batched else v[None], 0.0, causal, False,
-            scale=scale)[:2]
-        return (out, lse) if batched else (out[0], lse[0])
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if causal:
-        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.softmax(s, dim=-1) @ v.float()
-    return out.to(q.dtype), lse
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                q if batched else q[None], k if batched else k[None], v if batched else v[None], 0.0, causal,
+                False, scale=scale)[:2]
+            return (out, lse) if batched else (out[0], lse[0])
+        except RuntimeError as e:          # this torch build refuses: plain math from now on (slow)
+            log.warning("flash attention with log-sum-exp is off (%s); using plain attention", e)
+            _FLASH_OFF.append(True)
+    outs, lses = [], []
+    for r0 in range(0, q.shape[-2], _ROWS):      # query rows in slices: scores stay [.., rows, Lk]
+        s = (q[..., r0:r0 + _ROWS, :].float() @ k.float().transpose(-1, -2)) * scale
+        if causal:
+            rows = torch.arange(r0, r0 + s.shape[-2], device=s.device)[:, None]
+            s = s.masked_fill(torch.arange(s.shape[-1], device=s.device)[None, :] > rows, float("-inf"))
+        lses.append(torch.logsumexp(s, dim=-1))
+        outs.append(torch.softmax(s, dim=-1) @ v.float())
+    return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
 
 
 def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
