@@ -43,6 +43,8 @@ _HELP = {
     "kv_load_policy": "cost (load a lower-tier hit only when faster than recompute) | always",
     "kv_prefetch": "read a waiting request's disk/remote prefix hits into CPU RAM in the background "
                    "(default: on when --disk-kv-dir or --remote-kv-url is set)",
+    "kv_load_overlap": "CUDA: copy CPU-RAM prefix hits layer by layer on a side stream while the forward pass "
+                       "runs (--no-kv-load-overlap: all copied first; env TIERSERVE_KV_OVERLAP=0 as well)",
     "debug_invariants": "check page accounting after every step",
     "seed": "engine seed",
 }

@@ -55,6 +55,7 @@ class EngineConfig:
     remote_kv_url: str | None = None    # redis://host:port -- KV shared between replicas
     kv_load_policy: str = "cost"        # cost: load a lower-tier hit only if faster than recompute; always
     kv_prefetch: bool | None = None     # read waiting requests' disk/remote hits ahead (None: on with those tiers)
+    kv_load_overlap: bool = True        # CUDA: CPU-RAM hits copied layer by layer beside the forward pass
     sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
     sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
     indexer_path: str | None = None     # sparse_attention=indexer: dir from `tierserve train-indexer` (default <model>/indexer)
@@ -81,6 +82,8 @@ class EngineConfig:
         _choice("kv_load_policy", self.kv_load_policy, ("cost", "always"))
         if not isinstance(self.cpu_experts, bool):
             raise ValueError(f"cpu_experts must be True or False, got {self.cpu_experts!r}")
+        if not isinstance(self.kv_load_overlap, bool):
+            raise ValueError(f"kv_load_overlap must be True or False, got {self.kv_load_overlap!r}")
         if self.kv_prefetch is not None and not isinstance(self.kv_prefetch, bool):
             raise ValueError(f"kv_prefetch must be True, False or None (auto), got {self.kv_prefetch!r}")
         _choice("kv_dtype", self.kv_dtype, ("auto", "fp8"))

@@ -62,8 +62,8 @@ def test_a_layer_read_before_its_wait_changes_the_output(reference, monkeypatch)
 
 
 def test_overlap_off_is_the_synchronous_path(reference):
-    llm = make(cpu_kv_gb=0.01)
-    llm.engine.kv.tiers.overlap_loads = False
+    llm = make(cpu_kv_gb=0.01, kv_load_overlap=False)           # the setting (CLI --no-kv-load-overlap)
+    assert llm.engine.kv.tiers.overlap_loads is False
     streams = DeferredStreams()
     out, tiers = cpu_hit(llm, streams)
     assert out.outputs[0].token_ids == reference

@@ -53,6 +53,8 @@ class Engine:
                      self.model_cfg.architecture)
             config.enable_prefix_caching = False
         tiers = self._make_tiers(config)
+        if tiers is not None and not config.kv_load_overlap:
+            tiers.overlap_loads = False
         host_pages = tiers.spill_capacity if tiers is not None else 0
         spill = None
         if host_pages:      # sparse attention counts its choices per page: placement follows them
