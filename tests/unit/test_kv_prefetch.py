@@ -10,22 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.helpers.redis_server import redis_server
-from tierserve import LLM, SamplingParams
+from tests.helpers.tier_llm import PS, make_tier_llm
+from tierserve import SamplingParams
 from tierserve.config import EngineConfig
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers.disk import DiskTier
 
 SP = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-PS = 16
 PROMPT = [1] + [(7 * i + 3) % 500 + 3 for i in range(150)]       # 151 tokens: 9 full prefix pages of 16
 OTHER = [1] + [(11 * i + 5) % 500 + 3 for i in range(100)]
 PAGES = 9
 
 
-def make(**kw):
-    kw.setdefault("max_model_len", 256)
-    kw.setdefault("kv_load_policy", "always")
-    return LLM(None, dtype="float32", device="cpu", page_size=PS, debug_invariants=True, **kw)
+make = make_tier_llm
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,21 @@ import threading
 import pytest
 import torch
 
-from tierserve import LLM, SamplingParams
+from tests.helpers.tier_llm import PS, make_tier_llm
+from tierserve import SamplingParams
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers import codec, io
 from tierserve.kv.tiers.disk import DiskTier
 from tierserve.kv.tiers.manager import TierManager
 
 SP = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-PS = 16
 PROMPT = [1] + [(7 * i + 3) % 500 + 3 for i in range(150)]       # 151 tokens: 9 full prefix pages of 16
 OTHER = [1] + [(11 * i + 5) % 500 + 3 for i in range(150)]
 PAGES = 9
 SHAPE = (2, 2, 4, 2, 8)                                          # a small page: 1 KiB of float32
 
 
-def make(**kw):
-    kw.setdefault("max_model_len", 256)
-    kw.setdefault("kv_load_policy", "always")
-    return LLM(None, dtype="float32", device="cpu", page_size=PS, debug_invariants=True, **kw)
+make = make_tier_llm
 
 
 @pytest.fixture(scope="module")

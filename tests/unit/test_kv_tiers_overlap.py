@@ -4,6 +4,7 @@ only when a layer waits for them, so a layer that read its KV before waiting wou
 import pytest
 import torch
 
+from tests.helpers.tier_llm import PS, make_tier_llm
 from tierserve import LLM, SamplingParams
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers import overlap
@@ -11,15 +12,11 @@ from tierserve.kv.tiers.manager import TierManager
 from tierserve.kv.tiers.overlap import DeferredStreams
 
 SP = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-PS = 16
 PROMPT = [1] + [(5 * i + 7) % 500 + 3 for i in range(150)]        # 151 tokens: 9 full prefix pages
 SHAPE = (3, 2, 4, 2, 8)                                          # 3 layers
 
 
-def make(**kw):
-    kw.setdefault("max_model_len", 256)
-    kw.setdefault("kv_load_policy", "always")
-    return LLM(None, dtype="float32", device="cpu", page_size=PS, debug_invariants=True, **kw)
+make = make_tier_llm
 
 
 @pytest.fixture(scope="module")
