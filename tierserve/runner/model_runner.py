@@ -122,6 +122,8 @@ class ModelRunner:
             if self.device_engram is None:        # else once the hasher exists (set_tokenizer)
                 self._capture_graphs()
         self.max_model_len = max_model_len
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 132
 
     def _capture_graphs(self) -> None:
         try:
@@ -197,8 +199,8 @@ class ModelRunner:
 
     def decode_splits(self, bs: int) -> int:
         """Split-K factor of a pure decode step: the CUDA graphs' choice, also on the eager path (same bits)."""
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 132
-        return decode_splits(bs, self.model_cfg.num_kv_heads, self.max_model_len, self.config.max_num_seqs, sms)
+        return decode_splits(bs, self.model_cfg.num_kv_heads, self.max_model_len, self.config.max_num_seqs,
+                             self.num_sms)
 
     def supports_multi_step(self) -> bool:
         """Greedy tokens can be fed back on the device (no Engram hashing or spilled pages, and sparse
