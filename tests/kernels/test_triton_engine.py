@@ -201,7 +201,8 @@ def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkey
 
     replays = []
     real = DecodeGraphs.replay
-    monkeypatch.setattr(DecodeGraphs, "replay", lambda self, bs: replays.append(bs) or real(self, bs))
+    monkeypatch.setattr(DecodeGraphs, "replay",
+                        lambda self, bs, spill=False: replays.append(spill) or real(self, bs, spill))
     path = make_checkpoint(tmp_path / "m", "llama")
     prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(110)], [0] + [(5 * i + 1) % 400 + 3 for i in range(100)]]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -212,8 +213,31 @@ def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkey
                   sparse_topk_tokens=88)
         outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
         assert llm.engine.kv.num_spilled > 0
-    assert replays, "no decode step replayed a graph"
+    assert True in replays, "no decode step replayed a graph captured with the spill stores"
     assert outs[False] == outs[True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cpu_tier_steps_without_spilled_pages_replay_the_plain_graphs(tmp_path, monkeypatch):
+    """With a CPU-RAM tier but no page spilled, decode replays the graphs without the host-page path (the
+    spill graphs served every step and cost 20% at 128k on the H200); tokens as without the tier."""
+    from tierserve.runner.cuda_graphs import DecodeGraphs
+
+    replays = []
+    real = DecodeGraphs.replay
+    monkeypatch.setattr(DecodeGraphs, "replay",
+                        lambda self, bs, spill=False: replays.append(spill) or real(self, bs, spill))
+    path = make_checkpoint(tmp_path / "m", "llama")
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(40)], [0] + [(5 * i + 1) % 400 + 3 for i in range(30)]]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for tier in ({}, {"cpu_kv_gb": 0.01}):
+        llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=160, page_size=8, num_kv_pages=64,
+                  enable_prefix_caching=False, **tier)
+        outs[bool(tier)] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+        assert llm.engine.kv.num_spilled == 0
+    assert replays and not any(replays)
+    assert outs[True] == outs[False]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the dense FP8 prefill fallback is CUDA-only")

@@ -198,6 +198,21 @@ def test_live_sequence_larger_than_gpu_pool_spills_to_cpu(ckpt, caching):
     assert_clean(llm)
 
 
+def test_prompt_chunk_larger_than_gpu_pool_is_split_to_fit(ckpt):
+    """The default chunk (the whole prompt) needs more pages than the GPU pool has: the scheduler halves the
+    chunk until it fits and earlier pages spill, instead of waiting forever (the engine used to spin with an
+    empty schedule: found by the H200 kernel tests). Output unchanged."""
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [PROMPT, OTHER[:150]]
+    assert min(len(p) for p in prompts) > 6 * 16
+    ref = make(ckpt, enable_prefix_caching=False).generate(prompts, sp)
+    llm = make(ckpt, num_kv_pages=6, cpu_kv_gb=0.01, enable_prefix_caching=False)
+    outs = llm.generate(prompts, sp)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert llm.engine.kv.num_spilled > 0
+    assert_clean(llm)
+
+
 def test_pool_smaller_than_max_model_len_needs_cpu_tier(ckpt):
     with pytest.raises(ValueError, match="max_model_len"):
         make(ckpt, num_kv_pages=6)

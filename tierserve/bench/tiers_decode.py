@@ -70,6 +70,12 @@ def _prefill(eng, rid: str, prompt: list[int], new_tokens: int):
     return req, copy_pages(eng.runner.kv.data, pids)
 
 
+def _replays(runner):
+    """How the decode steps ran so far: the runner's counters of graph replays by kind (plain / spill) and
+    eager steps (``ModelRunner.step_kinds``)."""
+    return getattr(runner, "step_kinds", {})
+
+
 def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.Tensor | None, first_token: int | None,
                  fracs: tuple[float, ...], new_tokens: int, budget, emit, *, page_size: int, page_bytes: int,
                  reserve_s: float = 0.0) -> None:
@@ -140,6 +146,8 @@ def decode_sweep(model: str | None, common: dict, prompt: list[int], kv: torch.T
                   "spilled_pages": eng.kv.num_spilled - spilled0,
                   "kv_read_GBps": kv_bytes * (1 - min(frac, 1.0)) * n / dt / 1e9,
                   "tokens_equal_first_run": tokens == ref,
+                  "first_differing_token": next((i for i, (x, y) in enumerate(zip(tokens, ref)) if x != y), None),
+                  "graph_replays": dict(_replays(eng.runner)),
                   "first_token_equal_ttft_run": None if first_token is None else tokens[0] == first_token,
                   "kv_fill": fill})
             need = 1.3 * (time.monotonic() - t_start) + 5

@@ -203,18 +203,26 @@ class Engine:
             self.kv.promote_hot(reserve=max(len(self.scheduler.running), self.runner.num_pages // 8))
         so = self.scheduler.schedule()
         if so.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:     # nothing will free pages: no hang
+                req = self.scheduler.waiting[0]
+                raise RuntimeError(
+                    f"request {req.request_id!r} cannot be scheduled: its next chunk does not fit in an idle KV "
+                    f"pool ({self.kv.pool.num_free} free pages of {self.config.page_size} tokens"
+                    f"{', CPU tier full' if self.kv.tiers is not None else ''}); raise --num-kv-pages / "
+                    f"--gpu-kv-gb or --cpu-kv-gb, or lower --max-num-batched-tokens")
             return []
         k = self.multi.plan(so)
         if k > 1:
             return self._after_multi(self.multi.start(so, k))
         tiers = self.kv.tiers
-        t0 = time.perf_counter()
-        result = self.runner.execute(so, tiers.take_transfers() if tiers is not None else None)
         if tiers is not None:
-            prefill = sum(s.num_tokens for s in so.scheduled if s.num_tokens > 1)
-            if prefill:                    # tokens x the context each attends to: the attention part of the cost
-                attended = sum(s.num_tokens * s.start + s.num_tokens * (s.num_tokens + 1) // 2 for s in so.scheduled)
-                tiers.observe_prefill(so.num_batched_tokens, time.perf_counter() - t0, attended)
+            tiers.step_started(self.runner.device)
+        result = self.runner.execute(so, tiers.take_transfers() if tiers is not None else None)
+        if tiers is not None:           # prefill steps time the cost model's recompute side
+            prefill = any(s.num_tokens > 1 for s in so.scheduled)
+            # tokens x the context each attends to: the attention part of the cost
+            attended = sum(s.num_tokens * s.start + s.num_tokens * (s.num_tokens + 1) // 2 for s in so.scheduled)
+            tiers.step_done(so.num_batched_tokens if prefill else 0, attended)
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for s in so.scheduled:

@@ -83,15 +83,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            want = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._fit(req, want)
             ok = True
-            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            while not n:
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is req:
                     ok = False
                     break
+                n = self._fit(req, want)
             if not ok:
                 break
             out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n,
@@ -109,8 +111,8 @@ class Scheduler:
             if req.num_computed_tokens == 0 and req.params.prompt_logprobs is None:
                 # keep at least one token to compute so the request gets logits
                 prefix = self._find_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, prefix):
+            n = self._fit(req, min(req.num_tokens - req.num_computed_tokens, budget), prefix)
+            if not n:
                 req.num_computed_tokens = 0
                 break
             if req.num_cached_tokens < 0:
@@ -126,6 +128,20 @@ class Scheduler:
                                                   self.kv.page_table(req.request_id)))
             budget -= n
         return out
+
+    def _fit(self, req: Request, n: int, prefix: PrefixHit | None = None) -> int:
+        """Allocate pages for a chunk of at most ``n`` tokens of ``req``; returns its size (0: no room). With
+        KV tiers a chunk whose pages cannot all be on the GPU at once (the pool is smaller than the chunk, or
+        held by other requests' pages that cannot spill) is halved until it fits: a prompt longer than the GPU
+        pool is prefilled in chunks whose earlier pages spill, instead of waiting for room that never
+        comes. Without tiers the chunk is all or nothing (running requests then preempt others)."""
+        while n > 0:
+            if self.kv.allocate(req.request_id, req.num_computed_tokens + n, prefix):
+                return n
+            if self.kv.tiers is None or n == 1:
+                return 0
+            n //= 2
+        return 0
 
     def _find_prefix(self, req: Request) -> PrefixHit:
         """Set ``req.num_computed_tokens`` to its prefix-cache hit; returns the hit."""

@@ -106,6 +106,7 @@ class ModelRunner:
         self.spill: SpillState | None = None         # device-side state of spilled pages (attach_spill)
         self._tiers = None                           # the tier manager whose transfers tiers_apply runs
         self.graphs = None
+        self.step_kinds: dict[str, int] = {}         # decode steps run by: "plain" / "spill" graphs, "eager"
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
                 and (self.sparse is None or self.sparse.selector == "pages"):
             from tierserve.runner.cuda_graphs import DecodeGraphs
@@ -161,7 +162,11 @@ class ModelRunner:
             self.fp8.on_write(meta.slot_pages)
         out = StepOutput()
         greedy = None
-        if self._graph_ok(meta, plp):
+        graph = self._graph_kind(meta, plp)
+        if meta.decode_only:
+            kind = graph or "eager"
+            self.step_kinds[kind] = self.step_kinds.get(kind, 0) + 1
+        if graph is not None:
             self.kv.settle()                        # a graph reads every layer: hit pages in place first
             if self.device_engram is not None:      # the graph hashes and gathers; it needs the history
                 self.device_engram.load(meta.num_seqs, engram_state.history_rows(so, self.model_cfg.engram.lookback),
@@ -169,7 +174,7 @@ class ModelRunner:
             elif self.graphs.engram is not None:    # rows gathered now, read by the graph from static buffers
                 self.graphs.engram.fill(self._engram_step(so, input_ids, meta), meta.num_seqs)
             logits = self.graphs.run(meta.num_seqs, input_ids, meta.positions, meta.slot_pages,
-                                     meta.slot_offsets, meta.seq_lens, meta.page_table)
+                                     meta.slot_offsets, meta.seq_lens, meta.page_table, spill=graph == "spill")
             greedy = self.graphs.next_tokens[:meta.num_seqs]
         else:
             engram = self._engram_step(so, input_ids, meta) if self.engram_hasher is not None else None
@@ -187,15 +192,20 @@ class ModelRunner:
         sample_requests(self.sampler, reqs, logits, out.sampled, out.logprobs, greedy)
         return out
 
-    def _graph_ok(self, meta: AttnMetadata, plp) -> bool:
-        return (meta.decode_only and self.graphs is not None and not plp
-                # tiers: graphs captured with the spill stores, replayed while every spilled page is in RAM;
-                # without them (no RAM tier), only steps with no spilled page and no selections to count
-                and ((self.graphs.spill is not None and (meta.host_kv is None or meta.host_ram_only))
-                     or (self.graphs.spill is None and meta.host_kv is None
-                         and (self.sparse is None or self.spill is None)))
-                and (self.engram_hasher is None or self.graphs.engram is not None)
-                and self.graphs.bucket_for(meta.num_seqs) is not None)
+    def _graph_kind(self, meta: AttnMetadata, plp) -> str | None:
+        """Which CUDA graphs replay this step: "plain", "spill" (captured with the tiers' spill stores) or
+        None (eager)."""
+        g = self.graphs
+        if not (meta.decode_only and g is not None and not plp and g.bucket_for(meta.num_seqs) is not None
+                and (self.engram_hasher is None or g.engram is not None)):
+            return None
+        # no spilled page in the step, and no sparse selections to count for the tiers: the plain graphs
+        if meta.host_kv is None and (self.sparse is None or self.spill is None):
+            return "plain"
+        # every spilled page in CPU RAM (not the disk spill file): the spill graphs, if captured
+        if g.spill is not None and g.spill_graphs and (meta.host_kv is None or meta.host_ram_only):
+            return "spill"
+        return None
 
     def decode_splits(self, bs: int) -> int:
         """Split-K factor of a pure decode step: the CUDA graphs' choice, also on the eager path (same bits)."""
@@ -266,9 +276,9 @@ class ModelRunner:
                 try:
                     self.graphs.capture()
                 except Exception as e:      # decode with spilled pages stays eager (Triton kernels)
-                    log.warning("CUDA graphs over spilled KV pages failed (%s: %s); decode runs eagerly",
-                                type(e).__name__, e)
-                    self.graphs = None
+                    log.warning("CUDA graphs over spilled KV pages failed (%s: %s); steps that read spilled "
+                                "pages run eagerly", type(e).__name__, e)
+                    self.graphs.set_spill(None, None)
         return self.spill
 
     @property

@@ -33,7 +33,7 @@ class Window:
 
 def launch(runner, so, steps: int) -> Window:
     meta, ids, _, _ = runner._prepare(so, lookahead=steps - 1)
-    graph = runner._graph_ok(meta, None)
+    graph = runner._graph_kind(meta, None) == "plain"      # windows never run with spilled pages
     if runner.device_engram is not None:          # Engram rows are hashed on the device from this history
         runner.device_engram.load(meta.num_seqs, history_rows(so, runner.model_cfg.engram.lookback),
                                   runner.graphs.bucket_for(meta.num_seqs) if graph else None)

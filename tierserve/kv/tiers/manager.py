@@ -30,6 +30,7 @@ from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers import io
 from tierserve.kv.tiers.cost import LoadPolicy, ReadWatch
 from tierserve.kv.tiers.disk import DiskTier
+from tierserve.kv.tiers.step_timer import StepTimer
 from tierserve.kv.tiers.host import HostTier
 from tierserve.kv.tiers import flush_at_exit
 from tierserve.kv.tiers.transfers import OVERLAP_DEFAULT, KVTransfers, TierHit, TierTransfers
@@ -61,6 +62,7 @@ class TierManager(TierTransfers):
         self.bandwidth = self.cost.bandwidth          # bytes/s per tier (shared with the policy)
         self._measured = self.cost.measured           # tiers whose bandwidth was measured (else the default)
         self._apply_s = 0.0                           # time of this step's transfers (not prefill time)
+        self.step_timer = StepTimer()                 # prefill steps' device time, read without a sync
         self.last_onload: dict = {}                   # pages and seconds of the last step's hit loads
         self.last_read: dict = {}                     # pages, bytes and seconds of the last chain's reads
         self.hits = {t: 0 for t in TIERS}             # pages served per tier
@@ -207,15 +209,24 @@ class TierManager(TierTransfers):
         sources = ["cpu" if h.prefetched else h.source for h in hits]
         return self.cost.pays(sources, self.page_bytes, page_size, start_page)
 
-    def observe_prefill(self, num_tokens: int, seconds: float, attended: int | None = None) -> None:
-        """Feed the recompute side of the cost model: an engine step that computed ``num_tokens`` (a
-        prefill among them) in ``seconds``, its tokens attending to ``attended`` tokens in all. The
-        step's tier transfers (timed in ``apply``) are not prefill time and are taken out; a step whose hit
-        loads overlapped its forward pass is no sample (its time mixes both)."""
+    def step_started(self, device) -> None:
+        """An engine step begins on ``device``: start its timer (step_timer.py)."""
+        self.step_timer.start(device)
+
+    def step_done(self, num_tokens: int, attended: int | None) -> None:
+        """The step has been issued; ``num_tokens`` (0: no prefill in it) computed, attending to ``attended``
+        tokens in all. Its time reaches ``observe_prefill`` once the device has run it (CUDA: later steps;
+        the CPU: now), with the step's transfer time (``apply``, synchronous on the host) taken out; a step
+        whose hit loads overlapped its forward pass is no sample (its time mixes both)."""
         moved, self._apply_s = self._apply_s, 0.0
-        if self._overlapped:
-            return
-        self.cost.prefill.observe(num_tokens, seconds - moved if moved < seconds else seconds, attended)
+        keep = num_tokens > 0 and not self._overlapped
+        for seconds, (n, att, mv) in self.step_timer.stop((num_tokens, attended, moved), keep=keep):
+            self.cost.prefill.observe(n, seconds - mv if mv < seconds else seconds, att)
+
+    def observe_prefill(self, num_tokens: int, seconds: float, attended: int | None = None) -> None:
+        """Feed the recompute side of the cost model directly: ``num_tokens`` computed in ``seconds``, its
+        tokens attending to ``attended`` tokens in all (tests, known rates; the engine uses ``step_done``)."""
+        self.cost.prefill.observe(num_tokens, seconds, attended)
 
     def _measure(self, tier: str, nbytes: int, seconds: float) -> None:
         self.cost.measure(tier, nbytes, seconds)
