@@ -44,6 +44,23 @@ def test_gather_context_reads_pages_in_order():
     assert torch.equal(vals, vc[pages].reshape(-1, hkv, d)[:11].transpose(0, 1))
 
 
+def test_gather_context_with_staged_host_pages_gives_the_same_values():
+    """Pages spilled to CPU RAM and staged on the device (ids >= N read the staged copy): the gathered keys and
+    values are bit-identical to those of the same pages all on the device (tiers stay lossless)."""
+    page, hkv, d, n_dev = 4, 2, 8, 10
+    g = torch.Generator().manual_seed(3)
+    kc, vc = torch.randn(n_dev, page, hkv, d, generator=g), torch.randn(n_dev, page, hkv, d, generator=g)
+    pages = torch.tensor([7, 2, 5, 9, 1])
+    dev_k, dev_v = flash_prefix.gather_context(kc, vc, pages, 18)
+    # pages 2 and 9 spilled: staged at rows 1 and 0; their device pages now hold other data
+    staged_k, staged_v = torch.stack([kc[9], kc[2]]), torch.stack([vc[9], vc[2]])
+    kc2, vc2 = kc.clone(), vc.clone()
+    kc2[[2, 9]], vc2[[2, 9]] = torch.randn(2, page, hkv, d, generator=g), torch.randn(2, page, hkv, d, generator=g)
+    mixed = torch.tensor([7, n_dev + 1, 5, n_dev + 0, 1])
+    keys, vals = flash_prefix.gather_context(kc2, vc2, mixed, 18, (staged_k, staged_v))
+    assert torch.equal(keys, dev_k) and torch.equal(vals, dev_v)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA")
 @pytest.mark.parametrize("n,L", [(1, 300), (257, 1000), (512, 0), (64, 4096)])
 def test_flash_chunk_attention_on_cuda(n, L):

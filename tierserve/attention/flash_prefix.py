@@ -10,7 +10,11 @@ cached keys are first gathered from their pages into one contiguous block per la
 ``2 x start x Hkv x D`` values, small next to the attention FLOPs). ``attend_lse`` has a plain-PyTorch
 implementation for other devices (and the tests).
 
-Not for sliding windows, spilled pages or FP8 pages (the Triton prefill kernels handle those).
+Spilled pages take part once staged on the device (``gather_context``'s ``host_cache``), so a chunk over a
+partly spilled context runs the same two flash calls on the same values as over an all-GPU one (bit-identical:
+the staged paged prefill kernel it used before summed in another order, and greedy tokens of tiered runs
+drifted from the all-GPU run on the H200). Not for sliding windows or FP8 pages (the Triton prefill kernels
+handle those).
 """
 from __future__ import annotations
 
@@ -63,15 +67,28 @@ def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torc
     return out.to(o1.dtype)
 
 
-def gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor,
-                   length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, length: int,
+                   host_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of the first ``length`` cached positions of one sequence, contiguous per KV head:
-    caches [N, page, Hkv, D], ``pages`` its page ids (at least ceil(length / page))."""
+    caches [N, page, Hkv, D], ``pages`` its page ids (at least ceil(length / page)). ``host_cache``: (K, V) of
+    pages spilled to CPU RAM and staged on the device, [M, page, Hkv, D]; page ids >= N read entry id - N there.
+    The gathered values are exact copies either way, so a chunk's attention does not depend on where its
+    context's pages live (tiers are lossless)."""
     page, hkv, d = k_cache.shape[1:]
     ids = pages[:-(-length // page)]
-    keys = k_cache[ids].reshape(-1, hkv, d)[:length].transpose(0, 1).contiguous()
-    vals = v_cache[ids].reshape(-1, hkv, d)[:length].transpose(0, 1).contiguous()
-    return keys, vals
+
+    def rows(cache: torch.Tensor, staged: torch.Tensor | None) -> torch.Tensor:
+        if staged is None:
+            got = cache[ids]
+        else:
+            n_dev = cache.shape[0]
+            on_host = (ids >= n_dev)[:, None, None, None]
+            got = torch.where(on_host, staged[(ids - n_dev).clamp(min=0, max=staged.shape[0] - 1)],
+                              cache[ids.clamp(max=n_dev - 1)])
+        return got.reshape(-1, hkv, d)[:length].transpose(0, 1).contiguous()
+
+    hk, hv = host_cache if host_cache is not None else (None, None)
+    return rows(k_cache, hk), rows(v_cache, hv)
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor | None,

@@ -213,10 +213,10 @@ class TritonBackend:
         if split.dec_tokens is not None:
             out[split.dec_tokens] = paged_decode(q[split.dec_tokens], kc, vc, split.dec_table, split.dec_lens, scale,
                                                  num_splits=split.dec_splits, sliding_window=window, **host)
-        if self.flash_prefix and window is None and host_cache is None and flash_ok(q):
+        if self.flash_prefix and window is None and flash_ok(q):
             try:
                 for seq, t0, t1, start in split.prefills:    # context gathered once, two flash calls merged by LSE
-                    ctx = gather_context(kc, vc, meta.page_table[seq], start) if start else (None, None)
+                    ctx = gather_context(kc, vc, meta.page_table[seq], start, host_cache) if start else (None, None)
                     out[t0:t1] = chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], *ctx, scale)
                 return out
             except RuntimeError as e:     # this torch build's flash op refused: the paged prefill kernel instead
