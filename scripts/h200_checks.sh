@@ -5,7 +5,7 @@ set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-timeout ${TESTS_TIMEOUT:-220} python -m pytest -q -p no:cacheprovider -p no:warnings --tb=short \
+timeout ${TESTS_TIMEOUT:-220} python -m pytest -q -p no:cacheprovider -p no:warnings --tb=short -o faulthandler_timeout=90 \
     tests/kernels tests/unit/test_sparse_prefill.py tests/unit/test_kv_tiers_overlap.py \
     tests/models/test_deepseek_v4_slot_engine.py tests/models/test_deepseek_v4_static_fused.py \
     tests/models/test_deepseek_v4_moe_decode.py tests/models/test_deepseek_v4_mhc_triton.py \
