@@ -192,17 +192,22 @@ def test_sparse_decode_in_cuda_graphs_matches_eager(tmp_path):
     assert outs[(False, 8)] == outs[(True, 1)]
 
 
+def _record_replays(monkeypatch) -> list[bool]:
+    """Every decode-graph replay from now on appends whether it was of the set captured with spill stores."""
+    from tierserve.runner.cuda_graphs import DecodeGraphs
+
+    replays, real = [], DecodeGraphs.replay
+    monkeypatch.setattr(DecodeGraphs, "replay",
+                        lambda self, bs, spill=False: replays.append(spill) or real(self, bs, spill))
+    return replays
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("sparse", [None, "pages"])
 def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkeypatch, sparse):
     """Tiers: decode steps whose spilled pages are in CPU RAM replay CUDA graphs captured with the spill
     stores (pages read in place, selections counted in the graph): same tokens as eager steps."""
-    from tierserve.runner.cuda_graphs import DecodeGraphs
-
-    replays = []
-    real = DecodeGraphs.replay
-    monkeypatch.setattr(DecodeGraphs, "replay",
-                        lambda self, bs, spill=False: replays.append(spill) or real(self, bs, spill))
+    replays = _record_replays(monkeypatch)
     path = make_checkpoint(tmp_path / "m", "llama")
     prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(110)], [0] + [(5 * i + 1) % 400 + 3 for i in range(100)]]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -221,12 +226,7 @@ def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkey
 def test_cpu_tier_steps_without_spilled_pages_replay_the_plain_graphs(tmp_path, monkeypatch):
     """With a CPU-RAM tier but no page spilled, decode replays the graphs without the host-page path (the
     spill graphs served every step and cost 20% at 128k on the H200); tokens as without the tier."""
-    from tierserve.runner.cuda_graphs import DecodeGraphs
-
-    replays = []
-    real = DecodeGraphs.replay
-    monkeypatch.setattr(DecodeGraphs, "replay",
-                        lambda self, bs, spill=False: replays.append(spill) or real(self, bs, spill))
+    replays = _record_replays(monkeypatch)
     path = make_checkpoint(tmp_path / "m", "llama")
     prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(40)], [0] + [(5 * i + 1) % 400 + 3 for i in range(30)]]
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
