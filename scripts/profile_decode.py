@@ -1,0 +1,130 @@
+"""Where a decode step's time goes on the GPU (issue 3: "report what you reached ... with the profile that shows
+where the time goes"). Llama-3.1-8B shape, dummy bf16 weights; for each batch in BATCHES (default 1,16) at
+CONTEXT (default 2048): the engine decodes a few tokens (graphs captured), then
+
+* the step time: median of CUDA-event-timed replays of the decode graph of that batch's bucket;
+* the kernels: torch.profiler over eager runs of the same captured forward (``DecodeGraphs._forward``, the
+  graph's exact kernels and inputs), grouped by kernel name and by kind (GEMV/GEMM, attention, norm,
+  rotary, activation, sampling/other), per step, with each kind's share of the step;
+* the roofline: weights + KV read per step / the device-to-device copy bandwidth of the same run.
+
+Writes $OUT/decode-profile-h200.json and prints a table. Replays write K/V past the request's tokens into its
+last page or the scratch page (outputs are discarded)."""
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+from tierserve import LLM, SamplingParams  # noqa: E402
+from tierserve.bench.decode import copy_bandwidth  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+BATCHES = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
+CONTEXT = int(os.environ.get("CONTEXT", 2048))
+STEPS = 20
+KINDS = [("gemv/gemm", ("gemv", "gemm", "cutlass", "sm90", "nvjet", "matmul", "splitk")),
+         ("attention", ("decode", "attn", "flash", "merge")),
+         ("norm", ("rms", "norm")), ("rotary", ("rope", "rotary")), ("activation", ("silu", "act", "mul")),
+         ("copy/index", ("copy", "index", "gather", "scatter", "fill", "cat")), ("argmax/sampling", ("argmax", "max", "sort"))]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def step_ms(graphs, bs: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(STEPS):
+        start.record()
+        graphs.replay(bs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernels(graphs, bs: int) -> list[dict]:
+    with torch.inference_mode():
+        for _ in range(3):
+            graphs._forward(bs)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(STEPS):
+                graphs._forward(bs)
+            torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        r = rows.setdefault(ev.name, {"kernel": ev.name[:120], "kind": kind_of(ev.name), "us": 0.0, "calls": 0})
+        r["us"] += ev.time_range.elapsed_us() / STEPS             # a kernel event's interval on the device
+        r["calls"] += 1
+    out = sorted(rows.values(), key=lambda r: -r["us"])
+    for r in out:
+        r["calls"] /= STEPS
+    return out
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    llm = LLM(os.environ.get("MODEL", "llama-3.1-8b"), load_format="dummy", dtype="bfloat16", seed=0,
+              max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 256, enable_prefix_caching=False)
+    eng, runner = llm.engine, llm.engine.runner
+    graphs = runner.graphs
+    if graphs is None:
+        sys.exit("no CUDA graphs in this engine")
+    # DESIGN.md's roofline (and bench decode's) counts every parameter; a step really reads one row of an
+    # untied embedding table, so the bytes it must read are fewer: both are reported
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    read_bytes = weight_bytes
+    emb = runner.model.embed_tokens.weight if hasattr(runner.model, "embed_tokens") else None
+    if emb is not None and getattr(runner.model, "lm_head", None) is not None:
+        read_bytes -= emb.numel() * emb.element_size()
+    kv_per_token = runner.layout.bytes_per_token
+    result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "context": CONTEXT,
+              "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": weight_bytes, "weight_bytes_read": read_bytes,
+              "batches": {}}
+    vocab = eng.model_cfg.vocab_size
+    for bs in BATCHES:
+        prompts = [[(i * 7919 + j * 104729 + 1) % vocab for i in range(CONTEXT)] for j in range(bs)]
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        b = graphs.bucket_for(bs)
+        t0 = time.perf_counter()
+        ms = step_ms(graphs, b)
+        ks = kernels(graphs, b)
+        total = sum(k["us"] for k in ks)
+        by_kind = {}
+        for k in ks:
+            by_kind[k["kind"]] = by_kind.get(k["kind"], 0.0) + k["us"]
+        kv_step = b * (CONTEXT + 8) * kv_per_token
+        bytes_step = weight_bytes + kv_step
+        result["batches"][str(bs)] = {
+            "bucket": b, "replay_ms": ms, "tok_s": b / ms * 1e3, "roofline_ms": bytes_step / bw * 1e3,
+            "roofline_frac": bytes_step / bw * 1e3 / ms,
+            "roofline_frac_bytes_read": (read_bytes + kv_step) / bw * 1e3 / ms, "kernel_us_sum_eager": total,
+            "kernel_launches": sum(k["calls"] for k in ks),
+            "by_kind_us": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "by_kind_share": {k: v / total for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": ks[:25], "profile_s": time.perf_counter() - t0}
+        r = result["batches"][str(bs)]
+        print(f"batch {bs} (bucket {b}) ctx {CONTEXT}: replay {ms:.3f} ms = {r['tok_s']:.0f} tok/s, roofline "
+              f"{r['roofline_ms']:.3f} ms ({r['roofline_frac']:.3f}); kernels {total / 1e3:.3f} ms in "
+              f"{r['kernel_launches']:.0f} launches")
+        for k, v in r["by_kind_us"].items():
+            print(f"   {k:18s} {v:9.1f} us  {v / total:6.1%}")
+        for k in ks[:12]:
+            print(f"   {k['us']:9.1f} us x{k['calls']:5.0f}  {k['kernel'][:90]}")
+    with open(f"{OUT}/decode-profile-h200.json", "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {OUT}/decode-profile-h200.json")
+
+
+if __name__ == "__main__":
+    main()
