@@ -6,11 +6,19 @@ buffers, ``models/deepseek_v4/static_state.py``) and runs ``decode_static`` on r
 (``cuda_graphs.buckets``; padding rows run on free slots and write only there), else eagerly (the CPU
 tests run exactly this code). The graph also takes the greedy token on the device (``next_tokens``).
 
+With ``num_pages`` the compressed entries and indexer keys live in page pools of that many pages
+(``models/deepseek_v4/paged_state.py``) addressed by the engine's page ids: a request's page table
+(``KVManager.page_table``) is copied into its slot's row of ``StaticState.page_table`` when it joins and
+extended in place (the new page ids only, before the step) as the KV manager hands it pages; a slot that
+is freed points at the scratch page. Without ``num_pages`` the state owns a pool of ``max_len`` tokens
+per slot (tests, and the runner's fallback shapes).
+
 Bookkeeping, all on the host: the requests in slots occupy ``0..n-1``; a request joins at slot ``n``
-(``admit``: its ``SequenceState`` is copied in), one that leaves (``evict``: finished, preempted, a chunk
-that needs the per-request path, or not decoding this step) is optionally exported back to a
-``SequenceState`` and the last slot is moved into its place, so a steady batch never moves anything. A
-batch's rows are ordered by slot; ``step`` maps them back to the caller's order.
+(``admit``: its ``SequenceState`` is copied in, the entries into its pages), one that leaves (``evict``:
+finished, preempted, a chunk that needs the per-request path, or not decoding this step) is optionally
+exported back to a ``SequenceState`` and the last slot is moved into its place (its page-table row; pages
+stay where they are), so a steady batch never moves anything. A batch's rows are ordered by slot; ``step``
+maps them back to the caller's order.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import logging
 
 import torch
 
+from tierserve.models.deepseek_v4.paged_state import PagePools
 from tierserve.models.deepseek_v4.static_decode import decode_static
 from tierserve.models.deepseek_v4.static_state import StaticState
 from tierserve.runner.cuda_graphs import buckets
@@ -42,9 +51,12 @@ class InSlot:
 
 
 class SlotDecoder:
-    def __init__(self, model, slots: int, max_len: int, device: torch.device, use_graphs: bool) -> None:
+    def __init__(self, model, slots: int, max_len: int, device: torch.device, use_graphs: bool,
+                 num_pages: int | None = None, page_size: int = 16) -> None:
         self.model, self.slots, self.device = model, slots, device
-        self.state = StaticState(model, slots, max_len)
+        pools = None if num_pages is None else PagePools(model, num_pages, page_size, device)
+        self.state = StaticState(model, slots, max_len, pools, page_size)
+        self.npages = [0] * slots      # page-table entries of each slot's row that hold the request's pages
         self.ids = torch.zeros(slots, dtype=torch.int64, device=device)
         self.next_tokens = torch.zeros(slots, dtype=torch.int64, device=device)
         self.slot_of: dict[str, int] = {}
@@ -66,10 +78,23 @@ class SlotDecoder:
         return num_tokens <= self.state.max_len
 
     # ---- slots ----------------------------------------------------------------------------------
-    def admit(self, rid: str, st) -> None:
+    @property
+    def paged(self) -> bool:
+        """Whether the entries live in the engine's pages (else in the state's own pool)."""
+        return not self.state.owned
+
+    def admit(self, rid: str, st, pages: list[int] | None = None) -> None:
         s = len(self.slot_of)
-        self.state.load(s, st)
+        self.state.load(s, st, pages if self.paged else None)
         self.slot_of[rid], self.rid_at[s], self.ntok[s] = s, rid, st.num_tokens
+        self.npages[s] = len(pages) if self.paged else 0
+
+    def set_pages(self, rid: str, pages: list[int]) -> None:
+        """The request's page table grew: write the new page ids into its slot's row."""
+        s = self.slot_of[rid]
+        if self.paged and len(pages) > self.npages[s]:
+            self.state.set_pages(s, pages, self.npages[s])
+            self.npages[s] = len(pages)
 
     def export(self, rid: str):
         s = self.slot_of[rid]
@@ -84,7 +109,9 @@ class SlotDecoder:
             self.state.move(last, s)
             moved = self.rid_at[last]
             self.slot_of[moved], self.rid_at[s], self.ntok[s] = s, moved, self.ntok[last]
-        self.rid_at[last] = None
+            self.npages[s] = self.npages[last]
+        self.state.clear(last)
+        self.rid_at[last], self.npages[last] = None, 0
         return st
 
     # ---- one step -------------------------------------------------------------------------------
@@ -136,16 +163,22 @@ class SlotDecoder:
             return self.logits[b][:n], self.next_tokens[:n]
         return self._forward(n), self.next_tokens[:n]
 
-    def decode(self, states: dict, rids: list[str], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, states: dict, rids: list[str], ids: torch.Tensor,
+               tables: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``step`` for the runner: first the requests in slots that are not in ``rids`` go back to
         ``SequenceState``s in ``states``, those of ``rids`` not in a slot yet join (``states[rid]``
-        becomes ``InSlot``)."""
+        becomes ``InSlot``); ``tables[i]``: the page table of ``rids[i]`` (needed when ``paged``)."""
+        if self.paged and tables is None:
+            raise ValueError("SlotDecoder.decode: paged slots need the requests' page tables")
         for rid in set(self.slot_of) - set(rids):
             states[rid] = self.evict(rid)
-        for rid in rids:
+        for i, rid in enumerate(rids):
+            pages = tables[i] if tables is not None else None
             if not isinstance(states[rid], InSlot):
-                self.admit(rid, states[rid])
+                self.admit(rid, states[rid], pages)
                 states[rid] = InSlot(self, rid)
+            elif pages is not None:
+                self.set_pages(rid, pages)
         return self.step(rids, ids)
 
     def step(self, rids: list[str], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,22 +67,76 @@ def setup_slots_refusal(model, config: EngineConfig) -> str | None:
     return None
 
 
-def make_slot_decoder(model, config: EngineConfig, max_model_len: int, device: torch.device, use_graphs: bool):
-    """A ``SlotDecoder`` of up to ``min(max_num_seqs, MAX_SLOTS)`` slots of ``max_model_len`` tokens, fewer
-    where the buffers would take more than a quarter of the free device memory (ValueError: not even one)."""
+def make_slot_decoder(model, config: EngineConfig, max_model_len: int, device: torch.device, use_graphs: bool,
+                      num_pages: int | None = None):
+    """A ``SlotDecoder`` of up to ``min(max_num_seqs, MAX_SLOTS)`` slots of ``max_model_len`` tokens whose
+    compressed entries live in a pool of ``num_pages`` pages (the engine's page budget, already sized to
+    the memory; see ``StatefulRunner._num_pages``); fewer slots where their fixed buffers would take more
+    than a quarter of the free device memory (ValueError: not even one)."""
     from tierserve.models.deepseek_v4.dummy import free_bytes
+    from tierserve.models.deepseek_v4.paged_state import PagePools
     from tierserve.models.deepseek_v4.static_state import StaticState
     from tierserve.runner.stateful_graphs import SlotDecoder
 
     slots = min(config.max_num_seqs, MAX_SLOTS)
     per_slot = StaticState.estimate_bytes(model, 1, max_model_len)
+    pool = 0 if num_pages is None else (num_pages + 1) * PagePools.page_bytes(model, config.page_size)
     free = free_bytes(device)
     if free is not None:
-        slots = min(slots, int(0.25 * free) // max(per_slot, 1))
+        if pool > free:
+            raise ValueError(f"the page pool ({num_pages} pages, {pool / 2**30:.2f} GiB) does not fit the "
+                             f"free device memory ({free / 2**30:.2f} GiB)")
+        slots = min(slots, int(0.25 * (free - pool)) // max(per_slot, 1))
     if slots < 1:
-        raise ValueError(f"one decode slot of {max_model_len} tokens needs {per_slot / 2**30:.1f} GiB, more than a "
+        raise ValueError(f"one decode slot needs {per_slot / 2**30:.1f} GiB of fixed buffers, more than a "
                          "quarter of the free device memory")
-    return SlotDecoder(model, slots, max_model_len, device, use_graphs)
+    return SlotDecoder(model, slots, max_model_len, device, use_graphs, num_pages, config.page_size)
+
+
+# ---- the page budget ---------------------------------------------------------------------------------
+# Without any growing state (sliding-window-only layers) pages only count tokens: one PageMeta object per
+# page is the whole cost, but a 1M-token max_model_len times 128 sequences would still be 8M of them.
+MAX_ACCOUNTING_PAGES = 1 << 20
+CUDA_RESERVE = 2 * 2**30          # activations, graphs, the slot decoder's step buffers (as ModelRunner)
+
+
+def pool_pages(model, config: EngineConfig, max_model_len: int, device: torch.device) -> tuple[int, int, int]:
+    """``(num_pages, bytes per page, fixed bytes per request)`` of the V4 state pool.
+
+    A page of ``page_size`` tokens holds, over all layers, the compressed entries and indexer keys whose
+    windows end in its tokens (``PagePools.page_bytes``); every request also holds a fixed-size "state
+    page" (window rings, open compressor windows, Ca halves: ``StaticState.estimate_bytes`` per slot).
+    The budget is ``num_kv_pages`` if given, else ``gpu_kv_gb``, else (CUDA) what
+    ``gpu_memory_utilization`` leaves of the device after the weights, less 2 GiB, else (CPU)
+    ``max_num_seqs * max_model_len`` tokens' worth capped at 2 GiB; ``max_num_seqs`` fixed state pages
+    are taken out of it first and the rest is pages (one of them the scratch page)."""
+    from tierserve.models.deepseek_v4.paged_state import PagePools
+    from tierserve.models.deepseek_v4.static_state import StaticState
+
+    c = config
+    per_page = PagePools.page_bytes(model, c.page_size)
+    fixed = StaticState.estimate_bytes(model, 1, max_model_len)
+    if c.num_kv_pages is not None:
+        return c.num_kv_pages, per_page, fixed
+    if per_page == 0:
+        return max(2, min(-(-c.max_num_seqs * max_model_len // c.page_size), MAX_ACCOUNTING_PAGES)), 0, fixed
+    reserved = c.max_num_seqs * fixed
+    if c.gpu_kv_gb is not None:
+        budget, what = c.gpu_kv_gb * 2**30, f"gpu_kv_gb={c.gpu_kv_gb}"
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - c.gpu_memory_utilization) * total - CUDA_RESERVE
+        what = f"gpu_memory_utilization={c.gpu_memory_utilization} ({free / 2**30:.1f} GiB free)"
+    else:
+        want = -(-max_model_len // c.page_size) * c.max_num_seqs * per_page + reserved
+        budget, what = min(want, 2 * 2**30), "the CPU default (2 GiB at most)"
+    pages = int((budget - reserved) // per_page) - 1
+    if pages < 2:
+        raise ValueError(f"{what} leaves no room for state pages: the fixed state of max_num_seqs="
+                         f"{c.max_num_seqs} requests takes {reserved / 2**20:.1f} MiB ({fixed / 2**20:.2f} MiB "
+                         f"each) and a page of {c.page_size} tokens {per_page} B; raise the budget or lower "
+                         "max_num_seqs")
+    return pages, per_page, fixed
 
 
 # ---- model loading ------------------------------------------------------------------------------
