@@ -128,7 +128,7 @@ def pool_pages(model, config: EngineConfig, max_model_len: int, device: torch.de
         budget = free - (1 - c.gpu_memory_utilization) * total - CUDA_RESERVE
         what = f"gpu_memory_utilization={c.gpu_memory_utilization} ({free / 2**30:.1f} GiB free)"
     else:
-        want = -(-max_model_len // c.page_size) * c.max_num_seqs * per_page + reserved
+        want = (-(-max_model_len // c.page_size) * c.max_num_seqs + 1) * per_page + reserved   # + scratch
         budget, what = min(want, 2 * 2**30), "the CPU default (2 GiB at most)"
     pages = int((budget - reserved) // per_page) - 1
     if pages < 2:
