@@ -35,7 +35,8 @@ Prefix caching keeps whole state snapshots at prefix-unit boundaries (``state_ca
 split at every boundary they cross and the state there is stored; the scheduler asks
 ``find_state_prefix`` for a waiting request (instead of the KV manager's page index), which puts the
 snapshot in place as the request's state and returns how many tokens it covers. The scheduler then
-starts the request there; its page table still covers all of its tokens (fresh bookkeeping pages).
+starts the request there; its page table still covers all of its tokens (fresh pages, which the snapshot's
+entries are copied into when it joins a decode slot).
 """
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ class StatefulRunner:
         self.kv = NoPagedKV() if config.kv_dtype == "fp8" else None
         self.layout = None
         self.host_kv = None
-        # kv_dtype fp8: the engine's page policy still queues bookkeeping pages "for quantisation";
-        # they hold no data (the state itself is stored in MODEL1), so this only records them
+        # kv_dtype fp8: the engine's page policy still queues pages "for quantisation"; the entries in them
+        # are stored in MODEL1 already, so this only records them
         self.fp8 = BookkeepingFp8(self.num_pages) if config.kv_dtype == "fp8" else None
         self.sparse = None
         self.graphs = None

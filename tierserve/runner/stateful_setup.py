@@ -1,13 +1,16 @@
 """What the StatefulRunner (runner/stateful_runner.py) refuses, its stand-ins for the paged runner's KV
-hooks, and how it loads each architecture it serves."""
+hooks, how big its state page pool is, and how it loads each architecture it serves."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from tierserve.config import EngineConfig
+
+log = logging.getLogger("tierserve")
 
 if TYPE_CHECKING:
     from tierserve.engine.scheduler import ScheduledRequest
@@ -16,9 +19,9 @@ if TYPE_CHECKING:
 # Engine settings that need paged K/V (or a model this runner does not have) -> why they are refused.
 _UNSUPPORTED = {
     "sparse_attention": "page-sparse attention needs paged K/V (V4 has its own sparse indexer)",
-    "cpu_kv_gb": "KV tiers need a paged state",
-    "disk_kv_dir": "KV tiers need a paged state",
-    "remote_kv_url": "KV tiers need a paged state",
+    "cpu_kv_gb": "KV tiers move Llama-layout pages; V4's state pages are not tiered yet",
+    "disk_kv_dir": "KV tiers move Llama-layout pages; V4's state pages are not tiered yet",
+    "remote_kv_url": "KV tiers move Llama-layout pages; V4's state pages are not tiered yet",
     "quantization": "weight quantisation on load is implemented for the Llama family only",
     "engram_placement": "the model has no Engram",
 }
@@ -42,8 +45,9 @@ class NoPagedKV:
 
 
 class BookkeepingFp8:
-    """Stands in for ``ModelRunner.fp8`` (``quantise(data, pids)`` / ``quantised``) when the pages are
-    bookkeeping only: marks the pages the engine hands over, converts nothing."""
+    """Stands in for ``ModelRunner.fp8`` (``quantise(data, pids)`` / ``quantised``): V4's pages hold entries
+    already stored in MODEL1 (``kv_dtype="fp8"``), so this marks the pages the engine hands over and
+    converts nothing."""
 
     def __init__(self, num_pages: int) -> None:
         self.quantised = torch.zeros(num_pages, dtype=torch.bool)
@@ -114,8 +118,12 @@ def pool_pages(model, config: EngineConfig, max_model_len: int, device: torch.de
     from tierserve.models.deepseek_v4.static_state import StaticState
 
     c = config
-    per_page = PagePools.page_bytes(model, c.page_size)
     fixed = StaticState.estimate_bytes(model, 1, max_model_len)
+    try:
+        per_page = PagePools.page_bytes(model, c.page_size)
+    except ValueError as e:         # a compress ratio and the page size that do not divide one another
+        log.warning("the state is not paged (%s); pages only count tokens, decode runs without slots", e)
+        per_page = 0
     if c.num_kv_pages is not None:
         return c.num_kv_pages, per_page, fixed
     if per_page == 0:
