@@ -4,7 +4,7 @@ error naming it, a pool too small for all requests preempts (same tokens as an u
 pages of finished / aborted requests go back to the pool (and their slot rows to the scratch page)."""
 import pytest
 
-from tests.helpers.tiny_deepseek_v4 import make_checkpoint, one_thread, rand_ids  # noqa: F401
+from tests.helpers.tiny_deepseek_v4 import CSA, HCA, make_checkpoint, one_thread, rand_ids  # noqa: F401
 from tierserve import LLM, SamplingParams
 from tierserve.loader.tokenizer import Tokenizer
 from tierserve.models.deepseek_v4.paged_state import PagePools
@@ -108,3 +108,17 @@ def test_abort_returns_pages(path):
     while eng.has_unfinished_requests():
         eng.step()
     _assert_returned(llm)
+
+
+def test_ratio_not_dividing_page_size_is_not_paged(tmp_path, caplog):
+    """HCA ratio 12 with pages of 8: pages only count tokens, decode runs without slots (same tokens)."""
+    p = make_checkpoint(tmp_path, "hca-first", compress_rates={CSA: 4, HCA: 12})
+    Tokenizer.synthetic(128).backend.save(str(p / "tokenizer.json"))
+    with caplog.at_level("WARNING", logger="tierserve"):
+        llm = _llm(p, slots=False, page_size=8)
+    runner = llm.engine.runner
+    assert runner.page_bytes == 0 and runner.num_pages >= 3 * 80 // 8
+    assert any("not paged" in r.message for r in caplog.records)
+    assert not runner.enable_slot_decode(use_graphs=False) and runner.slots is None
+    want = _generate(_llm(p, slots=False, page_size=4))              # 4 and 12 divide: paged geometry
+    assert _generate(llm) == want

@@ -31,7 +31,7 @@ from tierserve.models.deepseek_v4.state import CompressorState, LayerState, Sequ
 class CompBuffers:
     """One compressor's fixed per-slot state (open window, Ca half); its entries live in ``pool``."""
 
-    def __init__(self, comp, pool: EntryPool, slots: int, max_len: int, device, dtype) -> None:
+    def __init__(self, comp, pool: EntryPool | None, slots: int, max_len: int, device, dtype) -> None:
         self.ratio, self.dim, self.overlap, self.pool = comp.ratio, comp.dim, comp.overlap, pool
         width = 2 * comp.dim if comp.overlap else comp.dim
         z = dict(device=device)
@@ -43,7 +43,7 @@ class CompBuffers:
             self.prev_gate = torch.full((slots, comp.ratio, comp.dim), float("-inf"),
                                         dtype=torch.promote_types(dtype, comp.ape.dtype), **z)
         self.capacity = max_len // comp.ratio
-        self.entry_bytes = pool.row * pool.data.element_size()
+        self.entry_bytes = None if pool is None else pool.row * pool.data.element_size()
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.pend_kv, self.pend_gate, self.prev_kv, self.prev_gate) if t is not None]
@@ -134,9 +134,7 @@ class StaticState:
     def estimate_bytes(model, slots: int, max_len: int) -> int:
         """Bytes of the fixed per-slot buffers ``StaticState(model, slots, max_len)`` would take (window
         rings, open compressor windows, Ca halves; not the page pools). Built on the meta device."""
-        pools = PagePools(model, 0, 16, "meta")
-        layers = [LayerBuffers(b.attn, slots, max_len, "meta", model.dtype, cp, ip)
-                  for b, cp, ip in zip(model.layers, pools.comp, pools.index)]
+        layers = [LayerBuffers(b.attn, slots, max_len, "meta", model.dtype) for b in model.layers]
         return sum(t.numel() * t.element_size() for lb in layers for t in lb.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
