@@ -91,6 +91,17 @@ def test_small_pool_preempts_with_paged_slots(path, want):
     _assert_returned(llm)
 
 
+def test_small_pool_with_prefix_cache_and_chunks(path, want):
+    """Preemption, prefix-cache hits (snapshots exported from pages, copied into fresh pages on the way
+    back) and chunked prefill together on a 20-page pool."""
+    llm = _llm(path, page_size=4, num_kv_pages=20, enable_prefix_caching=True, prefix_unit=16,
+               max_num_batched_tokens=6)
+    assert _generate(llm) == want
+    runner = llm.engine.runner
+    assert llm.engine.scheduler.num_preemptions > 0 and runner.prefix_cache.stats()["hits"] > 0
+    _assert_returned(llm)
+
+
 def test_abort_returns_pages(path):
     llm = _llm(path, page_size=4, num_kv_pages=64)
     eng = llm.engine
