@@ -53,22 +53,27 @@ def test_pool_follows_num_kv_pages(path, want):
     assert runner.num_pages == llm.engine.kv.pool.num_pages == 37
     pools = runner.slots.state.pools
     assert pools.num_pages == 37 and all(p.data.shape[0] == 38 for p in pools.pools())
-    assert runner.pool_bytes() == pools.nbytes() + runner.slots.state.nbytes()
+    assert runner.pool_bytes() == pools.nbytes() + runner.slots.state.nbytes() + runner.slots.state.page_table.nbytes
     assert pools.nbytes() == 38 * PagePools.page_bytes(runner.model, 4) == 38 * runner.page_bytes
     assert _generate(llm) == want
     _assert_returned(llm)
 
 
 def test_pool_follows_gpu_kv_gb(path, want):
-    gb = 2**-10                                          # 1 MiB
-    llm = _llm(path, page_size=4, gpu_kv_gb=gb, max_num_seqs=4)
-    runner = llm.engine.runner
+    big = _llm(path, slots=False, page_size=4, gpu_kv_gb=2**-10, max_num_seqs=4)      # 1 MiB
+    runner = big.engine.runner
     fixed = StaticState.estimate_bytes(runner.model, 1, 80)
     per_page = PagePools.page_bytes(runner.model, 4)
     assert runner.fixed_state_bytes == fixed and runner.page_bytes == per_page
-    assert runner.num_pages == int((2**20 - 4 * fixed) // per_page) - 1
-    assert runner.pool_bytes() <= 2**20                  # pages + the slots' fixed state fit the budget
+    assert int((2**20 - 4 * fixed) // per_page) - 1 > 4 * 20 == runner.num_pages    # capped: 4 sequences of 80
+    table = 4 * (80 // 4 + 1) * 8                        # the slots' page-table rows and positions
+    gb = (4 * fixed + table + 31 * per_page) / 2**30     # room for the fixed states, 30 pages and scratch
+    llm = _llm(path, page_size=4, gpu_kv_gb=gb, max_num_seqs=4)
+    runner = llm.engine.runner
+    assert runner.num_pages == llm.engine.kv.pool.num_pages == 30
+    assert runner.pool_bytes() <= gb * 2**30             # pages + the slots' fixed state fit the budget
     assert _generate(llm) == want
+    assert llm.engine.scheduler.num_preemptions > 0
     _assert_returned(llm)
 
 

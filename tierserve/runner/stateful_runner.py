@@ -209,10 +209,12 @@ class StatefulRunner:
         return sum(st.nbytes() for st in self.states.values())
 
     def pool_bytes(self) -> int:
-        """Bytes allocated for state: the slot decoder's page pools and fixed slot buffers (0 without it)."""
+        """Bytes allocated for state: the slot decoder's page pools, fixed slot buffers and page table (0
+        without it)."""
         if self.slots is None:
             return 0
-        return self.slots.state.pools.nbytes() + self.slots.state.nbytes()
+        st = self.slots.state
+        return st.pools.nbytes() + st.nbytes() + st.page_table.numel() * st.page_table.element_size()
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()

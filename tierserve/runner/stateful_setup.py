@@ -113,7 +113,8 @@ def pool_pages(model, config: EngineConfig, max_model_len: int, device: torch.de
     The budget is ``num_kv_pages`` if given, else ``gpu_kv_gb``, else (CUDA) what
     ``gpu_memory_utilization`` leaves of the device after the weights, less 2 GiB, else (CPU)
     ``max_num_seqs * max_model_len`` tokens' worth capped at 2 GiB; ``max_num_seqs`` fixed state pages
-    are taken out of it first and the rest is pages (one of them the scratch page)."""
+    are taken out of it first and the rest is pages (one of them the scratch page), at most the
+    ``max_num_seqs * ceil(max_model_len / page_size)`` that can ever be in use."""
     from tierserve.models.deepseek_v4.paged_state import PagePools
     from tierserve.models.deepseek_v4.static_state import StaticState
 
@@ -128,7 +129,8 @@ def pool_pages(model, config: EngineConfig, max_model_len: int, device: torch.de
         return c.num_kv_pages, per_page, fixed
     if per_page == 0:
         return max(2, min(-(-c.max_num_seqs * max_model_len // c.page_size), MAX_ACCOUNTING_PAGES)), 0, fixed
-    reserved = c.max_num_seqs * fixed
+    # the fixed state pages of max_num_seqs requests, and the slots' positions and page-table rows
+    reserved = c.max_num_seqs * fixed + min(c.max_num_seqs, MAX_SLOTS) * (-(-max_model_len // c.page_size) + 1) * 8
     if c.gpu_kv_gb is not None:
         budget, what = c.gpu_kv_gb * 2**30, f"gpu_kv_gb={c.gpu_kv_gb}"
     elif device.type == "cuda":
@@ -139,6 +141,13 @@ def pool_pages(model, config: EngineConfig, max_model_len: int, device: torch.de
         want = (-(-max_model_len // c.page_size) * c.max_num_seqs + 1) * per_page + reserved   # + scratch
         budget, what = min(want, 2 * 2**30), "the CPU default (2 GiB at most)"
     pages = int((budget - reserved) // per_page) - 1
+    # pages are never shared between V4 requests, so more than max_num_seqs full-length sequences' worth is
+    # never used (and tiny models would otherwise get millions of pages of bookkeeping)
+    useful = c.max_num_seqs * -(-max_model_len // c.page_size)
+    if pages > useful:
+        log.info("state pool capped at %d pages (max_num_seqs=%d sequences of max_model_len=%d); the budget "
+                 "(%s) would allow %d", useful, c.max_num_seqs, max_model_len, what, pages)
+        pages = useful
     if pages < 2:
         raise ValueError(f"{what} leaves no room for state pages: the fixed state of max_num_seqs="
                          f"{c.max_num_seqs} requests takes {reserved / 2**20:.1f} MiB ({fixed / 2**20:.2f} MiB "
