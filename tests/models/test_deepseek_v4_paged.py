@@ -123,10 +123,19 @@ def test_entry_pool_layout_and_bytes():
 
 def test_page_bytes_match_kv_bytes(models):
     """Per page, the pools hold exactly ``kv_bytes``' per-token figure times the page size (fp32 here)."""
-    from tierserve.models.deepseek_v4.kv_bytes import state_bytes
+    from tierserve.models.deepseek_v4.kv_bytes import page_bytes, state_bytes
 
-    model = models["mixed"]
-    cfg = model.config
-    for ps in (2, 4, 16):
-        bf16 = state_bytes(cfg).per_token
-        assert PagePools.page_bytes(model, ps) == bf16 * 2 * ps      # fp32 values are twice bf16's
+    for name in ("mixed", "hca-first", "hca128"):
+        model = models[name]
+        cfg = model.config
+        for ps in (2, 4, 16):
+            bf16 = state_bytes(cfg).per_token
+            if name == "hca128" and ps == 2:      # 32-value rows in 64 pieces: 1 value per page, half padding
+                assert PagePools.page_bytes(model, ps) - bf16 * 2 * ps == 4 / 2 * 1
+            else:
+                assert PagePools.page_bytes(model, ps) == bf16 * 2 * ps == 2 * page_bytes(cfg, "bf16", ps)   # fp32
+            model.set_kv_dtype("fp8")
+            try:
+                assert PagePools.page_bytes(model, ps) == page_bytes(cfg, "model1", ps)
+            finally:
+                model.set_kv_dtype("auto")
