@@ -49,13 +49,11 @@ import torch
 
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from tierserve.models.deepseek_v4.dummy import free_bytes
 from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
-from tierserve.runner.state_cache import StateCache, choose_unit
 from tierserve.runner.stateful_graphs import InSlot
-from tierserve.runner.stateful_setup import (LOADERS, BookkeepingFp8, NoPagedKV, check_config, make_slot_decoder,
-                                             pool_pages, prompt_logprob_range as _prompt_logprob_range,
+from tierserve.runner.stateful_setup import (LOADERS, BookkeepingFp8, NoPagedKV, check_config, make_prefix_cache,
+                                             make_slot_decoder, pool_pages, prompt_logprob_range as _prompt_logprob_range,
                                              setup_slots_refusal)
 
 log = logging.getLogger("tierserve")
@@ -109,7 +107,8 @@ class StatefulRunner:
         if self.device.type == "cuda" and self.batch_decode:
             self.enable_slot_decode(use_graphs=not config.enforce_eager)
         # after the slot decoder: its pool is allocated, so the free memory the budget looks at is what is left
-        self.prefix_cache = self._make_prefix_cache() if config.enable_prefix_caching else None
+        self.prefix_cache = make_prefix_cache(self.model_cfg, config, self.dtype, self.num_pages, self.device) \
+            if config.enable_prefix_caching else None
 
     def enable_slot_decode(self, use_graphs: bool) -> bool:
         """Decode through ``SlotDecoder`` (``stateful_graphs.py``); False (logged) where it cannot."""
@@ -129,32 +128,6 @@ class StatefulRunner:
     def cuda_graphs(self) -> bool:
         """Whether decode steps run as CUDA graphs."""
         return self.slots is not None and self.slots.uses_graphs
-
-    def _make_prefix_cache(self) -> StateCache:
-        from tierserve.models.deepseek_v4.kv_bytes import state_bytes
-
-        c, cfg = self.config, self.model_cfg.model
-        unit = choose_unit(c.prefix_unit, c.page_size,
-                           [cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers)])
-        if c.prefix_cache_gb is not None:
-            budget = int(c.prefix_cache_gb * 2**30)
-        else:   # a quarter of what the states of a full pool would need (tokens + fixed per-request) ...
-            esize = torch.empty(0, dtype=self.dtype).element_size()
-            scale = esize / 2                       # the bf16 layout: 2-byte values
-            if c.kv_dtype == "fp8":                 # MODEL1 entries / keys (bytes as stored), window in dtype
-                sb = state_bytes(cfg, "model1", buffer_dtype_bytes=esize, window_layout="bf16")
-                per_token, window = sb.per_token, sb.window
-            else:
-                sb = state_bytes(cfg, buffer_dtype_bytes=esize)
-                per_token, window = sb.per_token * scale, sb.window * scale
-            pool = per_token * self.num_pages * c.page_size + c.max_num_seqs * (window + sb.buffers)
-            budget = int(0.25 * pool)
-            free = free_bytes(self.device)         # ... and at most a quarter of free memory now
-            if free is not None:
-                budget = min(budget, free // 4)
-        log.info("%s prefix cache: a state snapshot every %d tokens, %.2f GiB", self.model_cfg.architecture,
-                 unit, budget / 2**30)
-        return StateCache(unit, c.page_size, budget)
 
     # ---- engine hooks ---------------------------------------------------------------------------
     def set_tokenizer(self, tokenizer) -> None:

@@ -156,6 +156,37 @@ def pool_pages(model, config: EngineConfig, max_model_len: int, device: torch.de
     return pages, per_page, fixed
 
 
+def make_prefix_cache(model_cfg, config: EngineConfig, dtype: torch.dtype, num_pages: int, device: torch.device):
+    """The runner's ``StateCache``: a snapshot every prefix unit; ``prefix_cache_gb`` or, by default, a quarter
+    of what the states of a full pool would need (tokens + fixed per request), at most a quarter of the free
+    memory now."""
+    from tierserve.models.deepseek_v4.dummy import free_bytes
+    from tierserve.models.deepseek_v4.kv_bytes import state_bytes
+    from tierserve.runner.state_cache import StateCache, choose_unit
+
+    c, cfg = config, model_cfg.model
+    unit = choose_unit(c.prefix_unit, c.page_size, [cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers)])
+    if c.prefix_cache_gb is not None:
+        budget = int(c.prefix_cache_gb * 2**30)
+    else:
+        esize = torch.empty(0, dtype=dtype).element_size()
+        scale = esize / 2                       # the bf16 layout: 2-byte values
+        if c.kv_dtype == "fp8":                 # MODEL1 entries / keys (bytes as stored), window in dtype
+            sb = state_bytes(cfg, "model1", buffer_dtype_bytes=esize, window_layout="bf16")
+            per_token, window = sb.per_token, sb.window
+        else:
+            sb = state_bytes(cfg, buffer_dtype_bytes=esize)
+            per_token, window = sb.per_token * scale, sb.window * scale
+        pool = per_token * num_pages * c.page_size + c.max_num_seqs * (window + sb.buffers)
+        budget = int(0.25 * pool)
+        free = free_bytes(device)
+        if free is not None:
+            budget = min(budget, free // 4)
+    log.info("%s prefix cache: a state snapshot every %d tokens, %.2f GiB", model_cfg.architecture, unit,
+             budget / 2**30)
+    return StateCache(unit, c.page_size, budget)
+
+
 # ---- model loading ------------------------------------------------------------------------------
 def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
     from tierserve.models.deepseek_v4 import load_model
