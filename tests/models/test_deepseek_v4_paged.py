@@ -119,6 +119,14 @@ def test_entry_pool_layout_and_bytes():
     pool.write(pages, rows)
     assert torch.equal(pool.read(pages, 5), rows)
     assert torch.equal(pool.data[3, 0], torch.cat([rows[0, 4:], torch.zeros(1)]))   # entry 0, 2nd piece, padded
+    # gather_first (whole pages) == gather (per entry), for pieces and for several entries per page
+    for ratio, ps in ((8, 4), (4, 16), (4, 4)):
+        pool = EntryPool(ratio, (3, 5), torch.float32, 30, ps, "cpu")
+        pool.data.normal_()
+        table = torch.stack([torch.randperm(30)[:12], torch.randperm(30)[:12]])
+        for n in (0, 1, 5, 12 * ps // ratio):
+            want = pool.gather(table, torch.arange(n).expand(2, n))
+            assert want.shape == (2, n, 3, 5) and torch.equal(pool.gather_first(table, n), want)
 
 
 def test_page_bytes_match_kv_bytes(models):

@@ -72,6 +72,15 @@ class EntryPool:
         rows = self.data.view(-1, self.width)[idx.view(-1)].view(B, T, self.pieces * self.width)
         return rows[..., :self.row].reshape(B, T, *self.row_shape)
 
+    def gather_first(self, table: torch.Tensor, n: int) -> torch.Tensor:
+        """The first ``n`` entries of each request, ``[B, n, *row_shape]`` (a copy): consecutive pages hold
+        consecutive entries (``s`` per page) or pieces (``k`` pages per entry), so this gathers whole pages
+        of the table's first columns, no per-entry index arithmetic."""
+        B = table.shape[0]
+        cols = -(-n * self.pieces // self.per_page)
+        rows = self.data[table[:, :cols]].view(B, cols * self.per_page // self.pieces, self.pieces * self.width)
+        return rows[:, :n, :self.row].reshape(B, n, *self.row_shape)
+
     def scatter(self, table: torch.Tensor, entry: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> None:
         """Write ``rows [B, *row_shape]`` as entry ``entry [B]`` of each request where ``keep [B]``, else
         into the scratch page. Graph-safe (no host sync, fixed shapes)."""

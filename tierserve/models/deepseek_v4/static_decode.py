@@ -10,7 +10,8 @@ buffers' capacity and every position-dependent choice is made on the device:
   *every* row; a row whose window closes (``p % m == m - 1``) writes entry ``(p + 1) // m - 1`` into its
   page(s) (``EntryPool.scatter`` through the row's page table, ``paged_state.py``), the others write the
   pool's scratch page; the Ca half of the window is kept with ``torch.where``;
-* entries are read through the page table (``EntryPool.gather``): HCA reads all ``capacity`` entries with
+* entries are read through the page table (``EntryPool.gather_first`` for full ranges: whole pages;
+  ``EntryPool.gather`` for the CSA picks): HCA reads all ``capacity`` entries with
   a mask ``j < (p + 1) // m``; CSA scores all ``capacity`` indexer keys, masks the missing ones to
   ``-inf``, takes a fixed top-``min(index_topk, capacity)`` and masks the picks past the row's count
   (gathering the stored rows first, so MODEL1 entries are dequantised only for the picks). Entries past
@@ -135,19 +136,21 @@ def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: tor
         compressor_static(ops, attn.compressor, lb.comp, x, pos, attn.store_entries, table)
         T = lb.comp.capacity
         have = torch.div(pos + 1, attn.ratio, rounding_mode="floor")[:, None]       # complete entries
-        picks = torch.arange(T, device=dev)[None, :].expand(B, T)
-        present = picks < have                                                     # [B, T]
+        present = torch.arange(T, device=dev)[None, :] < have                      # [B, T]
+        picks = None                                                               # all T entries
         if attn.indexer is not None:
             compressor_static(ops, attn.indexer.compressor, lb.index, x, pos, attn.store_keys, table)
-            ikeys = attn.read_keys(lb.index.pool.gather(table, picks), x.dtype)
+            ikeys = attn.read_keys(lb.index.pool.gather_first(table, T), x.dtype)
             scores = _index_scores(ops, attn.indexer, x, q_lora, pos, ikeys).masked_fill(~present, float("-inf"))
             k = min(attn.indexer.topk, T)
             if k < T:
                 picks = scores.topk(k, dim=-1).indices                              # [B, k]
                 present = picks < have
+        pool = lb.comp.pool
+        stored = pool.gather_first(table, T) if picks is None else pool.gather(table, picks)
         # entries past a row's count come from pages it does not own yet (or the scratch page): zero them,
         # so that stale bytes (e.g. a dequantised overflow) cannot turn a zero weight into NaN
-        entries = attn.read_entries(lb.comp.pool.gather(table, picks), x.dtype)
+        entries = attn.read_entries(stored, x.dtype)
         keys = torch.cat([keys, entries.masked_fill(~present[..., None], 0)], dim=1)
         valid = torch.cat([valid, present], dim=1)
     logits = torch.matmul(q, keys.transpose(1, 2)) * attn.scale                  # [B, H, K]
