@@ -147,3 +147,27 @@ def test_page_bytes_match_kv_bytes(models):
                 assert PagePools.page_bytes(model, ps) == page_bytes(cfg, "model1", ps)
             finally:
                 model.set_kv_dtype("auto")
+
+
+@pytest.mark.parametrize("name", ["mixed", "hca-first"])
+def test_context_limit_reads_only_the_first_entries(models, name):
+    """``max_tokens``: the step reads ``max_tokens // m`` entries (the slot decoder's context buckets of
+    16 / 32 / 64 / 256 tokens here) and still equals ``decode_batch``; also below one entry (T = 1)."""
+    model = models[name]
+    ref, tok = _start(model, (3, 14))
+    pools = PagePools(model, 200, 4)
+    ss = StaticState(model, slots=2, max_len=256, pools=pools)
+    pages = Pages(200, 4)
+    tables = [pages.grow([], st.num_tokens + 1) for st in ref]
+    for b, st in enumerate(ref):
+        ss.load(b, st, tables[b])
+    for _ in range(STEPS):
+        for b, st in enumerate(ref):
+            ss.set_pages(b, pages.grow(tables[b], st.num_tokens + 1))
+        need = max(st.num_tokens for st in ref) + 1
+        limit = next(x for x in (2, 16, 32, 64, 256) if x >= need)
+        want, ref = model.decode_batch(torch.tensor(tok), ref)
+        got = decode_static(model, ss, torch.tensor(tok), max_tokens=limit)
+        torch.testing.assert_close(torch.log_softmax(got, -1), torch.log_softmax(want, -1), atol=ATOL, rtol=0)
+        tok = want.argmax(-1).tolist()
+        assert got.argmax(-1).tolist() == tok

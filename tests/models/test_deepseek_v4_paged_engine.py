@@ -107,6 +107,24 @@ def test_small_pool_with_prefix_cache_and_chunks(path, want):
     _assert_returned(llm)
 
 
+def test_context_limits(path, want):
+    """Slots whose step reads only the entries of the smallest context limit holding the longest row."""
+    from tierserve.runner.stateful_graphs import SlotDecoder, context_limits
+
+    assert context_limits(128) == [128] and context_limits(40000) == [4096, 32768, 40000]
+    llm = _llm(path, slots=False, page_size=4, num_kv_pages=64)
+    runner = llm.engine.runner
+    runner.slots = SlotDecoder(runner.model, 4, 80, runner.device, False, num_pages=64, page_size=4,
+                               limits=(8, 16, 32, 200))
+    assert runner.slots.limits == [8, 16, 32, 80]
+    assert _generate(llm) == want and runner.slots.steps_by_limit[80] > 0
+    one = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)          # context 6 .. 45: every limit
+    got = llm.generate([rand_ids(5, seed=9)], one)[0].outputs[0].token_ids
+    assert got == _llm(path, slots=False).generate([rand_ids(5, seed=9)], one)[0].outputs[0].token_ids
+    assert all(n > 0 for n in runner.slots.steps_by_limit.values())
+    _assert_returned(llm)
+
+
 def test_abort_returns_pages(path):
     llm = _llm(path, page_size=4, num_kv_pages=64)
     eng = llm.engine

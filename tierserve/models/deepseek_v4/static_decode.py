@@ -11,9 +11,9 @@ buffers' capacity and every position-dependent choice is made on the device:
   page(s) (``EntryPool.scatter`` through the row's page table, ``paged_state.py``), the others write the
   pool's scratch page; the Ca half of the window is kept with ``torch.where``;
 * entries are read through the page table (``EntryPool.gather_first`` for full ranges: whole pages;
-  ``EntryPool.gather`` for the CSA picks): HCA reads all ``capacity`` entries with
-  a mask ``j < (p + 1) // m``; CSA scores all ``capacity`` indexer keys, masks the missing ones to
-  ``-inf``, takes a fixed top-``min(index_topk, capacity)`` and masks the picks past the row's count
+  ``EntryPool.gather`` for the CSA picks): HCA reads ``T`` entries with a mask ``j < (p + 1) // m``;
+  CSA scores ``T`` indexer keys, masks the missing ones to ``-inf``, takes a fixed top-``min(index_topk,
+  T)`` and masks the picks past the row's count (``T``: ``capacity``, or ``max_tokens // m``)
   (gathering the stored rows first, so MODEL1 entries are dequantised only for the picks). Entries past
   a row's count map to the scratch page or to not-yet-written rows of its pages; they are zeroed;
 * the routed experts run through ``MoE.forward_decode`` (Triton kernels by expert index), and with
@@ -122,9 +122,9 @@ def _index_scores(ops: Ops, indexer, x, q_lora, pos, keys: torch.Tensor) -> torc
 
 
 def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: torch.Tensor,
-                     table: torch.Tensor) -> torch.Tensor:
+                     table: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
     """``Attention.forward_step`` for one token per row, on the rows ``0..B-1`` of the buffers (entries read
-    through the page tables ``table [B, P]``)."""
+    through the page tables ``table [B, P]``; only the first ``max_tokens // m`` with ``max_tokens``)."""
     B, dev = x.shape[0], x.device
     W, D = attn.window, attn.head_dim
     q_lora, q, kv, cos, sin = _project(ops, attn, x, pos)
@@ -134,7 +134,7 @@ def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: tor
     valid = torch.arange(W, device=dev)[None, :] <= pos[:, None]                  # [B, W]
     if attn.compressor is not None:
         compressor_static(ops, attn.compressor, lb.comp, x, pos, attn.store_entries, table)
-        T = lb.comp.capacity
+        T = lb.comp.capacity if max_tokens is None else max(1, min(lb.comp.capacity, max_tokens // attn.ratio))
         have = torch.div(pos + 1, attn.ratio, rounding_mode="floor")[:, None]       # complete entries
         present = torch.arange(T, device=dev)[None, :] < have                      # [B, T]
         picks = None                                                               # all T entries
@@ -163,10 +163,13 @@ def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: tor
 
 
 @torch.no_grad()
-def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | None = None,
+                  max_tokens: int | None = None) -> torch.Tensor:
     """Logits ``[B, vocab]`` of the tokens ``ids [B]`` following the rows ``0..B-1`` of ``state``, whose
     buffers (and positions) are updated in place. ``fused``: Triton kernels for mHC's Sinkhorn, the norms,
-    rope and the routed experts (default: on the GPU)."""
+    rope and the routed experts (default: on the GPU). ``max_tokens``: no live row has more tokens after
+    this step, so only the first ``max_tokens // m`` entries of each compressor are read (a static bound:
+    the slot decoder captures a graph per context limit); None: all ``max_len // m``."""
     if fused is None:
         fused = ids.is_cuda and triton is not None
     ops = Ops(fused)
@@ -175,7 +178,7 @@ def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | No
     h = model.embed(ids).unsqueeze(1).expand(-1, model.config.hc_mult, -1).contiguous()
     for block, lb in zip(model.layers, state.layers):
         x, post, comb = block.hc_attn(h, fused=fused)
-        out = attention_static(ops, block.attn, lb, ops.norm(block.attn_norm, x), pos, table)
+        out = attention_static(ops, block.attn, lb, ops.norm(block.attn_norm, x), pos, table, max_tokens)
         h = HyperConnection.merge(out, post, comb, h, fused=fused)
         x, post, comb = block.hc_ffn(h, fused=fused)
         out = block.ffn.forward_decode(ops.norm(block.ffn_norm, x), ids, use_triton=fused)
