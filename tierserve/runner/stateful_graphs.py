@@ -5,7 +5,8 @@ buffers, ``models/deepseek_v4/static_state.py``) and runs ``decode_static`` on r
 ``use_graphs`` (CUDA, ``enforce_eager`` off) as a CUDA graph captured once per batch-size bucket
 (``cuda_graphs.buckets``; padding rows run on free slots and write only to the scratch page) and
 context limit (``context_limits``: the step reads the entries of the smallest limit that holds its
-longest row), else eagerly (the CPU tests run exactly this code). The graph also takes the greedy token on the device (``next_tokens``).
+longest row), else eagerly (the CPU tests run exactly this code). The graph also takes the greedy token
+on the device (``next_tokens``).
 
 With ``num_pages`` the compressed entries and indexer keys live in page pools of that many pages
 (``models/deepseek_v4/paged_state.py``) addressed by the engine's page ids: a request's page table
