@@ -75,7 +75,7 @@ def make_slot_decoder(model, config: EngineConfig, max_model_len: int, device: t
                       num_pages: int | None = None):
     """A ``SlotDecoder`` of up to ``min(max_num_seqs, MAX_SLOTS)`` slots of ``max_model_len`` tokens whose
     compressed entries live in a pool of ``num_pages`` pages (the engine's page budget, already sized to
-    the memory; see ``StatefulRunner._num_pages``); fewer slots where their fixed buffers would take more
+    the memory; see ``pool_pages``); fewer slots where their fixed buffers would take more
     than a quarter of the free device memory (ValueError: not even one)."""
     from tierserve.models.deepseek_v4.dummy import free_bytes
     from tierserve.models.deepseek_v4.paged_state import PagePools
