@@ -171,3 +171,16 @@ def test_context_limit_reads_only_the_first_entries(models, name):
         torch.testing.assert_close(torch.log_softmax(got, -1), torch.log_softmax(want, -1), atol=ATOL, rtol=0)
         tok = want.argmax(-1).tolist()
         assert got.argmax(-1).tolist() == tok
+
+
+def test_v4_flash_page_bytes():
+    """The shipped V4-Flash config: the figures of docs/deepseek_v4.md ("Paged state") and `tierserve info`."""
+    import json
+
+    from tierserve.loader.hf import resolve_model_path
+    from tierserve.models.deepseek_v4.config import DeepseekV4Config
+    from tierserve.models.deepseek_v4.kv_bytes import page_bytes
+
+    cfg = DeepseekV4Config.from_hf(json.loads((resolve_model_path("deepseek-v4-flash") / "config.json").read_text()))
+    assert (page_bytes(cfg), page_bytes(cfg, "model1")) == (105_344, 58_959)
+    assert page_bytes(cfg, "bf16", 128) == 8 * 105_344                     # HCA: one whole entry per page
