@@ -151,18 +151,19 @@ def _llama_info(path, cfg) -> list[tuple[str, str]]:
 
 def _deepseek_v4_info(path, raw: dict) -> list[tuple[str, str]]:
     from tierserve.models.deepseek_v4.config import DeepseekV4Config
-    from tierserve.models.deepseek_v4.kv_bytes import state_bytes
+    from tierserve.models.deepseek_v4.kv_bytes import page_bytes, state_bytes
 
     cfg = DeepseekV4Config.from_hf(raw)
     # --kv-dtype fp8 stores compressed entries and index keys in MODEL1; the window ring stays in bf16
     bf16, m1 = state_bytes(cfg, "bf16"), state_bytes(cfg, "model1", window_layout="bf16")
     kinds = {k: cfg.layer_types.count(k) for k in dict.fromkeys(cfg.layer_types)}
-    return [("path", str(path)), ("architecture", "DeepseekV4ForCausalLM (engine: per-request state, not paged yet)"),
+    return [("path", str(path)), ("architecture", "DeepseekV4ForCausalLM (engine: per-request state, entries and index keys paged)"),
             ("layers", f"{len(cfg.layer_types)} ({', '.join(f'{n} {k}' for k, n in kinds.items())})"),
             ("hidden size", str(raw.get("hidden_size"))), ("vocab", str(raw.get("vocab_size"))),
             ("experts", f"{raw.get('n_routed_experts')} routed, top-{raw.get('num_experts_per_tok')}, "
                         f"{raw.get('n_shared_experts')} shared"),
             ("KV bytes per token (bf16 / MODEL1 fp8)", f"{bf16.per_token:,.1f} / {m1.per_token:,.1f}"),
+            ("state page bytes, 16 tokens (bf16 / MODEL1 fp8)", f"{page_bytes(cfg):,} / {page_bytes(cfg, 'model1'):,}"),
             ("fixed state per request (bf16 / --kv-dtype fp8)",
              f"{(bf16.window + bf16.buffers) / 2**20:.1f} / {(m1.window + m1.buffers) / 2**20:.1f} MiB")]
 

@@ -191,9 +191,12 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
     emit = row_emitter(rows, settings, partial_path, progress)
     prompts = {c: torch.randint(3, cfg["vocab_size"], (c,), generator=torch.Generator().manual_seed(seed + c)).tolist()
                for c in contexts}
+    max_len = contexts[-1] + max(new_for.values()) + 8
+    # the state pool sized for the one sequence (not what gpu_memory_utilization leaves: prefill activations
+    # and, later, transformers' model need that memory)
     llm = LLM(str(folder), load_format="dummy", device=device, dtype=dtype, seed=seed, max_num_seqs=1,
-              max_model_len=contexts[-1] + max(new_for.values()) + 8, max_num_batched_tokens=chunk,
-              enable_prefix_caching=False)
+              max_model_len=max_len, max_num_batched_tokens=chunk, enable_prefix_caching=False,
+              num_kv_pages=-(-max_len // 16) + 1, page_size=16)
     eng, ours = llm.engine, llm.engine.runner.model
     dev, tdtype = eng.runner.device, eng.runner.dtype
     n_params, weight_bytes = sum(p.numel() for p in ours.parameters()), sum(p.nbytes for p in ours.parameters())

@@ -20,11 +20,14 @@ dict:
   ``ModelRunner`` (greedy fast path, penalties, top-k/p, seeds, logprobs); prompt logprobs come from
   the chunk's own logits.
 
-Page accounting stays with the engine's ``KVManager`` (tokens are counted in pages, so the scheduler's
-budget, ``max_num_seqs`` and preemption all work), but no page holds any data: the pool is sized
-``max_num_seqs * max_model_len / page_size`` so that it never limits these models unless
-``num_kv_pages`` says otherwise. Mapping the state onto pages (and with it lower KV tiers) is future
-work; those settings are refused here. ``kv_dtype="fp8"`` stores each layer's compressed entries and
+Pages: the engine's ``KVManager`` hands out page ids as for paged K/V, and its pool size is the real
+state budget (``stateful_setup.pool_pages``: ``num_kv_pages``, ``gpu_kv_gb`` or what
+``gpu_memory_utilization`` leaves, less a fixed "state page" per ``max_num_seqs`` request). The slot
+decoder keeps every layer's compressed entries and indexer keys in page pools of that many pages,
+addressed by the requests' page tables (``models/deepseek_v4/paged_state.py``), so the scheduler's page
+budget and preemption bound that memory. Requests outside the slots (prefill, longer chunks, the eager
+``decode_batch`` path) still hold private ``SequenceState`` tensors; their pages are reserved but not
+filled until they join a slot. Lower KV tiers are refused here. ``kv_dtype="fp8"`` stores each layer's compressed entries and
 indexer keys in DeepSeek's MODEL1 layout (``models/deepseek_v4/model1.py``; window rings and open
 compressor windows stay in the model dtype). See docs/deepseek_v4.md.
 
@@ -32,7 +35,8 @@ Prefix caching keeps whole state snapshots at prefix-unit boundaries (``state_ca
 split at every boundary they cross and the state there is stored; the scheduler asks
 ``find_state_prefix`` for a waiting request (instead of the KV manager's page index), which puts the
 snapshot in place as the request's state and returns how many tokens it covers. The scheduler then
-starts the request there; its page table still covers all of its tokens (fresh bookkeeping pages).
+starts the request there; its page table still covers all of its tokens (fresh pages, which the snapshot's
+entries are copied into when it joins a decode slot).
 """
 from __future__ import annotations
 
@@ -45,19 +49,14 @@ import torch
 
 from tierserve.config import EngineConfig
 from tierserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from tierserve.models.deepseek_v4.dummy import free_bytes
 from tierserve.runner.model_runner import StepOutput, resolve_device, resolve_dtype
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
-from tierserve.runner.state_cache import StateCache, choose_unit
 from tierserve.runner.stateful_graphs import InSlot
-from tierserve.runner.stateful_setup import (LOADERS, BookkeepingFp8, NoPagedKV, check_config, make_slot_decoder,
-                                             prompt_logprob_range as _prompt_logprob_range, setup_slots_refusal)
+from tierserve.runner.stateful_setup import (LOADERS, BookkeepingFp8, NoPagedKV, check_config, make_prefix_cache,
+                                             make_slot_decoder, pool_pages, prompt_logprob_range as _prompt_logprob_range,
+                                             setup_slots_refusal)
 
 log = logging.getLogger("tierserve")
-
-# The pool only counts tokens here; one PageMeta object per page is the whole cost, but a 1M-token
-# max_model_len times 128 sequences would still be 8M of them.
-MAX_ACCOUNTING_PAGES = 1 << 20
 
 class StatefulRunner:
     """Same interface as ``ModelRunner`` as far as the engine uses it."""
@@ -78,14 +77,19 @@ class StatefulRunner:
         self.model = LOADERS[arch](model_path, model_cfg, config, self.dtype, self.device)
         # kv_dtype fp8: compressed entries and indexer keys in the MODEL1 layout (docs/deepseek_v4.md)
         self.model.set_kv_dtype(config.kv_dtype)
-        self.num_pages = self._num_pages(max_model_len)
+        # the page budget: the real state memory (entries + keys per page, fixed state per request)
+        self.num_pages, self.page_bytes, self.fixed_state_bytes = pool_pages(
+            self.model, config, max_model_len, self.device)
+        log.info("%s state pool: %d pages of %d tokens (%d B each), %.2f MiB fixed state per request",
+                 model_cfg.architecture, self.num_pages, config.page_size, self.page_bytes,
+                 self.fixed_state_bytes / 2**20)
         # what ModelRunner has for paged K/V; nothing of it exists here
         # (with kv_dtype fp8 the engine hands ``kv.data`` to ``fp8.quantise``: an empty stand-in)
         self.kv = NoPagedKV() if config.kv_dtype == "fp8" else None
         self.layout = None
         self.host_kv = None
-        # kv_dtype fp8: the engine's page policy still queues bookkeeping pages "for quantisation";
-        # they hold no data (the state itself is stored in MODEL1), so this only records them
+        # kv_dtype fp8: the engine's page policy still queues pages "for quantisation"; the entries in them
+        # are stored in MODEL1 already, so this only records them
         self.fp8 = BookkeepingFp8(self.num_pages) if config.kv_dtype == "fp8" else None
         self.sparse = None
         self.graphs = None
@@ -93,7 +97,6 @@ class StatefulRunner:
         self.tokenizer = None
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.states: dict[str, Any] = {}     # request id -> the state after its computed tokens
-        self.prefix_cache = self._make_prefix_cache() if config.enable_prefix_caching else None
         # decode rows of a step in one forward (``decode_batch``); off: one forward per request (the old
         # path, kept as the reference); TIERSERVE_STATEFUL_BATCH_DECODE=0 turns it off at start
         self.batch_decode = os.environ.get("TIERSERVE_STATEFUL_BATCH_DECODE", "1").strip().lower() not in (
@@ -103,6 +106,9 @@ class StatefulRunner:
         self.slots = None
         if self.device.type == "cuda" and self.batch_decode:
             self.enable_slot_decode(use_graphs=not config.enforce_eager)
+        # after the slot decoder: its pool is allocated, so the free memory the budget looks at is what is left
+        self.prefix_cache = make_prefix_cache(self.model_cfg, config, self.dtype, self.num_pages, self.device) \
+            if config.enable_prefix_caching else None
 
     def enable_slot_decode(self, use_graphs: bool) -> bool:
         """Decode through ``SlotDecoder`` (``stateful_graphs.py``); False (logged) where it cannot."""
@@ -110,7 +116,8 @@ class StatefulRunner:
         reason = setup_slots_refusal(self.model, self.config)
         if reason is None:
             try:
-                self.slots = make_slot_decoder(self.model, self.config, self.max_model_len, self.device, use_graphs)
+                self.slots = make_slot_decoder(self.model, self.config, self.max_model_len, self.device, use_graphs,
+                                               self.num_pages)
             except Exception as e:      # noqa: BLE001 - capture / kernel compile failed, out of memory: run eager
                 reason = f"{type(e).__name__}: {e}"
         if reason is not None:
@@ -121,45 +128,6 @@ class StatefulRunner:
     def cuda_graphs(self) -> bool:
         """Whether decode steps run as CUDA graphs."""
         return self.slots is not None and self.slots.uses_graphs
-
-    def _num_pages(self, max_model_len: int) -> int:
-        c = self.config
-        if c.num_kv_pages is not None:
-            return c.num_kv_pages
-        if c.gpu_kv_gb is not None:
-            log.warning("gpu_kv_gb is ignored for %s: its state is not paged yet", self.model_cfg.architecture)
-        want = -(-c.max_num_seqs * max_model_len // c.page_size)
-        if want > MAX_ACCOUNTING_PAGES:
-            log.info("page accounting for %s capped at %d pages (%d tokens); beyond that requests are "
-                     "preempted as with paged KV", self.model_cfg.architecture, MAX_ACCOUNTING_PAGES,
-                     MAX_ACCOUNTING_PAGES * c.page_size)
-        return max(2, min(want, MAX_ACCOUNTING_PAGES))
-
-    def _make_prefix_cache(self) -> StateCache:
-        from tierserve.models.deepseek_v4.kv_bytes import state_bytes
-
-        c, cfg = self.config, self.model_cfg.model
-        unit = choose_unit(c.prefix_unit, c.page_size,
-                           [cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers)])
-        if c.prefix_cache_gb is not None:
-            budget = int(c.prefix_cache_gb * 2**30)
-        else:   # a quarter of what the states of a full pool would need (tokens + fixed per-request) ...
-            esize = torch.empty(0, dtype=self.dtype).element_size()
-            scale = esize / 2                       # the bf16 layout: 2-byte values
-            if c.kv_dtype == "fp8":                 # MODEL1 entries / keys (bytes as stored), window in dtype
-                sb = state_bytes(cfg, "model1", buffer_dtype_bytes=esize, window_layout="bf16")
-                per_token, window = sb.per_token, sb.window
-            else:
-                sb = state_bytes(cfg, buffer_dtype_bytes=esize)
-                per_token, window = sb.per_token * scale, sb.window * scale
-            pool = per_token * self.num_pages * c.page_size + c.max_num_seqs * (window + sb.buffers)
-            budget = int(0.25 * pool)
-            free = free_bytes(self.device)         # ... and at most a quarter of free memory now
-            if free is not None:
-                budget = min(budget, free // 4)
-        log.info("%s prefix cache: a state snapshot every %d tokens, %.2f GiB", self.model_cfg.architecture,
-                 unit, budget / 2**30)
-        return StateCache(unit, c.page_size, budget)
 
     # ---- engine hooks ---------------------------------------------------------------------------
     def set_tokenizer(self, tokenizer) -> None:
@@ -209,8 +177,17 @@ class StatefulRunner:
         return len(self.states)
 
     def state_bytes(self) -> int:
-        """Bytes held by the states of all live requests."""
+        """Bytes held by the states of all live requests (a request in a slot counts as the equivalent
+        ``SequenceState``: its entries in pages plus its fixed part; ``pool_bytes`` is what is allocated)."""
         return sum(st.nbytes() for st in self.states.values())
+
+    def pool_bytes(self) -> int:
+        """Bytes allocated for state: the slot decoder's page pools, fixed slot buffers and page table (0
+        without it)."""
+        if self.slots is None:
+            return 0
+        st = self.slots.state
+        return st.pools.nbytes() + st.nbytes() + st.page_table.numel() * st.page_table.element_size()
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -253,7 +230,8 @@ class StatefulRunner:
         cache = self.prefix_cache
         if self.slots is not None and len(reqs) <= self.slots.slots and all(
                 self.slots.fits(scheduled[i].start + 1) for i in picked):
-            logits, greedy = self.slots.decode(self.states, [r.request_id for r in reqs], ids)
+            logits, greedy = self.slots.decode(self.states, [r.request_id for r in reqs], ids,
+                                               [scheduled[i].page_table for i in picked])
             for r in reqs:
                 n = self.states[r.request_id].num_tokens
                 if cache is not None and cache.is_boundary(n):

@@ -77,6 +77,20 @@ def state_bytes(cfg: DeepseekV4Config, layout: str = "bf16", buffer_dtype_bytes:
     return StateBytes(per_token=per_token, window=window, buffers=buffers)
 
 
+def page_bytes(cfg: DeepseekV4Config, layout: str = "bf16", page_size: int = 16) -> int:
+    """Bytes of one state page of ``page_size`` tokens over all layers (``paged_state.py``: CSA entries and
+    keys ``page_size / m`` per page, an HCA entry cut into ``m / page_size`` pieces padded to whole bytes)."""
+    D, r, total = cfg.head_dim, cfg.rope_compress.rope_dim, 0
+    for i, kind in enumerate(cfg.layer_types):
+        if kind == SLIDING:
+            continue
+        m = cfg.compress_ratio(i)
+        rows = [entry_bytes(D, r, layout)] + ([index_key_bytes(cfg.index_head_dim, layout)] if kind == CSA else [])
+        for row in rows:
+            total += row * (page_size // m) if m <= page_size else -(-row // (m // page_size))
+    return total
+
+
 def dense_kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
     """A standard GQA model's K and V bytes per token (e.g. Llama-3.1-8B: 32 * 2 * 8 * 128 * 2 = 131072)."""
     return num_layers * 2 * num_kv_heads * head_dim * dtype_bytes

@@ -7,12 +7,15 @@ buffers' capacity and every position-dependent choice is made on the device:
 * the new K=V row goes to ring row ``p % W``; attention reads all ``W`` ring rows, masking those not yet
   written (``row > p``; ring order instead of position order changes only the summation order);
 * each compressor writes the token's projections to open-window row ``p % m`` and pools the window for
-  *every* row; a row whose window closes (``p % m == m - 1``) writes the entry at ``(p + 1) // m - 1``,
-  the others write the scratch row; the Ca half of the window is kept with ``torch.where``;
-* HCA reads all ``capacity`` entries with a mask ``j < (p + 1) // m``; CSA scores all ``capacity`` indexer
-  keys, masks the missing ones to ``-inf``, takes a fixed top-``min(index_topk, capacity)`` and masks the
-  picks past the row's count (gathering the stored rows first, so MODEL1 entries are dequantised only
-  for the picks);
+  *every* row; a row whose window closes (``p % m == m - 1``) writes entry ``(p + 1) // m - 1`` into its
+  page(s) (``EntryPool.scatter`` through the row's page table, ``paged_state.py``), the others write the
+  pool's scratch page; the Ca half of the window is kept with ``torch.where``;
+* entries are read through the page table (``EntryPool.gather_first`` for full ranges: whole pages;
+  ``EntryPool.gather`` for the CSA picks): HCA reads ``T`` entries with a mask ``j < (p + 1) // m``;
+  CSA scores ``T`` indexer keys, masks the missing ones to ``-inf``, takes a fixed top-``min(index_topk,
+  T)`` and masks the picks past the row's count (``T``: ``capacity``, or ``max_tokens // m``)
+  (gathering the stored rows first, so MODEL1 entries are dequantised only for the picks). Entries past
+  a row's count map to the scratch page or to not-yet-written rows of its pages; they are zeroed;
 * the routed experts run through ``MoE.forward_decode`` (Triton kernels by expert index), and with
   ``fused`` (default: on the GPU) mHC (``mhc_triton.py``: 4 + 1 launches instead of ~60 with the
   Sinkhorn iterations), the RMS norms and rope (``fused_ops.py``) are one Triton launch each instead of
@@ -20,8 +23,9 @@ buffers' capacity and every position-dependent choice is made on the device:
   cos / sin of a step are computed once per rope setting, not per layer;
 * ``positions`` advance by one in place, so consecutive replays need no host work.
 
-Rows past the live batch (padding up to a graph bucket) run on whatever their slot holds; their writes
-stay in their own slot (entry indices past the capacity go to the scratch row).
+Rows past the live batch (padding up to a graph bucket) run on whatever their slot holds; a free slot's
+page-table row points at the scratch page only (``StaticState.clear``), so their writes land there (as do
+entry indices past the capacity).
 """
 from __future__ import annotations
 
@@ -60,8 +64,10 @@ class Ops:
         return self.memo[k]
 
 
-def compressor_static(ops: Ops, comp, buf: CompBuffers, x: torch.Tensor, pos: torch.Tensor, store) -> None:
-    """One token per row (``x [B, hidden]`` at positions ``pos [B]``) into the compressor's buffers."""
+def compressor_static(ops: Ops, comp, buf: CompBuffers, x: torch.Tensor, pos: torch.Tensor, store,
+                      table: torch.Tensor) -> None:
+    """One token per row (``x [B, hidden]`` at positions ``pos [B]``) into the compressor's buffers; a closing
+    entry goes to its page (``table [B, P]``: the rows' page tables)."""
     B, m, d = x.shape[0], comp.ratio, comp.dim
     C = buf.pend_kv.shape[-1]
     at = (pos % m)[:, None, None].expand(-1, 1, C)
@@ -80,9 +86,7 @@ def compressor_static(ops: Ops, comp, buf: CompBuffers, x: torch.Tensor, pos: to
     entry = torch.div(pos + 1, m, rounding_mode="floor") - 1
     cos, sin = ops.cos_sin(comp.rope, entry.clamp(min=0) * m, ("entry", m), pooled.dtype)
     stored = store(ops.rope(pooled, cos, sin))
-    target = torch.where(closing & (entry < buf.capacity), entry, torch.full_like(entry, buf.capacity))
-    rest = stored.shape[1:]
-    buf.entries[:B].scatter_(1, target.view(B, 1, *([1] * len(rest))).expand(B, 1, *rest), stored[:, None])
+    buf.pool.scatter(table, entry, closing & (entry < buf.capacity), stored)
     if comp.overlap:
         c = closing[:, None, None]
         buf.prev_kv[:B].copy_(torch.where(c, kv[:, :, :d], buf.prev_kv[:B]))
@@ -117,8 +121,10 @@ def _index_scores(ops: Ops, indexer, x, q_lora, pos, keys: torch.Tensor) -> torc
     return (s * w.unsqueeze(-1)).sum(dim=1)
 
 
-def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``Attention.forward_step`` for one token per row, on the rows ``0..B-1`` of the buffers."""
+def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: torch.Tensor,
+                     table: torch.Tensor, max_tokens: int | None = None) -> torch.Tensor:
+    """``Attention.forward_step`` for one token per row, on the rows ``0..B-1`` of the buffers (entries read
+    through the page tables ``table [B, P]``; only the first ``max_tokens // m`` with ``max_tokens``)."""
     B, dev = x.shape[0], x.device
     W, D = attn.window, attn.head_dim
     q_lora, q, kv, cos, sin = _project(ops, attn, x, pos)
@@ -127,22 +133,25 @@ def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: tor
     keys = ring
     valid = torch.arange(W, device=dev)[None, :] <= pos[:, None]                  # [B, W]
     if attn.compressor is not None:
-        compressor_static(ops, attn.compressor, lb.comp, x, pos, attn.store_entries)
-        T = lb.comp.capacity
+        compressor_static(ops, attn.compressor, lb.comp, x, pos, attn.store_entries, table)
+        T = lb.comp.capacity if max_tokens is None else max(1, min(lb.comp.capacity, max_tokens // attn.ratio))
         have = torch.div(pos + 1, attn.ratio, rounding_mode="floor")[:, None]       # complete entries
-        stored = lb.comp.entries[:B, :T]
         present = torch.arange(T, device=dev)[None, :] < have                      # [B, T]
+        picks = None                                                               # all T entries
         if attn.indexer is not None:
-            compressor_static(ops, attn.indexer.compressor, lb.index, x, pos, attn.store_keys)
-            ikeys = attn.read_keys(lb.index.entries[:B, :T], x.dtype)
+            compressor_static(ops, attn.indexer.compressor, lb.index, x, pos, attn.store_keys, table)
+            ikeys = attn.read_keys(lb.index.pool.gather_first(table, T), x.dtype)
             scores = _index_scores(ops, attn.indexer, x, q_lora, pos, ikeys).masked_fill(~present, float("-inf"))
             k = min(attn.indexer.topk, T)
             if k < T:
-                top = scores.topk(k, dim=-1).indices                                # [B, k]
-                rest = stored.shape[2:]
-                stored = stored.gather(1, top.view(B, k, *([1] * len(rest))).expand(B, k, *rest))
-                present = top < have
-        keys = torch.cat([keys, attn.read_entries(stored, x.dtype)], dim=1)
+                picks = scores.topk(k, dim=-1).indices                              # [B, k]
+                present = picks < have
+        pool = lb.comp.pool
+        stored = pool.gather_first(table, T) if picks is None else pool.gather(table, picks)
+        # entries past a row's count come from pages it does not own yet (or the scratch page): zero them,
+        # so that stale bytes (e.g. a dequantised overflow) cannot turn a zero weight into NaN
+        entries = attn.read_entries(stored, x.dtype)
+        keys = torch.cat([keys, entries.masked_fill(~present[..., None], 0)], dim=1)
         valid = torch.cat([valid, present], dim=1)
     logits = torch.matmul(q, keys.transpose(1, 2)) * attn.scale                  # [B, H, K]
     logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
@@ -154,19 +163,22 @@ def attention_static(ops: Ops, attn, lb: LayerBuffers, x: torch.Tensor, pos: tor
 
 
 @torch.no_grad()
-def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+def decode_static(model, state: StaticState, ids: torch.Tensor, fused: bool | None = None,
+                  max_tokens: int | None = None) -> torch.Tensor:
     """Logits ``[B, vocab]`` of the tokens ``ids [B]`` following the rows ``0..B-1`` of ``state``, whose
     buffers (and positions) are updated in place. ``fused``: Triton kernels for mHC's Sinkhorn, the norms,
-    rope and the routed experts (default: on the GPU)."""
+    rope and the routed experts (default: on the GPU). ``max_tokens``: no live row has more tokens after
+    this step, so only the first ``max_tokens // m`` entries of each compressor are read (a static bound:
+    the slot decoder captures a graph per context limit); None: all ``max_len // m``."""
     if fused is None:
         fused = ids.is_cuda and triton is not None
     ops = Ops(fused)
     B = ids.shape[0]
-    pos = state.positions[:B]
+    pos, table = state.positions[:B], state.page_table[:B]
     h = model.embed(ids).unsqueeze(1).expand(-1, model.config.hc_mult, -1).contiguous()
     for block, lb in zip(model.layers, state.layers):
         x, post, comb = block.hc_attn(h, fused=fused)
-        out = attention_static(ops, block.attn, lb, ops.norm(block.attn_norm, x), pos)
+        out = attention_static(ops, block.attn, lb, ops.norm(block.attn_norm, x), pos, table, max_tokens)
         h = HyperConnection.merge(out, post, comb, h, fused=fused)
         x, post, comb = block.hc_ffn(h, fused=fused)
         out = block.ffn.forward_decode(ops.norm(block.ffn_norm, x), ids, use_triton=fused)
