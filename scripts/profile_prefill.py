@@ -1,0 +1,88 @@
+"""Where a long cold prefill's time goes on the GPU (issue 5: a 128k cold prefill took 18.3 s, transformers 11.9 s
+in the same `bench tiers` run). Llama-3.1-8B shape, dummy bf16 weights, one prompt of CONTEXT tokens (default
+131072) in chunks of CHUNK (default 8192): the whole prefill once untimed (warm-up at a shorter length), then
+timed per engine step with CUDA events, and once more under torch.profiler: device time per kernel name and
+per kind, the share of the total, host time per op. Writes $OUT/prefill-profile-h200.json."""
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+from tierserve import LLM, SamplingParams  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+CONTEXT = int(os.environ.get("CONTEXT", 131072))
+CHUNK = int(os.environ.get("CHUNK", 8192))
+KINDS = [("flash attention", ("flash", "fmha", "attention")), ("gemm", ("gemm", "cutlass", "sm90", "nvjet", "matmul")),
+         ("paged prefill", ("prefill", "paged")), ("copy/gather", ("copy", "index", "gather", "cat", "elementwise")),
+         ("norm/rope/act", ("rms", "rope", "silu", "norm"))]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def prefill(llm, n: int, seed: int) -> list[float]:
+    """One cold prefill of n tokens; device ms of each engine step."""
+    eng = llm.engine
+    vocab = eng.model_cfg.vocab_size
+    eng.add_request(f"p{seed}", [(i * 7919 + seed * 104729 + 1) % vocab for i in range(n)],
+                    SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    times = []
+    while eng.has_unfinished_requests():
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        eng.step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
+def main() -> None:
+    llm = LLM(os.environ.get("MODEL", "llama-3.1-8b"), load_format="dummy", dtype="bfloat16", seed=0, max_num_seqs=1,
+              max_model_len=CONTEXT + 64, max_num_batched_tokens=CHUNK, enable_prefix_caching=False)
+    prefill(llm, min(CONTEXT, 4 * CHUNK), 0)
+    t = time.perf_counter()
+    steps = prefill(llm, CONTEXT, 1)
+    wall = time.perf_counter() - t
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        prefill(llm, CONTEXT, 2)
+    dev_rows, host_rows = {}, {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            r = dev_rows.setdefault(ev.name, {"kernel": ev.name[:120], "kind": kind_of(ev.name), "ms": 0.0, "calls": 0})
+            r["ms"] += ev.time_range.elapsed_us() / 1e3
+            r["calls"] += 1
+    for a in prof.key_averages():
+        if a.self_cpu_time_total > 0:
+            host_rows[a.key] = {"op": a.key[:120], "self_cpu_ms": a.self_cpu_time_total / 1e3, "calls": a.count}
+    total = sum(r["ms"] for r in dev_rows.values())
+    by_kind = {}
+    for r in dev_rows.values():
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0.0) + r["ms"]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context": CONTEXT, "chunk": CHUNK,
+              "prefill_s": wall, "step_ms": steps, "kernel_ms_total": total,
+              "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+              "top_kernels": sorted(dev_rows.values(), key=lambda r: -r["ms"])[:30],
+              "top_host_ops": sorted(host_rows.values(), key=lambda r: -r["self_cpu_ms"])[:20],
+              "flash_prefix_on": bool(llm.engine.runner.backend.__dict__.get("flash_prefix", None))}
+    print(f"cold prefill {CONTEXT} tokens in chunks of {CHUNK}: {wall:.2f} s ({len(steps)} steps; first "
+          f"{steps[0]:.0f} ms, last {steps[-1]:.0f} ms); kernels {total / 1e3:.2f} s; flash prefix path "
+          f"{result['flash_prefix_on']}")
+    for k, v in result["by_kind_ms"].items():
+        print(f"   {k:16s} {v / 1e3:8.2f} s  {v / total:6.1%}")
+    for r in result["top_kernels"][:12]:
+        print(f"   {r['ms']:9.1f} ms x{r['calls']:6d}  {r['kernel'][:90]}")
+    with open(f"{OUT}/prefill-profile-h200.json", "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {OUT}/prefill-profile-h200.json")
+
+
+if __name__ == "__main__":
+    main()
