@@ -20,6 +20,20 @@ def test_bench_decode_smoke(tmp_path):
                if row["engine"] == "tierserve")
     assert set(res["meta"]) >= {"tool", "subcommand", "settings", "versions", "device", "date"}
     assert all(0 < row["roofline_frac"] for row in res["rows"]) and res["summary"]["copy_bandwidth_GBps"] > 0
+    # an untied embedding table is not read by a step: fewer bytes (nano's is tied: the same fraction)
+    assert all(row["roofline_frac_bytes_read"] <= row["roofline_frac"] for row in res["rows"])
+
+
+def test_untied_embedding_is_left_out_of_the_bytes_read():
+    import torch.nn as nn
+
+    from tierserve.bench.decode import untied_embedding_bytes
+
+    m = nn.Module()
+    m.embed_tokens, m.lm_head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    assert untied_embedding_bytes(m) == 10 * 4 * 4
+    m.lm_head = None                              # tied: the table is the head, read every step
+    assert untied_embedding_bytes(m) == 0
 
 
 def test_bench_tiers_smoke(tmp_path):

@@ -130,6 +130,16 @@ def copy_bandwidth(dev: torch.device, nbytes: int = 1 << 31) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def untied_embedding_bytes(model) -> int:
+    """Bytes of an input embedding table that is not also the output head: a decode step reads one row of
+    it, yet DESIGN.md's roofline (``roofline_frac``) counts every parameter; ``roofline_frac_bytes_read``
+    leaves it out."""
+    emb = getattr(model, "embed_tokens", None)
+    if emb is None or getattr(model, "lm_head", None) is None:
+        return 0
+    return emb.weight.numel() * emb.weight.element_size()
+
+
 def roofline_frac(tok_s: float, batch: int, context: int, new_tokens: int, weight_bytes: int,
                   kv_bytes_per_token: int, bandwidth: float) -> float:
     """(bytes a decode step must read: all weights + every sequence's KV, at the mean context of the
@@ -199,6 +209,7 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
     bandwidth = copy_bandwidth(dev)
     skipped_rows = [{**r, "engine": name} for r in skipped for name in engines]
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+    read_bytes = weight_bytes - untied_embedding_bytes(eng.runner.model)
     kv_per_token = eng.runner.layout.bytes_per_token
     path = resolve_model_path(model)
     torch.manual_seed(seed)
@@ -226,7 +237,9 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
             row = {"engine": name, "batch": case.batch, "context": case.context, "new_tokens": case.new_tokens,
                    "dtype": str(tdtype).replace("torch.", ""), **r,
                    "roofline_frac": roofline_frac(r["tok_s"], case.batch, case.context, case.new_tokens,
-                                                  weight_bytes, kv_per_token, bandwidth)}
+                                                  weight_bytes, kv_per_token, bandwidth),
+                   "roofline_frac_bytes_read": roofline_frac(r["tok_s"], case.batch, case.context, case.new_tokens,
+                                                             read_bytes, kv_per_token, bandwidth)}
             if ref is not None and name != "transformers":
                 same = sum(a == b for a, b in zip(toks, ref))
                 row["greedy_match_transformers"] = f"{same}/{len(ref)} sequences"
@@ -245,6 +258,7 @@ def bench_decode(model: str | None, cases: list[DecodeCase], *, load_format: str
             summary[f"speedup_b{case.batch}_c{case.context}"] = pair["tierserve"]["tok_s"] / pair["transformers"]["tok_s"]
     summary["copy_bandwidth_GBps"] = bandwidth / 1e9
     summary["weight_bytes"] = weight_bytes
+    summary["weight_bytes_read_per_step"] = read_bytes
     settings = dict(model=str(path), load_format=load_format, device=str(dev), dtype=str(tdtype),
                     cases=[c.__dict__ for c in cases], repeats=repeats, seed=seed,
                     threads=torch.get_num_threads())
