@@ -279,6 +279,23 @@ def test_sparse_selection_counts_decide_what_spills(ckpt):
     assert out.outputs[0].token_ids == ref
 
 
+def test_cold_device_pages_make_room_for_hot_spilled_ones(ckpt):
+    """A full pool with sparse attention: spilled pages chosen far more often than device pages swap in
+    (demote_cold spills the cold ones, promote_hot brings the hot ones back at the next step). Placement never
+    changes the output; every page is accounted for at the end."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
+              max_num_batched_tokens=16)
+    ref = make(ckpt, **kw).generate([PROMPT], sp)[0].outputs[0].token_ids
+    llm = make(ckpt, num_kv_pages=9, max_model_len=256, cpu_kv_gb=0.01, **kw)
+    llm.engine.rebalance_every = 1
+    assert llm.generate([PROMPT], sp)[0].outputs[0].token_ids == ref
+    kv = llm.engine.kv
+    assert kv.num_demoted > 0 and kv.num_promoted > 0
+    assert_clean(llm)
+    kv.tiers.check_invariants()
+
+
 def test_hot_spilled_pages_come_back_when_pages_free_up(ckpt):
     """A second request holds pool pages while the first spills; once it finishes, the first request's
     most chosen spilled pages are promoted back into the freed GPU pages. Outputs never change."""

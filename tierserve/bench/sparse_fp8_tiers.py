@@ -152,6 +152,7 @@ def section_c(bench: Bench, deadline: float) -> None:
                 return {**row, "skipped": f"{e} (limit {s.tier_prefill_budget:.0f} s for this prefill); "
                                           "measured with a synthetic fill instead"}
         row.update(out, spilled_pages=eng.kv.num_spilled, promoted_pages=eng.kv.num_promoted,
+                   demoted_pages=eng.kv.num_demoted,
                    host_reads_in_kernel=getattr(eng.runner.backend, "host_reads", None),
                    **bench.facts(eng, ctx, {"sparse_attention": "pages", **extra}))
         del llm, eng

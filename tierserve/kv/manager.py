@@ -57,6 +57,7 @@ class KVManager:
         self.slot_heat: Callable[[list[int]], list[float]] | None = None     # the same for CPU-RAM slots
         self.host_ram_slots = 0
         self.num_promoted = 0
+        self.num_demoted = 0               # device pages spilled by demote_cold to make room for hotter ones
         self.hit_tokens = {"gpu": 0, "cpu": 0, "disk": 0, "remote": 0}   # prefix-cache tokens served per tier
         self.num_spilled = 0
 
@@ -258,6 +259,32 @@ class KVManager:
             t.pages[i] = pid
             self.num_promoted += 1
         return len(order)
+
+    def demote_cold(self, reserve: int, limit: int = 64) -> int:
+        """Make room for spilled pages that sparse attention chooses more often than pages on the GPU: pair the
+        hottest CPU-RAM pages with the least chosen device pages (both in order) and, for the pairs where the
+        spilled page's count is more than twice the device page's plus one (so pages do not bounce back and
+        forth), spill that many least chosen device pages -- plus what keeps ``reserve`` pages free -- so that
+        the next ``promote_hot`` brings the hot ones in. At most ``limit`` pairs. Two host syncs (the counts);
+        the engine calls it every few steps. Returns the pages spilled."""
+        if self.slot_heat is None or self.page_heat is None or self.tiers is None or not self.tiers.host.num_spilled:
+            return 0
+        host = [-p - 1 for t in self._tables.values() for p in t.pages if p < 0 and -p - 1 < self.host_ram_slots]
+        dev = [t.pages[i] for t in self._tables.values()
+               for i in range(min(t.computed // self.page_size, len(t.pages) - 1))
+               if t.pages[i] >= 0 and self.pool.meta[t.pages[i]].ref_count == 1]
+        if not host or not dev:
+            return 0
+        hot = sorted(self.slot_heat(host), reverse=True)[:limit]
+        cold = sorted(self.page_heat(dev))[:limit]
+        pairs = 0
+        while pairs < min(len(hot), len(cold)) and hot[pairs] > 2 * cold[pairs] + 1:
+            pairs += 1
+        if not pairs:
+            return 0
+        done = self._spill(pairs + max(0, reserve - self.pool.num_free), exclude=set())
+        self.num_demoted += done
+        return done
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
