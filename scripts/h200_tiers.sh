@@ -4,7 +4,7 @@
 # / disk hits, the cost policy's choice, decode with 100..10% of the KV on the GPU, transformers' default and
 # offloaded caches) with the rest of the time as its --time-budget. Writes $OUT/tiers-h200.json + .png; rows
 # stream to $OUT/tiers-h200.json.partial.jsonl, and if the bench is stopped the JSON + PNG are rebuilt from it.
-# --cpu-kv-gb 30: torch pins host memory in power-of-two blocks (40 GB would pin 64 GiB); 30 holds both prompts.
+# --cpu-kv-gb 30 holds both prompts (the tier is page-locked at its exact size, memory/pinned.py).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -24,8 +24,9 @@ SYNTHETIC = "synthetic: N(0,1) K/V written into the pages (no prefill), oldest p
 
 
 def _pinned(nbytes: int) -> int:
-    """Bytes a pinned allocation may take: torch's caching host allocator rounds sizes up to a power of two."""
-    return 1 << (nbytes - 1).bit_length() if torch.cuda.is_available() and nbytes > 0 else nbytes
+    """Bytes the CPU tier's page-locked allocation takes: exactly its size (memory/pinned.py registers it in
+    place; torch's pin_memory would round it up to a power of two)."""
+    return nbytes
 
 
 def _gib(n: float) -> str:
@@ -116,8 +117,8 @@ def section_c(bench: Bench, deadline: float) -> None:
             if fit > s.prefill_max and "fallback_for" not in setting:
                 settings.append((name, {**setting, "context": fit, "fallback_for": ctx}))
             row["skipped"] = (
-                f"the CPU tier needs {_gib(p['host_bytes'])} ({_gib(_pinned(p['host_bytes']))} as one pinned "
-                f"allocation, which torch may round up to a power of two) for {p['host_pages']} pages of "
+                f"the CPU tier needs {_gib(_pinned(p['host_bytes']))} (page-locked at its exact size) for "
+                f"{p['host_pages']} pages of "
                 f"{page_bytes / 2**20:.3f} MiB (K+V of {ps} tokens plus the key min/max row, all layers, "
                 f"{item}-byte values); usable host RAM {_gib(usable)} ({why}). kv_dtype=fp8 would not shrink it: "
                 "FP8 pages keep their full-size slots and cannot be combined with cpu_kv_gb yet")

@@ -22,8 +22,8 @@ from tierserve.bench.tiers_ttft import HITS, hit_paths
 
 
 def _free(host: bool = False) -> None:
-    """Give back device memory; with ``host`` also the pinned host memory torch caches (in power-of-two blocks:
-    the TTFT engine's 30 GiB CPU tier is a 32 GiB block, which the decode engine's ~16 GiB tier reuses)."""
+    """Give back device memory; with ``host`` also the pinned host memory torch's allocator caches (staging
+    buffers; the CPU tiers themselves are page-locked at their exact size and unlocked when freed)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -31,6 +31,7 @@ from torch import nn
 
 from tierserve.memory.engram_config import FP8_BLOCK, HOST_GATHERS, PLACEMENTS
 from tierserve.memory.engram_fp8 import dequantize_rows, quantize_rows
+from tierserve.memory.pinned import host_register
 from tierserve.progress import ProgressBar
 
 _NP_WORD = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -82,7 +83,7 @@ class EngramTable(nn.Module):
             self._host = {n: torch.zeros(s, dtype=dt) for n, (s, dt) in shapes.items()}
             if host_gather == "zero_copy" and self.device.type == "cuda":
                 for t in self._host.values():
-                    _host_register(t)
+                    host_register(t, "engram table (engram.host_gather=copy avoids it)")
                     self._registered.append(t.data_ptr())
         elif self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -279,15 +280,6 @@ class EngramTable(nn.Module):
     def extra_repr(self) -> str:
         return (f"rows={self.num_rows}, dim={self.dim}, placement={self.placement}, fp8={self.fp8}, "
                 f"host_gather={self.host_gather}")
-
-
-def _host_register(t: torch.Tensor) -> None:
-    """Page-lock ``t`` in place and map it for the GPU (portable | mapped)."""
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3)
-    code = int(getattr(err, "value", err))
-    if code != 0:
-        raise RuntimeError(f"cudaHostRegister of a {t.numel() * t.element_size() / 2**30:.2f} GiB engram table "
-                           f"failed (error {code}); use engram.host_gather=copy")
 
 
 def _memmap(path: Path, shape: tuple[int, int], dtype: torch.dtype, mode: str, offset: int = 0) -> torch.Tensor:

@@ -11,6 +11,8 @@ from collections import OrderedDict
 
 import torch
 
+from tierserve.memory.pinned import PinnedBuffers
+
 
 class HostTier:
     name = "cpu"
@@ -18,8 +20,9 @@ class HostTier:
     def __init__(self, page_shape: tuple[int, ...], dtype: torch.dtype, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"cpu_kv_gb holds no page (need {num_pages} >= 1)")
-        pin = torch.cuda.is_available()
-        self.data = torch.empty((num_pages, *page_shape), dtype=dtype, pin_memory=pin)
+        # page-locked at its exact size (torch's pin_memory would round it up to a power of two)
+        self._pinned = PinnedBuffers()
+        self.data = self._pinned.empty((num_pages, *page_shape), dtype, "CPU KV tier")
         self.num_pages = num_pages
         self._index: OrderedDict[bytes, tuple[int, tuple[int, ...]]] = OrderedDict()
         self._free = list(range(num_pages - 1, -1, -1))

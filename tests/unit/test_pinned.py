@@ -1,0 +1,28 @@
+"""Exact-size page-locked host buffers (memory/pinned.py): the CPU KV tier and Engram host tables."""
+import pytest
+import torch
+
+from tierserve.memory.pinned import PinnedBuffers
+
+
+def test_cpu_only_buffers_are_plain_tensors():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only path")
+    bufs = PinnedBuffers()
+    t = bufs.empty((3, 5), torch.bfloat16, "test buffer")
+    assert t.shape == (3, 5) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
+    bufs.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs CUDA")
+def test_cuda_buffers_are_locked_at_their_size_and_unlocked_on_close():
+    bufs = PinnedBuffers()
+    n = 3 * 2**20 + 12345                         # not a power of two
+    t = bufs.empty((n,), torch.uint8, "test buffer")
+    assert t.is_pinned() and t.numel() == n
+    t.copy_(torch.arange(n, dtype=torch.int64).remainder(251).to(torch.uint8))
+    d = t.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(d.cpu(), t)
+    bufs.close()
+    assert not t.is_pinned()

@@ -1,0 +1,62 @@
+"""Exact-size page-locked host memory.
+
+``torch.empty(..., pin_memory=True)`` goes through torch's caching host allocator, which rounds every request up
+to a power of two: a 40 GB CPU KV tier pins 64 GiB, and the 122 GiB a 1M-token tier needs would take 128 GiB of
+a 128 GiB machine. ``host_register`` page-locks an ordinary (pageable) CPU tensor in place with
+``cudaHostRegister`` (portable | mapped, so kernels can read it through unified addressing and copies from it
+are asynchronous), which locks exactly its bytes; ``PinnedBuffers`` keeps such tensors and unlocks them when
+closed. Without CUDA nothing is locked (CPU-only runs need no pinning).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("tierserve")
+
+_PORTABLE_MAPPED = 3            # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
+def host_register(t: torch.Tensor, what: str) -> None:
+    """Page-lock ``t`` in place; RuntimeError naming ``what`` if the driver refuses."""
+    nbytes = t.numel() * t.element_size()
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, _PORTABLE_MAPPED)
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.2f} GiB {what} failed (error {code})")
+
+
+def host_unregister(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
+class PinnedBuffers:
+    """Owns exact-size page-locked CPU tensors; ``close`` (or garbage collection) unlocks them."""
+
+    def __init__(self) -> None:
+        self._locked: list[torch.Tensor] = []
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+        """An uninitialised CPU tensor, page-locked at its exact size when CUDA is available (falling back to
+        torch's rounding ``pin_memory`` allocator, with a warning, if registering fails)."""
+        t = torch.empty(shape, dtype=dtype)
+        if not torch.cuda.is_available() or t.numel() == 0:
+            return t
+        try:
+            host_register(t, what)
+        except RuntimeError as e:
+            log.warning("%s; pinning through torch's allocator instead (rounded up to a power of two)", e)
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        self._locked.append(t)
+        return t
+
+    def close(self) -> None:
+        while self._locked:
+            host_unregister(self._locked.pop())
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: the driver may be gone
+            pass
