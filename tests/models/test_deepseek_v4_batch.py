@@ -42,6 +42,13 @@ def start(model, n: int, seed: int):
     return state, int(logits[-1].argmax())
 
 
+def assert_slots_match(ss, states) -> None:
+    """Every slot ``b`` of a ``StaticState`` exports ``states[b]`` (the reference's state after the same steps)."""
+    for b, st in enumerate(states):
+        for x, y in zip(ss.export(b, st.num_tokens).layers, st.layers):
+            assert_states_close(x, y)
+
+
 def assert_states_close(a: LayerState, b: LayerState) -> None:
     assert a.num_tokens == b.num_tokens
     for x, y in ((a.window, b.window), (a.compressed, b.compressed), (a.index_keys, b.index_keys)):

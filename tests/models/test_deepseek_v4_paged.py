@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.helpers.tiny_deepseek_v4 import CONFIGS, CSA, HCA, make_checkpoint, one_thread, rand_ids  # noqa: F401
-from tests.models.test_deepseek_v4_batch import assert_states_close
+from tests.models.test_deepseek_v4_batch import assert_slots_match, assert_states_close
 from tierserve.models.deepseek_v4 import load_model
 from tierserve.models.deepseek_v4.kv_bytes import entry_bytes
 from tierserve.models.deepseek_v4.paged_state import EntryPool, PagePools
@@ -78,9 +78,7 @@ def test_paged_slot_decode_equals_decode_batch(models, name, page_size, lengths,
             tok = want.argmax(-1).tolist()
             assert got.argmax(-1).tolist() == tok
         assert ss.page_table[B].eq(pools.scratch).all()          # the padding row wrote only to scratch
-        for b, st in enumerate(ref):
-            for x, y in zip(ss.export(b, st.num_tokens).layers, st.layers):
-                assert_states_close(x, y)
+        assert_slots_match(ss, ref)
     finally:
         model.set_kv_dtype("auto")
 
