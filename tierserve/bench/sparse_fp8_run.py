@@ -18,8 +18,8 @@ A_SETTINGS = {"bf16": {}, "fp8-weights+fp8-kv": {"quantization": "fp8", "kv_dtyp
               "fp8-weights": {"quantization": "fp8"}, "fp8-kv": {"kv_dtype": "fp8"}}
 B_SETTINGS = {"dense-bf16": {},
               "sparse+fp8-kv+fp8-weights": {"sparse_attention": "pages", "kv_dtype": "fp8", "quantization": "fp8"},
-              "sparse+fp8-kv": {"sparse_attention": "pages", "kv_dtype": "fp8"},
-              "sparse": {"sparse_attention": "pages"}, "fp8-kv": {"kv_dtype": "fp8"}}
+              "sparse": {"sparse_attention": "pages"},      # before sparse+fp8-kv: sparse alone vs dense first
+              "sparse+fp8-kv": {"sparse_attention": "pages", "kv_dtype": "fp8"}, "fp8-kv": {"kv_dtype": "fp8"}}
 DENSE_PREFILL = "dense prefill (sparse selection off until the first token), sparse decode"
 SPARSE_PREFILL = "sparse prefill (own chunk dense, context top-k pages per 64-query block), sparse decode"
 
