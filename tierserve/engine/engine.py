@@ -59,7 +59,8 @@ class Engine:
         spill = None
         if host_pages:      # sparse attention counts its choices per page: placement follows them
             spill = self.runner.attach_spill(tiers, count_heat=self.runner.sparse is not None)
-        cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
+        compact = getattr(self.runner, "num_compact_pages", 0)          # FP8 pages in the compact pool
+        cap = (self.runner.num_pages + compact + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
                              f"{config.page_size}), fewer than max_model_len={self.max_model_len}; "
@@ -69,7 +70,8 @@ class Engine:
         # a runner with per-request state (DeepSeek-V4) caches prefixes as state snapshots, not pages
         state_prefix = getattr(self.runner, "find_state_prefix", None) if config.enable_prefix_caching else None
         self.kv = KVManager(self.runner.num_pages, config.page_size,
-                            config.enable_prefix_caching and state_prefix is None, tiers=tiers, fp8=fp8)
+                            config.enable_prefix_caching and state_prefix is None, tiers=tiers, fp8=fp8,
+                            compact_slots=compact)
         if spill is not None and spill.page_heat is not None:
             self.kv.page_heat = spill.page_heat_of
             if spill.host_heat is not None:

@@ -80,6 +80,19 @@ class ModelRunner:
         self._index_page_bytes = (model_cfg.num_layers * config.page_size * model_cfg.head_dim *
                                   self.dtype.itemsize) if use_index else 0
         self.num_pages = self._num_pages(max_model_len)
+        self.num_compact_pages = 0         # FP8 part 2: compact slots, page ids num_pages + 1 + slot
+        compact = config.kv_dtype == "fp8" and config.kv_fp8_storage == "compact"
+        if compact:
+            if self.backend.name != "torch_ref" or use_index:
+                raise ValueError("kv_fp8_storage='compact' needs attention_backend='torch_ref' and no indexer "
+                                 "for now (the Triton FP8 kernels read the in-place pages only)")
+            from tierserve.runner.kv_fp8 import plan_compact
+            budget = self.num_pages
+            self.num_pages, self.num_compact_pages = plan_compact(
+                config, self.layout, budget, self.layout.bytes_per_page + self._index_page_bytes)
+            log.info("FP8 KV (compact): the memory of %d %s pages holds %d full-precision + %d FP8 pages "
+                     "= %d tokens (%.2fx)", budget, self.dtype, self.num_pages, self.num_compact_pages,
+                     self.kv_capacity_tokens, self.kv_capacity_tokens / (budget * config.page_size))
         # one extra page that the pool never hands out: CUDA-graph padding rows write there
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
@@ -88,8 +101,14 @@ class ModelRunner:
         self.fp8 = None                    # FP8 KV pages (quantised in place, see runner/kv_fp8.py)
         if config.kv_dtype == "fp8":
             from tierserve.runner.kv_fp8 import Fp8Pages
+            pool = None
+            if compact:
+                from tierserve.quant.fp8_compact import new_compact_pool
+                lay = self.layout
+                pool = new_compact_pool(self.num_compact_pages, lay.num_layers, lay.page_size, lay.num_kv_heads,
+                                        lay.head_dim, lay.summary_rows, lay.dtype, self.device)
             self.fp8 = Fp8Pages(self.num_pages + 1, config.page_size, config.kv_fp8_keep_sink,
-                                config.kv_fp8_keep_recent, self.device)
+                                config.kv_fp8_keep_recent, self.device, compact=pool)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.engram_hasher = None          # set by set_tokenizer for models with Engram
         self.engram_conv = None            # Engram conv history per request (conv_kernel_size > 0)
@@ -136,6 +155,11 @@ class ModelRunner:
             self.backend = _make_backend("torch_ref", self.device)
             for layer in self.model.layers:
                 layer.self_attn.backend = self.backend
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool holds (full-precision pages + compact FP8 slots)."""
+        return (self.num_pages + self.num_compact_pages) * self.config.page_size
 
     def _num_pages(self, max_model_len: int) -> int:
         c, per_page = self.config, self.layout.bytes_per_page + self._index_page_bytes
