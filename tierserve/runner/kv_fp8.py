@@ -29,7 +29,10 @@ class Fp8Pages:
         if not pids:
             return
         if self.compact is not None:          # (full-precision id, compact id) pairs: move into the pool
-            src, dst = (torch.tensor(x, dtype=torch.int64).to(kv_data.device) for x in zip(*pids))
+            ids = torch.tensor(pids, dtype=torch.int64).t().contiguous()          # [2, n]: sources, slots
+            if kv_data.is_cuda:                 # no host sync (a multi-step window may be queued behind)
+                ids = ids.pin_memory().to(kv_data.device, non_blocking=True)
+            src, dst = ids[0], ids[1]
             store_compact_(kv_data, self.compact, src, dst - self.base, self.page_size)
             return
         idx = torch.tensor(sorted(pids), dtype=torch.int64)
@@ -46,6 +49,10 @@ class Fp8Pages:
     def on_write(self, slot_pages: torch.Tensor) -> None:
         """Pages written this step hold full-precision tokens (a recycled page starts over)."""
         self.quantised[slot_pages] = False
+
+    def kernel_pool(self, layer_idx: int):
+        """For the Triton FP8 kernels: None (in place) or (layer ``layer_idx`` of the compact pool, first compact id)."""
+        return None if self.compact is None else (self.compact[:, layer_idx], self.base)
 
     def gather(self, kv_layer: torch.Tensor, meta, layer_idx: int) -> torch.Tensor:
         """``[B*P, 2, rows, H, D]``: the step's pages of one layer; a compact page's token rows are zeros

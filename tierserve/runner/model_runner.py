@@ -83,9 +83,9 @@ class ModelRunner:
         self.num_compact_pages = 0         # FP8 part 2: compact slots, page ids num_pages + 1 + slot
         compact = config.kv_dtype == "fp8" and config.kv_fp8_storage == "compact"
         if compact:
-            if self.backend.name != "torch_ref" or use_index:
-                raise ValueError("kv_fp8_storage='compact' needs attention_backend='torch_ref' and no indexer "
-                                 "for now (the Triton FP8 kernels read the in-place pages only)")
+            if use_index:
+                raise ValueError("kv_fp8_storage='compact' cannot be combined with the indexer selector yet "
+                                 "(its keys are paged by full-precision page id)")
             from tierserve.runner.kv_fp8 import plan_compact
             budget = self.num_pages
             self.num_pages, self.num_compact_pages = plan_compact(
@@ -127,7 +127,8 @@ class ModelRunner:
         self.graphs = None
         self.step_kinds: dict[str, int] = {}         # decode steps run by: "plain" / "spill" graphs, "eager"
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
-                and (self.sparse is None or self.sparse.selector == "pages"):
+                and (self.sparse is None or self.sparse.selector == "pages") \
+                and not (compact and self.sparse is not None):    # compact + sparse decode: the reference
             from tierserve.runner.cuda_graphs import DecodeGraphs
             graph_engram = None
             if self.device_engram is not None:
