@@ -157,7 +157,7 @@ def _generate(ckpt, steps=1, **kw):
 
 def test_engine_triton_compact_same_as_in_place(ckpt, monkeypatch):
     import tierserve.attention.triton_backend as tb
-    tok_a, lp_a, _ = _generate(ckpt)
+    tok_a, lp_a, _ = _generate(ckpt, kv_fp8_storage="inplace")
     calls = []
     for name in ("paged_decode_fp8", "paged_prefill_fp8"):
         real = getattr(tb, name)

@@ -125,7 +125,7 @@ def _run(ckpt, prompts, together=False, **kw):
                                    dict(enable_prefix_caching=False, num_scheduler_steps=4)])
 def test_engine_compact_identical_to_in_place(ckpt, extra):
     prompts = [PROMPT, PROMPT, OTHER] if extra.get("enable_prefix_caching") else [PROMPT, OTHER]
-    tok_a, lp_a, _ = _run(ckpt, prompts, **KW, **extra)
+    tok_a, lp_a, _ = _run(ckpt, prompts, kv_fp8_storage="inplace", **KW, **extra)
     tok_b, lp_b, llm = _run(ckpt, prompts, kv_fp8_storage="compact", **KW, **extra)
     assert llm.engine.kv.compact is not None and llm.engine.kv.quantised       # pages really moved
     assert tok_a == tok_b and lp_a == lp_b
@@ -135,7 +135,7 @@ def test_engine_compact_identical_to_in_place(ckpt, extra):
 
 def test_engine_compact_preemption(ckpt):
     prompts = [PROMPT, OTHER, PROMPT[:120]]
-    ref, lp_ref, _ = _run(ckpt, prompts, together=True, enable_prefix_caching=False, **KW)
+    ref, lp_ref, _ = _run(ckpt, prompts, together=True, enable_prefix_caching=False, kv_fp8_storage="inplace", **KW)
     tok, lp, llm = _run(ckpt, prompts, together=True, num_kv_pages=16, kv_fp8_storage="compact",
                         enable_prefix_caching=False, max_num_seqs=3, **KW)
     assert llm.engine.scheduler.num_preemptions > 0
@@ -146,7 +146,7 @@ def test_engine_compact_preemption(ckpt):
 def test_same_budget_about_twice_the_tokens(ckpt):
     kw = dict(max_model_len=4096, num_kv_pages=2048, max_num_seqs=4, max_num_batched_tokens=256)
     bf = LLM(str(ckpt), dtype="bfloat16", device="cpu", **kw).engine.runner
-    fp = LLM(str(ckpt), dtype="bfloat16", device="cpu", kv_dtype="fp8", kv_fp8_storage="compact", **kw).engine.runner
+    fp = LLM(str(ckpt), dtype="bfloat16", device="cpu", kv_dtype="fp8", **kw).engine.runner     # compact: the default
     ratio = fp.kv_capacity_tokens / bf.kv_capacity_tokens
     assert bf.kv_capacity_tokens == 2048 * 16
     mem_bf = bf.kv.data.nbytes

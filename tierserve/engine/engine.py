@@ -65,6 +65,8 @@ class Engine:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
                              f"{config.page_size}), fewer than max_model_len={self.max_model_len}; "
                              "lower max_model_len or give the pool more memory (num_kv_pages / gpu_kv_gb)")
+        log.info("KV pool: %d pages%s = %d tokens of KV", self.runner.num_pages,
+                 f" + {compact} FP8 compact pages" if compact else "", cap - host_pages * config.page_size)
         fp8 = Fp8PagePolicy(config.page_size, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent) \
             if config.kv_dtype == "fp8" else None
         # a runner with per-request state (DeepSeek-V4) caches prefixes as state snapshots, not pages

@@ -81,15 +81,21 @@ class ModelRunner:
                                   self.dtype.itemsize) if use_index else 0
         self.num_pages = self._num_pages(max_model_len)
         self.num_compact_pages = 0         # FP8 part 2: compact slots, page ids num_pages + 1 + slot
-        compact = config.kv_dtype == "fp8" and config.kv_fp8_storage == "compact"
+        compact = config.kv_dtype == "fp8" and config.kv_fp8_storage != "inplace"
+        if compact and use_index:         # the indexer's keys are paged by full-precision page id
+            if config.kv_fp8_storage == "compact":
+                raise ValueError("kv_fp8_storage='compact' cannot be combined with the indexer selector yet")
+            compact = False
         if compact:
-            if use_index:
-                raise ValueError("kv_fp8_storage='compact' cannot be combined with the indexer selector yet "
-                                 "(its keys are paged by full-precision page id)")
             from tierserve.runner.kv_fp8 import plan_compact
             budget = self.num_pages
             self.num_pages, self.num_compact_pages = plan_compact(
                 config, self.layout, budget, self.layout.bytes_per_page + self._index_page_bytes)
+            if self.num_compact_pages == 0:      # no room beyond the full-precision pages: part 1's storage
+                log.warning("FP8 KV: the KV budget (%d pages) leaves no room for compact pages; quantising "
+                            "in place (no memory saved)", budget)
+                self.num_pages, compact = budget, False
+        if compact:
             log.info("FP8 KV (compact): the memory of %d %s pages holds %d full-precision + %d FP8 pages "
                      "= %d tokens (%.2fx)", budget, self.dtype, self.num_pages, self.num_compact_pages,
                      self.kv_capacity_tokens, self.kv_capacity_tokens / (budget * config.page_size))
