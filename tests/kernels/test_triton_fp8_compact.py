@@ -140,14 +140,15 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("fp8compact") / "llama", "llama")
 
 
-def _generate(ckpt, steps=1, **kw):
+def _generate(ckpt, steps=1, prompts=None, **kw):
     from tierserve import LLM, SamplingParams
     settings = dict(dtype="float32", device=DEV, max_model_len=128, attention_backend="triton", num_kv_pages=40,
                     page_size=8, max_num_batched_tokens=16, kv_dtype="fp8", kv_fp8_keep_sink=4,
                     kv_fp8_keep_recent=8, num_scheduler_steps=steps, enable_prefix_caching=False,
                     enforce_eager=True, debug_invariants=True)
     llm = LLM(str(ckpt), **{**settings, **kw})
-    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(45)], [0] + [(11 * i + 5) % 500 + 3 for i in range(30)]]
+    prompts = prompts or [[0] + [(7 * i + 3) % 500 + 3 for i in range(45)],
+                          [0] + [(11 * i + 5) % 500 + 3 for i in range(30)]]
     sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
     outs = [o.outputs[0] for o in llm.generate(prompts, sp)]
     kv = llm.engine.kv
@@ -170,3 +171,21 @@ def test_engine_triton_compact_same_as_in_place(ckpt, monkeypatch):
     assert tok_a == tok_b and lp_a == lp_b
     multi, _, _ = _generate(ckpt, steps=4, kv_fp8_storage="compact")
     assert multi == tok_b
+
+
+def test_engine_triton_compact_sparse_pages(ckpt, monkeypatch):
+    """Sparse "pages" attention over compact FP8 pages: the selection reads compact pages' summaries from
+    their slots and the FP8 decode kernel reads the selected compact pages: in-place storage's tokens and
+    logprobs."""
+    import tierserve.attention.triton_backend as tb
+    long = [[0] + [(7 * i + 3) % 500 + 3 for i in range(140)], [0] + [(11 * i + 5) % 500 + 3 for i in range(120)]]
+    kw = dict(sparse_attention="pages", sparse_topk_tokens=88, max_model_len=192, num_kv_pages=64, prompts=long)
+    tok_a, lp_a, _ = _generate(ckpt, kv_fp8_storage="inplace", **kw)
+    calls = []
+    real = tb.paged_decode_fp8
+    monkeypatch.setattr(tb, "paged_decode_fp8", lambda *a, **k: calls.append(
+        (k.get("compact") is not None, k.get("selection") is not None)) or real(*a, **k))
+    tok_b, lp_b, llm = _generate(ckpt, kv_fp8_storage="compact", **kw)
+    assert llm.engine.kv.quantised and (True, True) in calls
+    assert tok_a == tok_b
+    torch.testing.assert_close(torch.tensor(lp_b), torch.tensor(lp_a), atol=1e-5, rtol=0)

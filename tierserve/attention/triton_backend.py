@@ -34,7 +34,8 @@ _FUSED_OFF: list = []          # non-empty once the fused selection kernels fail
 def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0,
                   logical: bool = False):
     page = meta.page_size
-    if meta.sparse.selector == "pages" and use_fused_selection(q.device) and not _FUSED_OFF:
+    compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None
+    if meta.sparse.selector == "pages" and use_fused_selection(q.device) and not _FUSED_OFF and compact is None:
         try:                                   # two kernels (triton_select.py)
             return fused_select(q, kv_layer, meta, layer_idx, logical)
         except Exception as e:      # a kernel that fails to build must not take the engine down
@@ -54,6 +55,9 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
         if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
             host = meta.host_summaries[(pt - n_dev).clamp(min=0), layer_idx, :, 0]
             summ = torch.where((pt >= n_dev)[..., None, None, None], host, summ)
+        if compact is not None:         # FP8 compact pages: their summaries sit in their slots
+            summ = torch.where((pt >= compact[1])[..., None, None, None], meta.kv_fp8.summaries(pt, kv_layer, layer_idx),
+                               summ)
         ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     count_selection(meta, chosen, kv_layer.shape[0])
@@ -96,8 +100,6 @@ class TritonBackend:
                 self._warned_fp8_sparse_prefill = True
             meta = dataclasses.replace(meta, sparse=None)
         compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None
-        if compact is not None and meta.sparse is not None:   # page selection reads summaries by page id
-            fp8_ok = False
         if meta.host_kv is not None or (not sparse_ok and meta.sparse is not None) or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:

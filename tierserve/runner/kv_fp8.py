@@ -54,6 +54,13 @@ class Fp8Pages:
         """For the Triton FP8 kernels: None (in place) or (layer ``layer_idx`` of the compact pool, first compact id)."""
         return None if self.compact is None else (self.compact[:, layer_idx], self.base)
 
+    def summaries(self, pt: torch.Tensor, kv_layer: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """``[*pt.shape, 2, Hkv, D]`` (``kv_layer``'s dtype): the key min / max summary row of each compact page
+        in ``pt`` (rows for ids below the compact range are slot 0's: callers select). Sparse "pages" selection."""
+        rows = self.compact[(pt - self.base).clamp(min=0), layer_idx]              # [..., 2, bytes]
+        h, d = kv_layer.shape[-2:]
+        return compact_summary(rows, 1, h, d, self.page_size, kv_layer.dtype)[..., 0, :, :]
+
     def gather(self, kv_layer: torch.Tensor, meta, layer_idx: int) -> torch.Tensor:
         """``[B*P, 2, rows, H, D]``: the step's pages of one layer; a compact page's token rows are zeros
         (its values come from ``attention_inputs``) and its summary rows are copied from its slot."""
