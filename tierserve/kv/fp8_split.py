@@ -47,6 +47,17 @@ class CompactPool:
         return slot + self.base
 
 
+    def move(self, full: BlockPool, tables: list[list[int]], i: int, pid: int) -> int | None:
+        """``adopt`` page ``pid`` (index ``i`` of every table holding it: sharing is by prefix) and point
+        those tables at the new id; None if the compact pool is full."""
+        new = self.adopt(full, pid)
+        if new is not None:
+            for pages in tables:
+                if len(pages) > i and pages[i] == pid:
+                    pages[i] = new
+        return new
+
+
 def split_pages(budget_bytes: float, full_page_bytes: int, compact_page_bytes: int, page_size: int,
                 max_num_seqs: int, max_batched_tokens: int, keep_sink: int, keep_recent: int) -> tuple[int, int]:
     """(full-precision pages, compact pages) for a memory budget.

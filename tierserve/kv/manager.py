@@ -183,12 +183,9 @@ class KVManager:
                     for t in self._tables.values()):
                 pass                        # a sharer still reads it at full precision; it queues it later
             elif self.compact is not None:
-                new = self.compact.adopt(self.pool, pid)
+                new = self.compact.move(self.pool, [t.pages for t in self._tables.values()], i, pid)
                 if new is None:             # compact pool full: stays full precision, retried next commit
                     break
-                for t in self._tables.values():      # every holder has it at index i (a shared prefix)
-                    if len(t.pages) > i and t.pages[i] == pid:
-                        t.pages[i] = new
                 self.quantised.add(new)
                 self._to_quantise.append((pid, new))
             else:
