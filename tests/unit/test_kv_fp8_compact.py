@@ -154,3 +154,10 @@ def test_same_budget_about_twice_the_tokens(ckpt):
     print(f"bf16: {bf.kv_capacity_tokens} tokens in {mem_bf / 2**20:.1f} MiB; fp8 compact: "
           f"{fp.kv_capacity_tokens} tokens in {mem_fp / 2**20:.1f} MiB ({ratio:.2f}x)")
     assert mem_fp <= mem_bf * 1.001 and ratio > 1.8
+
+
+def test_on_write_never_clears_compact_flags():
+    pool = new_compact_pool(3, 1, 16, 2, 8, 0, torch.float32, "cpu")
+    f = Fp8Pages(5, 16, 4, 16, "cpu", compact=pool)
+    f.on_write(torch.tensor([1, 6, 7]))
+    assert f.quantised.tolist() == [False] * 5 + [True] * 3

@@ -47,7 +47,11 @@ class Fp8Pages:
         self.quantised[idx] = True
 
     def on_write(self, slot_pages: torch.Tensor) -> None:
-        """Pages written this step hold full-precision tokens (a recycled page starts over)."""
+        """Pages written this step hold full-precision tokens (a recycled page starts over). Only full-precision
+        pages are written; an id in the compact range (a clamped lookup past a table) keeps its flag (it is
+        mapped to the scratch page, whose flag is never set)."""
+        if self.compact is not None:
+            slot_pages = slot_pages.clamp(max=self.base - 1)
         self.quantised[slot_pages] = False
 
     def kernel_pool(self, layer_idx: int):
