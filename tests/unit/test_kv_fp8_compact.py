@@ -109,7 +109,8 @@ def ckpt(tmp_path_factory):
 def _run(ckpt, prompts, together=False, **kw):
     kw.setdefault("max_model_len", 256)
     kw.setdefault("max_num_batched_tokens", 32)
-    llm = LLM(str(ckpt), dtype="float32", device="cpu", debug_invariants=True, **kw)
+    kw.setdefault("dtype", "float32")
+    llm = LLM(str(ckpt), device="cpu", debug_invariants=True, **kw)
     if together:
         outs = [o.outputs[0] for o in llm.generate(prompts, SP)]
     else:
@@ -161,3 +162,19 @@ def test_on_write_never_clears_compact_flags():
     f = Fp8Pages(5, 16, 4, 16, "cpu", compact=pool)
     f.on_write(torch.tensor([1, 6, 7]))
     assert f.quantised.tolist() == [False] * 5 + [True] * 3
+
+
+def test_same_budget_runs_requests_bf16_cannot_hold_at_once(ckpt):
+    """Three 175-token requests (33 pages) in the memory of 24 bf16 pages: the model-dtype pool must preempt,
+    the compact pool holds all three at once, and its tokens equal in-place FP8 storage's."""
+    prompts = [PROMPT, OTHER[:151], [0] + PROMPT[50:]]
+    kw = dict(max_model_len=256, num_kv_pages=24, max_num_seqs=3, enable_prefix_caching=False, together=True,
+              dtype="bfloat16")
+    llms = {}
+    for name, extra in (("bf16", {}), ("inplace", dict(KW, kv_fp8_storage="inplace")), ("compact", KW)):
+        tok, _, llm = _run(ckpt, prompts, **extra, **kw)
+        llms[name] = (tok, llm.engine.scheduler.num_preemptions, llm.engine.runner.kv_capacity_tokens)
+    assert llms["bf16"][1] > 0 and llms["inplace"][1] > 0 and llms["compact"][1] == 0
+    # 14 full-precision pages (3 x 4 + a chunk) + 19 FP8 pages: small budgets keep a large full-precision share
+    assert llms["compact"][2] > 1.3 * llms["bf16"][2]
+    assert llms["compact"][0] == llms["inplace"][0]
