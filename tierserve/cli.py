@@ -146,7 +146,17 @@ def _llama_info(path, cfg) -> list[tuple[str, str]]:
             ("heads / kv heads / head dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"),
             ("vocab", str(cfg.vocab_size)), ("max positions", str(cfg.max_position_embeddings)),
             ("rope", f"{cfg.rope.rope_type} (theta {cfg.rope.theta:g})"),
-            ("KV bytes per token (bf16)", f"{kv16:,}"), ("KV bytes per token (fp32)", f"{2 * kv16:,}")]
+            ("KV bytes per token (bf16)", f"{kv16:,}"), ("KV bytes per token (fp32)", f"{2 * kv16:,}"),
+            ("KV bytes per token (fp8 compact)", _fp8_compact_bytes(cfg, 16))]
+
+
+def _fp8_compact_bytes(cfg, page_size: int) -> str:
+    """Bytes per token of a page stored in the FP8 compact pool (codes + per-head scales), pages of 16."""
+    from tierserve.quant.fp8_compact import slot_bytes
+    per_page = 2 * cfg.num_layers * slot_bytes(page_size, cfg.num_kv_heads, cfg.head_dim, 0, 2)
+    kv16 = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    return f"{per_page / page_size:,.1f} ({kv16 * page_size / per_page:.2f}x fewer than bf16; " \
+           f"sink / recent / written pages stay bf16)"
 
 
 def _deepseek_v4_info(path, raw: dict) -> list[tuple[str, str]]:

@@ -32,6 +32,9 @@ _HELP = {
     "kv_dtype": "auto | fp8: FP8 e4m3 KV pages with power-of-two scales; sink + recent tokens stay full precision (lossy)",
     "kv_fp8_keep_sink": "with --kv-dtype fp8: first N tokens of each sequence read at full precision",
     "kv_fp8_keep_recent": "with --kv-dtype fp8: the N most recent tokens of each query read at full precision",
+    "kv_fp8_storage": "with --kv-dtype fp8: auto | compact (FP8 pages in a compact pool: ~2x the tokens) | "
+                      "inplace (part 1: quantised in place, no memory saved); auto = compact unless --sparse-attention "
+                      "indexer",
     "quantization": "fp8: block-scaled FP8 weights, quantised on load (lossy)",
     "engram_placement": "where Engram tables live: device | cpu (pinned host RAM) | disk",
     "attention_backend": "auto | torch_ref | triton",

@@ -62,6 +62,8 @@ class EngineConfig:
     kv_dtype: str = "auto"              # fp8: FP8 (e4m3) KV pages, sink + recent tokens at full precision (lossy)
     kv_fp8_keep_sink: int = 16          # first tokens of each sequence always read at full precision
     kv_fp8_keep_recent: int = 64        # most recent tokens (per query) always read at full precision
+    kv_fp8_storage: str = "auto"        # compact (FP8 pages in a uint8 pool: ~2x tokens) | inplace (part 1, no saving);
+                                        # auto: compact unless the indexer selector is on
     quantization: str | None = None     # fp8: quantise bf16 weights on load (128x128 block-scaled e4m3)
     engram_placement: str | None = None  # device | cpu | disk: where Engram tables live (default: config)
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
@@ -89,6 +91,7 @@ class EngineConfig:
         _choice("kv_dtype", self.kv_dtype, ("auto", "fp8"))
         _int_range("kv_fp8_keep_sink", self.kv_fp8_keep_sink, 0, 1 << 24)
         _int_range("kv_fp8_keep_recent", self.kv_fp8_keep_recent, 0, 1 << 24)
+        _choice("kv_fp8_storage", self.kv_fp8_storage, ("auto", "compact", "inplace"))
         if self.kv_dtype == "fp8":
             for name in ("cpu_kv_gb", "disk_kv_dir", "remote_kv_url"):
                 if getattr(self, name) is not None:

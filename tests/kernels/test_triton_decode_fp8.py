@@ -156,8 +156,9 @@ def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt):
     the read rule of its real position (page summaries survive quantisation) -- the torch reference's
     tokens and logprobs; multi-step gives the one-step tokens; the budget really drops pages."""
     long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(140)], [0] + [(11 * i + 5) % 500 + 3 for i in range(120)]]]
+    # in-place storage: with the compact pool (the default) sparse decode steps take the reference
     sparse = dict(sparse_attention="pages", sparse_topk_tokens=88, max_model_len=192, num_kv_pages=64,
-                  rounds=long)                                        # 11 of up to 20 pages
+                  rounds=long, kv_fp8_storage="inplace")              # 11 of up to 20 pages
     if DEV == "cuda":
         # on the GPU the Triton backend's sparse FP8 prefill chunks attend densely (a warning; the reference
         # selects): each prompt is prefilled in one chunk here (no cached context, so both are the same)

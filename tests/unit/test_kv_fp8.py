@@ -128,14 +128,20 @@ def test_fp8_exact_when_window_covers_everything(ckpt, runs):
     assert tok == tok_f and lp == lp_f
 
 
-def test_fp8_storage_keeps_sink_and_window_pages(ckpt):
+@pytest.mark.parametrize("storage", ["inplace", "compact"])
+def test_fp8_storage_keeps_sink_and_window_pages(ckpt, storage):
     tok, lp, llm = _run(ckpt, [PROMPT], kv_dtype="fp8", enable_prefix_caching=True,
-                        kv_fp8_keep_sink=20, kv_fp8_keep_recent=40)
+                        kv_fp8_keep_sink=20, kv_fp8_keep_recent=40, kv_fp8_storage=storage)
     kv = llm.engine.kv
     pol = kv.fp8
     n = len(PROMPT) + SP.max_tokens - 1                # tokens computed by the end
     stored = llm.engine.runner.fp8.quantised
-    assert int(stored.sum()) == len(kv.quantised) == sum(1 for i in range(n // 16) if not pol.needs_full(i, n))
+    want = sum(1 for i in range(n // 16) if not pol.needs_full(i, n))
+    assert len(kv.quantised) == want
+    if storage == "inplace":
+        assert int(stored.sum()) == want
+    else:                                              # moved to compact slots (cached, evictable by now)
+        assert kv.compact.pool.num_cached_evictable == want and min(kv.quantised) >= kv.compact.base
     assert pol.needs_full(0, n) and pol.needs_full(1, n)          # sink tokens 0..19 span pages 0 and 1
     assert not pol.needs_full(2, n) and pol.needs_full(n // 16 - 1, n)
 
@@ -149,8 +155,9 @@ def test_prefix_hits_and_preemption_identical(ckpt, runs):
     assert tok == [tok_q[0], tok_q[0], tok_q[1]]       # logprobs: equal up to GEMM shape rounding
     torch.testing.assert_close(torch.tensor(lp), torch.tensor([lp_q[0], lp_q[0], lp_q[1]]), rtol=0, atol=1e-5)
     # preemption: three requests in a pool too small for all of them
+    # (in-place storage: the compact pool's ~2x capacity would not preempt here; test_kv_fp8_compact.py does)
     llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=256, num_kv_pages=18,
-              max_num_batched_tokens=32, debug_invariants=True, **kw)
+              max_num_batched_tokens=32, debug_invariants=True, kv_fp8_storage="inplace", **kw)
     outs = llm.generate([PROMPT, OTHER, PROMPT[:120]], SP)
     assert llm.engine.scheduler.num_preemptions > 0
     ref, _, _ = _run(ckpt, [PROMPT[:120]], enable_prefix_caching=False, **kw)

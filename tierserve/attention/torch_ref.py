@@ -53,7 +53,10 @@ class TorchRefBackend:
         _, _, rows, hkv, d = kv_layer.shape
         page = meta.page_size
         P = meta.page_table.shape[1]
-        kv = _gather_pages(kv_layer, meta, layer_idx).view(B, P, 2, rows, hkv, d)
+        f = meta.kv_fp8
+        flat = f.gather(kv_layer, meta, layer_idx) if (f is not None and f.compact is not None) \
+            else _gather_pages(kv_layer, meta, layer_idx)
+        kv = flat.view(B, P, 2, rows, hkv, d)
         mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]
         qp = q[:, :, None, :] if meta.decode_only else q[p["q_index"]].transpose(1, 2)   # [B, Hq, max_q, D]
         chosen_keys = None
@@ -70,7 +73,7 @@ class TorchRefBackend:
             count_selection(meta, chosen & p["q_valid"][:, None, :, None], kv_layer.shape[0])
             chosen_keys = chosen.repeat_interleave(page, dim=-1)                   # [B, Hkv, Q, L]
         if meta.kv_fp8 is not None:       # each key twice: full precision and its FP8 reading
-            kv, mask = meta.kv_fp8.attention_inputs(kv, meta, p)
+            kv, mask = meta.kv_fp8.attention_inputs(kv, meta, p, layer_idx)
             P = kv.shape[1]
             if chosen_keys is not None:
                 chosen_keys = torch.cat([chosen_keys, chosen_keys], dim=-1)

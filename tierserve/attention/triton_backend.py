@@ -34,7 +34,8 @@ _FUSED_OFF: list = []          # non-empty once the fused selection kernels fail
 def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, layer_idx: int = 0,
                   logical: bool = False):
     page = meta.page_size
-    if meta.sparse.selector == "pages" and use_fused_selection(q.device) and not _FUSED_OFF:
+    compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None
+    if meta.sparse.selector == "pages" and use_fused_selection(q.device) and not _FUSED_OFF and compact is None:
         try:                                   # two kernels (triton_select.py)
             return fused_select(q, kv_layer, meta, layer_idx, logical)
         except Exception as e:      # a kernel that fails to build must not take the engine down
@@ -54,6 +55,9 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
         if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
             host = meta.host_summaries[(pt - n_dev).clamp(min=0), layer_idx, :, 0]
             summ = torch.where((pt >= n_dev)[..., None, None, None], host, summ)
+        if compact is not None:         # FP8 compact pages: their summaries sit in their slots
+            summ = torch.where((pt >= compact[1])[..., None, None, None], meta.kv_fp8.summaries(pt, kv_layer, layer_idx),
+                               summ)
         ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     count_selection(meta, chosen, kv_layer.shape[0])
@@ -95,6 +99,7 @@ class TritonBackend:
                             "(no sparse FP8 prefill path yet); decode steps stay sparse")
                 self._warned_fp8_sparse_prefill = True
             meta = dataclasses.replace(meta, sparse=None)
+        compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None
         if meta.host_kv is not None or (not sparse_ok and meta.sparse is not None) or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
@@ -108,12 +113,12 @@ class TritonBackend:
                 sel = (logical, lens)
             return paged_decode_fp8(q, kv_layer, f.quantised, table, meta.seq_lens, scale, page,
                                     f.keep_sink, f.keep_recent, num_splits=meta.num_splits,
-                                    sliding_window=sliding_window, selection=sel)
+                                    sliding_window=sliding_window, selection=sel, compact=compact)
         if not meta.decode_only:
             if meta.kv_fp8 is not None:
                 if self.fp8_prefill is not False:
                     try:
-                        out = self._mixed_fp8(q, kv_layer, meta, scale, sliding_window)
+                        out = self._mixed_fp8(q, kv_layer, meta, scale, sliding_window, compact)
                         self.fp8_prefill = True
                         return out
                     except Exception as e:      # a kernel that fails to build must not take the engine down
@@ -234,7 +239,7 @@ class TritonBackend:
         return out
 
     @staticmethod
-    def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None) -> torch.Tensor:
+    def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None) -> torch.Tensor:
         """A step with prefill chunks over FP8 KV pages: decode rows through the FP8 decode kernel, every
         chunk (fresh ones too: the read rule applies inside a chunk) through the FP8 prefill kernel."""
         f = meta.kv_fp8
@@ -243,8 +248,8 @@ class TritonBackend:
         if split.dec_tokens is not None:
             out[split.dec_tokens] = paged_decode_fp8(
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
-                f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window)
+                f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact)
         chunks = packed_chunks(meta, split, window, fresh_too=True)
         paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
-                          sliding_window=window, out=out)
+                          sliding_window=window, out=out, compact=compact)
         return out

@@ -47,11 +47,12 @@ from tierserve.attention.triton_fp8_common import (
     load_codes,
     load_scales,
     softmax_update_scaled,
+    split_ids,
 )
 
 
 @triton.jit
-def read_folded(ptr, bptr, page, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h, s_bp,
+def read_folded(ptr, bptr, page, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h, s_bp,
                 SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
                 RULE_LOADS: tl.constexpr):
     """[BLOCK_N, D] keys (or values) of one K/V block as (values in DTYPE, fp32 scale per token).
@@ -67,9 +68,9 @@ def read_folded(ptr, bptr, page, off, kvh, d, valid, low, stored, any_fix, s_p, 
     stored pages, values for the others: one more dependent round trip per block, but the fix-up only
     quantises values already loaded -- ptxas: 175 instead of 210 registers at 64 tokens / 8 warps)."""
     rel = off[:, None] * s_t + kvh * s_h + d[None, :]          # element offset == code byte offset
-    vptr = ptr + page[:, None] * s_p + rel
-    cptr = bptr + page[:, None] * s_bp + rel
-    sptr = bptr + page * s_bp + SCALE_OFF + 4 * kvh
+    vptr = ptr + page[:, None] * s_p + rel                      # ``page``: values' row, ``cpage``: codes' row
+    cptr = bptr + cpage[:, None] * s_bp + rel
+    sptr = bptr + cpage * s_bp + SCALE_OFF + 4 * kvh
     if not RULE_LOADS:
         x = tl.load(vptr, mask=(valid & ~stored)[:, None], other=0.0)
         val = tl.where(stored[:, None], load_codes(cptr, (valid & stored)[:, None], DTYPE), x.to(DTYPE))
@@ -92,13 +93,14 @@ def read_folded(ptr, bptr, page, off, kvh, d, valid, low, stored, any_fix, s_p, 
 
 @triton.jit
 def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr,
-                             qk_scale, keep_sink, keep_recent,
+                             qk_scale, keep_sink, keep_recent, cbase,
                              s_qb, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_ob, s_oh, s_os, s_lb, s_lh,
                              lg_ptr, sel_ptr, s_pth, s_selb, s_selh,
                              NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
-                             UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr):
+                             UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
+                             COMPACT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -134,9 +136,10 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
         else:
             fix = low & ~stored
         any_fix = tl.sum(fix.to(tl.int32), axis=0) > 0
-        k, ks = read_folded(kv_ptr, kvb_ptr, page, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
+        vpage, cpage = split_ids(page, cbase, COMPACT)
+        k, ks = read_folded(kv_ptr, kvb_ptr, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
                             s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS)
-        v, vs = read_folded(kv_ptr + s_kv, kvb_ptr + s_bkv, page, off, kvh, d, valid, low, stored, any_fix,
+        v, vs = read_folded(kv_ptr + s_kv, kvb_ptr + s_bkv, vpage, cpage, off, kvh, d, valid, low, stored, any_fix,
                             s_p, s_t, s_h, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS)
         # scales folded into the scores and the probabilities (powers of two: exact)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
@@ -163,13 +166,15 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      num_splits: int, sliding_window: int | None = None, out: torch.Tensor | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     rule_loads: bool = True) -> torch.Tensor:
+                     rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
     ``selection`` (sparse attention): (logical page index [B, Hkv, K], tokens [B, Hkv]) of the pages in
     ``page_table`` [B, Hkv, K] (``compact_selection``): only those are read, each under the read rule of
-    its real position. ``rule_loads``: see ``read_folded`` (False only to compare on the GPU)."""
+    its real position. ``rule_loads``: see ``read_folded`` (False only to compare on the GPU).
+    ``compact`` (FP8 part 2): (this layer's compact pool [S, 2, slot_bytes] uint8, first compact page id):
+    page ids >= it are read from that pool's slots (codes + scales at the same offsets as in place)."""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -185,6 +190,10 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     assert block_n % page_size == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
     scale_off = scale_offset(page_size, Hkv, D, kv_layer.element_size(), rows)
     kv_bytes = kv_layer.view(torch.uint8)                         # same storage, byte strides
+    cbase = 0
+    if compact is not None:                                       # codes and scales from the compact pool
+        kv_bytes, cbase = compact
+        assert kv_bytes.dtype == torch.uint8 and kv_bytes.shape[0] >= 1 and kv_bytes.stride(-1) == 1
     flags = quantised.view(torch.uint8)
     group = Hq // Hkv
     if out is None:
@@ -198,12 +207,13 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     else:
         sel = (page_table, seq_lens, 0, 0, 0)
     _fp8_decode_split_kernel[(B, Hkv, num_splits)](
-        q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent,
+        q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent, cbase,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse, *sel,
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
+        COMPACT=compact is not None,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)

@@ -132,3 +132,17 @@ def softmax_update_scaled(s, v, vs, m_i, l_i, acc):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
+
+
+@triton.jit
+def split_ids(page, cbase, COMPACT: tl.constexpr):
+    """Page ids -> (row in the full-precision storage, row in the FP8 code storage). With a compact pool
+    (``COMPACT``; ids >= ``cbase`` are its slots, the codes' base pointer is the pool) a compact page's values
+    and a full page's codes point at row 0: such loads are masked off or replaced (never read as data)."""
+    vpage = page
+    cpage = page
+    if COMPACT:
+        isc = page >= cbase
+        vpage = tl.where(isc, 0, page)
+        cpage = tl.where(isc, page - cbase, 0)
+    return vpage, cpage

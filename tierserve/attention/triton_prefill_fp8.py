@@ -30,7 +30,7 @@ import triton.language as tl
 
 from tierserve.attention.triton_decode import _INTERPRET, _LOG2E
 from tierserve.attention.triton_decode_fp8 import scale_offset
-from tierserve.attention.triton_fp8_common import fake_fold, load_scales
+from tierserve.attention.triton_fp8_common import fake_fold, load_scales, split_ids
 from tierserve.attention.triton_fp8_quant import prefill_scratch, scratch_first_page
 from tierserve.attention.triton_prefill import chunk_rows, store_rows
 
@@ -54,33 +54,35 @@ def _codes(bptr, sptr, page, rel, kvh, from_page, from_sc, s_bp, SCALE_OFF: tl.c
 
 
 @triton.jit
-def _reading(ptr, bptr, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix, s_p, s_bp,
+def _reading(ptr, bptr, sptr, page, cpage, rel, kvh, full, low_page, low_sc, fake, bad, any_fix, s_p, s_bp,
              SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
     """One K/V block in the reading every row of the program uses for each key (keys some rows read in FP8
     and others not: their full reading), as (values, scales; 1 for full readings), loaded from positions
     alone. Rows where storage disagrees (``any_fix``): ``fake`` (a page before the scratch range not stored
-    yet) quantised on the fly, ``bad`` (a stored page read at full precision) dequantised."""
+    yet) quantised on the fly, ``bad`` (a stored page read at full precision) dequantised. ``page`` / ``cpage``:
+    the rows of the values / codes (``split_ids``)."""
     vptr = ptr + page[:, None] * s_p + rel
     x = tl.load(vptr, mask=full[:, None], other=0.0)
-    val, sc = _codes(bptr, sptr, page, rel, kvh, low_page, low_sc, s_bp, SCALE_OFF, DTYPE)
+    val, sc = _codes(bptr, sptr, cpage, rel, kvh, low_page, low_sc, s_bp, SCALE_OFF, DTYPE)
     val = tl.where(full[:, None], x.to(DTYPE), val)
     if any_fix:
         xa = tl.where(fake[:, None], tl.load(vptr, mask=fake[:, None], other=0.0).to(DTYPE), val)   # whole pages
         val, sc = fake_fold(xa, val, sc, fake, PAGE, BLOCK_N, DTYPE)
-        cptr = bptr + page[:, None] * s_bp + rel
+        cptr = bptr + cpage[:, None] * s_bp + rel
         deq = tl.load(cptr, mask=bad[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) * \
-            load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, bad)[:, None]
+            load_scales(bptr + cpage * s_bp + SCALE_OFF + 4 * kvh, bad)[:, None]
         val = tl.where(bad[:, None], deq.to(DTYPE), val)
     return val, sc
 
 
 @triton.jit
 def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, o_ptr, sc_ptr,
-                        soff_ptr, qk_scale, keep_sink, keep_recent, s_qt, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb,
+                        soff_ptr, qk_scale, keep_sink, keep_recent, cbase, s_qt, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb,
                         s_ot, s_oh, s_sp, s_skv,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+                        SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+                        COMPACT: tl.constexpr):
     c = tl.program_id(0)
     blk = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -112,6 +114,7 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         mix = valid & (t >= keep_sink) & (t > end_all) & (t <= end_any)      # FP8 for some rows only
         in_sc = lp >= first
         stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0      # only for the fix-up check
+        page, cpage = split_ids(page, cbase, COMPACT)                     # values' row, codes' row
         fake = low_all & ~in_sc & ~stored
         bad = valid & ~low_all & stored
         any_fix = tl.sum((fake | bad).to(tl.int32), axis=0) > 0
@@ -119,15 +122,15 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         full = valid & ~low_all
         low_sc = low_all & in_sc
         low_page = low_all & ~in_sc
-        k, ks = _reading(kv_ptr, kvb_ptr, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix,
+        k, ks = _reading(kv_ptr, kvb_ptr, sptr, page, cpage, rel, kvh, full, low_page, low_sc, fake, bad, any_fix,
                          s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
-        v, vs = _reading(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, full, low_page, low_sc, fake,
+        v, vs = _reading(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, cpage, rel, kvh, full, low_page, low_sc, fake,
                          bad, any_fix, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]
         # keys some rows read in FP8 and others not: (end_all, end_any] from keep_sink, inside this block
         mixed = tl.maximum(tl.maximum(end_all + 1, keep_sink), t0) <= tl.minimum(end_any, tl.minimum(t0 + BLOCK_N, hi) - 1)
         if mixed:       # their FP8 reading too (two or three blocks per program): the rule per (row, key)
-            kl, ksl = _codes(kvb_ptr, sptr, page, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp, SCALE_OFF, q.dtype)
+            kl, ksl = _codes(kvb_ptr, sptr, cpage, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp, SCALE_OFF, q.dtype)
             low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             s = tl.where(low, tl.dot(q, tl.trans(kl), input_precision="ieee") * (ksl * qk_scale)[None, :], s)
         see = valid[None, :] & (t[None, :] <= q_pos[:, None])
@@ -140,7 +143,7 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if mixed:
-            vl, vsl = _codes(kvb_ptr + s_bkv, sptr + s_skv, page, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp,
+            vl, vsl = _codes(kvb_ptr + s_bkv, sptr + s_skv, cpage, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp,
                              SCALE_OFF, q.dtype)
             low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             p_l = tl.where(low, p, 0.0)
@@ -158,10 +161,11 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
                       scale: float, page_size: int, keep_sink: int, keep_recent: int,
                       sliding_window: int | None = None, out: torch.Tensor | None = None,
                       block_rows: int | None = None, block_n: int | None = None,
-                      num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
+                      num_warps: int | None = None, num_stages: int = 2,
+                      compact: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """``paged_prefill`` (same packed chunks, same return) over FP8 KV pages: kv_layer [N, 2, rows, Hkv, D]
     (one layer of the page-major storage, each (page, K/V) block contiguous); quantised [N] bool.
-    Two launches: the chunks' FP8 scratch, then the attention."""
+    Two launches: the chunks' FP8 scratch, then the attention. ``compact``: as in ``paged_decode_fp8``."""
     T, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -175,17 +179,20 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
     block_n = block_n or max(page_size, 16 if _INTERPRET else 32)
     assert block_n % page_size == 0 and block_n & (block_n - 1) == 0
     kv_bytes = kv_layer.view(torch.uint8)
+    cbase = 0
+    if compact is not None:
+        kv_bytes, cbase = compact
     if out is None:
         out = torch.empty_like(q)
     scratch, soff = prefill_scratch(kv_layer, quantised, page_table, q_len, seq_lens, max_q_len, T, page_size,
-                                    keep_recent)
+                                    keep_recent, compact)
     grid = (q_len.shape[0], triton.cdiv(max_q_len, block_t), Hkv)
     _prefill_fp8_kernel[grid](
         q, kv_layer, kv_bytes, quantised.view(torch.uint8), page_table, q_start, q_len, seq_lens, out, scratch,
-        soff, scale * _LOG2E, keep_sink, keep_recent, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        soff, scale * _LOG2E, keep_sink, keep_recent, cbase, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), scratch.stride(0), scratch.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n,
         SCALE_OFF=scale_offset(page_size, Hkv, D, kv_layer.element_size(), rows), WINDOW=sliding_window or 0,
-        UPCAST=_INTERPRET, num_warps=num_warps or (4 if block_t * group_pad <= 64 else 8), num_stages=num_stages)
+        UPCAST=_INTERPRET, COMPACT=compact is not None, num_warps=num_warps or (4 if block_t * group_pad <= 64 else 8), num_stages=num_stages)
     return out

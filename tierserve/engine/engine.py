@@ -59,17 +59,21 @@ class Engine:
         spill = None
         if host_pages:      # sparse attention counts its choices per page: placement follows them
             spill = self.runner.attach_spill(tiers, count_heat=self.runner.sparse is not None)
-        cap = (self.runner.num_pages + host_pages) * config.page_size   # live pages may spill to CPU RAM
+        compact = getattr(self.runner, "num_compact_pages", 0)          # FP8 pages in the compact pool
+        cap = (self.runner.num_pages + compact + host_pages) * config.page_size   # live pages may spill to CPU RAM
         if cap < self.max_model_len or self.runner.num_pages < 2:
             raise ValueError(f"the KV pool holds {cap} tokens ({self.runner.num_pages} pages of "
                              f"{config.page_size}), fewer than max_model_len={self.max_model_len}; "
                              "lower max_model_len or give the pool more memory (num_kv_pages / gpu_kv_gb)")
+        log.info("KV pool: %d pages%s = %d tokens of KV", self.runner.num_pages,
+                 f" + {compact} FP8 compact pages" if compact else "", cap - host_pages * config.page_size)
         fp8 = Fp8PagePolicy(config.page_size, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent) \
             if config.kv_dtype == "fp8" else None
         # a runner with per-request state (DeepSeek-V4) caches prefixes as state snapshots, not pages
         state_prefix = getattr(self.runner, "find_state_prefix", None) if config.enable_prefix_caching else None
         self.kv = KVManager(self.runner.num_pages, config.page_size,
-                            config.enable_prefix_caching and state_prefix is None, tiers=tiers, fp8=fp8)
+                            config.enable_prefix_caching and state_prefix is None, tiers=tiers, fp8=fp8,
+                            compact_slots=compact)
         if spill is not None and spill.page_heat is not None:
             self.kv.page_heat = spill.page_heat_of
             if spill.host_heat is not None:

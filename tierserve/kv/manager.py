@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from tierserve.kv.block_pool import BlockPool
 from tierserve.kv.fp8_pages import Fp8PagePolicy
+from tierserve.kv.fp8_split import CompactPool
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.tiers.manager import TierHit, TierManager
 
@@ -41,12 +42,16 @@ class _Table:
 
 class KVManager:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 tiers: TierManager | None = None, fp8: Fp8PagePolicy | None = None) -> None:
+                 tiers: TierManager | None = None, fp8: Fp8PagePolicy | None = None,
+                 compact_slots: int = 0) -> None:
         self.page_size = page_size
         self.fp8 = fp8                     # FP8 KV cache: which pages may be stored quantised
         self.quantised: set[int] = set()   # pages whose storage holds FP8 codes (see fp8_pages.py)
         self._to_quantise: list[int] = []
         self.pool = BlockPool(num_pages, enable_caching=enable_prefix_caching)
+        # FP8 part 2: quantised pages move to compact slots (ids >= num_pages + 1, see fp8_split.py)
+        self.compact = CompactPool(compact_slots, num_pages + 1, enable_prefix_caching) \
+            if (fp8 is not None and compact_slots > 0) else None
         self.enable_prefix_caching = enable_prefix_caching
         self.tiers = tiers if (tiers is not None and tiers.enabled) else None
         if self.tiers is not None and enable_prefix_caching:
@@ -81,6 +86,8 @@ class KVManager:
             toks = tuple(token_ids[i * ps:(i + 1) * ps])
             h = hash_page(parent, toks)
             pid = self.pool.lookup(h, toks)
+            if pid is None and self.compact is not None:
+                pid = self.compact.lookup(h, toks)
             if pid is None:
                 break
             hit.pages.append(pid)
@@ -121,12 +128,14 @@ class KVManager:
         tier_hits = prefix.tier_hits if (new_table and prefix) else []
         need = self.pages_for(num_tokens) - len(table.pages) - len(hit_pages)   # tier hits need GPU pages too
         # hit pages that are evictable stop being free once acquired
-        reclaim = sum(1 for p in hit_pages if self.pool.meta[p].ref_count == 0)
+        reclaim = sum(1 for p in hit_pages if not self._is_compact(p) and self.pool.meta[p].ref_count == 0)
         short = need - (self.pool.num_free - reclaim)
         if short > 0 and self._spill(short, exclude=set(hit_pages)) < short:
             return False
         if hit_pages:
-            self.pool.acquire(hit_pages)
+            self.pool.acquire([p for p in hit_pages if not self._is_compact(p)])
+            if self.compact is not None:
+                self.compact.pool.acquire([self.compact.local(p) for p in hit_pages if self._is_compact(p)])
             table.pages.extend(hit_pages)
             table.hashes.extend(prefix.hashes)
         if need > 0:
@@ -158,7 +167,9 @@ class KVManager:
             table.hashes.append(parent)
             if table.pages[i] < 0:          # spilled to CPU RAM: not shareable through the GPU index
                 continue
-            if self.pool.register(table.pages[i], parent, toks) and self.tiers is not None:
+            if self._is_compact(table.pages[i]):
+                self.compact.pool.register(self.compact.local(table.pages[i]), parent, toks)
+            elif self.pool.register(table.pages[i], parent, toks) and self.tiers is not None:
                 self.tiers.on_register(table.pages[i], parent, toks)
 
     def _fp8_commit(self, table: _Table) -> None:
@@ -172,14 +183,29 @@ class KVManager:
                     len(t.pages) > i and t.pages[i] == pid and self.fp8.needs_full(i, t.computed)
                     for t in self._tables.values()):
                 pass                        # a sharer still reads it at full precision; it queues it later
+            elif self.compact is not None:
+                new = self.compact.move(self.pool, [t.pages for t in self._tables.values()], i, pid)
+                if new is None:             # compact pool full: stays full precision, retried next commit
+                    break
+                self.quantised.add(new)
+                self._to_quantise.append((pid, new))
             else:
                 self.quantised.add(pid)
                 self._to_quantise.append(pid)
             i += 1
         table.fp8_next = i
 
-    def take_quantise(self) -> list[int]:
-        """Pages the runner must convert to FP8 before the next step (each page once)."""
+    def _is_compact(self, pid: int) -> bool:
+        return self.compact is not None and self.compact.owns(pid)
+
+    def _release(self, pids: list[int]) -> None:
+        self.pool.release([p for p in pids if p >= 0 and not self._is_compact(p)])
+        if self.compact is not None:
+            self.compact.pool.release([self.compact.local(p) for p in pids if self._is_compact(p)])
+
+    def take_quantise(self) -> list:
+        """Pages the runner must convert to FP8 before the next step (each page once): page ids (in place,
+        part 1) or (full-precision id, compact id) pairs (compact pool)."""
         out, self._to_quantise = self._to_quantise, []
         return out
 
@@ -188,7 +214,7 @@ class KVManager:
             self.tiers.prefetch_release(req_id)
         table = self._tables.pop(req_id, None)
         if table is not None:
-            self.pool.release([p for p in table.pages if p >= 0])
+            self._release(table.pages)
             for p in table.pages:
                 if p < 0:
                     self.tiers.spill_release(-p - 1)
@@ -296,3 +322,11 @@ class KVManager:
                 refs[p] = refs.get(p, 0) + 1
         for pid, m in enumerate(self.pool.meta):
             assert m.ref_count == refs.get(pid, 0), (pid, m.ref_count, refs.get(pid, 0))
+        if self.compact is not None:
+            self.compact.pool.check_invariants()
+            for i, m in enumerate(self.compact.pool.meta):
+                pid = i + self.compact.base
+                assert m.ref_count == refs.get(pid, 0), (pid, m.ref_count, refs.get(pid, 0))
+                if m.ref_count or m.block_hash is not None:
+                    assert pid in self.quantised, pid
+            assert all(p < self.pool.num_pages or self._is_compact(p) for p in refs), "page id out of range"

@@ -83,14 +83,16 @@ def fp8_read_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, page_size: int, kee
     return (kv_pos >= keep_sink) & (q - kv_pos >= keep_recent) & (last < q)
 
 
-def split_precision(kv: torch.Tensor, quantised: torch.Tensor, page_size: int):
+def split_precision(kv: torch.Tensor, quantised: torch.Tensor, page_size: int, deq: torch.Tensor | None = None):
     """``kv [B, P, 2, rows, H, D]`` gathered pages, ``quantised [B, P]`` bool -> (full, low), each
     ``[B, P, 2, page, H, D]`` fp32: the full-precision values and the FP8 reading of every page.
-    A page quantised in storage has only its FP8 reading (the read rule never asks it for more)."""
+    A page quantised in storage has only its FP8 reading (the read rule never asks it for more);
+    ``deq`` gives those readings (pages held elsewhere, e.g. a compact pool), else they are decoded from ``kv``."""
     raw = kv[:, :, :, :page_size].float()
     low = fake_quant(kv, page_size)
     if bool(quantised.any()):
-        deq = dequant_pages(kv[quantised], page_size)
+        if deq is None:
+            deq = dequant_pages(kv[quantised], page_size)
         low[quantised] = deq
         raw[quantised] = deq
     return raw, low

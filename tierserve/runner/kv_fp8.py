@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import torch
 
+from tierserve.quant.fp8_compact import compact_summary, dequant_compact, store_compact_
 from tierserve.quant.fp8_kv import fp8_read_mask, quantise_pages_, split_precision
 
 
 class Fp8Pages:
+    """``compact``: None (part 1: pages quantised in place) or the compact pool ``[S, L, 2, slot_bytes]``
+    uint8 whose slot s is page id ``num_pages + s`` (``num_pages`` counts the scratch page)."""
+
     def __init__(self, num_pages: int, page_size: int, keep_sink: int, keep_recent: int,
-                 device: torch.device) -> None:
+                 device: torch.device, compact: torch.Tensor | None = None) -> None:
         self.page_size, self.keep_sink, self.keep_recent = page_size, keep_sink, keep_recent
-        self.quantised = torch.zeros(num_pages, dtype=torch.bool, device=device)
+        self.compact, self.base = compact, num_pages
+        n = num_pages + (compact.shape[0] if compact is not None else 0)
+        self.quantised = torch.zeros(n, dtype=torch.bool, device=device)
+        self.quantised[num_pages:] = True          # a compact slot only ever holds FP8 codes
 
     def quantise(self, kv_data: torch.Tensor, pids: list[int]) -> None:
         """Convert complete pages that no query reads at full precision any more to FP8 in place (every
@@ -20,6 +27,13 @@ class Fp8Pages:
         copy, page ids up through pinned memory -- no host sync, so a multi-step window queued behind keeps
         the GPU busy (``tierserve.attention.triton_fp8_quant``)."""
         if not pids:
+            return
+        if self.compact is not None:          # (full-precision id, compact id) pairs: move into the pool
+            ids = torch.tensor(pids, dtype=torch.int64).t().contiguous()          # [2, n]: sources, slots
+            if kv_data.is_cuda:                 # no host sync (a multi-step window may be queued behind)
+                ids = ids.pin_memory().to(kv_data.device, non_blocking=True)
+            src, dst = ids[0], ids[1]
+            store_compact_(kv_data, self.compact, src, dst - self.base, self.page_size)
             return
         idx = torch.tensor(sorted(pids), dtype=torch.int64)
         if kv_data.is_cuda:
@@ -33,16 +47,63 @@ class Fp8Pages:
         self.quantised[idx] = True
 
     def on_write(self, slot_pages: torch.Tensor) -> None:
-        """Pages written this step hold full-precision tokens (a recycled page starts over)."""
+        """Pages written this step hold full-precision tokens (a recycled page starts over). Only full-precision
+        pages are written; an id in the compact range (a clamped lookup past a table) keeps its flag (it is
+        mapped to the scratch page, whose flag is never set)."""
+        if self.compact is not None:
+            slot_pages = slot_pages.clamp(max=self.base - 1)
         self.quantised[slot_pages] = False
 
-    def attention_inputs(self, kv: torch.Tensor, meta, prep: dict):
+    def kernel_pool(self, layer_idx: int):
+        """For the Triton FP8 kernels: None (in place) or (layer ``layer_idx`` of the compact pool, first compact id)."""
+        return None if self.compact is None else (self.compact[:, layer_idx], self.base)
+
+    def summaries(self, pt: torch.Tensor, kv_layer: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """``[*pt.shape, 2, Hkv, D]`` (``kv_layer``'s dtype): the key min / max summary row of each compact page
+        in ``pt`` (rows for ids below the compact range are slot 0's: callers select). Sparse "pages" selection."""
+        rows = self.compact[(pt - self.base).clamp(min=0), layer_idx]              # [..., 2, bytes]
+        h, d = kv_layer.shape[-2:]
+        return compact_summary(rows, 1, h, d, self.page_size, kv_layer.dtype)[..., 0, :, :]
+
+    def gather(self, kv_layer: torch.Tensor, meta, layer_idx: int) -> torch.Tensor:
+        """``[B*P, 2, rows, H, D]``: the step's pages of one layer; a compact page's token rows are zeros
+        (its values come from ``attention_inputs``) and its summary rows are copied from its slot."""
+        flat = meta.page_table.reshape(-1)
+        sel = flat >= self.base
+        out = torch.index_select(kv_layer, 0, torch.where(sel, 0, flat))
+        if bool(sel.any()):
+            ps, (rows, h, d) = self.page_size, kv_layer.shape[2:]
+            out[sel] = 0
+            if rows > ps:
+                slots = self.compact[flat[sel] - self.base, layer_idx]              # [n, 2, bytes]
+                out[sel, :, ps:] = compact_summary(slots, rows - ps, h, d, ps, kv_layer.dtype)
+        return out
+
+    def attention_inputs(self, kv: torch.Tensor, meta, prep: dict, layer_idx: int = 0):
         """``kv [B, P, 2, rows, H, D]`` gathered pages -> ([B, 2P, 2, page, H, D] fp32 keys/values:
         full precision then FP8 readings, mask [B, 1, Q, 2L]) so one softmax covers each key once."""
         B, P = kv.shape[:2]
         ps = self.page_size
-        full, low = split_precision(kv, self.quantised[meta.page_table], ps)
+        deq = None
+        if self.compact is not None:
+            pt = meta.page_table
+            sel = pt >= self.base
+            h, d = kv.shape[-2:]
+            deq = dequant_compact(self.compact[pt[sel] - self.base, layer_idx], ps, h, d)   # [n, 2, ps, H, D]
+        full, low = split_precision(kv, self.quantised[meta.page_table], ps, deq)
         use_low = fp8_read_mask(prep["q_pos"], prep["kv_pos"], ps, self.keep_sink, self.keep_recent)
         mask = prep["mask"]
         both = torch.cat([mask & ~use_low, mask & use_low], dim=-1)[:, None]
         return torch.cat([full, low], dim=1), both
+
+
+def plan_compact(config, layout, budget_pages: int, page_bytes: int) -> tuple[int, int]:
+    """``kv_fp8_storage="compact"``: split the memory of ``budget_pages`` model-dtype pages (``page_bytes``
+    each) into (full-precision pages, compact FP8 slots); see ``kv.fp8_split.split_pages``."""
+    from tierserve.kv.fp8_split import split_pages
+    from tierserve.quant.fp8_compact import slot_bytes
+    elem = torch.empty((), dtype=layout.dtype).element_size()
+    cbytes = 2 * layout.num_layers * slot_bytes(layout.page_size, layout.num_kv_heads, layout.head_dim,
+                                                layout.summary_rows, elem)
+    return split_pages(budget_pages * page_bytes, page_bytes, cbytes, layout.page_size, config.max_num_seqs,
+                       config.max_num_batched_tokens, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent)

@@ -80,6 +80,25 @@ class ModelRunner:
         self._index_page_bytes = (model_cfg.num_layers * config.page_size * model_cfg.head_dim *
                                   self.dtype.itemsize) if use_index else 0
         self.num_pages = self._num_pages(max_model_len)
+        self.num_compact_pages = 0         # FP8 part 2: compact slots, page ids num_pages + 1 + slot
+        compact = config.kv_dtype == "fp8" and config.kv_fp8_storage != "inplace"
+        if compact and use_index:         # the indexer's keys are paged by full-precision page id
+            if config.kv_fp8_storage == "compact":
+                raise ValueError("kv_fp8_storage='compact' cannot be combined with the indexer selector yet")
+            compact = False
+        if compact:
+            from tierserve.runner.kv_fp8 import plan_compact
+            budget = self.num_pages
+            self.num_pages, self.num_compact_pages = plan_compact(
+                config, self.layout, budget, self.layout.bytes_per_page + self._index_page_bytes)
+            if self.num_compact_pages == 0:      # no room beyond the full-precision pages: part 1's storage
+                log.warning("FP8 KV: the KV budget (%d pages) leaves no room for compact pages; quantising "
+                            "in place (no memory saved)", budget)
+                self.num_pages, compact = budget, False
+        if compact:
+            log.info("FP8 KV (compact): the memory of %d %s pages holds %d full-precision + %d FP8 pages "
+                     "= %d tokens (%.2fx)", budget, self.dtype, self.num_pages, self.num_compact_pages,
+                     self.kv_capacity_tokens, self.kv_capacity_tokens / (budget * config.page_size))
         # one extra page that the pool never hands out: CUDA-graph padding rows write there
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
@@ -88,8 +107,14 @@ class ModelRunner:
         self.fp8 = None                    # FP8 KV pages (quantised in place, see runner/kv_fp8.py)
         if config.kv_dtype == "fp8":
             from tierserve.runner.kv_fp8 import Fp8Pages
+            pool = None
+            if compact:
+                from tierserve.quant.fp8_compact import new_compact_pool
+                lay = self.layout
+                pool = new_compact_pool(self.num_compact_pages, lay.num_layers, lay.page_size, lay.num_kv_heads,
+                                        lay.head_dim, lay.summary_rows, lay.dtype, self.device)
             self.fp8 = Fp8Pages(self.num_pages + 1, config.page_size, config.kv_fp8_keep_sink,
-                                config.kv_fp8_keep_recent, self.device)
+                                config.kv_fp8_keep_recent, self.device, compact=pool)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.engram_hasher = None          # set by set_tokenizer for models with Engram
         self.engram_conv = None            # Engram conv history per request (conv_kernel_size > 0)
@@ -108,7 +133,8 @@ class ModelRunner:
         self.graphs = None
         self.step_kinds: dict[str, int] = {}         # decode steps run by: "plain" / "spill" graphs, "eager"
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
-                and (self.sparse is None or self.sparse.selector == "pages"):
+                and (self.sparse is None or self.sparse.selector == "pages") \
+                and not (compact and self.sparse is not None):    # compact + sparse decode: the reference
             from tierserve.runner.cuda_graphs import DecodeGraphs
             graph_engram = None
             if self.device_engram is not None:
@@ -136,6 +162,11 @@ class ModelRunner:
             self.backend = _make_backend("torch_ref", self.device)
             for layer in self.model.layers:
                 layer.self_attn.backend = self.backend
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV pool holds (full-precision pages + compact FP8 slots)."""
+        return (self.num_pages + self.num_compact_pages) * self.config.page_size
 
     def _num_pages(self, max_model_len: int) -> int:
         c, per_page = self.config, self.layout.bytes_per_page + self._index_page_bytes

@@ -49,6 +49,11 @@ class _EngineCollector:
         yield self._gauge("kv_cache_usage_perc", "Fraction of KV pages in use (0 to 1).", pool.usage())
         yield self._gauge("kv_blocks_used", "KV pages referenced by a request.", pool.num_in_use)
         yield self._gauge("kv_blocks_total", "KV pages in the pool.", pool.num_pages)
+        if e.kv.compact is not None:         # FP8 KV: quantised pages live in the compact pool
+            cp = e.kv.compact.pool
+            yield self._gauge("kv_fp8_compact_blocks_used", "FP8 compact KV pages referenced by a request.",
+                              cp.num_in_use)
+            yield self._gauge("kv_fp8_compact_blocks_total", "FP8 compact KV pages in the pool.", cp.num_pages)
         yield self._counter("prompt_tokens", "Prompt tokens admitted (n > 1 counts each sample).",
                             e.num_prompt_tokens)
         yield self._counter("generation_tokens", "Tokens generated.", e.num_generated_tokens)
