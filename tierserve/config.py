@@ -63,7 +63,8 @@ class EngineConfig:
     kv_fp8_keep_sink: int = 16          # first tokens of each sequence always read at full precision
     kv_fp8_keep_recent: int = 64        # most recent tokens (per query) always read at full precision
     kv_fp8_storage: str = "auto"        # compact (FP8 pages in a uint8 pool: ~2x tokens) | inplace (part 1, no saving);
-                                        # auto: compact unless the indexer selector is on
+                                        # auto: compact unless sparse attention is on (its fused
+                                        # selection and CUDA graphs read in-place pages only)
     quantization: str | None = None     # fp8: quantise bf16 weights on load (128x128 block-scaled e4m3)
     engram_placement: str | None = None  # device | cpu | disk: where Engram tables live (default: config)
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU

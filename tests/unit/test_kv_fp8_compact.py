@@ -157,6 +157,16 @@ def test_same_budget_about_twice_the_tokens(ckpt):
     assert mem_fp <= mem_bf * 1.001 and ratio > 1.8
 
 
+def test_auto_storage_keeps_in_place_pages_with_sparse_attention(ckpt):
+    """auto: compact for dense attention, in place with sparse attention (its fused selection and CUDA graphs
+    read in-place pages only); an explicit compact still gets the compact pool."""
+    kw = dict(dtype="float32", device="cpu", kv_dtype="fp8", max_model_len=512, num_kv_pages=256, max_num_seqs=2)
+    assert LLM(str(ckpt), **kw).engine.runner.num_compact_pages > 0
+    sparse = dict(kw, sparse_attention="pages", sparse_topk_tokens=128)
+    assert LLM(str(ckpt), **sparse).engine.runner.num_compact_pages == 0
+    assert LLM(str(ckpt), kv_fp8_storage="compact", **sparse).engine.runner.num_compact_pages > 0
+
+
 def test_on_write_never_clears_compact_flags():
     pool = new_compact_pool(3, 1, 16, 2, 8, 0, torch.float32, "cpu")
     f = Fp8Pages(5, 16, 4, 16, "cpu", compact=pool)

@@ -86,6 +86,10 @@ class ModelRunner:
             if config.kv_fp8_storage == "compact":
                 raise ValueError("kv_fp8_storage='compact' cannot be combined with the indexer selector yet")
             compact = False
+        # auto: sparse decode over compact pages runs the PyTorch selection chain without CUDA graphs (the
+        # fused selection reads in-place pages only), so sparse attention keeps the in-place storage
+        if compact and config.sparse_attention is not None and config.kv_fp8_storage == "auto":
+            compact = False
         if compact:
             from tierserve.runner.kv_fp8 import plan_compact
             budget = self.num_pages
