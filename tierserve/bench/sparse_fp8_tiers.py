@@ -120,8 +120,8 @@ def section_c(bench: Bench, deadline: float) -> None:
                 f"the CPU tier needs {_gib(_pinned(p['host_bytes']))} (page-locked at its exact size) for "
                 f"{p['host_pages']} pages of "
                 f"{page_bytes / 2**20:.3f} MiB (K+V of {ps} tokens plus the key min/max row, all layers, "
-                f"{item}-byte values); usable host RAM {_gib(usable)} ({why}). kv_dtype=fp8 would not shrink it: "
-                "FP8 pages keep their full-size slots and cannot be combined with cpu_kv_gb yet")
+                f"{item}-byte values); usable host RAM {_gib(usable)} ({why}). kv_dtype=fp8 (compact pages, about "
+                "half) cannot be combined with cpu_kv_gb yet")
             return row
         gpu_why = bench.gpu_room(p["gpu_pages"], sparse=True)
         if gpu_why:
