@@ -3,10 +3,14 @@ two-precision attention inputs the torch reference reads (see tierserve/quant/fp
 format and the read rule, tierserve/kv/fp8_pages.py for when a page is quantised)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from tierserve.quant.fp8_compact import compact_summary, dequant_compact, store_compact_
 from tierserve.quant.fp8_kv import fp8_read_mask, quantise_pages_, split_precision
+
+log = logging.getLogger("tierserve")
 
 
 class Fp8Pages:
@@ -107,3 +111,41 @@ def plan_compact(config, layout, budget_pages: int, page_bytes: int) -> tuple[in
                                                 layout.summary_rows, elem)
     return split_pages(budget_pages * page_bytes, page_bytes, cbytes, layout.page_size, config.max_num_seqs,
                        config.max_num_batched_tokens, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent)
+
+
+def plan_storage(config, layout, budget_pages: int, page_bytes: int, use_index: bool) -> tuple[int, int]:
+    """(full-precision pages, compact FP8 slots) for ``kv_dtype="fp8"`` in the memory of ``budget_pages``
+    model-dtype pages: ``inplace`` (or no room for compact slots) keeps every page full-size; ``auto`` also keeps
+    in-place pages with the indexer selector (its keys are paged by full-precision page id) and with sparse
+    attention (the fused page selection and CUDA graphs read in-place pages; compact + sparse runs the PyTorch
+    selection chain without graphs); ``compact`` refuses the indexer."""
+    storage = config.kv_fp8_storage
+    if storage == "inplace":
+        return budget_pages, 0
+    if use_index:
+        if storage == "compact":
+            raise ValueError("kv_fp8_storage='compact' cannot be combined with the indexer selector yet")
+        return budget_pages, 0
+    if storage == "auto" and config.sparse_attention is not None:
+        return budget_pages, 0
+    full, slots = plan_compact(config, layout, budget_pages, page_bytes)
+    if slots == 0:                  # no room beyond the full-precision pages: part 1's storage
+        log.warning("FP8 KV: the KV budget (%d pages) leaves no room for compact pages; quantising in place "
+                    "(no memory saved)", budget_pages)
+        return budget_pages, 0
+    log.info("FP8 KV (compact): the memory of %d %s pages holds %d full-precision + %d FP8 pages = %d tokens "
+             "(%.2fx)", budget_pages, layout.dtype, full, slots, (full + slots) * layout.page_size,
+             (full + slots) / budget_pages)
+    return full, slots
+
+
+def make_fp8_pages(config, layout, num_pages: int, num_compact: int, device) -> Fp8Pages:
+    """The runner's FP8 page state over ``num_pages`` full-precision pages (+ the scratch page) and, with
+    ``num_compact`` > 0, a compact pool of that many slots."""
+    pool = None
+    if num_compact:
+        from tierserve.quant.fp8_compact import new_compact_pool
+        pool = new_compact_pool(num_compact, layout.num_layers, layout.page_size, layout.num_kv_heads,
+                                layout.head_dim, layout.summary_rows, layout.dtype, device)
+    return Fp8Pages(num_pages + 1, config.page_size, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent, device,
+                    compact=pool)

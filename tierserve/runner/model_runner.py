@@ -12,7 +12,6 @@ from pathlib import Path
 
 import logging
 
-import numpy as np
 import torch
 
 from tierserve.attention.backend import AttnMetadata
@@ -26,6 +25,7 @@ from tierserve.runner.build import build_model
 from tierserve.runner.cuda_graphs import decode_splits
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
 from tierserve.runner.spill_state import SpillState
+from tierserve.runner.step_inputs import prepare_step
 
 log = logging.getLogger("tierserve")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,44 +81,22 @@ class ModelRunner:
                                   self.dtype.itemsize) if use_index else 0
         self.num_pages = self._num_pages(max_model_len)
         self.num_compact_pages = 0         # FP8 part 2: compact slots, page ids num_pages + 1 + slot
-        compact = config.kv_dtype == "fp8" and config.kv_fp8_storage != "inplace"
-        if compact and use_index:         # the indexer's keys are paged by full-precision page id
-            if config.kv_fp8_storage == "compact":
-                raise ValueError("kv_fp8_storage='compact' cannot be combined with the indexer selector yet")
-            compact = False
-        # auto: sparse decode over compact pages runs the PyTorch selection chain without CUDA graphs (the
-        # fused selection reads in-place pages only), so sparse attention keeps the in-place storage
-        if compact and config.sparse_attention is not None and config.kv_fp8_storage == "auto":
-            compact = False
-        if compact:
-            from tierserve.runner.kv_fp8 import plan_compact
+        compact = False
+        if config.kv_dtype == "fp8":
+            from tierserve.runner.kv_fp8 import plan_storage
             budget = self.num_pages
-            self.num_pages, self.num_compact_pages = plan_compact(
-                config, self.layout, budget, self.layout.bytes_per_page + self._index_page_bytes)
-            if self.num_compact_pages == 0:      # no room beyond the full-precision pages: part 1's storage
-                log.warning("FP8 KV: the KV budget (%d pages) leaves no room for compact pages; quantising "
-                            "in place (no memory saved)", budget)
-                self.num_pages, compact = budget, False
-        if compact:
-            log.info("FP8 KV (compact): the memory of %d %s pages holds %d full-precision + %d FP8 pages "
-                     "= %d tokens (%.2fx)", budget, self.dtype, self.num_pages, self.num_compact_pages,
-                     self.kv_capacity_tokens, self.kv_capacity_tokens / (budget * config.page_size))
+            self.num_pages, self.num_compact_pages = plan_storage(
+                config, self.layout, budget, self.layout.bytes_per_page + self._index_page_bytes, use_index)
+            compact = self.num_compact_pages > 0
         # one extra page that the pool never hands out: CUDA-graph padding rows write there
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
         self.index_keys = torch.zeros(self.num_pages + 1, model_cfg.num_layers, config.page_size, model_cfg.head_dim,
                                       dtype=self.dtype, device=self.device) if use_index else None
-        self.fp8 = None                    # FP8 KV pages (quantised in place, see runner/kv_fp8.py)
+        self.fp8 = None                    # FP8 KV pages (quantised in place or moved to compact slots)
         if config.kv_dtype == "fp8":
-            from tierserve.runner.kv_fp8 import Fp8Pages
-            pool = None
-            if compact:
-                from tierserve.quant.fp8_compact import new_compact_pool
-                lay = self.layout
-                pool = new_compact_pool(self.num_compact_pages, lay.num_layers, lay.page_size, lay.num_kv_heads,
-                                        lay.head_dim, lay.summary_rows, lay.dtype, self.device)
-            self.fp8 = Fp8Pages(self.num_pages + 1, config.page_size, config.kv_fp8_keep_sink,
-                                config.kv_fp8_keep_recent, self.device, compact=pool)
+            from tierserve.runner.kv_fp8 import make_fp8_pages
+            self.fp8 = make_fp8_pages(config, self.layout, self.num_pages, self.num_compact_pages, self.device)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
         self.engram_hasher = None          # set by set_tokenizer for models with Engram
         self.engram_conv = None            # Engram conv history per request (conv_kernel_size > 0)
@@ -337,59 +315,8 @@ class ModelRunner:
         self.kv.loading = transfers.manager.apply(transfers, self.kv.data, overlap=overlap)
 
     def _prepare(self, so: SchedulerOutput, lookahead: int = 0):
-        """Step inputs; ``lookahead`` widens the page tables by that many positions (multi-step)."""
-        ps = self.config.page_size
-        pos_l, page_l, off_l, ids_l, qsl, seq_lens, qlens = [], [], [], [], [0], [], []
-        sample_rows, plp = [], []
-        n_dev, has_host, max_slot = self.kv.data.shape[0], False, -1
-        max_pages = max(-(-(s.end + lookahead) // ps) for s in so.scheduled)
-        table = np.zeros((len(so.scheduled), max_pages), dtype=np.int64)
-        for b, s in enumerate(so.scheduled):
-            req = s.request
-            pos = np.arange(s.start, s.end, dtype=np.int64)
-            pt = np.asarray(s.page_table[:max_pages], dtype=np.int64)
-            if (pt < 0).any():               # spilled to CPU RAM: virtual ids after the device pages
-                max_slot = max(max_slot, int((-pt[pt < 0] - 1).max()))
-                pt = np.where(pt < 0, n_dev - pt - 1, pt)
-                has_host = True
-            table[b, :len(pt)] = pt
-            pos_l.append(pos)
-            page_l.append(pt[pos // ps])
-            off_l.append(pos % ps)
-            ids_l.append(np.asarray(req.all_token_ids[s.start:s.end], dtype=np.int64))
-            if s.samples:
-                sample_rows.append((qsl[-1] + s.num_tokens - 1, s))
-            if req.prompt_logprobs is not None:
-                # positions p whose next token is a prompt token and has no logprob yet
-                lo = max(s.start, len(req.prompt_logprobs) - 1)
-                hi = min(s.end, req.num_prompt_tokens - 1)
-                if hi > lo:
-                    plp.append((req, qsl[-1] + lo - s.start, hi - lo, lo))
-            qsl.append(qsl[-1] + s.num_tokens)
-            seq_lens.append(s.end)
-            qlens.append(s.num_tokens)
-        dev = self.device
-
-        def t(a):
-            return torch.from_numpy(np.concatenate(a) if isinstance(a, list) else a).to(dev, non_blocking=True)
-
-        meta = AttnMetadata(
-            num_seqs=len(so.scheduled), num_tokens=qsl[-1], page_size=ps,
-            positions=t(pos_l), slot_pages=t(page_l), slot_offsets=t(off_l),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            page_table=t(table), query_lens_cpu=qlens, seq_lens_cpu=seq_lens,
-            decode_only=qsl[-1] == len(so.scheduled), host_kv=self.host_kv if has_host else None,
-            sparse=self.sparse, kv_fp8=self.fp8, index_keys=self.index_keys)
-        if self.spill is not None:
-            sp = self.spill
-            meta.host_ram_only = has_host and max_slot < sp.ram_slots
-            meta.host_summaries, meta.page_heat, meta.host_heat = sp.summaries, sp.page_heat, sp.host_heat
-            sp.on_write(meta.slot_pages, meta.slot_offsets)
-        if meta.decode_only:
-            meta.max_seq_bound = max(seq_lens) + lookahead
-            meta.num_splits = self.decode_splits(meta.num_seqs)
-        return meta, t(ids_l), sample_rows, plp
+        """Step inputs (``step_inputs.prepare_step``); ``lookahead`` widens the page tables (multi-step)."""
+        return prepare_step(self, so, lookahead)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, plp, out: StepOutput) -> None:
         for req, row, n, pos0 in plp:
