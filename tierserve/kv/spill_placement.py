@@ -1,0 +1,89 @@
+"""Where the live pages of running requests sit when the GPU pool is too small for them (KV tiers): spilling
+complete pages to CPU RAM / the disk spill file, and -- with sparse attention's selection counts -- promoting
+the most chosen spilled pages back and demoting the least chosen device pages to make room for them.
+``SpillPlacement`` is a mixin of ``KVManager`` (kv/manager.py), whose tables, pool and tier manager it uses."""
+from __future__ import annotations
+
+
+class SpillPlacement:
+    def _spill(self, n: int, exclude: set[int]) -> int:
+        """Move up to ``n`` complete, unshared pages of live requests to CPU RAM (then to the disk spill
+        file); returns how many.
+
+        Page-table entries of spilled pages become ``-(slot + 1)``; the copy happens at the start of
+        the next step (before the freed GPU page can be overwritten). The last page of a table and
+        pages not yet fully computed are never spilled. With ``page_heat`` (how often sparse attention
+        chose each page, kept by the runner) the least chosen pages go first; otherwise the oldest."""
+        if self.tiers is None or not self.tiers.spill_capacity:
+            return 0
+        cands = []                          # (table, index in table, page id)
+        for t in self._tables.values():
+            for i in range(min(t.computed // self.page_size, len(t.pages) - 1)):
+                pid = t.pages[i]
+                if pid >= 0 and pid not in exclude and self.pool.meta[pid].ref_count == 1:
+                    cands.append((t, i, pid))
+        if self.page_heat is not None and len(cands) > n:
+            heat = self.page_heat([pid for _, _, pid in cands])
+            order = sorted(range(len(cands)), key=lambda j: heat[j])      # stable: oldest first on ties
+            cands = [cands[j] for j in order]
+        done = 0
+        for t, i, pid in cands[:n]:
+            slot = self.tiers.spill_reserve()
+            if slot is None:
+                return done
+            self.tiers.schedule_spill(pid, slot)
+            self.pool.release([pid])
+            t.pages[i] = -(slot + 1)
+            self.num_spilled += 1
+            done += 1
+        return done
+
+    def promote_hot(self, reserve: int) -> int:
+        """Bring the most chosen spilled pages (CPU RAM) back into free GPU pages, keeping ``reserve``
+        pages free. Call at the start of a step, before scheduling (no spill is pending then); the copy
+        runs first thing in the next transfer batch, so the released slot may be reused at once."""
+        if self.slot_heat is None or self.tiers is None or not self.tiers.host.num_spilled:
+            return 0
+        budget = self.pool.num_free - reserve
+        if budget <= 0:
+            return 0
+        cands = [(t, i, -p - 1) for t in self._tables.values() for i, p in enumerate(t.pages)
+                 if p < 0 and -p - 1 < self.host_ram_slots]
+        if not cands:
+            return 0
+        heat = self.slot_heat([slot for _, _, slot in cands])
+        order = sorted((j for j in range(len(cands)) if heat[j] > 0), key=lambda j: -heat[j])[:budget]
+        for j in order:
+            t, i, slot = cands[j]
+            pid = self.pool.allocate(1)[0]
+            self.tiers.schedule_unspill(slot, pid)
+            self.tiers.spill_release(slot)
+            t.pages[i] = pid
+            self.num_promoted += 1
+        return len(order)
+
+    def demote_cold(self, reserve: int, limit: int = 64) -> int:
+        """Make room for spilled pages that sparse attention chooses more often than pages on the GPU: pair the
+        hottest CPU-RAM pages with the least chosen device pages (both in order) and, for the pairs where the
+        spilled page's count is more than twice the device page's plus one (so pages do not bounce back and
+        forth), spill that many least chosen device pages -- plus what keeps ``reserve`` pages free -- so that
+        the next ``promote_hot`` brings the hot ones in. At most ``limit`` pairs. Two host syncs (the counts);
+        the engine calls it every few steps. Returns the pages spilled."""
+        if self.slot_heat is None or self.page_heat is None or self.tiers is None or not self.tiers.host.num_spilled:
+            return 0
+        host = [-p - 1 for t in self._tables.values() for p in t.pages if p < 0 and -p - 1 < self.host_ram_slots]
+        dev = [t.pages[i] for t in self._tables.values()
+               for i in range(min(t.computed // self.page_size, len(t.pages) - 1))
+               if t.pages[i] >= 0 and self.pool.meta[t.pages[i]].ref_count == 1]
+        if not host or not dev:
+            return 0
+        hot = sorted(self.slot_heat(host), reverse=True)[:limit]
+        cold = sorted(self.page_heat(dev))[:limit]
+        pairs = 0
+        while pairs < min(len(hot), len(cold)) and hot[pairs] > 2 * cold[pairs] + 1:
+            pairs += 1
+        if not pairs:
+            return 0
+        done = self._spill(pairs + max(0, reserve - self.pool.num_free), exclude=set())
+        self.num_demoted += done
+        return done
