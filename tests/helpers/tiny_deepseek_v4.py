@@ -137,6 +137,16 @@ def engine_checkpoints(tmp_path_factory, names=None) -> dict[str, Path]:
     return out
 
 
+def tiny_models(tmp_path_factory) -> dict:
+    """name -> a loaded tiny model for every config, plus "hca128" (the mixed config with HCA ratio 128)."""
+    from tierserve.models.deepseek_v4 import load_model
+
+    out = {name: load_model(make_checkpoint(tmp_path_factory.mktemp(name), name)) for name in CONFIGS}
+    out["hca128"] = load_model(make_checkpoint(tmp_path_factory.mktemp("hca128"), "mixed",
+                                               compress_rates={CSA: 4, HCA: 128}))
+    return out
+
+
 def rand_ids(n: int, seed: int) -> list[int]:
     """``n`` random token ids in [2, 128) from ``seed``."""
     return torch.randint(2, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

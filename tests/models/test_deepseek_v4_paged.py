@@ -7,9 +7,8 @@ import random
 import pytest
 import torch
 
-from tests.helpers.tiny_deepseek_v4 import CONFIGS, CSA, HCA, make_checkpoint, one_thread, rand_ids  # noqa: F401
+from tests.helpers.tiny_deepseek_v4 import one_thread, rand_ids, tiny_models  # noqa: F401 (one_thread: autouse)
 from tests.models.test_deepseek_v4_batch import assert_slots_match, assert_states_close
-from tierserve.models.deepseek_v4 import load_model
 from tierserve.models.deepseek_v4.kv_bytes import entry_bytes
 from tierserve.models.deepseek_v4.paged_state import EntryPool, PagePools
 from tierserve.models.deepseek_v4.static_decode import decode_static
@@ -21,10 +20,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {name: load_model(make_checkpoint(tmp_path_factory.mktemp(name), name)) for name in CONFIGS}
-    out["hca128"] = load_model(make_checkpoint(tmp_path_factory.mktemp("hca128"), "mixed",
-                                               compress_rates={CSA: 4, HCA: 128}))
-    return out
+    return tiny_models(tmp_path_factory)
 
 
 class Pages:

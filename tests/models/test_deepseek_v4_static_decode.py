@@ -5,9 +5,8 @@ layers, kv_dtype auto and fp8; ``export`` gives the same states, ``load`` + ``ex
 import pytest
 import torch
 
-from tests.helpers.tiny_deepseek_v4 import CONFIGS, CSA, HCA, make_checkpoint, one_thread, rand_ids  # noqa: F401
+from tests.helpers.tiny_deepseek_v4 import one_thread, rand_ids, tiny_models  # noqa: F401 (one_thread: autouse)
 from tests.models.test_deepseek_v4_batch import assert_slots_match, assert_states_close
-from tierserve.models.deepseek_v4 import load_model
 from tierserve.models.deepseek_v4.static_decode import decode_static
 from tierserve.models.deepseek_v4.static_state import StaticState
 
@@ -17,10 +16,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {name: load_model(make_checkpoint(tmp_path_factory.mktemp(name), name)) for name in CONFIGS}
-    out["hca128"] = load_model(make_checkpoint(tmp_path_factory.mktemp("hca128"), "mixed",
-                                               compress_rates={CSA: 4, HCA: 128}))
-    return out
+    return tiny_models(tmp_path_factory)
 
 
 def _start(model, lengths):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tests.helpers.tiny_models import make_checkpoint
+from tests.unit.test_kv_fp8 import _decode_meta
 from tierserve import LLM, SamplingParams
-from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.kv.fp8_pages import Fp8PagePolicy
 from tierserve.kv.fp8_split import split_pages
@@ -49,15 +49,6 @@ def test_split_rule():
     assert full >= 7 + 2 and comp > 0
 
 
-def _meta(seq_len, ps, page_table):
-    pos = torch.tensor([seq_len - 1])
-    return AttnMetadata(num_seqs=1, num_tokens=1, page_size=ps, positions=pos,
-                        slot_pages=torch.tensor([page_table[(seq_len - 1) // ps]]),
-                        slot_offsets=pos % ps, query_start_loc=torch.tensor([0, 1]),
-                        seq_lens=torch.tensor([seq_len]), page_table=torch.tensor([page_table]),
-                        query_lens_cpu=[1], seq_lens_cpu=[seq_len], decode_only=True)
-
-
 @pytest.mark.parametrize("recent", [0, 16])
 def test_torch_ref_reads_compact_pages_like_in_place(recent):
     """The same sequence with its old pages stored in place (part 1) or moved to compact slots: same bits."""
@@ -67,7 +58,7 @@ def test_torch_ref_reads_compact_pages_like_in_place(recent):
     q, k, v = torch.randn(1, hq, d), torch.randn(1, hkv, d), torch.randn(1, hkv, d)
     pt = [3, 0, 4, 1]
     a = Fp8Pages(6, ps, keep_sink=4, keep_recent=recent, device="cpu")
-    ma = _meta(n, ps, pt)
+    ma = _decode_meta(n, ps, pt)
     ma.kv_fp8 = a
     kv_a = kv.clone()
     a.quantise(kv_a, [0, 4])                        # pages 1 and 2 of the sequence
@@ -76,7 +67,7 @@ def test_torch_ref_reads_compact_pages_like_in_place(recent):
     b = Fp8Pages(6, ps, keep_sink=4, keep_recent=recent, device="cpu", compact=pool)
     b.quantise(kv, [(0, 6 + 2), (4, 6 + 0)])
     kv[[0, 4]] = float("nan")                       # the freed full-precision slots are not read
-    mb = _meta(n, ps, [3, 8, 6, 1])
+    mb = _decode_meta(n, ps, [3, 8, 6, 1])
     mb.kv_fp8 = b
     out_b = TorchRefBackend().forward(q, k, v, kv[:, 0], mb, d ** -0.5)
     assert torch.equal(out_a, out_b)
