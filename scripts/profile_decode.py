@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, ".")
 from tierserve import LLM, SamplingParams  # noqa: E402
 from tierserve.bench.decode import copy_bandwidth  # noqa: E402
+from tierserve.bench.gpu_timer import device_kernels  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
@@ -30,11 +31,6 @@ KINDS = [("gemv/gemm", ("gemv", "gemm", "cutlass", "sm90", "nvjet", "matmul", "s
          ("attention", ("decode", "attn", "flash", "merge")),
          ("norm", ("rms", "norm")), ("rotary", ("rope", "rotary")), ("activation", ("silu", "act", "mul")),
          ("copy/index", ("copy", "index", "gather", "scatter", "fill", "cat")), ("argmax/sampling", ("argmax", "max", "sort"))]
-
-
-def kind_of(name: str) -> str:
-    low = name.lower()
-    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
 
 
 def step_ms(graphs, bs: int) -> float:
@@ -49,7 +45,7 @@ def step_ms(graphs, bs: int) -> float:
     return statistics.median(times)
 
 
-def kernels(graphs, bs: int) -> list[dict]:
+def kernels(graphs, bs: int) -> tuple[list[dict], dict]:
     with torch.inference_mode():
         for _ in range(3):
             graphs._forward(bs)
@@ -58,17 +54,7 @@ def kernels(graphs, bs: int) -> list[dict]:
             for _ in range(STEPS):
                 graphs._forward(bs)
             torch.cuda.synchronize()
-    rows = {}
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        r = rows.setdefault(ev.name, {"kernel": ev.name[:120], "kind": kind_of(ev.name), "us": 0.0, "calls": 0})
-        r["us"] += ev.time_range.elapsed_us() / STEPS             # a kernel event's interval on the device
-        r["calls"] += 1
-    out = sorted(rows.values(), key=lambda r: -r["us"])
-    for r in out:
-        r["calls"] /= STEPS
-    return out
+    return device_kernels(prof, KINDS, STEPS)
 
 
 def main() -> None:
@@ -98,11 +84,8 @@ def main() -> None:
         b = graphs.bucket_for(bs)
         t0 = time.perf_counter()
         ms = step_ms(graphs, b)
-        ks = kernels(graphs, b)
-        total = sum(k["us"] for k in ks)
-        by_kind = {}
-        for k in ks:
-            by_kind[k["kind"]] = by_kind.get(k["kind"], 0.0) + k["us"]
+        ks, by_kind = kernels(graphs, b)
+        total = sum(by_kind.values())
         kv_step = b * (CONTEXT + 8) * kv_per_token
         bytes_step = weight_bytes + kv_step
         result["batches"][str(bs)] = {
@@ -110,8 +93,7 @@ def main() -> None:
             "roofline_frac": bytes_step / bw * 1e3 / ms,
             "roofline_frac_bytes_read": (read_bytes + kv_step) / bw * 1e3 / ms, "kernel_us_sum_eager": total,
             "kernel_launches": sum(k["calls"] for k in ks),
-            "by_kind_us": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "by_kind_share": {k: v / total for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "by_kind_us": by_kind, "by_kind_share": {k: v / total for k, v in by_kind.items()},
             "top_kernels": ks[:25], "profile_s": time.perf_counter() - t0}
         r = result["batches"][str(bs)]
         print(f"batch {bs} (bucket {b}) ctx {CONTEXT}: replay {ms:.3f} ms = {r['tok_s']:.0f} tok/s, roofline "

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, ".")
 from tierserve import LLM, SamplingParams  # noqa: E402
+from tierserve.bench.gpu_timer import device_kernels  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 CONTEXT = int(os.environ.get("CONTEXT", 131072))
@@ -19,11 +20,6 @@ CHUNK = int(os.environ.get("CHUNK", 8192))
 KINDS = [("flash attention", ("flash", "fmha", "attention")), ("gemm", ("gemm", "cutlass", "sm90", "nvjet", "matmul")),
          ("paged prefill", ("prefill", "paged")), ("copy/gather", ("copy", "index", "gather", "cat", "elementwise")),
          ("norm/rope/act", ("rms", "rope", "silu", "norm"))]
-
-
-def kind_of(name: str) -> str:
-    low = name.lower()
-    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
 
 
 def prefill(llm, n: int, seed: int) -> list[float]:
@@ -53,23 +49,16 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         prefill(llm, CONTEXT, 2)
-    dev_rows, host_rows = {}, {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            r = dev_rows.setdefault(ev.name, {"kernel": ev.name[:120], "kind": kind_of(ev.name), "ms": 0.0, "calls": 0})
-            r["ms"] += ev.time_range.elapsed_us() / 1e3
-            r["calls"] += 1
+    kernels, by_kind_us = device_kernels(prof, KINDS)
+    host_rows = {}
     for a in prof.key_averages():
         if a.self_cpu_time_total > 0:
             host_rows[a.key] = {"op": a.key[:120], "self_cpu_ms": a.self_cpu_time_total / 1e3, "calls": a.count}
-    total = sum(r["ms"] for r in dev_rows.values())
-    by_kind = {}
-    for r in dev_rows.values():
-        by_kind[r["kind"]] = by_kind.get(r["kind"], 0.0) + r["ms"]
+    total = sum(by_kind_us.values()) / 1e3
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context": CONTEXT, "chunk": CHUNK,
               "prefill_s": wall, "step_ms": steps, "kernel_ms_total": total,
-              "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-              "top_kernels": sorted(dev_rows.values(), key=lambda r: -r["ms"])[:30],
+              "by_kind_ms": {k: v / 1e3 for k, v in by_kind_us.items()},
+              "top_kernels": [{**r, "ms": r["us"] / 1e3} for r in kernels[:30]],
               "top_host_ops": sorted(host_rows.values(), key=lambda r: -r["self_cpu_ms"])[:20],
               "flash_prefix_on": bool(llm.engine.runner.backend.__dict__.get("flash_prefix", None))}
     print(f"cold prefill {CONTEXT} tokens in chunks of {CHUNK}: {wall:.2f} s ({len(steps)} steps; first "
@@ -78,7 +67,7 @@ def main() -> None:
     for k, v in result["by_kind_ms"].items():
         print(f"   {k:16s} {v / 1e3:8.2f} s  {v / total:6.1%}")
     for r in result["top_kernels"][:12]:
-        print(f"   {r['ms']:9.1f} ms x{r['calls']:6d}  {r['kernel'][:90]}")
+        print(f"   {r['ms']:9.1f} ms x{r['calls']:6.0f}  {r['kernel'][:90]}")
     with open(f"{OUT}/prefill-profile-h200.json", "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {OUT}/prefill-profile-h200.json")

@@ -23,3 +23,23 @@ def graph_time_us(fn, reps: int = 16, runs: int = 7) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / reps)
     return sorted(times)[len(times) // 2]
+
+
+def device_kernels(prof, kinds: list[tuple[str, tuple[str, ...]]], per: float = 1.0) -> tuple[list[dict], dict]:
+    """A finished ``torch.profiler`` run's device kernels: ([{kernel, kind, us, calls}] by time, descending;
+    {kind: us}), times and call counts divided by ``per`` (e.g. the steps profiled). ``kinds``: (kind, name
+    substrings) in order of precedence; a kernel matching none is "other"."""
+    rows: dict[str, dict] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        low = ev.name.lower()
+        kind = next((k for k, keys in kinds if any(s in low for s in keys)), "other")
+        r = rows.setdefault(ev.name, {"kernel": ev.name[:120], "kind": kind, "us": 0.0, "calls": 0.0})
+        r["us"] += ev.time_range.elapsed_us() / per          # a kernel event's interval on the device
+        r["calls"] += 1 / per
+    out = sorted(rows.values(), key=lambda r: -r["us"])
+    by_kind: dict[str, float] = {}
+    for r in out:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0.0) + r["us"]
+    return out, dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
