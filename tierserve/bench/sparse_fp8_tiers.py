@@ -23,12 +23,6 @@ from tierserve.bench.sparse_fp8_run import DENSE_PREFILL, Bench, Budget, check
 SYNTHETIC = "synthetic: N(0,1) K/V written into the pages (no prefill), oldest pages spilled to CPU RAM"
 
 
-def _pinned(nbytes: int) -> int:
-    """Bytes the CPU tier's page-locked allocation takes: exactly its size (memory/pinned.py registers it in
-    place; torch's pin_memory would round it up to a power of two)."""
-    return nbytes
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -110,14 +104,14 @@ def section_c(bench: Bench, deadline: float) -> None:
         row = {**p, "batch": 1, "new_tokens": new, "sparse_topk_tokens": s.topk,
                "kv_fill": SYNTHETIC if synthetic else DENSE_PREFILL}
         usable, why = limit()
-        if _pinned(p["host_bytes"]) > usable:
+        if p["host_bytes"] > usable:
             fit = 1 << int(math.log2(max(ctx, 2)))
-            while fit > s.prefill_max and _pinned(plan(fit)["host_bytes"]) > usable:
+            while fit > s.prefill_max and plan(fit)["host_bytes"] > usable:
                 fit //= 2
             if fit > s.prefill_max and "fallback_for" not in setting:
                 settings.append((name, {**setting, "context": fit, "fallback_for": ctx}))
             row["skipped"] = (
-                f"the CPU tier needs {_gib(_pinned(p['host_bytes']))} (page-locked at its exact size) for "
+                f"the CPU tier needs {_gib(p['host_bytes'])} (page-locked at its exact size) for "
                 f"{p['host_pages']} pages of "
                 f"{page_bytes / 2**20:.3f} MiB (K+V of {ps} tokens plus the key min/max row, all layers, "
                 f"{item}-byte values); usable host RAM {_gib(usable)} ({why}). kv_dtype=fp8 (compact pages, about "
