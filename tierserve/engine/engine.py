@@ -227,11 +227,11 @@ class Engine:
         if k > 1:
             return self._after_multi(self.multi.start(so, k))
         tiers = self.kv.tiers
-        if tiers is not None:
+        prefill = any(s.num_tokens > 1 for s in so.scheduled)
+        if tiers is not None and prefill:          # prefill steps time the cost model's recompute side
             tiers.step_started(self.runner.device)
         result = self.runner.execute(so, tiers.take_transfers() if tiers is not None else None)
-        if tiers is not None:           # prefill steps time the cost model's recompute side
-            prefill = any(s.num_tokens > 1 for s in so.scheduled)
+        if tiers is not None:
             # tokens x the context each attends to: the attention part of the cost
             attended = sum(s.num_tokens * s.start + s.num_tokens * (s.num_tokens + 1) // 2 for s in so.scheduled)
             tiers.step_done(so.num_batched_tokens if prefill else 0, attended)

@@ -34,11 +34,11 @@ class StepTimer:
             self._cuda, self._start = None, time.perf_counter()
 
     def stop(self, info, keep: bool = True) -> list[tuple[float, object]]:
-        """The step has been issued; ``info`` rides along with its time (``keep`` False: not timed). Returns
+        """The step has been issued (``start`` not called for it: it is not timed); ``info`` rides along with its time (``keep`` False: not timed). Returns
         ``(seconds, info)`` of every kept step whose time is known now, oldest first."""
         start, self._start = self._start, None
-        if start is None:
-            return []
+        if start is None:               # not timed: earlier steps' times may have arrived meanwhile
+            return self.ready()
         if self._cuda is None:
             return [(time.perf_counter() - start, info)] if keep else []
         if keep:
