@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, ".")
 from tierserve import LLM, SamplingParams  # noqa: E402
-from tierserve.bench.decode import copy_bandwidth  # noqa: E402
+from tierserve.bench.decode import copy_bandwidth, untied_embedding_bytes  # noqa: E402
 from tierserve.bench.gpu_timer import device_kernels  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -69,10 +69,7 @@ def main() -> None:
     # DESIGN.md's roofline (and bench decode's) counts every parameter; a step really reads one row of an
     # untied embedding table, so the bytes it must read are fewer: both are reported
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    read_bytes = weight_bytes
-    emb = runner.model.embed_tokens.weight if hasattr(runner.model, "embed_tokens") else None
-    if emb is not None and getattr(runner.model, "lm_head", None) is not None:
-        read_bytes -= emb.numel() * emb.element_size()
+    read_bytes = weight_bytes - untied_embedding_bytes(runner.model)
     kv_per_token = runner.layout.bytes_per_token
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "context": CONTEXT,
               "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": weight_bytes, "weight_bytes_read": read_bytes,
