@@ -288,7 +288,7 @@ def test_cold_device_pages_make_room_for_hot_spilled_ones(ckpt):
               max_num_batched_tokens=16)
     ref = make(ckpt, **kw).generate([PROMPT], sp)[0].outputs[0].token_ids
     llm = make(ckpt, num_kv_pages=9, max_model_len=256, cpu_kv_gb=0.01, **kw)
-    llm.engine.rebalance_every = 1
+    llm.engine.kv.rebalance_every = 1
     assert llm.generate([PROMPT], sp)[0].outputs[0].token_ids == ref
     kv = llm.engine.kv
     assert kv.num_demoted > 0 and kv.num_promoted > 0

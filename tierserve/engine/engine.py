@@ -80,10 +80,6 @@ class Engine:
                 self.kv.slot_heat, self.kv.host_ram_slots = spill.slot_heat_of, spill.ram_slots
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, state_prefix)
         self.multi = MultiStepDecoder(self)          # num_scheduler_steps > 1: pipelined greedy windows
-        # sparse attention over tiers: every this many steps, device pages chosen far less often than spilled
-        # ones make room for them (KVManager.demote_cold; 0: off)
-        self.rebalance_every = 16
-        self._steps = 0
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stop: dict[str, StopChecker] = {}
@@ -207,12 +203,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.multi.inflight is not None:          # a multi-step window is queued: read it
             return self._after_multi(self.multi.advance())
-        if self.kv.slot_heat is not None:          # hot spilled pages back into free GPU pages
-            reserve = max(2 * len(self.scheduler.running), 4)      # room for the next pages of the running
-            self.kv.promote_hot(reserve=reserve)
-            self._steps += 1
-            if self.rebalance_every and self._steps % self.rebalance_every == 0:
-                self.kv.demote_cold(reserve)       # cold device pages out, so hotter spilled ones come in
+        self.kv.rebalance(len(self.scheduler.running))     # sparse + tiers: hot spilled pages back in
         so = self.scheduler.schedule()
         if so.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:     # nothing will free pages: no hang

@@ -6,6 +6,23 @@ from __future__ import annotations
 
 
 class SpillPlacement:
+    # sparse attention over tiers: every this many steps, device pages chosen far less often than spilled
+    # ones make room for them (``demote_cold``; 0: off)
+    rebalance_every = 16
+    _rebalance_steps = 0
+
+    def rebalance(self, num_running: int) -> None:
+        """Start of an engine step, with sparse selection counts: promote the most chosen spilled pages into
+        free GPU pages (keeping two per running request, at least 4, free for their next tokens) and, every
+        ``rebalance_every`` steps, demote device pages chosen far less often than spilled ones."""
+        if self.slot_heat is None:
+            return
+        reserve = max(2 * num_running, 4)
+        self.promote_hot(reserve=reserve)
+        self._rebalance_steps += 1
+        if self.rebalance_every and self._rebalance_steps % self.rebalance_every == 0:
+            self.demote_cold(reserve)
+
     def _spill(self, n: int, exclude: set[int]) -> int:
         """Move up to ``n`` complete, unshared pages of live requests to CPU RAM (then to the disk spill
         file); returns how many.
