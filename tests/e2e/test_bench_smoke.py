@@ -48,6 +48,8 @@ def test_bench_tiers_smoke(tmp_path):
     pol = ttft["disk-policy"]
     assert pol["policy_choice"] in ("load", "recompute") and pol["est_load_s"] > 0 and pol["est_recompute_s"] > 0
     assert ttft["disk"]["disk_read_GBps"] > 0 and res["summary"]["disk_bandwidth_GBps"] > 0
+    # the raw read of the very page files the hit read: all of the prompt's full pages
+    assert ttft["disk"]["raw_files_bytes"] >= ttft["disk"]["disk_bytes"] > 0 and ttft["disk"]["raw_files_GBps"] > 0
     # every row was streamed as it came (a run killed by a time limit keeps them)
     lines = (tmp_path / "tiers.json.partial.jsonl").read_text().splitlines()
     assert len(lines) == 1 + len(res["rows"]) and (tmp_path / "tiers.png").exists()

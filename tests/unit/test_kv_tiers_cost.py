@@ -121,3 +121,24 @@ def test_a_chain_whose_reads_turn_slow_is_dropped_while_read(tmp_path, monkeypat
     last = tm.stats()["policy"]["last"]
     assert last["choice"] == "recompute" and last["stopped_after_pages"] >= 64 and tm.cost.decisions["stopped"] == 1
     assert len(reads) < n
+
+
+def test_read_watch_judges_the_rate_after_the_readers_warm_up():
+    """Slow first pages (the read pool starting) do not drop a chain whose steady rate pays; a rate that
+    stays slow past the warm-up does."""
+    from tierserve.kv.tiers.cost import LoadPolicy, ReadWatch
+
+    pb = 1 << 20
+    # 5000 pages, recompute 6 s (warm-up 0.3 s): 10 pages in the first second, then 1000 pages/s
+    w = ReadWatch(LoadPolicy(), pb, recompute=6.0, copy_in=0.5)
+    assert w(10 * pb, 4990, 1.0)                        # past the warm-up: marked, not judged
+    assert w(110 * pb, 4890, 1.1)                       # judged too early (0.1 s < warm-up): goes on
+    # 1000 pages/s since the mark: the rest in 3.99 s + 0.5 s copy-in < 6 s. (The average since the start,
+    # 505 pages/s, would have priced it at 8.4 s and dropped it.)
+    assert w(1010 * pb, 3990, 2.0)
+    assert not w.stopped
+    pol = LoadPolicy()
+    w = ReadWatch(pol, pb, recompute=6.0, copy_in=0.5)   # a disk that stays at 100 pages/s
+    assert w(50 * pb, 4950, 0.5)
+    assert not w(100 * pb, 4900, 1.0)                   # 49 s + 0.5 s > 6 s
+    assert w.stopped and pol.decisions["stopped"] == 1

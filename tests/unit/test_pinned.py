@@ -26,3 +26,15 @@ def test_cuda_buffers_are_locked_at_their_size_and_unlocked_on_close():
     assert torch.equal(d.cpu(), t)
     bufs.close()
     assert not t.is_pinned()
+
+
+def test_aligned_empty_starts_on_the_boundary_and_has_the_shape():
+    from tierserve.memory.pinned import ALIGN, aligned_empty
+
+    for shape, dtype in (((3, 5, 7), torch.bfloat16), ((1000, 3), torch.float32), ((0, 4), torch.uint8)):
+        t = aligned_empty(shape, dtype)
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+        if t.numel():
+            assert t.data_ptr() % ALIGN == 0
+            t.fill_(1)
+            assert float(t.float().sum()) == t.numel()

@@ -128,6 +128,8 @@ def summarize(rows: list[dict]) -> dict:
         disk = ttft.get((ctx, "disk"), {})
         if disk.get("disk_read_GBps") and bw.get("disk_bandwidth_GBps"):
             out[f"disk_read_over_bandwidth_c{ctx}"] = disk["disk_read_GBps"] / bw["disk_bandwidth_GBps"]
+        if disk.get("disk_read_GBps") and disk.get("raw_files_GBps"):
+            out[f"disk_read_over_raw_files_c{ctx}"] = disk["disk_read_GBps"] / disk["raw_files_GBps"]
         pol = ttft.get((ctx, "disk-policy"), {})
         if pol:
             out[f"policy_choice_c{ctx}"] = pol.get("policy_choice")

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from tierserve.bench.tiers_io import drop_page_cache, resident_fraction
+from tierserve.bench.tiers_io import drop_page_cache, raw_read_files, resident_fraction
+from tierserve.kv.prefix import hash_page
+from tierserve.kv.tiers import io as tier_io
 
 HITS = ("cold", "gpu", "cpu", "cpu-sync", "cpu-staging", "disk", "disk-policy")
 
@@ -44,6 +46,15 @@ def ttft(llm, prompt: list[int]) -> tuple[float, dict, int]:
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0]
     sync(dev)
     return time.perf_counter() - t, dict(out.cached_tokens_by_tier), out.outputs[0].token_ids[0]
+
+
+def prompt_page_files(eng, prompt: list[int]) -> list[Path]:
+    """The disk tier's files of the prompt's full pages (those a disk hit reads)."""
+    disk, ps, parent, out = eng.kv.tiers.disk, eng.config.page_size, None, []
+    for i in range(len(prompt) // ps):
+        parent = hash_page(parent, tuple(prompt[i * ps:(i + 1) * ps]))
+        out.append(disk.path_of(parent))
+    return out
 
 
 def only_disk_holds_it(eng, disk_dir: str) -> float | None:
@@ -135,6 +146,7 @@ def hit_paths(llm, prompt: list[int], disk_dir: str, policy: str, emit=None, bud
                  "write_dropped": tiers.disk.stats().get("write_dropped")}
         if case == "disk":
             disk_s = s
+            extra.update(raw_read_files(prompt_page_files(eng, prompt), tier_io.READ_WORKERS))
         else:
             last = tiers.cost.last or {}
             extra = {"policy": policy, "policy_choice": last.get("choice", "load (no prefill measured yet)"

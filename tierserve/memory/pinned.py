@@ -31,6 +31,22 @@ def host_unregister(t: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
+ALIGN = 2 << 20                 # bytes: locked buffers start on a 2 MiB boundary
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, align: int = ALIGN) -> torch.Tensor:
+    """An uninitialised CPU tensor whose data starts on an ``align``-byte boundary. Large ``torch.empty``
+    buffers start 64 bytes into a page; GPU reads through PCIe from locked memory are done in aligned
+    requests, and a buffer that starts mid-line splits every one of them."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    off = -raw.data_ptr() % align
+    return raw[off:off + nbytes].view(dtype).view(shape)
+
+
 class PinnedBuffers:
     """Owns exact-size page-locked CPU tensors; ``close`` (or garbage collection) unlocks them."""
 
@@ -40,8 +56,10 @@ class PinnedBuffers:
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
         """An uninitialised CPU tensor, page-locked at its exact size when CUDA is available (falling back to
         torch's rounding ``pin_memory`` allocator, with a warning, if registering fails)."""
-        t = torch.empty(shape, dtype=dtype)
-        if not torch.cuda.is_available() or t.numel() == 0:
+        if not torch.cuda.is_available():
+            return torch.empty(shape, dtype=dtype)
+        t = aligned_empty(shape, dtype)
+        if t.numel() == 0:
             return t
         try:
             host_register(t, what)

@@ -63,8 +63,11 @@ class DiskTier:
             log.warning("disk KV tier disabled: %s; continuing without it", why)
         self.enabled = False
 
-    def _path(self, block_hash: bytes) -> Path:
+    def path_of(self, block_hash: bytes) -> Path:
+        """The file that holds (or would hold) the page ``block_hash``."""
         return self.dir / (block_hash.hex() + SUFFIX)
+
+    _path = path_of
 
     def contains(self, block_hash: bytes) -> bool:
         return self.enabled and block_hash in self.index
