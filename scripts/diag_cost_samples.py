@@ -1,7 +1,6 @@
 """Diagnostic: the recompute cost model's prefill samples after 32k and 128k cold prefills (H200)."""
-import tempfile, time, json, os, sys
+import tempfile, sys
 sys.path.insert(0, ".")
-import torch
 from tierserve import LLM
 from tierserve.bench.tiers import _prompt
 from tierserve.bench.tiers_ttft import ttft, hit_paths

@@ -9,7 +9,12 @@ CONTEXT (default 2048): the engine decodes a few tokens (graphs captured), then
 * the roofline: weights + KV read per step / the device-to-device copy bandwidth of the same run.
 
 Writes $OUT/decode-profile-h200.json and prints a table. Replays write K/V past the request's tokens into its
-last page or the scratch page (outputs are discarded)."""
+last page or the scratch page (outputs are discarded).
+
+Other decode paths (issue 6): ``SETTING`` = ``sparse`` / ``fp8-kv`` / ``sparse+fp8-kv`` / ``fp8-weights`` (engine
+options as in ``bench sparse-fp8``; sparse top-2048 tokens) and ``FILL=synthetic`` (batch 1 only: the context's
+K/V written as random values instead of a prefill -- a 128k FP8 prefill takes over a minute) write
+``$OUT/decode-profile-<setting>-c<context>-h200.json``."""
 import json
 import os
 import statistics
@@ -27,6 +32,11 @@ OUT = os.environ.get("OUT", "/tmp")
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
 CONTEXT = int(os.environ.get("CONTEXT", 2048))
 STEPS = 20
+SETTING = os.environ.get("SETTING", "bf16")
+SETTINGS = {"bf16": {}, "sparse": {"sparse_attention": "pages", "sparse_topk_tokens": 2048},
+            "fp8-kv": {"kv_dtype": "fp8"}, "fp8-weights": {"quantization": "fp8"},
+            "sparse+fp8-kv": {"sparse_attention": "pages", "sparse_topk_tokens": 2048, "kv_dtype": "fp8"}}
+SYNTHETIC = os.environ.get("FILL", "prefill") == "synthetic"
 KINDS = [("gemv/gemm", ("gemv", "gemm", "cutlass", "sm90", "nvjet", "matmul", "splitk")),
          ("attention", ("decode", "attn", "flash", "merge")),
          ("norm", ("rms", "norm")), ("rotary", ("rope", "rotary")), ("activation", ("silu", "act", "mul")),
@@ -60,8 +70,11 @@ def kernels(graphs, bs: int) -> tuple[list[dict], dict]:
 def main() -> None:
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
+    if SYNTHETIC and BATCHES != [1]:
+        sys.exit("FILL=synthetic profiles batch 1 only (BATCHES=1)")
     llm = LLM(os.environ.get("MODEL", "llama-3.1-8b"), load_format="dummy", dtype="bfloat16", seed=0,
-              max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 256, enable_prefix_caching=False)
+              max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 256, enable_prefix_caching=False,
+              **SETTINGS[SETTING])
     eng, runner = llm.engine, llm.engine.runner
     graphs = runner.graphs
     if graphs is None:
@@ -71,13 +84,26 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     read_bytes = weight_bytes - untied_embedding_bytes(runner.model)
     kv_per_token = runner.layout.bytes_per_token
+    opts = SETTINGS[SETTING]             # KV bytes a sparse / FP8 step reads (bench sparse-fp8's accounting)
+    if opts.get("sparse_attention"):
+        kv_per_token *= min(CONTEXT, opts["sparse_topk_tokens"] + 80) / CONTEXT
+    if opts.get("kv_dtype") == "fp8":
+        kv_per_token *= 0.5
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "context": CONTEXT,
+              "setting": SETTING, "engine_options": SETTINGS[SETTING],
+              "kv_fill": "synthetic" if SYNTHETIC else "prefill",
               "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": weight_bytes, "weight_bytes_read": read_bytes,
               "batches": {}}
     vocab = eng.model_cfg.vocab_size
     for bs in BATCHES:
-        prompts = [[(i * 7919 + j * 104729 + 1) % vocab for i in range(CONTEXT)] for j in range(bs)]
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        if SYNTHETIC:
+            from tierserve.bench.sparse_fp8_tiers import synthetic_prefill
+            req = synthetic_prefill(eng, "synthetic", CONTEXT - CONTEXT % 16, 8, 8192, float("inf"), 0)
+            while not req.is_finished:
+                eng.step()
+        else:
+            prompts = [[(i * 7919 + j * 104729 + 1) % vocab for i in range(CONTEXT)] for j in range(bs)]
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         b = graphs.bucket_for(bs)
         t0 = time.perf_counter()
         ms = step_ms(graphs, b)
@@ -100,9 +126,11 @@ def main() -> None:
             print(f"   {k:18s} {v:9.1f} us  {v / total:6.1%}")
         for k in ks[:12]:
             print(f"   {k['us']:9.1f} us x{k['calls']:5.0f}  {k['kernel'][:90]}")
-    with open(f"{OUT}/decode-profile-h200.json", "w") as f:
+    name = "decode-profile-h200.json" if SETTING == "bf16" and not SYNTHETIC else \
+        f"decode-profile-{SETTING}-c{CONTEXT}-h200.json"
+    with open(f"{OUT}/{name}", "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {OUT}/decode-profile-h200.json")
+    print(f"wrote {OUT}/{name}")
 
 
 if __name__ == "__main__":

@@ -56,16 +56,19 @@ def test_transformers_filled_from_ours_gives_the_same_logits():
 def test_bench_deepseek_v4_smoke(tmp_path):
     out = tmp_path / "v4.json"
     t = time.perf_counter()
-    r = CliRunner().invoke(app, ["bench", "deepseek-v4", "--smoke", "--output", str(out)])
+    r = CliRunner().invoke(app, ["bench", "deepseek-v4", "--smoke", "--cpu-experts", "--output", str(out)])
     assert r.exit_code == 0, r.output
     assert time.perf_counter() - t < 120          # < 60 s on an idle 2-core CPU; headroom for a shared one
     res = json.loads(out.read_text())
     s = res["meta"]["settings"]
     assert res["meta"]["subcommand"] == "deepseek-v4" and s["layers"] == 4 and s["contexts"] == [16, 40, 100]
     assert s["layer_types"] == [HCA, HCA, HCA, CSA] and s["mlp_layer_types"][0] == "hash_moe"
-    rows = res["rows"]
+    rows, cpu = res["rows"][:-1], res["rows"][-1]
     assert [(x["engine"], x["context"]) for x in rows] == [(e, c) for e in ("tierserve", "transformers")
                                                           for c in (16, 40, 100)]
+    # --cpu-experts: one more row at the first context, with the routed experts placed on the host
+    assert cpu["engine"] == "tierserve-cpu-experts" and cpu["context"] == 16 and cpu["cpu_experts"] and cpu["tok_s"] > 0
+    assert res["summary"]["cpu_experts_over_device_c16"] == cpu["tok_s"] / rows[0]["tok_s"]
     for x in rows:
         assert x["tok_s"] > 0 and x["ttft_s"] > 0 and x["batch"] == 1 and x["new_tokens"] == 8, x
     for x in rows[:3]:
@@ -81,7 +84,7 @@ def test_bench_deepseek_v4_smoke(tmp_path):
     assert sm["speedup_c16"] == rows[0]["tok_s"] / rows[3]["tok_s"] and sm["targets"]["tierserve_runs_every_context"]
     assert set(sm["targets"]) == {"speedup_ge_5x_at_c16", "tierserve_runs_every_context", "decode_c100_ge_half_of_c16"}
     partial = [json.loads(line) for line in (tmp_path / "v4.json.partial.jsonl").read_text().splitlines()]
-    assert "run_start" in partial[0] and partial[1:] == rows
+    assert "run_start" in partial[0] and partial[1:] == res["rows"]
     assert out.with_suffix(".png").stat().st_size > 0
 
 

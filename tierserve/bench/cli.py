@@ -275,6 +275,8 @@ def deepseek_v4(model: Optional[str] = typer.Option("deepseek-v4-flash", help="s
                                                "run starts"),
                 device: str = typer.Option("auto"), dtype: str = typer.Option("auto"), seed: int = typer.Option(0),
                 smoke: bool = typer.Option(False, help="tiny V4 on the CPU (fp32) for CI; greedy tokens must agree"),
+                cpu_experts: bool = typer.Option(False, "--cpu-experts", help="also run the first context with the "
+                                                 "routed experts in CPU RAM (--cpu-experts), after the other rows"),
                 output: Path = typer.Option(Path("benchmarks/results/deepseek-v4-h200.json")),
                 plot: bool = typer.Option(True, help="write a PNG beside the JSON")) -> None:
     """DeepSeek-V4-Flash cut to N layers: decode tok/s, TTFT, peak memory and state bytes per token,
@@ -304,7 +306,8 @@ def deepseek_v4(model: Optional[str] = typer.Option("deepseek-v4-flash", help="s
                             long_new_tokens=long_new_tokens, chunk=chunk, device=device, dtype=dtype, seed=seed,
                             ours_budget_s=ours_budget, max_wall_s=max_wall,
                             engines=tuple(e.strip() for e in engines.split(",") if e.strip()), smoke=smoke,
-                            partial_path=str(output) + ".partial.jsonl", progress=show, log=con.print)
+                            partial_path=str(output) + ".partial.jsonl", progress=show, log=con.print,
+                            cpu_experts=cpu_experts)
     _write(con, res, output, plot_deepseek_v4 if plot else None, summary=True)
     if smoke and not all(r.get("greedy_equal", True) for r in res["rows"]):
         con.print("error: greedy tokens of tierserve and transformers differ on the smoke model")

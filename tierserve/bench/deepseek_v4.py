@@ -173,7 +173,7 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
                       long_new_tokens: int = 32, chunk: int = 8192, device: str = "auto", dtype: str = "auto",
                       seed: int = 0, ours_budget_s: float = 330.0, max_wall_s: float = 500.0,
                       engines=("tierserve", "transformers"), smoke: bool = False, partial_path=None,
-                      progress=None, log=print) -> dict:
+                      progress=None, log=print, cpu_experts: bool = False) -> dict:
     from tierserve import LLM
     from tierserve.models.deepseek_v4.config import DeepseekV4Config
     from tierserve.models.deepseek_v4.kv_bytes import state_bytes
@@ -186,7 +186,8 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
     new_for = {c: (long_new_tokens if c > 65536 else new_tokens) for c in contexts}
     settings = dict(model=model or "deepseek-v4-flash", layers=layers, layer_types=cfg["layer_types"],
                     mlp_layer_types=cfg["mlp_layer_types"], contexts=contexts, new_tokens=new_for, chunk=chunk,
-                    seed=seed, smoke=smoke, ours_budget_s=ours_budget_s, max_wall_s=max_wall_s, engines=list(engines))
+                    seed=seed, smoke=smoke, ours_budget_s=ours_budget_s, max_wall_s=max_wall_s, engines=list(engines),
+                    cpu_experts=cpu_experts)
     rows: list[dict] = []
     emit = row_emitter(rows, settings, partial_path, progress)
     prompts = {c: torch.randint(3, cfg["vocab_size"], (c,), generator=torch.Generator().manual_seed(seed + c)).tolist()
@@ -255,6 +256,18 @@ def bench_deepseek_v4(model: str | None, contexts: list[int], *, layers: int = 4
             stop = f"{'ran out of memory' if 'out_of_memory' in r else 'failed'} at context {c} already"
         emit(done.setdefault(("transformers", c), {"engine": "transformers", "context": c,
                                                     "new_tokens": new_for[c], **common, **r}))
+    hf = None
+    _collect(dev)
+    if cpu_experts:                   # the same model with its routed experts in CPU RAM, at the first context
+        from tierserve.bench.deepseek_v4_cpu_experts import run_cpu_experts
+
+        _free(ours)
+        c = contexts[0]
+        r = run_cpu_experts(folder, c, prompts[c], new_for[c], chunk=chunk, device=device, dtype=dtype, seed=seed,
+                            max_len=max_len, budget_s=max(60.0, max_wall_s - (time.perf_counter() - t_start)),
+                            run=_run_ours, free=_free, collect=_collect)
+        emit(done.setdefault(("tierserve-cpu-experts", c), {"engine": "tierserve-cpu-experts", "context": c,
+                                                             "new_tokens": new_for[c], **common, **r}))
     settings.update(device=str(dev), dtype=str(tdtype))
     summary = _summary(done, contexts, sb.per_token, sb_full)
     summary.update(graph_replay_ms_batch1=graph_ms,      # the decode step's graph alone, no engine around it
@@ -292,6 +305,12 @@ def _summary(done: dict, contexts: list[int], per_token: float, per_token_full: 
             out[f"ttft_speedup_c{c}"] = hf[c]["ttft_s"] / ours[c]["ttft_s"]
     if "tok_s" in ours[short] and "tok_s" in ours[long_]:
         out[f"decode_c{long_}_vs_c{short}"] = ours[long_]["tok_s"] / ours[short]["tok_s"]
+    cpu = done.get(("tierserve-cpu-experts", short), {})
+    if "tok_s" in cpu and "tok_s" in ours[short]:
+        out[f"cpu_experts_tok_s_c{short}"] = cpu["tok_s"]
+        out[f"cpu_experts_over_device_c{short}"] = cpu["tok_s"] / ours[short]["tok_s"]
+        if cpu.get("peak_gpu_gib") and ours[short].get("peak_gpu_gib"):
+            out[f"cpu_experts_peak_gpu_gib_saved_c{short}"] = ours[short]["peak_gpu_gib"] - cpu["peak_gpu_gib"]
     out["targets"] = {f"speedup_ge_5x_at_c{short}": out.get(f"speedup_c{short}", 0) >= 5,
                       "tierserve_runs_every_context": all("tok_s" in ours[c] for c in contexts),
                       f"decode_c{long_}_ge_half_of_c{short}": out.get(f"decode_c{long_}_vs_c{short}", 0) >= 0.5}
