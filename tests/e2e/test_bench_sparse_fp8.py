@@ -31,6 +31,7 @@ def test_bench_sparse_fp8_smoke(tmp_path):
         if "tok_s" in x:
             assert x["tok_s"] > 0 and x["attention_ms_per_step"] > 0 and x["batch"] == 1
             assert x["attention_ms_per_step"] == x["attention_ms_per_layer"] * 4      # nano: 4 layers
+            assert x["attention_timing"] == "eager" and sum(x["step_kinds"].values()) > 0    # CPU: no graphs
 
     # a: BF16 and the three FP8 settings, each against BF16 in the same run
     bf16 = _one(rows, section="a", setting="bf16")

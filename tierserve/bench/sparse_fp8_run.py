@@ -62,8 +62,12 @@ class _Capture:
 
 
 @torch.inference_mode()
-def attention_ms(runner, meta, seconds: float = 0.2) -> float:
-    """ms of layer 0's attention call on a captured decode step (real pool, page table, tiers, flags)."""
+def attention_ms(runner, meta, seconds: float = 0.2) -> tuple[float, str]:
+    """ms of layer 0's attention call on a captured decode step (real pool, page table, tiers, flags), and how
+    it was timed: on CUDA the call is captured in a CUDA graph and its replays timed with CUDA events
+    ("graph": what a decode step through the engine's graphs pays; host launch time excluded); where it
+    cannot be captured, or off CUDA, the host's wall time of eager calls ("eager": includes launch time,
+    which dominates for the small kernels of a sparse step)."""
     attn, cfg, dev = runner.model.layers[0].self_attn, runner.model_cfg, runner.device
     q = torch.randn(meta.num_seqs, cfg.num_heads, cfg.head_dim, device=dev, dtype=runner.dtype)
     kv_new = torch.zeros(meta.num_seqs, cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=runner.dtype)
@@ -73,6 +77,10 @@ def attention_ms(runner, meta, seconds: float = 0.2) -> float:
         attn.backend.forward(q, kv_new, kv_new, layer, meta, attn.scale, attn.window, 0, kv_written=True)
     call()
     _sync(dev)
+    if dev.type == "cuda":
+        ms = _graph_ms(call, dev)
+        if ms is not None:
+            return ms, "graph"
     t = time.perf_counter()
     call()
     _sync(dev)
@@ -81,7 +89,34 @@ def attention_ms(runner, meta, seconds: float = 0.2) -> float:
     for _ in range(reps):
         call()
     _sync(dev)
-    return 1e3 * (time.perf_counter() - t) / reps
+    return 1e3 * (time.perf_counter() - t) / reps, "eager"
+
+
+def _graph_ms(call, dev: torch.device, reps: int = 20) -> float | None:
+    """Median ms of CUDA-graph replays of ``call`` (None: it cannot be captured, e.g. it syncs the host)."""
+    import statistics
+
+    try:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+    except RuntimeError:
+        torch.cuda.synchronize(dev)
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 class Bench:
@@ -129,6 +164,7 @@ class Bench:
         runner, dev = eng.runner, eng.runner.device
         cap = _Capture(runner)
         cap.armed = True
+        kinds0 = dict(getattr(runner, "step_kinds", {}))
         n0, t = len(req.output_token_ids), time.perf_counter()
         try:
             while not req.is_finished:
@@ -141,10 +177,13 @@ class Bench:
         n = len(req.output_token_ids) - n0
         out = {"tok_s": n / dt, "ms_per_token": 1e3 * dt / max(n, 1),
                "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
-               "tokens": list(req.output_token_ids)}
+               "tokens": list(req.output_token_ids),
+               # decode steps by path: "plain" / "spill" CUDA graphs or "eager" (ModelRunner.step_kinds)
+               "step_kinds": {k: v - kinds0.get(k, 0) for k, v in getattr(runner, "step_kinds", {}).items()
+                              if v != kinds0.get(k, 0)}}
         if attention and cap.meta is not None:   # the request is done; its pages still hold its KV
-            per_layer = attention_ms(runner, cap.meta)
-            out.update(attention_ms_per_layer=per_layer,
+            per_layer, how = attention_ms(runner, cap.meta)
+            out.update(attention_ms_per_layer=per_layer, attention_timing=how,
                        attention_ms_per_step=per_layer * eng.model_cfg.num_layers)
         return out
 

@@ -77,6 +77,8 @@ def _slots(table: torch.Tensor, pos: torch.Tensor, ps: int) -> torch.Tensor:
 
 def _run(runner, meta: AttnMetadata, ids: torch.Tensor, steps: int, graph: bool, table: torch.Tensor) -> Window:
     B, ps, dev = meta.num_seqs, meta.page_size, runner.device
+    kind = "plain" if graph else "eager"            # decode steps by path, as ModelRunner.execute counts them
+    runner.step_kinds[kind] = runner.step_kinds.get(kind, 0) + steps
     toks = torch.empty(B, steps, dtype=torch.int64, device=dev)
     if runner.fp8 is not None:          # every page the window writes holds full-precision tokens
         first = runner.graphs.positions[:B] if graph else meta.positions
