@@ -1,7 +1,12 @@
 """H200 sweep of the FP8 block-scaled GEMV (quant/triton_fp8_gemv.py) at Llama-3.1-8B decode shapes, against
 bf16 cuBLAS in the same run: tile width, warps, pipeline stages and split-K waves; each timing is a CUDA
 graph of 16 calls, median of 7 replays. Prints the best configuration per (M, layer) and the GB/s it
-reaches; JSON to $OUT/fp8-gemv-sweep.json. (Issue 6: FP8 weights decoded only 1.15x bf16 at batch 1.)"""
+reaches; JSON to $OUT/fp8-gemv-sweep.json. (Issue 6: FP8 weights decoded only 1.15x bf16 at batch 1.)
+
+Each row also times the three tensor-core product modes of ``fp8_gemm(dot=...)`` at the default tiles
+("act": weights widened to bf16, the default; "f16": widened to fp16; "fp8": fp8 x fp8 with activations
+quantised per 1x128 group) -- whether widening e4m3 to bf16 is what holds the kernel below the bandwidth.
+``GRID=0`` skips the tile sweep (modes only, ~20 s). ``DOT`` picks the mode the tile sweep uses."""
 import itertools
 import json
 import os
@@ -22,6 +27,9 @@ timed = graph_time_us
 
 shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 grid = list(itertools.product((32, 64, 128, 256), (4, 8), (3, 4, 6), (2, 4, 8, 16)))
+if os.environ.get("GRID", "1") == "0":
+    grid = []
+DOT = os.environ.get("DOT", "act")
 rows = []
 for M in (1, 16):
     for name, (N, K) in shapes.items():
@@ -31,14 +39,20 @@ for M in (1, 16):
         row = {"M": M, "layer": name, "N": N, "K": K, "fp8_MB": N * K / 1e6}
         row["cublas_bf16_us"] = timed(lambda: F.linear(x, w))
         row["default_us"] = timed(lambda: fp8_gemm(x, q, sc))
-        best = None
+        want = fp8_gemm(x, q, sc, dot="act").float()
+        for mode in ("act", "f16", "fp8"):
+            row[f"dot_{mode}_us"] = timed(lambda: fp8_gemm(x, q, sc, dot=mode))
+            row[f"dot_{mode}_TBps"] = N * K / (row[f"dot_{mode}_us"] * 1e-6) / 1e12
+            got = fp8_gemm(x, q, sc, dot=mode).float()
+            row[f"dot_{mode}_rel_err_vs_act"] = float((got - want).norm() / want.norm())
+        best = (row[f"dot_{DOT}_us"], {"default": True, "dot": DOT})
         for bn, nw, st, wv in grid:
             try:
-                us = timed(lambda: fp8_gemm(x, q, sc, block_n=bn, num_warps=nw, num_stages=st, waves=wv))
+                us = timed(lambda: fp8_gemm(x, q, sc, block_n=bn, num_warps=nw, num_stages=st, waves=wv, dot=DOT))
             except Exception:          # a config that does not compile / fit in shared memory
                 continue
-            if best is None or us < best[0]:
-                best = (us, {"block_n": bn, "num_warps": nw, "num_stages": st, "waves": wv})
+            if us < best[0]:
+                best = (us, {"block_n": bn, "num_warps": nw, "num_stages": st, "waves": wv, "dot": DOT})
         row["best_us"], row["best_cfg"] = best
         for k in ("default", "best"):
             row[f"{k}_TBps"] = N * K / (row[f"{k}_us"] * 1e-6) / 1e12
@@ -46,5 +60,6 @@ for M in (1, 16):
         rows.append(row)
         print(f"M={M:>2} {name:8s} bf16 {row['cublas_bf16_us']:7.1f} us ({row['cublas_bf16_TBps']:.2f} TB/s) | fp8 "
               f"default {row['default_us']:7.1f} us ({row['default_TBps']:.2f}) best {row['best_us']:7.1f} us "
-              f"({row['best_TBps']:.2f}) {row['best_cfg']}", flush=True)
+              f"({row['best_TBps']:.2f}) {row['best_cfg']} | dot act/f16/fp8 " + " / ".join(
+                  f"{row[f'dot_{m}_TBps']:.2f}" for m in ("act", "f16", "fp8")) + " TB/s", flush=True)
 json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, open(f"{OUT}/fp8-gemv-sweep.json", "w"), indent=1)

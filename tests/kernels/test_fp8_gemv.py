@@ -149,3 +149,33 @@ def test_scaled_mm_prefill_is_checked_once_and_falls_back(monkeypatch):
     ugly.prefill = "scaled_mm"
     with pytest.raises(RuntimeError, match="needs SM90"):
         ugly._prefill(x, None)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_fp16_products_match_and_scale_large_activations(m):
+    """dot="f16": e4m3 weights widened to fp16, x rows brought into fp16's range by a power of two: the
+    reference's values, also for activations far beyond fp16's 65504."""
+    q, s = _weights(96, 384, 11 + m)
+    x = torch.randn(m, 384, device=DEV, dtype=torch.bfloat16)
+    x[0, 7] = 3.0e5                                             # overflows fp16 unless scaled
+    want = fp8_gemm_ref(x, q, s, out_dtype=torch.float32)
+    for split in (1, 3):
+        got = fp8_gemm(x, q, s, out_dtype=torch.float32, split_k=split, dot="f16")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_fp8_activation_products_are_close_and_bad_modes_fail():
+    """dot="fp8": x quantised per row and K chunk to e4m3 (lossy): within e4m3's relative step of the reference."""
+    q, s = _weights(128, 512, 21)
+    x = torch.randn(4, 512, device=DEV, dtype=torch.bfloat16)
+    want = fp8_gemm_ref(x, q, s, out_dtype=torch.float32)
+    try:
+        got = fp8_gemm(x, q, s, out_dtype=torch.float32, dot="fp8")
+    except Exception as e:                      # noqa: BLE001 - the interpreter may lack fp8 dot products
+        if INTERPRET:
+            pytest.skip(f"fp8 x fp8 tl.dot under the interpreter: {type(e).__name__}")
+        raise
+    err = (got - want).norm() / want.norm()
+    assert err < 0.05, err
+    with pytest.raises(ValueError, match="dot must be"):
+        fp8_gemm(x, q, s, dot="int8")

@@ -24,6 +24,7 @@ import triton.language as tl
 from tierserve.quant.fp8 import DEFAULT_BLOCK, fp8_linear_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # the interpreter's dot mishandles bf16
+DOT_MODES = {"act": 1, "f16": 2, "fp8": 3}                 # fp8_gemm's ``dot``; 0: fp32 products
 
 
 @triton.jit
@@ -31,7 +32,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
                      s_xm, s_wn, s_sn, s_om, s_os,
                      SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_DOT: tl.constexpr):
+                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -56,8 +57,20 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
             w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                         other=0.0)
             if USE_DOT:
-                if LOW_DOT:    # e4m3 -> bf16/fp16 is exact: tensor-core products in the activation dtype
+                if DOT_MODE == 1:    # e4m3 -> bf16/fp16 is exact: tensor-core products in the activation dtype
                     part += tl.dot(x, tl.trans(w.to(x.dtype)))
+                elif DOT_MODE == 2:  # fp16 products: e4m3 -> fp16 is one conversion; x scaled by 2^-e into range
+                    xf = x.to(tl.float32)
+                    amax = tl.max(tl.abs(xf), axis=1)
+                    e = tl.maximum(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))) - 15.0, 0.0)
+                    xs = tl.exp2(e)
+                    part += tl.dot((xf / xs[:, None]).to(tl.float16), tl.trans(w.to(tl.float16))) * xs[:, None]
+                elif DOT_MODE == 3:  # fp8 x fp8 products: x quantised per row over this K chunk (lossy)
+                    xf = x.to(tl.float32)
+                    amax = tl.max(tl.abs(xf), axis=1)
+                    xs = tl.where(amax > 0, amax / 448.0, 1.0)
+                    xq = (xf / xs[:, None]).to(tl.float8e4nv)
+                    part += tl.dot(xq, tl.trans(w)) * xs[:, None]
                 else:
                     part += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PREC)
             else:
@@ -104,9 +117,16 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
              block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
              split_k: int | None = None, use_dot: bool | None = None, block_n: int | None = None,
              block_k: int | None = None, num_warps: int = 4, num_stages: int = 4,
-             waves: int = 4) -> torch.Tensor:
+             waves: int = 4, dot: str | None = None) -> torch.Tensor:
     """``x [M, K]`` (fp32/bf16/fp16, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn (row-major),
-    ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[M, N]`` in ``out_dtype`` (default x.dtype)."""
+    ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[M, N]`` in ``out_dtype`` (default x.dtype).
+
+    ``dot`` (tensor-core products; None: ``TIERSERVE_FP8_DOT`` or "act"): "act" widens the e4m3 weights to
+    the activation dtype (exact products; bf16 costs more conversion instructions than fp16); "f16" widens
+    them to fp16 and scales each x row of a K chunk by a power of two that brings it into fp16's range
+    (exact products for |x| >= 2^-17, the same sums as "act" up to fp32 summation order); "fp8" quantises x
+    per row and K chunk to e4m3 and multiplies fp8 x fp8 (lossy: DeepSeek-V3's 1x128 activation groups).
+    fp32 activations always use fp32 products."""
     M, K = x.shape
     N, K2 = qweight.shape
     sbn, sbk = block_size
@@ -141,13 +161,19 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
     direct = split == 1
     dst = out if direct else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    dot = dot or os.environ.get("TIERSERVE_FP8_DOT", "act")
+    if dot not in DOT_MODES:
+        raise ValueError(f"fp8_gemm: dot must be one of {sorted(DOT_MODES)}, got {dot!r}")
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    # the interpreter's dot mishandles bf16: fp32 products there ("act"); fp16 and fp8 modes run as asked
+    mode = DOT_MODES[dot] if low and not (_INTERPRET and dot == "act") else 0
     b = bias if bias is not None else scale_inv                  # dummy pointer when there is no bias
     _fp8_gemm_kernel[(n_tiles, split, m_tiles)](
         x, qweight, scale_inv, b, dst, M, N, K, kb_per_split,
         x.stride(0), qweight.stride(0), scale_inv.stride(0), dst.stride(-2), dst.stride(0) if not direct else 0,
         SBN=sbn, SBK=sbk, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
         DOT_PREC=dot_prec, DIRECT=direct, HAS_BIAS=bias is not None,
-        LOW_DOT=x.dtype in (torch.bfloat16, torch.float16) and not _INTERPRET, num_warps=num_warps, num_stages=num_stages)
+        DOT_MODE=mode, num_warps=num_warps, num_stages=num_stages)
     if not direct:
         rb = 256
         _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, N, split, dst.stride(0), dst.stride(1),
