@@ -88,3 +88,54 @@ def test_engine_with_flash_prefix_matches_reference(tmp_path, monkeypatch, budge
         if be == "triton":
             assert llm.engine.runner.backend.flash_prefix
     assert outs["triton"] == outs["torch_ref"]
+
+
+def test_choose_kernel_takes_cudnn_only_when_it_runs_and_agrees(monkeypatch):
+    """The per-process choice between cuDNN's attention and the flash kernel, with stand-in kernels on the
+    CPU: cuDNN when it agrees with flash, flash when it differs, fails, or is not wanted."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+
+    def exact(q, k, v, scale, causal):
+        return flash_prefix.attend_lse(q[0], k[0], v[0], scale, causal)     # the plain path on the CPU
+
+    def off_by(d):
+        def run(q, k, v, scale, causal):
+            o, lse = exact(q, k, v, scale, causal)
+            return o + d, lse
+        return run
+
+    def broken(*a):
+        raise RuntimeError("no cuDNN here")
+
+    monkeypatch.delenv("TIERSERVE_PREFILL_ATTN", raising=False)
+    pick = flash_prefix.choose_kernel
+    assert pick(q, k, v, 0.3, True, {"cudnn": off_by(1e-3), "flash": exact}) == "cudnn"
+    assert pick(q, k, v, 0.3, True, {"cudnn": off_by(0.5), "flash": exact}) == "flash"
+    assert pick(q, k, v, 0.3, False, {"cudnn": broken, "flash": exact}) == "flash"
+    monkeypatch.setenv("TIERSERVE_PREFILL_ATTN", "flash")
+    assert pick(q, k, v, 0.3, True, {"cudnn": off_by(0.0), "flash": exact}) == "flash"
+    monkeypatch.setenv("TIERSERVE_PREFILL_ATTN", "cudnn")
+    assert pick(q, k, v, 0.3, True, {"cudnn": off_by(0.5), "flash": exact}) == "cudnn"
+    monkeypatch.setenv("TIERSERVE_PREFILL_ATTN", "fast")
+    with pytest.raises(ValueError, match="TIERSERVE_PREFILL_ATTN"):
+        pick(q, k, v, 0.3, True, {"cudnn": exact, "flash": exact})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN / flash kernels need CUDA")
+def test_cudnn_and_flash_kernels_agree_on_the_gpu():
+    """Both CUDA kernels against the plain path, causal and not, query heads folded as chunk_attention does."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for causal in (True, False):
+        want_o, want_l = flash_prefix.attend_lse(q[0].float(), k[0].float(), v[0].float(), 0.09, causal)
+        for name, run in flash_prefix.KERNELS.items():
+            try:
+                o, lse = run(q, k, v, 0.09, causal)
+            except RuntimeError as e:
+                if name == "cudnn":
+                    pytest.skip(f"cuDNN attention does not run here: {e}")
+                raise
+            torch.testing.assert_close(o[0].float(), want_o, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(lse[0], want_l, atol=1e-3, rtol=1e-3)

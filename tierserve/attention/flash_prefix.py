@@ -4,8 +4,10 @@ A chunk of ``n`` new tokens at positions ``start .. start+n-1`` attends to (a) e
 ``start`` -- no mask at all, so the query heads of one KV-head group fold into the query length and the
 cached keys are read once per KV head, not once per query head -- and (b) its own new keys, causally, which is
 a square causal attention. Each part returns its output and per-row log-sum-exp; the exact softmax over the
-union is their LSE-weighted sum. On CUDA both parts run PyTorch's flash-attention kernel (the one SDPA uses),
-which reaches a far larger share of the tensor-core peak than our paged prefill kernel on long contexts; the
+union is their LSE-weighted sum. On CUDA both parts run cuDNN's fused attention or PyTorch's flash-attention
+kernel (the one SDPA uses; ``choose_kernel`` picks one per process), which reach a far larger share of the
+tensor-core peak than our paged prefill kernel on long contexts (flash: ~336 TFLOP/s in a 128k prefill on the
+H200, ``prefill-profile-h200.json``); the
 cached keys are first gathered from their pages into one contiguous block per layer (a copy of
 ``2 x start x Hkv x D`` values, small next to the attention FLOPs). ``attend_lse`` has a plain-PyTorch
 implementation for other devices (and the tests).
@@ -19,12 +21,15 @@ handle those).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 log = logging.getLogger("tierserve")
 _FLASH_OFF: list = []      # non-empty once the flash op failed
 _ROWS = 1024               # query rows per slice of the plain path
+_CHOSEN: list = []         # the CUDA kernel in use once chosen: ["cudnn"] or ["flash"]
+BACKENDS = ("auto", "cudnn", "flash")
 
 
 def flash_ok(q: torch.Tensor) -> bool:
@@ -33,16 +38,71 @@ def flash_ok(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
 
 
+def _flash(q, k, v, scale: float, causal: bool):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+
+
+def _cudnn(q, k, v, scale: float, causal: bool):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                   scale=scale)[:2]
+    return out, lse.reshape(q.shape[:-1]).float()
+
+
+KERNELS = {"cudnn": _cudnn, "flash": _flash}
+
+
+def choose_kernel(q, k, v, scale: float, causal: bool, kernels=None) -> str:
+    """The CUDA kernel every prefix / chunk attention of this process uses, picked once (so a chunk's
+    attention never depends on when it ran: tiered and all-GPU runs stay bit-identical).
+    ``TIERSERVE_PREFILL_ATTN`` = ``auto`` (default): cuDNN's fused attention if it runs these inputs and
+    agrees with the flash kernel (outputs within 2e-2, log-sum-exps within 1e-3), else flash; ``cudnn``
+    / ``flash`` force one (cuDNN still falls back to flash if it fails to run)."""
+    kernels = kernels or KERNELS
+    want = os.environ.get("TIERSERVE_PREFILL_ATTN", "auto")
+    if want not in BACKENDS:
+        raise ValueError(f"TIERSERVE_PREFILL_ATTN must be one of {BACKENDS}, got {want!r}")
+    if want == "flash":
+        return "flash"
+    try:
+        o_c, l_c = kernels["cudnn"](q, k, v, scale, causal)
+    except RuntimeError as e:
+        log.info("cuDNN attention does not run here (%s); prefill attention uses the flash kernel", e)
+        return "flash"
+    if want == "cudnn":
+        return "cudnn"
+    o_f, l_f = kernels["flash"](q, k, v, scale, causal)
+    d_out = float((o_c.float() - o_f.float()).abs().max())
+    d_lse = float((l_c.float() - l_f.float()).abs().max())
+    if d_out <= 2e-2 and d_lse <= 1e-3:
+        return "cudnn"
+    log.warning("cuDNN attention differs from flash (max |d out| %.3g, |d lse| %.3g); using flash", d_out, d_lse)
+    return "flash"
+
+
+def _cuda_attend(q, k, v, scale: float, causal: bool):
+    if not _CHOSEN:
+        _CHOSEN.append(choose_kernel(q, k, v, scale, causal))
+        log.info("prefill attention kernel: %s", _CHOSEN[0])
+    try:
+        return KERNELS[_CHOSEN[0]](q, k, v, scale, causal)
+    except RuntimeError as e:
+        if _CHOSEN[0] == "flash":
+            raise
+        log.warning("cuDNN attention failed (%s); the flash kernel from now on", e)
+        _CHOSEN[0] = "flash"
+        return _flash(q, k, v, scale, causal)
+
+
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [(B,) H, Lq, D], k/v [(B,) H, Lk, D] (same H) -> (out like q in q's dtype, lse [(B,) H, Lq] fp32,
-    natural log). ``causal``: square attention (Lq == Lk), row i sees keys 0..i."""
+    natural log). ``causal``: square attention (Lq == Lk), row i sees keys 0..i. On CUDA: cuDNN's or
+    PyTorch's flash kernel (``choose_kernel``)."""
     if flash_ok(q) and not _FLASH_OFF:
         batched = q.dim() == 4
         try:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-                q if batched else q[None], k if batched else k[None], v if batched else v[None], 0.0, causal,
-                False, scale=scale)[:2]
+            out, lse = _cuda_attend(q if batched else q[None], k if batched else k[None],
+                                    v if batched else v[None], scale, causal)
             return (out, lse) if batched else (out[0], lse[0])
         except RuntimeError as e:          # this torch build refuses: plain math from now on (slow)
             log.warning("flash attention with log-sum-exp is off (%s); using plain attention", e)
