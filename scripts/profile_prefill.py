@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, ".")
 from tierserve import LLM, SamplingParams  # noqa: E402
 from tierserve.bench.gpu_timer import device_kernels  # noqa: E402
+from tierserve.attention import flash_prefix  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 CONTEXT = int(os.environ.get("CONTEXT", 131072))
@@ -60,17 +61,20 @@ def main() -> None:
               "by_kind_ms": {k: v / 1e3 for k, v in by_kind_us.items()},
               "top_kernels": [{**r, "ms": r["us"] / 1e3} for r in kernels[:30]],
               "top_host_ops": sorted(host_rows.values(), key=lambda r: -r["self_cpu_ms"])[:20],
-              "flash_prefix_on": bool(llm.engine.runner.backend.__dict__.get("flash_prefix", None))}
+              "flash_prefix_on": bool(llm.engine.runner.backend.__dict__.get("flash_prefix", None)),
+              "prefill_attention_kernel": (flash_prefix._CHOSEN or [None])[0],
+              "TIERSERVE_PREFILL_ATTN": os.environ.get("TIERSERVE_PREFILL_ATTN", "auto")}
     print(f"cold prefill {CONTEXT} tokens in chunks of {CHUNK}: {wall:.2f} s ({len(steps)} steps; first "
           f"{steps[0]:.0f} ms, last {steps[-1]:.0f} ms); kernels {total / 1e3:.2f} s; flash prefix path "
-          f"{result['flash_prefix_on']}")
+          f"{result['flash_prefix_on']}, kernel {result['prefill_attention_kernel']}")
     for k, v in result["by_kind_ms"].items():
         print(f"   {k:16s} {v / 1e3:8.2f} s  {v / total:6.1%}")
     for r in result["top_kernels"][:12]:
         print(f"   {r['ms']:9.1f} ms x{r['calls']:6.0f}  {r['kernel'][:90]}")
-    with open(f"{OUT}/prefill-profile-h200.json", "w") as f:
+    name = os.environ.get("NAME", "prefill-profile-h200.json")
+    with open(f"{OUT}/{name}", "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {OUT}/prefill-profile-h200.json")
+    print(f"wrote {OUT}/{name}")
 
 
 if __name__ == "__main__":
