@@ -92,31 +92,15 @@ def attention_ms(runner, meta, seconds: float = 0.2) -> tuple[float, str]:
     return 1e3 * (time.perf_counter() - t) / reps, "eager"
 
 
-def _graph_ms(call, dev: torch.device, reps: int = 20) -> float | None:
+def _graph_ms(call, dev: torch.device) -> float | None:
     """Median ms of CUDA-graph replays of ``call`` (None: it cannot be captured, e.g. it syncs the host)."""
-    import statistics
+    from tierserve.bench.gpu_timer import graph_time_us
 
     try:
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            call()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            call()
+        return graph_time_us(call, reps=1, runs=20) / 1e3
     except RuntimeError:
         torch.cuda.synchronize(dev)
         return None
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 class Bench:
