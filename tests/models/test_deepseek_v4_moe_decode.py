@@ -87,3 +87,41 @@ def test_forward_decode_equals_forward(hashed):
     assert m.experts[2].w1.weight.data_ptr() == w1[2].data_ptr()
     torch.testing.assert_close(m(x, ids), want, atol=0, rtol=0)
     assert m.stacked()[0] is w1                    # built once
+
+
+@pytest.mark.parametrize("N,E,k", [(1, 5, 3), (9, 5, 3), (64, 16, 4)])
+def test_grouped_gemms_match_the_per_expert_reference(N, E, k):
+    """Prefill's routed experts as grouped GEMMs (moe_grouped.py): experts with no tokens, two slots of a
+    token on one expert, more tokens than experts; fp32 on the CPU (bf16 on the GPU, below)."""
+    from tierserve.models.deepseek_v4.moe_grouped import routed_grouped
+
+    m = _moe(False, E=E, D=48, I=40, k=k)
+    x, wts, idx = _case(N=N, E=E, k=k)
+    want = m.routed(x, wts, idx)
+    if DEV == "cuda":                           # torch._grouped_mm takes bf16 there
+        m.to(torch.bfloat16)
+        x, wts = x.bfloat16(), wts.bfloat16()
+    got = routed_grouped(x, wts, idx, *m.stacked(), m.experts[0].limit)
+    tol = dict(atol=3e-2, rtol=3e-2) if DEV == "cuda" else dict(atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_forward_takes_the_grouped_path_and_falls_back(monkeypatch):
+    """MoE.forward uses the grouped GEMMs where torch._grouped_mm runs, remembers a refusal and then computes
+    one expert at a time -- the same numbers either way."""
+    from tierserve.models.deepseek_v4 import moe as moe_mod
+
+    m = _moe(False)
+    x, _, _ = _case(N=5)
+    ids = torch.arange(5, device=DEV)
+    calls = []
+    real = moe_mod.MoE.routed
+    monkeypatch.setattr(moe_mod.MoE, "routed", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(moe_mod, "_GROUPED_OFF", set())
+    got = m(x, ids)
+    if DEV == "cpu":                            # fp32 on the CPU: grouped, no per-expert loop
+        assert not calls
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no")))
+    again = m(x, ids)
+    assert calls and (x.device.type, x.dtype) in moe_mod._GROUPED_OFF
+    torch.testing.assert_close(again, got, atol=2e-5, rtol=1e-5)

@@ -10,11 +10,18 @@
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tierserve.models.deepseek_v4.config import HASH_MOE, DeepseekV4Config
+
+log = logging.getLogger("tierserve")
+GROUPED_MM = hasattr(torch, "_grouped_mm") and os.environ.get("TIERSERVE_V4_GROUPED_MOE", "1") != "0"
+_GROUPED_OFF: set = set()          # (device type, dtype) where torch._grouped_mm refused
 
 
 class Expert(nn.Module):
@@ -121,6 +128,24 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         return out
 
+    def _routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+        """``routed`` as grouped GEMMs (moe_grouped.py) where ``torch._grouped_mm`` takes these tensors
+        (None: it does not; then ``routed``). A refusal is remembered per (device type, dtype)."""
+        from tierserve.models.deepseek_v4.moe_grouped import routed_grouped
+
+        key = (x.device.type, x.dtype)
+        if not GROUPED_MM or key in _GROUPED_OFF or x.shape[0] == 0:
+            return None
+        w1, w3, w2 = self.stacked()
+        if not (w1.dtype == x.dtype and w1.device == x.device and w1.is_floating_point()):
+            return None
+        try:
+            return routed_grouped(x, weights, idx, w1, w3, w2, self.experts[0].limit)
+        except (RuntimeError, NotImplementedError) as e:
+            log.info("grouped expert GEMMs are off for %s %s (%s); one expert at a time", *key, e)
+            _GROUPED_OFF.add(key)
+            return None
+
     def routed(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Sum of the selected experts' outputs, weighted; all on the device of the expert weights."""
         out = torch.zeros_like(x)
@@ -135,7 +160,9 @@ class MoE(nn.Module):
         if self.host_experts:      # tokens to the host, experts there, the sum back (no-ops on the CPU)
             out = self.routed(x.to("cpu"), weights.to("cpu"), idx.to("cpu")).to(x.device)
         else:
-            out = self.routed(x, weights, idx)
+            out = self._routed_grouped(x, weights, idx)
+            if out is None:
+                out = self.routed(x, weights, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
