@@ -116,6 +116,9 @@ def bench_batch(B, a, dev, table_pages):
                                                cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                meta.page_heat, None, kv.shape[0]),
     }
+    variants["  topk radix"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
+                                                    cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
+                                                    meta.page_heat, None, kv.shape[0], method="radix")
     for chunk in (4096, 8192):        # the streaming top-k kernel (default past MAX_BLOCK pages)
         variants[f"  topk chunk {chunk}"] = lambda chunk=chunk: topk_compact(
             scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
@@ -173,6 +176,7 @@ def ptxas_report(a):
     common = dict(K_OUT=133, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):
         build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block}, 16)
+        build_one(triton_select_topk._topk_radix_kernel, topk_types, common | {"BLOCK": block}, 16)
     for chunk in (4096, 8192):
         build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk}, 16)
 

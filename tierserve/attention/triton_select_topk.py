@@ -11,6 +11,8 @@ Two kernels: ``_topk_kernel`` holds a whole row in registers (page tables up to 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,58 @@ def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr
 
 
 @triton.jit
+def _radix_threshold(key, BUDGET: tl.constexpr):
+    """(t, room): the ``BUDGET``-th largest of the int32 ``key`` lanes and how many lanes equal to it are
+    taken (``BUDGET`` - the lanes above it) -- what the two-bits-a-step search of ``_topk_kernel`` finds, as a
+    radix select: four 8-bit digits from the top, each one histogram of the lanes that share the digits
+    found so far (``tl.histogram``; lanes that do not share them go to bins past 255)."""
+    u = (key ^ -2147483648).to(tl.uint32, bitcast=True)      # order-preserving as unsigned 32-bit
+    bins = tl.arange(0, 512)
+    need = tl.full([], BUDGET, tl.int32)
+    prefix = tl.zeros([], tl.uint32)
+    for r in tl.static_range(4):
+        digit = ((u >> (24 - 8 * r)) & 255).to(tl.int32)
+        if r > 0:
+            digit = tl.where((u >> (32 - 8 * r)) == prefix, digit, 256)
+        h = tl.histogram(digit, 512)
+        h = tl.where(bins < 256, h, 0)
+        ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h          # lanes whose digit >= each bin
+        d = tl.sum(((ge >= need) & (bins < 256)).to(tl.int32), axis=0) - 1
+        need -= tl.sum(tl.where(bins == d + 1, ge, 0), axis=0)
+        prefix = (prefix << 8) | d.to(tl.uint32)
+    return prefix.to(tl.int32, bitcast=True) ^ -2147483648, need
+
+
+@triton.jit
+def _topk_radix_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
+                       P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
+                       K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
+                       BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+    """``_topk_kernel`` with the threshold from ``_radix_threshold`` (4 histograms instead of 16 reductions)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.arange(0, BLOCK)
+    in_row = p < P
+    seq_len = tl.load(seqlen_ptr + b)
+    visible = in_row & (p * PAGE <= seq_len - 1)
+    s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=in_row, other=float("-inf"))
+    chosen = visible & (s == float("inf"))
+    if BUDGET > 0:
+        key = _keys(s, in_row)
+        t, room = _radix_threshold(key, BUDGET)
+        tie = (key == t).to(tl.int32)
+        top = (key > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))    # ties: the lowest page indices
+        chosen = chosen | (top & visible)
+    c = chosen.to(tl.int32)
+    pt_row = pt_ptr + b * s_ptb
+    table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
+    _emit(chosen, tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
+          n_hheat, K_OUT, HEAT, HOST_HEAT)
+    _finish(tl.sum(c, axis=0), seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh,
+            K_OUT, K_PAD, PAGE)
+
+
+@triton.jit
 def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                       P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                       K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
@@ -160,11 +214,14 @@ def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, len
 
 def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                  budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
-                 host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None):
+                 host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None,
+                 method: str | None = None):
     """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
     [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
     page to ``page_heat`` (device page ids) / ``host_heat`` (spilled slots, id - num_device_pages).
-    ``chunk``: stream rows in chunks of that many pages (default: only past ``MAX_BLOCK`` pages)."""
+    ``chunk``: stream rows in chunks of that many pages (default: only past ``MAX_BLOCK`` pages).
+    ``method`` (rows held in registers; None: ``TIERSERVE_TOPK`` or "search"): "search" (16 reductions,
+    two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way."""
     B, Hkv, P = scores.shape
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
@@ -183,9 +240,12 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
             lens.stride(0), lens.stride(1))
     consts = dict(K_OUT=K, K_PAD=triton.next_power_of_2(K), BUDGET=min(max(budget, 0), P), PAGE=page_size,
                   HEAT=page_heat is not None, HOST_HEAT=host_heat is not None)
+    method = method or os.environ.get("TIERSERVE_TOPK", "search")
+    if method not in ("search", "radix"):
+        raise ValueError(f"topk_compact: method must be 'search' or 'radix', got {method!r}")
     if chunk is None:
-        _topk_kernel[(B, Hkv)](*args, BLOCK=block, **consts,
-                               num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+        kernel = _topk_radix_kernel if method == "radix" else _topk_kernel
+        kernel[(B, Hkv)](*args, BLOCK=block, **consts, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     else:
         _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=16)
     return table, logical, lens
