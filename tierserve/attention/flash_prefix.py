@@ -43,6 +43,7 @@ def _flash(q, k, v, scale: float, causal: bool):
 
 
 def _cudnn(q, k, v, scale: float, causal: bool):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()      # one layout for every call (no refusals later)
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                    scale=scale)[:2]
     return out, lse.reshape(q.shape[:-1]).float()
