@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
+from tierserve.attention.backend import AttnMetadata, count_selection, host_base, write_kv
 from tierserve.attention.flash_prefix import chunk_attention, flash_ok, gather_context
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
@@ -51,13 +51,14 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
         ub = ub.expand(-1, kv_layer.shape[3], -1, -1)
     else:
         pt, n_dev = meta.page_table, kv_layer.shape[0]
+        hb = host_base(meta, n_dev)
         summ = kv_layer[pt.clamp(max=n_dev - 1), :, page]         # [B, P, 2, Hkv, D]: key min / max
-        if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
-            host = meta.host_summaries[(pt - n_dev).clamp(min=0), layer_idx, :, 0]
-            summ = torch.where((pt >= n_dev)[..., None, None, None], host, summ)
         if compact is not None:         # FP8 compact pages: their summaries sit in their slots
             summ = torch.where((pt >= compact[1])[..., None, None, None], meta.kv_fp8.summaries(pt, kv_layer, layer_idx),
                                summ)
+        if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
+            host = meta.host_summaries[(pt - hb).clamp(min=0), layer_idx, :, 0]
+            summ = torch.where((pt >= hb)[..., None, None, None], host, summ)
         ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     count_selection(meta, chosen, kv_layer.shape[0])
