@@ -86,3 +86,48 @@ def test_decode_reads_spilled_pages_from_host(dtype, case, sparse):
             tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else \
                 dict(atol=2e-2 * ref.float().abs().max().item(), rtol=2e-2)
             torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+# ---- engine --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tests.helpers.tiny_models import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("fp8tiers") / "llama", "llama")
+
+
+def _generate(ckpt, n=60, **kw):
+    from tierserve import LLM, SamplingParams
+    settings = dict(dtype="float32", device=DEV, max_model_len=128, attention_backend="triton", num_kv_pages=64,
+                    page_size=8, max_num_batched_tokens=16, kv_dtype="fp8", kv_fp8_keep_sink=4,
+                    kv_fp8_keep_recent=8, enable_prefix_caching=False, enforce_eager=True, debug_invariants=True)
+    llm = LLM(str(ckpt), **{**settings, **kw})
+    prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(n)], [0] + [(11 * i + 5) % 500 + 3 for i in range(n - 10)]]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    kv = llm.engine.kv
+    kv.check_invariants()
+    assert kv.pool.num_in_use == 0 and (kv.compact is None or kv.compact.pool.num_in_use == 0)
+    if kv.tiers is not None:
+        assert kv.tiers.host.num_spilled == 0
+    return outs, llm
+
+
+@pytest.mark.parametrize("extra", [dict(kv_fp8_storage="inplace", num_kv_pages=8),
+                                   dict(kv_fp8_storage="compact", num_kv_pages=8),
+                                   dict(sparse_attention="pages", sparse_topk_tokens=88, num_kv_pages=12, n=140,
+                                        max_model_len=192)])
+def test_engine_triton_spilled_fp8_pages(ckpt, monkeypatch, extra):
+    """A GPU pool smaller than one request: FP8 pages spill to CPU RAM and the FP8 decode kernel reads them there
+    (checked once against the reference, then trusted): the large pool's tokens."""
+    import tierserve.attention.triton_backend as tb
+    big = {k: v for k, v in extra.items() if k != "num_kv_pages"}      # 64 pages: nothing spills
+    want, _ = _generate(ckpt, **big)
+    calls = []
+    real = tb.paged_decode_fp8
+    monkeypatch.setattr(tb, "paged_decode_fp8", lambda *a, **k: calls.append(
+        (k.get("host") is not None, k.get("selection") is not None)) or real(*a, **k))
+    got, llm = _generate(ckpt, cpu_kv_gb=0.001, **extra)
+    assert llm.engine.kv.num_spilled > 0
+    assert llm.engine.runner.backend.fp8_host_reads is True
+    assert (True, "sparse_attention" in extra) in calls
+    assert got == want
