@@ -76,3 +76,19 @@ def test_sparse_spill_identical_to_large_pool(ckpt):
     assert tokens(llm.generate([PROMPT, OTHER[:120]], sp)) == ref
     assert eng.kv.num_spilled > 0
     check_clean(llm)
+
+
+def test_prefix_caching_on_keeps_cpu_ram_for_live_pages(ckpt):
+    """With prefix caching on, evicted prefix pages are not demoted to CPU RAM under FP8 (the tier holds spilled
+    live pages only); GPU-pool hits still work and output matches the large pool's."""
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [PROMPT, PROMPT, OTHER]
+    want = [tokens(make(ckpt, enable_prefix_caching=True, kv_fp8_storage="inplace").generate([p], sp))[0]
+            for p in prompts]
+    llm = make(ckpt, num_kv_pages=8, cpu_kv_gb=0.01, enable_prefix_caching=True, kv_fp8_storage="inplace")
+    got = [tokens(llm.generate([p], sp))[0] for p in prompts]
+    assert got == want
+    kv = llm.engine.kv
+    assert kv.num_spilled > 0 and kv.pool.on_evict is None
+    assert kv.tiers.host.num_used == 0 and kv.hit_tokens["cpu"] == 0
+    check_clean(llm)
