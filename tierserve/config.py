@@ -49,7 +49,8 @@ class EngineConfig:
     prefix_cache_gb: float | None = None
     load_format: str = "auto"
     cpu_experts: bool = False           # MoE models: routed experts in (pinned) CPU RAM, computed on the CPU
-    cpu_kv_gb: float | None = None      # host tier (pinned CPU RAM) for KV pages below the GPU pool
+    cpu_kv_gb: float | None = None      # host tier (pinned CPU RAM) for KV pages below the GPU pool; with
+                                        # kv_dtype=fp8 it holds spilled live pages only (compact FP8 rows)
     disk_kv_dir: str | None = None      # disk tier directory (context caching across restarts)
     disk_kv_gb: float = 64.0            # disk tier capacity
     remote_kv_url: str | None = None    # redis://host:port -- KV shared between replicas
@@ -94,9 +95,11 @@ class EngineConfig:
         _int_range("kv_fp8_keep_recent", self.kv_fp8_keep_recent, 0, 1 << 24)
         _choice("kv_fp8_storage", self.kv_fp8_storage, ("auto", "compact", "inplace"))
         if self.kv_dtype == "fp8":
-            for name in ("cpu_kv_gb", "disk_kv_dir", "remote_kv_url"):
+            # cpu_kv_gb works: live pages spill to CPU RAM as compact FP8 rows (no prefix caching in CPU RAM)
+            for name in ("disk_kv_dir", "remote_kv_url"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"kv_dtype='fp8' cannot be combined with {name} yet (issue 6, part 2)")
+                    raise ValueError(f"kv_dtype='fp8' cannot be combined with {name} yet (issue 6): only "
+                                     "cpu_kv_gb (live pages spilled to CPU RAM as compact FP8 rows) works with it")
         if self.quantization is not None:
             _choice("quantization", self.quantization, ("fp8",))
         if self.engram_placement is not None:

@@ -63,8 +63,9 @@ def test_bench_sparse_fp8_smoke(tmp_path):
     fb = _one(rows, section="c", context=2048)
     assert fb["fallback_for"] == 4096 and fb["kv_fill"].startswith("synthetic") and fb["fill_s"] > 0
     assert fb["spilled_pages"] > 0 and fb["gpu_share"] <= 0.11
-    fp8 = _one(rows, section="c", setting="tiered-sparse+fp8-kv")
-    assert "tok_s" in fp8 or "kv_dtype" in fp8["skipped"]
+    fp8 = _one(rows, section="c", setting="tiered-sparse+fp8-kv")      # FP8 pages spilled as compact rows
+    assert "tok_s" in fp8 and fp8["spilled_pages"] > 0 and fp8["gpu_pages"] < fp8["seq_pages"]
+    assert fp8["host_page_bytes"] < 0.6 * real["host_page_bytes"]
 
     s = res["summary"]
     assert s["targets"]["a_speedup_vs_bf16"] == 1.8 and s["a_fp8-weights+fp8-kv_c300_speedup_vs_bf16"] > 0
@@ -98,3 +99,34 @@ def test_synthetic_fill_spills_and_decodes():
     while eng.has_unfinished_requests():
         eng.step()
     assert len(req.output_token_ids) == 4
+
+
+def test_synthetic_fill_fp8_spills_compact_rows_and_decodes():
+    """The same with FP8 KV pages: the filled pages are quantised chunk by chunk and the oldest spill to CPU RAM
+    as compact FP8 rows whose summary bytes are the device-resident summaries the sparse selector scores."""
+    from tierserve import LLM
+    from tierserve.bench.sparse_fp8_tiers import synthetic_prefill
+    from tierserve.quant.fp8_compact import compact_summary
+
+    llm = LLM(None, device="cpu", max_model_len=600, num_kv_pages=12, cpu_kv_gb=0.01, sparse_attention="pages",
+              sparse_topk_tokens=96, max_num_batched_tokens=64, enable_prefix_caching=False, max_num_seqs=1,
+              kv_dtype="fp8", debug_invariants=True)
+    eng = llm.engine
+    req = synthetic_prefill(eng, "s", 512, 4, 64, time.perf_counter() + 60, seed=0)
+    table = eng.kv.page_table("s")
+    assert len(table) == 32 and sum(p < 0 for p in table) >= 16 and req.num_computed_tokens == 512
+    eng.kv.check_invariants()
+    eng.kv.tiers.check_invariants()
+    host = eng.runner.host_kv[0][1]
+    assert host.dtype == torch.uint8
+    data = eng.runner.kv.data
+    h, d = data.shape[-2:]
+    for p in table:
+        if p < 0:
+            summ = compact_summary(host[-p - 1], 1, h, d, 16, data.dtype)        # [layers, 2, 1, Hkv, D]
+            assert summ.abs().sum() > 0
+            assert torch.equal(eng.runner.spill.summaries[-p - 1], summ)
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert len(req.output_token_ids) == 4
+    assert eng.kv.tiers.host.num_spilled == 0 and eng.kv.pool.num_in_use == 0

@@ -84,8 +84,13 @@ def test_config_validation():
         EngineConfig(kv_dtype="int8")
     with pytest.raises(ValueError, match="kv_fp8_keep_recent"):
         EngineConfig(kv_fp8_keep_recent=-1)
-    with pytest.raises(ValueError, match="cpu_kv_gb"):
-        EngineConfig(kv_dtype="fp8", cpu_kv_gb=0.01)
+    EngineConfig(kv_dtype="fp8", cpu_kv_gb=0.01)                 # live pages spill as compact FP8 rows
+    with pytest.raises(ValueError, match="disk_kv_dir.*only cpu_kv_gb"):
+        EngineConfig(kv_dtype="fp8", disk_kv_dir="/tmp/kv")
+    with pytest.raises(ValueError, match="remote_kv_url"):
+        EngineConfig(kv_dtype="fp8", remote_kv_url="redis://localhost:6379")
+    with pytest.raises(ValueError, match="indexer"):
+        EngineConfig(kv_dtype="fp8", cpu_kv_gb=0.01, sparse_attention="indexer")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ class AttnMetadata:
     num_splits: int = 1            # split-K factor for decode kernels (fixed per CUDA-graph bucket)
     max_seq_bound: int = 0         # upper bound of seq_lens (work split size), e.g. max_model_len
     # page storage in CPU RAM ([slots, layers, 2, page, Hkv, D]) when some page-table entries are
-    # spilled: entry id >= num device pages means host slot (id - num device pages)
+    # spilled: entry id >= num device pages means host slot (id - num device pages); with kv_fp8 the store
+    # holds compact FP8 rows ([slots, layers, 2, slot_bytes] uint8) and host ids start at kv_fp8.end
     host_kv: list[tuple[int, torch.Tensor]] | None = None    # (first slot, storage) per spill store
     host_ram_only: bool = False    # every spilled page of this step is in the first store (CPU RAM, slot 0 up)
     host_summaries: torch.Tensor | None = None   # [ram slots, L, 2, summary rows, Hkv, D] on the device
@@ -75,6 +76,12 @@ def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int 
     return max(1, min(want, -(-max_seq_len // min_tokens_per_split), 64))
 
 
+def host_base(meta: AttnMetadata, n_dev: int) -> int:
+    """Page id of host slot 0 in the step's tables: after the device pages, or with FP8 KV pages after the
+    compact FP8 slots (``Fp8Pages.end``)."""
+    return meta.kv_fp8.end if meta.kv_fp8 is not None else n_dev
+
+
 def count_selection(meta: AttnMetadata, chosen: torch.Tensor, n_dev: int) -> None:
     """Add how often each device page was chosen (``chosen [B, ..., P]`` over ``meta.page_table``) to
     ``meta.page_heat``; the tier manager spills the least chosen pages first."""
@@ -85,7 +92,7 @@ def count_selection(meta: AttnMetadata, chosen: torch.Tensor, n_dev: int) -> Non
     # masked by multiplying, not by boolean indexing (which would sync with the host every layer)
     meta.page_heat.index_add_(0, pt.clamp(max=n_dev - 1).flatten(), (counts * (pt < n_dev)).flatten())
     if meta.host_heat is not None and meta.host_kv is not None:
-        slot = pt - n_dev
+        slot = pt - host_base(meta, n_dev)
         ram = (slot >= 0) & (slot < meta.host_heat.shape[0])
         idx = slot.clamp(0, meta.host_heat.shape[0] - 1).flatten()
         meta.host_heat.index_add_(0, idx, (counts * ram).flatten())

@@ -54,7 +54,7 @@ class TorchRefBackend:
         page = meta.page_size
         P = meta.page_table.shape[1]
         f = meta.kv_fp8
-        flat = f.gather(kv_layer, meta, layer_idx) if (f is not None and f.compact is not None) \
+        flat = f.gather(kv_layer, meta, layer_idx) if (f is not None and (f.compact is not None or meta.host_kv is not None)) \
             else _gather_pages(kv_layer, meta, layer_idx)
         kv = flat.view(B, P, 2, rows, hkv, d)
         mask = p["mask"][:, None]                                                  # [B, 1, max_q, L]

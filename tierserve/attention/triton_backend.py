@@ -2,8 +2,10 @@
 or the Triton paged prefill kernel (continued chunks, prefix hits); see attention/mixed.py.
 
 FP8 KV pages in pure decode steps go through the dequantising kernel (attention/triton_decode_fp8.py).
-Pages spilled to CPU RAM are read in place by both kernels (``_host``). Pages spilled to disk, FP8 pages in
-steps with prefill and sparse selection in steps with prefill fall back to the torch reference.
+Pages spilled to CPU RAM are read in place by both kernels (``_host``); FP8 pages spilled to CPU RAM (compact
+rows) by the FP8 decode kernel in pure decode steps. Pages spilled to disk, spilled FP8 pages in steps with
+prefill, FP8 pages in steps with prefill and sparse selection in steps with prefill fall back to the torch
+reference.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 
 import torch
 
-from tierserve.attention.backend import AttnMetadata, count_selection, write_kv
+from tierserve.attention.backend import AttnMetadata, count_selection, host_base, write_kv
 from tierserve.attention.flash_prefix import chunk_attention, flash_ok, gather_context
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
@@ -51,13 +53,14 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
         ub = ub.expand(-1, kv_layer.shape[3], -1, -1)
     else:
         pt, n_dev = meta.page_table, kv_layer.shape[0]
+        hb = host_base(meta, n_dev)
         summ = kv_layer[pt.clamp(max=n_dev - 1), :, page]         # [B, P, 2, Hkv, D]: key min / max
-        if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
-            host = meta.host_summaries[(pt - n_dev).clamp(min=0), layer_idx, :, 0]
-            summ = torch.where((pt >= n_dev)[..., None, None, None], host, summ)
         if compact is not None:         # FP8 compact pages: their summaries sit in their slots
             summ = torch.where((pt >= compact[1])[..., None, None, None], meta.kv_fp8.summaries(pt, kv_layer, layer_idx),
                                summ)
+        if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
+            host = meta.host_summaries[(pt - hb).clamp(min=0), layer_idx, :, 0]
+            summ = torch.where((pt >= hb)[..., None, None, None], host, summ)
         ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     count_selection(meta, chosen, kv_layer.shape[0])
@@ -71,6 +74,7 @@ class TritonBackend:
     def __init__(self) -> None:
         self._ref = TorchRefBackend()
         self.host_reads: bool | None = None    # decode reads spilled pages from CPU RAM (None: not yet checked)
+        self.fp8_host_reads: bool | None = None  # the same for FP8 pages (compact rows in CPU RAM)
         self.fp8_prefill: bool | None = None   # steps with prefill over FP8 pages use their kernel (False: failed)
         # CUDA, bf16/fp16: chunks over cached context as two flash-attention calls merged by LSE
         # (attention/flash_prefix.py) rather than the paged prefill kernel
@@ -100,7 +104,10 @@ class TritonBackend:
                 self._warned_fp8_sparse_prefill = True
             meta = dataclasses.replace(meta, sparse=None)
         compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None
-        if meta.host_kv is not None or (not sparse_ok and meta.sparse is not None) or not fp8_ok:
+        # FP8 pages spilled to CPU RAM: pure decode steps read their compact rows in the FP8 decode kernel
+        fp8_host = meta.host_kv is not None and meta.kv_fp8 is not None and meta.decode_only and meta.host_ram_only \
+            and host_sparse_ok and self.fp8_host_reads is not False
+        if (meta.host_kv is not None and not fp8_host) or (not sparse_ok and meta.sparse is not None) or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
@@ -111,9 +118,25 @@ class TritonBackend:
             if meta.sparse is not None:   # read only the selected pages, each under its position's rule
                 table, logical, lens = self._select(q, kv_layer, meta, layer_idx, logical=True)
                 sel = (logical, lens)
-            return paged_decode_fp8(q, kv_layer, f.quantised, table, meta.seq_lens, scale, page,
-                                    f.keep_sink, f.keep_recent, num_splits=meta.num_splits,
-                                    sliding_window=sliding_window, selection=sel, compact=compact)
+            host = (meta.host_kv[0][1][:, layer_idx], f.end) if meta.host_kv is not None else None
+            try:
+                out = paged_decode_fp8(q, kv_layer, f.quantised, table, meta.seq_lens, scale, page,
+                                       f.keep_sink, f.keep_recent, num_splits=meta.num_splits,
+                                       sliding_window=sliding_window, selection=sel, compact=compact, host=host)
+                if host is not None and self.fp8_host_reads is None:     # checked once against the reference
+                    want = self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
+                    tol = 1e-3 if q.dtype == torch.float32 else 3e-2
+                    if not torch.allclose(out.float(), want.float(), atol=tol, rtol=tol):
+                        raise RuntimeError("differs from the reference")
+                    self.fp8_host_reads = True
+                return out
+            except Exception as e:
+                if host is None:
+                    raise
+                log.warning("FP8 decode reading spilled KV pages from CPU RAM is off (%s: %s); gathering them "
+                            "instead", type(e).__name__, e)
+                self.fp8_host_reads = False
+                return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
         if not meta.decode_only:
             if meta.kv_fp8 is not None:
                 if self.fp8_prefill is not False:

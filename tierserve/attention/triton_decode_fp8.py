@@ -52,9 +52,26 @@ from tierserve.attention.triton_fp8_common import (
 
 
 @triton.jit
+def _codes(cptr, hcptr, mask, ish, DTYPE: tl.constexpr, HOST: tl.constexpr):
+    """Codes at ``cptr`` (device storage) or, for rows ``ish`` (HOST: spilled pages), at ``hcptr`` (CPU RAM)."""
+    if HOST:
+        dev = load_codes(cptr, mask & ~ish[:, None], DTYPE)
+        return tl.where(ish[:, None], load_codes(hcptr, mask & ish[:, None], DTYPE), dev)
+    return load_codes(cptr, mask, DTYPE)
+
+
+@triton.jit
+def _scales(sptr, hsptr, mask, ish, HOST: tl.constexpr):
+    if HOST:
+        return tl.where(ish, load_scales(hsptr, mask & ish), load_scales(sptr, mask & ~ish))
+    return load_scales(sptr, mask)
+
+
+@triton.jit
 def read_folded(ptr, bptr, page, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h, s_bp,
+                hptr, hpage, ish, s_hp,
                 SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-                RULE_LOADS: tl.constexpr):
+                RULE_LOADS: tl.constexpr, HOST: tl.constexpr):
     """[BLOCK_N, D] keys (or values) of one K/V block as (values in DTYPE, fp32 scale per token).
 
     The loads follow the read rule alone (``low``: FP8 codes + scale, 1 byte per value; else the
@@ -66,28 +83,33 @@ def read_folded(ptr, bptr, page, cpage, off, kvh, d, valid, low, stored, any_fix
 
     ``RULE_LOADS=False`` (kept to compare on the GPU): the loads follow the stored flags instead (codes for
     stored pages, values for the others: one more dependent round trip per block, but the fix-up only
-    quantises values already loaded -- ptxas: 175 instead of 210 registers at 64 tokens / 8 warps)."""
+    quantises values already loaded -- ptxas: 175 instead of 210 registers at 64 tokens / 8 warps).
+
+    ``HOST`` (FP8 pages spilled to CPU RAM): rows ``ish`` are read from their compact rows at ``hptr`` (row
+    ``hpage``, same code and scale offsets), straight from pinned host memory; they are always stored FP8."""
     rel = off[:, None] * s_t + kvh * s_h + d[None, :]          # element offset == code byte offset
     vptr = ptr + page[:, None] * s_p + rel                      # ``page``: values' row, ``cpage``: codes' row
     cptr = bptr + cpage[:, None] * s_bp + rel
     sptr = bptr + cpage * s_bp + SCALE_OFF + 4 * kvh
+    hcptr = hptr + hpage[:, None] * s_hp + rel
+    hsptr = hptr + hpage * s_hp + SCALE_OFF + 4 * kvh
     if not RULE_LOADS:
         x = tl.load(vptr, mask=(valid & ~stored)[:, None], other=0.0)
-        val = tl.where(stored[:, None], load_codes(cptr, (valid & stored)[:, None], DTYPE), x.to(DTYPE))
-        sc = load_scales(sptr, valid & stored)
+        val = tl.where(stored[:, None], _codes(cptr, hcptr, (valid & stored)[:, None], ish, DTYPE, HOST), x.to(DTYPE))
+        sc = _scales(sptr, hsptr, valid & stored, ish, HOST)
         if any_fix:
             val, sc = fake_fold(x, val, sc, low & ~stored, PAGE, BLOCK_N, DTYPE)
         return val, sc
     x = tl.load(vptr, mask=(valid & ~low)[:, None], other=0.0)
-    val = tl.where(low[:, None], load_codes(cptr, low[:, None], DTYPE), x.to(DTYPE))
-    sc = load_scales(sptr, low)
+    val = tl.where(low[:, None], _codes(cptr, hcptr, low[:, None], ish, DTYPE, HOST), x.to(DTYPE))
+    sc = _scales(sptr, hsptr, low, ish, HOST)
     if any_fix:
         fake = low & ~stored
         bad = valid & ~low & stored
         x = tl.where(low[:, None], tl.load(vptr, mask=fake[:, None], other=0.0), x)   # whole pages
         val, sc = fake_fold(x, val, sc, fake, PAGE, BLOCK_N, DTYPE)
-        val = tl.where(bad[:, None], load_codes(cptr, bad[:, None], DTYPE), val)
-        sc = tl.where(bad, load_scales(sptr, bad), sc)
+        val = tl.where(bad[:, None], _codes(cptr, hcptr, bad[:, None], ish, DTYPE, HOST), val)
+        sc = tl.where(bad, _scales(sptr, hsptr, bad, ish, HOST), sc)
     return val, sc
 
 
@@ -95,12 +117,12 @@ def read_folded(ptr, bptr, page, cpage, off, kvh, d, valid, low, stored, any_fix
 def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr,
                              qk_scale, keep_sink, keep_recent, cbase,
                              s_qb, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_ob, s_oh, s_os, s_lb, s_lh,
-                             lg_ptr, sel_ptr, s_pth, s_selb, s_selh,
+                             lg_ptr, sel_ptr, s_pth, s_selb, s_selh, hb_ptr, hbase, s_hp, s_hkv,
                              NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
                              UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
-                             COMPACT: tl.constexpr):
+                             COMPACT: tl.constexpr, HOST: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -128,7 +150,12 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
         t = u                                       # the token's position in its sequence
         if SPARSE:
             t = tl.load(lg_ptr + b * s_ptb + kvh * s_pth + u // PAGE, mask=valid, other=0) * PAGE + off
-        stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
+        ish = page < 0                              # HOST: spilled pages (ids >= hbase), always stored FP8
+        if HOST:
+            ish = page >= hbase
+            stored = (tl.load(flag_ptr + page, mask=valid & ~ish, other=0) != 0) | ish
+        else:
+            stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
         last = (t // PAGE + 1) * PAGE - 1
         low = valid & (t >= keep_sink) & (p - t >= keep_recent) & (last < p)     # the read rule
         if RULE_LOADS:
@@ -137,10 +164,16 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
             fix = low & ~stored
         any_fix = tl.sum(fix.to(tl.int32), axis=0) > 0
         vpage, cpage = split_ids(page, cbase, COMPACT)
+        hpage = page * 0
+        if HOST:
+            vpage = tl.where(ish, 0, vpage)
+            cpage = tl.where(ish, 0, cpage)
+            hpage = tl.where(ish, page - hbase, 0)
         k, ks = read_folded(kv_ptr, kvb_ptr, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
-                            s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS)
+                            s_bp, hb_ptr, hpage, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST)
         v, vs = read_folded(kv_ptr + s_kv, kvb_ptr + s_bkv, vpage, cpage, off, kvh, d, valid, low, stored, any_fix,
-                            s_p, s_t, s_h, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS)
+                            s_p, s_t, s_h, s_bp, hb_ptr + s_hkv, hpage, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N, q.dtype,
+                            RULE_LOADS, HOST)
         # scales folded into the scores and the probabilities (powers of two: exact)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
         s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
@@ -166,7 +199,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      num_splits: int, sliding_window: int | None = None, out: torch.Tensor | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                     rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None,
+                     host: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
@@ -174,7 +208,10 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     ``page_table`` [B, Hkv, K] (``compact_selection``): only those are read, each under the read rule of
     its real position. ``rule_loads``: see ``read_folded`` (False only to compare on the GPU).
     ``compact`` (FP8 part 2): (this layer's compact pool [S, 2, slot_bytes] uint8, first compact page id):
-    page ids >= it are read from that pool's slots (codes + scales at the same offsets as in place)."""
+    page ids >= it are read from that pool's slots (codes + scales at the same offsets as in place).
+    ``host`` (KV tiers): (this layer's CPU-RAM store of spilled pages as compact rows [S, 2, slot_bytes] uint8,
+    pinned; first host page id, after the compact range): page ids >= it are read from that store in place
+    (zero-copy on CUDA) and are always FP8; in ``page_table`` they may sit anywhere, also in a selection."""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -195,6 +232,9 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         kv_bytes, cbase = compact
         assert kv_bytes.dtype == torch.uint8 and kv_bytes.shape[0] >= 1 and kv_bytes.stride(-1) == 1
     flags = quantised.view(torch.uint8)
+    hb, hbase = (host[0], host[1]) if host is not None else (kv_bytes, 1 << 62)
+    if host is not None:
+        assert hb.dtype == torch.uint8 and hb.stride(-1) == 1 and hbase >= quantised.shape[0]
     group = Hq // Hkv
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
@@ -210,10 +250,11 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent, cbase,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse, *sel,
+        hb, hbase, hb.stride(0), hb.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None,
+        COMPACT=compact is not None, HOST=host is not None,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)

@@ -9,6 +9,11 @@ synthetically (``synthetic_prefill``): the request's pages are allocated through
 values plus their summary rows, and the request is marked as having computed them; its last prompt token is then
 computed by an ordinary engine step. A context whose CPU tier does not fit in host RAM is a skipped row with the
 bytes; the largest power-of-two context that does fit is then measured instead (``fallback_for``).
+
+``tiered-sparse+fp8-kv``: the same with ``kv_dtype="fp8"``; spilled pages sit in CPU RAM as compact FP8 rows (about
+half a bf16 page: the host-bytes estimate uses the row size), and the GPU pool keeps room for the pages read at full
+precision (sink, recent window), which never spill. Contexts above 4 chunks are filled synthetically: steps with
+prefill over spilled FP8 pages run the torch reference (no staged FP8 prefill kernel yet).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import torch
 
 from tierserve.bench.engram import _host_available as host_available
 from tierserve.bench.sparse_fp8_run import DENSE_PREFILL, Bench, Budget, check
+from tierserve.config import EngineConfig
+from tierserve.quant.fp8_compact import slot_bytes
 
 SYNTHETIC = "synthetic: N(0,1) K/V written into the pages (no prefill), oldest pages spilled to CPU RAM"
 
@@ -39,7 +46,9 @@ def _fill(data: torch.Tensor, pids: list[int], page_size: int, gen: torch.Genera
 
 def synthetic_prefill(eng, rid: str, n_tokens: int, new_tokens: int, chunk: int, deadline: float, seed: int):
     """A running request whose first ``n_tokens`` (a multiple of the page size) are in the KV cache, filled with
-    random values instead of computed; its prompt has one more token, computed by the next engine step."""
+    random values instead of computed; its prompt has one more token, computed by the next engine step. With FP8
+    KV pages the filled pages start at full precision and are quantised after each chunk, as a prefill's are
+    (then the oldest spill as compact FP8 rows)."""
     from tierserve import SamplingParams
     from tierserve.engine.request import Status
 
@@ -61,9 +70,14 @@ def synthetic_prefill(eng, rid: str, n_tokens: int, new_tokens: int, chunk: int,
             raise RuntimeError(f"KV pool and CPU tier are full at {done} of {n_tokens} tokens")
         if kv.tiers is not None:                      # those pages leave before their GPU pages are reused
             runner.tiers_apply(kv.tiers.take_transfers())
-        _fill(runner.kv.data, kv.page_table(rid)[before:], ps, gen)
+        fresh = kv.page_table(rid)[before:]
+        if runner.fp8 is not None:                    # written at full precision (a recycled page starts over)
+            runner.fp8.on_write(torch.tensor(fresh, dtype=torch.int64, device=runner.device))
+        _fill(runner.kv.data, fresh, ps, gen)
         done += n
         kv.commit(rid, req.all_token_ids, done)
+        if runner.fp8 is not None:                    # pages out of every full-precision window -> FP8 now
+            runner.fp8.quantise(runner.kv.data, kv.take_quantise())
     req.num_computed_tokens, req.num_cached_tokens, req.status = n_tokens, 0, Status.RUNNING
     eng.scheduler.running.append(req)
     return req
@@ -79,12 +93,20 @@ def section_c(bench: Bench, deadline: float) -> None:
     item = resolve_dtype(common["dtype"], cfg, resolve_device(common["device"])).itemsize
     ps, new = 16, s.long_new_tokens
     page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item * (ps + 1)
+    # kv_dtype=fp8: spilled pages sit in CPU RAM as compact FP8 rows (codes, scales, the key min/max row)
+    fp8_bytes = 2 * cfg.num_layers * slot_bytes(ps, cfg.num_kv_heads, cfg.head_dim, 1, item)
+    fp8_cfg = EngineConfig()            # keep_sink / keep_recent defaults: those pages stay on the GPU
+    fp8_full = -(-fp8_cfg.kv_fp8_keep_sink // ps) + -(-fp8_cfg.kv_fp8_keep_recent // ps) + 2
 
-    def plan(ctx: int) -> dict:
+    def plan(ctx: int, fp8: bool = False) -> dict:
         total = -(-(ctx + new + 16) // ps)
         gpu = max(4, math.ceil(s.gpu_frac * total))
+        if fp8:               # the full-precision pages (sink, recent window) never spill: room for them + a chunk
+            gpu = max(gpu, 2 * fp8_full)
+        nbytes = fp8_bytes if fp8 else page_bytes
         return {"context": ctx, "seq_pages": total, "gpu_pages": gpu, "gpu_share": gpu / total,
-                "host_pages": total - gpu + 8, "host_bytes": (total - gpu + 8) * page_bytes}
+                "host_pages": total - gpu + 8, "host_bytes": (total - gpu + 8) * nbytes,
+                "host_page_bytes": nbytes}
 
     def limit() -> tuple[int, str]:
         avail = host_available()
@@ -98,32 +120,37 @@ def section_c(bench: Bench, deadline: float) -> None:
     settings.insert(1, ("tiered-sparse+fp8-kv", {"context": s.tier_contexts[0], "kv_dtype": "fp8"}))
 
     def one(name, setting, deadline):
-        p = plan(setting["context"])
+        fp8 = setting.get("kv_dtype") == "fp8"
+        p = plan(setting["context"], fp8)
         ctx = p["context"]
-        synthetic = setting.get("synthetic", ctx > s.prefill_max)
+        # FP8: steps with prefill over spilled FP8 pages run the torch reference (no staged FP8 prefill kernel
+        # yet; O(chunk x context) memory), so only short contexts are prefilled for real
+        synthetic = setting.get("synthetic", ctx > s.prefill_max or (fp8 and ctx > 4 * s.chunk))
         row = {**p, "batch": 1, "new_tokens": new, "sparse_topk_tokens": s.topk,
                "kv_fill": SYNTHETIC if synthetic else DENSE_PREFILL}
         usable, why = limit()
         if p["host_bytes"] > usable:
             fit = 1 << int(math.log2(max(ctx, 2)))
-            while fit > s.prefill_max and plan(fit)["host_bytes"] > usable:
+            while fit > s.prefill_max and plan(fit, fp8)["host_bytes"] > usable:
                 fit //= 2
             if fit > s.prefill_max and "fallback_for" not in setting:
                 settings.append((name, {**setting, "context": fit, "fallback_for": ctx}))
+            what = (f"compact FP8 rows of {ps} tokens (e4m3 K+V codes, per-head scales and the key min/max "
+                    f"row, all layers)") if fp8 else \
+                f"pages of {ps} tokens (K+V plus the key min/max row, all layers, {item}-byte values)"
             row["skipped"] = (
                 f"the CPU tier needs {_gib(p['host_bytes'])} (page-locked at its exact size) for "
-                f"{p['host_pages']} pages of "
-                f"{page_bytes / 2**20:.3f} MiB (K+V of {ps} tokens plus the key min/max row, all layers, "
-                f"{item}-byte values); usable host RAM {_gib(usable)} ({why}). kv_dtype=fp8 (compact pages, about "
-                "half) cannot be combined with cpu_kv_gb yet")
+                f"{p['host_pages']} {what} of {p['host_page_bytes'] / 2**20:.3f} MiB each; usable host RAM "
+                f"{_gib(usable)} ({why})")
             return row
         gpu_why = bench.gpu_room(p["gpu_pages"], sparse=True)
         if gpu_why:
             return {**row, "skipped": gpu_why}
-        chunk = min(s.chunk, p["gpu_pages"] // 2 * ps)
+        chunk = min(s.chunk, (p["gpu_pages"] - (fp8_full if fp8 else 0)) // 2 * ps)
         extra = {k: v for k, v in setting.items() if k == "kv_dtype"}
         llm, build_s = bench.build(max_model_len=ctx + new + 16, num_kv_pages=p["gpu_pages"],
-                                   cpu_kv_gb=(p["host_pages"] + 4) * page_bytes / 2**30, sparse_attention="pages",
+                                   cpu_kv_gb=(p["host_pages"] + 4) * p["host_page_bytes"] / 2**30,
+                                   sparse_attention="pages",
                                    sparse_topk_tokens=s.topk, max_num_batched_tokens=chunk, **extra)
         eng = llm.engine
         row["build_s"] = build_s

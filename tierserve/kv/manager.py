@@ -55,7 +55,9 @@ class KVManager(SpillPlacement):
             if (fp8 is not None and compact_slots > 0) else None
         self.enable_prefix_caching = enable_prefix_caching
         self.tiers = tiers if (tiers is not None and tiers.enabled) else None
-        if self.tiers is not None and enable_prefix_caching:
+        # FP8 KV pages: the CPU tier holds spilled live pages only (compact FP8 rows); evicted prefix pages are
+        # not demoted to it (a cached page would have to carry its precision: not done yet)
+        if self.tiers is not None and enable_prefix_caching and fp8 is None:
             self.pool.on_evict = self.tiers.on_evict
         self._tables: dict[str, _Table] = {}
         # pids -> how often sparse attention chose each page (set by the engine when the runner counts)

@@ -33,12 +33,7 @@ class SpillPlacement:
         chose each page, kept by the runner) the least chosen pages go first; otherwise the oldest."""
         if self.tiers is None or not self.tiers.spill_capacity:
             return 0
-        cands = []                          # (table, index in table, page id)
-        for t in self._tables.values():
-            for i in range(min(t.computed // self.page_size, len(t.pages) - 1)):
-                pid = t.pages[i]
-                if pid >= 0 and pid not in exclude and self.pool.meta[pid].ref_count == 1:
-                    cands.append((t, i, pid))
+        cands = [(t, i, pid) for t, i, pid in self._spillable() if pid not in exclude]
         if self.page_heat is not None and len(cands) > n:
             heat = self.page_heat([pid for _, _, pid in cands])
             order = sorted(range(len(cands)), key=lambda j: heat[j])      # stable: oldest first on ties
@@ -49,11 +44,42 @@ class SpillPlacement:
             if slot is None:
                 return done
             self.tiers.schedule_spill(pid, slot)
-            self.pool.release([pid])
+            self._release([pid])
             t.pages[i] = -(slot + 1)
             self.num_spilled += 1
             done += 1
         return done
+
+    def _spillable(self):
+        """(table, index, page id) of the device pages that may spill: complete, not a table's last page,
+        unshared. With FP8 KV pages only pages every later query reads in FP8 (``Fp8PagePolicy.needs_full``
+        false: past the sink and the recent window) -- already quantised in place, or quantised on the way down
+        (the runner's ``Fp8Pages.host_rows``; compact storage: full-size pages the full compact pool could not
+        take); spilled pages live in CPU RAM as compact rows. Compact slots do not spill (they free no
+        full-size page; ``demote_cold`` is off with compact storage)."""
+        fp8, ps = self.fp8, self.page_size
+        sink = -(-fp8.keep_sink // ps) if fp8 is not None else 0
+        for t in self._tables.values():
+            for i in range(min(t.computed // ps, len(t.pages) - 1)):
+                pid = t.pages[i]
+                if pid < 0 or self._is_compact(pid) or self.pool.meta[pid].ref_count != 1:
+                    continue
+                if fp8 is not None and (i < sink or fp8.needs_full(i, t.computed)):
+                    continue
+                yield t, i, pid
+
+    def _promote_target(self) -> int | None:
+        """A free page for a promoted spilled page: a device page, or with compact FP8 storage a compact slot
+        (FP8 pages never come back into full-size pages there)."""
+        if self.compact is not None:
+            if self.compact.pool.num_free < 1:
+                return None
+            pid = self.compact.pool.allocate(1)[0] + self.compact.base
+        else:
+            pid = self.pool.allocate(1)[0]
+        if self.fp8 is not None:
+            self.quantised.add(pid)
+        return pid
 
     def promote_hot(self, reserve: int) -> int:
         """Bring the most chosen spilled pages (CPU RAM) back into free GPU pages, keeping ``reserve``
@@ -61,7 +87,7 @@ class SpillPlacement:
         runs first thing in the next transfer batch, so the released slot may be reused at once."""
         if self.slot_heat is None or self.tiers is None or not self.tiers.host.num_spilled:
             return 0
-        budget = self.pool.num_free - reserve
+        budget = self.pool.num_free - reserve if self.compact is None else self.compact.pool.num_free - reserve
         if budget <= 0:
             return 0
         cands = [(t, i, -p - 1) for t in self._tables.values() for i, p in enumerate(t.pages)
@@ -70,14 +96,18 @@ class SpillPlacement:
             return 0
         heat = self.slot_heat([slot for _, _, slot in cands])
         order = sorted((j for j in range(len(cands)) if heat[j] > 0), key=lambda j: -heat[j])[:budget]
+        done = 0
         for j in order:
             t, i, slot = cands[j]
-            pid = self.pool.allocate(1)[0]
+            pid = self._promote_target()
+            if pid is None:
+                break
             self.tiers.schedule_unspill(slot, pid)
             self.tiers.spill_release(slot)
             t.pages[i] = pid
             self.num_promoted += 1
-        return len(order)
+            done += 1
+        return done
 
     def demote_cold(self, reserve: int, limit: int = 64) -> int:
         """Make room for spilled pages that sparse attention chooses more often than pages on the GPU: pair the
@@ -86,12 +116,11 @@ class SpillPlacement:
         forth), spill that many least chosen device pages -- plus what keeps ``reserve`` pages free -- so that
         the next ``promote_hot`` brings the hot ones in. At most ``limit`` pairs. Two host syncs (the counts);
         the engine calls it every few steps. Returns the pages spilled."""
-        if self.slot_heat is None or self.page_heat is None or self.tiers is None or not self.tiers.host.num_spilled:
+        if self.slot_heat is None or self.page_heat is None or self.tiers is None or not self.tiers.host.num_spilled \
+                or self.compact is not None:       # compact FP8 storage: hot pages come back into compact slots
             return 0
         host = [-p - 1 for t in self._tables.values() for p in t.pages if p < 0 and -p - 1 < self.host_ram_slots]
-        dev = [t.pages[i] for t in self._tables.values()
-               for i in range(min(t.computed // self.page_size, len(t.pages) - 1))
-               if t.pages[i] >= 0 and self.pool.meta[t.pages[i]].ref_count == 1]
+        dev = [pid for _, _, pid in self._spillable()]
         if not host or not dev:
             return 0
         hot = sorted(self.slot_heat(host), reverse=True)[:limit]

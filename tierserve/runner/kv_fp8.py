@@ -7,21 +7,26 @@ import logging
 
 import torch
 
-from tierserve.quant.fp8_compact import compact_summary, dequant_compact, store_compact_
-from tierserve.quant.fp8_kv import fp8_read_mask, quantise_pages_, split_precision
+from tierserve.quant.fp8_compact import compact_summary, dequant_compact, slot_bytes, slot_offsets, store_compact_
+from tierserve.quant.fp8_kv import dequant_pages, fp8_read_mask, quantise_pages_, split_precision
 
 log = logging.getLogger("tierserve")
 
 
 class Fp8Pages:
     """``compact``: None (part 1: pages quantised in place) or the compact pool ``[S, L, 2, slot_bytes]``
-    uint8 whose slot s is page id ``num_pages + s`` (``num_pages`` counts the scratch page)."""
+    uint8 whose slot s is page id ``num_pages + s`` (``num_pages`` counts the scratch page).
+
+    KV tiers (``cpu_kv_gb``): live pages spilled to CPU RAM are held there as compact rows (the pool's row
+    format, ``quant.fp8_compact``), whatever the device storage; in a step's page tables host slot s is page id
+    ``end + s`` (after the compact range). ``host_rows`` / ``restore`` convert on the way down / up."""
 
     def __init__(self, num_pages: int, page_size: int, keep_sink: int, keep_recent: int,
                  device: torch.device, compact: torch.Tensor | None = None) -> None:
         self.page_size, self.keep_sink, self.keep_recent = page_size, keep_sink, keep_recent
         self.compact, self.base = compact, num_pages
         n = num_pages + (compact.shape[0] if compact is not None else 0)
+        self.end = n                                # first host id (spilled pages, KV tiers)
         self.quantised = torch.zeros(n, dtype=torch.bool, device=device)
         self.quantised[num_pages:] = True          # a compact slot only ever holds FP8 codes
 
@@ -64,14 +69,34 @@ class Fp8Pages:
 
     def summaries(self, pt: torch.Tensor, kv_layer: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """``[*pt.shape, 2, Hkv, D]`` (``kv_layer``'s dtype): the key min / max summary row of each compact page
-        in ``pt`` (rows for ids below the compact range are slot 0's: callers select). Sparse "pages" selection."""
-        rows = self.compact[(pt - self.base).clamp(min=0), layer_idx]              # [..., 2, bytes]
+        in ``pt`` (rows for ids outside the compact range are some slot's: callers select). Sparse "pages" selection."""
+        rows = self.compact[(pt - self.base).clamp(0, self.compact.shape[0] - 1), layer_idx]   # [..., 2, bytes]
         h, d = kv_layer.shape[-2:]
         return compact_summary(rows, 1, h, d, self.page_size, kv_layer.dtype)[..., 0, :, :]
 
+    def flags(self, pt: torch.Tensor) -> torch.Tensor:
+        """``quantised`` of page ids ``pt``; host ids (spilled pages, >= ``end``) are always FP8."""
+        return torch.where(pt >= self.end, True, self.quantised[pt.clamp(max=self.end - 1)])
+
+    def _rows(self, ids: torch.Tensor, layer_idx: int, meta) -> torch.Tensor:
+        """``[n, 2, slot_bytes]`` uint8 (on ``ids``' device): layer ``layer_idx``'s compact rows of page ids
+        ``ids`` (all >= ``base``): compact slots from the pool, host ids from the step's CPU-RAM store."""
+        host = meta.host_kv[0][1] if meta.host_kv is not None else None
+        assert meta.host_kv is None or len(meta.host_kv) == 1, "FP8 pages spill to CPU RAM only"
+        nb = host.shape[-1] if host is not None else self.compact.shape[-1]
+        out = torch.empty(ids.numel(), 2, nb, dtype=torch.uint8, device=ids.device)
+        on_host = ids >= self.end
+        if self.compact is not None:
+            c = ~on_host
+            out[c] = self.compact[ids[c] - self.base, layer_idx]
+        if host is not None and bool(on_host.any()):
+            slots = (ids[on_host] - self.end).cpu()
+            out[on_host] = host[slots, layer_idx].to(ids.device)
+        return out
+
     def gather(self, kv_layer: torch.Tensor, meta, layer_idx: int) -> torch.Tensor:
-        """``[B*P, 2, rows, H, D]``: the step's pages of one layer; a compact page's token rows are zeros
-        (its values come from ``attention_inputs``) and its summary rows are copied from its slot."""
+        """``[B*P, 2, rows, H, D]``: the step's pages of one layer; a compact or spilled page's token rows are
+        zeros (its values come from ``attention_inputs``) and its summary rows are copied from its compact row."""
         flat = meta.page_table.reshape(-1)
         sel = flat >= self.base
         out = torch.index_select(kv_layer, 0, torch.where(sel, 0, flat))
@@ -79,33 +104,120 @@ class Fp8Pages:
             ps, (rows, h, d) = self.page_size, kv_layer.shape[2:]
             out[sel] = 0
             if rows > ps:
-                slots = self.compact[flat[sel] - self.base, layer_idx]              # [n, 2, bytes]
+                slots = self._rows(flat[sel], layer_idx, meta)                      # [n, 2, bytes]
                 out[sel, :, ps:] = compact_summary(slots, rows - ps, h, d, ps, kv_layer.dtype)
         return out
 
     def attention_inputs(self, kv: torch.Tensor, meta, prep: dict, layer_idx: int = 0):
         """``kv [B, P, 2, rows, H, D]`` gathered pages -> ([B, 2P, 2, page, H, D] fp32 keys/values:
         full precision then FP8 readings, mask [B, 1, Q, 2L]) so one softmax covers each key once."""
-        B, P = kv.shape[:2]
         ps = self.page_size
+        pt = meta.page_table
+        quantised = self.flags(pt)
         deq = None
-        if self.compact is not None:
-            pt = meta.page_table
-            sel = pt >= self.base
+        if bool(quantised.any()):
             h, d = kv.shape[-2:]
-            deq = dequant_compact(self.compact[pt[sel] - self.base, layer_idx], ps, h, d)   # [n, 2, ps, H, D]
-        full, low = split_precision(kv, self.quantised[meta.page_table], ps, deq)
+            sel = pt >= self.base                              # compact slots and spilled pages: compact rows
+            in_rows = sel[quantised]
+            deq = torch.empty(int(in_rows.numel()), 2, ps, h, d, dtype=torch.float32, device=kv.device)
+            if bool(in_rows.any()):
+                deq[in_rows] = dequant_compact(self._rows(pt[sel], layer_idx, meta), ps, h, d)
+            if not bool(in_rows.all()):                       # in place: codes + scales inside the page
+                deq[~in_rows] = dequant_pages(kv[quantised & ~sel], ps)
+        full, low = split_precision(kv, quantised, ps, deq)
         use_low = fp8_read_mask(prep["q_pos"], prep["kv_pos"], ps, self.keep_sink, self.keep_recent)
         mask = prep["mask"]
         both = torch.cat([mask & ~use_low, mask & use_low], dim=-1)[:, None]
         return torch.cat([full, low], dim=1), both
+
+    # ---- KV tiers: spilled live pages as compact rows in CPU RAM -----------------------------------
+    def row_bytes(self, kv_data: torch.Tensor) -> int:
+        """Bytes of one (layer, K/V) compact row for pages of ``kv_data [N, L, 2, rows, H, D]``."""
+        rows, h, d = kv_data.shape[3:]
+        return slot_bytes(self.page_size, h, d, rows - self.page_size, kv_data.element_size())
+
+    def _layout(self, kv_data: torch.Tensor):
+        L, _, rows, h, d = kv_data.shape[1:]
+        _, _, soff = slot_offsets(self.page_size, h, d)
+        token_bytes = self.page_size * h * d * kv_data.element_size()       # where a page's summary rows start
+        summ_bytes = (rows - self.page_size) * h * d * kv_data.element_size()
+        return L, rows, h, d, soff, token_bytes, summ_bytes
+
+    def host_rows(self, kv_data: torch.Tensor, pids: list[int]) -> torch.Tensor:
+        """``[n, L, 2, slot_bytes]`` uint8 on the device: the compact rows of pages ``pids`` about to spill --
+        a compact slot's row as it is, a page quantised in place re-packed (its codes + scales are the row's
+        prefix; its summary rows move up), a page still at full precision (the read rule reads it in FP8 from
+        now on) quantised exactly as ``store_compact_`` would."""
+        L, rows, h, d, soff, tb, sb = self._layout(kv_data)
+        dev = kv_data.device
+        out = torch.zeros(len(pids), L, 2, self.row_bytes(kv_data), dtype=torch.uint8, device=dev)
+
+        def idx(xs):
+            return torch.tensor(xs, dtype=torch.int64, device=dev)
+        comp = [i for i, p in enumerate(pids) if p >= self.base]
+        full = [i for i, p in enumerate(pids) if p < self.base]
+        if comp:
+            out[idx(comp)] = self.compact[idx([pids[i] - self.base for i in comp])]
+        if full:
+            stored = self.quantised[idx([pids[i] for i in full])].tolist()
+            inpl = [i for i, st in zip(full, stored) if st]
+            raw = [i for i, st in zip(full, stored) if not st]
+            if inpl:
+                blob = kv_data[idx([pids[i] for i in inpl])].view(torch.uint8).reshape(len(inpl), L, 2, -1)
+                r = torch.zeros(len(inpl), L, 2, out.shape[-1], dtype=torch.uint8, device=dev)
+                r[..., :soff] = blob[..., :soff]
+                r[..., soff:soff + sb] = blob[..., tb:tb + sb]
+                out[idx(inpl)] = r
+            if raw:
+                tmp = torch.zeros(len(raw), L, 2, out.shape[-1], dtype=torch.uint8, device=dev)
+                store_compact_(kv_data, tmp, idx([pids[i] for i in raw]), idx(list(range(len(raw)))),
+                               self.page_size)
+                out[idx(raw)] = tmp
+        return out
+
+    def restore(self, kv_data: torch.Tensor, rows: torch.Tensor, pids: list[int]) -> None:
+        """Spilled pages come back: ``rows [n, L, 2, slot_bytes]`` (device) into pages ``pids`` -- a compact id's
+        slot takes the row as it is, a full-size page gets the in-place FP8 layout (codes + scales, zeros,
+        then its summary rows) and its ``quantised`` flag."""
+        L, nrows, h, d, soff, tb, sb = self._layout(kv_data)
+        dev = kv_data.device
+        comp = [i for i, p in enumerate(pids) if p >= self.base]
+        full = [i for i, p in enumerate(pids) if p < self.base]
+        if comp:
+            self.compact[torch.tensor([pids[i] - self.base for i in comp], device=dev)] = \
+                rows[torch.tensor(comp, device=dev)]
+        if full:
+            r = rows[torch.tensor(full, device=dev)]
+            page_bytes = nrows * h * d * kv_data.element_size()
+            if soff > tb:
+                raise ValueError("a full-size page has no room for FP8 codes + scales")
+            blob = torch.zeros(len(full), L, 2, page_bytes, dtype=torch.uint8, device=dev)
+            blob[..., :soff] = r[..., :soff]
+            blob[..., tb:tb + sb] = r[..., soff:soff + sb]
+            ids = torch.tensor([pids[i] for i in full], device=dev)
+            kv_data[ids] = blob.view(kv_data.dtype).view(len(full), L, 2, nrows, h, d)
+            self.quantised[ids] = True
+
+    def summaries_of(self, kv_data: torch.Tensor, pids: list[int]) -> torch.Tensor:
+        """``[n, L, 2, summary rows, H, D]``: the summary rows of pages ``pids`` (full-size or compact ids), the
+        bytes their compact rows carry."""
+        L, rows, h, d, *_ = self._layout(kv_data)
+        ps, dev = self.page_size, kv_data.device
+        out = torch.empty(len(pids), L, 2, rows - ps, h, d, dtype=kv_data.dtype, device=dev)
+        comp = [i for i, p in enumerate(pids) if p >= self.base]
+        full = [i for i, p in enumerate(pids) if p < self.base]
+        if full:
+            out[torch.tensor(full, device=dev)] = kv_data[torch.tensor([pids[i] for i in full], device=dev)][:, :, :, ps:]
+        if comp:
+            r = self.compact[torch.tensor([pids[i] - self.base for i in comp], device=dev)]
+            out[torch.tensor(comp, device=dev)] = compact_summary(r, rows - ps, h, d, ps, kv_data.dtype)
+        return out
 
 
 def plan_compact(config, layout, budget_pages: int, page_bytes: int) -> tuple[int, int]:
     """``kv_fp8_storage="compact"``: split the memory of ``budget_pages`` model-dtype pages (``page_bytes``
     each) into (full-precision pages, compact FP8 slots); see ``kv.fp8_split.split_pages``."""
     from tierserve.kv.fp8_split import split_pages
-    from tierserve.quant.fp8_compact import slot_bytes
     elem = torch.empty((), dtype=layout.dtype).element_size()
     cbytes = 2 * layout.num_layers * slot_bytes(layout.page_size, layout.num_kv_heads, layout.head_dim,
                                                 layout.summary_rows, elem)

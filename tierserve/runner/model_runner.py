@@ -282,6 +282,8 @@ class ModelRunner:
         self.spill = SpillState(self.host_kv, ram, self.num_pages + 1, self.layout.summary_rows,
                                 self.config.page_size, self.device, self.dtype, count_heat,
                                 kv_shape=self.kv.data.shape if self.graphs is not None else None)
+        if self.fp8 is not None:        # spilled pages go down as compact FP8 rows and come back from them
+            self.spill.fp8 = tiers.codec = self.fp8
         if self.graphs is not None and ram and self.fp8 is None:
             captured = bool(self.graphs.graphs)
             self.graphs.set_spill(self.host_kv, self.spill)

@@ -19,6 +19,7 @@ class SpillState:
         self.stores, self.ram_slots = stores, ram_slots
         self.summary_rows, self.page_size, self.device, self.dtype = summary_rows, page_size, device, dtype
         self.summaries: torch.Tensor | None = None      # [ram slots, L, 2, summary rows, Hkv, D]
+        self.fp8 = None                                  # Fp8Pages when kv_dtype=fp8 (set by the runner)
         if summary_rows and ram_slots and kv_shape is not None:    # now, so CUDA graphs can read it
             self._alloc_summaries(kv_shape)
         z = dict(dtype=torch.float32, device=device)
@@ -26,21 +27,28 @@ class SpillState:
         self.host_heat = torch.zeros(ram_slots, **z) if count_heat and ram_slots else None
 
     def on_transfers(self, transfers, kv_data: torch.Tensor) -> None:
-        """Before the transfers run (pages still in place): keep spilled pages' summaries and counts."""
+        """Before the transfers run (pages still in place): keep spilled pages' summaries and counts. With
+        FP8 KV pages (``fp8``, ``runner.kv_fp8.Fp8Pages``) a spilled page may be a compact slot: its summary
+        rows come from its compact row, and it has no device count (compact pages are not counted)."""
         ram = [(p, s) for p, s in transfers.spill if s < self.ram_slots]
+        n = self.page_heat.shape[0] if self.page_heat is not None else 0
         if ram:
             pids = torch.tensor([p for p, _ in ram], device=self.device)
             slots = torch.tensor([s for _, s in ram], device=self.device)
             if self.summary_rows:
                 if self.summaries is None:
                     self._alloc_summaries(kv_data.shape)
-                self.summaries[slots] = kv_data[pids][:, :, :, self.page_size:]
+                if self.fp8 is not None:
+                    self.summaries[slots] = self.fp8.summaries_of(kv_data, [p for p, _ in ram])
+                else:
+                    self.summaries[slots] = kv_data[pids][:, :, :, self.page_size:]
             if self.host_heat is not None:
-                self.host_heat[slots] = self.page_heat[pids]
+                self.host_heat[slots] = self.page_heat[pids.clamp(max=n - 1)] * (pids < n)
         if self.host_heat is not None and transfers.unspill:
             slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
             pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
-            self.page_heat[pids] = self.host_heat[slots]
+            dev = pids < n                    # a page promoted into a compact FP8 slot keeps no count
+            self.page_heat[pids[dev]] = self.host_heat[slots[dev]]
 
     def _alloc_summaries(self, kv_shape) -> None:
         """kv_shape: the KV storage's [pages, L, 2, rows, Hkv, D]."""

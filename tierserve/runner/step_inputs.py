@@ -16,6 +16,8 @@ def prepare_step(runner, so, lookahead: int = 0):
     pos_l, page_l, off_l, ids_l, qsl, seq_lens, qlens = [], [], [], [], [0], [], []
     sample_rows, plp = [], []
     n_dev, has_host, max_slot = runner.kv.data.shape[0], False, -1
+    if runner.fp8 is not None:          # host ids after the compact FP8 slots
+        n_dev = runner.fp8.end
     max_pages = max(-(-(s.end + lookahead) // ps) for s in so.scheduled)
     table = np.zeros((len(so.scheduled), max_pages), dtype=np.int64)
     for b, s in enumerate(so.scheduled):

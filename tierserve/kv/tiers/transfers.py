@@ -53,6 +53,11 @@ class TierTransfers:
     """Mixed into TierManager: needs ``host``, ``disk``, ``remote``, ``disk_spill``, ``prefetcher``,
     ``page_bytes``, ``zero_copy``, ``_pending``, ``_apply_s``, ``last_onload`` and ``_measure``."""
 
+    # FP8 KV pages (``runner.kv_fp8.Fp8Pages``, set by the runner): CPU RAM holds spilled live pages as compact
+    # FP8 rows ``[slots, L, 2, slot_bytes]`` uint8; ``codec.host_rows`` / ``codec.restore`` convert on the way
+    # down / up (no prefix-cache pages in CPU RAM then, and no disk spill file: both are refused with FP8)
+    codec = None
+
     # ---- spill space for live pages: CPU RAM slots first, then the disk spill file ----------------
     @property
     def _host_slots(self) -> int:
@@ -126,10 +131,15 @@ class TierTransfers:
 
     def _apply(self, tr: KVTransfers, kv_data: torch.Tensor, overlap: bool) -> LayerReady | None:
         if tr.unspill:                                   # (0) promoted live pages, before any spill reuses a slot
-            self._from_host([s for s, _ in tr.unspill], [p for _, p in tr.unspill], kv_data)
+            if self.codec is not None:
+                self._unspill_rows(tr.unspill, kv_data)
+            else:
+                self._from_host([s for s, _ in tr.unspill], [p for _, p in tr.unspill], kv_data)
         if tr.offload:                                   # (1) read out pages leaving the GPU, group by group
             self._offload(tr.offload, tr.onload, kv_data)
-        if tr.spill:                                     # live pages moving to CPU RAM / the spill file
+        if tr.spill and self.codec is not None:         # FP8: compact rows into CPU RAM
+            self._spill_rows(tr.spill, kv_data)
+        elif tr.spill:                                   # live pages moving to CPU RAM / the spill file
             for first, store in self.spill_stores():
                 io.spill([(p, s - first) for p, s in tr.spill if first <= s < first + store.shape[0]], kv_data, store)
         ready = None
@@ -142,6 +152,25 @@ class TierTransfers:
             else:                                        # ... once the side stream has read them
                 self._unstage_after.extend(staged)
         return ready
+
+    def _spill_rows(self, pairs: list[tuple[int, int]], kv_data: torch.Tensor) -> None:
+        """FP8: live pages (device page or compact id, CPU-RAM slot) -> their compact rows, group by group."""
+        store = self.host.data
+        n = io.group_pages(store[0].numel())
+        for at in range(0, len(pairs), n):
+            grp = pairs[at:at + n]
+            assert all(s < store.shape[0] for _, s in grp), "FP8 pages spill to CPU RAM only"
+            rows = self.codec.host_rows(kv_data, [p for p, _ in grp])
+            store[torch.tensor([s for _, s in grp])] = rows.to("cpu")
+
+    def _unspill_rows(self, pairs: list[tuple[int, int]], kv_data: torch.Tensor) -> None:
+        """FP8: CPU-RAM slots -> promoted pages (a compact slot, or a page in the in-place FP8 layout)."""
+        store = self.host.data
+        n = io.group_pages(store[0].numel())
+        for at in range(0, len(pairs), n):
+            grp = pairs[at:at + n]
+            rows = store[torch.tensor([s for s, _ in grp])].to(kv_data.device)
+            self.codec.restore(kv_data, rows, [p for _, p in grp])
 
     def bind(self, kv_data: torch.Tensor) -> None:
         """The device page storage (the runner's), for writes scheduled outside a step (``write_pending``)."""
