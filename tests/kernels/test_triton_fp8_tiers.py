@@ -95,14 +95,14 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("fp8tiers") / "llama", "llama")
 
 
-def _generate(ckpt, n=60, **kw):
+def _generate(ckpt, n=44, **kw):
     from tierserve import LLM, SamplingParams
     settings = dict(dtype="float32", device=DEV, max_model_len=128, attention_backend="triton", num_kv_pages=64,
-                    page_size=8, max_num_batched_tokens=16, kv_dtype="fp8", kv_fp8_keep_sink=4,
+                    page_size=8, max_num_batched_tokens=24, kv_dtype="fp8", kv_fp8_keep_sink=4,
                     kv_fp8_keep_recent=8, enable_prefix_caching=False, enforce_eager=True, debug_invariants=True)
     llm = LLM(str(ckpt), **{**settings, **kw})
     prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(n)], [0] + [(11 * i + 5) % 500 + 3 for i in range(n - 10)]]
-    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     kv = llm.engine.kv
     kv.check_invariants()
@@ -114,8 +114,8 @@ def _generate(ckpt, n=60, **kw):
 
 @pytest.mark.parametrize("extra", [dict(kv_fp8_storage="inplace", num_kv_pages=8),
                                    dict(kv_fp8_storage="compact", num_kv_pages=8),
-                                   dict(sparse_attention="pages", sparse_topk_tokens=88, num_kv_pages=12, n=140,
-                                        max_model_len=192)])
+                                   dict(sparse_attention="pages", sparse_topk_tokens=80, num_kv_pages=12, n=100,
+                                        max_model_len=136)])
 def test_engine_triton_spilled_fp8_pages(ckpt, monkeypatch, extra):
     """A GPU pool smaller than one request: FP8 pages spill to CPU RAM and the FP8 decode kernel reads them there
     (checked once against the reference, then trusted): the large pool's tokens."""
