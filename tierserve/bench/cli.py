@@ -283,7 +283,8 @@ def deepseek_v4(model: Optional[str] = typer.Option("deepseek-v4-flash", help="s
     tierserve vs transformers on the same dummy weights, at each context (issue 7)."""
     from rich.console import Console
 
-    from tierserve.bench.deepseek_v4 import bench_deepseek_v4, plot_deepseek_v4
+    from tierserve.bench.deepseek_v4 import bench_deepseek_v4
+    from tierserve.bench.deepseek_v4_plot import plot_deepseek_v4
 
     con = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     if load_format != "dummy":

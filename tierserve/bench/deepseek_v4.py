@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from tierserve.bench.decode import DecodeCase, _sync, copy_bandwidth, run_transformers
-from tierserve.bench.plot import save_figure
 from tierserve.bench.results import make_result, row_emitter
 
 LLAMA_31_8B_KV_BYTES = 131072          # 32 layers x 2 (K, V) x 8 heads x 128 x 2 bytes (bf16)
@@ -315,23 +314,3 @@ def _summary(done: dict, contexts: list[int], per_token: float, per_token_full: 
                       "tierserve_runs_every_context": all("tok_s" in ours[c] for c in contexts),
                       f"decode_c{long_}_ge_half_of_c{short}": out.get(f"decode_c{long_}_vs_c{short}", 0) >= 0.5}
     return out
-
-
-def plot_deepseek_v4(result: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for eng in ("tierserve", "transformers"):
-        rows = sorted((r for r in result["rows"] if r["engine"] == eng and "tok_s" in r), key=lambda r: r["context"])
-        axes[0].plot([r["context"] for r in rows], [r["tok_s"] for r in rows], marker="o", label=eng)
-        axes[1].plot([r["context"] for r in rows], [r["ttft_s"] for r in rows], marker="o", label=eng)
-        for r in (r for r in result["rows"] if r["engine"] == eng and "out_of_memory" in r):
-            axes[0].axvline(r["context"], ls=":", color="gray", label=f"{eng}: out of memory at {r['context']}")
-    axes[0].set(xlabel="context", ylabel="decode tok/s (batch 1)", xscale="log", yscale="log", title="decode")
-    axes[1].set(xlabel="context", ylabel="TTFT s", xscale="log", yscale="log", title="time to first token")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path, f"DeepSeek-V4-Flash, first {result['meta']['settings']['layers']} layers, "
-                                  f"dummy weights, on {result['meta']['device']}")
