@@ -14,10 +14,9 @@ from tierserve.engine.multi_step import MultiStepDecoder
 from tierserve.engine.request import Request, Status
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.stop import StopChecker
+from tierserve.engine.tier_setup import make_tiers
 from tierserve.kv.fp8_pages import Fp8PagePolicy
 from tierserve.kv.manager import KVManager
-from tierserve.kv.tiers.fingerprint import kv_fingerprint
-from tierserve.kv.tiers.manager import TierManager
 from tierserve.loader.hf import load_config, load_generation_config, resolve_model_path
 from tierserve.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierserve.models.registry import model_config
@@ -52,7 +51,7 @@ class Engine:
             log.info("prefix caching is off for %s: its per-request state is not paged yet",
                      self.model_cfg.architecture)
             config.enable_prefix_caching = False
-        tiers = self._make_tiers(config)
+        tiers = make_tiers(config, self.runner, self.model_path, self.max_model_len)
         if tiers is not None and not config.kv_load_overlap:
             tiers.overlap_loads = False
         host_pages = tiers.spill_capacity if tiers is not None else 0
@@ -91,29 +90,6 @@ class Engine:
         self.num_generated_tokens = 0
         self.finished_outputs_only = False   # True: step() returns only finished requests (offline use)
         self.num_prompt_tokens = 0
-
-    def _make_tiers(self, config: EngineConfig) -> TierManager | None:
-        if not (config.cpu_kv_gb or config.disk_kv_dir or config.remote_kv_url):
-            return None
-        layout = self.runner.layout
-        page_shape, dtype, page_bytes = tuple(self.runner.kv.data.shape[1:]), layout.dtype, layout.bytes_per_page
-        if config.kv_dtype == "fp8":     # spilled live pages in CPU RAM as compact FP8 rows (about half a page)
-            fp8_row = self.runner.fp8.row_bytes(self.runner.kv.data)
-            page_shape, dtype = (layout.num_layers, 2, fp8_row), torch.uint8
-            page_bytes = layout.num_layers * 2 * fp8_row
-        host_pages = int(config.cpu_kv_gb * 2**30 // page_bytes) if config.cpu_kv_gb else 0
-        fp = kv_fingerprint(self.model_path, layout, f"{config.load_format}:{config.seed}")
-        # a sparse file for live pages beyond GPU and CPU RAM: up to a quarter of the disk budget, at
-        # most what every running sequence at full length could need
-        spill_pages = 0
-        if config.disk_kv_dir:
-            need = -(-config.max_num_seqs * self.max_model_len // config.page_size)
-            spill_pages = int(min(need, config.disk_kv_gb * 2**30 // 4 // layout.bytes_per_page))
-        return TierManager(page_shape, dtype, fp,
-                           host_pages=host_pages, disk_dir=config.disk_kv_dir,
-                           disk_bytes=int(config.disk_kv_gb * 2**30), remote_url=config.remote_kv_url,
-                           policy=config.kv_load_policy, spill_pages=spill_pages,
-                           prefetch=config.kv_prefetch is not False, device=self.runner.kv.data.device)
 
     def _load_tokenizer(self, config: EngineConfig) -> Tokenizer:
         try:
