@@ -175,8 +175,8 @@ def ptxas_report(a):
     topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 10
     common = dict(K_OUT=133, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):
-        build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block}, 16)
-        build_one(triton_select_topk._topk_radix_kernel, topk_types, common | {"BLOCK": block}, 16)
+        for radix in (False, True):
+            build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block, "RADIX": radix}, 16)
     for chunk in (4096, 8192):
         build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk}, 16)
 

@@ -6,7 +6,8 @@ lowest-index ties at it (deterministic) and every +inf page, and writes the comp
 decode kernels read (``triton_decode.compact_selection``'s contract with ``logical=True``); adds one per
 chosen page to the tiers' page heat (``backend.count_selection``) with atomics.
 
-Two kernels: ``_topk_kernel`` holds a whole row in registers (page tables up to ``MAX_BLOCK`` pages);
+Two kernels: ``_topk_kernel`` holds a whole row in registers (page tables up to ``MAX_BLOCK`` pages; with
+``RADIX`` it finds the threshold by a radix select, four histograms of 8-bit digits, ``_radix_threshold``);
 ``_topk_wide_kernel`` streams rows of any width in chunks (each search step re-reads the row from cache).
 """
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr,
 def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                  P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                  K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.arange(0, BLOCK)
@@ -93,12 +94,15 @@ def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr
     chosen = visible & (s == float("inf"))
     if BUDGET > 0:
         key = _keys(s, in_row)
-        lo = tl.full([], -2147483648, tl.int64)     # the largest t with >= BUDGET keys >= t, two bits a step
-        for i in tl.static_range(16):
-            lo = _step(lo, _packed_counts(key, lo, 1 << (30 - 2 * i)), 1 << (30 - 2 * i), BUDGET)
-        t = lo.to(tl.int32)
+        if RADIX:
+            t, room = _radix_threshold(key, BUDGET)
+        else:
+            lo = tl.full([], -2147483648, tl.int64)     # the largest t with >= BUDGET keys >= t, two bits a step
+            for i in tl.static_range(16):
+                lo = _step(lo, _packed_counts(key, lo, 1 << (30 - 2 * i)), 1 << (30 - 2 * i), BUDGET)
+            t = lo.to(tl.int32)
+            room = BUDGET - tl.sum((key > t).to(tl.int32), axis=0)
         tie = (key == t).to(tl.int32)
-        room = BUDGET - tl.sum((key > t).to(tl.int32), axis=0)
         top = (key > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))    # ties: the lowest page indices
         chosen = chosen | (top & visible)
     c = chosen.to(tl.int32)
@@ -131,35 +135,6 @@ def _radix_threshold(key, BUDGET: tl.constexpr):
         need -= tl.sum(tl.where(bins == d + 1, ge, 0), axis=0)
         prefix = (prefix << 8) | d.to(tl.uint32)
     return prefix.to(tl.int32, bitcast=True) ^ -2147483648, need
-
-
-@triton.jit
-def _topk_radix_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
-                       P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
-                       K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                       BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
-    """``_topk_kernel`` with the threshold from ``_radix_threshold`` (4 histograms instead of 16 reductions)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    p = tl.arange(0, BLOCK)
-    in_row = p < P
-    seq_len = tl.load(seqlen_ptr + b)
-    visible = in_row & (p * PAGE <= seq_len - 1)
-    s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=in_row, other=float("-inf"))
-    chosen = visible & (s == float("inf"))
-    if BUDGET > 0:
-        key = _keys(s, in_row)
-        t, room = _radix_threshold(key, BUDGET)
-        tie = (key == t).to(tl.int32)
-        top = (key > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))    # ties: the lowest page indices
-        chosen = chosen | (top & visible)
-    c = chosen.to(tl.int32)
-    pt_row = pt_ptr + b * s_ptb
-    table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
-    _emit(chosen, tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
-          n_hheat, K_OUT, HEAT, HOST_HEAT)
-    _finish(tl.sum(c, axis=0), seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh,
-            K_OUT, K_PAD, PAGE)
 
 
 @triton.jit
@@ -244,8 +219,8 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     if method not in ("search", "radix"):
         raise ValueError(f"topk_compact: method must be 'search' or 'radix', got {method!r}")
     if chunk is None:
-        kernel = _topk_radix_kernel if method == "radix" else _topk_kernel
-        kernel[(B, Hkv)](*args, BLOCK=block, **consts, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+        _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", **consts,
+                               num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     else:
         _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=16)
     return table, logical, lens
