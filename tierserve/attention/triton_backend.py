@@ -124,10 +124,7 @@ class TritonBackend:
                                        f.keep_sink, f.keep_recent, num_splits=meta.num_splits,
                                        sliding_window=sliding_window, selection=sel, compact=compact, host=host)
                 if host is not None and self.fp8_host_reads is None:     # checked once against the reference
-                    want = self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
-                    tol = 1e-3 if q.dtype == torch.float32 else 3e-2
-                    if not torch.allclose(out.float(), want.float(), atol=tol, rtol=tol):
-                        raise RuntimeError("differs from the reference")
+                    self._check(out, q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
                     self.fp8_host_reads = True
                 return out
             except Exception as e:
@@ -157,6 +154,13 @@ class TritonBackend:
         return paged_decode(q, kv_layer[:, 0, :page], kv_layer[:, 1, :page], meta.page_table, meta.seq_lens, scale,
                             num_splits=meta.num_splits, sliding_window=sliding_window)
 
+    def _check(self, out, q, k, v, kv_layer, meta: AttnMetadata, scale, window, layer_idx) -> None:
+        """Raise unless ``out`` matches the reference (a fast path's first read of pages in CPU RAM)."""
+        want = self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
+        tol = 1e-3 if q.dtype == torch.float32 else 3e-2
+        if not torch.allclose(out.float(), want.float(), atol=tol, rtol=tol):
+            raise RuntimeError("differs from the reference")
+
     def _host(self, q, k, v, kv_layer, meta: AttnMetadata, scale, window, layer_idx, kv_written):
         """Attention over pages partly spilled to CPU RAM: the decode and prefill kernels read those
         straight from (pinned) host memory, no gather. Checked once against the reference; any failure
@@ -180,10 +184,7 @@ class TritonBackend:
                 out = self._mixed(q, k, v, kv_layer, staged_meta, scale, window,
                                   host_cache=(staged[:, 0], staged[:, 1]))
             if self.host_reads is None:
-                want = self._ref.forward(q, k, v, kv_layer, meta, scale, window, layer_idx, kv_written=True)
-                tol = 1e-3 if q.dtype == torch.float32 else 3e-2
-                if not torch.allclose(out.float(), want.float(), atol=tol, rtol=tol):
-                    raise RuntimeError("differs from the reference")
+                self._check(out, q, k, v, kv_layer, meta, scale, window, layer_idx)
                 self.host_reads = True
             return out
         except Exception as e:      # pinned memory the device cannot address, or a wrong read
