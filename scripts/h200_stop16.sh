@@ -2,7 +2,7 @@
 # Stop-16 H200 calls (benchmarks/RUNBOOK.md "Start of the stop-16 session"); one part per call:
 #   bash scripts/h200_stop16.sh tests     GPU tests of the code built since stop 15 without a GPU (<= 5 min)
 #   bash scripts/h200_stop16.sh micro     sparse top-k search vs radix; FP8 GEMV dot modes (~2 min)
-#   bash scripts/h200_stop16.sh prefill   128k cold prefill with the flash kernel, then auto (cuDNN?) (~4 min)
+#   bash scripts/h200_stop16.sh prefill   128k cold prefill with the flash kernel, then TIERSERVE_PREFILL_ATTN=auto (~4 min)
 #   bash scripts/h200_stop16.sh profiles  decode profiles: FP8 KV at 2k; sparse+FP8 and dense at 128k (~6 min)
 # Everything lands in $OUT.
 set -uo pipefail
@@ -26,7 +26,7 @@ micro)
 prefill)
     TIERSERVE_PREFILL_ATTN=flash NAME=prefill-profile-flash-h200.json timeout 200 python scripts/profile_prefill.py \
         2>&1 | quiet | head -8
-    timeout 200 python scripts/profile_prefill.py 2>&1 | quiet | head -8 ;;
+    TIERSERVE_PREFILL_ATTN=auto timeout 200 python scripts/profile_prefill.py 2>&1 | quiet | head -8 ;;
 profiles)
     SETTING=fp8-kv BATCHES=1 CONTEXT=2048 timeout 120 python scripts/profile_decode.py 2>&1 | quiet | tail -16
     for s in sparse+fp8-kv bf16; do

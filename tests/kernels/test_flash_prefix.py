@@ -110,6 +110,8 @@ def test_choose_kernel_takes_cudnn_only_when_it_runs_and_agrees(monkeypatch):
 
     monkeypatch.delenv("TIERSERVE_PREFILL_ATTN", raising=False)
     pick = flash_prefix.choose_kernel
+    assert pick(q, k, v, 0.3, True, {"cudnn": off_by(0.0), "flash": exact}) == "flash"      # the default
+    monkeypatch.setenv("TIERSERVE_PREFILL_ATTN", "auto")
     assert pick(q, k, v, 0.3, True, {"cudnn": off_by(1e-3), "flash": exact}) == "cudnn"
     assert pick(q, k, v, 0.3, True, {"cudnn": off_by(0.5), "flash": exact}) == "flash"
     assert pick(q, k, v, 0.3, False, {"cudnn": broken, "flash": exact}) == "flash"

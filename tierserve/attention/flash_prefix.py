@@ -55,11 +55,13 @@ KERNELS = {"cudnn": _cudnn, "flash": _flash}
 def choose_kernel(q, k, v, scale: float, causal: bool, kernels=None) -> str:
     """The CUDA kernel every prefix / chunk attention of this process uses, picked once (so a chunk's
     attention never depends on when it ran: tiered and all-GPU runs stay bit-identical).
-    ``TIERSERVE_PREFILL_ATTN`` = ``auto`` (default): cuDNN's fused attention if it runs these inputs and
-    agrees with the flash kernel (outputs within 2e-2, log-sum-exps within 1e-3), else flash; ``cudnn``
-    / ``flash`` force one (cuDNN still falls back to flash if it fails to run)."""
+    ``TIERSERVE_PREFILL_ATTN`` = ``flash`` (default) or ``auto``: cuDNN's fused attention if it runs these
+    inputs and agrees with the flash kernel (outputs within 2e-2, log-sum-exps within 1e-3), else flash;
+    ``cudnn`` forces it (still falling back to flash if it fails to run). Flash stays the default until
+    cuDNN is measured on the H200: it builds an execution plan per new shape, and chunk and prompt lengths
+    vary."""
     kernels = kernels or KERNELS
-    want = os.environ.get("TIERSERVE_PREFILL_ATTN", "auto")
+    want = os.environ.get("TIERSERVE_PREFILL_ATTN", "flash")
     if want not in BACKENDS:
         raise ValueError(f"TIERSERVE_PREFILL_ATTN must be one of {BACKENDS}, got {want!r}")
     if want == "flash":
