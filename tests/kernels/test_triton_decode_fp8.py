@@ -128,7 +128,7 @@ def _generate(ckpt, backend, steps, logprobs=None, kv_dtype="fp8", rounds=None, 
 
     runner.launch_multi = count_multi
     runner.backend.forward = count_fwd
-    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=logprobs)
+    sp = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, logprobs=logprobs)
     outs = [o.outputs[0] for r in (rounds or (PROMPTS, LATER)) for o in llm.generate(r, sp)]
     if kv_dtype == "fp8":
         assert bool(runner.fp8.quantised.any())           # pages really were stored as FP8
@@ -155,10 +155,10 @@ def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt):
     """kv_dtype=fp8 with sparse "pages" attention: the FP8 kernel reads only the selected pages, each under
     the read rule of its real position (page summaries survive quantisation) -- the torch reference's
     tokens and logprobs; multi-step gives the one-step tokens; the budget really drops pages."""
-    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(140)], [0] + [(11 * i + 5) % 500 + 3 for i in range(120)]]]
+    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
     # in-place storage: with the compact pool (the default) sparse decode steps take the reference
-    sparse = dict(sparse_attention="pages", sparse_topk_tokens=88, max_model_len=192, num_kv_pages=64,
-                  rounds=long, kv_fp8_storage="inplace")              # 11 of up to 20 pages
+    sparse = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64,
+                  rounds=long, kv_fp8_storage="inplace")              # 10 of up to 16 pages
     if DEV == "cuda":
         # on the GPU the Triton backend's sparse FP8 prefill chunks attend densely (a warning; the reference
         # selects): each prompt is prefilled in one chunk here (no cached context, so both are the same)
@@ -168,7 +168,7 @@ def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt):
     ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, **sparse)
     one, lp_one, calls = _generate(ckpt, "triton", 1, logprobs=0, **sparse)
     multi, _, calls_multi = _generate(ckpt, "triton", 4, **sparse)
-    _, lp_dense, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, max_model_len=192, num_kv_pages=64, rounds=long)
+    _, lp_dense, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, max_model_len=160, num_kv_pages=64, rounds=long)
     assert calls["decode"] > 0 and calls_multi["multi"] > 0
     assert one == ref
     torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)

@@ -149,7 +149,7 @@ def _generate(ckpt, steps=1, prompts=None, **kw):
     llm = LLM(str(ckpt), **{**settings, **kw})
     prompts = prompts or [[0] + [(7 * i + 3) % 500 + 3 for i in range(45)],
                           [0] + [(11 * i + 5) % 500 + 3 for i in range(30)]]
-    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
+    sp = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, logprobs=0)
     outs = [o.outputs[0] for o in llm.generate(prompts, sp)]
     kv = llm.engine.kv
     assert kv.pool.num_in_use == 0 and (kv.compact is None or kv.compact.pool.num_in_use == 0)
@@ -178,8 +178,8 @@ def test_engine_triton_compact_sparse_pages(ckpt, monkeypatch):
     their slots and the FP8 decode kernel reads the selected compact pages: in-place storage's tokens and
     logprobs."""
     import tierserve.attention.triton_backend as tb
-    long = [[0] + [(7 * i + 3) % 500 + 3 for i in range(140)], [0] + [(11 * i + 5) % 500 + 3 for i in range(120)]]
-    kw = dict(sparse_attention="pages", sparse_topk_tokens=88, max_model_len=192, num_kv_pages=64, prompts=long)
+    long = [[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]
+    kw = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64, prompts=long)
     tok_a, lp_a, _ = _generate(ckpt, kv_fp8_storage="inplace", **kw)
     calls = []
     real = tb.paged_decode_fp8
