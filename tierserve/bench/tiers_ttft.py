@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tierserve.bench.tiers_io import drop_page_cache, raw_read_files, resident_fraction
-from tierserve.kv.prefix import hash_page
+from tierserve.kv.prefix import hash_pages
 from tierserve.kv.tiers import io as tier_io
 
 HITS = ("cold", "gpu", "cpu", "cpu-sync", "cpu-staging", "disk", "disk-policy")
@@ -50,11 +50,8 @@ def ttft(llm, prompt: list[int]) -> tuple[float, dict, int]:
 
 def prompt_page_files(eng, prompt: list[int]) -> list[Path]:
     """The disk tier's files of the prompt's full pages (those a disk hit reads)."""
-    disk, ps, parent, out = eng.kv.tiers.disk, eng.config.page_size, None, []
-    for i in range(len(prompt) // ps):
-        parent = hash_page(parent, tuple(prompt[i * ps:(i + 1) * ps]))
-        out.append(disk.path_of(parent))
-    return out
+    ps = eng.config.page_size
+    return [eng.kv.tiers.disk.path_of(h) for h in hash_pages(prompt, ps, len(prompt) // ps)]
 
 
 def only_disk_holds_it(eng, disk_dir: str) -> float | None:

@@ -25,6 +25,7 @@ from tierserve.quant.fp8 import DEFAULT_BLOCK, fp8_linear_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # the interpreter's dot mishandles bf16
 DOT_MODES = {"act": 1, "f16": 2, "fp8": 3}                 # fp8_gemm's ``dot``; 0: fp32 products
+DEFAULT_DOT = os.environ.get("TIERSERVE_FP8_DOT", "act")    # read once: fp8_gemm runs per layer per step
 
 
 @triton.jit
@@ -161,7 +162,7 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
     direct = split == 1
     dst = out if direct else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    dot = dot or os.environ.get("TIERSERVE_FP8_DOT", "act")
+    dot = dot or DEFAULT_DOT
     if dot not in DOT_MODES:
         raise ValueError(f"fp8_gemm: dot must be one of {sorted(DOT_MODES)}, got {dot!r}")
     low = x.dtype in (torch.bfloat16, torch.float16)
