@@ -28,10 +28,10 @@ def _spill(f, dat, tab, pick_ids):
     """Move pages ``pick_ids`` (stored FP8) to a host store of compact rows: the table points at host ids, the
     device copies are poisoned (never read)."""
     store = f.host_rows(dat, pick_ids).cpu()
-    if DEV == "cuda":
-        store = store.pin_memory()
     slots = {p: f.end + 2 + j for j, p in enumerate(pick_ids)}         # slots 0, 1 unused
     store = torch.cat([torch.zeros_like(store[:2]), store])
+    if DEV == "cuda":                      # after the cat (its result is pageable): the kernel reads it in place
+        store = store.pin_memory()
     tab_h = tab.clone().cpu().apply_(lambda x: slots.get(x, x)).to(DEV)
     dat_h = dat.clone()
     full = [p for p in pick_ids if p < f.base]

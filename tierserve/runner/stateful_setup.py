@@ -191,13 +191,13 @@ def make_prefix_cache(model_cfg, config: EngineConfig, dtype: torch.dtype, num_p
 def _load_deepseek_v4(path: Path, model_cfg, config: EngineConfig, dtype: torch.dtype, device: torch.device):
     from tierserve.models.deepseek_v4 import load_model
 
-    # --cpu-experts: build in CPU RAM, then move all but the routed experts to the device
-    build = torch.device("cpu") if config.cpu_experts else device
+    # --cpu-experts: load into CPU RAM, then move all but the routed experts to the device (dummy weights:
+    # the routed experts are allocated in CPU RAM and the rest on the device from the start)
     if config.load_format == "dummy":
         from tierserve.models.deepseek_v4.dummy import random_deepseek_v4
-        model = random_deepseek_v4(model_cfg.model, config.seed, dtype, build)
+        model = random_deepseek_v4(model_cfg.model, config.seed, dtype, device, host_experts=config.cpu_experts)
     else:
-        model = load_model(path, dtype=dtype, device=build)
+        model = load_model(path, dtype=dtype, device=torch.device("cpu") if config.cpu_experts else device)
     return model.place(device, cpu_experts=True) if config.cpu_experts else model
 
 

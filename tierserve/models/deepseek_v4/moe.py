@@ -83,10 +83,13 @@ class MoE(nn.Module):
 
     def experts_to_host(self, pin: bool) -> None:
         """Replace the routed experts' weights by copies in CPU RAM (page-locked when ``pin``), so the
-        compute-device copies are freed; ``forward`` then runs the routed experts on the CPU."""
+        compute-device copies are freed (weights already there, locked if ``pin``, stay); ``forward`` then runs
+        the routed experts on the CPU."""
         for expert in self.experts:
             for lin in (expert.w1, expert.w2, expert.w3):
                 w = lin.weight.detach()
+                if w.device.type == "cpu" and (w.is_pinned() or not pin):
+                    continue                                        # already where it belongs
                 host = torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=pin).copy_(w)
                 lin.weight = nn.Parameter(host, requires_grad=False)
         self.host_experts = True
