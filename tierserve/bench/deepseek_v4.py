@@ -314,3 +314,20 @@ def _summary(done: dict, contexts: list[int], per_token: float, per_token_full: 
                       "tierserve_runs_every_context": all("tok_s" in ours[c] for c in contexts),
                       f"decode_c{long_}_ge_half_of_c{short}": out.get(f"decode_c{long_}_vs_c{short}", 0) >= 0.5}
     return out
+
+
+def result_from_partial(partial, device: str | None = None) -> dict:
+    """The result of a stopped ``bench deepseek-v4`` run, rebuilt from its partial file (the summary's
+    state bytes recomputed from the settings' config; the batch-1 graph replay time is not in the rows)."""
+    from tierserve.bench.results import result_from_partial as rebuild
+    from tierserve.models.deepseek_v4.config import DeepseekV4Config
+    from tierserve.models.deepseek_v4.kv_bytes import state_bytes
+
+    def summarize(settings: dict, rows: list[dict]) -> dict:
+        per_token = state_bytes(DeepseekV4Config.from_hf(bench_config(settings["model"], settings["layers"],
+                                                                      settings["smoke"]))).per_token
+        full = state_bytes(DeepseekV4Config.from_hf(bench_config(settings["model"], None,
+                                                                 settings["smoke"]))).per_token
+        done = {(r["engine"], r["context"]): r for r in rows}
+        return _summary(done, sorted(settings["contexts"]), per_token, full)
+    return rebuild(partial, "deepseek-v4", summarize, device)

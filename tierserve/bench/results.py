@@ -62,3 +62,30 @@ def row_emitter(rows: list[dict], settings: dict[str, Any], partial_path: str | 
         if progress:
             progress(row)
     return emit
+
+
+def read_partial(partial: str | Path) -> tuple[dict[str, Any], list[dict]]:
+    """The settings and rows of the last run in a ``row_emitter`` partial file."""
+    settings: dict[str, Any] = {}
+    rows: list[dict] = []
+    for line in Path(partial).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "run_start" in rec:
+            settings, rows = rec["settings"], []
+        else:
+            rows.append(rec)
+    return settings, rows
+
+
+def result_from_partial(partial: str | Path, subcommand: str, summarize, device: str | None = None) -> dict:
+    """The result of a run that was stopped, rebuilt from its partial file: ``summarize(settings, rows)`` gives
+    the summary; ``device`` names the machine the rows were measured on (this machine by default)."""
+    settings, rows = read_partial(partial)
+    res = make_result("tierserve bench", subcommand, settings, rows, summarize(settings, rows))
+    res["meta"]["status"] = f"partial: rebuilt from {Path(partial).name} (the run was stopped before it finished)"
+    if device:       # measured elsewhere: this machine's name and package versions would be wrong
+        res["meta"]["device"] = device
+        res["meta"]["versions"] = {"note": "not recorded in the partial file"}
+    return res

@@ -10,13 +10,13 @@ estimated time no longer fits is a skipped row that says why, and time is kept f
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from tierserve.bench.results import make_result, row_emitter
+from tierserve.bench.results import result_from_partial as _result_from_partial
 from tierserve.bench.tiers_io import Budget, measure_bandwidths
 from tierserve.bench.tiers_ttft import HITS, hit_paths
 
@@ -143,17 +143,6 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def result_from_partial(partial: str | Path) -> dict:
+def result_from_partial(partial: str | Path, device: str | None = None) -> dict:
     """The result of a run that was stopped: its settings and rows from the partial file (last run in it)."""
-    settings, rows = {}, []
-    for line in Path(partial).read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if "run_start" in rec:
-            settings, rows = rec["settings"], []
-        else:
-            rows.append(rec)
-    res = make_result("tierserve bench", "tiers", settings, rows, summarize(rows))
-    res["meta"]["status"] = f"partial: rebuilt from {Path(partial).name} (the run was stopped before it finished)"
-    return res
+    return _result_from_partial(partial, "tiers", lambda settings, rows: summarize(rows), device)
