@@ -86,6 +86,13 @@ def test_bench_deepseek_v4_smoke(tmp_path):
     partial = [json.loads(line) for line in (tmp_path / "v4.json.partial.jsonl").read_text().splitlines()]
     assert "run_start" in partial[0] and partial[1:] == res["rows"]
     assert out.with_suffix(".png").stat().st_size > 0
+    # a stopped run's file rebuilds the same summary (less the graph replay time, which is not in the rows)
+    from tierserve.bench.deepseek_v4 import result_from_partial
+    again = result_from_partial(tmp_path / "v4.json.partial.jsonl", device="elsewhere")
+    assert again["rows"] == res["rows"] and again["meta"]["device"] == "elsewhere"
+    assert again["summary"] == {k: v for k, v in sm.items() if k in again["summary"]}
+    assert set(sm) - set(again["summary"]) <= {"graph_replay_ms_batch1", "params", "weight_bytes",
+                                               "copy_bandwidth_GBps", "wall_s"}
 
 
 def test_out_of_memory_and_time_budget_rows(tmp_path, monkeypatch):
