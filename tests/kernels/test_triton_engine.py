@@ -176,16 +176,20 @@ def test_bf16_decode_bit_identical_eager_graphs_multi_step(tmp_path, family):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_sparse_decode_in_cuda_graphs_matches_eager(tmp_path):
-    """"pages" sparse decode inside CUDA graphs (selection from the page summaries on the device) and in
-    multi-step windows: same greedy tokens as the eager path, one step at a time."""
+@pytest.mark.parametrize("fp8", [None, "compact"])
+def test_sparse_decode_in_cuda_graphs_matches_eager(tmp_path, fp8):
+    """"pages" sparse decode inside CUDA graphs (selection from the page summaries on the device; FP8 compact
+    slots: from their rows) and in multi-step windows: same greedy tokens as the eager path, one step at a time."""
     path = make_checkpoint(tmp_path / "m", "llama")
     prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(110)], [0] + [(5 * i + 1) % 400 + 3 for i in range(100)]]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kv = dict(kv_dtype="fp8", kv_fp8_storage="compact", kv_fp8_keep_sink=8, kv_fp8_keep_recent=16) if fp8 else {}
     outs = {}
     for eager, k in ((True, 1), (False, 1), (False, 8)):
         llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=160, page_size=8, num_kv_pages=64,
-                  sparse_attention="pages", sparse_topk_tokens=88, enforce_eager=eager, num_scheduler_steps=k)
+                  sparse_attention="pages", sparse_topk_tokens=88, enforce_eager=eager, num_scheduler_steps=k, **kv)
+        if fp8:
+            assert llm.engine.runner.num_compact_pages > 0
         assert (llm.engine.runner.graphs is None) == eager
         outs[(eager, k)] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     assert outs[(False, 1)] == outs[(True, 1)]
@@ -203,10 +207,11 @@ def _record_replays(monkeypatch) -> list[bool]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("sparse", [None, "pages"])
-def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkeypatch, sparse):
+@pytest.mark.parametrize("sparse,kv", [(None, "auto"), ("pages", "auto"), (None, "fp8"), ("pages", "fp8")])
+def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkeypatch, sparse, kv):
     """Tiers: decode steps whose spilled pages are in CPU RAM replay CUDA graphs captured with the spill
-    stores (pages read in place, selections counted in the graph): same tokens as eager steps."""
+    stores (pages read in place -- FP8: compact rows --, selections counted in the graph): same tokens as
+    eager steps."""
     replays = _record_replays(monkeypatch)
     path = make_checkpoint(tmp_path / "m", "llama")
     prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(110)], [0] + [(5 * i + 1) % 400 + 3 for i in range(100)]]
@@ -215,7 +220,7 @@ def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkey
     for eager in (True, False):
         llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=160, page_size=8, num_kv_pages=10,
                   cpu_kv_gb=0.01, enforce_eager=eager, enable_prefix_caching=False, sparse_attention=sparse,
-                  sparse_topk_tokens=88)
+                  sparse_topk_tokens=88, kv_dtype=kv, kv_fp8_keep_sink=8, kv_fp8_keep_recent=16)
         outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
         assert llm.engine.kv.num_spilled > 0
     assert True in replays, "no decode step replayed a graph captured with the spill stores"

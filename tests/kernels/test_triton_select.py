@@ -111,6 +111,47 @@ def test_fused_selection_matches_torch_chain(monkeypatch, case, spill):
             float(want_heat[1].sum() if spill else 0)
 
 
+@pytest.mark.parametrize("case", [0, 1, 3, 5])
+@pytest.mark.parametrize("spill", [False, True])
+def test_fused_selection_reads_fp8_compact_summaries(monkeypatch, case, spill):
+    """FP8 KV in compact storage: page ids [N, N + S) are compact slots whose rows carry the key min / max
+    (read in place through ``Fp8Pages.summary_views``), spilled pages start at ``Fp8Pages.end``."""
+    from tierserve.quant.fp8_compact import new_compact_pool
+    from tierserve.runner.kv_fp8 import Fp8Pages
+
+    B, hkv, group, page, P, seq_lens, cfg = CASES[case]
+    D, N, S = 16, max(P, 40) // 2, max(P, 40) // 2
+    q, kv, meta = make_case(50 + case, B, hkv, group, page, D, P, N=N, seq_lens=seq_lens, heat=True)
+    g = torch.Generator().manual_seed(70 + case)
+    pool = new_compact_pool(S, 2, page, hkv, D, 1, kv.dtype, "cpu")
+    pool.copy_(torch.randint(0, 256, pool.shape, generator=g, dtype=torch.uint8))    # codes: never read here
+    f = Fp8Pages(N, page, 0, 0, torch.device("cpu"), compact=pool)
+    ck = torch.randn(S, page, hkv, D, generator=g).to(kv.dtype).float()
+    cmin, cmax = f.summary_views(1, kv)
+    cmin.copy_(ck.amin(1).to(kv.dtype))
+    cmax.copy_(ck.amax(1).to(kv.dtype))
+    n_host = N if spill else 0
+    meta.page_table = torch.stack([torch.randperm(N + S + n_host, generator=g)[:P] for _ in range(B)]).to(DEV)
+    if spill:
+        hk = torch.randn(n_host, page, hkv, D, generator=g)
+        hs = torch.zeros(n_host, 2, 2, 1, hkv, D, dtype=kv.dtype)
+        hs[:, 1, 0, 0], hs[:, 1, 1, 0] = hk.amin(1).to(kv.dtype), hk.amax(1).to(kv.dtype)
+        meta.host_summaries, meta.host_kv, meta.host_heat = hs.to(DEV), [(0, torch.zeros(1))], torch.zeros(n_host).to(DEV)
+    f.compact, f.quantised = pool.to(DEV), f.quantised.to(DEV)
+    meta.kv_fp8 = f
+    want, got, want_heat, got_heat = run_both(monkeypatch, q, kv, meta, cfg)
+    scores = page_scores(q, kv, meta.page_table, meta.seq_lens, page, cfg,
+                         meta.host_summaries[:, 1] if spill else None, host_base=f.end,
+                         compact=(*f.summary_views(1, kv), f.base))
+    ids = meta.page_table
+    assert bool(((ids >= N) & (ids < N + S)).any())
+    assert_same_selection(want, got, scores, meta)
+    if torch.equal(want[1], got[1]):
+        for w, g_ in zip(want_heat, got_heat, strict=True):
+            if w is not None:
+                torch.testing.assert_close(g_, w, rtol=0, atol=0)
+
+
 def test_scores_match_upper_bounds():
     """The score kernel's page bounds == page_upper_bounds where pages compete; -inf / +inf elsewhere."""
     B, hkv, group, page, P = 2, 2, 4, 4, 16

@@ -37,7 +37,7 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
                   logical: bool = False):
     page = meta.page_size
     compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None
-    if meta.sparse.selector == "pages" and use_fused_selection(q.device) and not _FUSED_OFF and compact is None:
+    if meta.sparse.selector == "pages" and use_fused_selection(q.device) and not _FUSED_OFF:
         try:                                   # two kernels (triton_select.py)
             return fused_select(q, kv_layer, meta, layer_idx, logical)
         except Exception as e:      # a kernel that fails to build must not take the engine down

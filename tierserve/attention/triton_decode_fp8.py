@@ -235,7 +235,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     hb, hbase = (host[0], host[1]) if host is not None else (kv_bytes, 1 << 62)
     if host is not None:
         assert hb.dtype == torch.uint8 and hb.stride(-1) == 1 and hbase >= quantised.shape[0]
-        if q.is_cuda and not hb.is_pinned():
+        if q.is_cuda and not torch.cuda.is_current_stream_capturing() and not hb.is_pinned():
             raise ValueError("host=: the CPU-RAM store of spilled FP8 rows must be pinned (page-locked) for the "
                              "GPU kernel to read it in place")
     group = Hq // Hkv

@@ -27,12 +27,12 @@ from tierserve.attention.triton_select_topk import topk_compact
 
 
 @triton.jit
-def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, seqlen_ptr, out_ptr,
-                       P, n_dev, n_host, s_qb, s_qh, s_kp, s_kh, s_xp, s_xh, s_hp, s_hh, s_gp, s_gh,
-                       s_ptb, s_ob, s_oh,
+def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, cmax_ptr, pt_ptr, seqlen_ptr,
+                       out_ptr, P, n_dev, h_base, n_host, c_base, n_comp, s_qb, s_qh, s_kp, s_kh, s_xp, s_xh,
+                       s_hp, s_hh, s_gp, s_gh, s_cp, s_ch, s_yp, s_yh, s_ptb, s_ob, s_oh,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_P: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
-                       HOST: tl.constexpr):
+                       HOST: tl.constexpr, COMPACT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -48,20 +48,28 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, pt_ptr, se
     page = tl.load(pt_ptr + b * s_ptb + p, mask=in_row, other=0).to(tl.int64)
     d = tl.arange(0, D_PAD)
     dmask = d < HEAD_DIM
-    if HOST:    # page ids >= n_dev are spilled: their summaries sit in the host-summary copy on the device
-        on_host = page >= n_dev
-        dp = tl.where(on_host, 0, page)
-        hp = tl.where(on_host, page - n_dev, 0)
-        dm = (need & (page < n_dev))[:, None] & dmask[None, :]
-        hm = (need & on_host & (hp < n_host))[:, None] & dmask[None, :]
-        kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm, other=0.0) + \
-            tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm, other=0.0)
-        kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm, other=0.0) + \
-            tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm, other=0.0)
-    else:       # (ids past the device pool cannot occur here; masked rather than read out of bounds)
-        m = (need & (page < n_dev))[:, None] & dmask[None, :]
-        kmin = tl.load(kmin_ptr + page[:, None] * s_kp + h * s_kh + d[None, :], mask=m, other=0.0)
-        kmax = tl.load(kmax_ptr + page[:, None] * s_xp + h * s_xh + d[None, :], mask=m, other=0.0)
+    # ids < n_dev: the summary row of the page in the pool; (COMPACT) ids in [c_base, c_base + n_comp): FP8
+    # compact slots, whose rows carry it; (HOST) ids >= h_base: spilled pages, from the host-summary copy on the
+    # device. Each source is a masked load (0 elsewhere) and the three are added: one of them is the value.
+    on_dev = page < n_dev
+    dp = tl.where(on_dev, page, 0)
+    dm = (need & on_dev)[:, None] & dmask[None, :]
+    kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm, other=0.0)
+    kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm, other=0.0)
+    if COMPACT:
+        cp = page - c_base
+        in_c = need & (cp >= 0) & (cp < n_comp)
+        cp = tl.where(in_c, cp, 0)
+        cm = in_c[:, None] & dmask[None, :]
+        kmin += tl.load(cmin_ptr + cp[:, None] * s_cp + h * s_ch + d[None, :], mask=cm, other=0.0)
+        kmax += tl.load(cmax_ptr + cp[:, None] * s_yp + h * s_yh + d[None, :], mask=cm, other=0.0)
+    if HOST:
+        hp = page - h_base
+        in_h = need & (hp >= 0) & (hp < n_host)
+        hp = tl.where(in_h, hp, 0)
+        hm = in_h[:, None] & dmask[None, :]
+        kmin += tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm, other=0.0)
+        kmax += tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm, other=0.0)
     kmin = kmin.to(tl.float32)
     kmax = kmax.to(tl.float32)
     ub = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -88,10 +96,13 @@ def selection_bound(cfg, page_size: int) -> int:
 
 def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                 page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 16,
-                num_warps: int = 4) -> torch.Tensor:
+                num_warps: int = 4, host_base: int | None = None,
+                compact: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one decode query per sequence at seq_len - 1); kv_layer [N, 2, rows, Hkv, D] with the
     key min / max at row ``page_size``; page_table [B, P]; ``host_summaries`` [slots, 2, rows, Hkv, D] (one
-    layer) for page ids >= N. Returns fp32 scores [B, Hkv, P] (-inf invisible, +inf always kept).
+    layer) for page ids >= ``host_base`` (default N); ``compact`` (FP8 compact slots): (key min, key max)
+    views [slots, Hkv, D] and the first compact page id. Returns fp32 scores [B, Hkv, P] (-inf invisible,
+    +inf always kept).
     Default 16 pages a program, 4 warps: no register spills at D=128 for sm_90 (ptxas: 128 registers, so
     four programs an SM keep enough gathers in flight; 32 pages need 168); scripts/bench_sparse_select.py
     times the alternatives."""
@@ -106,27 +117,41 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         assert hmin.stride(-1) == 1
     else:
         hmin, hmax, n_host = kmin, kmax, 0
+    if compact is not None:
+        cmin, cmax, c_base = compact
+        assert cmin.stride(-1) == 1 and cmax.stride(-1) == 1 and cmin.dtype == kv_layer.dtype
+        n_comp = cmin.shape[0]
+    else:
+        cmin, cmax, c_base, n_comp = kmin, kmax, 0, 0
     out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
     block_p = min(block_p, triton.next_power_of_2(P))
     _page_score_kernel[(B, Hkv, triton.cdiv(P, block_p))](
-        q, kmin, kmax, hmin, hmax, page_table, seq_lens, out, P, N, n_host,
+        q, kmin, kmax, hmin, hmax, cmin, cmax, page_table, seq_lens, out, P, N,
+        N if host_base is None else host_base, n_host, c_base, n_comp,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
-        hmin.stride(0), hmin.stride(1), hmax.stride(0), hmax.stride(1), page_table.stride(0),
-        out.stride(0), out.stride(1),
+        hmin.stride(0), hmin.stride(1), hmax.stride(0), hmax.stride(1), cmin.stride(0), cmin.stride(1),
+        cmax.stride(0), cmax.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size, BLOCK_P=block_p,
         TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
-        num_warps=num_warps)
+        COMPACT=compact is not None, num_warps=num_warps)
     return out
 
 
 def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int = 0, logical: bool = False):
     """``triton_backend._select_pages`` for the "pages" selector: scores, top-k, compaction and the
-    selection counts in two kernel launches."""
+    selection counts in two kernel launches (FP8 compact slots: their summaries read from the slots' rows)."""
+    from tierserve.attention.backend import host_base
+
     page, cfg, n_dev = meta.page_size, meta.sparse, kv_layer.shape[0]
     host = meta.host_summaries[:, layer_idx] if meta.host_kv is not None else None
-    scores = page_scores(q, kv_layer, meta.page_table, meta.seq_lens, page, cfg, host)
+    hb = host_base(meta, n_dev)
+    compact = None
+    if meta.kv_fp8 is not None and meta.kv_fp8.compact is not None:
+        compact = (*meta.kv_fp8.summary_views(layer_idx, kv_layer), meta.kv_fp8.base)
+    scores = page_scores(q, kv_layer, meta.page_table, meta.seq_lens, page, cfg, host, host_base=hb,
+                         compact=compact)
     host_heat = meta.host_heat if meta.host_kv is not None else None
     table, idx, lens = topk_compact(scores, meta.page_table, meta.seq_lens, page, cfg.topk_tokens // page,
                                     selection_bound(cfg, page), meta.page_heat,
-                                    host_heat if meta.page_heat is not None else None, n_dev)
+                                    host_heat if meta.page_heat is not None else None, n_dev, host_base=hb)
     return (table, idx, lens) if logical else (table, lens)

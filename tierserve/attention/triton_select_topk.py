@@ -51,7 +51,7 @@ def _step(lo, tot, quarter: tl.constexpr, BUDGET: tl.constexpr):
 
 
 @triton.jit
-def _emit(chosen, rank, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev, n_hheat,
+def _emit(chosen, rank, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev, h_base, n_hheat,
           K_OUT: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
     """Store the chosen pages of one block at their slots ``rank`` and count them in the page heat."""
     page = tl.load(pt_row + p, mask=chosen, other=0).to(tl.int64)     # only the chosen entries are read
@@ -62,7 +62,7 @@ def _emit(chosen, rank, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, 
         ones = tl.full(p.shape, 1.0, tl.float32)
         tl.atomic_add(heat_ptr + tl.where(page < n_dev, page, 0), ones, mask=chosen & (page < n_dev))
         if HOST_HEAT:
-            slot = page - n_dev
+            slot = page - h_base
             ok = chosen & (slot >= 0) & (slot < n_hheat)
             tl.atomic_add(hheat_ptr + tl.where(ok, slot, 0), ones, mask=ok)
 
@@ -82,7 +82,7 @@ def _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr,
 
 @triton.jit
 def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
-                 P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
+                 P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                  K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
                  BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr):
     b = tl.program_id(0)
@@ -110,7 +110,7 @@ def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr
     pt_row = pt_ptr + b * s_ptb
     table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
     _emit(chosen, tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
-          n_hheat, K_OUT, HEAT, HOST_HEAT)
+          h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
     _finish(tl.sum(c, axis=0), seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh,
             K_OUT, K_PAD, PAGE)
 
@@ -140,7 +140,7 @@ def _radix_threshold(key, BUDGET: tl.constexpr):
 
 @triton.jit
 def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
-                      P, n_dev, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
+                      P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                       K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
                       CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
     b = tl.program_id(0)
@@ -183,7 +183,7 @@ def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, len
             chosen = chosen | (top & visible)
         c = chosen.to(tl.int32)
         _emit(chosen, n_sel + tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr,
-              n_dev, n_hheat, K_OUT, HEAT, HOST_HEAT)
+              n_dev, h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
         n_sel += tl.sum(c, axis=0)
     _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, K_OUT, K_PAD, PAGE)
 
@@ -191,10 +191,11 @@ def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, len
 def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                  budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
                  host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None,
-                 method: str | None = None):
+                 method: str | None = None, host_base: int | None = None):
     """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
     [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
-    page to ``page_heat`` (device page ids) / ``host_heat`` (spilled slots, id - num_device_pages).
+    page to ``page_heat`` (device page ids < ``num_device_pages``) / ``host_heat`` (spilled slots, id -
+    ``host_base``, default ``num_device_pages``; FP8 compact slots between the two are not counted).
     ``chunk``: stream rows in chunks of that many pages (default: only past ``MAX_BLOCK`` pages).
     ``method`` (rows held in registers; None: ``TIERSERVE_TOPK`` or "search"): "search" (16 reductions,
     two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way."""
@@ -211,7 +212,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     heat = page_heat if page_heat is not None else scores
     hheat = host_heat if host_heat is not None else scores
     args = (scores, page_table, seq_lens, table, logical, lens, heat, hheat, P, num_device_pages,
-            host_heat.shape[0] if host_heat is not None else 0,
+            num_device_pages if host_base is None else host_base, host_heat.shape[0] if host_heat is not None else 0,
             scores.stride(0), scores.stride(1), page_table.stride(0), table.stride(0), table.stride(1),
             lens.stride(0), lens.stride(1))
     consts = dict(K_OUT=K, K_PAD=triton.next_power_of_2(K), BUDGET=min(max(budget, 0), P), PAGE=page_size,

@@ -68,3 +68,14 @@ def compact_summary(rows: torch.Tensor, summary_rows: int, h: int, d: int, page_
     soff = slot_offsets(page_size, h, d)[2]
     nb = summary_rows * h * d * torch.empty((), dtype=dtype).element_size()
     return rows[..., soff:soff + nb].contiguous().view(dtype).reshape(*lead, summary_rows, h, d)
+
+
+def summary_views(pool_layer: torch.Tensor, h: int, d: int, page_size: int, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pool_layer [S, 2, slot_bytes]`` uint8 (one layer of a compact pool) -> views ``[S, H, D]`` in ``dtype``
+    of every slot's first summary row, K half (the key min) and V half (the key max); no copy."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    soff = slot_offsets(page_size, h, d)[2]
+    assert soff % elem == 0 and pool_layer.shape[-1] % elem == 0 and pool_layer.stride(-1) == 1
+    rows = pool_layer.view(dtype)[..., soff // elem:soff // elem + h * d]          # [S, 2, H * D]
+    return rows[:, 0].unflatten(-1, (h, d)), rows[:, 1].unflatten(-1, (h, d))

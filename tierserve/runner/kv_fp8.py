@@ -7,7 +7,8 @@ import logging
 
 import torch
 
-from tierserve.quant.fp8_compact import compact_summary, dequant_compact, slot_bytes, slot_offsets, store_compact_
+from tierserve.quant.fp8_compact import (compact_summary, dequant_compact, slot_bytes, slot_offsets, store_compact_,
+                                         summary_views)
 from tierserve.quant.fp8_kv import dequant_pages, fp8_read_mask, quantise_pages_, split_precision
 
 log = logging.getLogger("tierserve")
@@ -73,6 +74,12 @@ class Fp8Pages:
         rows = self.compact[(pt - self.base).clamp(0, self.compact.shape[0] - 1), layer_idx]   # [..., 2, bytes]
         h, d = kv_layer.shape[-2:]
         return compact_summary(rows, 1, h, d, self.page_size, kv_layer.dtype)[..., 0, :, :]
+
+    def summary_views(self, layer_idx: int, kv_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``[slots, Hkv, D]`` (``kv_layer``'s dtype) of the compact slots' key min / max rows of layer
+        ``layer_idx``, read in place by the fused sparse selection (``attention.triton_select``)."""
+        h, d = kv_layer.shape[-2:]
+        return summary_views(self.compact[:, layer_idx], h, d, self.page_size, kv_layer.dtype)
 
     def flags(self, pt: torch.Tensor) -> torch.Tensor:
         """``quantised`` of page ids ``pt``; host ids (spilled pages, >= ``end``) are always FP8."""
@@ -229,8 +236,8 @@ def plan_storage(config, layout, budget_pages: int, page_bytes: int, use_index: 
     """(full-precision pages, compact FP8 slots) for ``kv_dtype="fp8"`` in the memory of ``budget_pages``
     model-dtype pages: ``inplace`` (or no room for compact slots) keeps every page full-size; ``auto`` also keeps
     in-place pages with the indexer selector (its keys are paged by full-precision page id) and with sparse
-    attention (the fused page selection and CUDA graphs read in-place pages; compact + sparse runs the PyTorch
-    selection chain without graphs); ``compact`` refuses the indexer."""
+    attention (compact + sparse runs the same fused selection and CUDA graphs, reading compact slots' summaries
+    from their rows, but is not yet measured on a GPU); ``compact`` refuses the indexer."""
     storage = config.kv_fp8_storage
     if storage == "inplace":
         return budget_pages, 0

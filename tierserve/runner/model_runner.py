@@ -81,13 +81,11 @@ class ModelRunner:
                                   self.dtype.itemsize) if use_index else 0
         self.num_pages = self._num_pages(max_model_len)
         self.num_compact_pages = 0         # FP8 part 2: compact slots, page ids num_pages + 1 + slot
-        compact = False
         if config.kv_dtype == "fp8":
             from tierserve.runner.kv_fp8 import plan_storage
             budget = self.num_pages
             self.num_pages, self.num_compact_pages = plan_storage(
                 config, self.layout, budget, self.layout.bytes_per_page + self._index_page_bytes, use_index)
-            compact = self.num_compact_pages > 0
         # one extra page that the pool never hands out: CUDA-graph padding rows write there
         self.scratch_page = self.num_pages
         self.kv = KVCache(self.layout, self.num_pages + 1, self.device)
@@ -115,8 +113,7 @@ class ModelRunner:
         self.graphs = None
         self.step_kinds: dict[str, int] = {}         # decode steps run by: "plain" / "spill" graphs, "eager"
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton" \
-                and (self.sparse is None or self.sparse.selector == "pages") \
-                and not (compact and self.sparse is not None):    # compact + sparse decode: the reference
+                and (self.sparse is None or self.sparse.selector == "pages"):
             from tierserve.runner.cuda_graphs import DecodeGraphs
             graph_engram = None
             if self.device_engram is not None:
@@ -284,7 +281,7 @@ class ModelRunner:
                                 kv_shape=self.kv.data.shape if self.graphs is not None else None)
         if self.fp8 is not None:        # spilled pages go down as compact FP8 rows and come back from them
             self.spill.fp8 = tiers.codec = self.fp8
-        if self.graphs is not None and ram and self.fp8 is None:
+        if self.graphs is not None and ram:
             captured = bool(self.graphs.graphs)
             self.graphs.set_spill(self.host_kv, self.spill)
             if captured:            # else captured later (set_tokenizer)
