@@ -5,6 +5,8 @@
 #   bash scripts/h200_stop17.sh micro     sparse top-k search vs radix; FP8 GEMV dot modes (~2 min)
 #   bash scripts/h200_stop17.sh prefill   128k cold prefill with the flash kernel, then TIERSERVE_PREFILL_ATTN=auto (~4 min)
 #   bash scripts/h200_stop17.sh profiles  decode profiles: FP8 KV at 2k; sparse+FP8 and dense at 128k (~6 min)
+#   bash scripts/h200_stop17.sh tprofiles decode profiles with 10% of a 128k context on the GPU, the rest in CPU RAM:
+#                                         sparse, sparse+FP8 KV (the spill graphs' kernels; ~4 min)
 # Everything lands in $OUT. Test results stream one line per test (-v), so a call cut by its time limit still
 # says which tests failed and why (--tb=line).
 set -uo pipefail
@@ -57,5 +59,10 @@ profiles)
         SETTING=$s FILL=synthetic BATCHES=1 CONTEXT=131072 timeout 170 python scripts/profile_decode.py 2>&1 \
             | quiet | tail -16
     done ;;
-*) echo "usage: $0 tests|v4cpu|micro|prefill|profiles"; exit 2 ;;
+tprofiles)
+    for s in sparse sparse+fp8-kv; do
+        SETTING=$s FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=131072 timeout 170 python scripts/profile_decode.py \
+            2>&1 | quiet | tail -16
+    done ;;
+*) echo "usage: $0 tests|v4cpu|micro|prefill|profiles|tprofiles"; exit 2 ;;
 esac

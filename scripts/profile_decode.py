@@ -14,8 +14,12 @@ last page or the scratch page (outputs are discarded).
 Other decode paths (issue 6): ``SETTING`` = ``sparse`` / ``fp8-kv`` / ``sparse+fp8-kv`` / ``fp8-weights`` (engine
 options as in ``bench sparse-fp8``; sparse top-2048 tokens) and ``FILL=synthetic`` (batch 1 only: the context's
 K/V written as random values instead of a prefill -- a 128k FP8 prefill takes over a minute) write
-``$OUT/decode-profile-<setting>-c<context>-h200.json``."""
+``$OUT/decode-profile-<setting>-c<context>-h200.json``. ``GPU_FRAC`` (with ``FILL=synthetic``; e.g. 0.1): the KV
+pool holds that share of the context's pages and the rest spills to a CPU-RAM tier (the oldest pages, as
+``bench sparse-fp8``'s section c does); the graphs profiled are the spill set (steps that read spilled pages)
+-> ``decode-profile-tiered-<setting>-c<context>-h200.json``."""
 import json
+import math
 import os
 import statistics
 import sys
@@ -37,6 +41,8 @@ SETTINGS = {"bf16": {}, "sparse": {"sparse_attention": "pages", "sparse_topk_tok
             "fp8-kv": {"kv_dtype": "fp8"}, "fp8-weights": {"quantization": "fp8"},
             "sparse+fp8-kv": {"sparse_attention": "pages", "sparse_topk_tokens": 2048, "kv_dtype": "fp8"}}
 SYNTHETIC = os.environ.get("FILL", "prefill") == "synthetic"
+GPU_FRAC = float(os.environ["GPU_FRAC"]) if os.environ.get("GPU_FRAC") else None
+SPILL = GPU_FRAC is not None
 KINDS = [("gemv/gemm", ("gemv", "gemm", "cutlass", "sm90", "nvjet", "matmul", "splitk")),
          ("attention", ("decode", "attn", "flash", "merge")),
          ("norm", ("rms", "norm")), ("rotary", ("rope", "rotary")), ("activation", ("silu", "act", "mul")),
@@ -48,7 +54,7 @@ def step_ms(graphs, bs: int) -> float:
     times = []
     for _ in range(STEPS):
         start.record()
-        graphs.replay(bs)
+        graphs.replay(bs, spill=SPILL)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -58,11 +64,11 @@ def step_ms(graphs, bs: int) -> float:
 def kernels(graphs, bs: int) -> tuple[list[dict], dict]:
     with torch.inference_mode():
         for _ in range(3):
-            graphs._forward(bs)
+            graphs._forward(bs, SPILL)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(STEPS):
-                graphs._forward(bs)
+                graphs._forward(bs, SPILL)
             torch.cuda.synchronize()
     return device_kernels(prof, KINDS, STEPS)
 
@@ -72,13 +78,23 @@ def main() -> None:
     bw = copy_bandwidth(dev)
     if SYNTHETIC and BATCHES != [1]:
         sys.exit("FILL=synthetic profiles batch 1 only (BATCHES=1)")
+    if SPILL and not SYNTHETIC:
+        sys.exit("GPU_FRAC needs FILL=synthetic")
+    tier = {}
+    if SPILL:       # Llama-3.1-8B pages: 32 layers x K/V x (16 + 1 summary row) x 8 heads x 128 x 2 bytes
+        pages = -(-(CONTEXT + 256) // 16)
+        gpu = max(64, math.ceil(GPU_FRAC * pages))
+        tier = dict(num_kv_pages=gpu, cpu_kv_gb=(pages - gpu + 64) * 2.2 * 2**20 / 2**30,
+                    max_num_batched_tokens=min(8192, gpu // 4 * 16))
     llm = LLM(os.environ.get("MODEL", "llama-3.1-8b"), load_format="dummy", dtype="bfloat16", seed=0,
               max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 256, enable_prefix_caching=False,
-              **SETTINGS[SETTING])
+              **SETTINGS[SETTING], **tier)
     eng, runner = llm.engine, llm.engine.runner
     graphs = runner.graphs
     if graphs is None:
         sys.exit("no CUDA graphs in this engine")
+    if SPILL and not graphs.spill_graphs:
+        sys.exit("GPU_FRAC: no spill graphs were captured (see the engine's warnings)")
     # DESIGN.md's roofline (and bench decode's) counts every parameter; a step really reads one row of an
     # untied embedding table, so the bytes it must read are fewer: both are reported
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -91,14 +107,15 @@ def main() -> None:
         kv_per_token *= 0.5
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "context": CONTEXT,
               "setting": SETTING, "engine_options": SETTINGS[SETTING],
-              "kv_fill": "synthetic" if SYNTHETIC else "prefill",
+              "kv_fill": "synthetic" if SYNTHETIC else "prefill", "gpu_frac": GPU_FRAC, **tier,
               "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": weight_bytes, "weight_bytes_read": read_bytes,
               "batches": {}}
     vocab = eng.model_cfg.vocab_size
     for bs in BATCHES:
         if SYNTHETIC:
             from tierserve.bench.sparse_fp8_tiers import synthetic_prefill
-            req = synthetic_prefill(eng, "synthetic", CONTEXT - CONTEXT % 16, 8, 8192, float("inf"), 0)
+            req = synthetic_prefill(eng, "synthetic", CONTEXT - CONTEXT % 16, 8, tier.get("max_num_batched_tokens", 8192),
+                                    float("inf"), 0)
             while not req.is_finished:
                 eng.step()
         else:
@@ -117,7 +134,8 @@ def main() -> None:
             "roofline_frac_bytes_read": (read_bytes + kv_step) / bw * 1e3 / ms, "kernel_us_sum_eager": total,
             "kernel_launches": sum(k["calls"] for k in ks),
             "by_kind_us": by_kind, "by_kind_share": {k: v / total for k, v in by_kind.items()},
-            "top_kernels": ks[:25], "profile_s": time.perf_counter() - t0}
+            "top_kernels": ks[:25], "profile_s": time.perf_counter() - t0,
+            "step_kinds": dict(runner.step_kinds), "spilled_pages": eng.kv.num_spilled}
         r = result["batches"][str(bs)]
         print(f"batch {bs} (bucket {b}) ctx {CONTEXT}: replay {ms:.3f} ms = {r['tok_s']:.0f} tok/s, roofline "
               f"{r['roofline_ms']:.3f} ms ({r['roofline_frac']:.3f}); kernels {total / 1e3:.3f} ms in "
@@ -127,7 +145,7 @@ def main() -> None:
         for k in ks[:12]:
             print(f"   {k['us']:9.1f} us x{k['calls']:5.0f}  {k['kernel'][:90]}")
     name = "decode-profile-h200.json" if SETTING == "bf16" and not SYNTHETIC else \
-        f"decode-profile-{SETTING}-c{CONTEXT}-h200.json"
+        f"decode-profile-{'tiered-' if SPILL else ''}{SETTING}-c{CONTEXT}-h200.json"
     with open(f"{OUT}/{name}", "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {OUT}/{name}")
