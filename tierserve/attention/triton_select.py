@@ -27,6 +27,17 @@ from tierserve.attention.triton_select_topk import topk_compact
 
 
 @triton.jit
+def _add_source(kmin, kmax, min_ptr, max_ptr, rel, n, need, h, d, dmask, s_p, s_h, s_xp, s_xh):
+    """Add the key min / max rows of the entries ``rel`` in [0, n) of one summary source (0 for the others)."""
+    ok = need & (rel >= 0) & (rel < n)
+    r = tl.where(ok, rel, 0)
+    m = ok[:, None] & dmask[None, :]
+    kmin += tl.load(min_ptr + r[:, None] * s_p + h * s_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+    kmax += tl.load(max_ptr + r[:, None] * s_xp + h * s_xh + d[None, :], mask=m, other=0.0).to(tl.float32)
+    return kmin, kmax
+
+
+@triton.jit
 def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, cmax_ptr, pt_ptr, seqlen_ptr,
                        out_ptr, P, n_dev, h_base, n_host, c_base, n_comp, s_qb, s_qh, s_kp, s_kh, s_xp, s_xh,
                        s_hp, s_hh, s_gp, s_gh, s_cp, s_ch, s_yp, s_yh, s_ptb, s_ob, s_oh,
@@ -50,28 +61,16 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, 
     dmask = d < HEAD_DIM
     # ids < n_dev: the summary row of the page in the pool; (COMPACT) ids in [c_base, c_base + n_comp): FP8
     # compact slots, whose rows carry it; (HOST) ids >= h_base: spilled pages, from the host-summary copy on the
-    # device. Each source is a masked load (0 elsewhere) and the three are added: one of them is the value.
-    on_dev = page < n_dev
-    dp = tl.where(on_dev, page, 0)
-    dm = (need & on_dev)[:, None] & dmask[None, :]
-    kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm, other=0.0)
-    kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm, other=0.0)
+    # device. Each source is a masked load (0 elsewhere) and they are added: one of them is the value.
+    kmin = tl.zeros([BLOCK_P, D_PAD], tl.float32)
+    kmax = tl.zeros([BLOCK_P, D_PAD], tl.float32)
+    kmin, kmax = _add_source(kmin, kmax, kmin_ptr, kmax_ptr, page, n_dev, need, h, d, dmask, s_kp, s_kh, s_xp, s_xh)
     if COMPACT:
-        cp = page - c_base
-        in_c = need & (cp >= 0) & (cp < n_comp)
-        cp = tl.where(in_c, cp, 0)
-        cm = in_c[:, None] & dmask[None, :]
-        kmin += tl.load(cmin_ptr + cp[:, None] * s_cp + h * s_ch + d[None, :], mask=cm, other=0.0)
-        kmax += tl.load(cmax_ptr + cp[:, None] * s_yp + h * s_yh + d[None, :], mask=cm, other=0.0)
+        kmin, kmax = _add_source(kmin, kmax, cmin_ptr, cmax_ptr, page - c_base, n_comp, need, h, d, dmask,
+                                 s_cp, s_ch, s_yp, s_yh)
     if HOST:
-        hp = page - h_base
-        in_h = need & (hp >= 0) & (hp < n_host)
-        hp = tl.where(in_h, hp, 0)
-        hm = in_h[:, None] & dmask[None, :]
-        kmin += tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm, other=0.0)
-        kmax += tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm, other=0.0)
-    kmin = kmin.to(tl.float32)
-    kmax = kmax.to(tl.float32)
+        kmin, kmax = _add_source(kmin, kmax, hmin_ptr, hmax_ptr, page - h_base, n_host, need, h, d, dmask,
+                                 s_hp, s_hh, s_gp, s_gh)
     ub = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(GROUP):
         qg = tl.load(q_ptr + b * s_qb + (h * GROUP + g) * s_qh + d, mask=dmask, other=0.0).to(tl.float32)
