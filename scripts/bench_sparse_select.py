@@ -166,13 +166,13 @@ def ptxas_report(a):
         info = [x.split(":")[-1].strip() for x in r.stderr.splitlines() if "registers" in x or "spill" in x]
         print(fn.__name__, consts, warps, "warps:", " | ".join(info))
 
-    score_types = ["*bf16"] * 5 + ["*i64", "*i64", "*fp32"] + ["i32"] * 16
-    for host in (False, True):
+    score_types = ["*bf16"] * 7 + ["*i64", "*i64", "*fp32"] + ["i32"] * 23
+    for host, compact in ((False, False), (True, False), (False, True), (True, True)):
         for bp, nw in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
             build_one(triton_select._page_score_kernel, score_types,
                       dict(GROUP=a.hq // a.hkv, HEAD_DIM=a.head_dim, D_PAD=a.head_dim, PAGE=a.page, BLOCK_P=bp,
-                           TOPK=a.topk, SINK=16, RECENT=64, HOST=host), nw)
-    topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 10
+                           TOPK=a.topk, SINK=16, RECENT=64, HOST=host, COMPACT=compact), nw)
+    topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 11
     common = dict(K_OUT=133, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):
         for radix in (False, True):

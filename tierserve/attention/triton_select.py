@@ -95,14 +95,15 @@ def selection_bound(cfg, page_size: int) -> int:
 
 def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                 page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 16,
-                num_warps: int = 4, host_base: int | None = None,
+                num_warps: int | None = None, host_base: int | None = None,
                 compact: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one decode query per sequence at seq_len - 1); kv_layer [N, 2, rows, Hkv, D] with the
     key min / max at row ``page_size``; page_table [B, P]; ``host_summaries`` [slots, 2, rows, Hkv, D] (one
     layer) for page ids >= ``host_base`` (default N); ``compact`` (FP8 compact slots): (key min, key max)
     views [slots, Hkv, D] and the first compact page id. Returns fp32 scores [B, Hkv, P] (-inf invisible,
     +inf always kept).
-    Default 16 pages a program, 4 warps: no register spills at D=128 for sm_90 (ptxas: 128 registers, so
+    Default 16 pages a program, 4 warps (8 with both host and compact sources): no register spills at D=128
+    for sm_90 (ptxas: 128 registers, so
     four programs an SM keep enough gathers in flight; 32 pages need 168); scripts/bench_sparse_select.py
     times the alternatives."""
     B, Hq, D = q.shape
@@ -124,6 +125,8 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         cmin, cmax, c_base, n_comp = kmin, kmax, 0, 0
     out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
     block_p = min(block_p, triton.next_power_of_2(P))
+    if num_warps is None:         # both extra sources: 168 registers at 4 warps, 115 at 8 (ptxas, sm_90)
+        num_warps = 8 if host_summaries is not None and compact is not None else 4
     _page_score_kernel[(B, Hkv, triton.cdiv(P, block_p))](
         q, kmin, kmax, hmin, hmax, cmin, cmax, page_table, seq_lens, out, P, N,
         N if host_base is None else host_base, n_host, c_base, n_comp,
