@@ -24,8 +24,8 @@ from tierserve.runner import engram_state, multi_step
 from tierserve.runner.build import build_model
 from tierserve.runner.cuda_graphs import decode_splits
 from tierserve.runner.sampler import Sampler, prompt_logprob_rows, sample_requests
-from tierserve.runner.spill_state import SpillState
 from tierserve.runner.step_inputs import prepare_step
+from tierserve.runner.tier_link import TierLink
 
 log = logging.getLogger("tierserve")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +54,7 @@ def resolve_dtype(name: str, model_cfg: ModelConfig, device: torch.device) -> to
     return {"float16": torch.float16}.get(model_cfg.torch_dtype, torch.bfloat16)
 
 
-class ModelRunner:
+class ModelRunner(TierLink):
     def __init__(self, config: EngineConfig, model_path: Path, model_cfg: ModelConfig, max_model_len: int,
                  progress: bool = False) -> None:
         self.config = config
@@ -108,7 +108,7 @@ class ModelRunner:
                 self.device_engram = DeviceEngram(mods, model_cfg.engram.lookback, config.max_num_seqs, self.device)
         self.supports_prefix_caching = not self.engram_conv      # conv history is not paged
         self.host_kv: torch.Tensor | None = None     # CPU-RAM page storage for spilled live pages (tiers)
-        self.spill: SpillState | None = None         # device-side state of spilled pages (attach_spill)
+        self.spill = None                            # SpillState of spilled pages (TierLink.attach_spill)
         self._tiers = None                           # the tier manager whose transfers tiers_apply runs
         self.graphs = None
         self.step_kinds: dict[str, int] = {}         # decode steps run by: "plain" / "spill" graphs, "eager"
@@ -270,48 +270,6 @@ class ModelRunner:
     def _engram_step(self, so: SchedulerOutput, input_ids: torch.Tensor, meta: AttnMetadata):
         return engram_state.start_step(self.model, self.engram_hasher, self.engram_conv, so, input_ids, meta,
                                        self.model_cfg.engram.lookback, self.device, self.dtype)
-
-    def attach_spill(self, tiers, count_heat: bool) -> SpillState:
-        """Live pages may spill to ``tiers`` (CPU RAM, then a disk file); ``count_heat``: count sparse
-        selections per page so the KV manager can place pages by them."""
-        self.host_kv = tiers.spill_stores()
-        ram = tiers.host.num_pages if tiers.host is not None else 0
-        self.spill = SpillState(self.host_kv, ram, self.num_pages + 1, self.layout.summary_rows,
-                                self.config.page_size, self.device, self.dtype, count_heat,
-                                kv_shape=self.kv.data.shape if self.graphs is not None else None)
-        if self.fp8 is not None:        # spilled pages go down as compact FP8 rows and come back from them
-            self.spill.fp8 = tiers.codec = self.fp8
-        if self.graphs is not None and ram:
-            captured = bool(self.graphs.graphs)
-            self.graphs.set_spill(self.host_kv, self.spill)
-            if captured:            # else captured later (set_tokenizer)
-                try:
-                    self.graphs.capture()
-                except Exception as e:      # decode with spilled pages stays eager (Triton kernels)
-                    log.warning("CUDA graphs over spilled KV pages failed (%s: %s); steps that read spilled "
-                                "pages run eagerly", type(e).__name__, e)
-                    self.graphs.set_spill(None, None)
-        return self.spill
-
-    @property
-    def host_summaries(self) -> torch.Tensor | None:
-        return self.spill.summaries if self.spill is not None else None
-
-    @property
-    def page_heat(self) -> torch.Tensor | None:
-        return self.spill.page_heat if self.spill is not None else None
-
-    def tiers_apply(self, transfers, overlap: bool = False) -> None:
-        """Move pages between the KV storage and lower tiers before this step's forward pass; with
-        ``overlap`` CPU-RAM hits may still be copying, layer by layer, while it runs (``kv.loading``)."""
-        self._tiers = transfers.manager
-        self.kv.settle()
-        if not transfers:
-            transfers.manager.bind(self.kv.data)
-            return
-        if self.spill is not None:
-            self.spill.on_transfers(transfers, self.kv.data)
-        self.kv.loading = transfers.manager.apply(transfers, self.kv.data, overlap=overlap)
 
     def _prepare(self, so: SchedulerOutput, lookahead: int = 0):
         """Step inputs (``step_inputs.prepare_step``); ``lookahead`` widens the page tables (multi-step)."""
