@@ -11,10 +11,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-from tests.kernels.test_triton_fp8_compact import _both, _meta, _setup  # noqa: E402
+from tests.kernels.test_triton_fp8_compact import PREFILL, _both, _meta, _setup  # noqa: E402
 from tierserve.attention.torch_ref import TorchRefBackend  # noqa: E402
 from tierserve.attention.triton_decode import compact_selection  # noqa: E402
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8  # noqa: E402
+from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8  # noqa: E402
+from tierserve.attention.triton_stage import remap_host_entries, stage_rows  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [  # hq, hkv, page, D, seq_lens, keep_sink, keep_recent, splits, block_n
@@ -88,6 +90,45 @@ def test_decode_reads_spilled_pages_from_host(dtype, case, sparse):
             torch.testing.assert_close(got.float(), ref.float(), **tol)
 
 
+# + keep_recent 0 with chunks starting on a page boundary: the stored page just before a chunk is in its scratch
+PREFILL_SPILL = PREFILL + [(4, 2, 16, 16, [80, 40], [16, 8], 0, 0, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(PREFILL_SPILL)))
+def test_prefill_reads_staged_spilled_pages(dtype, case):
+    """Prefill chunks over FP8 pages spilled to CPU RAM: the step's host rows staged on the device
+    (``stage_rows``, tables remapped) give the very same bits as with those pages on the device -- also where a
+    spilled page falls in a chunk's FP8 scratch range (keep_recent 0: the page just before the chunk)."""
+    hq, hkv, ps, D, lens, qlens, sink, recent, window = PREFILL_SPILL[case]
+    data, table, pick = _setup(dtype, hkv, ps, D, lens, sink, recent, qlens, seed=60 + case)
+    edge = case == len(PREFILL)
+    if edge:                                                 # every stored page, the scratch-range ones too
+        pick = sorted(set(pick) | {int(table[b, (n - k) // ps - 1]) for b, (n, k) in enumerate(zip(lens, qlens))})
+    g = torch.Generator().manual_seed(600 + case)
+    q = torch.randn(sum(qlens), hq, D, generator=g).to(DEV, dtype)
+    for f, dat, tab in _both(data, table, pick, ps, sink, recent):
+        def run(tab_, dat_, host=None):
+            meta, qsl = _meta(lens, qlens, ps, tab_, f, False)
+            return paged_prefill_fp8(q, dat_[:, 1], f.quantised, tab_, torch.tensor(qsl[:-1], device=DEV),
+                                     torch.tensor(qlens, device=DEV), meta.seq_lens, max(qlens), D ** -0.5, ps,
+                                     sink, recent, sliding_window=window, compact=f.kernel_pool(1), host=host)
+        want = run(tab, dat)
+        ids = sorted({int(x) for x in tab.flatten().tolist()} & set(f.quantised.nonzero().flatten().tolist()))
+        ids = [p for p in ids if p != f.base - 1]
+        ids = ids if edge else ids[::2] or ids[:1]
+        assert ids
+        if edge:        # the page before each chunk (first scratch page: (c0 - 1) // ps) is among them
+            assert all(int(tab[b, (n - k) // ps - 1]) in ids for b, (n, k) in enumerate(zip(lens, qlens)))
+        store, tab_h, dat_h = _spill(f, dat, tab, ids)
+        slots, tab_r = remap_host_entries(tab_h, f.end)
+        assert (tab_r >= f.end).any()
+        rows = stage_rows(store[:, 1], slots)
+        assert rows.device.type == DEV and rows.shape[1:] == store.shape[2:]
+        got = run(tab_r, dat_h, host=(rows, f.end))
+        assert torch.equal(got, want) and not got.isnan().any()
+
+
 # ---- engine --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -122,12 +163,17 @@ def test_engine_triton_spilled_fp8_pages(ckpt, monkeypatch, extra):
     import tierserve.attention.triton_backend as tb
     big = {k: v for k, v in extra.items() if k != "num_kv_pages"}      # 64 pages: nothing spills
     want, _ = _generate(ckpt, **big)
-    calls = []
-    real = tb.paged_decode_fp8
+    calls, prefills = [], []
+    real, real_prefill = tb.paged_decode_fp8, tb.paged_prefill_fp8
     monkeypatch.setattr(tb, "paged_decode_fp8", lambda *a, **k: calls.append(
         (k.get("host") is not None, k.get("selection") is not None)) or real(*a, **k))
+    monkeypatch.setattr(tb, "paged_prefill_fp8", lambda *a, **k: prefills.append(k.get("host") is not None)
+                        or real_prefill(*a, **k))
     got, llm = _generate(ckpt, cpu_kv_gb=0.001, **extra)
     assert llm.engine.kv.num_spilled > 0
     assert llm.engine.runner.backend.fp8_host_reads is True
     assert (True, "sparse_attention" in extra) in calls
+    # chunks after the first spill read the spilled rows staged on the device (CPU: sparse prefill is the reference)
+    assert True in prefills or ("sparse_attention" in extra and DEV == "cpu")
+    assert llm.engine.runner.backend.fp8_prefill is not False
     assert got == want

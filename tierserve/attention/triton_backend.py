@@ -27,7 +27,7 @@ from tierserve.attention.triton_prefill import paged_prefill
 from tierserve.attention.triton_prefill import supported as prefill_supported
 from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
 from tierserve.attention.triton_select import fused_select, selection_bound, use_fused_selection
-from tierserve.attention.triton_stage import remap_host_entries, stage_layer
+from tierserve.attention.triton_stage import remap_host_entries, stage_layer, stage_rows
 
 log = logging.getLogger("tierserve")
 _FUSED_OFF: list = []          # non-empty once the fused selection kernels failed (then the PyTorch chain)
@@ -97,7 +97,7 @@ class TritonBackend:
                 and meta.kv_fp8 is None and meta.sparse.selector == "pages":
             return self._sparse_prefill(q, k, v, kv_layer, meta, scale, kv_written, layer_idx)
         if meta.sparse is not None and meta.kv_fp8 is not None and not meta.decode_only and q.is_cuda \
-                and meta.host_kv is None and fp8_ok and self.fp8_prefill is not False:
+                and fp8_ok and self.fp8_prefill is not False:
             if not self._warned_fp8_sparse_prefill:     # the masked reference would need O(chunk x context)
                 log.warning("sparse attention over FP8 KV pages: prefill chunks attend densely on the GPU "
                             "(no sparse FP8 prefill path yet); decode steps stay sparse")
@@ -107,7 +107,11 @@ class TritonBackend:
         # FP8 pages spilled to CPU RAM: pure decode steps read their compact rows in the FP8 decode kernel
         fp8_host = meta.host_kv is not None and meta.kv_fp8 is not None and meta.decode_only and meta.host_ram_only \
             and host_sparse_ok and self.fp8_host_reads is not False
-        if (meta.host_kv is not None and not fp8_host) or (not sparse_ok and meta.sparse is not None) or not fp8_ok:
+        # steps with prefill over them: those rows staged on the device per layer, the FP8 prefill kernel
+        fp8_host_prefill = meta.host_kv is not None and meta.kv_fp8 is not None and not meta.decode_only \
+            and meta.host_ram_only and self.fp8_prefill is not False
+        if (meta.host_kv is not None and not (fp8_host or fp8_host_prefill)) or \
+                (not sparse_ok and meta.sparse is not None) or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
         if not kv_written:
             write_kv(k, v, kv_layer, meta)
@@ -138,7 +142,11 @@ class TritonBackend:
             if meta.kv_fp8 is not None:
                 if self.fp8_prefill is not False:
                     try:
-                        out = self._mixed_fp8(q, kv_layer, meta, scale, sliding_window, compact)
+                        host, kmeta = None, meta
+                        if meta.host_kv is not None:      # spilled pages' compact rows, staged once per layer
+                            slots, kmeta = self._staged_meta(meta, meta.kv_fp8.end)
+                            host = (stage_rows(meta.host_kv[0][1][:, layer_idx], slots), meta.kv_fp8.end)
+                        out = self._mixed_fp8(q, kv_layer, kmeta, scale, sliding_window, compact, host)
                         self.fp8_prefill = True
                         return out
                     except Exception as e:      # a kernel that fails to build must not take the engine down
@@ -263,17 +271,20 @@ class TritonBackend:
         return out
 
     @staticmethod
-    def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None) -> torch.Tensor:
+    def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None,
+                   host=None) -> torch.Tensor:
         """A step with prefill chunks over FP8 KV pages: decode rows through the FP8 decode kernel, every
-        chunk (fresh ones too: the read rule applies inside a chunk) through the FP8 prefill kernel."""
+        chunk (fresh ones too: the read rule applies inside a chunk) through the FP8 prefill kernel. ``host``:
+        (staged compact rows, first host id) of pages spilled to CPU RAM, ``meta``'s tables remapped to them."""
         f = meta.kv_fp8
         split = split_step(meta, kv_layer.shape[3])
         out = torch.empty_like(q)
         if split.dec_tokens is not None:
             out[split.dec_tokens] = paged_decode_fp8(
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
-                f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact)
+                f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact,
+                host=host)
         chunks = packed_chunks(meta, split, window, fresh_too=True)
         paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
-                          sliding_window=window, out=out, compact=compact)
+                          sliding_window=window, out=out, compact=compact, host=host)
         return out

@@ -210,8 +210,9 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     ``compact`` (FP8 part 2): (this layer's compact pool [S, 2, slot_bytes] uint8, first compact page id):
     page ids >= it are read from that pool's slots (codes + scales at the same offsets as in place).
     ``host`` (KV tiers): (this layer's CPU-RAM store of spilled pages as compact rows [S, 2, slot_bytes] uint8,
-    pinned; first host page id, after the compact range): page ids >= it are read from that store in place
-    (zero-copy on CUDA) and are always FP8; in ``page_table`` they may sit anywhere, also in a selection."""
+    pinned -- or a staged copy on the device; first host page id, after the compact range): page ids >= it are
+    read from that store in place (zero-copy on CUDA) and are always FP8; in ``page_table`` they may sit
+    anywhere, also in a selection."""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -235,7 +236,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     hb, hbase = (host[0], host[1]) if host is not None else (kv_bytes, 1 << 62)
     if host is not None:
         assert hb.dtype == torch.uint8 and hb.stride(-1) == 1 and hbase >= quantised.shape[0]
-        if q.is_cuda and not torch.cuda.is_current_stream_capturing() and not hb.is_pinned():
+        if q.is_cuda and hb.device.type == "cpu" and not torch.cuda.is_current_stream_capturing() \
+                and not hb.is_pinned():
             raise ValueError("host=: the CPU-RAM store of spilled FP8 rows must be pinned (page-locked) for the "
                              "GPU kernel to read it in place")
     group = Hq // Hkv

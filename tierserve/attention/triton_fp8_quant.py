@@ -80,9 +80,9 @@ def _offsets_kernel(qlen_ptr, seqlen_ptr, off_ptr, C, keep_recent, PAGE: tl.cons
 
 @triton.jit
 def _scratch_kernel(kv_ptr, kvb_ptr, dst_ptr, off_ptr, flag_ptr, pt_ptr, qlen_ptr, seqlen_ptr, keep_recent, cbase, SP,
-                    s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_di, s_dkv, n_heads,
+                    s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_di, s_dkv, n_heads, hb_ptr, hbase, s_hp, s_hkv,
                     PAGE: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SCALE_OFF: tl.constexpr,
-                    COMPACT: tl.constexpr):
+                    COMPACT: tl.constexpr, HOST: tl.constexpr):
     c = tl.program_id(0) // SP
     k = tl.program_id(0) % SP
     kv = tl.program_id(1)
@@ -92,10 +92,19 @@ def _scratch_kernel(kv_ptr, kvb_ptr, dst_ptr, off_ptr, flag_ptr, pt_ptr, qlen_pt
     if lp * PAGE < seq_len:
         page = tl.load(pt_ptr + c * s_ptb + lp).to(tl.int64)
         dst = dst_ptr + (tl.load(off_ptr + c) + k).to(tl.int64) * s_di + kv * s_dkv
-        stored = tl.load(flag_ptr + page) != 0
+        ish = page < 0                  # (HOST) ids >= hbase: compact rows of pages spilled to CPU RAM (staged)
+        hp = page
+        if HOST:
+            ish = page >= hbase
+            hp = page - hbase
+            page = tl.where(ish, 0, page)
+        stored = (tl.load(flag_ptr + page) != 0) | ish
         page, cpage = split_ids(page, cbase, COMPACT)
+        src = kvb_ptr + cpage * s_bp + kv * s_bkv
+        if HOST:
+            src = tl.where(ish, hb_ptr + hp * s_hp + kv * s_hkv, src)
         if stored:       # stored as FP8: its codes as they are
-            copy_block_head(kvb_ptr + cpage * s_bp + kv * s_bkv, dst, h, n_heads, PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
+            copy_block_head(src, dst, h, n_heads, PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
         else:
             quant_block_head(kv_ptr + page * s_p + kv * s_kv, dst, tl.minimum(seq_len - lp * PAGE, PAGE), h,
                              s_t, s_h, n_heads, PAGE, PAGE_PAD, HEAD_DIM, SCALE_OFF)
@@ -108,11 +117,13 @@ def scratch_pages_per_chunk(max_q_len: int, page_size: int, keep_recent: int) ->
 
 def prefill_scratch(kv_layer: torch.Tensor, quantised: torch.Tensor, page_table: torch.Tensor,
                     q_len: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, total_q: int, page_size: int,
-                    keep_recent: int, compact: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    keep_recent: int, compact: tuple[torch.Tensor, int] | None = None,
+                    host: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kv_layer [N, 2, rows, Hkv, D]; per chunk c: page_table [C, P], q_len / seq_lens [C] (device);
     ``max_q_len`` / ``total_q``: host bounds of the largest and the summed q_len. Returns (scratch uint8
     [pages, 2, block bytes], first scratch page of each chunk [C]): chunk c's scratch pages follow each other
-    from there (sized by the tokens, not by C x the longest chunk). Nothing is synced with the host."""
+    from there (sized by the tokens, not by C x the longest chunk). ``host``: (compact rows [U, 2, slot bytes],
+    first id): ids >= it are read from those rows (``paged_prefill_fp8``). Nothing is synced with the host."""
     _, two, _, h, d = kv_layer.shape
     C = q_len.shape[0]
     sp = scratch_pages_per_chunk(max_q_len, page_size, keep_recent)
@@ -124,10 +135,12 @@ def prefill_scratch(kv_layer: torch.Tensor, quantised: torch.Tensor, page_table:
     off = scale_offset(page_size, h, d)
     scratch = torch.empty(total, two, off + 4 * h, dtype=torch.uint8, device=kv_layer.device)
     kv_bytes, cbase = (kv_layer.view(torch.uint8), 0) if compact is None else compact
+    hb, hbase = host if host is not None else (kv_bytes, 1 << 62)
     _scratch_kernel[(C * sp, two, h)](
         kv_layer, kv_bytes, scratch, offs, quantised.view(torch.uint8), page_table, q_len, seq_lens, keep_recent,
         cbase, sp, kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0),
         kv_bytes.stride(1), page_table.stride(0),
-        scratch.stride(0), scratch.stride(1), h, PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
-        HEAD_DIM=d, SCALE_OFF=off, COMPACT=compact is not None, num_warps=4)
+        scratch.stride(0), scratch.stride(1), h, hb, hbase, hb.stride(0), hb.stride(1),
+        PAGE=page_size, PAGE_PAD=triton.next_power_of_2(page_size),
+        HEAD_DIM=d, SCALE_OFF=off, COMPACT=compact is not None, HOST=host is not None, num_warps=4)
     return scratch, offs

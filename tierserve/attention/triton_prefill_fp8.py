@@ -20,7 +20,9 @@ readings from the stored values. The flags only feed a per-block check: a page b
 read in FP8 but not stored yet (another holder still keeps it at full precision) is quantised in the
 kernel, and a stored page read at full precision (the policy never asks for it) gives its FP8 values.
 Mixed blocks are found from positions too: the rows read tokens keep_sink..end(p) in FP8, monotone in p.
-No host pages (FP8 KV is refused with KV tiers). Reference: ``TorchRefBackend`` with ``meta.kv_fp8``.
+Pages spilled to CPU RAM (KV tiers, ``host``): their compact rows, staged on the device per layer and step, are
+read in place of the stored codes (the rule reads them in FP8 for every query). Reference: ``TorchRefBackend``
+with ``meta.kv_fp8``.
 """
 from __future__ import annotations
 
@@ -43,34 +45,35 @@ def _low_end(p, keep_recent, PAGE: tl.constexpr):
 
 
 @triton.jit
-def _codes(bptr, sptr, page, rel, kvh, from_page, from_sc, s_bp, SCALE_OFF: tl.constexpr, DTYPE: tl.constexpr):
-    """FP8 code values and scales of the rows ``from_sc`` (scratch row ``sptr``) / ``from_page`` (stored page)."""
-    cp = tl.load(bptr + page[:, None] * s_bp + rel, mask=from_page[:, None], other=0)
+def _codes(brow, sptr, rel, kvh, from_page, from_sc, SCALE_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """FP8 code values and scales of the rows ``from_sc`` (scratch row ``sptr``) / ``from_page`` (stored page,
+    its code row at ``brow``)."""
+    cp = tl.load(brow[:, None] + rel, mask=from_page[:, None], other=0)
     cs = tl.load(sptr[:, None] + rel, mask=from_sc[:, None], other=0)
     val = tl.where(from_sc[:, None], cs, cp).to(tl.float8e4nv, bitcast=True).to(DTYPE)
     sc = tl.where(from_sc, load_scales(sptr + SCALE_OFF + 4 * kvh, from_sc),
-                  load_scales(bptr + page * s_bp + SCALE_OFF + 4 * kvh, from_page))
+                  load_scales(brow + SCALE_OFF + 4 * kvh, from_page))
     return val, sc
 
 
 @triton.jit
-def _reading(ptr, bptr, sptr, page, cpage, rel, kvh, full, low_page, low_sc, fake, bad, any_fix, s_p, s_bp,
+def _reading(ptr, brow, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix, s_p,
              SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
     """One K/V block in the reading every row of the program uses for each key (keys some rows read in FP8
     and others not: their full reading), as (values, scales; 1 for full readings), loaded from positions
     alone. Rows where storage disagrees (``any_fix``): ``fake`` (a page before the scratch range not stored
-    yet) quantised on the fly, ``bad`` (a stored page read at full precision) dequantised. ``page`` / ``cpage``:
-    the rows of the values / codes (``split_ids``)."""
+    yet) quantised on the fly, ``bad`` (a stored page read at full precision) dequantised. ``page``: the row of
+    the values (``split_ids``), ``brow``: each key's code row (a pointer: the compact pool, in-place bytes or a
+    staged host row)."""
     vptr = ptr + page[:, None] * s_p + rel
     x = tl.load(vptr, mask=full[:, None], other=0.0)
-    val, sc = _codes(bptr, sptr, cpage, rel, kvh, low_page, low_sc, s_bp, SCALE_OFF, DTYPE)
+    val, sc = _codes(brow, sptr, rel, kvh, low_page, low_sc, SCALE_OFF, DTYPE)
     val = tl.where(full[:, None], x.to(DTYPE), val)
     if any_fix:
         xa = tl.where(fake[:, None], tl.load(vptr, mask=fake[:, None], other=0.0).to(DTYPE), val)   # whole pages
         val, sc = fake_fold(xa, val, sc, fake, PAGE, BLOCK_N, DTYPE)
-        cptr = bptr + cpage[:, None] * s_bp + rel
-        deq = tl.load(cptr, mask=bad[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) * \
-            load_scales(bptr + cpage * s_bp + SCALE_OFF + 4 * kvh, bad)[:, None]
+        deq = tl.load(brow[:, None] + rel, mask=bad[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) * \
+            load_scales(brow + SCALE_OFF + 4 * kvh, bad)[:, None]
         val = tl.where(bad[:, None], deq.to(DTYPE), val)
     return val, sc
 
@@ -78,11 +81,11 @@ def _reading(ptr, bptr, sptr, page, cpage, rel, kvh, full, low_page, low_sc, fak
 @triton.jit
 def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, qlen_ptr, seqlen_ptr, o_ptr, sc_ptr,
                         soff_ptr, qk_scale, keep_sink, keep_recent, cbase, s_qt, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb,
-                        s_ot, s_oh, s_sp, s_skv,
+                        s_ot, s_oh, s_sp, s_skv, hb_ptr, hbase, s_hp, s_hkv,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                         SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-                        COMPACT: tl.constexpr):
+                        COMPACT: tl.constexpr, HOST: tl.constexpr):
     c = tl.program_id(0)
     blk = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -113,8 +116,19 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         low_all = valid & (t >= keep_sink) & (t <= end_all)
         mix = valid & (t >= keep_sink) & (t > end_all) & (t <= end_any)      # FP8 for some rows only
         in_sc = lp >= first
-        stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0      # only for the fix-up check
+        ish = valid & (page < 0)        # (HOST) ids >= hbase: compact rows of spilled pages, always stored FP8
+        hp = page
+        if HOST:
+            ish = valid & (page >= hbase)
+            hp = tl.where(ish, page - hbase, 0)
+            page = tl.where(ish, 0, page)
+        stored = (tl.load(flag_ptr + page, mask=valid, other=0) != 0) | ish     # only for the fix-up check
         page, cpage = split_ids(page, cbase, COMPACT)                     # values' row, codes' row
+        krow = kvb_ptr + cpage * s_bp                                     # each key's code row: K, V
+        vrow = kvb_ptr + s_bkv + cpage * s_bp
+        if HOST:
+            krow = tl.where(ish, hb_ptr + hp * s_hp, krow)
+            vrow = tl.where(ish, hb_ptr + s_hkv + hp * s_hp, vrow)
         fake = low_all & ~in_sc & ~stored
         bad = valid & ~low_all & stored
         any_fix = tl.sum((fake | bad).to(tl.int32), axis=0) > 0
@@ -122,15 +136,15 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         full = valid & ~low_all
         low_sc = low_all & in_sc
         low_page = low_all & ~in_sc
-        k, ks = _reading(kv_ptr, kvb_ptr, sptr, page, cpage, rel, kvh, full, low_page, low_sc, fake, bad, any_fix,
-                         s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
-        v, vs = _reading(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, cpage, rel, kvh, full, low_page, low_sc, fake,
-                         bad, any_fix, s_p, s_bp, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        k, ks = _reading(kv_ptr, krow, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix,
+                         s_p, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        v, vs = _reading(kv_ptr + s_kv, vrow, sptr + s_skv, page, rel, kvh, full, low_page, low_sc, fake,
+                         bad, any_fix, s_p, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]
         # keys some rows read in FP8 and others not: (end_all, end_any] from keep_sink, inside this block
         mixed = tl.maximum(tl.maximum(end_all + 1, keep_sink), t0) <= tl.minimum(end_any, tl.minimum(t0 + BLOCK_N, hi) - 1)
         if mixed:       # their FP8 reading too (two or three blocks per program): the rule per (row, key)
-            kl, ksl = _codes(kvb_ptr, sptr, cpage, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp, SCALE_OFF, q.dtype)
+            kl, ksl = _codes(krow, sptr, rel, kvh, mix & ~in_sc, mix & in_sc, SCALE_OFF, q.dtype)
             low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             s = tl.where(low, tl.dot(q, tl.trans(kl), input_precision="ieee") * (ksl * qk_scale)[None, :], s)
         see = valid[None, :] & (t[None, :] <= q_pos[:, None])
@@ -143,8 +157,7 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if mixed:
-            vl, vsl = _codes(kvb_ptr + s_bkv, sptr + s_skv, cpage, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp,
-                             SCALE_OFF, q.dtype)
+            vl, vsl = _codes(vrow, sptr + s_skv, rel, kvh, mix & ~in_sc, mix & in_sc, SCALE_OFF, q.dtype)
             low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             p_l = tl.where(low, p, 0.0)
             pv = tl.dot(((p - p_l) * vs[None, :]).to(v.dtype), v, input_precision="ieee") + \
@@ -162,10 +175,14 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
                       sliding_window: int | None = None, out: torch.Tensor | None = None,
                       block_rows: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int = 2,
-                      compact: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                      compact: tuple[torch.Tensor, int] | None = None,
+                      host: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """``paged_prefill`` (same packed chunks, same return) over FP8 KV pages: kv_layer [N, 2, rows, Hkv, D]
     (one layer of the page-major storage, each (page, K/V) block contiguous); quantised [N] bool.
-    Two launches: the chunks' FP8 scratch, then the attention. ``compact``: as in ``paged_decode_fp8``."""
+    Two launches: the chunks' FP8 scratch, then the attention. ``compact``: as in ``paged_decode_fp8``.
+    ``host``: (compact rows [U, 2, slot bytes] uint8, first host id): page ids >= it are read from those rows
+    -- pages spilled to CPU RAM, staged on the device for the step (``triton_stage.stage_rows``): every query
+    block reads the context, so rows read in place over PCIe would cross the bus once per block."""
     T, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -182,17 +199,20 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
     cbase = 0
     if compact is not None:
         kv_bytes, cbase = compact
+    hb, hbase = host if host is not None else (kv_bytes, 1 << 62)
+    if host is not None:
+        assert hb.dtype == torch.uint8 and hb.stride(-1) == 1 and hbase >= quantised.shape[0]
     if out is None:
         out = torch.empty_like(q)
     scratch, soff = prefill_scratch(kv_layer, quantised, page_table, q_len, seq_lens, max_q_len, T, page_size,
-                                    keep_recent, compact)
+                                    keep_recent, compact, host)
     grid = (q_len.shape[0], triton.cdiv(max_q_len, block_t), Hkv)
     _prefill_fp8_kernel[grid](
         q, kv_layer, kv_bytes, quantised.view(torch.uint8), page_table, q_start, q_len, seq_lens, out, scratch,
         soff, scale * _LOG2E, keep_sink, keep_recent, cbase, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0),
-        out.stride(0), out.stride(1), scratch.stride(0), scratch.stride(1),
+        out.stride(0), out.stride(1), scratch.stride(0), scratch.stride(1), hb, hbase, hb.stride(0), hb.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n,
         SCALE_OFF=scale_offset(page_size, Hkv, D, kv_layer.element_size(), rows), WINDOW=sliding_window or 0,
-        UPCAST=_INTERPRET, COMPACT=compact is not None, num_warps=num_warps or (4 if block_t * group_pad <= 64 else 8), num_stages=num_stages)
+        UPCAST=_INTERPRET, COMPACT=compact is not None, HOST=host is not None, num_warps=num_warps or (4 if block_t * group_pad <= 64 else 8), num_stages=num_stages)
     return out

@@ -24,20 +24,29 @@ def _stage_kernel(src_ptr, slot_ptr, dst_ptr, s_slot, s_kv, d_page, d_kv, ELEMS:
     tl.store(dst_ptr + i.to(tl.int64) * d_page + kv * d_kv + c, x, mask=mask)
 
 
+def stage_rows(store: torch.Tensor, slots: torch.Tensor, n_elems: int | None = None, block: int = 2048) -> torch.Tensor:
+    """``store [S, 2, n]`` (last dim contiguous; pinned CPU RAM or device memory), ``slots [U]`` int64 on the
+    device -> ``[U, 2, n_elems]`` (the first ``n_elems``, default n, of each slot's K and V rows) on ``slots``'
+    device."""
+    S, two, n = store.shape
+    assert two == 2 and store.stride(2) == 1
+    E = n if n_elems is None else n_elems
+    U = slots.numel()
+    out = torch.empty(U, 2, E, dtype=store.dtype, device=slots.device)
+    if U == 0:
+        return out
+    _stage_kernel[(U, 2, triton.cdiv(E, block))](store, slots, out, store.stride(0), store.stride(1), out.stride(0),
+                                                 out.stride(1), ELEMS=E, BLOCK=block, num_warps=4)
+    return out
+
+
 def stage_layer(store_layer: torch.Tensor, slots: torch.Tensor, page_size: int, block: int = 2048) -> torch.Tensor:
     """``store_layer [S, 2, rows, H, D]`` (one layer of the host store; each (slot, K/V) block contiguous),
     ``slots [U]`` int64 on the device -> ``[U, 2, page_size, H, D]`` on ``slots``' device."""
     S, two, rows, H, D = store_layer.shape
     assert two == 2 and store_layer.stride(2) == H * D and store_layer.stride(3) == D and store_layer.stride(4) == 1
-    U = slots.numel()
-    out = torch.empty(U, 2, page_size, H, D, dtype=store_layer.dtype, device=slots.device)
-    if U == 0:
-        return out
-    elems = page_size * H * D
-    _stage_kernel[(U, 2, triton.cdiv(elems, block))](store_layer, slots, out, store_layer.stride(0),
-                                                      store_layer.stride(1), out.stride(0), out.stride(1),
-                                                      ELEMS=elems, BLOCK=block, num_warps=4)
-    return out
+    out = stage_rows(store_layer.flatten(2), slots, page_size * H * D, block)
+    return out.view(slots.numel(), 2, page_size, H, D)
 
 
 def remap_host_entries(page_table: torch.Tensor, num_device_pages: int) -> tuple[torch.Tensor, torch.Tensor]:

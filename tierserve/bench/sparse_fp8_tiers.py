@@ -13,7 +13,8 @@ bytes; the largest power-of-two context that does fit is then measured instead (
 ``tiered-sparse+fp8-kv``: the same with ``kv_dtype="fp8"``; spilled pages sit in CPU RAM as compact FP8 rows (about
 half a bf16 page: the host-bytes estimate uses the row size), and the GPU pool keeps room for the pages read at full
 precision (sink, recent window), which never spill. Contexts above 4 chunks are filled synthetically: steps with
-prefill over spilled FP8 pages run the torch reference (no staged FP8 prefill kernel yet).
+prefill over spilled FP8 pages stage those rows on the device per layer (``paged_prefill_fp8(host=...)``), but
+that path has not run on a GPU yet, and its fallback (the torch reference) needs O(chunk x context) memory.
 """
 from __future__ import annotations
 
@@ -123,8 +124,8 @@ def section_c(bench: Bench, deadline: float) -> None:
         fp8 = setting.get("kv_dtype") == "fp8"
         p = plan(setting["context"], fp8)
         ctx = p["context"]
-        # FP8: steps with prefill over spilled FP8 pages run the torch reference (no staged FP8 prefill kernel
-        # yet; O(chunk x context) memory), so only short contexts are prefilled for real
+        # FP8: the staged prefill over spilled FP8 pages is not yet measured on a GPU (its fallback, the torch
+        # reference, needs O(chunk x context) memory), so only short contexts are prefilled for real
         synthetic = setting.get("synthetic", ctx > s.prefill_max or (fp8 and ctx > 4 * s.chunk))
         row = {**p, "batch": 1, "new_tokens": new, "sparse_topk_tokens": s.topk,
                "kv_fill": SYNTHETIC if synthetic else DENSE_PREFILL}
