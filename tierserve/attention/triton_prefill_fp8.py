@@ -45,9 +45,20 @@ def _low_end(p, keep_recent, PAGE: tl.constexpr):
 
 
 @triton.jit
-def _codes(brow, sptr, rel, kvh, from_page, from_sc, SCALE_OFF: tl.constexpr, DTYPE: tl.constexpr):
-    """FP8 code values and scales of the rows ``from_sc`` (scratch row ``sptr``) / ``from_page`` (stored page,
-    its code row at ``brow``)."""
+def _row(bptr, cpage, s_bp, hptr, hp, ish, s_hp, HOST: tl.constexpr):
+    """Each key's code row: in the code storage (``cpage``), or (``HOST``, rows ``ish``) a staged host row."""
+    r = bptr + cpage * s_bp
+    if HOST:
+        r = tl.where(ish, hptr + hp * s_hp, r)
+    return r
+
+
+@triton.jit
+def _codes(bptr, sptr, cpage, rel, kvh, from_page, from_sc, s_bp, hptr, hp, ish, s_hp, SCALE_OFF: tl.constexpr,
+           DTYPE: tl.constexpr, HOST: tl.constexpr):
+    """FP8 code values and scales of the rows ``from_sc`` (scratch row ``sptr``) / ``from_page`` (stored page:
+    ``_row``)."""
+    brow = _row(bptr, cpage, s_bp, hptr, hp, ish, s_hp, HOST)
     cp = tl.load(brow[:, None] + rel, mask=from_page[:, None], other=0)
     cs = tl.load(sptr[:, None] + rel, mask=from_sc[:, None], other=0)
     val = tl.where(from_sc[:, None], cs, cp).to(tl.float8e4nv, bitcast=True).to(DTYPE)
@@ -57,21 +68,23 @@ def _codes(brow, sptr, rel, kvh, from_page, from_sc, SCALE_OFF: tl.constexpr, DT
 
 
 @triton.jit
-def _reading(ptr, brow, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix, s_p,
-             SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+def _reading(ptr, bptr, sptr, page, cpage, rel, kvh, full, low_page, low_sc, fake, bad, any_fix, s_p, s_bp,
+             hptr, hp, ish, s_hp, SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+             DTYPE: tl.constexpr, HOST: tl.constexpr):
     """One K/V block in the reading every row of the program uses for each key (keys some rows read in FP8
     and others not: their full reading), as (values, scales; 1 for full readings), loaded from positions
     alone. Rows where storage disagrees (``any_fix``): ``fake`` (a page before the scratch range not stored
-    yet) quantised on the fly, ``bad`` (a stored page read at full precision) dequantised. ``page``: the row of
-    the values (``split_ids``), ``brow``: each key's code row (a pointer: the compact pool, in-place bytes or a
-    staged host row)."""
+    yet) quantised on the fly, ``bad`` (a stored page read at full precision) dequantised. ``page`` / ``cpage``:
+    the rows of the values / codes (``split_ids``); ``HOST``: rows ``ish`` have their codes in staged host row
+    ``hp`` instead."""
     vptr = ptr + page[:, None] * s_p + rel
     x = tl.load(vptr, mask=full[:, None], other=0.0)
-    val, sc = _codes(brow, sptr, rel, kvh, low_page, low_sc, SCALE_OFF, DTYPE)
+    val, sc = _codes(bptr, sptr, cpage, rel, kvh, low_page, low_sc, s_bp, hptr, hp, ish, s_hp, SCALE_OFF, DTYPE, HOST)
     val = tl.where(full[:, None], x.to(DTYPE), val)
     if any_fix:
         xa = tl.where(fake[:, None], tl.load(vptr, mask=fake[:, None], other=0.0).to(DTYPE), val)   # whole pages
         val, sc = fake_fold(xa, val, sc, fake, PAGE, BLOCK_N, DTYPE)
+        brow = _row(bptr, cpage, s_bp, hptr, hp, ish, s_hp, HOST)
         deq = tl.load(brow[:, None] + rel, mask=bad[:, None], other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32) * \
             load_scales(brow + SCALE_OFF + 4 * kvh, bad)[:, None]
         val = tl.where(bad[:, None], deq.to(DTYPE), val)
@@ -116,19 +129,16 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         low_all = valid & (t >= keep_sink) & (t <= end_all)
         mix = valid & (t >= keep_sink) & (t > end_all) & (t <= end_any)      # FP8 for some rows only
         in_sc = lp >= first
-        ish = valid & (page < 0)        # (HOST) ids >= hbase: compact rows of spilled pages, always stored FP8
-        hp = page
-        if HOST:
+        if HOST:        # ids >= hbase: staged compact rows of pages spilled to CPU RAM, always stored FP8
             ish = valid & (page >= hbase)
             hp = tl.where(ish, page - hbase, 0)
             page = tl.where(ish, 0, page)
-        stored = (tl.load(flag_ptr + page, mask=valid, other=0) != 0) | ish     # only for the fix-up check
+            stored = (tl.load(flag_ptr + page, mask=valid, other=0) != 0) | ish     # only for the fix-up check
+        else:
+            ish = valid                 # (unused)
+            hp = page
+            stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
         page, cpage = split_ids(page, cbase, COMPACT)                     # values' row, codes' row
-        krow = kvb_ptr + cpage * s_bp                                     # each key's code row: K, V
-        vrow = kvb_ptr + s_bkv + cpage * s_bp
-        if HOST:
-            krow = tl.where(ish, hb_ptr + hp * s_hp, krow)
-            vrow = tl.where(ish, hb_ptr + s_hkv + hp * s_hp, vrow)
         fake = low_all & ~in_sc & ~stored
         bad = valid & ~low_all & stored
         any_fix = tl.sum((fake | bad).to(tl.int32), axis=0) > 0
@@ -136,15 +146,17 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         full = valid & ~low_all
         low_sc = low_all & in_sc
         low_page = low_all & ~in_sc
-        k, ks = _reading(kv_ptr, krow, sptr, page, rel, kvh, full, low_page, low_sc, fake, bad, any_fix,
-                         s_p, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
-        v, vs = _reading(kv_ptr + s_kv, vrow, sptr + s_skv, page, rel, kvh, full, low_page, low_sc, fake,
-                         bad, any_fix, s_p, SCALE_OFF, PAGE, BLOCK_N, q.dtype)
+        k, ks = _reading(kv_ptr, kvb_ptr, sptr, page, cpage, rel, kvh, full, low_page, low_sc, fake, bad, any_fix,
+                         s_p, s_bp, hb_ptr, hp, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, HOST)
+        v, vs = _reading(kv_ptr + s_kv, kvb_ptr + s_bkv, sptr + s_skv, page, cpage, rel, kvh, full, low_page, low_sc,
+                         fake, bad, any_fix, s_p, s_bp, hb_ptr + s_hkv, hp, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N,
+                         q.dtype, HOST)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]
         # keys some rows read in FP8 and others not: (end_all, end_any] from keep_sink, inside this block
         mixed = tl.maximum(tl.maximum(end_all + 1, keep_sink), t0) <= tl.minimum(end_any, tl.minimum(t0 + BLOCK_N, hi) - 1)
         if mixed:       # their FP8 reading too (two or three blocks per program): the rule per (row, key)
-            kl, ksl = _codes(krow, sptr, rel, kvh, mix & ~in_sc, mix & in_sc, SCALE_OFF, q.dtype)
+            kl, ksl = _codes(kvb_ptr, sptr, cpage, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp, hb_ptr, hp, ish, s_hp,
+                             SCALE_OFF, q.dtype, HOST)
             low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             s = tl.where(low, tl.dot(q, tl.trans(kl), input_precision="ieee") * (ksl * qk_scale)[None, :], s)
         see = valid[None, :] & (t[None, :] <= q_pos[:, None])
@@ -157,7 +169,8 @@ def _prefill_fp8_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, qstart_ptr, ql
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if mixed:
-            vl, vsl = _codes(vrow, sptr + s_skv, rel, kvh, mix & ~in_sc, mix & in_sc, SCALE_OFF, q.dtype)
+            vl, vsl = _codes(kvb_ptr + s_bkv, sptr + s_skv, cpage, rel, kvh, mix & ~in_sc, mix & in_sc, s_bp,
+                             hb_ptr + s_hkv, hp, ish, s_hp, SCALE_OFF, q.dtype, HOST)
             low = mix[None, :] & (t[None, :] <= _low_end(q_pos, keep_recent, PAGE)[:, None])
             p_l = tl.where(low, p, 0.0)
             pv = tl.dot(((p - p_l) * vs[None, :]).to(v.dtype), v, input_precision="ieee") + \
