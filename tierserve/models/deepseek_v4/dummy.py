@@ -46,7 +46,7 @@ def random_deepseek_v4(cfg, seed: int, dtype: torch.dtype, device: torch.device,
             if name.endswith("norm.weight") or name.endswith(".scale"):
                 p.fill_(1.0)
             elif p.dim() > 1:
-                if p.device == device:
+                if p.device.type == device.type:
                     p.normal_(0.0, 0.02, generator=g)
                 else:                                   # a host expert: drawn on the device, copied down
                     p.copy_(torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0.0, 0.02, generator=g))
