@@ -27,17 +27,6 @@ from tierserve.attention.triton_select_topk import topk_compact
 
 
 @triton.jit
-def _add_source(kmin, kmax, min_ptr, max_ptr, rel, n, need, h, d, dmask, s_p, s_h, s_xp, s_xh):
-    """Add the key min / max rows of the entries ``rel`` in [0, n) of one summary source (0 for the others)."""
-    ok = need & (rel >= 0) & (rel < n)
-    r = tl.where(ok, rel, 0)
-    m = ok[:, None] & dmask[None, :]
-    kmin += tl.load(min_ptr + r[:, None] * s_p + h * s_h + d[None, :], mask=m, other=0.0).to(tl.float32)
-    kmax += tl.load(max_ptr + r[:, None] * s_xp + h * s_xh + d[None, :], mask=m, other=0.0).to(tl.float32)
-    return kmin, kmax
-
-
-@triton.jit
 def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, cmax_ptr, pt_ptr, seqlen_ptr,
                        out_ptr, P, n_dev, h_base, n_host, c_base, n_comp, s_qb, s_qh, s_kp, s_kh, s_xp, s_xh,
                        s_hp, s_hh, s_gp, s_gh, s_cp, s_ch, s_yp, s_yh, s_ptb, s_ob, s_oh,
@@ -62,15 +51,31 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, 
     # ids < n_dev: the summary row of the page in the pool; (COMPACT) ids in [c_base, c_base + n_comp): FP8
     # compact slots, whose rows carry it; (HOST) ids >= h_base: spilled pages, from the host-summary copy on the
     # device. Each source is a masked load (0 elsewhere) and they are added: one of them is the value.
-    kmin = tl.zeros([BLOCK_P, D_PAD], tl.float32)
-    kmax = tl.zeros([BLOCK_P, D_PAD], tl.float32)
-    kmin, kmax = _add_source(kmin, kmax, kmin_ptr, kmax_ptr, page, n_dev, need, h, d, dmask, s_kp, s_kh, s_xp, s_xh)
-    if COMPACT:
-        kmin, kmax = _add_source(kmin, kmax, cmin_ptr, cmax_ptr, page - c_base, n_comp, need, h, d, dmask,
-                                 s_cp, s_ch, s_yp, s_yh)
-    if HOST:
-        kmin, kmax = _add_source(kmin, kmax, hmin_ptr, hmax_ptr, page - h_base, n_host, need, h, d, dmask,
-                                 s_hp, s_hh, s_gp, s_gh)
+    # (Spelled out per source: a shared jit helper for them hit a Triton 3.6 layout bug at 32 pages, 4 warps.)
+    if HOST or COMPACT:
+        on_dev = page < n_dev
+        dp = tl.where(on_dev, page, 0)
+        dm = (need & on_dev)[:, None] & dmask[None, :]
+        kmin = tl.load(kmin_ptr + dp[:, None] * s_kp + h * s_kh + d[None, :], mask=dm, other=0.0)
+        kmax = tl.load(kmax_ptr + dp[:, None] * s_xp + h * s_xh + d[None, :], mask=dm, other=0.0)
+        if HOST:
+            on_host = page >= h_base
+            hp = tl.where(on_host, page - h_base, 0)
+            hm = (need & on_host & (hp < n_host))[:, None] & dmask[None, :]
+            kmin += tl.load(hmin_ptr + hp[:, None] * s_hp + h * s_hh + d[None, :], mask=hm, other=0.0)
+            kmax += tl.load(hmax_ptr + hp[:, None] * s_gp + h * s_gh + d[None, :], mask=hm, other=0.0)
+        if COMPACT:
+            in_c = (page >= c_base) & (page < c_base + n_comp)
+            cp = tl.where(in_c, page - c_base, 0)
+            cm = (need & in_c)[:, None] & dmask[None, :]
+            kmin += tl.load(cmin_ptr + cp[:, None] * s_cp + h * s_ch + d[None, :], mask=cm, other=0.0)
+            kmax += tl.load(cmax_ptr + cp[:, None] * s_yp + h * s_yh + d[None, :], mask=cm, other=0.0)
+    else:       # (ids past the device pool cannot occur here; masked rather than read out of bounds)
+        m = (need & (page < n_dev))[:, None] & dmask[None, :]
+        kmin = tl.load(kmin_ptr + page[:, None] * s_kp + h * s_kh + d[None, :], mask=m, other=0.0)
+        kmax = tl.load(kmax_ptr + page[:, None] * s_xp + h * s_xh + d[None, :], mask=m, other=0.0)
+    kmin = kmin.to(tl.float32)
+    kmax = kmax.to(tl.float32)
     ub = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(GROUP):
         qg = tl.load(q_ptr + b * s_qb + (h * GROUP + g) * s_qh + d, mask=dmask, other=0.0).to(tl.float32)
@@ -102,10 +107,9 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
     layer) for page ids >= ``host_base`` (default N); ``compact`` (FP8 compact slots): (key min, key max)
     views [slots, Hkv, D] and the first compact page id. Returns fp32 scores [B, Hkv, P] (-inf invisible,
     +inf always kept).
-    Default 16 pages a program, 4 warps (8 with both host and compact sources): no register spills at D=128
-    for sm_90 (ptxas: 128 registers, so
-    four programs an SM keep enough gathers in flight; 32 pages need 168); scripts/bench_sparse_select.py
-    times the alternatives."""
+    Default 16 pages a program, 4 warps: no register spills at D=128 for sm_90 with any source set
+    (``scripts/bench_sparse_select.py --ptxas``: 56 registers with launch-like divisibility hints);
+    scripts/bench_sparse_select.py times the alternatives."""
     B, Hq, D = q.shape
     N, _, rows, Hkv, _ = kv_layer.shape
     P = page_table.shape[1]
@@ -125,8 +129,7 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         cmin, cmax, c_base, n_comp = kmin, kmax, 0, 0
     out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
     block_p = min(block_p, triton.next_power_of_2(P))
-    if num_warps is None:         # both extra sources: 168 registers at 4 warps, 115 at 8 (ptxas, sm_90)
-        num_warps = 8 if host_summaries is not None and compact is not None else 4
+    num_warps = num_warps or 4
     _page_score_kernel[(B, Hkv, triton.cdiv(P, block_p))](
         q, kmin, kmax, hmin, hmax, cmin, cmax, page_table, seq_lens, out, P, N,
         N if host_base is None else host_base, n_host, c_base, n_comp,
