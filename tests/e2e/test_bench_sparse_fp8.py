@@ -58,14 +58,16 @@ def test_bench_sparse_fp8_smoke(tmp_path):
     # largest power of two that fits is filled synthetically instead
     real = _one(rows, section="c", setting="tiered-sparse", context=300)
     assert real["gpu_pages"] < real["seq_pages"] and real["spilled_pages"] > 0
-    big = _one(rows, section="c", context=4096)
+    big = _one(rows, section="c", setting="tiered-sparse", context=4096)
     assert "CPU tier needs" in big["skipped"] and "usable host RAM" in big["skipped"]
-    fb = _one(rows, section="c", context=2048)
+    fb = _one(rows, section="c", setting="tiered-sparse", context=2048)
     assert fb["fallback_for"] == 4096 and fb["kv_fill"].startswith("synthetic") and fb["fill_s"] > 0
     assert fb["spilled_pages"] > 0 and fb["gpu_share"] <= 0.11
     fp8 = _one(rows, section="c", setting="tiered-sparse+fp8-kv")      # FP8 pages spilled as compact rows
     assert "tok_s" in fp8 and fp8["spilled_pages"] > 0 and fp8["gpu_pages"] < fp8["seq_pages"]
     assert fp8["host_page_bytes"] < 0.6 * real["host_page_bytes"]
+    fw = _one(rows, section="c", setting="tiered-sparse+fp8-kv+fp8-weights", context=300)    # + FP8 weights
+    assert "tok_s" in fw and fw["spilled_pages"] > 0 and fw["weight_bytes"] < real["weight_bytes"]
 
     s = res["summary"]
     assert s["targets"]["a_speedup_vs_bf16"] == 1.8 and s["a_fp8-weights+fp8-kv_c300_speedup_vs_bf16"] > 0
@@ -130,3 +132,17 @@ def test_synthetic_fill_fp8_spills_compact_rows_and_decodes():
         eng.step()
     assert len(req.output_token_ids) == 4
     assert eng.kv.tiers.host.num_spilled == 0 and eng.kv.pool.num_in_use == 0
+
+
+def test_summary_takes_the_best_tiered_setting_per_target_context():
+    from tierserve.bench.sparse_fp8 import summarise
+
+    rows = [{"section": "c", "setting": "tiered-sparse", "context": 131072, "tok_s": 43.0},
+            {"section": "c", "setting": "tiered-sparse+fp8-kv+fp8-weights", "context": 131072, "tok_s": 125.0},
+            {"section": "c", "setting": "tiered-sparse+fp8-kv", "context": 131072, "tok_s": 80.0},
+            {"section": "c", "setting": "tiered-sparse+fp8-kv+fp8-weights", "context": 1048576, "tok_s": 40.0},
+            {"section": "c", "setting": "tiered-sparse", "context": 1048576, "skipped": "host RAM"}]
+    s = summarise(rows)
+    assert s["c_best_tok_s_c131072"] == 125.0 and s["c_best_setting_c131072"] == "tiered-sparse+fp8-kv+fp8-weights"
+    assert s["c_target_met_c131072"] is True and s["c_target_met_c1048576"] is False
+    assert s["c_tiered-sparse_c131072_tok_s"] == 43.0

@@ -120,9 +120,12 @@ def summarise(rows: list[dict]) -> dict:
     if sp:
         out["b_best_speedup"] = max(r["speedup_vs_dense_bf16"] for r in sp)
         out["b_target_met"] = out["b_best_speedup"] >= TARGETS["b_speedup"]
-    for (s, n, ctx), r in done.items():
-        if s == "c" and ctx in TARGETS["c_tok_s"]:
-            out[f"c_target_met_c{ctx}"] = r["tok_s"] >= TARGETS["c_tok_s"][ctx]
+    for ctx, target in TARGETS["c_tok_s"].items():       # the best tiered setting at each target context
+        cands = [(r["tok_s"], n) for (s, n, c), r in done.items() if s == "c" and c == ctx]
+        if cands:
+            best, name = max(cands)
+            out.update({f"c_best_tok_s_c{ctx}": best, f"c_best_setting_c{ctx}": name,
+                        f"c_target_met_c{ctx}": best >= target})
     return out
 
 
