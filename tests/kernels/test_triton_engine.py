@@ -183,7 +183,8 @@ def test_sparse_decode_in_cuda_graphs_matches_eager(tmp_path, fp8):
     path = make_checkpoint(tmp_path / "m", "llama")
     prompts = [[0] + [(7 * i + 3) % 500 + 3 for i in range(110)], [0] + [(5 * i + 1) % 400 + 3 for i in range(100)]]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    kv = dict(kv_dtype="fp8", kv_fp8_storage="compact", kv_fp8_keep_sink=8, kv_fp8_keep_recent=16) if fp8 else {}
+    kv = dict(kv_dtype="fp8", kv_fp8_storage="compact", kv_fp8_keep_sink=8, kv_fp8_keep_recent=16, max_num_seqs=2,
+              max_num_batched_tokens=32) if fp8 else {}         # (small chunks: room for compact slots)
     outs = {}
     for eager, k in ((True, 1), (False, 1), (False, 8)):
         llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=160, page_size=8, num_kv_pages=64,
