@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from tierserve.config import EngineConfig
-from tierserve.engine.outputs import CompletionOutput, RequestOutput
+from tierserve.engine.output_builder import OutputBuilder, SampleGroup
+from tierserve.engine.outputs import RequestOutput
 from tierserve.engine.multi_step import MultiStepDecoder
 from tierserve.engine.request import Request, Status
 from tierserve.engine.scheduler import Scheduler
@@ -26,15 +26,7 @@ from tierserve.sampling import SamplingParams
 log = logging.getLogger("tierserve")
 
 
-@dataclass
-class _Group:
-    """A request with n > 1 samples: n child requests sharing one output."""
-    request_id: str
-    children: list[str]
-    finished: set[str] = field(default_factory=set)
-
-
-class Engine:
+class Engine(OutputBuilder):
     def __init__(self, config: EngineConfig, progress: bool = False) -> None:
         self.config = config
         self.model_path = resolve_model_path(config.model)
@@ -82,7 +74,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stop: dict[str, StopChecker] = {}
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, SampleGroup] = {}
         self._parent: dict[str, str] = {}
         eos = self.generation_config.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -120,7 +112,7 @@ class Engine:
                 p.seed += i
             self._add_one(cid, text, ids, p)
             self._parent[cid] = request_id
-        self._groups[request_id] = _Group(request_id, children)
+        self._groups[request_id] = SampleGroup(request_id, children)
 
     def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -241,13 +233,6 @@ class Engine:
             req.logprobs.append(logprobs)
         self._check_stop(req, tok)
 
-    def _emit(self, req: Request, outputs: list[RequestOutput]) -> None:
-        if self.finished_outputs_only and not req.is_finished:
-            return
-        out = self._output(req)
-        if out is not None:
-            outputs.append(out)
-
     def _after_multi(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         if self.kv.fp8 is not None:      # pages that left every full-precision window during the steps
             self.runner.fp8.quantise(self.runner.kv.data, self.kv.take_quantise())
@@ -269,46 +254,3 @@ class Engine:
         req.status = Status.FINISHED
         self.scheduler.finish(req)
         self.runner.release(req.request_id)          # per-request state the runner holds
-
-    def _completion(self, req: Request, index: int) -> CompletionOutput:
-        text = self._stop[req.request_id].final_text(self._detok[req.request_id].text)
-        return CompletionOutput(index, text, list(req.output_token_ids), req.logprobs,
-                                req.finish_reason, req.stop_reason)
-
-    def _output(self, req: Request) -> RequestOutput | None:
-        rid = req.request_id
-        parent = self._parent.get(rid)
-        if parent is None:
-            out = self._make_output(rid, [req])
-            if req.is_finished:
-                self._forget(rid)
-            return out
-        group = self._groups[parent]
-        if req.is_finished:
-            group.finished.add(rid)
-        reqs = [self.requests[c] for c in group.children]
-        out = self._make_output(parent, reqs)
-        if len(group.finished) == len(group.children):
-            for c in group.children:
-                self._forget(c)
-            del self._groups[parent]
-        return out
-
-    def _make_output(self, rid: str, reqs: list[Request]) -> RequestOutput:
-        first = reqs[0]
-        m = {"arrival_time": first.arrival_time}
-        if first.first_token_time is not None:
-            m["first_token_time"] = first.first_token_time
-        return RequestOutput(rid, first.prompt, first.prompt_token_ids,
-                             [self._completion(r, i) for i, r in enumerate(reqs)],
-                             finished=all(r.is_finished for r in reqs),
-                             prompt_logprobs=first.prompt_logprobs,
-                             num_cached_tokens=max(first.num_cached_tokens, 0),
-                             cached_tokens_by_tier=dict(first.cached_tokens_by_tier), metrics=m)
-
-    def _forget(self, rid: str) -> None:
-        self.requests.pop(rid, None)
-        self._detok.pop(rid, None)
-        self._stop.pop(rid, None)
-        self._parent.pop(rid, None)
-
