@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve.attention.backend import host_base
 from tierserve.attention.triton_select_topk import topk_compact
 
 
@@ -145,8 +146,6 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
 def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int = 0, logical: bool = False):
     """``triton_backend._select_pages`` for the "pages" selector: scores, top-k, compaction and the
     selection counts in two kernel launches (FP8 compact slots: their summaries read from the slots' rows)."""
-    from tierserve.attention.backend import host_base
-
     page, cfg, n_dev = meta.page_size, meta.sparse, kv_layer.shape[0]
     host = meta.host_summaries[:, layer_idx] if meta.host_kv is not None else None
     hb = host_base(meta, n_dev)
