@@ -144,30 +144,13 @@ def bench_batch(B, a, dev, table_pages):
 
 def ptxas_report(a):
     """Compile the kernels for sm_90 without a GPU (Triton's bundled ptxas): registers and spills per config."""
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from sm90_compile import compile_sm90
 
     from tierserve.attention import triton_select, triton_select_topk
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
 
     def build_one(fn, types, consts, warps):
-        sig = dict(zip(fn.arg_names[:len(types)], types, strict=True)) | {k: "constexpr" for k in consts}
-        # pointers and strides divisible by 16, as Triton specialises real launches (without: scalar loads)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, (a, t) in enumerate(zip(fn.arg_names, types))
-                 if t.startswith("*") or a.startswith("s_")}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(k.asm["ptx"])
-            f.flush()
-            r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"],
-                               capture_output=True, text=True)
-        info = [x.split(":")[-1].strip() for x in r.stderr.splitlines() if "registers" in x or "spill" in x]
-        print(fn.__name__, consts, warps, "warps:", " | ".join(info))
+        info = compile_sm90(fn, dict(zip(fn.arg_names[:len(types)], types, strict=True)), consts, warps)
+        print(fn.__name__, consts, warps, "warps:", info)
 
     score_types = ["*bf16"] * 7 + ["*i64", "*i64", "*fp32"] + ["i32"] * 23
     for host, compact in ((False, False), (True, False), (False, True), (True, True)):

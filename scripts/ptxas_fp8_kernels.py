@@ -2,49 +2,25 @@
 spills per variant (compact pool, host rows, sparse selection): catches compile errors the interpreter does not
 see, and register-pressure changes, before a GPU session.
 
-Launch-time specialisation matters: pointer and stride arguments get ``tt.divisibility`` 16, as Triton infers for
-real launches (tensors 16-byte aligned, strides multiples of 16). Without it the same kernels seem to spill
-kilobytes per thread (scalar loads).
+Launch-time specialisation matters (``sm90_compile``): pointer and stride arguments get ``tt.divisibility`` 16.
 
   PYTHONPATH=. python scripts/ptxas_fp8_kernels.py        (Llama-3.1-8B shapes: 8 KV heads, GQA 4, D 128)
 """
-import os
-import subprocess
-import tempfile
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90_compile import compile_sm90
 
 from tierserve.attention import triton_decode_fp8, triton_fp8_quant, triton_prefill_fp8
 from tierserve.attention.triton_decode_fp8 import scale_offset
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
 POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "src_ptr": "*bf16", "o_ptr": "*fp32", "lse_ptr": "*fp32",
             "lg_ptr": "*i64", "sel_ptr": "*i64", "pt_ptr": "*i64", "qstart_ptr": "*i64", "qlen_ptr": "*i64",
             "seqlen_ptr": "*i64", "soff_ptr": "*i64", "off_ptr": "*i64"}   # others: bytes (*u8)
 
 
 def build(fn, consts: dict, warps: int, stages: int = 2) -> str:
-    sig, attrs = {}, {}
-    for i, a in enumerate(fn.arg_names):
-        if a in consts:
-            sig[a] = "constexpr"
-            continue
-        sig[a] = POINTERS.get(a, "*u8") if a.endswith("_ptr") else "fp32" if a == "qk_scale" else \
-            "i64" if a == "hbase" else "i32"
-        if a.endswith("_ptr") or a.startswith("s_"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(k.asm["ptx"])
-        f.flush()
-        r = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"], capture_output=True,
-                           text=True)
-    if r.returncode:
-        raise RuntimeError(r.stderr[-2000:])
-    return " | ".join(x.split(":")[-1].strip() for x in r.stderr.splitlines() if "registers" in x or "spill" in x)
+    """``compile_sm90`` with the argument types read from the names (``*_ptr``: POINTERS or bytes)."""
+    sig = {a: POINTERS.get(a, "*u8") if a.endswith("_ptr") else "fp32" if a == "qk_scale" else
+           "i64" if a == "hbase" else "i32" for a in fn.arg_names if a not in consts}
+    return compile_sm90(fn, sig, consts, warps, stages)
 
 
 def main() -> None:
