@@ -77,21 +77,27 @@ def test_bench_sparse_fp8_smoke(tmp_path):
     assert (tmp_path / "sf.png").stat().st_size > 0
 
 
-def test_synthetic_fill_spills_and_decodes():
-    """The synthetic fill leaves a consistent engine: pages spilled to CPU RAM hold the random K/V and their
-    key min/max rows, the accounting invariants hold, and the request decodes to the end."""
+def _filled(**kw):
+    """nano with a 512-token synthetic fill over a small pool and a CPU tier (sparse pages); the invariants
+    checked. Returns (engine, request, page table)."""
     from tierserve import LLM
     from tierserve.bench.sparse_fp8_tiers import synthetic_prefill
 
-    llm = LLM(None, device="cpu", max_model_len=600, num_kv_pages=8, cpu_kv_gb=0.01, sparse_attention="pages",
+    llm = LLM(None, device="cpu", max_model_len=600, cpu_kv_gb=0.01, sparse_attention="pages",
               sparse_topk_tokens=96, max_num_batched_tokens=64, enable_prefix_caching=False, max_num_seqs=1,
-              debug_invariants=True)
+              debug_invariants=True, **kw)
     eng = llm.engine
     req = synthetic_prefill(eng, "s", 512, 4, 64, time.perf_counter() + 60, seed=0)
-    table = eng.kv.page_table("s")
-    assert len(table) == 32 and sum(p < 0 for p in table) >= 24 and req.num_computed_tokens == 512
     eng.kv.check_invariants()
     eng.kv.tiers.check_invariants()
+    return eng, req, eng.kv.page_table("s")
+
+
+def test_synthetic_fill_spills_and_decodes():
+    """The synthetic fill leaves a consistent engine: pages spilled to CPU RAM hold the random K/V and their
+    key min/max rows, the accounting invariants hold, and the request decodes to the end."""
+    eng, req, table = _filled(num_kv_pages=8)
+    assert len(table) == 32 and sum(p < 0 for p in table) >= 24 and req.num_computed_tokens == 512
     host = eng.runner.host_kv[0][1]
     slot = -table[0] - 1
     k = host[slot, :, 0, :16]                                # [layers, 16 tokens, Hkv, D]
@@ -106,19 +112,10 @@ def test_synthetic_fill_spills_and_decodes():
 def test_synthetic_fill_fp8_spills_compact_rows_and_decodes():
     """The same with FP8 KV pages: the filled pages are quantised chunk by chunk and the oldest spill to CPU RAM
     as compact FP8 rows whose summary bytes are the device-resident summaries the sparse selector scores."""
-    from tierserve import LLM
-    from tierserve.bench.sparse_fp8_tiers import synthetic_prefill
     from tierserve.quant.fp8_compact import compact_summary
 
-    llm = LLM(None, device="cpu", max_model_len=600, num_kv_pages=12, cpu_kv_gb=0.01, sparse_attention="pages",
-              sparse_topk_tokens=96, max_num_batched_tokens=64, enable_prefix_caching=False, max_num_seqs=1,
-              kv_dtype="fp8", debug_invariants=True)
-    eng = llm.engine
-    req = synthetic_prefill(eng, "s", 512, 4, 64, time.perf_counter() + 60, seed=0)
-    table = eng.kv.page_table("s")
+    eng, req, table = _filled(num_kv_pages=12, kv_dtype="fp8")
     assert len(table) == 32 and sum(p < 0 for p in table) >= 16 and req.num_computed_tokens == 512
-    eng.kv.check_invariants()
-    eng.kv.tiers.check_invariants()
     host = eng.runner.host_kv[0][1]
     assert host.dtype == torch.uint8
     data = eng.runner.kv.data
