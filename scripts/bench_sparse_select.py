@@ -164,7 +164,8 @@ def ptxas_report(a):
         for radix in (False, True):
             build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block, "RADIX": radix}, 16)
     for chunk in (4096, 8192):
-        build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk}, 16)
+        for reg in (16, 8192):
+            build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk, "REG": reg}, 16)
 
 
 def main():

@@ -6,7 +6,9 @@ reaches; JSON to $OUT/fp8-gemv-sweep.json. (Issue 6: FP8 weights decoded only 1.
 Each row also times the three tensor-core product modes of ``fp8_gemm(dot=...)`` at the default tiles
 ("act": weights widened to bf16, the default; "f16": widened to fp16; "fp8": fp8 x fp8 with activations
 quantised per 1x128 group) -- whether widening e4m3 to bf16 is what holds the kernel below the bandwidth.
-``GRID=0`` skips the tile sweep (modes only, ~20 s). ``DOT`` picks the mode the tile sweep uses."""
+``GRID=0`` skips the tile sweep (modes only, ~20 s). Each row also sweeps the ``kernel="swap"`` (widened weights
+as the dot's register operand) and ``kernel="cores"`` (CUDA-core fp32 products, M <= 4) kernels over small
+grids (``KGRID=0`` skips them). ``DOT`` picks the mode the tile sweep uses."""
 import itertools
 import json
 import os
@@ -30,6 +32,10 @@ grid = list(itertools.product((32, 64, 128, 256), (4, 8), (3, 4, 6), (2, 4, 8, 1
 if os.environ.get("GRID", "1") == "0":
     grid = []
 DOT = os.environ.get("DOT", "act")
+swap_grid = list(itertools.product((64, 128), (4, 8), (3, 5), (2, 4, 8)))
+cores_grid = list(itertools.product((16, 32, 64), (4, 8), (3,), (4, 8)))
+if os.environ.get("KGRID", "1") == "0":
+    swap_grid, cores_grid = [], []
 rows = []
 for M in (1, 16):
     for name, (N, K) in shapes.items():
@@ -45,6 +51,23 @@ for M in (1, 16):
             row[f"dot_{mode}_TBps"] = N * K / (row[f"dot_{mode}_us"] * 1e-6) / 1e12
             got = fp8_gemm(x, q, sc, dot=mode).float()
             row[f"dot_{mode}_rel_err_vs_act"] = float((got - want).norm() / want.norm())
+        # the register-operand ("swap") and CUDA-core ("cores") kernels, each over its own small grid
+        for kern, kgrid in (("swap", swap_grid), ("cores", cores_grid if M <= 4 else [])):
+            kbest = None
+            for bn, nw, st, wv in kgrid:
+                try:
+                    us = timed(lambda: fp8_gemm(x, q, sc, block_n=bn, num_warps=nw, num_stages=st, waves=wv,
+                                                kernel=kern))
+                except Exception:      # noqa: BLE001 - a config that does not compile / fit
+                    continue
+                if kbest is None or us < kbest[0]:
+                    kbest = (us, {"block_n": bn, "num_warps": nw, "num_stages": st, "waves": wv})
+            if kbest is not None:
+                got = fp8_gemm(x, q, sc, kernel=kern, **{k: v for k, v in kbest[1].items()
+                                                        if k in ("block_n", "num_warps", "num_stages", "waves")})
+                row[f"{kern}_us"], row[f"{kern}_cfg"] = kbest
+                row[f"{kern}_TBps"] = N * K / (kbest[0] * 1e-6) / 1e12
+                row[f"{kern}_rel_err_vs_act"] = float((got.float() - want).norm() / want.norm())
         best = (row[f"dot_{DOT}_us"], {"default": True, "dot": DOT})
         for bn, nw, st, wv in grid:
             try:
@@ -61,5 +84,7 @@ for M in (1, 16):
         print(f"M={M:>2} {name:8s} bf16 {row['cublas_bf16_us']:7.1f} us ({row['cublas_bf16_TBps']:.2f} TB/s) | fp8 "
               f"default {row['default_us']:7.1f} us ({row['default_TBps']:.2f}) best {row['best_us']:7.1f} us "
               f"({row['best_TBps']:.2f}) {row['best_cfg']} | dot act/f16/fp8 " + " / ".join(
-                  f"{row[f'dot_{m}_TBps']:.2f}" for m in ("act", "f16", "fp8")) + " TB/s", flush=True)
+                  f"{row[f'dot_{m}_TBps']:.2f}" for m in ("act", "f16", "fp8")) + " TB/s | " + " ".join(
+                  f"{k} {row[f'{k}_TBps']:.2f} TB/s {row[f'{k}_cfg']}" for k in ("swap", "cores")
+                  if f"{k}_TBps" in row), flush=True)
 json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, open(f"{OUT}/fp8-gemv-sweep.json", "w"), indent=1)

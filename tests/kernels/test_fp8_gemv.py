@@ -180,3 +180,25 @@ def test_fp8_activation_products_are_close_and_bad_modes_fail():
     assert err < 0.08, err
     with pytest.raises(ValueError, match="dot must be"):
         fp8_gemm(x, q, s, dot="int8")
+
+
+@pytest.mark.parametrize("kernel", ["swap", "cores"])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_register_operand_and_cuda_core_kernels_match_reference(kernel, m):
+    """kernel="swap" (out^T = W x^T, widened weights as the register operand) and "cores" (fp32 products on
+    CUDA cores) against the reference, direct and split-K, with a bias and ragged N / K; fp16 activations
+    (the interpreter's bf16 dot is wrong), bf16 too on the GPU."""
+    n, k = 130, 300
+    q, s = _weights(n, k, 77 + m)
+    bias = torch.randn(n, device=DEV).to(torch.float16)
+    dtypes = [torch.float16] + ([torch.bfloat16] if not INTERPRET else [])
+    for dtype in dtypes:
+        x = torch.randn(m, k, device=DEV).to(dtype)
+        want = fp8_gemm_ref(x, q, s, bias.to(dtype))
+        for split in (1, 3):
+            got = fp8_gemm(x, q, s, bias.to(dtype), split_k=split, kernel=kernel, block_n=64)
+            assert got.dtype == dtype and got.shape == (m, n)
+            rtol, atol = TOL[dtype]
+            torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    with pytest.raises(ValueError, match="kernel must be"):
+        fp8_gemm(torch.randn(1, k, device=DEV), q, s, kernel="nope")

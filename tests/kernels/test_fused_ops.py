@@ -81,3 +81,38 @@ def test_rope_write_kv_matches_reference(dtype, write):
     _exact_or_close(k, want_k, dtype)
     if write:
         _exact_or_close(kv_got, kv_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_folds_keys_into_page_summaries(dtype):
+    """Pages with a key min / max row (sparse "pages" selector): a decode step (distinct pages; offset 0 starts
+    a page over) written by the fused kernel equals write_kv's summary update, random keys and old summaries."""
+    torch.manual_seed(3)
+    T, hq, hkv, D, page, N = 4, 4, 2, 16, 4, 7
+    rope = RotaryEmbedding(D, 64, RopeConfig(theta=10000.0))
+    rope.build(DEV)
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV).to(dtype)
+    q, k, v = qkv.split([hq * D, hkv * D, hkv * D], dim=-1)
+    q, k, v = q.view(T, hq, D), k.view(T, hkv, D), v.view(T, hkv, D)
+    offs = torch.tensor([0, 3, 1, 2], device=DEV)
+    pos = torch.tensor([8, 19, 29, 62], device=DEV)
+    pages = torch.tensor([2, 4, 0, 6], device=DEV)
+    meta = AttnMetadata(num_seqs=T, num_tokens=T, page_size=page, positions=pos, slot_pages=pages,
+                        slot_offsets=offs, query_start_loc=torch.arange(T + 1, device=DEV), seq_lens=pos + 1,
+                        page_table=pages[:, None], decode_only=True)
+    kv_ref = torch.randn(N, 2, page + 1, hkv, D, device=DEV).to(dtype)
+    kv_start, kv_got = kv_ref.clone(), kv_ref.clone()
+    want_q, want_k = RotaryEmbedding.apply(rope.cos_sin(pos, dtype), q.clone(), k.clone())
+    write_kv(want_k, v, kv_ref, meta)
+    fused.rope_write_kv(q, k, v, rope.cos, rope.sin, pos, kv_got, pages, offs, page)
+    _exact_or_close(kv_got[:, :, :page], kv_ref[:, :, :page], dtype)
+    # the summary rows: write_kv's update (a reference rotation may differ by an ulp on the GPU) ...
+    _exact_or_close(kv_got[:, :, page], kv_ref[:, :, page], dtype)
+    # ... and exactly the fold of the keys the kernel stored into the old rows
+    kept = kv_got[pages, 0, offs]                                        # [T, Hkv, D] the stored keys
+    base_min, base_max = kv_start[pages, 0, page], kv_start[pages, 1, page]
+    first = (offs == 0)[:, None, None]
+    assert torch.equal(kv_got[pages, 0, page], torch.where(first, kept, torch.minimum(base_min, kept)))
+    assert torch.equal(kv_got[pages, 1, page], torch.where(first, kept, torch.maximum(base_max, kept)))
+    assert torch.equal(kv_got[1, :, page], kv_ref[1, :, page])          # untouched pages keep their rows
+    assert torch.equal(kv_got[2, 0, page], kv_got[2, 0, 0]) and torch.equal(kv_got[2, 1, page], kv_got[2, 0, 0])

@@ -38,10 +38,14 @@ def test_triton_sparse_decode_engine_matches_reference(tmp_path):
     assert outs["triton"] == outs["torch_ref"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "engram"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "engram", "llama-sparse"])
 def test_fused_ops_engine_matches_plain_path(tmp_path, family):
     """Triton add+RMSNorm / rotary+KV write / SiLU*mul (and the decode GEMV) give the plain path's greedy
-    tokens and logprobs (Engram layers: their term joins the stream before the fused norm)."""
+    tokens and logprobs (Engram layers: their term joins the stream before the fused norm; sparse "pages":
+    decode steps fold their keys into the page summaries inside the rotary+KV write kernel)."""
+    extra = {}
+    if family == "llama-sparse":
+        family, extra = "llama", dict(sparse_attention="pages", sparse_topk_tokens=88)
     if family == "engram":
         from tests.helpers.tiny_engram import make_engram_checkpoint
         path = make_engram_checkpoint(tmp_path / "m")
@@ -49,9 +53,11 @@ def test_fused_ops_engine_matches_plain_path(tmp_path, family):
         path = make_checkpoint(tmp_path / "m", family)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     prompts = [[0, 5, 9, 200, 31], [0] + list(range(40, 75))]
+    if extra:           # past the top-k budget: the selection reads the summaries
+        prompts.append([0] + [(7 * i + 3) % 500 + 3 for i in range(110)])
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     llm = LLM(str(path), dtype="float32", device=dev, max_model_len=128, attention_backend="triton", num_kv_pages=64,
-              page_size=8, fused_ops=False, enable_prefix_caching=False)
+              page_size=8, fused_ops=False, enable_prefix_caching=False, **extra)
     model = llm.engine.runner.model
     assert not model.fused
     plain = llm.generate(prompts, sp)

@@ -206,9 +206,11 @@ def test_edge_shapes_match_torch_chain(monkeypatch, P, seq_lens, D, group):
     torch.testing.assert_close(got_heat[0], want_heat[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("chunk,method", [(None, "search"), (None, "radix"), (64, None)])  # 64: streaming kernel
+# chunk 64: the streaming kernel; reg 16: rows past 16 visible pages streamed, None: held in registers there
+@pytest.mark.parametrize("chunk,method,reg", [(None, "search", None), (None, "radix", None), (64, None, 16),
+                                              (64, None, None)])
 @pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (3000, 128), (64, 64), (50, 80)])
-def test_threshold_search_is_exact_topk(P, budget, chunk, method):
+def test_threshold_search_is_exact_topk(P, budget, chunk, method, reg):
     """topk_compact on random scores (both signs, repeated values, -0.0 and +0.0, +inf kept, -inf invisible tails) keeps
     exactly the +inf pages and the ``budget`` best, ties to the lowest index (a stable-sort reference)."""
     g = torch.Generator().manual_seed(P)
@@ -223,7 +225,7 @@ def test_threshold_search_is_exact_topk(P, budget, chunk, method):
     table = torch.randperm(4 * P, generator=g)[:P].repeat(B, 1)
     heat = torch.zeros(4 * P, device=DEV)
     t, logical, lens = topk_compact(scores.to(DEV), table.to(DEV), seq.to(DEV), page, budget, max_selected=P,
-                                    page_heat=heat, num_device_pages=4 * P, chunk=chunk, method=method)
+                                    page_heat=heat, num_device_pages=4 * P, chunk=chunk, method=method, reg=reg)
     want_heat = torch.zeros(4 * P)
     for b in range(B):
         for h in range(H):

@@ -20,6 +20,9 @@ def test_cuda_buffers_are_locked_at_their_size_and_unlocked_on_close():
     n = 3 * 2**20 + 12345                         # not a power of two
     t = bufs.empty((n,), torch.uint8, "test buffer")
     assert t.is_pinned() and t.numel() == n
+    # a view past the first byte counts as pinned too: torch asks about the storage, which starts before the
+    # 2 MiB-aligned tensor (copies inside CUDA graph captures need that)
+    assert t[12345:].is_pinned() and t.view(-1)[7:].is_pinned()
     t.copy_(torch.arange(n, dtype=torch.int64).remainder(251).to(torch.uint8))
     d = t.to("cuda", non_blocking=True)
     torch.cuda.synchronize()

@@ -4,7 +4,7 @@
 to a power of two: a 40 GB CPU KV tier pins 64 GiB, and the 122 GiB a 1M-token tier needs would take 128 GiB of
 a 128 GiB machine. ``host_register`` page-locks an ordinary (pageable) CPU tensor in place with
 ``cudaHostRegister`` (portable | mapped, so kernels can read it through unified addressing and copies from it
-are asynchronous), which locks exactly its bytes; ``PinnedBuffers`` keeps such tensors and unlocks them when
+are asynchronous), which locks exactly its storage's bytes; ``PinnedBuffers`` keeps such tensors and unlocks them when
 closed. Without CUDA nothing is locked (CPU-only runs need no pinning).
 """
 from __future__ import annotations
@@ -19,16 +19,20 @@ _PORTABLE_MAPPED = 3            # cudaHostRegisterPortable | cudaHostRegisterMap
 
 
 def host_register(t: torch.Tensor, what: str) -> None:
-    """Page-lock ``t`` in place; RuntimeError naming ``what`` if the driver refuses."""
-    nbytes = t.numel() * t.element_size()
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, _PORTABLE_MAPPED)
+    """Page-lock ``t``'s whole storage in place; RuntimeError naming ``what`` if the driver refuses.
+
+    The storage, not just ``t``'s bytes: torch decides ``is_pinned`` (and whether a copy may run inside a CUDA
+    graph capture) from the storage's first byte, which for an ``aligned_empty`` view lies before ``t``."""
+    st = t.untyped_storage()
+    nbytes = st.nbytes()
+    err = torch.cuda.cudart().cudaHostRegister(st.data_ptr(), nbytes, _PORTABLE_MAPPED)
     code = int(getattr(err, "value", err))
     if code != 0:
         raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.2f} GiB {what} failed (error {code})")
 
 
 def host_unregister(t: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    torch.cuda.cudart().cudaHostUnregister(t.untyped_storage().data_ptr())
 
 
 ALIGN = 2 << 20                 # bytes: locked buffers start on a 2 MiB boundary

@@ -64,7 +64,7 @@ class Attention(nn.Module):
         if isinstance(rope, FusedRope):      # rotary + KV write in one kernel (GPU fast path)
             written = rope.can_write_kv(kv, meta)
             _fused().rope_write_kv(q, k, v, rope.cos, rope.sin, meta.positions, kv if written else None,
-                                meta.slot_pages, meta.slot_offsets)
+                                   meta.slot_pages, meta.slot_offsets, meta.page_size)
             o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx,
                                      kv_written=written)
         else:
@@ -81,8 +81,9 @@ class FusedRope:
 
     @staticmethod
     def can_write_kv(kv: torch.Tensor, meta: AttnMetadata) -> bool:
-        # plain bf16/fp32 pages only: sparse page summaries and FP8 pages keep their own write path
-        return kv.shape[2] == meta.page_size and meta.kv_fp8 is None and meta.host_kv is None
+        # bf16/fp32 pages (FP8 pages keep their own write path); pages with a key min / max summary row only
+        # in decode steps (one token per sequence: no two programs update one page's summary)
+        return meta.kv_fp8 is None and (kv.shape[2] == meta.page_size or meta.decode_only)
 
 
 class MLP(nn.Module):

@@ -81,7 +81,7 @@ def _rotate(x1, x2, c1, c2, s1, s2):
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, page_ptr, off_ptr,
                     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cp, s_kcp, s_kco, s_kch, s_vcp, s_vco, s_vch,
                     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-                    HALF: tl.constexpr, WRITE_KV: tl.constexpr):
+                    HALF: tl.constexpr, WRITE_KV: tl.constexpr, SUMMARY_ROW: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)        # one token: every head at once, loads issued together
     d = tl.arange(0, HALF)[None, :]
     hq = tl.arange(0, HQ_PAD)[:, None]
@@ -115,14 +115,28 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
         tl.store(kd + HALF, y2.to(kc_ptr.dtype.element_ty), mask=mk)
         tl.store(vd, v1.to(vc_ptr.dtype.element_ty), mask=mk)
         tl.store(vd + HALF, v2.to(vc_ptr.dtype.element_ty), mask=mk)
+        if SUMMARY_ROW > 0:     # the page's key min (K half) / max (V half) row; its first token starts it over
+            a1, a2 = y1.to(kc_ptr.dtype.element_ty), y2.to(kc_ptr.dtype.element_ty)
+            mn = kc_ptr + page * s_kcp + SUMMARY_ROW * s_kco + hk * s_kch + d
+            mx = vc_ptr + page * s_vcp + SUMMARY_ROW * s_vco + hk * s_vch + d
+            first = off == 0
+            m1, m2 = tl.load(mn, mask=mk), tl.load(mn + HALF, mask=mk)
+            x1, x2 = tl.load(mx, mask=mk), tl.load(mx + HALF, mask=mk)
+            tl.store(mn, tl.where(first, a1, tl.minimum(m1, a1)), mask=mk)
+            tl.store(mn + HALF, tl.where(first, a2, tl.minimum(m2, a2)), mask=mk)
+            tl.store(mx, tl.where(first, a1, tl.maximum(x1, a1)), mask=mk)
+            tl.store(mx + HALF, tl.where(first, a2, tl.maximum(x2, a2)), mask=mk)
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   positions: torch.Tensor, kv_layer: torch.Tensor | None = None,
-                  slot_pages: torch.Tensor | None = None, slot_offsets: torch.Tensor | None = None) -> None:
+                  slot_pages: torch.Tensor | None = None, slot_offsets: torch.Tensor | None = None,
+                  page_size: int | None = None) -> None:
     """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (cos/sin: fp32 tables [max_pos, D] indexed by
     ``positions``); with ``kv_layer`` ([N, 2, rows, Hkv, D]) also writes the rotated k and v at the
-    slots, as ``write_kv`` does."""
+    slots, as ``write_kv`` does: pages with a key min / max summary row (rows > ``page_size``) fold the new
+    keys into it (``backend.update_page_summary``) -- only for steps whose tokens write distinct pages
+    (decode: one token per sequence), as programs of one page would race."""
     T, hq, D = q.shape
     hkv = k.shape[1]
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos.is_contiguous()
@@ -135,4 +149,6 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
         q, k, v, cos, sin, positions, kc, vc, slot_pages if write else positions,
         slot_offsets if write else positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), cos.stride(0), *ks, *vs, HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq),
-        HKV_PAD=triton.next_power_of_2(hkv), HALF=D // 2, WRITE_KV=write, num_warps=4)
+        HKV_PAD=triton.next_power_of_2(hkv), HALF=D // 2, WRITE_KV=write,
+        SUMMARY_ROW=page_size if write and page_size is not None and kv_layer.shape[2] > page_size else 0,
+        num_warps=4)
