@@ -64,5 +64,17 @@ tprofiles)
         SETTING=$s FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=131072 timeout 170 python scripts/profile_decode.py \
             2>&1 | quiet | tail -16
     done ;;
-*) echo "usage: $0 tests|v4cpu|micro|prefill|profiles|tprofiles"; exit 2 ;;
+round2)
+    # stop 17's fixes on the GPU (pinned spill store, summary fold in the rotary+KV write, register-held wide top-k
+    # rows, FP8 GEMV kernels), then the FP8 GEMV kernel sweep and the selection micro-benchmark with a page table
+    # wider than the context (as the engine's)
+    timeout ${TESTS_TIMEOUT:-300} python -m pytest -v -p no:cacheprovider -p no:warnings --tb=line \
+        -o faulthandler_timeout=90 -rf --durations=5 tests/unit/test_pinned.py tests/kernels/test_fp8_gemv.py \
+        tests/kernels/test_fused_ops.py tests/kernels/test_triton_select.py tests/kernels/test_triton_fp8_tiers.py \
+        "tests/kernels/test_triton_engine.py" ${EXTRA_TESTS:-} > "$OUT/kernels-stop17-round2.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/kernels-stop17-round2.txt" | tail -20
+    GRID=0 timeout 200 python scripts/sweep_fp8_gemv.py 2>&1 | quiet | tail -10
+    timeout 100 python scripts/bench_sparse_select.py --batch 1,4 --table-pages 8448 \
+        --output "$OUT/sparse-select-wide-h200.json" 2>&1 | quiet | grep -E "pages|fused|topk|check" | head -20 ;;
+*) echo "usage: $0 tests|v4cpu|micro|prefill|profiles|tprofiles|round2"; exit 2 ;;
 esac

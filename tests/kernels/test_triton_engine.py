@@ -38,14 +38,17 @@ def test_triton_sparse_decode_engine_matches_reference(tmp_path):
     assert outs["triton"] == outs["torch_ref"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "engram", "llama-sparse"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "engram", "llama-sparse", "llama-sparse-fp8"])
 def test_fused_ops_engine_matches_plain_path(tmp_path, family):
     """Triton add+RMSNorm / rotary+KV write / SiLU*mul (and the decode GEMV) give the plain path's greedy
     tokens and logprobs (Engram layers: their term joins the stream before the fused norm; sparse "pages":
     decode steps fold their keys into the page summaries inside the rotary+KV write kernel)."""
     extra = {}
-    if family == "llama-sparse":
-        family, extra = "llama", dict(sparse_attention="pages", sparse_topk_tokens=88)
+    if family.startswith("llama-sparse"):
+        extra = dict(sparse_attention="pages", sparse_topk_tokens=88)
+        if family.endswith("fp8"):
+            extra |= dict(kv_dtype="fp8", kv_fp8_keep_sink=8, kv_fp8_keep_recent=16)
+        family = "llama"
     if family == "engram":
         from tests.helpers.tiny_engram import make_engram_checkpoint
         path = make_engram_checkpoint(tmp_path / "m")

@@ -81,9 +81,10 @@ class FusedRope:
 
     @staticmethod
     def can_write_kv(kv: torch.Tensor, meta: AttnMetadata) -> bool:
-        # bf16/fp32 pages (FP8 pages keep their own write path); pages with a key min / max summary row only
-        # in decode steps (one token per sequence: no two programs update one page's summary)
-        return meta.kv_fp8 is None and (kv.shape[2] == meta.page_size or meta.decode_only)
+        # new tokens go to bf16/fp32 rows (FP8 pages are quantised later); pages with a key min / max summary
+        # row (sparse selection, FP8 pages) only in decode steps: one token per sequence, so no two programs
+        # update one page's summary
+        return kv.shape[2] == meta.page_size or meta.decode_only
 
 
 class MLP(nn.Module):
