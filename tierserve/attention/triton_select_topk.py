@@ -8,9 +8,10 @@ chosen page to the tiers' page heat (``backend.count_selection``) with atomics.
 
 Two kernels: ``_topk_kernel`` holds a whole row in registers (page tables up to ``MAX_BLOCK`` pages; with
 ``RADIX`` it finds the threshold by a radix select, four histograms of 8-bit digits, ``_radix_threshold``);
-``_topk_wide_kernel`` streams rows of any width in chunks (each search step re-reads the row from cache), or,
-when a row's visible pages fit in ``REG`` lanes, holds them in registers as ``_topk_kernel`` does: the engine's
-page tables cover ``max_model_len``, so a 128k context under a slightly larger limit is a wide table.
+``_topk_wide_kernel`` takes rows of any width: the first ``REG`` pages' keys held in registers as
+``_topk_kernel`` does, the pages past them streamed in chunks (each search step re-reads them from cache). The
+engine's page tables cover ``max_model_len`` and a 128k context plus its new tokens is just past 8192 pages:
+only the few pages past ``REG`` are re-read.
 """
 from __future__ import annotations
 
@@ -173,69 +174,70 @@ def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, len
     row = score_ptr + b * s_sb + h * s_sh
     pt_row = pt_ptr + b * s_ptb
     table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
-    if n_vis <= REG:        # the visible pages fit in registers (a wide table, a shorter context): one read
-        p = tl.arange(0, REG)
+    # the first REG pages' keys stay in registers; pages past them are streamed in chunks, re-read each step
+    p0 = tl.arange(0, REG)
+    vis0 = p0 < n_vis
+    key0 = _keys(tl.load(row + p0, mask=vis0, other=0.0), vis0)
+    lo = tl.full([], -2147483648, tl.int64)
+    room = 0
+    if BUDGET > 0:
+        for i in tl.static_range(16):
+            tot = _packed_counts(key0, lo, 1 << (30 - 2 * i))
+            for c0 in range(REG, n_vis, CHUNK):
+                p = c0 + ar
+                tot += _packed_counts(_keys(tl.load(row + p, mask=p < n_vis, other=0.0), p < n_vis), lo,
+                                      1 << (30 - 2 * i))
+            lo = _step(lo, tot, 1 << (30 - 2 * i), BUDGET)
+        n_above = tl.sum((key0 > lo.to(tl.int32)).to(tl.int32), axis=0)
+        for c0 in range(REG, n_vis, CHUNK):
+            p = c0 + ar
+            key = _keys(tl.load(row + p, mask=p < n_vis, other=0.0), p < n_vis)
+            n_above += tl.sum((key > lo.to(tl.int32)).to(tl.int32), axis=0)
+        room = BUDGET - n_above
+    t = lo.to(tl.int32)
+    chosen = vis0 & (key0 == 0x7F800000)                  # +inf (always kept); its key is its bits
+    n_tie = 0
+    if BUDGET > 0:
+        tie = (key0 == t).to(tl.int32)
+        chosen = chosen | (((key0 > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))) & vis0)
+        n_tie = tl.sum(tie, axis=0)
+    # (names below differ from the block's: a loop-carried value must keep its shape)
+    c0_ = chosen.to(tl.int32)
+    _emit(chosen, tl.cumsum(c0_, axis=0) - 1, p0, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
+          h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
+    n_sel = tl.sum(c0_, axis=0)
+    for c0 in range(REG, n_vis, CHUNK):
+        p = c0 + ar
         visible = p < n_vis
         s = tl.load(row + p, mask=visible, other=float("-inf"))
-        chosen = visible & (s == float("inf"))
+        pick = visible & (s == float("inf"))
         if BUDGET > 0:
             key = _keys(s, visible)
-            t, room = _search_threshold(key, BUDGET)
-            chosen = chosen | (_top(key, t, room) & visible)
-        _emit_all(chosen, p, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, heat_ptr,
-                  hheat_ptr, n_dev, h_base, n_hheat, K_OUT, K_PAD, PAGE, HEAT, HOST_HEAT)
-    else:                   # streamed in chunks
-        lo = tl.full([], -2147483648, tl.int64)
-        room = 0
-        if BUDGET > 0:
-            for i in tl.static_range(16):
-                tot = tl.zeros([], tl.int64)
-                for c0 in range(0, n_vis, CHUNK):
-                    p = c0 + ar
-                    tot += _packed_counts(_keys(tl.load(row + p, mask=p < n_vis, other=0.0), p < n_vis), lo,
-                                          1 << (30 - 2 * i))
-                lo = _step(lo, tot, 1 << (30 - 2 * i), BUDGET)
-            n_above = 0
-            for c0 in range(0, n_vis, CHUNK):
-                p = c0 + ar
-                key = _keys(tl.load(row + p, mask=p < n_vis, other=0.0), p < n_vis)
-                n_above += tl.sum((key > lo.to(tl.int32)).to(tl.int32), axis=0)
-            room = BUDGET - n_above
-        t = lo.to(tl.int32)
-        n_sel = 0
-        n_tie = 0
-        for c0 in range(0, n_vis, CHUNK):
-            p = c0 + ar
-            visible = p < n_vis
-            s = tl.load(row + p, mask=visible, other=float("-inf"))
-            chosen = visible & (s == float("inf"))
-            if BUDGET > 0:
-                key = _keys(s, visible)
-                tie = (key == t).to(tl.int32)
-                top = (key > t) | ((tie > 0) & (n_tie + tl.cumsum(tie, axis=0) <= room))
-                n_tie += tl.sum(tie, axis=0)
-                chosen = chosen | (top & visible)
-            c = chosen.to(tl.int32)
-            _emit(chosen, n_sel + tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr,
-                  hheat_ptr, n_dev, h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
-            n_sel += tl.sum(c, axis=0)
-        _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, K_OUT, K_PAD,
-                PAGE)
+            tie_c = (key == t).to(tl.int32)
+            top = (key > t) | ((tie_c > 0) & (n_tie + tl.cumsum(tie_c, axis=0) <= room))
+            n_tie += tl.sum(tie_c, axis=0)
+            pick = pick | (top & visible)
+        cs = pick.to(tl.int32)
+        _emit(pick, n_sel + tl.cumsum(cs, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr,
+              n_dev, h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
+        n_sel += tl.sum(cs, axis=0)
+    _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, K_OUT, K_PAD, PAGE)
 
 
 def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                  budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
                  host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None,
-                 method: str | None = None, host_base: int | None = None, reg: int | None = None):
+                 method: str | None = None, host_base: int | None = None, reg: int | None = None,
+                 num_warps: int | None = None):
     """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
     [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
     page to ``page_heat`` (device page ids < ``num_device_pages``) / ``host_heat`` (spilled slots, id -
     ``host_base``, default ``num_device_pages``; FP8 compact slots between the two are not counted).
     ``chunk``: stream rows in chunks of that many pages (default: only past ``MAX_BLOCK`` pages).
     ``method`` (rows held in registers; None: ``TIERSERVE_TOPK`` or "search"): "search" (16 reductions,
-    two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way. Streamed rows whose
-    visible pages fit in ``reg`` lanes (default ``MAX_BLOCK``; a power of two) are held in registers instead
-    (a page table sized for a longer context than the sequences have)."""
+    two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way. With ``chunk``, the
+    first ``reg`` pages of a row (default ``MAX_BLOCK``, at most the table; a power of two) are held in
+    registers and only the rest is streamed."""
     B, Hkv, P = scores.shape
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
@@ -245,7 +247,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     lens = torch.empty(B, Hkv, dtype=seq_lens.dtype, device=scores.device)
     block = triton.next_power_of_2(P)
     if chunk is None and block > MAX_BLOCK:
-        chunk = 4096        # ptxas sm_90 with the register branch (REG 8192): 8192-page chunks spill 528 B, these 84
+        chunk = 2048        # the pages past the REG (8192) held in registers
     heat = page_heat if page_heat is not None else scores
     hheat = host_heat if host_heat is not None else scores
     args = (scores, page_table, seq_lens, table, logical, lens, heat, hheat, P, num_device_pages,
@@ -261,6 +263,6 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
         _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", **consts,
                                num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     else:
-        _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=16,
+        _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=num_warps or 16,
                                     REG=min(MAX_BLOCK, block) if reg is None else reg)
     return table, logical, lens
