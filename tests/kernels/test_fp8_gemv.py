@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from tierserve.quant.fp8 import dequantize_fp8_blockwise, quantize_fp8_blockwise
-from tierserve.quant.triton_fp8_gemv import fp8_dequant, fp8_gemm, fp8_gemm_ref
+from tierserve.quant.triton_fp8_gemv import fp8_dequant, fp8_gemm, fp8_gemm_ref, tile_weight
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -182,23 +182,24 @@ def test_fp8_activation_products_are_close_and_bad_modes_fail():
         fp8_gemm(x, q, s, dot="int8")
 
 
-@pytest.mark.parametrize("kernel", ["swap", "cores"])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_register_operand_and_cuda_core_kernels_match_reference(kernel, m):
-    """kernel="swap" (out^T = W x^T, widened weights as the register operand) and "cores" (fp32 products on
-    CUDA cores) against the reference, direct and split-K, with a bias and ragged N / K; fp16 activations
-    (the interpreter's bf16 dot is wrong), bf16 too on the GPU."""
-    n, k = 130, 300
-    q, s = _weights(n, k, 77 + m)
-    bias = torch.randn(n, device=DEV).to(torch.float16)
-    dtypes = [torch.float16] + ([torch.bfloat16] if not INTERPRET else [])
-    for dtype in dtypes:
+def test_tiled_weight_layout_matches_reference(m):
+    """tile_weight + fp8_gemm(tiled=True): the same products as the row-major weights, direct and split-K, with a
+    bias; shapes it cannot tile are refused."""
+    n, k, bn = 128, 256, 32
+    q, s = _weights(n, k, 91 + m)
+    tiled = tile_weight(q, bn)
+    assert tiled.shape == (n // bn, k // 128, bn, 128) and tiled.is_contiguous()
+    bias = torch.randn(n, device=DEV)
+    for dtype in (torch.float32, torch.float16):
         x = torch.randn(m, k, device=DEV).to(dtype)
         want = fp8_gemm_ref(x, q, s, bias.to(dtype))
-        for split in (1, 3):
-            got = fp8_gemm(x, q, s, bias.to(dtype), split_k=split, kernel=kernel, block_n=64)
-            assert got.dtype == dtype and got.shape == (m, n)
+        for split in (1, 2):
+            got = fp8_gemm(x, tiled, s, bias.to(dtype), split_k=split, block_n=bn, tiled=True)
+            assert got.shape == (m, n)
             rtol, atol = TOL[dtype]
             torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
-    with pytest.raises(ValueError, match="kernel must be"):
-        fp8_gemm(torch.randn(1, k, device=DEV), q, s, kernel="nope")
+    with pytest.raises(ValueError, match="tile_weight"):
+        tile_weight(q[:100], bn)
+    with pytest.raises(ValueError, match="tiled=True"):
+        fp8_gemm(torch.randn(1, k, device=DEV), tiled, s, block_n=64, tiled=True)

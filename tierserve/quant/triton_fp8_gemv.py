@@ -26,8 +26,6 @@ from tierserve.quant.fp8 import DEFAULT_BLOCK, fp8_linear_ref
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # the interpreter's dot mishandles bf16
 DOT_MODES = {"act": 1, "f16": 2, "fp8": 3}                 # fp8_gemm's ``dot``; 0: fp32 products
 DEFAULT_DOT = os.environ.get("TIERSERVE_FP8_DOT", "act")    # read once: fp8_gemm runs per layer per step
-KERNELS = ("mk", "swap", "cores")                          # fp8_gemm's ``kernel``
-DEFAULT_KERNEL = os.environ.get("TIERSERVE_FP8_GEMV", "mk")
 
 
 @triton.jit
@@ -35,7 +33,8 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
                      s_xm, s_wn, s_sn, s_om, s_os,
                      SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr):
+                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
+                     TILED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -57,8 +56,12 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
             k_mask = k < K
             x = tl.load(x_ptr + m64[:, None] * s_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)
-            w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0)
+            if TILED:           # tile_weight's layout: this program's [BLOCK_N, SBK] block is contiguous
+                tile = w_ptr + (pid_n.to(tl.int64) * num_kb + kb) * (BLOCK_N * SBK)
+                w = tl.load(tile + tl.arange(0, BLOCK_N)[:, None] * SBK + (kk + tl.arange(0, BLOCK_K))[None, :])
+            else:
+                w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                            other=0.0)
             if USE_DOT:
                 if DOT_MODE == 1:    # e4m3 -> bf16/fp16 is exact: tensor-core products in the activation dtype
                     part += tl.dot(x, tl.trans(w.to(x.dtype)))
@@ -87,53 +90,6 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
         tl.store(out_ptr + m64[:, None] * s_om + n64[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptr + pid_k * s_os + m64[:, None] * s_om + n64[None, :], acc, mask=out_mask)
-
-
-@triton.jit
-def _fp8_gemv_t_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
-                       s_xm, s_wn, s_sn, s_om, s_os,
-                       SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, CORES: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``out^T [N, M] = dequant(W) [N, K] @ x^T [K, M]``: the weight tile is the dot's first operand, widened
-    to the activation dtype in registers (Hopper's wgmma reads that operand from registers: the widened
-    weights are never written back to shared memory); the activations, [BLOCK_K, BLOCK_M], are the small
-    second operand. ``CORES``: no tensor cores, fp32 products summed over K on CUDA cores (BLOCK_M rows)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = m < M
-    n_mask = n < N
-    m64 = m.to(tl.int64)
-    n64 = n.to(tl.int64)
-    s_row = s_ptr + (n // SBN).to(tl.int64) * s_sn
-    num_kb = tl.cdiv(K, SBK)
-    kb_lo = pid_k * kb_per_split
-    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi):
-        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for kk in tl.static_range(0, SBK, BLOCK_K):
-            k = kb * SBK + kk + tl.arange(0, BLOCK_K)
-            k_mask = k < K
-            w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            xt = tl.load(x_ptr + m64[None, :] * s_xm + k[:, None], mask=k_mask[:, None] & m_mask[None, :],
-                         other=0.0)
-            if CORES:
-                part += tl.sum(w.to(tl.float32)[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
-            else:
-                part += tl.dot(w.to(xt.dtype), xt)
-        scale = tl.load(s_row + kb, mask=n_mask, other=0.0)
-        acc += part * scale[:, None]
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + m64[None, :] * s_om + n64[:, None], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + pid_k * s_os + m64[None, :] * s_om + n64[:, None], acc, mask=out_mask)
 
 
 @triton.jit
@@ -167,7 +123,7 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
              block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
              split_k: int | None = None, use_dot: bool | None = None, block_n: int | None = None,
              block_k: int | None = None, num_warps: int = 4, num_stages: int = 4,
-             waves: int = 4, dot: str | None = None, kernel: str | None = None) -> torch.Tensor:
+             waves: int = 4, dot: str | None = None, tiled: bool = False) -> torch.Tensor:
     """``x [M, K]`` (fp32/bf16/fp16, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn (row-major),
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[M, N]`` in ``out_dtype`` (default x.dtype).
 
@@ -178,15 +134,20 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
     per row and K chunk to e4m3 and multiplies fp8 x fp8 (lossy: DeepSeek-V3's 1x128 activation groups).
     fp32 activations always use fp32 products.
 
-    ``kernel`` (None: ``TIERSERVE_FP8_GEMV`` or "mk"): "mk" puts the activations first in the dot (the
-    widened weights go through shared memory), "swap" computes ``out^T = W x^T`` with the widened weights as
-    the register operand (bf16/fp16 activations; ``dot`` does not apply), "cores" sums fp32 products on CUDA
-    cores (no tensor cores; any activation dtype)."""
+    ``tiled``: ``qweight`` is in ``tile_weight``'s layout for this ``block_n`` (each program's K block one
+    contiguous read)."""
     M, K = x.shape
-    N, K2 = qweight.shape
+    N, K2 = (qweight.shape[0] * qweight.shape[2], K) if tiled else qweight.shape
     sbn, sbk = block_size
+    block_n = block_n or (64 if use_dot is not False else 32)
     if K2 != K:
         raise ValueError(f"fp8_gemm: x has K={K}, qweight has K={K2}")
+    if tiled:
+        if qweight.dim() != 4 or qweight.shape[1:] != (-(-K // sbk), block_n, sbk) or N % block_n or K % sbk:
+            raise ValueError("fp8_gemm: tiled=True needs tile_weight(W, block_n, block) of an [N, K] W with N a "
+                             "multiple of block_n and K of the scale block")
+        qweight = qweight.view(-1, K)      # (the tiles' bytes; row n is not W's row n)
+        N, K2 = qweight.shape
     if qweight.dtype != torch.float8_e4m3fn or qweight.stride(-1) != 1 or qweight.stride(0) != K:
         raise ValueError("fp8_gemm: qweight must be a contiguous float8_e4m3fn [N, K] tensor")
     nb, kbs = -(-N // sbn), -(-K // sbk)
@@ -200,17 +161,8 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
     # tensor cores for every M (rows padded to 16): the CUDA-core product measured 0.6 TB/s at M=1 on
     # the H200 (benchmarks/results/decode-kernels-h200.json)
     use_dot = True if use_dot is None else use_dot
-    kernel = kernel or DEFAULT_KERNEL
-    if kernel not in KERNELS:
-        raise ValueError(f"fp8_gemm: kernel must be one of {KERNELS}, got {kernel!r}")
     low = x.dtype in (torch.bfloat16, torch.float16)
-    if kernel == "swap" and (not low or not use_dot or (_INTERPRET and x.dtype == torch.bfloat16)):
-        kernel = "mk"           # fp32 products (and the interpreter's bf16 dot) stay with the first kernel
-    if kernel != "mk":
-        return _gemv_t(x, qweight, scale_inv, bias, sbn, sbk, out_dtype, split_k, block_n, block_k, num_warps,
-                       num_stages, waves, kernel == "cores")
     block_m = 16 if use_dot else min(16, triton.next_power_of_2(M))
-    block_n = block_n or (64 if use_dot else 32)
     block_k = block_k or (128 if use_dot else 64)
     block_k = min(block_k, sbk)
     if sbk % block_k or block_k & (block_k - 1):
@@ -236,41 +188,20 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
         x.stride(0), qweight.stride(0), scale_inv.stride(0), dst.stride(-2), dst.stride(0) if not direct else 0,
         SBN=sbn, SBK=sbk, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
         DOT_PREC=dot_prec, DIRECT=direct, HAS_BIAS=bias is not None,
-        DOT_MODE=mode, num_warps=num_warps, num_stages=num_stages)
+        DOT_MODE=mode, TILED=tiled, num_warps=num_warps, num_stages=num_stages)
     if not direct:
         _reduce_splits(dst, b, out, bias is not None)
     return out
 
 
-def _gemv_t(x, qweight, scale_inv, bias, sbn, sbk, out_dtype, split_k, block_n, block_k, num_warps, num_stages,
-            waves, cores: bool) -> torch.Tensor:
-    """``fp8_gemm`` with ``_fp8_gemv_t_kernel`` (kernel="swap" / "cores")."""
-    M, K = x.shape
-    N = qweight.shape[0]
-    kbs = -(-K // sbk)
-    block_m = min(4, triton.next_power_of_2(M)) if cores else 16
-    block_n = block_n or 64
-    block_k = min(block_k or 128, sbk)
-    if sbk % block_k or block_k & (block_k - 1):
-        raise ValueError(f"fp8_gemm: block_k={block_k} must be a power of two dividing the scale block {sbk}")
-    m_tiles, n_tiles = -(-M // block_m), -(-N // block_n)
-    split = split_k or choose_split_k(x.device, n_tiles, m_tiles, kbs, waves)
-    kb_per_split = -(-kbs // max(1, min(split, kbs)))
-    split = -(-kbs // kb_per_split)
-    out = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    if M == 0:
-        return out
-    direct = split == 1
-    dst = out if direct else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    b = bias if bias is not None else scale_inv
-    _fp8_gemv_t_kernel[(n_tiles, split, m_tiles)](
-        x, qweight, scale_inv, b, dst, M, N, K, kb_per_split,
-        x.stride(0), qweight.stride(0), scale_inv.stride(0), dst.stride(-2), dst.stride(0) if not direct else 0,
-        SBN=sbn, SBK=sbk, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, CORES=cores, DIRECT=direct,
-        HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages)
-    if not direct:
-        _reduce_splits(dst, b, out, bias is not None)
-    return out
+def tile_weight(qweight: torch.Tensor, block_n: int, block_size: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+    """``qweight [N, K]`` -> ``[N / block_n, K / bk, block_n, bk]`` contiguous: the block a program of
+    ``fp8_gemm(..., block_n=block_n, tiled=True)`` reads per scale block of K is one contiguous run of bytes."""
+    N, K = qweight.shape
+    bk = block_size[1]
+    if N % block_n or K % bk:
+        raise ValueError(f"tile_weight: N={N} must be a multiple of block_n={block_n} and K={K} of {bk}")
+    return qweight.view(N // block_n, block_n, K // bk, bk).transpose(1, 2).contiguous()
 
 
 def _reduce_splits(dst: torch.Tensor, b: torch.Tensor, out: torch.Tensor, has_bias: bool) -> None:
