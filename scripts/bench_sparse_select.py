@@ -119,6 +119,12 @@ def bench_batch(B, a, dev, table_pages):
     variants["  topk radix"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                     cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                     meta.page_heat, None, kv.shape[0], method="radix")
+    if P <= 8192:          # where the register top-k spends its time (wrong selections: timing only)
+        for ph, label in ((0, "load+len"), (1, "search"), (2, "compact"), (3, "search+compact"), (7, "all")):
+            for nw in (8, 16, 32):
+                variants[f"  topk phases {label} {nw}w"] = lambda ph=ph, nw=nw: topk_compact(
+                    scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
+                    selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], phases=ph, num_warps=nw)
     # the wide top-k kernel (default past MAX_BLOCK pages): the first ``reg`` pages in registers, the rest
     # streamed in chunks; reg 16 streams (almost) everything
     for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (4096, 1024, 16), (16, 4096, 16)):

@@ -87,7 +87,11 @@ def _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr,
 def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                  P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                  K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr):
+                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr,
+                 PHASES: tl.constexpr = 7):
+    # PHASES (timing only; 7 for a selection): 1 the threshold search, 2 the compaction (a cumsum, the stores
+    # and heat atomics), 4 the ties' cumsum. Without 1 no page past the +inf ones is taken; without 2 only the
+    # length is written.
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.arange(0, BLOCK)
@@ -98,15 +102,25 @@ def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr
     chosen = visible & (s == float("inf"))
     if BUDGET > 0:
         key = _keys(s, in_row)
-        if RADIX:
-            t, room = _radix_threshold(key, BUDGET)
+        if PHASES & 1:
+            if RADIX:
+                t, room = _radix_threshold(key, BUDGET)
+            else:
+                t, room = _search_threshold(key, BUDGET)
         else:
-            t, room = _search_threshold(key, BUDGET)
-        chosen = chosen | (_top(key, t, room) & visible)
+            t, room = tl.full([], 2147483647, tl.int32), 0
+        if PHASES & 4:
+            chosen = chosen | (_top(key, t, room) & visible)
+        else:
+            chosen = chosen | ((key > t) & visible)
     pt_row = pt_ptr + b * s_ptb
     table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
-    _emit_all(chosen, p, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, heat_ptr,
-              hheat_ptr, n_dev, h_base, n_hheat, K_OUT, K_PAD, PAGE, HEAT, HOST_HEAT)
+    if PHASES & 2:
+        _emit_all(chosen, p, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, heat_ptr,
+                  hheat_ptr, n_dev, h_base, n_hheat, K_OUT, K_PAD, PAGE, HEAT, HOST_HEAT)
+    else:
+        _finish(tl.sum(chosen.to(tl.int32), axis=0), seq_len, P, pt_row, table_row, logical_row,
+                lens_ptr + b * s_lb + h * s_lh, K_OUT, K_PAD, PAGE)
 
 
 @triton.jit
@@ -228,7 +242,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
                  budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
                  host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None,
                  method: str | None = None, host_base: int | None = None, reg: int | None = None,
-                 num_warps: int | None = None):
+                 num_warps: int | None = None, phases: int = 7):
     """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
     [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
     page to ``page_heat`` (device page ids < ``num_device_pages``) / ``host_heat`` (spilled slots, id -
@@ -237,7 +251,8 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     ``method`` (rows held in registers; None: ``TIERSERVE_TOPK`` or "search"): "search" (16 reductions,
     two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way. With ``chunk``, the
     first ``reg`` pages of a row (default ``MAX_BLOCK``, at most the table; a power of two) are held in
-    registers and only the rest is streamed."""
+    registers and only the rest is streamed. ``phases`` (rows held in registers; timing only, anything but 7
+    gives a wrong selection): which parts of ``_topk_kernel`` run."""
     B, Hkv, P = scores.shape
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
@@ -260,8 +275,8 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     if method not in ("search", "radix"):
         raise ValueError(f"topk_compact: method must be 'search' or 'radix', got {method!r}")
     if chunk is None:
-        _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", **consts,
-                               num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+        _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", **consts, PHASES=phases,
+                               num_warps=num_warps or (16 if block >= 8192 else 8 if block >= 2048 else 4))
     else:
         _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=num_warps or 16,
                                     REG=min(MAX_BLOCK, block) if reg is None else reg)
