@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Stop-18 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-18 session"); one part per call:
+#   bash scripts/h200_stop18.sh micro     top-k phases / warps at 8192 and 8193+ pages; selection tests (~2 min)
+#   bash scripts/h200_stop18.sh bench     bench sparse-fp8 sections b and c (~9 min)
+#   bash scripts/h200_stop18.sh profiles  decode profiles at 128k: sparse + FP8 KV on the GPU, and tiered 10% (~2 min)
+# Everything lands in $OUT under names without '+' (the device tool leaves such names out).
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+quiet() { grep -v -i "warn\|it/s\]"; }
+plain_names() { (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}"; done; true); }
+case "${1:-}" in
+micro)
+    timeout 120 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_select.py 2>&1 | tail -2
+    timeout 150 python scripts/bench_sparse_select.py --batch 1 --output "$OUT/sparse-select-phases-h200.json" \
+        2>&1 | quiet | grep -E "pages|fused|topk|check|score kernel" ;;
+bench)
+    timeout 590 python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy --sections b,c \
+        --budgets b=200,c=330 --max-wall 560 --output "$OUT/sparse-fp8-bc-h200.json" 2>&1 | quiet | tail -40 ;;
+profiles)
+    SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 CONTEXT=131072 timeout 150 python scripts/profile_decode.py \
+        2>&1 | quiet | tail -16
+    SETTING=sparse+fp8-kv FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=131072 timeout 150 \
+        python scripts/profile_decode.py 2>&1 | quiet | tail -16
+    plain_names ;;
+*) echo "usage: $0 micro|bench|profiles"; exit 2 ;;
+esac
