@@ -127,10 +127,13 @@ def bench_batch(B, a, dev, table_pages):
                     selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], phases=ph, num_warps=nw)
     # the wide top-k kernel (default past MAX_BLOCK pages): the first ``reg`` pages in registers, the rest
     # streamed in chunks; reg 16 streams (almost) everything
-    for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (4096, 1024, 16), (16, 4096, 16)):
-        variants[f"  topk reg {reg} chunk {chunk} {nw}w"] = lambda reg=reg, chunk=chunk, nw=nw: topk_compact(
-            scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
-            meta.page_heat, None, kv.shape[0], chunk=chunk, reg=reg, num_warps=nw)
+    for reg, chunk, nw, ec in ((8192, 2048, 16, False), (8192, 1024, 32, False), (16, 4096, 16, False),
+                               (8192, 1024, 16, True), (8192, 1024, 32, True), (8192, 2048, 8, True)):
+        variants[f"  topk reg {reg} chunk {chunk} {nw}w{' emit-chunked' if ec else ''}"] = \
+            lambda reg=reg, chunk=chunk, nw=nw, ec=ec: topk_compact(
+                scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
+                selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], chunk=chunk, reg=reg, num_warps=nw,
+                emit_chunked=ec)
     for bp, nw in ((16, 8), (32, 4), (32, 8), (64, 8)):        # the score kernel's alternatives (default 16, 4)
         variants[f"  score {bp}p {nw}w"] = lambda bp=bp, nw=nw: page_scores(q, kv, meta.page_table, meta.seq_lens,
                                                                              a.page, cfg, block_p=bp, num_warps=nw)
@@ -170,9 +173,12 @@ def ptxas_report(a):
     common = dict(K_OUT=133, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):
         for radix in (False, True):
-            build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block, "RADIX": radix}, 16)
-    for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (4096, 1024, 16), (16, 4096, 16)):
-        build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk, "REG": reg}, nw)
+            build_one(triton_select_topk._topk_kernel, topk_types,
+                      common | {"BLOCK": block, "RADIX": radix, "PHASES": 7}, 16)
+    for reg, chunk, nw, ec in ((8192, 2048, 16, False), (8192, 1024, 32, False), (16, 4096, 16, False),
+                               (8192, 1024, 16, True), (8192, 1024, 32, True), (8192, 2048, 8, True)):
+        build_one(triton_select_topk._topk_wide_kernel, topk_types,
+                  common | {"CHUNK": chunk, "REG": reg, "EMIT_CHUNKED": ec}, nw)
 
 
 def main():

@@ -179,7 +179,8 @@ def _radix_threshold(key, BUDGET: tl.constexpr):
 def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                       P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                       K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                      CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, REG: tl.constexpr):
+                      CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, REG: tl.constexpr,
+                      EMIT_CHUNKED: tl.constexpr = False):
     b = tl.program_id(0)
     h = tl.program_id(1)
     ar = tl.arange(0, CHUNK)
@@ -209,18 +210,20 @@ def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, len
             n_above += tl.sum((key > lo.to(tl.int32)).to(tl.int32), axis=0)
         room = BUDGET - n_above
     t = lo.to(tl.int32)
-    chosen = vis0 & (key0 == 0x7F800000)                  # +inf (always kept); its key is its bits
     n_tie = 0
-    if BUDGET > 0:
-        tie = (key0 == t).to(tl.int32)
-        chosen = chosen | (((key0 > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))) & vis0)
-        n_tie = tl.sum(tie, axis=0)
-    # (names below differ from the block's: a loop-carried value must keep its shape)
-    c0_ = chosen.to(tl.int32)
-    _emit(chosen, tl.cumsum(c0_, axis=0) - 1, p0, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
-          h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
-    n_sel = tl.sum(c0_, axis=0)
-    for c0 in range(REG, n_vis, CHUNK):
+    n_sel = 0
+    if not EMIT_CHUNKED:    # the register block's pages written from registers (EMIT_CHUNKED: re-read in chunks)
+        chosen = vis0 & (key0 == 0x7F800000)              # +inf (always kept); its key is its bits
+        if BUDGET > 0:
+            tie = (key0 == t).to(tl.int32)
+            chosen = chosen | (((key0 > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))) & vis0)
+            n_tie = tl.sum(tie, axis=0)
+        # (names below differ from the block's: a loop-carried value must keep its shape)
+        c0_ = chosen.to(tl.int32)
+        _emit(chosen, tl.cumsum(c0_, axis=0) - 1, p0, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
+              h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
+        n_sel = tl.sum(c0_, axis=0)
+    for c0 in range(0 if EMIT_CHUNKED else REG, n_vis, CHUNK):
         p = c0 + ar
         visible = p < n_vis
         s = tl.load(row + p, mask=visible, other=float("-inf"))
@@ -242,7 +245,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
                  budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
                  host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None,
                  method: str | None = None, host_base: int | None = None, reg: int | None = None,
-                 num_warps: int | None = None, phases: int = 7):
+                 num_warps: int | None = None, phases: int = 7, emit_chunked: bool = False):
     """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
     [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
     page to ``page_heat`` (device page ids < ``num_device_pages``) / ``host_heat`` (spilled slots, id -
@@ -252,7 +255,8 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way. With ``chunk``, the
     first ``reg`` pages of a row (default ``MAX_BLOCK``, at most the table; a power of two) are held in
     registers and only the rest is streamed. ``phases`` (rows held in registers; timing only, anything but 7
-    gives a wrong selection): which parts of ``_topk_kernel`` run."""
+    gives a wrong selection): which parts of ``_topk_kernel`` run. ``emit_chunked`` (with ``chunk``): the
+    compaction re-reads the whole row in chunks instead of writing the register block from registers."""
     B, Hkv, P = scores.shape
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
@@ -279,5 +283,5 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
                                num_warps=num_warps or (16 if block >= 8192 else 8 if block >= 2048 else 4))
     else:
         _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=num_warps or 16,
-                                    REG=min(MAX_BLOCK, block) if reg is None else reg)
+                                    REG=min(MAX_BLOCK, block) if reg is None else reg, EMIT_CHUNKED=emit_chunked)
     return table, logical, lens
