@@ -13,7 +13,10 @@ case "${1:-}" in
 micro)
     timeout 120 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_select.py 2>&1 | tail -2
     timeout 150 python scripts/bench_sparse_select.py --batch 1 --output "$OUT/sparse-select-phases-h200.json" \
-        2>&1 | quiet | grep -E "pages|fused|topk|check|score kernel" ;;
+        2>&1 | quiet | grep -E "pages|fused|topk|check|score kernel"
+    # the engine's case: a 128k context plus new tokens (8193 pages) in a wider table
+    timeout 100 python scripts/bench_sparse_select.py --batch 1,4 --ctx 131088 --table-pages 8448 \
+        --output "$OUT/sparse-select-wide-h200.json" 2>&1 | quiet | grep -E "pages|fused|topk|check" ;;
 bench)
     timeout 590 python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy --sections b,c \
         --budgets b=200,c=330 --max-wall 560 --output "$OUT/sparse-fp8-bc-h200.json" 2>&1 | quiet | tail -40 ;;
