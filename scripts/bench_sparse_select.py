@@ -18,12 +18,18 @@ import os
 
 import torch
 
+from tierserve.attention import triton_select_topk
 from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig
 from tierserve.attention.triton_backend import _select_pages
 from tierserve.attention.triton_decode import paged_decode
-from tierserve.attention.triton_select import page_scores, selection_bound
+from tierserve.attention.triton_select import (
+    TWO_LEVEL_GROUP,
+    page_scores,
+    selection_bound,
+)
 from tierserve.attention.triton_select_topk import topk_compact
+from tierserve.attention.triton_select_two_level import fits, topk_two_level
 
 
 def build(B, ctx, page, hq, hkv, D, layers, topk, heat, dev, table_pages=0):
@@ -78,20 +84,26 @@ def timed(fn, n=32, reps=7, graph=True):
 
 
 def select(q, kv, meta, mode):
+    """mode: "torch" (the PyTorch chain), "fused" (the default top-k), "fused two-level"."""
     if mode == "torch":
         os.environ["TIERSERVE_SPARSE_SELECT"] = "torch"
     else:
         os.environ.pop("TIERSERVE_SPARSE_SELECT", None)
-    return _select_pages(q, kv, meta, 0, logical=True)
+    default = triton_select_topk.DEFAULT_METHOD
+    triton_select_topk.DEFAULT_METHOD = "two-level" if mode == "fused two-level" else default
+    try:
+        return _select_pages(q, kv, meta, 0, logical=True)
+    finally:
+        triton_select_topk.DEFAULT_METHOD = default
 
 
-def check(q, kv, meta):
-    """Compare the fused and the torch selections: rows with the same page set, decode outputs."""
+def check(q, kv, meta, mode="fused"):
+    """Compare the fused (``mode``) and the torch selections: rows with the same page set, decode outputs."""
     heat = meta.page_heat
     meta.page_heat = heat.clone() if heat is not None else None
     want = select(q, kv, meta, "torch")
     want_heat, meta.page_heat = meta.page_heat, heat.clone() if heat is not None else None
-    got = select(q, kv, meta, "fused")
+    got = select(q, kv, meta, mode)
     same_rows = (want[1] == got[1]).all(-1).float().mean().item()
     page = meta.page_size
     outs = [paged_decode(q, kv[:, 0, :page], kv[:, 1, :page], t, n, 0.088, num_splits=1) for t, _, n in (want, got)]
@@ -105,17 +117,27 @@ def bench_batch(B, a, dev, table_pages):
     q, kv, meta = build(B, a.ctx, a.page, a.hq, a.hkv, a.head_dim, a.layers, a.topk, not a.no_heat, dev,
                         table_pages)
     cmp = check(q, kv, meta)
+    cmp2 = {f"two_level_{k}": v for k, v in check(q, kv, meta, "fused two-level").items()}
+    cmp.update(cmp2)
     P = meta.page_table.shape[1]
     cfg = meta.sparse
     scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
     variants = {
         "torch chain": lambda: select(q, kv, meta, "torch"),
         "fused": lambda: select(q, kv, meta, "fused"),
+        "fused two-level": lambda: select(q, kv, meta, "fused two-level"),
         "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
+        "  score kernel + groups": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg,
+                                                       group=TWO_LEVEL_GROUP),
         "  topk+compact": lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                meta.page_heat, None, kv.shape[0]),
     }
+    if fits(P, TWO_LEVEL_GROUP):
+        _, gscores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=TWO_LEVEL_GROUP)
+        variants["  topk two-level"] = lambda: topk_two_level(
+            scores, gscores, TWO_LEVEL_GROUP, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
+            selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0])
     variants["  topk radix"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                     cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                     meta.page_heat, None, kv.shape[0], method="radix")

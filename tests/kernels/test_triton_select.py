@@ -90,8 +90,11 @@ CASES = [  # (B, hkv, group, page, P, seq_lens, cfg)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("spill", [False, True])
-def test_fused_selection_matches_torch_chain(monkeypatch, case, spill):
+@pytest.mark.parametrize("spill,topk", [(False, "search"), (True, "search"), (False, "two-level"),
+                                        (True, "two-level")])
+def test_fused_selection_matches_torch_chain(monkeypatch, case, spill, topk):
+    from tierserve.attention import triton_select_topk
+    monkeypatch.setattr(triton_select_topk, "DEFAULT_METHOD", topk)
     B, hkv, group, page, P, seq_lens, cfg = CASES[case]
     D = 16
     q, kv, meta = make_case(case, B, hkv, group, page, D, P, N=max(P, 40), seq_lens=seq_lens, spill=spill,
@@ -112,10 +115,12 @@ def test_fused_selection_matches_torch_chain(monkeypatch, case, spill):
 
 
 @pytest.mark.parametrize("case", [0, 1, 3, 5])
-@pytest.mark.parametrize("spill", [False, True])
-def test_fused_selection_reads_fp8_compact_summaries(monkeypatch, case, spill):
+@pytest.mark.parametrize("spill,topk", [(False, "search"), (True, "search"), (True, "two-level")])
+def test_fused_selection_reads_fp8_compact_summaries(monkeypatch, case, spill, topk):
     """FP8 KV in compact storage: page ids [N, N + S) are compact slots whose rows carry the key min / max
     (read in place through ``Fp8Pages.summary_views``), spilled pages start at ``Fp8Pages.end``."""
+    from tierserve.attention import triton_select_topk
+    monkeypatch.setattr(triton_select_topk, "DEFAULT_METHOD", topk)
     from tierserve.quant.fp8_compact import new_compact_pool
     from tierserve.runner.kv_fp8 import Fp8Pages
 

@@ -7,10 +7,12 @@
    as fp32 [B, Hkv, P]: -inf for pages the query cannot see, +inf for the pages always kept (sink pages,
    the recent window, the query's own page; every visible page while the context fits the budget).
    Only the pages that compete are read.
-2. ``triton_select_topk.topk_compact`` grid (batch, KV head): keeps the ``budget`` best pages (ties at the
-   cut: the lowest page index, deterministic) plus every +inf page, writes the compacted page table the
-   decode kernels read (same contract as ``triton_decode.compact_selection``) and adds the selection
-   counts to the tiers' page heat (``backend.count_selection``) with atomics.
+2. ``triton_select_topk.topk_compact`` grid (batch, KV head) (or, with ``TIERSERVE_TOPK=two-level``, the
+   exact two-level ``triton_select_two_level.topk_two_level``, from groups of pages first): keeps the
+   ``budget`` best pages (ties at the cut: the lowest page index, deterministic) plus every +inf page,
+   writes the compacted page table the decode kernels read (same contract as
+   ``triton_decode.compact_selection``) and adds the selection counts to the tiers' page heat
+   (``backend.count_selection``) with atomics.
 
 No host sync and no data-dependent shape: capturable in CUDA graphs. Reference: the PyTorch chain
 ``select.page_upper_bounds`` -> ``select.select_pages`` -> ``compact_selection`` (tests compare them).
@@ -24,7 +26,11 @@ import triton
 import triton.language as tl
 
 from tierserve.attention.backend import host_base
+from tierserve.attention import triton_select_topk
 from tierserve.attention.triton_select_topk import topk_compact
+from tierserve.attention.triton_select_two_level import fits, topk_two_level
+
+TWO_LEVEL_GROUP = 4        # pages per group of the two-level top-k (TIERSERVE_TOPK=two-level)
 
 
 @triton.jit
@@ -33,7 +39,8 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, 
                        s_hp, s_hh, s_gp, s_gh, s_cp, s_ch, s_yp, s_yh, s_ptb, s_ob, s_oh,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_P: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
-                       HOST: tl.constexpr, COMPACT: tl.constexpr):
+                       HOST: tl.constexpr, COMPACT: tl.constexpr, grp_ptr=None, n_grp=0, s_rb=0, s_rh=0,
+                       PAGE_GROUP: tl.constexpr = 0):
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -84,6 +91,10 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, 
         ub = tl.maximum(ub, s)
     score = tl.where(forced, float("inf"), tl.where(visible, ub, float("-inf")))
     tl.store(out_ptr + b * s_ob + h * s_oh + p, score, mask=in_row)
+    if PAGE_GROUP > 0:          # each group's score: the maximum of its pages' (triton_select_two_level.py)
+        gmax = tl.max(tl.reshape(score, [BLOCK_P // PAGE_GROUP, PAGE_GROUP]), axis=1)
+        gi = tl.program_id(2) * (BLOCK_P // PAGE_GROUP) + tl.arange(0, BLOCK_P // PAGE_GROUP)
+        tl.store(grp_ptr + b * s_rb + h * s_rh + gi, gmax, mask=gi < n_grp)
 
 
 def use_fused_selection(device: torch.device) -> bool:
@@ -102,12 +113,14 @@ def selection_bound(cfg, page_size: int) -> int:
 def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                 page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 16,
                 num_warps: int | None = None, host_base: int | None = None,
-                compact: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                compact: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                group: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D] (one decode query per sequence at seq_len - 1); kv_layer [N, 2, rows, Hkv, D] with the
     key min / max at row ``page_size``; page_table [B, P]; ``host_summaries`` [slots, 2, rows, Hkv, D] (one
     layer) for page ids >= ``host_base`` (default N); ``compact`` (FP8 compact slots): (key min, key max)
     views [slots, Hkv, D] and the first compact page id. Returns fp32 scores [B, Hkv, P] (-inf invisible,
-    +inf always kept).
+    +inf always kept); with ``group`` (a power of two dividing the block) also each group of that many pages'
+    maximum, [B, Hkv, ceil(P / group)] (for ``triton_select_two_level``).
     Default 16 pages a program, 4 warps: no register spills at D=128 for sm_90 with any source set
     (``scripts/bench_sparse_select.py --ptxas``: 56 registers with launch-like divisibility hints);
     scripts/bench_sparse_select.py times the alternatives."""
@@ -131,6 +144,12 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
     out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
     block_p = min(block_p, triton.next_power_of_2(P))
     num_warps = num_warps or 4
+    grp = {}
+    if group:
+        block_p = max(block_p, group)
+        assert group & (group - 1) == 0 and block_p % group == 0
+        gout = torch.empty(B, Hkv, -(-P // group), dtype=torch.float32, device=q.device)
+        grp = dict(grp_ptr=gout, n_grp=gout.shape[2], s_rb=gout.stride(0), s_rh=gout.stride(1), PAGE_GROUP=group)
     _page_score_kernel[(B, Hkv, triton.cdiv(P, block_p))](
         q, kmin, kmax, hmin, hmax, cmin, cmax, page_table, seq_lens, out, P, N,
         N if host_base is None else host_base, n_host, c_base, n_comp,
@@ -139,8 +158,8 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         cmax.stride(0), cmax.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size, BLOCK_P=block_p,
         TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
-        COMPACT=compact is not None, num_warps=num_warps)
-    return out
+        COMPACT=compact is not None, num_warps=num_warps, **grp)
+    return (out, grp["grp_ptr"]) if group else out
 
 
 def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int = 0, logical: bool = False):
@@ -152,10 +171,15 @@ def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int =
     compact = None
     if meta.kv_fp8 is not None and meta.kv_fp8.compact is not None:
         compact = (*meta.kv_fp8.summary_views(layer_idx, kv_layer), meta.kv_fp8.base)
+    G = TWO_LEVEL_GROUP if triton_select_topk.DEFAULT_METHOD == "two-level" \
+        and fits(meta.page_table.shape[1], TWO_LEVEL_GROUP) else 0
     scores = page_scores(q, kv_layer, meta.page_table, meta.seq_lens, page, cfg, host, host_base=hb,
-                         compact=compact)
-    host_heat = meta.host_heat if meta.host_kv is not None else None
-    table, idx, lens = topk_compact(scores, meta.page_table, meta.seq_lens, page, cfg.topk_tokens // page,
-                                    selection_bound(cfg, page), meta.page_heat,
-                                    host_heat if meta.page_heat is not None else None, n_dev, host_base=hb)
+                         compact=compact, group=G)
+    host_heat = meta.host_heat if meta.host_kv is not None and meta.page_heat is not None else None
+    args = (meta.page_table, meta.seq_lens, page, cfg.topk_tokens // page, selection_bound(cfg, page),
+            meta.page_heat, host_heat, n_dev)
+    if G:
+        table, idx, lens = topk_two_level(scores[0], scores[1], G, *args, host_base=hb)
+    else:
+        table, idx, lens = topk_compact(scores, *args, host_base=hb)
     return (table, idx, lens) if logical else (table, lens)

@@ -24,7 +24,9 @@ import triton.language as tl
 # widest page table held in registers; ptxas for sm_90 at 16 warps: 8192 pages spill 32 bytes a thread,
 # 16384 pages ~700 (the streaming kernel, 8192-page chunks, spills none)
 MAX_BLOCK = 8192
-DEFAULT_METHOD = os.environ.get("TIERSERVE_TOPK", "search")    # read once: topk_compact runs per layer per step
+# read once (per layer per step): "search" / "radix" (topk_compact's kernels) or "two-level"
+# (triton_select_two_level, which triton_select.fused_select then uses for tables it fits)
+DEFAULT_METHOD = os.environ.get("TIERSERVE_TOPK", "search")
 
 
 @triton.jit
@@ -275,7 +277,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
             lens.stride(0), lens.stride(1))
     consts = dict(K_OUT=K, K_PAD=triton.next_power_of_2(K), BUDGET=min(max(budget, 0), P), PAGE=page_size,
                   HEAT=page_heat is not None, HOST_HEAT=host_heat is not None)
-    method = method or DEFAULT_METHOD
+    method = method or (DEFAULT_METHOD if DEFAULT_METHOD != "two-level" else "search")
     if method not in ("search", "radix"):
         raise ValueError(f"topk_compact: method must be 'search' or 'radix', got {method!r}")
     if chunk is None:

@@ -1,0 +1,67 @@
+"""Two-level exact top-k (attention/triton_select_two_level.py) vs the one-level kernel it may replace
+(triton_select_topk.topk_compact, itself checked against a stable sort): the same pages, order, lengths and
+heat, on random scores with many ties, +inf and -inf pages (interpreter on the CPU, tiny sizes)."""
+import pytest
+import torch
+
+from tierserve.attention.select import SparseConfig
+from tierserve.attention.triton_select import page_scores
+from tierserve.attention.triton_select_topk import topk_compact
+from tierserve.attention.triton_select_two_level import fits, topk_two_level
+
+pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _scores(P, seed, B=2, H=3):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, H, P, generator=g) * 10.0 ** torch.randint(-3, 4, (B, H, P), generator=g).float()
+    s[:, :, ::7] = s[:, :, 3:4]                          # many equal scores
+    s[:, :, 5::11], s[:, :, 6::13] = 0.0, -0.0
+    s[:, :, :2] = float("inf")                           # always kept (sink)
+    s[:, :, -3:] = float("inf")                          # always kept (recent)
+    return s
+
+
+@pytest.mark.parametrize("group", [2, 4])
+@pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (1000, 128), (64, 64), (50, 80), (9, 3)])
+def test_two_level_selects_what_one_level_does(P, budget, group):
+    page = 4
+    scores = _scores(P, P + group)
+    seq = torch.tensor([P * page, P * page * 2 // 3 + 1])
+    n_vis = (seq - 1) // page + 1
+    scores[1, :, int(n_vis[1]):] = float("-inf")           # past the sequence: invisible
+    S = -(-P // group)
+    pad = torch.full((2, 3, S * group - P), float("-inf"))
+    groups = torch.cat([scores, pad], 2).view(2, 3, S, group).amax(-1)
+    table = torch.randperm(4 * P, generator=torch.Generator().manual_seed(1))[:P].repeat(2, 1)
+    bound = budget + 8
+    out = {}
+    for name in ("one", "two"):
+        heat = torch.zeros(4 * P, device=DEV)
+        args = (table.to(DEV), seq.to(DEV), page, budget, bound, heat)
+        if name == "one":
+            r = topk_compact(scores.to(DEV), *args, num_device_pages=4 * P)
+        else:
+            assert fits(P, group)
+            r = topk_two_level(scores.to(DEV), groups.to(DEV), group, *args, num_device_pages=4 * P)
+        out[name] = [x.cpu() for x in r] + [heat.cpu()]
+    for a, b in zip(out["one"], out["two"]):
+        assert torch.equal(a, b)
+
+
+def test_score_kernel_writes_group_maxima():
+    torch.manual_seed(0)
+    B, hq, hkv, D, page, P = 2, 4, 2, 16, 4, 23
+    N = B * P + 1
+    kv = torch.randn(N, 2, page + 1, hkv, D)
+    kv[:, 0, page], kv[:, 1, page] = kv[:, 0, :page].amin(1), kv[:, 0, :page].amax(1)
+    table = torch.randperm(N - 1)[:B * P].view(B, P) + 1
+    seq = torch.tensor([P * page, 40])
+    q = torch.randn(B, hq, D)
+    cfg = SparseConfig("pages", topk_tokens=24, sink_tokens=4, recent_tokens=8)
+    plain = page_scores(q.to(DEV), kv.to(DEV), table.to(DEV), seq.to(DEV), page, cfg)
+    s, grp = page_scores(q.to(DEV), kv.to(DEV), table.to(DEV), seq.to(DEV), page, cfg, group=4)
+    assert torch.equal(s, plain)
+    pad = torch.full((B, hkv, 24 - P), float("-inf"), device=DEV)
+    assert torch.equal(grp, torch.cat([s, pad], 2).view(B, hkv, 6, 4).amax(-1))

@@ -1,0 +1,109 @@
+"""Two-level exact top-k of the page scores: groups of ``GROUP`` pages first, then the pages of the chosen groups.
+
+``triton_select_topk._topk_kernel`` searches the threshold over every page of a row (8192 lanes at 128k tokens;
+on the H200 the search takes ~15 us and the compaction ~11 us of its ~31 us a layer, one program per sequence and
+KV head). Here the score kernel also writes each group's score, the maximum of its pages' (``page_scores(...,
+group=G)``), and one program per (sequence, KV head):
+
+1. finds the ``budget`` best groups (plus every +inf group) over P / G lanes,
+2. writes the chosen groups in index order to a scratch row and reads their pages back: at most ``K_PAD`` groups
+   of G pages,
+3. finds the ``budget`` best of those pages (plus every +inf page) and compacts them as ``_topk_kernel`` does.
+
+Exact, with the same ties (the lowest page index): let T be the ``budget``-th largest page score. Every page above
+T lies in a group whose maximum is above T, and there are fewer than ``budget`` such pages, so fewer such groups;
+the pages equal to T that are taken are the lowest-index ones, and each group whose maximum is T holds at least one
+of them, so the first of those groups by index (the ones step 1 takes at its tie) hold them. +inf groups hold the
+always-kept pages. The chosen groups number at most ``budget`` plus the groups of +inf pages: within the
+selection bound ``K_OUT``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _search_threshold, _top
+
+MAX_GROUPS = 4096          # widest group row held in registers (P <= MAX_GROUPS * GROUP pages)
+
+
+@triton.jit
+def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr,
+                           heat_ptr, hheat_ptr, P, S, n_dev, h_base, n_hheat, s_sb, s_sh, s_gb, s_gh, s_xb, s_xh,
+                           s_ptb, s_tb, s_th, s_lb, s_lh,
+                           K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
+                           GROUP: tl.constexpr, S_BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seqlen_ptr + b)
+    n_vis = tl.minimum((seq_len - 1) // PAGE + 1, P)
+    g = tl.arange(0, S_BLOCK)
+    g_vis = g * GROUP < n_vis
+    gs = tl.load(group_ptr + b * s_gb + h * s_gh + g, mask=g_vis, other=float("-inf"))
+    gkey = _keys(gs, g_vis)
+    pick = g_vis & (gs == float("inf"))
+    if BUDGET > 0:
+        t1, room1 = _search_threshold(gkey, BUDGET)
+        pick = pick | (_top(gkey, t1, room1) & g_vis)
+    c1 = pick.to(tl.int32)
+    n_groups = tl.sum(c1, axis=0)
+    rank = tl.cumsum(c1, axis=0) - 1
+    scratch = scratch_ptr + b * s_xb + h * s_xh
+    tl.store(scratch + rank, g, mask=pick & (rank < K_PAD))
+    tl.debug_barrier()                 # the chosen group ids, written by every thread, read back by others
+    j = tl.arange(0, K_PAD)
+    gid = tl.load(scratch + j, mask=j < n_groups, other=0)
+    p = tl.reshape(gid[:, None] * GROUP + tl.arange(0, GROUP)[None, :], [K_PAD * GROUP])
+    valid = tl.reshape((j < n_groups)[:, None] & (tl.arange(0, GROUP) >= 0)[None, :], [K_PAD * GROUP]) \
+        & (p < n_vis)
+    s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=valid, other=float("-inf"))
+    chosen = valid & (s == float("inf"))
+    if BUDGET > 0:
+        key = _keys(s, valid)
+        t2, room2 = _search_threshold(key, BUDGET)
+        chosen = chosen | (_top(key, t2, room2) & valid)
+    c = chosen.to(tl.int32)
+    pt_row = pt_ptr + b * s_ptb
+    table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
+    _emit(chosen, tl.cumsum(c, axis=0) - 1, p, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev, h_base,
+          n_hheat, K_OUT, HEAT, HOST_HEAT)
+    _finish(tl.sum(c, axis=0), seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, K_OUT,
+            K_PAD, PAGE)
+
+
+def fits(num_pages: int, group: int) -> bool:
+    """Whether a page table this wide takes the two-level kernel (its group row held in registers)."""
+    return triton.next_power_of_2(-(-num_pages // group)) <= MAX_GROUPS
+
+
+def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int, page_table: torch.Tensor,
+                   seq_lens: torch.Tensor, page_size: int, budget: int, max_selected: int,
+                   page_heat: torch.Tensor | None = None, host_heat: torch.Tensor | None = None,
+                   num_device_pages: int = 0, host_base: int | None = None, num_warps: int | None = None):
+    """``triton_select_topk.topk_compact`` (same arguments and results) from the page scores [B, Hkv, P] and the
+    group scores [B, Hkv, ceil(P / group)] that ``page_scores(..., group=group)`` writes."""
+    B, Hkv, P = scores.shape
+    S = group_scores.shape[2]
+    assert S == -(-P // group) and group & (group - 1) == 0 and group_scores.stride(2) == 1
+    assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
+    assert P < 2 ** 21 and fits(P, group), "two-level top-k: the group row must fit in registers"
+    K = min(P, max_selected)
+    k_pad = triton.next_power_of_2(K)
+    table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
+    logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
+    lens = torch.empty(B, Hkv, dtype=seq_lens.dtype, device=scores.device)
+    scratch = torch.empty(B, Hkv, k_pad, dtype=torch.int32, device=scores.device)
+    heat = page_heat if page_heat is not None else scores
+    hheat = host_heat if host_heat is not None else scores
+    s_block = triton.next_power_of_2(S)
+    _topk_two_level_kernel[(B, Hkv)](
+        scores, group_scores, scratch, page_table, seq_lens, table, logical, lens, heat, hheat, P, S,
+        num_device_pages, num_device_pages if host_base is None else host_base,
+        host_heat.shape[0] if host_heat is not None else 0, scores.stride(0), scores.stride(1),
+        group_scores.stride(0), group_scores.stride(1), scratch.stride(0), scratch.stride(1), page_table.stride(0),
+        table.stride(0), table.stride(1), lens.stride(0), lens.stride(1),
+        K_OUT=K, K_PAD=k_pad, BUDGET=min(max(budget, 0), P), PAGE=page_size, GROUP=group, S_BLOCK=s_block,
+        HEAT=page_heat is not None, HOST_HEAT=host_heat is not None,
+        num_warps=num_warps or (8 if s_block >= 1024 else 4))
+    return table, logical, lens
