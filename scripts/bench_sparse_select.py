@@ -23,13 +23,9 @@ from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig
 from tierserve.attention.triton_backend import _select_pages
 from tierserve.attention.triton_decode import paged_decode
-from tierserve.attention.triton_select import (
-    TWO_LEVEL_GROUP,
-    page_scores,
-    selection_bound,
-)
+from tierserve.attention.triton_select import page_scores, selection_bound
 from tierserve.attention.triton_select_topk import topk_compact
-from tierserve.attention.triton_select_two_level import fits, topk_two_level
+from tierserve.attention.triton_select_two_level import group_size, topk_two_level
 
 
 def build(B, ctx, page, hq, hkv, D, layers, topk, heat, dev, table_pages=0):
@@ -122,21 +118,22 @@ def bench_batch(B, a, dev, table_pages):
     P = meta.page_table.shape[1]
     cfg = meta.sparse
     scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
+    G = group_size(P, selection_bound(cfg, a.page))
     variants = {
         "torch chain": lambda: select(q, kv, meta, "torch"),
         "fused": lambda: select(q, kv, meta, "fused"),
         "fused two-level": lambda: select(q, kv, meta, "fused two-level"),
         "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
         "  score kernel + groups": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg,
-                                                       group=TWO_LEVEL_GROUP),
+                                                       group=G or 4),
         "  topk+compact": lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                meta.page_heat, None, kv.shape[0]),
     }
-    if fits(P, TWO_LEVEL_GROUP):
-        _, gscores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=TWO_LEVEL_GROUP)
-        variants["  topk two-level"] = lambda: topk_two_level(
-            scores, gscores, TWO_LEVEL_GROUP, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
+    if G:
+        _, gscores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=G)
+        variants[f"  topk two-level g{G}"] = lambda: topk_two_level(
+            scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
             selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0])
     variants["  topk radix"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                     cfg.topk_tokens // a.page, selection_bound(cfg, a.page),

@@ -16,7 +16,9 @@ micro)
         2>&1 | quiet | grep -E "pages|fused|topk|check|score kernel"
     # the engine's case: a 128k context plus new tokens (8193 pages) in a wider table
     timeout 100 python scripts/bench_sparse_select.py --batch 1,4 --ctx 131088 --table-pages 8448 \
-        --output "$OUT/sparse-select-wide-h200.json" 2>&1 | quiet | grep -E "pages|fused|topk|check" ;;
+        --output "$OUT/sparse-select-wide-h200.json" 2>&1 | quiet | grep -E "pages|fused|topk|check"
+    timeout 120 python scripts/bench_sparse_select.py --batch 1 --ctx 1048576 \
+        --output "$OUT/sparse-select-1m-h200.json" 2>&1 | quiet | grep -E "pages|fused|topk|check" ;;
 bench)
     timeout 590 python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy --sections b,c \
         --budgets b=200,c=330 --max-wall 560 --output "$OUT/sparse-fp8-bc-h200.json" 2>&1 | quiet | tail -40 ;;

@@ -28,9 +28,7 @@ import triton.language as tl
 from tierserve.attention.backend import host_base
 from tierserve.attention import triton_select_topk
 from tierserve.attention.triton_select_topk import topk_compact
-from tierserve.attention.triton_select_two_level import fits, topk_two_level
-
-TWO_LEVEL_GROUP = 4        # pages per group of the two-level top-k (TIERSERVE_TOPK=two-level)
+from tierserve.attention.triton_select_two_level import group_size, topk_two_level
 
 
 @triton.jit
@@ -171,8 +169,8 @@ def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int =
     compact = None
     if meta.kv_fp8 is not None and meta.kv_fp8.compact is not None:
         compact = (*meta.kv_fp8.summary_views(layer_idx, kv_layer), meta.kv_fp8.base)
-    G = TWO_LEVEL_GROUP if triton_select_topk.DEFAULT_METHOD == "two-level" \
-        and fits(meta.page_table.shape[1], TWO_LEVEL_GROUP) else 0
+    G = group_size(meta.page_table.shape[1], selection_bound(cfg, page)) \
+        if triton_select_topk.DEFAULT_METHOD == "two-level" else 0
     scores = page_scores(q, kv_layer, meta.page_table, meta.seq_lens, page, cfg, host, host_base=hb,
                          compact=compact, group=G)
     host_heat = meta.host_heat if meta.host_kv is not None and meta.page_heat is not None else None

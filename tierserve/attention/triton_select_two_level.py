@@ -16,6 +16,10 @@ the pages equal to T that are taken are the lowest-index ones, and each group wh
 of them, so the first of those groups by index (the ones step 1 takes at its tie) hold them. +inf groups hold the
 always-kept pages. The chosen groups number at most ``budget`` plus the groups of +inf pages: within the
 selection bound ``K_OUT``.
+
+Group size (``group_size``): 4 pages up to 16k pages (256k tokens of 16), then larger powers of two so that the
+group row stays within 4096 lanes (16 pages at 1M tokens), as long as the chosen groups' pages fit in 4096 lanes;
+past that the one-level kernels run.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import triton.language as tl
 
 from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _search_threshold, _top
 
-MAX_GROUPS = 4096          # widest group row held in registers (P <= MAX_GROUPS * GROUP pages)
+MAX_GROUPS = 4096          # widest group row held in registers
+MAX_LANES = 4096           # most pages of the chosen groups held in registers (K_PAD * GROUP)
 
 
 @triton.jit
@@ -72,9 +77,13 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
             K_PAD, PAGE)
 
 
-def fits(num_pages: int, group: int) -> bool:
-    """Whether a page table this wide takes the two-level kernel (its group row held in registers)."""
-    return triton.next_power_of_2(-(-num_pages // group)) <= MAX_GROUPS
+def group_size(num_pages: int, max_selected: int, max_groups: int = MAX_GROUPS) -> int:
+    """Pages per group for a page table this wide (the smallest power of two >= 4 that keeps the group row within
+    ``max_groups`` lanes), or 0 when the chosen groups' pages would not fit in ``MAX_LANES`` lanes: 4 up to
+    16k pages (256k tokens of 16), 16 at 1M tokens."""
+    g = max(4, triton.next_power_of_2(-(-num_pages // max_groups)))
+    k_pad = triton.next_power_of_2(min(num_pages, max_selected))
+    return g if k_pad * g <= MAX_LANES else 0
 
 
 def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int, page_table: torch.Tensor,
@@ -87,9 +96,10 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
     S = group_scores.shape[2]
     assert S == -(-P // group) and group & (group - 1) == 0 and group_scores.stride(2) == 1
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
-    assert P < 2 ** 21 and fits(P, group), "two-level top-k: the group row must fit in registers"
     K = min(P, max_selected)
     k_pad = triton.next_power_of_2(K)
+    assert P < 2 ** 21 and triton.next_power_of_2(S) <= MAX_GROUPS and k_pad * group <= MAX_LANES, \
+        "two-level top-k: the group row and the chosen groups' pages must fit in registers"
     table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
     logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
     lens = torch.empty(B, Hkv, dtype=seq_lens.dtype, device=scores.device)
@@ -105,5 +115,10 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
         table.stride(0), table.stride(1), lens.stride(0), lens.stride(1),
         K_OUT=K, K_PAD=k_pad, BUDGET=min(max(budget, 0), P), PAGE=page_size, GROUP=group, S_BLOCK=s_block,
         HEAT=page_heat is not None, HOST_HEAT=host_heat is not None,
-        num_warps=num_warps or (8 if s_block >= 1024 else 4))
+        num_warps=num_warps or _warps(max(s_block, k_pad * group)))
     return table, logical, lens
+
+
+def _warps(lanes: int) -> int:
+    # ptxas sm_90: 4096 lanes use 124 registers at 16 warps (228 at 8); none of these spill
+    return 16 if lanes >= 4096 else 8 if lanes >= 1024 else 4
