@@ -74,3 +74,8 @@ def select_pages(ub: torch.Tensor, q_pos: torch.Tensor, seq_lens: torch.Tensor, 
     chosen |= forced[:, None]                  # forced pages always stay (even beyond the budget)
     dense = (q_pos + 1 <= cfg.topk_tokens)[:, None, :, None]                   # short context: dense
     return torch.where(dense, visible[:, None], chosen)
+
+
+def selection_bound(cfg, page_size: int) -> int:
+    """Static bound on the pages one (sequence, KV head) keeps: the budget plus the always-kept pages."""
+    return cfg.topk_tokens // page_size + -(-cfg.sink_tokens // page_size) + -(-cfg.recent_tokens // page_size) + 2

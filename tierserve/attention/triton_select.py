@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from tierserve.attention.backend import host_base
+from tierserve.attention.select import selection_bound  # noqa: F401 - re-exported (callers import it here)
 from tierserve.attention import triton_select_topk
 from tierserve.attention.triton_select_topk import topk_compact
 from tierserve.attention.triton_select_two_level import group_size, topk_two_level
@@ -101,11 +102,6 @@ def use_fused_selection(device: torch.device) -> bool:
     if os.environ.get("TIERSERVE_SPARSE_SELECT", "").lower() == "torch":
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def selection_bound(cfg, page_size: int) -> int:
-    """Static bound on the pages one (sequence, KV head) keeps: the budget plus the always-kept pages."""
-    return cfg.topk_tokens // page_size + -(-cfg.sink_tokens // page_size) + -(-cfg.recent_tokens // page_size) + 2
 
 
 def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
