@@ -32,6 +32,7 @@ profiles)
     # took 27 us a layer for ~2k selected tokens in stop 17, 512 programs of one 64-token block each
     mkdir -p "$OUT/splits-selection"
     TIERSERVE_SPARSE_SPLITS=selection OUT="$OUT/splits-selection" SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 \
-        CONTEXT=131072 timeout 150 python scripts/profile_decode.py 2>&1 | quiet | tail -16 ;;
+        CONTEXT=131072 timeout 150 python scripts/profile_decode.py 2>&1 | quiet | tail -16
+    OUT="$OUT/splits-selection" plain_names ;;
 *) echo "usage: $0 micro|bench|profiles"; exit 2 ;;
 esac
