@@ -33,6 +33,11 @@ profiles)
     mkdir -p "$OUT/splits-selection"
     TIERSERVE_SPARSE_SPLITS=selection OUT="$OUT/splits-selection" SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 \
         CONTEXT=131072 timeout 150 python scripts/profile_decode.py 2>&1 | quiet | tail -16
-    OUT="$OUT/splits-selection" plain_names ;;
+    OUT="$OUT/splits-selection" plain_names
+    # and with the two-level top-k (same pages; only the time changes)
+    mkdir -p "$OUT/two-level"
+    TIERSERVE_TOPK=two-level OUT="$OUT/two-level" SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 CONTEXT=131072 \
+        timeout 150 python scripts/profile_decode.py 2>&1 | quiet | tail -16
+    OUT="$OUT/two-level" plain_names ;;
 *) echo "usage: $0 micro|bench|profiles"; exit 2 ;;
 esac
