@@ -21,7 +21,7 @@ micro)
         --output "$OUT/sparse-select-1m-h200.json" 2>&1 | quiet | grep -E "pages|fused|topk|check" ;;
 bench)
     timeout 590 python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy --sections b,c \
-        --budgets b=200,c=330 --max-wall 560 --output "$OUT/sparse-fp8-bc-h200.json" 2>&1 | quiet | tail -40 ;;
+        --budgets b=250,c=300 --max-wall 565 --output "$OUT/sparse-fp8-bc-h200.json" 2>&1 | quiet | tail -40 ;;
 profiles)
     SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 CONTEXT=131072 timeout 150 python scripts/profile_decode.py \
         2>&1 | quiet | tail -16
