@@ -178,3 +178,19 @@ def test_engine_triton_spilled_fp8_pages(ckpt, monkeypatch, extra):
     assert True in prefills or ("sparse_attention" in extra and DEV == "cpu")
     assert llm.engine.runner.backend.fp8_prefill is not False
     assert got == want
+
+
+def test_staging_failure_turns_off_only_the_staged_fp8_prefill(ckpt, monkeypatch):
+    """A failure while staging spilled FP8 rows for a prefill step sends such steps to the reference; prefill
+    steps without spilled pages keep the FP8 prefill kernel, and the tokens stay the large pool's."""
+    import tierserve.attention.triton_backend as tb
+    want, _ = _generate(ckpt)
+
+    def broken(*a, **k):
+        raise RuntimeError("staging broke")
+    monkeypatch.setattr(tb, "stage_rows", broken)
+    got, llm = _generate(ckpt, cpu_kv_gb=0.001, kv_fp8_storage="inplace", num_kv_pages=8)
+    backend = llm.engine.runner.backend
+    assert llm.engine.kv.num_spilled > 0
+    assert backend.fp8_staged_prefill is False and backend.fp8_prefill is True
+    assert got == want

@@ -76,6 +76,9 @@ class TritonBackend:
         self.host_reads: bool | None = None    # decode reads spilled pages from CPU RAM (None: not yet checked)
         self.fp8_host_reads: bool | None = None  # the same for FP8 pages (compact rows in CPU RAM)
         self.fp8_prefill: bool | None = None   # steps with prefill over FP8 pages use their kernel (False: failed)
+        # the same over spilled FP8 pages (their rows staged per layer first); its own switch, so that a staging
+        # failure leaves the kernel on for every other prefill
+        self.fp8_staged_prefill: bool | None = None
         # CUDA, bf16/fp16: chunks over cached context as two flash-attention calls merged by LSE
         # (attention/flash_prefix.py) rather than the paged prefill kernel
         self.flash_prefix = True
@@ -109,7 +112,7 @@ class TritonBackend:
             and host_sparse_ok and self.fp8_host_reads is not False
         # steps with prefill over them: those rows staged on the device per layer, the FP8 prefill kernel
         fp8_host_prefill = meta.host_kv is not None and meta.kv_fp8 is not None and not meta.decode_only \
-            and meta.host_ram_only and self.fp8_prefill is not False
+            and meta.host_ram_only and self.fp8_prefill is not False and self.fp8_staged_prefill is not False
         if (meta.host_kv is not None and not (fp8_host or fp8_host_prefill)) or \
                 (not sparse_ok and meta.sparse is not None) or not fp8_ok:
             return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written)
@@ -140,19 +143,28 @@ class TritonBackend:
                 return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
         if not meta.decode_only:
             if meta.kv_fp8 is not None:
+                staged = meta.host_kv is not None   # (only here while fp8_staged_prefill is not False)
                 if self.fp8_prefill is not False:
                     try:
                         host, kmeta = None, meta
-                        if meta.host_kv is not None:      # spilled pages' compact rows, staged once per layer
+                        if staged:      # spilled pages' compact rows, staged once per layer
                             slots, kmeta = self._staged_meta(meta, meta.kv_fp8.end)
                             host = (stage_rows(meta.host_kv[0][1][:, layer_idx], slots), meta.kv_fp8.end)
                         out = self._mixed_fp8(q, kv_layer, kmeta, scale, sliding_window, compact, host)
-                        self.fp8_prefill = True
+                        if staged:
+                            self.fp8_staged_prefill = True
+                        else:
+                            self.fp8_prefill = True
                         return out
                     except Exception as e:      # a kernel that fails to build must not take the engine down
-                        log.warning("FP8 prefill kernel is off (%s: %s); steps with prefill use the reference",
-                                    type(e).__name__, e)
-                        self.fp8_prefill = False
+                        if staged:
+                            log.warning("FP8 prefill over spilled pages is off (%s: %s); such steps use the "
+                                        "reference", type(e).__name__, e)
+                            self.fp8_staged_prefill = False
+                        else:
+                            log.warning("FP8 prefill kernel is off (%s: %s); steps with prefill use the reference",
+                                        type(e).__name__, e)
+                            self.fp8_prefill = False
                 return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
             return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
