@@ -230,3 +230,15 @@ def test_engine_fp8_prefill_chunks_use_the_kernel(ckpt, monkeypatch):
     ref, _, _ = _generate(ckpt, "torch_ref", 1)
     got, _, _ = _generate(ckpt, "triton", 1)
     assert calls and got == ref
+
+
+@pytest.mark.parametrize("case", [0, 2, 4])
+def test_prefetched_page_ids_give_the_same_bits(case):
+    """``prefetch=True`` (page ids loaded a block ahead): without a selection the very same outputs."""
+    hq, hkv, ps, D, lens, sink, recent, splits, window, bn = CASES[case]
+    data, table, q, seq_lens, eligible, pick = _inputs(torch.float32, hq, hkv, ps, D, lens, sink, recent, seed=case)
+    fp8 = Fp8Pages(data.shape[0], ps, sink, recent, DEV)
+    fp8.quantise(data, pick)
+    got = [paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
+                            num_splits=splits, sliding_window=window, block_n=bn, prefetch=p) for p in (False, True)]
+    assert torch.equal(got[0], got[1])

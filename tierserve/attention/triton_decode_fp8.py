@@ -117,12 +117,15 @@ def read_folded(ptr, bptr, page, cpage, off, kvh, d, valid, low, stored, any_fix
 def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr,
                              qk_scale, keep_sink, keep_recent, cbase,
                              s_qb, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_ob, s_oh, s_os, s_lb, s_lh,
-                             lg_ptr, sel_ptr, s_pth, s_selb, s_selh, hb_ptr, hbase, s_hp, s_hkv,
+                             lg_ptr, sel_ptr, s_pth, s_selb, s_selh, hb_ptr, hbase, s_hp, s_hkv, cap,
                              NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
                              UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
-                             COMPACT: tl.constexpr, HOST: tl.constexpr):
+                             COMPACT: tl.constexpr, HOST: tl.constexpr, PREFETCH: tl.constexpr = False):
+    # PREFETCH: each block's page ids (and logical pages) are loaded one block ahead, so that a block waits for
+    # one memory round trip (its codes / values) instead of two; with SPARSE the splits also divide the table's
+    # width ``cap`` (tokens) rather than the selection's length, so that the first ids need not wait for it
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,9 +138,20 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     if WINDOW > 0:
         lo = tl.maximum(seq_len - WINDOW, 0)
     lo_blk = lo // BLOCK_N * BLOCK_N                # blocks start on page boundaries
-    per = tl.cdiv(tl.cdiv(n - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPARSE and PREFETCH:
+        per = tl.cdiv(tl.cdiv(cap - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    else:
+        per = tl.cdiv(tl.cdiv(n - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo_blk + split * per
     end = tl.minimum(start + per, n)
+    row_ids = pt_ptr + b * s_ptb + kvh * s_pth
+    row_lg = lg_ptr + b * s_ptb + kvh * s_pth
+    if PREFETCH:
+        nxt = start + tl.arange(0, BLOCK_N)
+        pg_next = tl.load(row_ids + nxt // PAGE, mask=nxt < cap, other=0)
+        lg_next = pg_next
+        if SPARSE:
+            lg_next = tl.load(row_lg + nxt // PAGE, mask=nxt < cap, other=0)
     q, heads, g_mask, d = load_group_q(q_ptr, b, kvh, s_qb, s_qh, GROUP, GROUP_PAD, HEAD_DIM, UPCAST)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -145,11 +159,22 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     for t0 in range(start, end, BLOCK_N):
         u = t0 + tl.arange(0, BLOCK_N)
         valid = u < n                               # whole pages are loaded (amax), masked below
-        page = tl.load(pt_ptr + b * s_ptb + kvh * s_pth + u // PAGE, mask=valid, other=0).to(tl.int64)
+        if PREFETCH:
+            page = tl.where(valid, pg_next, 0).to(tl.int64)
+            lg = tl.where(valid, lg_next, 0)
+            u_next = u + BLOCK_N
+            pg_next = tl.load(row_ids + u_next // PAGE, mask=u_next < cap, other=0)
+            if SPARSE:
+                lg_next = tl.load(row_lg + u_next // PAGE, mask=u_next < cap, other=0)
+        else:
+            page = tl.load(row_ids + u // PAGE, mask=valid, other=0).to(tl.int64)
+            lg = page
+            if SPARSE:
+                lg = tl.load(row_lg + u // PAGE, mask=valid, other=0)
         off = (u % PAGE).to(tl.int64)
         t = u                                       # the token's position in its sequence
         if SPARSE:
-            t = tl.load(lg_ptr + b * s_ptb + kvh * s_pth + u // PAGE, mask=valid, other=0) * PAGE + off
+            t = lg * PAGE + off
         ish = page < 0                              # HOST: spilled pages (ids >= hbase), always stored FP8
         if HOST:
             ish = page >= hbase
@@ -183,6 +208,7 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
 
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_PREFETCH = os.environ.get("TIERSERVE_FP8_PREFETCH") == "1"      # read once: the kernel runs per layer per step
 
 
 def scale_offset(page_size: int, num_kv_heads: int, head_dim: int, elem_size: int, rows: int) -> int:
@@ -200,7 +226,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
                      rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None,
-                     host: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                     host: tuple[torch.Tensor, int] | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
@@ -212,7 +238,9 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     ``host`` (KV tiers): (this layer's CPU-RAM store of spilled pages as compact rows [S, 2, slot_bytes] uint8,
     pinned -- or a staged copy on the device; first host page id, after the compact range): page ids >= it are
     read from that store in place (zero-copy on CUDA) and are always FP8; in ``page_table`` they may sit
-    anywhere, also in a selection."""
+    anywhere, also in a selection. ``prefetch`` (None: ``TIERSERVE_FP8_PREFETCH=1``; opt-in until timed on the
+    H200): page ids loaded a block ahead (the kernel's ``PREFETCH``); the same bits without a selection, with
+    one the splits divide the table instead of the selection (other fp32 summation groups)."""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -255,11 +283,11 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent, cbase,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse, *sel,
-        hb, hbase, hb.stride(0), hb.stride(1),
+        hb, hbase, hb.stride(0), hb.stride(1), page_table.shape[-1] * page_size,
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None, HOST=host is not None,
+        COMPACT=compact is not None, HOST=host is not None, PREFETCH=_PREFETCH if prefetch is None else prefetch,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)
