@@ -3,6 +3,7 @@
 #   bash scripts/h200_stop18.sh micro     top-k phases / warps at 8192 and 8193+ pages; selection tests (~2 min)
 #   bash scripts/h200_stop18.sh bench     bench sparse-fp8 sections b and c (~9 min)
 #   bash scripts/h200_stop18.sh profiles  decode profiles at 128k: sparse + FP8 KV on the GPU, and tiered 10% (~2 min)
+#   bash scripts/h200_stop18.sh knobs     the opt-in knobs on the 128k sparse + FP8 KV profile, alone and together (~4 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -27,17 +28,17 @@ profiles)
         2>&1 | quiet | tail -16
     SETTING=sparse+fp8-kv FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=131072 timeout 150 \
         python scripts/profile_decode.py 2>&1 | quiet | tail -16
-    plain_names
-    # the decode kernel's split-K sized by the selection (9 splits) instead of the context (64): FP8 decode
-    # took 27 us a layer for ~2k selected tokens in stop 17, 512 programs of one 64-token block each
-    mkdir -p "$OUT/splits-selection"
-    TIERSERVE_SPARSE_SPLITS=selection OUT="$OUT/splits-selection" SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 \
-        CONTEXT=131072 timeout 150 python scripts/profile_decode.py 2>&1 | quiet | tail -16
-    OUT="$OUT/splits-selection" plain_names
-    # and with the two-level top-k (same pages; only the time changes)
-    mkdir -p "$OUT/two-level"
-    TIERSERVE_TOPK=two-level OUT="$OUT/two-level" SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 CONTEXT=131072 \
-        timeout 150 python scripts/profile_decode.py 2>&1 | quiet | tail -16
-    OUT="$OUT/two-level" plain_names ;;
-*) echo "usage: $0 micro|bench|profiles"; exit 2 ;;
+    plain_names ;;
+knobs)
+    # the opt-in knobs one at a time, then together, on the 128k sparse + FP8 KV profile (~50 s each):
+    # split-K sized by the selection (9 splits, not 64), two-level top-k, FP8 decode page ids a block ahead
+    for knob in TIERSERVE_SPARSE_SPLITS=selection TIERSERVE_TOPK=two-level TIERSERVE_FP8_PREFETCH=1 all; do
+        sub="$OUT/${knob%%=*}"; mkdir -p "$sub"
+        envs="$knob"
+        [ "$knob" = all ] && envs="TIERSERVE_SPARSE_SPLITS=selection TIERSERVE_TOPK=two-level TIERSERVE_FP8_PREFETCH=1"
+        env $envs OUT="$sub" SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 CONTEXT=131072 timeout 150 \
+            python scripts/profile_decode.py 2>&1 | quiet | grep -E "replay|_kernel" | head -8
+        OUT="$sub" plain_names
+    done ;;
+*) echo "usage: $0 micro|bench|profiles|knobs"; exit 2 ;;
 esac
