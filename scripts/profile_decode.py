@@ -31,6 +31,7 @@ sys.path.insert(0, ".")
 from tierserve import LLM, SamplingParams  # noqa: E402
 from tierserve.bench.decode import copy_bandwidth, untied_embedding_bytes  # noqa: E402
 from tierserve.bench.gpu_timer import device_kernels  # noqa: E402
+from tierserve.bench.results import tierserve_env  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
@@ -109,7 +110,7 @@ def main() -> None:
               "setting": SETTING, "engine_options": SETTINGS[SETTING],
               "kv_fill": "synthetic" if SYNTHETIC else "prefill", "gpu_frac": GPU_FRAC, **tier,
               "copy_bandwidth_GBps": bw / 1e9, "weight_bytes": weight_bytes, "weight_bytes_read": read_bytes,
-              "batches": {}}
+              "batches": {}, "env": tierserve_env()}
     vocab = eng.model_cfg.vocab_size
     for bs in BATCHES:
         if SYNTHETIC:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,17 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def tierserve_env() -> dict[str, str]:
+    """The ``TIERSERVE_*`` environment switches of this run (kernel choices such as TIERSERVE_TOPK): a result
+    says which variants produced it."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("TIERSERVE_") and k != "TIERSERVE_API_KEY"}
+
+
 def make_result(tool: str, subcommand: str, settings: dict[str, Any], rows: list[dict],
                 summary: dict[str, Any]) -> dict:
     return {"meta": {"tool": tool, "subcommand": subcommand, "settings": settings, "versions": versions(),
-                     "device": device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                     "device": device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     "env": tierserve_env()},
             "rows": rows, "summary": summary}
 
 
