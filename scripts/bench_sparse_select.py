@@ -20,10 +20,10 @@ import torch
 
 from tierserve.attention import triton_select_topk
 from tierserve.attention.backend import AttnMetadata
-from tierserve.attention.select import SparseConfig
+from tierserve.attention.select import SparseConfig, selection_bound
 from tierserve.attention.triton_backend import _select_pages
 from tierserve.attention.triton_decode import paged_decode
-from tierserve.attention.triton_select import page_scores, selection_bound
+from tierserve.attention.triton_select import page_scores
 from tierserve.attention.triton_select_topk import topk_compact
 from tierserve.attention.triton_select_two_level import group_size, topk_two_level
 
@@ -138,21 +138,12 @@ def bench_batch(B, a, dev, table_pages):
     variants["  topk radix"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                     cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                     meta.page_heat, None, kv.shape[0], method="radix")
-    if P <= 8192:          # where the register top-k spends its time (wrong selections: timing only)
-        for ph, label in ((0, "load+len"), (1, "search"), (2, "compact"), (3, "search+compact"), (7, "all")):
-            for nw in (8, 16, 32):
-                variants[f"  topk phases {label} {nw}w"] = lambda ph=ph, nw=nw: topk_compact(
-                    scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
-                    selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], phases=ph, num_warps=nw)
     # the wide top-k kernel (default past MAX_BLOCK pages): the first ``reg`` pages in registers, the rest
     # streamed in chunks; reg 16 streams (almost) everything
-    for reg, chunk, nw, ec in ((8192, 2048, 16, False), (8192, 1024, 32, False), (16, 4096, 16, False),
-                               (8192, 1024, 16, True), (8192, 1024, 32, True), (8192, 2048, 8, True)):
-        variants[f"  topk reg {reg} chunk {chunk} {nw}w{' emit-chunked' if ec else ''}"] = \
-            lambda reg=reg, chunk=chunk, nw=nw, ec=ec: topk_compact(
-                scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
-                selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], chunk=chunk, reg=reg, num_warps=nw,
-                emit_chunked=ec)
+    for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (16, 4096, 16)):
+        variants[f"  topk reg {reg} chunk {chunk} {nw}w"] = lambda reg=reg, chunk=chunk, nw=nw: topk_compact(
+            scores, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
+            meta.page_heat, None, kv.shape[0], chunk=chunk, reg=reg, num_warps=nw)
     for bp, nw in ((16, 8), (32, 4), (32, 8), (64, 8)):        # the score kernel's alternatives (default 16, 4)
         variants[f"  score {bp}p {nw}w"] = lambda bp=bp, nw=nw: page_scores(q, kv, meta.page_table, meta.seq_lens,
                                                                              a.page, cfg, block_p=bp, num_warps=nw)
@@ -176,28 +167,32 @@ def ptxas_report(a):
     """Compile the kernels for sm_90 without a GPU (Triton's bundled ptxas): registers and spills per config."""
     from sm90_compile import compile_sm90
 
-    from tierserve.attention import triton_select, triton_select_topk
+    from tierserve.attention import triton_select, triton_select_topk, triton_select_two_level
 
-    def build_one(fn, types, consts, warps):
-        info = compile_sm90(fn, dict(zip(fn.arg_names[:len(types)], types, strict=True)), consts, warps)
+    def build_one(fn, types, consts, warps, extra=None):
+        sig = dict(zip(fn.arg_names[:len(types)], types, strict=True)) | (extra or {})
+        info = compile_sm90(fn, sig, consts, warps)
         print(fn.__name__, consts, warps, "warps:", info)
 
     score_types = ["*bf16"] * 7 + ["*i64", "*i64", "*fp32"] + ["i32"] * 23
+    groups = {"grp_ptr": "*fp32", "n_grp": "i32", "s_rb": "i32", "s_rh": "i32"}     # the two-level group scores
     for host, compact in ((False, False), (True, False), (False, True), (True, True)):
-        for bp, nw in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
+        for bp, nw, grp in ((16, 4, 0), (16, 8, 0), (32, 4, 0), (32, 8, 0), (64, 8, 0), (16, 4, 4)):
             build_one(triton_select._page_score_kernel, score_types,
                       dict(GROUP=a.hq // a.hkv, HEAD_DIM=a.head_dim, D_PAD=a.head_dim, PAGE=a.page, BLOCK_P=bp,
-                           TOPK=a.topk, SINK=16, RECENT=64, HOST=host, COMPACT=compact), nw)
+                           TOPK=a.topk, SINK=16, RECENT=64, HOST=host, COMPACT=compact, PAGE_GROUP=grp), nw, groups)
     topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 11
     common = dict(K_OUT=133, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):
         for radix in (False, True):
-            build_one(triton_select_topk._topk_kernel, topk_types,
-                      common | {"BLOCK": block, "RADIX": radix, "PHASES": 7}, 16)
-    for reg, chunk, nw, ec in ((8192, 2048, 16, False), (8192, 1024, 32, False), (16, 4096, 16, False),
-                               (8192, 1024, 16, True), (8192, 1024, 32, True), (8192, 2048, 8, True)):
-        build_one(triton_select_topk._topk_wide_kernel, topk_types,
-                  common | {"CHUNK": chunk, "REG": reg, "EMIT_CHUNKED": ec}, nw)
+            build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block, "RADIX": radix}, 16)
+    for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (16, 4096, 16)):
+        build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk, "REG": reg}, nw)
+    two_types = ["*fp32", "*fp32", "*i32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 16
+    for s_block, group in ((2048, 4), (4096, 16)):       # 128k and 1M tokens
+        build_one(triton_select_two_level._topk_two_level_kernel, two_types,
+                  common | {"GROUP": group, "S_BLOCK": s_block},
+                  triton_select_two_level._warps(max(s_block, common["K_PAD"] * group)))
 
 
 def main():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop-18 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-18 session"); one part per call:
-#   bash scripts/h200_stop18.sh micro     top-k phases / warps at 8192 and 8193+ pages; selection tests (~2 min)
+#   bash scripts/h200_stop18.sh micro     top-k variants at 8192, 8193 and 65536 pages; selection tests (~3 min)
 #   bash scripts/h200_stop18.sh bench     bench sparse-fp8 sections b and c (~9 min)
 #   bash scripts/h200_stop18.sh profiles  decode profiles at 128k: sparse + FP8 KV on the GPU, and tiered 10% (~2 min)
 #   bash scripts/h200_stop18.sh knobs     the opt-in knobs on the 128k sparse + FP8 KV profile, alone and together (~4 min)
@@ -13,7 +13,7 @@ plain_names() { (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}
 case "${1:-}" in
 micro)
     timeout 120 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_select.py 2>&1 | tail -2
-    timeout 150 python scripts/bench_sparse_select.py --batch 1 --output "$OUT/sparse-select-phases-h200.json" \
+    timeout 150 python scripts/bench_sparse_select.py --batch 1 --output "$OUT/sparse-select-h200.json" \
         2>&1 | quiet | grep -E "pages|fused|topk|check|score kernel"
     # the engine's case: a 128k context plus new tokens (8193 pages) in a wider table
     timeout 100 python scripts/bench_sparse_select.py --batch 1,4 --ctx 131088 --table-pages 8448 \

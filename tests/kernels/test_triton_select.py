@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from tierserve.attention.backend import AttnMetadata
-from tierserve.attention.select import SparseConfig, page_upper_bounds
+from tierserve.attention.select import SparseConfig, page_upper_bounds, selection_bound
 from tierserve.attention.triton_backend import _select_pages
 from tierserve.attention.triton_decode import paged_decode
-from tierserve.attention.triton_select import page_scores, selection_bound
+from tierserve.attention.triton_select import page_scores
 from tierserve.attention.triton_select_topk import topk_compact
 
 pytest.importorskip("triton")
@@ -213,7 +213,7 @@ def test_edge_shapes_match_torch_chain(monkeypatch, P, seq_lens, D, group):
 
 # chunk 64: the streaming kernel; reg 16: rows past 16 visible pages streamed, None: held in registers there
 @pytest.mark.parametrize("chunk,method,reg", [(None, "search", None), (None, "radix", None), (64, None, 16),
-                                              (64, None, None), (64, "chunked", None), (64, "chunked", 16)])
+                                              (64, None, None)])
 @pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (3000, 128), (64, 64), (50, 80)])
 def test_threshold_search_is_exact_topk(P, budget, chunk, method, reg):
     """topk_compact on random scores (both signs, repeated values, -0.0 and +0.0, +inf kept, -inf invisible tails) keeps
@@ -230,8 +230,7 @@ def test_threshold_search_is_exact_topk(P, budget, chunk, method, reg):
     table = torch.randperm(4 * P, generator=g)[:P].repeat(B, 1)
     heat = torch.zeros(4 * P, device=DEV)
     t, logical, lens = topk_compact(scores.to(DEV), table.to(DEV), seq.to(DEV), page, budget, max_selected=P,
-                                    page_heat=heat, num_device_pages=4 * P, chunk=chunk, reg=reg,
-                                    method=None if method == "chunked" else method, emit_chunked=method == "chunked")
+                                    page_heat=heat, num_device_pages=4 * P, chunk=chunk, method=method, reg=reg)
     want_heat = torch.zeros(4 * P)
     for b in range(B):
         for h in range(H):

@@ -19,14 +19,14 @@ from tierserve.attention.flash_prefix import chunk_attention, flash_ok, gather_c
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
-from tierserve.attention.select import page_upper_bounds, select_pages
+from tierserve.attention.select import page_upper_bounds, select_pages, selection_bound
 from tierserve.attention.sparse_prefill import sparse_chunk_attention, sparse_context
 from tierserve.attention.triton_decode import compact_selection, paged_decode
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 from tierserve.attention.triton_prefill import paged_prefill
 from tierserve.attention.triton_prefill import supported as prefill_supported
 from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
-from tierserve.attention.triton_select import fused_select, selection_bound, use_fused_selection
+from tierserve.attention.triton_select import fused_select, use_fused_selection
 from tierserve.attention.triton_stage import remap_host_entries, stage_layer, stage_rows
 
 log = logging.getLogger("tierserve")

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from tierserve.attention.backend import host_base
-from tierserve.attention.select import selection_bound  # noqa: F401 - re-exported (callers import it here)
+from tierserve.attention.select import selection_bound
 from tierserve.attention import triton_select_topk
 from tierserve.attention.triton_select_topk import topk_compact
 from tierserve.attention.triton_select_two_level import group_size, topk_two_level
@@ -165,12 +165,12 @@ def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int =
     compact = None
     if meta.kv_fp8 is not None and meta.kv_fp8.compact is not None:
         compact = (*meta.kv_fp8.summary_views(layer_idx, kv_layer), meta.kv_fp8.base)
-    G = group_size(meta.page_table.shape[1], selection_bound(cfg, page)) \
-        if triton_select_topk.DEFAULT_METHOD == "two-level" else 0
+    bound = selection_bound(cfg, page)
+    G = group_size(meta.page_table.shape[1], bound) if triton_select_topk.DEFAULT_METHOD == "two-level" else 0
     scores = page_scores(q, kv_layer, meta.page_table, meta.seq_lens, page, cfg, host, host_base=hb,
                          compact=compact, group=G)
     host_heat = meta.host_heat if meta.host_kv is not None and meta.page_heat is not None else None
-    args = (meta.page_table, meta.seq_lens, page, cfg.topk_tokens // page, selection_bound(cfg, page),
+    args = (meta.page_table, meta.seq_lens, page, cfg.topk_tokens // page, bound,
             meta.page_heat, host_heat, n_dev)
     if G:
         table, idx, lens = topk_two_level(scores[0], scores[1], G, *args, host_base=hb)

@@ -89,11 +89,7 @@ def _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr,
 def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                  P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                  K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr,
-                 PHASES: tl.constexpr = 7):
-    # PHASES (timing only; 7 for a selection): 1 the threshold search, 2 the compaction (a cumsum, the stores
-    # and heat atomics), 4 the ties' cumsum. Without 1 no page past the +inf ones is taken; without 2 only the
-    # length is written.
+                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.arange(0, BLOCK)
@@ -104,25 +100,15 @@ def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr
     chosen = visible & (s == float("inf"))
     if BUDGET > 0:
         key = _keys(s, in_row)
-        if PHASES & 1:
-            if RADIX:
-                t, room = _radix_threshold(key, BUDGET)
-            else:
-                t, room = _search_threshold(key, BUDGET)
+        if RADIX:
+            t, room = _radix_threshold(key, BUDGET)
         else:
-            t, room = tl.full([], 2147483647, tl.int32), 0
-        if PHASES & 4:
-            chosen = chosen | (_top(key, t, room) & visible)
-        else:
-            chosen = chosen | ((key > t) & visible)
+            t, room = _search_threshold(key, BUDGET)
+        chosen = chosen | (_top(key, t, room) & visible)
     pt_row = pt_ptr + b * s_ptb
     table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
-    if PHASES & 2:
-        _emit_all(chosen, p, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, heat_ptr,
-                  hheat_ptr, n_dev, h_base, n_hheat, K_OUT, K_PAD, PAGE, HEAT, HOST_HEAT)
-    else:
-        _finish(tl.sum(chosen.to(tl.int32), axis=0), seq_len, P, pt_row, table_row, logical_row,
-                lens_ptr + b * s_lb + h * s_lh, K_OUT, K_PAD, PAGE)
+    _emit_all(chosen, p, seq_len, P, pt_row, table_row, logical_row, lens_ptr + b * s_lb + h * s_lh, heat_ptr,
+              hheat_ptr, n_dev, h_base, n_hheat, K_OUT, K_PAD, PAGE, HEAT, HOST_HEAT)
 
 
 @triton.jit
@@ -181,8 +167,7 @@ def _radix_threshold(key, BUDGET: tl.constexpr):
 def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                       P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                       K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                      CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, REG: tl.constexpr,
-                      EMIT_CHUNKED: tl.constexpr = False):
+                      CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, REG: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     ar = tl.arange(0, CHUNK)
@@ -212,20 +197,17 @@ def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, len
             n_above += tl.sum((key > lo.to(tl.int32)).to(tl.int32), axis=0)
         room = BUDGET - n_above
     t = lo.to(tl.int32)
+    chosen = vis0 & (key0 == 0x7F800000)                  # +inf (always kept); its key is its bits
     n_tie = 0
-    n_sel = 0
-    if not EMIT_CHUNKED:    # the register block's pages written from registers (EMIT_CHUNKED: re-read in chunks)
-        chosen = vis0 & (key0 == 0x7F800000)              # +inf (always kept); its key is its bits
-        if BUDGET > 0:
-            tie = (key0 == t).to(tl.int32)
-            chosen = chosen | (((key0 > t) | ((tie > 0) & (tl.cumsum(tie, axis=0) <= room))) & vis0)
-            n_tie = tl.sum(tie, axis=0)
-        # (names below differ from the block's: a loop-carried value must keep its shape)
-        c0_ = chosen.to(tl.int32)
-        _emit(chosen, tl.cumsum(c0_, axis=0) - 1, p0, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
-              h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
-        n_sel = tl.sum(c0_, axis=0)
-    for c0 in range(0 if EMIT_CHUNKED else REG, n_vis, CHUNK):
+    if BUDGET > 0:
+        chosen = chosen | (_top(key0, t, room) & vis0)
+        n_tie = tl.sum((key0 == t).to(tl.int32), axis=0)
+    # (names below differ from the block's: a loop-carried value must keep its shape)
+    c0_ = chosen.to(tl.int32)
+    _emit(chosen, tl.cumsum(c0_, axis=0) - 1, p0, pt_row, table_row, logical_row, heat_ptr, hheat_ptr, n_dev,
+          h_base, n_hheat, K_OUT, HEAT, HOST_HEAT)
+    n_sel = tl.sum(c0_, axis=0)
+    for c0 in range(REG, n_vis, CHUNK):
         p = c0 + ar
         visible = p < n_vis
         s = tl.load(row + p, mask=visible, other=float("-inf"))
@@ -247,7 +229,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
                  budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
                  host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None,
                  method: str | None = None, host_base: int | None = None, reg: int | None = None,
-                 num_warps: int | None = None, phases: int = 7, emit_chunked: bool = False):
+                 num_warps: int | None = None):
     """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
     [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
     page to ``page_heat`` (device page ids < ``num_device_pages``) / ``host_heat`` (spilled slots, id -
@@ -256,9 +238,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     ``method`` (rows held in registers; None: ``TIERSERVE_TOPK`` or "search"): "search" (16 reductions,
     two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way. With ``chunk``, the
     first ``reg`` pages of a row (default ``MAX_BLOCK``, at most the table; a power of two) are held in
-    registers and only the rest is streamed. ``phases`` (rows held in registers; timing only, anything but 7
-    gives a wrong selection): which parts of ``_topk_kernel`` run. ``emit_chunked`` (with ``chunk``): the
-    compaction re-reads the whole row in chunks instead of writing the register block from registers."""
+    registers and only the rest is streamed."""
     B, Hkv, P = scores.shape
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
@@ -281,9 +261,9 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     if method not in ("search", "radix"):
         raise ValueError(f"topk_compact: method must be 'search' or 'radix', got {method!r}")
     if chunk is None:
-        _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", **consts, PHASES=phases,
+        _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", **consts,
                                num_warps=num_warps or (16 if block >= 8192 else 8 if block >= 2048 else 4))
     else:
         _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=num_warps or 16,
-                                    REG=min(MAX_BLOCK, block) if reg is None else reg, EMIT_CHUNKED=emit_chunked)
+                                    REG=min(MAX_BLOCK, block) if reg is None else reg)
     return table, logical, lens

@@ -60,8 +60,7 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
     j = tl.arange(0, K_PAD)
     gid = tl.load(scratch + j, mask=j < n_groups, other=0)
     p = tl.reshape(gid[:, None] * GROUP + tl.arange(0, GROUP)[None, :], [K_PAD * GROUP])
-    valid = tl.reshape((j < n_groups)[:, None] & (tl.arange(0, GROUP) >= 0)[None, :], [K_PAD * GROUP]) \
-        & (p < n_vis)
+    valid = tl.reshape(tl.broadcast_to((j < n_groups)[:, None], [K_PAD, GROUP]), [K_PAD * GROUP]) & (p < n_vis)
     s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=valid, other=float("-inf"))
     chosen = valid & (s == float("inf"))
     if BUDGET > 0:

@@ -24,7 +24,6 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    import os
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 

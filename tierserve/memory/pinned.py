@@ -4,8 +4,8 @@
 to a power of two: a 40 GB CPU KV tier pins 64 GiB, and the 122 GiB a 1M-token tier needs would take 128 GiB of
 a 128 GiB machine. ``host_register`` page-locks an ordinary (pageable) CPU tensor in place with
 ``cudaHostRegister`` (portable | mapped, so kernels can read it through unified addressing and copies from it
-are asynchronous), which locks exactly its storage's bytes; ``PinnedBuffers`` keeps such tensors and unlocks them when
-closed. Without CUDA nothing is locked (CPU-only runs need no pinning).
+are asynchronous), which locks exactly its storage's bytes; ``PinnedBuffers`` keeps such tensors and unlocks them
+when closed. Without CUDA nothing is locked (CPU-only runs need no pinning).
 """
 from __future__ import annotations
 
