@@ -80,13 +80,13 @@ def timed(fn, n=32, reps=7, graph=True):
 
 
 def select(q, kv, meta, mode):
-    """mode: "torch" (the PyTorch chain), "fused" (the default top-k), "fused two-level"."""
+    """mode: "torch" (the PyTorch chain), "fused" (one-level top-k: "search"), "fused two-level"."""
     if mode == "torch":
         os.environ["TIERSERVE_SPARSE_SELECT"] = "torch"
     else:
         os.environ.pop("TIERSERVE_SPARSE_SELECT", None)
     default = triton_select_topk.DEFAULT_METHOD
-    triton_select_topk.DEFAULT_METHOD = "two-level" if mode == "fused two-level" else default
+    triton_select_topk.DEFAULT_METHOD = "two-level" if mode == "fused two-level" else "search"
     try:
         return _select_pages(q, kv, meta, 0, logical=True)
     finally:

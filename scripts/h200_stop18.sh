@@ -30,14 +30,17 @@ profiles)
         python scripts/profile_decode.py 2>&1 | quiet | tail -16
     plain_names ;;
 knobs)
-    # the opt-in knobs one at a time, then together, on the 128k sparse + FP8 KV profile (~50 s each):
-    # split-K sized by the selection (9 splits, not 64), two-level top-k, FP8 decode page ids a block ahead
-    for knob in TIERSERVE_SPARSE_SPLITS=selection TIERSERVE_TOPK=two-level TIERSERVE_FP8_PREFETCH=1 all; do
+    # the default (two-level top-k since stop 18's micro), then the opt-in knobs alone and together, on the 128k
+    # sparse + FP8 KV profile (~50 s each): split-K sized by the selection (9 splits, not 64), FP8 decode page
+    # ids a block ahead
+    for knob in default TIERSERVE_SPARSE_SPLITS=selection TIERSERVE_FP8_PREFETCH=1 both; do
         sub="$OUT/${knob%%=*}"; mkdir -p "$sub"
         envs="$knob"
-        [ "$knob" = all ] && envs="TIERSERVE_SPARSE_SPLITS=selection TIERSERVE_TOPK=two-level TIERSERVE_FP8_PREFETCH=1"
+        [ "$knob" = default ] && envs="TIERSERVE_NONE=1"
+        [ "$knob" = both ] && envs="TIERSERVE_SPARSE_SPLITS=selection TIERSERVE_FP8_PREFETCH=1"
+        echo "== $knob"
         env $envs OUT="$sub" SETTING=sparse+fp8-kv FILL=synthetic BATCHES=1 CONTEXT=131072 timeout 150 \
-            python scripts/profile_decode.py 2>&1 | quiet | grep -E "replay|_kernel" | head -8
+            python scripts/profile_decode.py 2>&1 | quiet | grep -E "replay|us x" | head -9
         OUT="$sub" plain_names
     done ;;
 *) echo "usage: $0 micro|bench|profiles|knobs"; exit 2 ;;

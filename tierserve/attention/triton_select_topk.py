@@ -24,9 +24,10 @@ import triton.language as tl
 # widest page table held in registers; ptxas for sm_90 at 16 warps: 8192 pages spill 32 bytes a thread,
 # 16384 pages ~700 (the streaming kernel, 8192-page chunks, spills none)
 MAX_BLOCK = 8192
-# read once (per layer per step): "search" / "radix" (topk_compact's kernels) or "two-level"
-# (triton_select_two_level, which triton_select.fused_select then uses for tables it fits)
-DEFAULT_METHOD = os.environ.get("TIERSERVE_TOPK", "search")
+# read once (per layer per step): "two-level" (triton_select_two_level, which triton_select.fused_select uses for
+# tables it fits; the default since H200 timings: 17 / 22 / 31 us at 8192 / 8448 / 65536 pages against 31 / 46 /
+# 461 us for "search", benchmarks/results/sparse-select*-h200.json) or "search" / "radix" (topk_compact's kernels)
+DEFAULT_METHOD = os.environ.get("TIERSERVE_TOPK", "two-level")
 
 
 @triton.jit
