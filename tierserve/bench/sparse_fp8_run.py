@@ -143,9 +143,20 @@ class Bench:
         _sync(runner.device)
         return req, time.perf_counter() - t
 
-    def decode(self, eng, req, deadline: float, attention: bool = True) -> dict:
-        """Step ``req`` (which has its first token) to the end: tok/s, attention ms per step, tokens."""
+    def decode(self, eng, req, deadline: float, attention: bool = True, warmup_steps: int = 0) -> dict:
+        """Step ``req`` (which has its first token) to the end: tok/s, attention ms per step, tokens. The first
+        ``warmup_steps`` steps are not timed (their wall time: ``decode_warmup_s``)."""
         runner, dev = eng.runner, eng.runner.device
+        warm = {}
+        if warmup_steps:
+            t = time.perf_counter()
+            for _ in range(warmup_steps):
+                if req.is_finished:
+                    raise ValueError("decode warm-up: the request finished before its timed steps")
+                check(deadline, "the decode warm-up")
+                eng.step()
+            _sync(dev)
+            warm = {"decode_warmup_steps": warmup_steps, "decode_warmup_s": time.perf_counter() - t}
         cap = _Capture(runner)
         cap.armed = True
         kinds0 = dict(getattr(runner, "step_kinds", {}))
@@ -159,7 +170,7 @@ class Bench:
         finally:
             cap.close()
         n = len(req.output_token_ids) - n0
-        out = {"tok_s": n / dt, "ms_per_token": 1e3 * dt / max(n, 1),
+        out = {**warm, "tok_s": n / dt, "ms_per_token": 1e3 * dt / max(n, 1), "timed_tokens": n,
                "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                "tokens": list(req.output_token_ids),
                # decode steps by path: "plain" / "spill" CUDA graphs or "eager" (ModelRunner.step_kinds)
@@ -241,7 +252,7 @@ class Bench:
             return row
         self.run_settings("a", list(A_SETTINGS.items()), deadline, one, {"context": ctx})
 
-    def long_run(self, llm, ctx: int, new: int, deadline: float, dense_prefill: bool) -> dict:
+    def long_run(self, llm, ctx: int, new: int, deadline: float, dense_prefill: bool, warmup_steps: int = 0) -> dict:
         """Warm up on other tokens (kernels for fresh and continued chunks, decode), then prefill ``ctx`` once
         and decode ``new`` tokens."""
         eng = llm.engine
@@ -250,8 +261,9 @@ class Bench:
             warm = self.prompt(min(ctx, 2 * eng.config.max_num_batched_tokens + 17), vocab, self.seed + 1)
             req, _ = self.prefill(eng, warm, 4, deadline, dense_prefill)
             self.decode(eng, req, deadline, attention=False)
-        req, ttft = self.prefill(eng, self.prompt(ctx, vocab, self.seed), new, deadline, dense_prefill)
-        out = self.decode(eng, req, deadline)
+        req, ttft = self.prefill(eng, self.prompt(ctx, vocab, self.seed), new + warmup_steps, deadline,
+                                 dense_prefill)
+        out = self.decode(eng, req, deadline, warmup_steps=warmup_steps)
         out.pop("tokens")
         return {"prefill_s": ttft, "prefill_tok_s": ctx / ttft, **out}
 

@@ -163,19 +163,19 @@ def section_c(bench: Bench, deadline: float) -> None:
         row["build_s"] = build_s
         if synthetic:
             t = time.perf_counter()
-            req = synthetic_prefill(eng, "synthetic", ctx, new, chunk, deadline, bench.seed)
+            req = synthetic_prefill(eng, "synthetic", ctx, new + s.decode_warmup_steps, chunk, deadline, bench.seed)
             row["fill_s"] = time.perf_counter() - t
             t = time.perf_counter()
             while not req.output_token_ids:           # the last prompt token: an ordinary (decode-shaped) step
                 check(deadline, "the first step after the synthetic fill")
                 eng.step()
             row["first_step_s"] = time.perf_counter() - t
-            out = bench.decode(eng, req, deadline)
+            out = bench.decode(eng, req, deadline, warmup_steps=s.decode_warmup_steps)
             out.pop("tokens")
         else:          # a prefill whose attention reads the spilled context from CPU RAM: give it a bounded share
             try:
                 out = bench.long_run(llm, ctx, new, min(deadline, time.perf_counter() + s.tier_prefill_budget),
-                                     dense_prefill=True)
+                                     dense_prefill=True, warmup_steps=s.decode_warmup_steps)
             except Budget as e:
                 settings.append((name, {**setting, "synthetic": True, "fallback_for": "prefill"}))
                 return {**row, "skipped": f"{e} (limit {s.tier_prefill_budget:.0f} s for this prefill); "
