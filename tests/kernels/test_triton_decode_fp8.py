@@ -176,6 +176,32 @@ def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt):
     assert multi == one
 
 
+def test_sparse_launch_setting_reaches_the_kernel(ckpt, monkeypatch):
+    """``TIERSERVE_FP8_SPARSE_DECODE`` (fp8_decode_config.SPARSE): sparse FP8 decode steps launch the kernel with
+    those settings (split-K, block, warps, stages, prefetch) and still give the torch reference's tokens and
+    logprobs; eager and multi-step steps use the same settings (the same tokens)."""
+    from tierserve.attention import fp8_decode_config, triton_backend
+
+    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
+    sparse = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64,
+                  rounds=long, kv_fp8_storage="inplace", max_num_batched_tokens=512)
+    setting = dict(num_splits=3, block_n=16, num_warps=2, num_stages=1, prefetch=True)
+    monkeypatch.setattr(fp8_decode_config, "SPARSE", setting)
+    seen, kernel = [], triton_backend.paged_decode_fp8
+
+    def spy(*a, **kw):
+        if kw.get("selection") is not None:
+            seen.append({k: kw.get(k) for k in setting})
+        return kernel(*a, **kw)
+    monkeypatch.setattr(triton_backend, "paged_decode_fp8", spy)
+    ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, **sparse)
+    one, lp_one, _ = _generate(ckpt, "triton", 1, logprobs=0, **sparse)
+    multi, _, calls = _generate(ckpt, "triton", 4, **sparse)
+    assert seen and all(x == setting for x in seen) and calls["multi"] > 0
+    assert one == ref and multi == one
+    torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [0, 2, 3, 4])
 def test_fp8_prefill_matches_reference(dtype, case):

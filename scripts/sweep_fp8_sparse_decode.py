@@ -1,0 +1,191 @@
+"""The FP8 decode kernel on a sparse step at 128k (issue 6, sections b and c): one sequence, Llama-3.1-8B attention
+shapes, a selection of 128 pages (2048 tokens) per KV head out of a 128k context (the sink page, the recent pages
+and random older ones), each call on its own layer of a 32-layer pool (as in a decode step: no L2 reuse between
+calls), 32 calls timed in one CUDA graph. Baseline in the same run: the BF16 decode kernel on the same selection.
+
+Cases: ``gpu`` (every page on the device, old pages stored FP8 in place) and ``host`` (90% of the selected old
+pages read from pinned CPU RAM as compact rows, section c's tiered setting). For each: the engine's default
+configuration (block_n / num_warps / num_stages, split-K by the 128k context), then a sweep (split-K, block size,
+warps, stages, prefetch). Prints a table; ``--output`` writes JSON; ``--smoke`` runs tiny sizes on the CPU
+(TRITON_INTERPRET=1) to check the script, ``--check`` compares every configuration's output with the default's."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+
+HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
+CTX, SEL = 131072, 128           # context tokens, selected pages per KV head
+HOST_SHARE = 0.9
+
+
+def setup(dev, dtype, host: bool, gen: torch.Generator):
+    from tierserve.attention.triton_fp8_quant import quantise_pages_triton
+    from tierserve.quant.fp8_compact import slot_bytes
+
+    P = CTX // PAGE + 1                                   # logical pages (the last one partly filled)
+    n_old = SEL - 1 - RECENT // PAGE - 1                  # selected pages besides sink and recent ones
+    recent = list(range(P - RECENT // PAGE - 1, P))
+    logical = []
+    for _ in range(HKV):
+        old = torch.randperm(recent[0] - 1, generator=gen)[:n_old] + 1
+        logical.append(sorted([0] + old.tolist() + recent))
+    logical = torch.tensor(logical, dtype=torch.int64)                # [HKV, SEL]
+    N = HKV * SEL + 1                                                  # distinct physical pages (+ scratch)
+    table = torch.randperm(N - 1, generator=gen)[:HKV * SEL].view(HKV, SEL).to(torch.int32)
+    data = torch.randn(N, LAYERS, 2, PAGE, HKV, D, device=dev, dtype=dtype,
+                       generator=torch.Generator(device=dev).manual_seed(1))
+    old_mask = (logical > 0) & (logical < recent[0])
+    stored = table[old_mask].to(torch.int64).to(dev)
+    quantise_pages_triton(data, stored, PAGE)
+    flags = torch.zeros(N, dtype=torch.bool, device=dev)
+    flags[stored] = True
+    hostbuf = None
+    if host:             # 90% of the old selected pages as compact rows in pinned CPU RAM, ids after the device's
+        sb = slot_bytes(PAGE, HKV, D, 1, data.element_size())
+        olds = table[old_mask]
+        moved = olds[torch.randperm(olds.numel(), generator=gen)[:int(HOST_SHARE * olds.numel())]]
+        blocks = data.view(N, LAYERS, 2, -1).view(torch.uint8)[moved.to(dev).long(), :, :, :sb]
+        hostbuf = torch.empty(moved.numel(), LAYERS, 2, sb, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+        hostbuf.copy_(blocks.cpu())
+        slot_of = {int(p): i for i, p in enumerate(moved.tolist())}
+        table = torch.tensor([[N + slot_of[int(p)] if int(p) in slot_of else int(p) for p in row]
+                              for row in table.tolist()], dtype=torch.int32)
+    seq = torch.full((1,), CTX + 1, dtype=torch.int32, device=dev)
+    lens = torch.full((1, HKV), (SEL - 1) * PAGE + 1, dtype=torch.int32, device=dev)
+    return dict(data=data, flags=flags, table=table[None].to(dev), logical=logical[None].to(dev), seq=seq,
+                lens=lens, host=hostbuf, N=N)
+
+
+def call(inp, layer: int, q, cfg: dict, out=None):
+    from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+    kv = inp["data"][:, layer]
+    host = (inp["host"][:, layer], inp["N"]) if inp["host"] is not None else None
+    return paged_decode_fp8(q[layer], kv, inp["flags"], inp["table"], inp["seq"], D ** -0.5, PAGE, SINK, RECENT,
+                            selection=(inp["logical"], inp["lens"]), host=host, out=out, **cfg)
+
+
+def bf16_call(inp, layer: int, q, splits: int):
+    from tierserve.attention.triton_decode import paged_decode
+    kv = inp["data"][:, layer]
+    return paged_decode(q[layer], kv[:, 0], kv[:, 1], inp["table"], inp["lens"], D ** -0.5, num_splits=splits)
+
+
+def timed(fn, cuda: bool) -> float:
+    """us per call: LAYERS calls (one per layer) in one CUDA graph, median of 7 replays."""
+    if not cuda:
+        t = time.perf_counter()
+        fn(0)
+        return (time.perf_counter() - t) * 1e6
+    from tierserve.bench.gpu_timer import graph_time_us
+    state = {"i": 0}
+
+    def one():
+        fn(state["i"] % LAYERS)
+        state["i"] += 1
+    return graph_time_us(one, reps=LAYERS)
+
+
+def grid(default_splits: int):
+    """First pass: split-K x (block size, warps) (num_stages 2, no prefetch)."""
+    for splits, (bn, w) in itertools.product((16, 8, default_splits), ((32, 4), (16, 2), (64, 4), (16, 4), (64, 8))):
+        yield dict(num_splits=splits, block_n=bn, num_warps=w, num_stages=2, prefetch=False)
+
+
+def refine(top: list[dict]):
+    """Second pass, around the first pass's best three: num_stages 1 / 3, prefetch."""
+    for cfg in top:
+        for st, pf in ((1, False), (2, True)):
+            yield {**cfg, "num_stages": st, "prefetch": pf}
+
+
+def main() -> None:
+    global HQ, HKV, D, LAYERS, CTX, SEL
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the default configuration only (no sweep)")
+    ap.add_argument("--check", action="store_true", help="compare each configuration's output with the default's")
+    ap.add_argument("--cases", default="gpu,host")
+    ap.add_argument("--budget-s", type=float, default=90.0, help="seconds of sweep per case")
+    ap.add_argument("--env", help="write shell exports of each case's best settings here "
+                                  "(TIERSERVE_FP8_SPARSE_DECODE / TIERSERVE_FP8_SPARSE_HOST_DECODE)")
+    ap.add_argument("--output")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not a.smoke:
+        sys.exit("needs a CUDA GPU (or --smoke)")
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"
+    if a.smoke:
+        HQ, HKV, D, LAYERS, CTX, SEL = 4, 2, 16, 2, 2048, 16
+    from tierserve.attention.backend import choose_splits
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 132
+    default_splits = choose_splits(1, HKV, CTX + 144, sms)          # the engine's graphs: by max_model_len
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(LAYERS, 1, HQ, D, generator=gen).to(dtype).to(dev)
+    rows = []
+    for case in a.cases.split(","):
+        inp = setup(dev, dtype, case == "host", gen)
+        if case == "gpu":
+            for splits in (default_splits, 8):
+                us = timed(lambda i, s=splits: bf16_call(inp, i, q, s), cuda)
+                rows.append(dict(case=case, kernel="bf16 decode (same selection, bf16 pages)", splits=splits, us=us))
+        ref = call(inp, 0, q, dict(num_splits=default_splits)).float()
+
+        def run(cfg):
+            try:
+                us = timed(lambda i: call(inp, i, q, cfg), cuda)
+                row = dict(case=case, kernel="fp8 decode", **cfg, us=us)
+                if a.check:
+                    row["max_abs_diff_vs_default"] = (call(inp, 0, q, cfg).float() - ref).abs().max().item()
+            except Exception as e:          # a configuration that does not compile is reported, not fatal
+                row = dict(case=case, kernel="fp8 decode", **cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            return row
+        run(dict(num_splits=default_splits))           # the engine's default
+        if not a.quick:
+            stop = time.perf_counter() + a.budget_s          # configurations past the budget are not started
+            first = [run(c) for c in grid(default_splits) if time.perf_counter() < stop]
+            top = sorted((r for r in first if "us" in r), key=lambda r: r["us"])[:2]
+            top = [r for r in top if time.perf_counter() < stop]
+            for c in refine([{k: r[k] for k in ("num_splits", "block_n", "num_warps", "num_stages", "prefetch")}
+                             for r in top]):
+                if time.perf_counter() < stop:
+                    run(c)
+        inp = None          # frees the pool before the next case
+        if cuda:
+            torch.cuda.empty_cache()
+    best = {}
+    for r in rows:
+        if r["kernel"] == "fp8 decode" and "us" in r and (r["case"] not in best or r["us"] < best[r["case"]]["us"]):
+            best[r["case"]] = r
+    print("case | kernel | config | us")
+    for r in [r for r in rows if r["kernel"] != "fp8 decode" or "num_warps" not in r] + list(best.values()):
+        cfg = ",".join(f"{k}={r[k]}" for k in ("num_splits", "block_n", "num_warps", "num_stages", "prefetch") if k in r)
+        print(f"{r['case']} | {r['kernel']} | {cfg} | {r.get('us', float('nan')):.2f}")
+    if a.env:
+        names = {"gpu": "TIERSERVE_FP8_SPARSE_DECODE", "host": "TIERSERVE_FP8_SPARSE_HOST_DECODE"}
+        with open(a.env, "w") as f:
+            for case, r in best.items():
+                val = ",".join(f"{k}={int(r[k])}" for k in ("num_splits", "block_n", "num_warps", "num_stages",
+                                                            "prefetch") if k in r)
+                f.write(f"export {names[case]}={val}\n")
+    if a.output:
+        meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
+                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), context=CTX, selected_pages=SEL,
+                    layers=LAYERS, host_share=HOST_SHARE,
+                    shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page=PAGE, keep_sink=SINK, keep_recent=RECENT))
+        with open(a.output, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "best": best}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

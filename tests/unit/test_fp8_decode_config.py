@@ -1,0 +1,26 @@
+"""The FP8 sparse decode launch settings (attention/fp8_decode_config.py): parsing and clear errors."""
+import pytest
+
+from tierserve.attention import fp8_decode_config as cfg
+
+
+def test_parse_settings():
+    assert cfg.parse("") == {}
+    assert cfg.parse("num_splits=16, block_n=32,num_warps=4,num_stages=1,prefetch=1") == \
+        dict(num_splits=16, block_n=32, num_warps=4, num_stages=1, prefetch=True)
+    assert cfg.parse("prefetch=0") == {"prefetch": False}
+
+
+@pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=2"])
+def test_bad_settings_say_what_is_wrong(bad):
+    with pytest.raises(ValueError, match="X:"):
+        cfg.parse(bad, "X")
+
+
+def test_host_and_device_settings_are_separate(monkeypatch):
+    monkeypatch.setattr(cfg, "SPARSE", {"block_n": 32})
+    monkeypatch.setattr(cfg, "SPARSE_HOST", {"num_warps": 4})
+    assert cfg.sparse_decode_config(False) == {"block_n": 32}
+    assert cfg.sparse_decode_config(True) == {"num_warps": 4}
+    cfg.sparse_decode_config(False)["num_splits"] = 3          # a copy: the caller may add to it
+    assert cfg.SPARSE == {"block_n": 32}
