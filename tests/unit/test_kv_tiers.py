@@ -287,7 +287,7 @@ def test_cold_device_pages_make_room_for_hot_spilled_ones(ckpt):
     kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
               max_num_batched_tokens=16)
     ref = make(ckpt, **kw).generate([PROMPT], sp)[0].outputs[0].token_ids
-    llm = make(ckpt, num_kv_pages=9, max_model_len=256, cpu_kv_gb=0.01, **kw)
+    llm = make(ckpt, num_kv_pages=9, max_model_len=256, cpu_kv_gb=0.01, debug_invariants=True, **kw)
     llm.engine.kv.rebalance_every = 1
     assert llm.generate([PROMPT], sp)[0].outputs[0].token_ids == ref
     kv = llm.engine.kv
@@ -306,10 +306,32 @@ def test_hot_spilled_pages_come_back_when_pages_free_up(ckpt):
     short = OTHER[:40]
     ref_long = make(ckpt, **kw).generate([PROMPT], long_sp)[0].outputs[0].token_ids
     ref_short = make(ckpt, **kw).generate([short], short_sp)[0].outputs[0].token_ids
-    llm = make(ckpt, num_kv_pages=12, max_model_len=192, cpu_kv_gb=0.01, **kw)
+    llm = make(ckpt, num_kv_pages=12, max_model_len=192, cpu_kv_gb=0.01, debug_invariants=True, **kw)
     outs = llm.generate([PROMPT, short], [long_sp, short_sp])
     assert outs[0].outputs[0].token_ids == ref_long and outs[1].outputs[0].token_ids == ref_short
     kv = llm.engine.kv
     assert kv.num_spilled > 0 and kv.num_promoted > 0
     assert_clean(llm)
     kv.tiers.check_invariants()
+
+
+def test_hottest_spilled_slots_from_the_device_top_k_match_a_full_scan():
+    """``promote_hot`` / ``demote_cold`` take the most chosen spilled slots from the device's top-k counts (O(k))
+    instead of reading every spilled slot's count: the same slots, the most chosen first; slots chosen zero times
+    and released slots (stale counts) never come back."""
+    import torch
+
+    from tierserve.kv.manager import KVManager, _Table
+
+    heat = torch.tensor([0.0, 5.0, 9.0, 1.0, 7.0, 0.0, 3.0, 8.0, 2.0, 6.0])
+    kv = KVManager(num_pages=4, page_size=16, enable_prefix_caching=False)
+    kv.host_ram_slots = 10
+    t = _Table(pages=[-(s + 1) for s in (1, 3, 4, 5, 6, 8, 9)])      # slots 0, 2, 7: not (or no longer) spilled
+    kv._spilled_at = {-p - 1: (t, i) for i, p in enumerate(t.pages)}
+    kv.slot_heat = lambda slots: heat[slots].tolist()
+    for k in (1, 3, 6, 10):
+        kv.slot_top = None
+        scan = kv._hottest(k)
+        kv.slot_top = lambda n: (torch.topk(heat, n).indices.tolist(), torch.topk(heat, n).values.tolist())
+        assert kv._hottest(k) == scan
+        assert [s for s, _ in scan] == [4, 9, 1, 6, 8, 3][:k]          # slot 5 (zero) never, 2 and 7 not spilled

@@ -69,6 +69,7 @@ class Engine(OutputBuilder):
             self.kv.page_heat = spill.page_heat_of
             if spill.host_heat is not None:
                 self.kv.slot_heat, self.kv.host_ram_slots = spill.slot_heat_of, spill.ram_slots
+                self.kv.slot_top, self.kv.slot_clear = spill.top_slots, spill.clear_slots
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs, state_prefix)
         self.multi = MultiStepDecoder(self)          # num_scheduler_steps > 1: pipelined greedy windows
         self.requests: dict[str, Request] = {}

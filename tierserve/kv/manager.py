@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from tierserve.kv.block_pool import BlockPool
 from tierserve.kv.fp8_pages import Fp8PagePolicy
 from tierserve.kv.fp8_split import CompactPool
+from tierserve.kv.page_list import PageList
 from tierserve.kv.prefix import hash_page
 from tierserve.kv.spill_placement import SpillPlacement
 from tierserve.kv.tiers.manager import TierHit, TierManager
@@ -35,7 +36,7 @@ class PrefixHit:
 
 @dataclass
 class _Table:
-    pages: list[int] = field(default_factory=list)
+    pages: PageList = field(default_factory=PageList)      # a list of page ids; ``array()`` cached until it changes
     hashes: list[bytes] = field(default_factory=list)   # hashes of the leading full, registered pages
     computed: int = 0     # tokens whose K/V are written (pages below computed // page_size are complete)
     fp8_next: int = 0     # FP8 KV: first page index not yet considered for quantisation
@@ -63,6 +64,11 @@ class KVManager(SpillPlacement):
         # pids -> how often sparse attention chose each page (set by the engine when the runner counts)
         self.page_heat: Callable[[list[int]], list[float]] | None = None
         self.slot_heat: Callable[[list[int]], list[float]] | None = None     # the same for CPU-RAM slots
+        # the k most chosen CPU-RAM slots as (slots, counts), from the device counts (no scan of the tables), and
+        # the reset of released slots' counts (set with slot_heat; spill_placement.py)
+        self.slot_top: Callable[[int], tuple[list[int], list[float]]] | None = None
+        self.slot_clear: Callable[[list[int]], None] | None = None
+        self._spilled_at: dict[int, tuple[_Table, int]] = {}    # spilled slot -> (table, index) holding it
         self.host_ram_slots = 0
         self.num_promoted = 0
         self.num_demoted = 0               # device pages spilled by demote_cold to make room for hotter ones
@@ -218,9 +224,12 @@ class KVManager(SpillPlacement):
         table = self._tables.pop(req_id, None)
         if table is not None:
             self._release(table.pages)
-            for p in table.pages:
-                if p < 0:
-                    self.tiers.spill_release(-p - 1)
+            slots = [-p - 1 for p in table.pages if p < 0]
+            for slot in slots:
+                self.tiers.spill_release(slot)
+                del self._spilled_at[slot]
+            if slots and self.slot_clear is not None:
+                self.slot_clear(slots)
 
     def page_table(self, req_id: str) -> list[int]:
         return self._tables[req_id].pages
@@ -236,11 +245,16 @@ class KVManager(SpillPlacement):
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         refs: dict[int, int] = {}
+        spilled = 0
         for t in self._tables.values():
-            for p in t.pages:
+            for i, p in enumerate(t.pages):
                 if p < 0:
+                    at = self._spilled_at.get(-p - 1)
+                    assert at is not None and at[0] is t and at[1] == i, (-p - 1, i, at)
+                    spilled += 1
                     continue
                 refs[p] = refs.get(p, 0) + 1
+        assert spilled == len(self._spilled_at), (spilled, len(self._spilled_at))
         for pid, m in enumerate(self.pool.meta):
             assert m.ref_count == refs.get(pid, 0), (pid, m.ref_count, refs.get(pid, 0))
         if self.compact is not None:

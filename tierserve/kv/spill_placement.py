@@ -46,6 +46,7 @@ class SpillPlacement:
             self.tiers.schedule_spill(pid, slot)
             self._release([pid])
             t.pages[i] = -(slot + 1)
+            self._spilled_at[slot] = (t, i)
             self.num_spilled += 1
             done += 1
         return done
@@ -90,24 +91,36 @@ class SpillPlacement:
         budget = self.pool.num_free - reserve if self.compact is None else self.compact.pool.num_free - reserve
         if budget <= 0:
             return 0
-        cands = [(t, i, -p - 1) for t in self._tables.values() for i, p in enumerate(t.pages)
-                 if p < 0 and -p - 1 < self.host_ram_slots]
-        if not cands:
-            return 0
-        heat = self.slot_heat([slot for _, _, slot in cands])
-        order = sorted((j for j in range(len(cands)) if heat[j] > 0), key=lambda j: -heat[j])[:budget]
         done = 0
-        for j in order:
-            t, i, slot = cands[j]
+        for slot, _ in self._hottest(budget):
             pid = self._promote_target()
             if pid is None:
                 break
+            t, i = self._spilled_at.pop(slot)
             self.tiers.schedule_unspill(slot, pid)
             self.tiers.spill_release(slot)
             t.pages[i] = pid
             self.num_promoted += 1
             done += 1
         return done
+
+    def _hottest(self, k: int) -> list[tuple[int, float]]:
+        """Up to ``k`` (slot, count) of spilled CPU-RAM slots chosen at least once, the most chosen first: from the
+        device's top counts (``slot_top``: O(k) here, whatever the context length; a released slot's count is
+        reset, and stale slots are skipped) or else by reading every spilled slot's count."""
+        ram = self.host_ram_slots
+        if self.slot_top is not None:
+            want = k
+            while True:
+                slots, heat = self.slot_top(min(want, ram))
+                out = [(s, h) for s, h in zip(slots, heat) if h > 0 and s in self._spilled_at][:k]
+                if len(out) == k or want >= ram or (heat and heat[-1] <= 0):
+                    return out
+                want *= 4
+        cands = [s for s in self._spilled_at if s < ram]
+        heat = self.slot_heat(cands) if cands else []
+        order = sorted((j for j in range(len(cands)) if heat[j] > 0), key=lambda j: -heat[j])[:k]
+        return [(cands[j], heat[j]) for j in order]
 
     def demote_cold(self, reserve: int, limit: int = 64) -> int:
         """Make room for spilled pages that sparse attention chooses more often than pages on the GPU: pair the
@@ -119,11 +132,10 @@ class SpillPlacement:
         if self.slot_heat is None or self.page_heat is None or self.tiers is None or not self.tiers.host.num_spilled \
                 or self.compact is not None:       # compact FP8 storage: hot pages come back into compact slots
             return 0
-        host = [-p - 1 for t in self._tables.values() for p in t.pages if p < 0 and -p - 1 < self.host_ram_slots]
         dev = [pid for _, _, pid in self._spillable()]
-        if not host or not dev:
+        hot = [h for _, h in self._hottest(limit)]        # counts > 0 only: a zero never beats 2 x cold + 1
+        if not hot or not dev:
             return 0
-        hot = sorted(self.slot_heat(host), reverse=True)[:limit]
         cold = sorted(self.page_heat(dev))[:limit]
         pairs = 0
         while pairs < min(len(hot), len(cold)) and hot[pairs] > 2 * cold[pairs] + 1:

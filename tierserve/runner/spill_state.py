@@ -32,6 +32,14 @@ class SpillState:
         rows come from its compact row, and it has no device count (compact pages are not counted)."""
         ram = [(p, s) for p, s in transfers.spill if s < self.ram_slots]
         n = self.page_heat.shape[0] if self.page_heat is not None else 0
+        # promoted pages first (their data is read before a spill may reuse the slot in the same batch): the count
+        # goes with the page, and the released slot starts with none
+        if self.host_heat is not None and transfers.unspill:
+            slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
+            pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
+            dev = pids < n                    # a page promoted into a compact FP8 slot keeps no count
+            self.page_heat[pids[dev]] = self.host_heat[slots[dev]]
+            self.host_heat[slots] = 0
         if ram:
             pids = torch.tensor([p for p, _ in ram], device=self.device)
             slots = torch.tensor([s for _, s in ram], device=self.device)
@@ -44,11 +52,6 @@ class SpillState:
                     self.summaries[slots] = kv_data[pids][:, :, :, self.page_size:]
             if self.host_heat is not None:
                 self.host_heat[slots] = self.page_heat[pids.clamp(max=n - 1)] * (pids < n)
-        if self.host_heat is not None and transfers.unspill:
-            slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
-            pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
-            dev = pids < n                    # a page promoted into a compact FP8 slot keeps no count
-            self.page_heat[pids[dev]] = self.host_heat[slots[dev]]
 
     def _alloc_summaries(self, kv_shape) -> None:
         """kv_shape: the KV storage's [pages, L, 2, rows, Hkv, D]."""
@@ -67,3 +70,13 @@ class SpillState:
 
     def slot_heat_of(self, slots: list[int]) -> list[float]:
         return self.host_heat[torch.tensor(slots, device=self.device)].tolist()
+
+    def top_slots(self, k: int) -> tuple[list[int], list[float]]:
+        """The ``k`` CPU-RAM slots with the highest counts (any order among equal counts) and their counts: one
+        small read, however many slots there are."""
+        heat, slots = torch.topk(self.host_heat, min(k, self.host_heat.shape[0]))
+        return slots.tolist(), heat.tolist()
+
+    def clear_slots(self, slots: list[int]) -> None:
+        """Released slots start with no count (no host sync)."""
+        self.host_heat[torch.tensor(slots, device=self.device)] = 0

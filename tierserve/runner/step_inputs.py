@@ -23,7 +23,8 @@ def prepare_step(runner, so, lookahead: int = 0):
     for b, s in enumerate(so.scheduled):
         req = s.request
         pos = np.arange(s.start, s.end, dtype=np.int64)
-        pt = np.asarray(s.page_table[:max_pages], dtype=np.int64)
+        whole = s.page_table
+        pt = (whole.array() if hasattr(whole, "array") else np.asarray(whole, dtype=np.int64))[:max_pages]
         if (pt < 0).any():               # spilled to CPU RAM: virtual ids after the device pages
             max_slot = max(max_slot, int((-pt[pt < 0] - 1).max()))
             pt = np.where(pt < 0, n_dev - pt - 1, pt)
