@@ -19,8 +19,9 @@ def test_bad_settings_say_what_is_wrong(bad):
 
 def test_host_and_device_settings_are_separate(monkeypatch):
     monkeypatch.setattr(cfg, "SPARSE", {"block_n": 32})
-    monkeypatch.setattr(cfg, "SPARSE_HOST", {"num_warps": 4})
-    assert cfg.sparse_decode_config(False) == {"block_n": 32}
-    assert cfg.sparse_decode_config(True) == {"num_warps": 4}
+    monkeypatch.setattr(cfg, "SPARSE_HOST", {"num_warps": 8})
+    assert cfg.sparse_decode_config(False) == {**cfg.DEFAULT_SPARSE, "block_n": 32}
+    assert cfg.sparse_decode_config(True) == {**cfg.DEFAULT_SPARSE_HOST, "num_warps": 8}
+    assert cfg.sparse_decode_config(False, page_size=64)["block_n"] == 64          # a block holds a whole page
     cfg.sparse_decode_config(False)["num_splits"] = 3          # a copy: the caller may add to it
-    assert cfg.SPARSE == {"block_n": 32}
+    assert cfg.SPARSE == {"block_n": 32} and "num_splits" not in cfg.DEFAULT_SPARSE

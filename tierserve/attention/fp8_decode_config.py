@@ -9,7 +9,8 @@ the alternatives. Two settings, each a comma-separated ``key=value`` list of ``n
 * ``TIERSERVE_FP8_SPARSE_DECODE``: every selected page on the device;
 * ``TIERSERVE_FP8_SPARSE_HOST_DECODE``: with FP8 rows spilled to CPU RAM (read over PCIe in the kernel).
 
-Unset keys keep the kernel's defaults (``num_splits``: the step's, from ``runner/cuda_graphs.decode_splits``).
+Unset keys keep the defaults below, then the kernel's (``num_splits``: the step's, from
+``runner/cuda_graphs.decode_splits``).
 The same setting applies to eager, multi-step and CUDA-graph steps, so they stay bit-identical to each other.
 """
 from __future__ import annotations
@@ -37,10 +38,21 @@ def parse(text: str, name: str = "setting") -> dict:
     return out
 
 
+# defaults from the H200 sweep at 128k (benchmarks/results/fp8-sparse-decode-sweep-h200.json, 32 layers of 2,048
+# selected tokens): on the device 16-token blocks, 2 warps, 1 stage: 16.4 us a layer against 25.8 us with the dense
+# settings (the BF16 kernel: 9.9 us); with 90% of the rows in CPU RAM 16 splits of 32-token blocks, 4 warps: 96.6
+# against 112.9 us (every setting tried: 96-124 us, PCIe-bound). Inside the engine's tiered 128k step the FP8
+# kernel took 3.35 ms with these against 3.41 ms before (profiles-stop18/).
+DEFAULT_SPARSE = dict(block_n=16, num_warps=2, num_stages=1)
+DEFAULT_SPARSE_HOST = dict(num_splits=16, block_n=32, num_warps=4, num_stages=2)
 SPARSE = parse(os.environ.get("TIERSERVE_FP8_SPARSE_DECODE", ""), "TIERSERVE_FP8_SPARSE_DECODE")
 SPARSE_HOST = parse(os.environ.get("TIERSERVE_FP8_SPARSE_HOST_DECODE", ""), "TIERSERVE_FP8_SPARSE_HOST_DECODE")
 
 
-def sparse_decode_config(host: bool) -> dict:
-    """The launch settings of a sparse FP8 decode call (a copy; ``host``: spilled rows read from CPU RAM)."""
-    return dict(SPARSE_HOST if host else SPARSE)
+def sparse_decode_config(host: bool, page_size: int = 16) -> dict:
+    """The launch settings of a sparse FP8 decode call (``host``: spilled rows read from CPU RAM): the defaults,
+    overridden key by key by the environment; blocks hold at least one page."""
+    cfg = {**DEFAULT_SPARSE_HOST, **SPARSE_HOST} if host else {**DEFAULT_SPARSE, **SPARSE}
+    if "block_n" in cfg:
+        cfg["block_n"] = max(cfg["block_n"], page_size)
+    return cfg

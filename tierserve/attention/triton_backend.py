@@ -128,7 +128,7 @@ class TritonBackend:
                 table, logical, lens = self._select(q, kv_layer, meta, layer_idx, logical=True)
                 sel = (logical, lens)
             host = (meta.host_kv[0][1][:, layer_idx], f.end) if meta.host_kv is not None else None
-            cfg = sparse_decode_config(host is not None) if sel is not None else {}
+            cfg = sparse_decode_config(host is not None, page) if sel is not None else {}
             cfg.setdefault("num_splits", meta.num_splits)
             try:
                 out = paged_decode_fp8(q, kv_layer, f.quantised, table, meta.seq_lens, scale, page,
