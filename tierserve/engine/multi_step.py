@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tierserve.engine.outputs import RequestOutput
 from tierserve.engine.scheduler import SchedulerOutput
+from tierserve.runner import multi_step
 from tierserve.runner.sampler import plain_greedy
 
 
@@ -24,6 +25,7 @@ class EngineWindow:
     bases: list[int]          # per request: tokens in the KV cache after the window's first step
     handle: object            # runner.multi_step.Window
     steps: int
+    queued: int = 0           # steps of the windows queued back to back before this one
 
 
 class MultiStepDecoder:
@@ -36,8 +38,8 @@ class MultiStepDecoder:
         the pages of the extra positions."""
         e = self.engine
         k = e.config.num_scheduler_steps
-        if k < 2 or e.scheduler.waiting or so.preempted or e.kv.tiers is not None \
-                or not e.runner.supports_multi_step():
+        if k < 2 or e.scheduler.waiting or so.preempted or not e.runner.supports_multi_step() \
+                or (e.kv.tiers is not None and not multi_step.TIERED):
             return 1
         for s in so.scheduled:
             req = s.request
@@ -51,8 +53,16 @@ class MultiStepDecoder:
 
     def start(self, so: SchedulerOutput, k: int) -> list[RequestOutput]:
         bases = [s.end for s in so.scheduled]
+        self._transfers()
         self.inflight = EngineWindow(so, bases, self.engine.runner.launch_multi(so, k), k)
         return self.advance()
+
+    def _transfers(self) -> None:
+        """KV tiers: pages the window's allocation spilled leave the device before the window is queued (the
+        transfers wait for the work queued before them)."""
+        tiers = self.engine.kv.tiers
+        if tiers is not None:
+            self.engine.runner.tiers_apply(tiers.take_transfers())
 
     def advance(self) -> list[RequestOutput]:
         """Queue the next window behind the one in flight, then read the one in flight."""
@@ -80,12 +90,19 @@ class MultiStepDecoder:
         e = self.engine
         if e.scheduler.waiting or any(s.request.is_finished for s in w.so.scheduled):
             return None
+        # KV tiers: the queue ends after about ``rebalance_every`` steps, so that the next step's start moves hot
+        # spilled pages back in (the engine rebalances only between windows)
+        if e.kv.tiers is not None and w.queued + w.steps >= max(e.kv.rebalance_every, 2 * w.steps):
+            return None
         k = min([e.config.num_scheduler_steps] + [self._room(s.request, w.steps) for s in w.so.scheduled])
         bases = [b + w.steps for b in w.bases]
         if k < 2 or not self._allocate(w.so, bases, k):
             return None
+        self._transfers()
         handle = e.runner.extend_multi(w.handle, k, [s.page_table for s in w.so.scheduled])
-        return EngineWindow(w.so, bases, handle, k)
+        if handle is None:           # the tables hold a spilled page the window's path cannot read
+            return None
+        return EngineWindow(w.so, bases, handle, k, w.queued + w.steps)
 
     def _collect(self, w: EngineWindow) -> list[RequestOutput]:
         e = self.engine

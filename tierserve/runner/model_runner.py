@@ -228,9 +228,10 @@ class ModelRunner(TierLink):
         device from the page summaries). FP8 KV pages are fine: pages that become FP8-readable
         during the k steps are quantised only afterwards, and until then read through an on-the-fly
         quantisation that gives the same numbers."""
-        sparse_ok = self.sparse is None or (self.sparse.selector == "pages" and self.spill is None)
+        tiered = multi_step.TIERED          # KV tiers: windows over spilled pages (opt-in, runner/multi_step.py)
+        sparse_ok = self.sparse is None or (self.sparse.selector == "pages" and (self.spill is None or tiered))
         engram_ok = self.engram_hasher is None or self.device_engram is not None
-        return sparse_ok and engram_ok and self.host_kv is None
+        return sparse_ok and engram_ok and (self.host_kv is None or tiered)
 
     @torch.inference_mode()
     def execute_multi(self, so: SchedulerOutput, steps: int) -> list[list[int]]:

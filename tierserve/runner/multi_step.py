@@ -7,17 +7,27 @@ one is read, so the host's bookkeeping overlaps the GPU's work.
 already on the device: the CUDA graph feeds its own static buffers, the eager path keeps the advanced
 metadata); ``collect`` waits for one window only (its tokens are copied to host memory on the stream
 right after its last step, before anything queued later) and returns its tokens ``[request][step]``.
+
+With KV tiers (``TIERSERVE_TIERED_MULTI_STEP=1``, opt-in until timed on the GPU): windows may also read pages
+spilled to CPU RAM (the spill CUDA graphs, or the eager path with the spill stores); a window whose next tables
+hold a page the window's path cannot read (a spilled page in a window that started with none, or one in the disk
+spill file under the spill graphs) is not queued (``extend`` returns None) and the engine goes on step by step.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tierserve.attention.backend import AttnMetadata
 from tierserve.runner.engram_state import history_rows
 from tierserve.runner.sampler import argmax_rows
+from tierserve.runner.step_inputs import host_id_base, kernel_table
+
+TIERED = os.environ.get("TIERSERVE_TIERED_MULTI_STEP") == "1"
 
 
 @dataclass
@@ -29,27 +39,36 @@ class Window:
     graph: bool                          # replayed through the CUDA graphs (static inputs)
     meta: AttnMetadata                   # eager path: inputs of the step after the window
     ids: torch.Tensor                    # eager path: the last step's tokens
+    spill: bool = False                  # replayed through the spill graphs (tables may hold spilled pages)
 
 
 def launch(runner, so, steps: int) -> Window:
     meta, ids, _, _ = runner._prepare(so, lookahead=steps - 1)
-    graph = runner._graph_kind(meta, None) == "plain"      # windows never run with spilled pages
+    kind = runner._graph_kind(meta, None)
+    graph = kind == "plain" or (kind == "spill" and TIERED)     # else eager (also over spilled pages)
     if runner.device_engram is not None:          # Engram rows are hashed on the device from this history
         runner.device_engram.load(meta.num_seqs, history_rows(so, runner.model_cfg.engram.lookback),
                                   runner.graphs.bucket_for(meta.num_seqs) if graph else None)
     if graph:
         runner.graphs.load(meta.num_seqs, ids, meta.positions, meta.slot_pages, meta.slot_offsets,
                            meta.seq_lens, meta.page_table)
-    return _run(runner, meta, ids, steps, graph, meta.page_table)
+    return _run(runner, meta, ids, steps, graph, meta.page_table, spill=graph and kind == "spill")
 
 
-def extend(runner, w: Window, steps: int, tables: list[list[int]]) -> Window:
-    """The next ``steps`` of the same batch, queued behind ``w``; ``tables`` cover the new positions."""
+def extend(runner, w: Window, steps: int, tables: list[list[int]]) -> Window | None:
+    """The next ``steps`` of the same batch, queued behind ``w``; ``tables`` cover the new positions. None (nothing
+    queued) when the tables hold a spilled page the window's path cannot read."""
     B, dev = w.meta.num_seqs, runner.device
     width = max(len(t) for t in tables)
-    table = torch.zeros(B, width, dtype=torch.int64)
+    arr, n_dev, top = np.zeros((B, width), dtype=np.int64), host_id_base(runner), -1
     for b, t in enumerate(tables):
-        table[b, :len(t)] = torch.tensor(t, dtype=torch.int64)
+        row, row_top = kernel_table(t.array() if hasattr(t, "array") else np.asarray(t, dtype=np.int64), n_dev)
+        arr[b, :len(row)], top = row, max(top, row_top)
+    if top >= 0:
+        ram = runner.spill.ram_slots if runner.spill is not None else 0
+        if (w.graph and not w.spill) or (not w.graph and w.meta.host_kv is None) or (w.graph and top >= ram):
+            return None
+    table = torch.from_numpy(arr)
     if dev.type == "cuda":                        # a pageable copy would wait for the queued window
         table = table.pin_memory()
     table = table.to(dev, non_blocking=True)
@@ -58,10 +77,11 @@ def extend(runner, w: Window, steps: int, tables: list[list[int]]) -> Window:
         runner.graphs.set_tables(B, table)
     else:
         bound = meta.max_seq_bound + steps
+        ram_only = top < (runner.spill.ram_slots if runner.spill is not None else 0)
         meta = dataclasses.replace(meta, page_table=table, slot_pages=_slots(table, meta.positions, ps),
-                                   backend_data={}, max_seq_bound=bound,
-                                   num_splits=runner.decode_splits(B))
-    return _run(runner, meta, w.ids, steps, w.graph, table)
+                                   backend_data={}, max_seq_bound=bound, num_splits=runner.decode_splits(B),
+                                   host_ram_only=ram_only if meta.host_kv is not None else meta.host_ram_only)
+    return _run(runner, meta, w.ids, steps, w.graph, table, spill=w.spill)
 
 
 def collect(w: Window) -> list[list[int]]:
@@ -75,9 +95,10 @@ def _slots(table: torch.Tensor, pos: torch.Tensor, ps: int) -> torch.Tensor:
     return table.gather(1, idx)[:, 0]
 
 
-def _run(runner, meta: AttnMetadata, ids: torch.Tensor, steps: int, graph: bool, table: torch.Tensor) -> Window:
+def _run(runner, meta: AttnMetadata, ids: torch.Tensor, steps: int, graph: bool, table: torch.Tensor,
+         spill: bool = False) -> Window:
     B, ps, dev = meta.num_seqs, meta.page_size, runner.device
-    kind = "plain" if graph else "eager"            # decode steps by path, as ModelRunner.execute counts them
+    kind = ("spill" if spill else "plain") if graph else "eager"   # decode steps by path, as execute counts them
     runner.step_kinds[kind] = runner.step_kinds.get(kind, 0) + steps
     toks = torch.empty(B, steps, dtype=torch.int64, device=dev)
     if runner.fp8 is not None:          # every page the window writes holds full-precision tokens
@@ -86,7 +107,7 @@ def _run(runner, meta: AttnMetadata, ids: torch.Tensor, steps: int, graph: bool,
         runner.fp8.on_write(table.gather(1, (pos // ps).clamp(max=table.shape[1] - 1)))
     if graph:
         for i in range(steps):
-            runner.graphs.replay(B)
+            runner.graphs.replay(B, spill)
             toks[:, i] = runner.graphs.next_tokens[:B]
     else:
         eng = runner.device_engram
@@ -108,4 +129,4 @@ def _run(runner, meta: AttnMetadata, ids: torch.Tensor, steps: int, graph: bool,
         done.record()
     else:
         host = toks
-    return Window(toks, host, done, steps, graph, meta, ids)
+    return Window(toks, host, done, steps, graph, meta, ids, spill)

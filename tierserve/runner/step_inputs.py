@@ -9,15 +9,28 @@ import torch
 from tierserve.attention.backend import AttnMetadata
 
 
+def host_id_base(runner) -> int:
+    """Page id of CPU-RAM slot 0 in the kernels' tables: after the device pages (with FP8 KV pages after the
+    compact FP8 slots)."""
+    return runner.fp8.end if runner.fp8 is not None else runner.kv.data.shape[0]
+
+
+def kernel_table(pt: np.ndarray, n_dev: int) -> tuple[np.ndarray, int]:
+    """A page table as the kernels read it: spilled entries ``-(slot + 1)`` become ``n_dev + slot``; and the
+    largest spilled slot (-1: none)."""
+    neg = pt < 0
+    if not neg.any():
+        return pt, -1
+    return np.where(neg, n_dev - pt - 1, pt), int((-pt[neg] - 1).max())
+
+
 def prepare_step(runner, so, lookahead: int = 0):
     """(metadata, input ids on the device, [(row, scheduled request)] to sample, prompt-logprob spans) for the
     scheduled chunks ``so``; ``lookahead`` widens the page tables by that many positions (multi-step)."""
     ps = runner.config.page_size
     pos_l, page_l, off_l, ids_l, qsl, seq_lens, qlens = [], [], [], [], [0], [], []
     sample_rows, plp = [], []
-    n_dev, has_host, max_slot = runner.kv.data.shape[0], False, -1
-    if runner.fp8 is not None:          # host ids after the compact FP8 slots
-        n_dev = runner.fp8.end
+    n_dev, has_host, max_slot = host_id_base(runner), False, -1
     max_pages = max(-(-(s.end + lookahead) // ps) for s in so.scheduled)
     table = np.zeros((len(so.scheduled), max_pages), dtype=np.int64)
     for b, s in enumerate(so.scheduled):
@@ -25,10 +38,9 @@ def prepare_step(runner, so, lookahead: int = 0):
         pos = np.arange(s.start, s.end, dtype=np.int64)
         whole = s.page_table
         pt = (whole.array() if hasattr(whole, "array") else np.asarray(whole, dtype=np.int64))[:max_pages]
-        if (pt < 0).any():               # spilled to CPU RAM: virtual ids after the device pages
-            max_slot = max(max_slot, int((-pt[pt < 0] - 1).max()))
-            pt = np.where(pt < 0, n_dev - pt - 1, pt)
-            has_host = True
+        pt, top = kernel_table(pt, n_dev)     # spilled to CPU RAM: virtual ids after the device pages
+        if top >= 0:
+            max_slot, has_host = max(max_slot, top), True
         table[b, :len(pt)] = pt
         pos_l.append(pos)
         page_l.append(pt[pos // ps])

@@ -43,6 +43,7 @@ class TierLink:
     def page_heat(self) -> torch.Tensor | None:
         return self.spill.page_heat if self.spill is not None else None
 
+    @torch.inference_mode()
     def tiers_apply(self, transfers, overlap: bool = False) -> None:
         """Move pages between the KV storage and lower tiers before this step's forward pass; with
         ``overlap`` CPU-RAM hits may still be copying, layer by layer, while it runs (``kv.loading``)."""

@@ -1,0 +1,62 @@
+"""Multi-step decode windows over KV tiers (``TIERSERVE_TIERED_MULTI_STEP=1``, runner/multi_step.py): windows run
+while the request's pages spill to CPU RAM (sparse "pages" attention, bf16 / FP8 pages; dense attention), with the
+same greedy tokens as one step at a time; a window the path cannot serve is not queued."""
+import pytest
+
+from tests.helpers.tiny_models import make_checkpoint
+from tierserve import LLM, SamplingParams
+from tierserve.runner import multi_step
+
+PROMPT = [0] + [(7 * i + 3) % 500 + 3 for i in range(150)]       # 151 tokens
+SP = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiered_ms") / "llama", "llama")
+
+
+def run(ckpt, steps, **kw):
+    llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=16,
+              enable_prefix_caching=False, cpu_kv_gb=0.01, debug_invariants=True, num_scheduler_steps=steps, **kw)
+    runner, calls = llm.engine.runner, {"launch": 0, "extend": 0, "refused": 0, "over_host": 0}
+    launch, extend = runner.launch_multi, runner.extend_multi
+
+    def count_launch(*a, **k):
+        out = launch(*a, **k)
+        calls["launch"] += 1
+        calls["over_host"] += out.meta.host_kv is not None        # the window reads pages in CPU RAM
+        return out
+
+    def count_extend(*a, **k):
+        out = extend(*a, **k)
+        calls["extend" if out is not None else "refused"] += 1
+        if out is not None:
+            calls["over_host"] += out.meta.host_kv is not None
+        return out
+    runner.launch_multi, runner.extend_multi = count_launch, count_extend
+    toks = llm.generate([PROMPT], SP)[0].outputs[0].token_ids
+    kv = llm.engine.kv
+    kv.check_invariants()
+    assert kv.num_requests == 0 and kv.pool.num_in_use == 0 and kv.tiers.host.num_spilled == 0
+    return toks, calls, kv.num_spilled
+
+
+CASES = {
+    "sparse": dict(sparse_attention="pages", sparse_topk_tokens=96, num_kv_pages=10),
+    "sparse-fp8": dict(sparse_attention="pages", sparse_topk_tokens=96, num_kv_pages=10, kv_dtype="fp8",
+                       kv_fp8_keep_sink=4, kv_fp8_keep_recent=16),
+    "dense": dict(num_kv_pages=8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_windows_over_spilled_pages_give_the_one_step_tokens(ckpt, monkeypatch, case):
+    one, calls_one, spilled_one = run(ckpt, 1, **CASES[case])
+    assert calls_one["launch"] == 0 and spilled_one > 0
+    off, calls_off, _ = run(ckpt, 4, **CASES[case])              # opt-in: without it, tiers decode step by step
+    assert calls_off["launch"] == 0 and off == one
+    monkeypatch.setattr(multi_step, "TIERED", True)
+    got, calls, spilled = run(ckpt, 4, **CASES[case])
+    assert got == one and spilled > 0 and calls["launch"] > 0
+    assert calls["extend"] > 0 and calls["over_host"] > 0        # windows queued back to back over spilled pages
