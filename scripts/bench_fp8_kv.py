@@ -31,7 +31,9 @@ HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
 # FP8 decode configurations tried (the first is the kernel's default)
 CONFIGS = [dict(block_n=None, num_warps=None, num_stages=2)] + [
     dict(block_n=bn, num_warps=w, num_stages=st, rule_loads=rl)
-    for bn in (32, 64) for w in (4, 8) for st in (2, 3) for rl in (True, False)]    # 128 spills (ptxas)
+    for bn in (32, 64) for w in (4, 8) for st in (2, 3) for rl in (True, False)] + [    # 128 spills (ptxas)
+    # small blocks, few warps: the best on sparse steps at 2k selected tokens (fp8-sparse-decode-sweep-h200.json)
+    dict(block_n=16, num_warps=w, num_stages=st) for w in (2, 4) for st in (1, 2)]
 # FP8 prefill configurations tried (the first is the kernel's default: 128 rows, 32 keys, 8 warps)
 PCONFIGS = [dict(), dict(block_n=64), dict(num_stages=3), dict(block_rows=64, num_warps=4)]
 OLD = None      # (decode, prefill) kernels before the rework, for comparison (scripts/fp8_kv_before.py)

@@ -240,6 +240,31 @@ def test_decode_over_spilled_pages_in_cuda_graphs_matches_eager(tmp_path, monkey
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("sparse,kv", [("pages", "auto"), ("pages", "fp8"), (None, "auto")])
+def test_tiered_multi_step_windows_replay_the_spill_graphs(tmp_path, monkeypatch, sparse, kv):
+    """TIERSERVE_TIERED_MULTI_STEP: multi-step windows over spilled pages replay the spill graphs back to back;
+    the same tokens as eager single steps."""
+    from tierserve.runner import multi_step
+
+    replays = _record_replays(monkeypatch)
+    path = make_checkpoint(tmp_path / "m", "llama")
+    prompt = [0] + [(7 * i + 3) % 500 + 3 for i in range(110)]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(dtype="float32", device="cuda", max_model_len=160, page_size=8, num_kv_pages=10, cpu_kv_gb=0.01,
+              enable_prefix_caching=False, sparse_attention=sparse, sparse_topk_tokens=88, kv_dtype=kv,
+              kv_fp8_keep_sink=8, kv_fp8_keep_recent=16)
+    want = LLM(str(path), enforce_eager=True, num_scheduler_steps=1, **kw).generate([prompt], sp)[0].outputs[0]
+    monkeypatch.setattr(multi_step, "TIERED", True)
+    llm = LLM(str(path), num_scheduler_steps=8, **kw)
+    launched, real = [], llm.engine.runner.launch_multi
+    llm.engine.runner.launch_multi = lambda *a, **k: launched.append(1) or real(*a, **k)
+    replays.clear()
+    got = llm.generate([prompt], sp)[0].outputs[0]
+    assert llm.engine.kv.num_spilled > 0 and launched and True in replays
+    assert got.token_ids == want.token_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cpu_tier_steps_without_spilled_pages_replay_the_plain_graphs(tmp_path, monkeypatch):
     """With a CPU-RAM tier but no page spilled, decode replays the graphs without the host-page path (the
     spill graphs served every step and cost 20% at 128k on the H200); tokens as without the tier."""

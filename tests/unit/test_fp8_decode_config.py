@@ -17,11 +17,14 @@ def test_bad_settings_say_what_is_wrong(bad):
         cfg.parse(bad, "X")
 
 
-def test_host_and_device_settings_are_separate(monkeypatch):
+def test_dense_sparse_and_host_settings_are_separate(monkeypatch):
     monkeypatch.setattr(cfg, "SPARSE", {"block_n": 32})
     monkeypatch.setattr(cfg, "SPARSE_HOST", {"num_warps": 8})
-    assert cfg.sparse_decode_config(False) == {**cfg.DEFAULT_SPARSE, "block_n": 32}
-    assert cfg.sparse_decode_config(True) == {**cfg.DEFAULT_SPARSE_HOST, "num_warps": 8}
-    assert cfg.sparse_decode_config(False, page_size=64)["block_n"] == 64          # a block holds a whole page
-    cfg.sparse_decode_config(False)["num_splits"] = 3          # a copy: the caller may add to it
-    assert cfg.SPARSE == {"block_n": 32} and "num_splits" not in cfg.DEFAULT_SPARSE
+    monkeypatch.setattr(cfg, "DENSE", {"num_stages": 1})
+    assert cfg.decode_config(True, False) == {**cfg.DEFAULT_SPARSE, "block_n": 32}
+    assert cfg.decode_config(True, True) == {**cfg.DEFAULT_SPARSE_HOST, "num_warps": 8}
+    assert cfg.decode_config(False, False) == cfg.decode_config(False, True) == {"num_stages": 1}
+    assert cfg.decode_config(True, False, page_size=64)["block_n"] == 64          # a block holds a whole page
+    cfg.decode_config(True, False)["num_splits"] = 3          # a copy: the caller may add to it
+    cfg.decode_config(False, False)["num_splits"] = 3
+    assert cfg.SPARSE == {"block_n": 32} and cfg.DENSE == {"num_stages": 1} and "num_splits" not in cfg.DEFAULT_SPARSE

@@ -7,7 +7,8 @@ the alternatives. Two settings, each a comma-separated ``key=value`` list of ``n
 ``num_warps``, ``num_stages``, ``prefetch`` (0/1), read once at import:
 
 * ``TIERSERVE_FP8_SPARSE_DECODE``: every selected page on the device;
-* ``TIERSERVE_FP8_SPARSE_HOST_DECODE``: with FP8 rows spilled to CPU RAM (read over PCIe in the kernel).
+* ``TIERSERVE_FP8_SPARSE_HOST_DECODE``: with FP8 rows spilled to CPU RAM (read over PCIe in the kernel);
+* ``TIERSERVE_FP8_DECODE``: dense steps (no selection; the kernel's own defaults unless set).
 
 Unset keys keep the defaults below, then the kernel's (``num_splits``: the step's, from
 ``runner/cuda_graphs.decode_splits``).
@@ -45,14 +46,18 @@ def parse(text: str, name: str = "setting") -> dict:
 # kernel took 3.35 ms with these against 3.41 ms before (profiles-stop18/).
 DEFAULT_SPARSE = dict(block_n=16, num_warps=2, num_stages=1)
 DEFAULT_SPARSE_HOST = dict(num_splits=16, block_n=32, num_warps=4, num_stages=2)
+DENSE = parse(os.environ.get("TIERSERVE_FP8_DECODE", ""), "TIERSERVE_FP8_DECODE")
 SPARSE = parse(os.environ.get("TIERSERVE_FP8_SPARSE_DECODE", ""), "TIERSERVE_FP8_SPARSE_DECODE")
 SPARSE_HOST = parse(os.environ.get("TIERSERVE_FP8_SPARSE_HOST_DECODE", ""), "TIERSERVE_FP8_SPARSE_HOST_DECODE")
 
 
-def sparse_decode_config(host: bool, page_size: int = 16) -> dict:
-    """The launch settings of a sparse FP8 decode call (``host``: spilled rows read from CPU RAM): the defaults,
-    overridden key by key by the environment; blocks hold at least one page."""
-    cfg = {**DEFAULT_SPARSE_HOST, **SPARSE_HOST} if host else {**DEFAULT_SPARSE, **SPARSE}
+def decode_config(sparse: bool, host: bool, page_size: int = 16) -> dict:
+    """The launch settings of an FP8 decode call (``sparse``: over a selection; ``host``: spilled rows read from
+    CPU RAM): the defaults, overridden key by key by the environment; blocks hold at least one page."""
+    if not sparse:
+        cfg = dict(DENSE)
+    else:
+        cfg = {**DEFAULT_SPARSE_HOST, **SPARSE_HOST} if host else {**DEFAULT_SPARSE, **SPARSE}
     if "block_n" in cfg:
         cfg["block_n"] = max(cfg["block_n"], page_size)
     return cfg

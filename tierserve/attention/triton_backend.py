@@ -16,7 +16,7 @@ import torch
 
 from tierserve.attention.backend import AttnMetadata, count_selection, host_base, write_kv
 from tierserve.attention.flash_prefix import chunk_attention, flash_ok, gather_context
-from tierserve.attention.fp8_decode_config import sparse_decode_config
+from tierserve.attention.fp8_decode_config import decode_config
 from tierserve.attention.host_check import check_subset
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
@@ -128,7 +128,7 @@ class TritonBackend:
                 table, logical, lens = self._select(q, kv_layer, meta, layer_idx, logical=True)
                 sel = (logical, lens)
             host = (meta.host_kv[0][1][:, layer_idx], f.end) if meta.host_kv is not None else None
-            cfg = sparse_decode_config(host is not None, page) if sel is not None else {}
+            cfg = decode_config(sel is not None, host is not None, page)
             cfg.setdefault("num_splits", meta.num_splits)
             try:
                 out = paged_decode_fp8(q, kv_layer, f.quantised, table, meta.seq_lens, scale, page,

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Stop-19 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-19 session"); one part per call:
+#   bash scripts/h200_stop19.sh tests    GPU tests of stop 18's changes (~4 min)
+#   bash scripts/h200_stop19.sh tiered   section c at 128k without / with TIERSERVE_TIERED_MULTI_STEP=1 (~5 min)
+#   bash scripts/h200_stop19.sh dense    FP8 dense decode sweep incl. small blocks (bench_fp8_kv.py) (~3 min)
+#   bash scripts/h200_stop19.sh b        section b (sparse FP8 decode defaults of stop 18) (~5 min)
+#   bash scripts/h200_stop19.sh c1m      section c at 1M tokens after the host-work fixes (~4 min)
+# Everything lands in $OUT under names without '+' (the device tool leaves such names out).
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+quiet() { grep -v -i "warn\|it/s\]"; }
+# bench SECONDS ARGS...: bench sparse-fp8 under a timeout
+bench() { timeout "$1" python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy "${@:2}" 2>&1 | quiet; }
+case "${1:-}" in
+tests)
+    timeout 280 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
+        -k "tiered_multi_step or spill" tests/kernels/test_host_read_check.py tests/kernels/test_triton_fp8_tiers.py \
+        2>&1 | tail -4
+    timeout 100 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_decode_fp8.py \
+        -k "sparse" 2>&1 | tail -2 ;;
+tiered)
+    bench 140 --sections c --tier-contexts 131072 --budgets c=130 --max-wall 130 \
+        --output "$OUT/sparse-fp8-c128k-single-h200.json" | grep -E "tok_s\"|wall_s"
+    TIERSERVE_TIERED_MULTI_STEP=1 bench 140 --sections c --tier-contexts 131072 --budgets c=130 \
+        --max-wall 130 --output "$OUT/sparse-fp8-c128k-multistep-h200.json" | grep -E "tok_s\"|wall_s"
+    rm -f "$OUT"/*.partial.jsonl ;;
+dense)
+    timeout 200 python scripts/bench_fp8_kv.py --no-before --output "$OUT/fp8-kv-h200.json" 2>&1 | quiet \
+        | grep -E "decode|setting" ;;
+b)
+    bench 300 --sections b --budgets b=280 --max-wall 290 --output "$OUT/sparse-fp8-b-h200.json" | tail -25
+    rm -f "$OUT"/*.partial.jsonl ;;
+c1m)
+    bench 280 --sections c --tier-contexts 1048576 --budgets c=270 --max-wall 270 \
+        --output "$OUT/sparse-fp8-c1m-h200.json" | grep -E "tok_s\"|skipped|wall_s"
+    rm -f "$OUT"/*.partial.jsonl ;;
+*) echo "usage: $0 tests|tiered|dense|b|c1m"; exit 2 ;;
+esac
