@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
-import tierserve.attention.triton_backend as tb  # noqa: E402
+import tierserve.attention.triton_fp8_steps as tb  # noqa: E402
 from tests.kernels.test_triton_fp8_compact import _both, _meta, _setup  # noqa: E402
 from tests.kernels.test_triton_fp8_tiers import _spill  # noqa: E402
 from tierserve.attention.triton_backend import TritonBackend  # noqa: E402

@@ -180,20 +180,20 @@ def test_sparse_launch_setting_reaches_the_kernel(ckpt, monkeypatch):
     """``TIERSERVE_FP8_SPARSE_DECODE`` (fp8_decode_config.SPARSE): sparse FP8 decode steps launch the kernel with
     those settings (split-K, block, warps, stages, prefetch) and still give the torch reference's tokens and
     logprobs; eager and multi-step steps use the same settings (the same tokens)."""
-    from tierserve.attention import fp8_decode_config, triton_backend
+    from tierserve.attention import fp8_decode_config, triton_fp8_steps
 
     long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
     sparse = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64,
                   rounds=long, kv_fp8_storage="inplace", max_num_batched_tokens=512)
     setting = dict(num_splits=3, block_n=16, num_warps=2, num_stages=1, prefetch=True)
     monkeypatch.setattr(fp8_decode_config, "SPARSE", setting)
-    seen, kernel = [], triton_backend.paged_decode_fp8
+    seen, kernel = [], triton_fp8_steps.paged_decode_fp8
 
     def spy(*a, **kw):
         if kw.get("selection") is not None:
             seen.append({k: kw.get(k) for k in setting})
         return kernel(*a, **kw)
-    monkeypatch.setattr(triton_backend, "paged_decode_fp8", spy)
+    monkeypatch.setattr(triton_fp8_steps, "paged_decode_fp8", spy)
     ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, **sparse)
     one, lp_one, _ = _generate(ckpt, "triton", 1, logprobs=0, **sparse)
     multi, _, calls = _generate(ckpt, "triton", 4, **sparse)
@@ -248,7 +248,7 @@ def test_fp8_prefill_matches_reference(dtype, case):
 def test_engine_fp8_prefill_chunks_use_the_kernel(ckpt, monkeypatch):
     """Chunked prefill over FP8 pages goes through the FP8 prefill kernel (not the reference) and gives the
     reference's greedy tokens."""
-    import tierserve.attention.triton_backend as tb
+    import tierserve.attention.triton_fp8_steps as tb
 
     calls = []
     real = tb.paged_prefill_fp8

@@ -157,7 +157,7 @@ def _generate(ckpt, steps=1, prompts=None, **kw):
 
 
 def test_engine_triton_compact_same_as_in_place(ckpt, monkeypatch):
-    import tierserve.attention.triton_backend as tb
+    import tierserve.attention.triton_fp8_steps as tb
     tok_a, lp_a, _ = _generate(ckpt, kv_fp8_storage="inplace")
     calls = []
     for name in ("paged_decode_fp8", "paged_prefill_fp8"):
@@ -177,7 +177,7 @@ def test_engine_triton_compact_sparse_pages(ckpt, monkeypatch):
     """Sparse "pages" attention over compact FP8 pages: the selection reads compact pages' summaries from
     their slots and the FP8 decode kernel reads the selected compact pages: in-place storage's tokens and
     logprobs."""
-    import tierserve.attention.triton_backend as tb
+    import tierserve.attention.triton_fp8_steps as tb
     long = [[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]
     kw = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64, prompts=long)
     tok_a, lp_a, _ = _generate(ckpt, kv_fp8_storage="inplace", **kw)

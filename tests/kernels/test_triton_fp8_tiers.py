@@ -161,7 +161,7 @@ def _generate(ckpt, n=44, **kw):
 def test_engine_triton_spilled_fp8_pages(ckpt, monkeypatch, extra):
     """A GPU pool smaller than one request: FP8 pages spill to CPU RAM and the FP8 decode kernel reads them there
     (checked once against the reference, then trusted): the large pool's tokens."""
-    import tierserve.attention.triton_backend as tb
+    import tierserve.attention.triton_fp8_steps as tb
     big = {k: v for k, v in extra.items() if k != "num_kv_pages"}      # 64 pages: nothing spills
     want, _ = _generate(ckpt, **big)
     calls, prefills = [], []
@@ -183,7 +183,7 @@ def test_engine_triton_spilled_fp8_pages(ckpt, monkeypatch, extra):
 def test_staging_failure_turns_off_only_the_staged_fp8_prefill(ckpt, monkeypatch):
     """A failure while staging spilled FP8 rows for a prefill step sends such steps to the reference; prefill
     steps without spilled pages keep the FP8 prefill kernel, and the tokens stay the large pool's."""
-    import tierserve.attention.triton_backend as tb
+    import tierserve.attention.triton_fp8_steps as tb
     want, _ = _generate(ckpt)
 
     def broken(*a, **k):

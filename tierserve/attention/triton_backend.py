@@ -1,7 +1,8 @@
 """GPU backend: Triton paged decode (split-K) for decode rows; prefill chunks through SDPA (fresh prompts)
 or the Triton paged prefill kernel (continued chunks, prefix hits); see attention/mixed.py.
 
-FP8 KV pages in pure decode steps go through the dequantising kernel (attention/triton_decode_fp8.py).
+FP8 KV pages in pure decode steps go through the dequantising kernel (attention/triton_decode_fp8.py; the FP8
+steps live in attention/triton_fp8_steps.py, a mixin of this class).
 Pages spilled to CPU RAM are read in place by both kernels (``_host``); FP8 pages spilled to CPU RAM (compact
 rows) by the FP8 decode kernel in pure decode steps. Pages spilled to disk, spilled FP8 pages in steps with
 prefill, FP8 pages in steps with prefill and sparse selection in steps with prefill fall back to the torch
@@ -16,7 +17,6 @@ import torch
 
 from tierserve.attention.backend import AttnMetadata, count_selection, host_base, write_kv
 from tierserve.attention.flash_prefix import chunk_attention, flash_ok, gather_context
-from tierserve.attention.fp8_decode_config import decode_config
 from tierserve.attention.host_check import check_subset
 from tierserve.attention.indexer import indexer_page_scores
 from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
@@ -24,12 +24,11 @@ from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages, selection_bound
 from tierserve.attention.sparse_prefill import sparse_chunk_attention, sparse_context
 from tierserve.attention.triton_decode import compact_selection, paged_decode
-from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+from tierserve.attention.triton_fp8_steps import Fp8Steps
 from tierserve.attention.triton_prefill import paged_prefill
 from tierserve.attention.triton_prefill import supported as prefill_supported
-from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
 from tierserve.attention.triton_select import fused_select, use_fused_selection
-from tierserve.attention.triton_stage import remap_host_entries, stage_layer, stage_rows
+from tierserve.attention.triton_stage import stage_layer
 
 log = logging.getLogger("tierserve")
 _FUSED_OFF: list = []          # non-empty once the fused selection kernels failed (then the PyTorch chain)
@@ -70,7 +69,7 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
     return compact_selection(chosen, meta.page_table, meta.seq_lens, page, max_selected=bound, logical=logical)
 
 
-class TritonBackend:
+class TritonBackend(Fp8Steps):
     name = "triton"
 
     def __init__(self) -> None:
@@ -122,54 +121,10 @@ class TritonBackend:
             write_kv(k, v, kv_layer, meta)
         page = meta.page_size
         if meta.kv_fp8 is not None and meta.decode_only:
-            f = meta.kv_fp8
-            table, sel = meta.page_table, None
-            if meta.sparse is not None:   # read only the selected pages, each under its position's rule
-                table, logical, lens = self._select(q, kv_layer, meta, layer_idx, logical=True)
-                sel = (logical, lens)
-            host = (meta.host_kv[0][1][:, layer_idx], f.end) if meta.host_kv is not None else None
-            cfg = decode_config(sel is not None, host is not None, page)
-            cfg.setdefault("num_splits", meta.num_splits)
-            try:
-                out = paged_decode_fp8(q, kv_layer, f.quantised, table, meta.seq_lens, scale, page,
-                                       f.keep_sink, f.keep_recent, sliding_window=sliding_window, selection=sel,
-                                       compact=compact, host=host, **cfg)
-                if host is not None and self.fp8_host_reads is None:     # checked once against the reference
-                    self._check(out, q, k, v, kv_layer, meta, scale, sliding_window, layer_idx)
-                    self.fp8_host_reads = True
-                return out
-            except Exception as e:
-                if host is None:
-                    raise
-                log.warning("FP8 decode reading spilled KV pages from CPU RAM is off (%s: %s); gathering them "
-                            "instead", type(e).__name__, e)
-                self.fp8_host_reads = False
-                return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
+            return self._fp8_decode(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, compact)
         if not meta.decode_only:
             if meta.kv_fp8 is not None:
-                staged = meta.host_kv is not None   # (only here while fp8_staged_prefill is not False)
-                if self.fp8_prefill is not False:
-                    try:
-                        host, kmeta = None, meta
-                        if staged:      # spilled pages' compact rows, staged once per layer
-                            slots, kmeta = self._staged_meta(meta, meta.kv_fp8.end)
-                            host = (stage_rows(meta.host_kv[0][1][:, layer_idx], slots), meta.kv_fp8.end)
-                        out = self._mixed_fp8(q, kv_layer, kmeta, scale, sliding_window, compact, host)
-                        if staged:
-                            self.fp8_staged_prefill = True
-                        else:
-                            self.fp8_prefill = True
-                        return out
-                    except Exception as e:      # a kernel that fails to build must not take the engine down
-                        if staged:
-                            log.warning("FP8 prefill over spilled pages is off (%s: %s); such steps use the "
-                                        "reference", type(e).__name__, e)
-                            self.fp8_staged_prefill = False
-                        else:
-                            log.warning("FP8 prefill kernel is off (%s: %s); steps with prefill use the reference",
-                                        type(e).__name__, e)
-                            self.fp8_prefill = False
-                return self._ref.forward(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, kv_written=True)
+                return self._fp8_prefill(q, k, v, kv_layer, meta, scale, sliding_window, layer_idx, compact)
             return self._mixed(q, k, v, kv_layer, meta, scale, sliding_window)
         if meta.sparse is not None:       # read only the selected pages of each (sequence, KV head)
             table, lens = self._select(q, kv_layer, meta, layer_idx)
@@ -251,15 +206,6 @@ class TritonBackend:
                 out[t0:t1] = chunk_attention(q[t0:t1], k[t0:t1], v[t0:t1], *ctx, scale)
         return out
 
-    @staticmethod
-    def _staged_meta(meta: AttnMetadata, n_dev: int):
-        """Per step (cached): the host slots its tables read and a metadata whose tables point host entries
-        at the staged copy (its own backend_data, shared by the layers)."""
-        if "staged" not in meta.backend_data:
-            slots, table = remap_host_entries(meta.page_table, n_dev)
-            meta.backend_data["staged"] = (slots, dataclasses.replace(meta, page_table=table, backend_data={}))
-        return meta.backend_data["staged"]
-
     def _mixed(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float, window: int | None,
                host_cache=None) -> torch.Tensor:
         page = meta.page_size
@@ -288,23 +234,4 @@ class TritonBackend:
             if fresh or not kernel:                     # own keys only (flash SDPA); else gather + masked SDPA
                 assert fresh or host_cache is None, "host pages need the prefill kernel"
                 out[t0:t1] = prefill_chunk(q[t0:t1], k[t0:t1], v[t0:t1], kv_layer, meta, seq, start, scale, window)
-        return out
-
-    @staticmethod
-    def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None,
-                   host=None) -> torch.Tensor:
-        """A step with prefill chunks over FP8 KV pages: decode rows through the FP8 decode kernel, every
-        chunk (fresh ones too: the read rule applies inside a chunk) through the FP8 prefill kernel. ``host``:
-        (staged compact rows, first host id) of pages spilled to CPU RAM, ``meta``'s tables remapped to them."""
-        f = meta.kv_fp8
-        split = split_step(meta, kv_layer.shape[3])
-        out = torch.empty_like(q)
-        if split.dec_tokens is not None:
-            out[split.dec_tokens] = paged_decode_fp8(
-                q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
-                f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact,
-                host=host)
-        chunks = packed_chunks(meta, split, window, fresh_too=True)
-        paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
-                          sliding_window=window, out=out, compact=compact, host=host)
         return out
