@@ -5,6 +5,7 @@
 #   bash scripts/h200_stop19.sh dense    FP8 dense decode sweep incl. small blocks (bench_fp8_kv.py) (~3 min)
 #   bash scripts/h200_stop19.sh b        section b (sparse FP8 decode defaults of stop 18) (~5 min)
 #   bash scripts/h200_stop19.sh c1m      section c at 1M tokens after the host-work fixes (~4 min)
+#   bash scripts/h200_stop19.sh tlb      FP8 host reads spread over 64 GiB of pinned RAM, engine vs layer-major layout (~3 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -35,5 +36,10 @@ c1m)
     bench 280 --sections c --tier-contexts 1048576 --budgets c=270 --max-wall 270 \
         --output "$OUT/sparse-fp8-c1m-h200.json" | grep -E "tok_s\"|skipped|wall_s"
     rm -f "$OUT"/*.partial.jsonl ;;
-*) echo "usage: $0 tests|tiered|dense|b|c1m"; exit 2 ;;
+tlb)
+    # FP8 host reads with the selected rows side by side, spread over 64 GiB of pinned RAM (a 1M-token tier), and
+    # spread with a layer-major store: is the 1M attention (0.74 ms a layer against ~0.25 at 128k) GPU page walks?
+    timeout 280 python scripts/sweep_fp8_sparse_decode.py --quick --check --cases host,host-spread,host-spread-lm \
+        --spread-gb 64 --output "$OUT/fp8-sparse-decode-host-spread-h200.json" 2>&1 | quiet | grep -v '^{' ;;
+*) echo "usage: $0 tests|tiered|dense|b|c1m|tlb"; exit 2 ;;
 esac

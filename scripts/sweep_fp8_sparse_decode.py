@@ -24,7 +24,10 @@ CTX, SEL = 131072, 128           # context tokens, selected pages per KV head
 HOST_SHARE = 0.9
 
 
-def setup(dev, dtype, host: bool, gen: torch.Generator):
+def setup(dev, dtype, host: bool, gen: torch.Generator, spread_gb: float = 0.0, layer_major: bool = False):
+    """``spread_gb``: the CPU-RAM store holds that many GiB of slots and the selected rows sit at random slots
+    across it (as in a 1M-token tier: ~70 GiB), instead of side by side; ``layer_major``: the store is laid out
+    [layers, slots, 2, row bytes] (each layer's rows in one region) instead of the engine's [slots, layers, ...]."""
     from tierserve.attention.triton_fp8_quant import quantise_pages_triton
     from tierserve.quant.fp8_compact import slot_bytes
 
@@ -45,27 +48,34 @@ def setup(dev, dtype, host: bool, gen: torch.Generator):
     quantise_pages_triton(data, stored, PAGE)
     flags = torch.zeros(N, dtype=torch.bool, device=dev)
     flags[stored] = True
-    hostbuf = None
+    hostbuf, dev_table = None, table[None].to(dev)
     if host:             # 90% of the old selected pages as compact rows in pinned CPU RAM, ids after the device's
         sb = slot_bytes(PAGE, HKV, D, 1, data.element_size())
         olds = table[old_mask]
         moved = olds[torch.randperm(olds.numel(), generator=gen)[:int(HOST_SHARE * olds.numel())]]
-        blocks = data.view(N, LAYERS, 2, -1).view(torch.uint8)[moved.to(dev).long(), :, :, :sb]
-        hostbuf = torch.empty(moved.numel(), LAYERS, 2, sb, dtype=torch.uint8, pin_memory=dev.type == "cuda")
-        hostbuf.copy_(blocks.cpu())
-        slot_of = {int(p): i for i, p in enumerate(moved.tolist())}
+        blocks = data.view(N, LAYERS, 2, -1).view(torch.uint8)[moved.to(dev).long(), :, :, :sb].cpu()
+        S = max(moved.numel(), int(spread_gb * 2**30 // (LAYERS * 2 * sb)))
+        shape = (LAYERS, S, 2, sb) if layer_major else (S, LAYERS, 2, sb)
+        hostbuf = torch.empty(shape, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+        at = torch.randperm(S, generator=gen)[:moved.numel()]          # where the selected rows sit
+        if layer_major:
+            hostbuf[:, at] = blocks.transpose(0, 1)
+        else:
+            hostbuf[at] = blocks
+        slot_of = {int(p): int(at[i]) for i, p in enumerate(moved.tolist())}
         table = torch.tensor([[N + slot_of[int(p)] if int(p) in slot_of else int(p) for p in row]
                               for row in table.tolist()], dtype=torch.int32)
     seq = torch.full((1,), CTX + 1, dtype=torch.int32, device=dev)
     lens = torch.full((1, HKV), (SEL - 1) * PAGE + 1, dtype=torch.int32, device=dev)
     return dict(data=data, flags=flags, table=table[None].to(dev), logical=logical[None].to(dev), seq=seq,
-                lens=lens, host=hostbuf, N=N)
+                lens=lens, host=hostbuf, N=N, layer_major=layer_major, dev_table=dev_table)
 
 
 def call(inp, layer: int, q, cfg: dict, out=None):
     from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
     kv = inp["data"][:, layer]
-    host = (inp["host"][:, layer], inp["N"]) if inp["host"] is not None else None
+    hb = inp["host"]
+    host = ((hb[layer] if inp["layer_major"] else hb[:, layer]), inp["N"]) if hb is not None else None
     return paged_decode_fp8(q[layer], kv, inp["flags"], inp["table"], inp["seq"], D ** -0.5, PAGE, SINK, RECENT,
                             selection=(inp["logical"], inp["lens"]), host=host, out=out, **cfg)
 
@@ -110,7 +120,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the default configuration only (no sweep)")
     ap.add_argument("--check", action="store_true", help="compare each configuration's output with the default's")
-    ap.add_argument("--cases", default="gpu,host")
+    ap.add_argument("--cases", default="gpu,host", help="gpu, host (the selected rows side by side in CPU RAM), "
+                    "host-spread (across --spread-gb of CPU RAM), host-spread-lm (the same, layer-major store)")
+    ap.add_argument("--spread-gb", type=float, default=64.0, help="CPU RAM the host-spread cases' store spans")
     ap.add_argument("--budget-s", type=float, default=90.0, help="seconds of sweep per case")
     ap.add_argument("--env", help="write shell exports of each case's best settings here "
                                   "(TIERSERVE_FP8_SPARSE_DECODE / TIERSERVE_FP8_SPARSE_HOST_DECODE)")
@@ -132,12 +144,20 @@ def main() -> None:
     q = torch.randn(LAYERS, 1, HQ, D, generator=gen).to(dtype).to(dev)
     rows = []
     for case in a.cases.split(","):
-        inp = setup(dev, dtype, case == "host", gen)
+        if case not in ("gpu", "host", "host-spread", "host-spread-lm"):
+            sys.exit(f"unknown case {case!r}")
+        inp = setup(dev, dtype, case.startswith("host"), gen, a.spread_gb if "spread" in case else 0.0,
+                    case.endswith("-lm"))
         if case == "gpu":
             for splits in (default_splits, 8):
                 us = timed(lambda i, s=splits: bf16_call(inp, i, q, s), cuda)
                 rows.append(dict(case=case, kernel="bf16 decode (same selection, bf16 pages)", splits=splits, us=us))
         ref = call(inp, 0, q, dict(num_splits=default_splits)).float()
+        if a.check and inp["host"] is not None:       # rows read from CPU RAM == the same pages read on the device
+            same = call({**inp, "host": None, "table": inp["dev_table"]}, 0, q, dict(num_splits=default_splits))
+            diff = (same.float() - ref).abs().max().item()
+            print(f"{case}: host reads vs device reads, max abs diff {diff}")
+            assert diff == 0.0, diff
 
         def run(cfg):
             try:
@@ -160,9 +180,10 @@ def main() -> None:
                              for r in top]):
                 if time.perf_counter() < stop:
                     run(c)
-        inp = None          # frees the pool before the next case
+        inp = None          # frees the pool (and the pinned store) before the next case
         if cuda:
-            torch.cuda.empty_cache()
+            from tierserve.bench.sparse_fp8_run import free_memory
+            free_memory()
     best = {}
     for r in rows:
         if r["kernel"] == "fp8 decode" and "us" in r and (r["case"] not in best or r["us"] < best[r["case"]]["us"]):
@@ -175,6 +196,8 @@ def main() -> None:
         names = {"gpu": "TIERSERVE_FP8_SPARSE_DECODE", "host": "TIERSERVE_FP8_SPARSE_HOST_DECODE"}
         with open(a.env, "w") as f:
             for case, r in best.items():
+                if case not in names:
+                    continue
                 val = ",".join(f"{k}={int(r[k])}" for k in ("num_splits", "block_n", "num_warps", "num_stages",
                                                             "prefetch") if k in r)
                 f.write(f"export {names[case]}={val}\n")
