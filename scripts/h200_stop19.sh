@@ -6,6 +6,7 @@
 #   bash scripts/h200_stop19.sh b        section b (sparse FP8 decode defaults of stop 18) (~5 min)
 #   bash scripts/h200_stop19.sh c1m      section c at 1M tokens after the host-work fixes (~4 min)
 #   bash scripts/h200_stop19.sh tlb      FP8 host reads spread over 64 GiB of pinned RAM, engine vs layer-major layout (~3 min)
+#   bash scripts/h200_stop19.sh p1m      decode profile of the tiered 1M step (sparse + FP8 KV) (~4 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -41,5 +42,10 @@ tlb)
     # spread with a layer-major store: is the 1M attention (0.74 ms a layer against ~0.25 at 128k) GPU page walks?
     timeout 280 python scripts/sweep_fp8_sparse_decode.py --quick --check --cases host,host-spread,host-spread-lm \
         --spread-gb 64 --output "$OUT/fp8-sparse-decode-host-spread-h200.json" 2>&1 | quiet | grep -v '^{' ;;
-*) echo "usage: $0 tests|tiered|dense|b|c1m|tlb"; exit 2 ;;
+p1m)
+    # where a tiered 1M step goes (sparse + FP8 KV, 10% of the pages on the GPU, compact FP8 rows in CPU RAM)
+    SETTING=sparse+fp8-kv FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=1048576 timeout 280 \
+        python scripts/profile_decode.py 2>&1 | quiet | tail -16
+    (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}"; done; true) ;;
+*) echo "usage: $0 tests|tiered|dense|b|c1m|tlb|p1m"; exit 2 ;;
 esac

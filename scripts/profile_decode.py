@@ -82,10 +82,14 @@ def main() -> None:
     if SPILL and not SYNTHETIC:
         sys.exit("GPU_FRAC needs FILL=synthetic")
     tier = {}
-    if SPILL:       # Llama-3.1-8B pages: 32 layers x K/V x (16 + 1 summary row) x 8 heads x 128 x 2 bytes
+    if SPILL:       # Llama-3.1-8B pages: 32 layers x K/V x (16 + 1 summary row) x 8 heads x 128 x 2 bytes; with
+        # FP8 KV pages spilled pages are compact FP8 rows in CPU RAM (about half: 1M tokens fit in host RAM)
+        from tierserve.quant.fp8_compact import slot_bytes
         pages = -(-(CONTEXT + 256) // 16)
         gpu = max(64, math.ceil(GPU_FRAC * pages))
-        tier = dict(num_kv_pages=gpu, cpu_kv_gb=(pages - gpu + 64) * 2.2 * 2**20 / 2**30,
+        fp8 = SETTINGS[SETTING].get("kv_dtype") == "fp8"
+        page_bytes = 2 * 32 * slot_bytes(16, 8, 128, 1, 2) if fp8 else 2.2 * 2**20
+        tier = dict(num_kv_pages=gpu, cpu_kv_gb=(pages - gpu + 64) * page_bytes / 2**30,
                     max_num_batched_tokens=min(8192, gpu // 4 * 16))
     llm = LLM(os.environ.get("MODEL", "llama-3.1-8b"), load_format="dummy", dtype="bfloat16", seed=0,
               max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 256, enable_prefix_caching=False,
