@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from tierserve.bench.gpu_timer import cuda_or_interpreter
+
 HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
 # FP8 decode configurations tried (the first is the kernel's default)
 CONFIGS = [dict(block_n=None, num_warps=None, num_stages=2)] + [
@@ -217,11 +219,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="time the default configurations only (no sweep)")
     ap.add_argument("--no-before", action="store_true", help="skip the pre-rework kernels (loaded from git)")
     a = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not a.smoke:
-        sys.exit("needs a CUDA GPU (or --smoke)")
-    if not cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
+    cuda = cuda_or_interpreter(a.smoke)
     global HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS, OLD
     if a.smoke:
         HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS = 4, 2, 16, 2, CONFIGS[:2], PCONFIGS[:1]

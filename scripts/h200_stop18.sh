@@ -34,6 +34,7 @@ knobs)
     # the default (two-level top-k since stop 18's micro), then the opt-in knobs alone and together, on the 128k
     # sparse + FP8 KV profile (~50 s each): split-K sized by the selection (9 splits, not 64), FP8 decode page
     # ids a block ahead
+    # (run in stop 18; TIERSERVE_FP8_PREFETCH=1 is now TIERSERVE_FP8_SPARSE_DECODE=prefetch=1, fp8_decode_config.py)
     for knob in default TIERSERVE_SPARSE_SPLITS=selection TIERSERVE_FP8_PREFETCH=1 both; do
         sub="$OUT/${knob%%=*}"; mkdir -p "$sub"
         envs="$knob"

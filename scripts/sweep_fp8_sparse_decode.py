@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 
 import torch
+
+from tierserve.bench.gpu_timer import cuda_or_interpreter
 
 HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
 CTX, SEL = 131072, 128           # context tokens, selected pages per KV head
@@ -128,11 +129,7 @@ def main() -> None:
                                   "(TIERSERVE_FP8_SPARSE_DECODE / TIERSERVE_FP8_SPARSE_HOST_DECODE)")
     ap.add_argument("--output")
     a = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not a.smoke:
-        sys.exit("needs a CUDA GPU (or --smoke)")
-    if not cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
+    cuda = cuda_or_interpreter(a.smoke)
     if a.smoke:
         HQ, HKV, D, LAYERS, CTX, SEL = 4, 2, 16, 2, 2048, 16
     from tierserve.attention.backend import choose_splits

@@ -1,10 +1,10 @@
-"""Launch settings of the FP8 decode kernel (``triton_decode_fp8.paged_decode_fp8``) on sparse decode steps.
+"""Launch settings of the FP8 decode kernel (``triton_decode_fp8.paged_decode_fp8``) in pure decode steps.
 
 A sparse step reads ~2k selected tokens per (sequence, KV head) however long the context is, so the dense
 defaults (split-K sized by ``max_model_len``, 64-token blocks, 8 warps) leave most programs a single block and the
 kernel latency-bound (27 us a layer at 128k on the H200, stop 17). ``scripts/sweep_fp8_sparse_decode.py`` times
-the alternatives. Two settings, each a comma-separated ``key=value`` list of ``num_splits``, ``block_n``,
-``num_warps``, ``num_stages``, ``prefetch`` (0/1), read once at import:
+the alternatives. Three settings, each a comma-separated ``key=value`` list of ``num_splits``, ``block_n``,
+``num_warps``, ``num_stages``, ``prefetch`` (0/1: page ids loaded a block ahead), read once at import:
 
 * ``TIERSERVE_FP8_SPARSE_DECODE``: every selected page on the device;
 * ``TIERSERVE_FP8_SPARSE_HOST_DECODE``: with FP8 rows spilled to CPU RAM (read over PCIe in the kernel);

@@ -208,7 +208,6 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
 
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_PREFETCH = os.environ.get("TIERSERVE_FP8_PREFETCH") == "1"      # read once: the kernel runs per layer per step
 
 
 def scale_offset(page_size: int, num_kv_heads: int, head_dim: int, elem_size: int, rows: int) -> int:
@@ -226,7 +225,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
                      rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None,
-                     host: tuple[torch.Tensor, int] | None = None, prefetch: bool | None = None) -> torch.Tensor:
+                     host: tuple[torch.Tensor, int] | None = None, prefetch: bool = False) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
@@ -238,9 +237,10 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     ``host`` (KV tiers): (this layer's CPU-RAM store of spilled pages as compact rows [S, 2, slot_bytes] uint8,
     pinned -- or a staged copy on the device; first host page id, after the compact range): page ids >= it are
     read from that store in place (zero-copy on CUDA) and are always FP8; in ``page_table`` they may sit
-    anywhere, also in a selection. ``prefetch`` (None: ``TIERSERVE_FP8_PREFETCH=1``; opt-in until timed on the
-    H200): page ids loaded a block ahead (the kernel's ``PREFETCH``); the same bits without a selection, with
-    one the splits divide the table instead of the selection (other fp32 summation groups)."""
+    anywhere, also in a selection. ``prefetch`` (the engine: ``prefetch=1`` in attention/fp8_decode_config's
+    settings; opt-in, it did not help on the H200): page ids loaded a block ahead (the kernel's ``PREFETCH``); the
+    same bits without a selection, with one the splits divide the table instead of the selection (other fp32
+    summation groups)."""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -287,7 +287,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None, HOST=host is not None, PREFETCH=_PREFETCH if prefetch is None else prefetch,
+        COMPACT=compact is not None, HOST=host is not None, PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)

@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 
+def cuda_or_interpreter(smoke: bool) -> bool:
+    """For a micro-benchmark script: True on a CUDA GPU; else, with ``smoke`` (tiny sizes to check the script),
+    False and Triton kernels run in its CPU interpreter; else exit with a message."""
+    import os
+    import sys
+
+    if torch.cuda.is_available():
+        return True
+    if not smoke:
+        sys.exit("needs a CUDA GPU (or --smoke)")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return False
+
+
 def graph_time_us(fn, reps: int = 16, runs: int = 7) -> float:
     fn()                                         # compile / autotune outside the graph
     torch.cuda.synchronize()

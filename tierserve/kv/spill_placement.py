@@ -65,10 +65,9 @@ class SpillPlacement:
         for t in self._tables.values():
             n = min(t.computed // ps, len(t.pages) - 1)
             # device entries only (at 1M tokens with 10% on the device, a tenth of the table)
-            idx = np.flatnonzero(t.pages.array()[:n] >= 0).tolist() if hasattr(t.pages, "array") else range(n)
-            for i in idx:
+            for i in np.flatnonzero(t.pages.array()[:n] >= 0).tolist():
                 pid = t.pages[i]
-                if pid < 0 or self._is_compact(pid) or self.pool.meta[pid].ref_count != 1:
+                if self._is_compact(pid) or self.pool.meta[pid].ref_count != 1:
                     continue
                 if fp8 is not None and (i < sink or fp8.needs_full(i, t.computed)):
                     continue

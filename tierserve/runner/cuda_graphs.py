@@ -9,9 +9,9 @@ table), so ``num_scheduler_steps`` greedy steps are consecutive replays with no 
 """
 from __future__ import annotations
 
-import torch
-
 import os
+
+import torch
 
 from tierserve.attention.backend import AttnMetadata, choose_splits
 from tierserve.attention.select import selection_bound

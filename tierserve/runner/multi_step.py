@@ -25,7 +25,7 @@ import torch
 from tierserve.attention.backend import AttnMetadata
 from tierserve.runner.engram_state import history_rows
 from tierserve.runner.sampler import argmax_rows
-from tierserve.runner.step_inputs import host_id_base, kernel_table
+from tierserve.runner.step_inputs import host_id_base, kernel_table, page_array
 
 TIERED = os.environ.get("TIERSERVE_TIERED_MULTI_STEP") == "1"
 
@@ -62,10 +62,10 @@ def extend(runner, w: Window, steps: int, tables: list[list[int]]) -> Window | N
     width = max(len(t) for t in tables)
     arr, n_dev, top = np.zeros((B, width), dtype=np.int64), host_id_base(runner), -1
     for b, t in enumerate(tables):
-        row, row_top = kernel_table(t.array() if hasattr(t, "array") else np.asarray(t, dtype=np.int64), n_dev)
+        row, row_top = kernel_table(page_array(t), n_dev)
         arr[b, :len(row)], top = row, max(top, row_top)
+    ram = runner.spill.ram_slots if runner.spill is not None else 0
     if top >= 0:
-        ram = runner.spill.ram_slots if runner.spill is not None else 0
         if (w.graph and not w.spill) or (not w.graph and w.meta.host_kv is None) or (w.graph and top >= ram):
             return None
     table = torch.from_numpy(arr)
@@ -77,10 +77,9 @@ def extend(runner, w: Window, steps: int, tables: list[list[int]]) -> Window | N
         runner.graphs.set_tables(B, table)
     else:
         bound = meta.max_seq_bound + steps
-        ram_only = top < (runner.spill.ram_slots if runner.spill is not None else 0)
         meta = dataclasses.replace(meta, page_table=table, slot_pages=_slots(table, meta.positions, ps),
                                    backend_data={}, max_seq_bound=bound, num_splits=runner.decode_splits(B),
-                                   host_ram_only=ram_only if meta.host_kv is not None else meta.host_ram_only)
+                                   host_ram_only=top < ram if meta.host_kv is not None else meta.host_ram_only)
     return _run(runner, meta, w.ids, steps, w.graph, table, spill=w.spill)
 
 

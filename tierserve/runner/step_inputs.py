@@ -15,6 +15,11 @@ def host_id_base(runner) -> int:
     return runner.fp8.end if runner.fp8 is not None else runner.kv.data.shape[0]
 
 
+def page_array(pages) -> np.ndarray:
+    """A request's page table as int64 ids (a ``kv.page_list.PageList``: its cached array)."""
+    return pages.array() if hasattr(pages, "array") else np.asarray(pages, dtype=np.int64)
+
+
 def kernel_table(pt: np.ndarray, n_dev: int) -> tuple[np.ndarray, int]:
     """A page table as the kernels read it: spilled entries ``-(slot + 1)`` become ``n_dev + slot``; and the
     largest spilled slot (-1: none)."""
@@ -36,9 +41,7 @@ def prepare_step(runner, so, lookahead: int = 0):
     for b, s in enumerate(so.scheduled):
         req = s.request
         pos = np.arange(s.start, s.end, dtype=np.int64)
-        whole = s.page_table
-        pt = (whole.array() if hasattr(whole, "array") else np.asarray(whole, dtype=np.int64))[:max_pages]
-        pt, top = kernel_table(pt, n_dev)     # spilled to CPU RAM: virtual ids after the device pages
+        pt, top = kernel_table(page_array(s.page_table)[:max_pages], n_dev)     # spilled to CPU RAM: virtual ids after the device pages
         if top >= 0:
             max_slot, has_host = max(max_slot, top), True
         table[b, :len(pt)] = pt
