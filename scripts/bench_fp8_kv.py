@@ -38,6 +38,8 @@ CONFIGS = [dict(block_n=None, num_warps=None, num_stages=2)] + [
     dict(block_n=16, num_warps=w, num_stages=st) for w in (2, 4) for st in (1, 2)]
 # FP8 prefill configurations tried (the first is the kernel's default: 128 rows, 32 keys, 8 warps)
 PCONFIGS = [dict(), dict(block_n=64), dict(num_stages=3), dict(block_rows=64, num_warps=4)]
+DECODE_LAYERS = 1   # --layers: the decode rows' pool holds this many layers, one per call in turn
+ALL = False     # a row per decode configuration (--configs), not only the default and the best
 OLD = None      # (decode, prefill) kernels before the rework, for comparison (scripts/fp8_kv_before.py)
 
 
@@ -92,20 +94,26 @@ def before(name: str, fn, graph: bool, base_us: float, reps: int = 32, **row) ->
 
 def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dict]:
     from tierserve.attention.backend import choose_splits
+    from tierserve.attention.fp8_decode_config import SPLITS, decode_config
     from tierserve.attention.triton_decode import paged_decode
     from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
     from tierserve.attention.triton_fp8_quant import quantise_pages_triton
 
-    data, table = pool(B, ctx, dev, dtype)
-    kv = data[:, 0]
+    data, table = pool(B, ctx, dev, dtype, layers=DECODE_LAYERS)
+    turn = iter(range(1 << 62))
+
+    def kv():       # each call reads the next layer (DECODE_LAYERS > 1: from HBM, as in a decode step, not L2)
+        return data[:, next(turn) % DECODE_LAYERS]
     seq = torch.full((B,), ctx, device=dev)
     q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
     splits = choose_splits(B, HKV, ctx + 144, sms)
+    # the engine's FP8 setting of a dense decode step (runner/cuda_graphs.decode_splits, fp8_decode_config)
+    engine = {"num_splits": choose_splits(B, HKV, ctx + 144, sms, **SPLITS), **decode_config(False, False, PAGE)}
     scale = D ** -0.5
     flags = torch.zeros(data.shape[0], dtype=torch.bool, device=dev)
     rows = []
     bf16_bytes = B * ctx * HKV * D * 2 * data.element_size()
-    us = timer(lambda: paged_decode(q, kv[:, 0], kv[:, 1], table, seq, scale, num_splits=splits), graph)
+    us = timer(lambda: paged_decode(q, *kv().unbind(1), table, seq, scale, num_splits=splits), graph)
     rows.append(dict(kernel="decode", setting="bf16", batch=B, context=ctx, splits=splits, us=us,
                      GBps=bf16_bytes / us / 1e3))
     old = old_pages(table, ctx)
@@ -120,26 +128,30 @@ def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dic
             quantise_pages_triton(data, torch.tensor(ids, device=dev), PAGE)
             flags[torch.tensor(ids, device=dev)] = True
         res = []
-        for cfg in CONFIGS:
+        for cfg in [engine] + CONFIGS:
             try:
-                us = timer(lambda cfg=cfg: paged_decode_fp8(q, kv, flags, table, seq, scale, PAGE, SINK, RECENT,
-                                                            num_splits=splits, **cfg), graph)
+                us = timer(lambda cfg=cfg: paged_decode_fp8(q, kv(), flags, table, seq, scale, PAGE, SINK, RECENT,
+                                                            **{"num_splits": splits, **cfg}), graph)
                 res.append((us, cfg))
             except Exception as e:      # a configuration that does not compile is reported, not fatal
                 print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
         if not res:
             rows.append(dict(kernel="decode", setting=name, batch=B, context=ctx, error="no config compiled"))
             continue
-        default = [r for r in res if r[1] == CONFIGS[0]]
-        picks = [("default", default[0])] if default else []
-        for label, (us, cfg) in picks + [("best", min(res, key=lambda r: r[0]))]:
+        picks = [(label, r) for label, cfg in (("engine default", engine), ("kernel default", CONFIGS[0]))
+                 for r in res[:2] if r[1] is cfg]
+        every = [(f"#{i}", r) for i, r in enumerate(res[2:], 1)] if ALL else []
+        for label, (us, cfg) in picks + every + [("best", min(res, key=lambda r: r[0]))]:
             rows.append(dict(kernel="decode", setting=f"{name} ({label})", batch=B, context=ctx, splits=splits,
                              config=",".join(f"{k}={v}" for k, v in cfg.items()), us=us, GBps=fp8_bytes / us / 1e3,
                              speedup_vs_bf16=rows[0]["us"] / us))
-        if OLD is not None:
-            rows.append(before(f"{name} (before the rework)", lambda: OLD[0](
-                q, kv, flags, table, seq, scale, PAGE, SINK, RECENT, num_splits=splits), graph, rows[0]["us"],
-                kernel="decode", batch=B, context=ctx, splits=splits))
+        if OLD is not None:     # the older kernel with its defaults, and with the best setting here (if it has it)
+            best = {k: v for k, v in min(res, key=lambda r: r[0])[1].items() if k != "fast"}
+            for label, cfg in (("", {}), (" at the best setting", best)):
+                row = before(f"{name} (before{label})", lambda cfg=cfg: OLD[0](
+                    q, kv(), flags, table, seq, scale, PAGE, SINK, RECENT, **{"num_splits": splits, **cfg}), graph,
+                    rows[0]["us"], kernel="decode", batch=B, context=ctx, splits=splits)
+                rows.append({**row, "config": ",".join(f"{k}={v}" for k, v in cfg.items())})
     return rows
 
 
@@ -218,28 +230,43 @@ def main() -> None:
     ap.add_argument("--output", help="write the rows as JSON here")
     ap.add_argument("--quick", action="store_true", help="time the default configurations only (no sweep)")
     ap.add_argument("--no-before", action="store_true", help="skip the pre-rework kernels (loaded from git)")
+    ap.add_argument("--before-rev", default="0e24fc2", help="the commit whose FP8 kernels are timed as 'before'")
+    ap.add_argument("--configs", help="FP8 decode settings to try instead of the sweep (after the default): "
+                    "';'-separated attention/fp8_decode_config settings, e.g. 'block_n=16,num_warps=2,fast=1'")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode rows (no quantise / prefill)")
+    ap.add_argument("--cases", help="decode rows: BATCHxCONTEXT,... (default 1x2048,1x32768,16x2048,16x32768)")
+    ap.add_argument("--layers", type=int, default=1, help="decode rows: a pool of this many layers, each call on "
+                    "the next (32: every read from HBM as in a decode step; 1: the same layer, L2-resident at 2k)")
     a = ap.parse_args()
     cuda = cuda_or_interpreter(a.smoke)
-    global HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS, OLD
+    global HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS, OLD, ALL, DECODE_LAYERS
+    DECODE_LAYERS = a.layers
     if a.smoke:
         HQ, HKV, D, LAYERS, CONFIGS, PCONFIGS = 4, 2, 16, 2, CONFIGS[:2], PCONFIGS[:1]
     if a.quick:
         CONFIGS, PCONFIGS = CONFIGS[:1], PCONFIGS[:1]
+    if a.configs:
+        from tierserve.attention.fp8_decode_config import parse
+        CONFIGS = CONFIGS[:1] + [parse(t, "--configs") for t in a.configs.split(";") if t.strip()]
+        ALL = True
     if not a.no_before:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from fp8_kv_before import load
-        OLD = load()
+        OLD = load(a.before_rev)
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 132
     decode = [(1, 2048), (1, 32768), (16, 2048), (16, 32768)] if not a.smoke else [(1, 200), (2, 130)]
+    if a.cases:
+        decode = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",")]
     rows = []
     for B, ctx in decode:
         rows += decode_rows(B, ctx, dev, dtype, cuda, sms)
         torch.cuda.empty_cache() if cuda else None
-    for B in ((1, 16) if not a.smoke else (2,)):
+    for B in ((1, 16) if not a.smoke else (2,)) if not a.decode_only else ():
         rows += quantise_rows(B, dev, dtype, cuda)
-    rows += prefill_rows(*((32768, 8192) if not a.smoke else (200, 64)), dev, dtype, cuda)
+    if not a.decode_only:
+        rows += prefill_rows(*((32768, 8192) if not a.smoke else (200, 64)), dev, dtype, cuda)
     keys = ["kernel", "setting", "batch", "context", "chunk", "splits", "config", "us", "GBps", "TFLOPs",
             "speedup_vs_bf16", "us_per_decode_step", "error"]
     print(" | ".join(keys))

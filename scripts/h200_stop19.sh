@@ -7,6 +7,11 @@
 #   bash scripts/h200_stop19.sh c1m      section c at 1M tokens after the host-work fixes (~4 min)
 #   bash scripts/h200_stop19.sh tlb      FP8 host reads spread over 64 GiB of pinned RAM, engine vs layer-major layout (~3 min)
 #   bash scripts/h200_stop19.sh p1m      decode profile of the tiered 1M step (sparse + FP8 KV) (~4 min)
+#   bash scripts/h200_stop19.sh ncu      Nsight Compute on the BF16 and FP8 decode kernels (batch 16, 32k) (~3 min)
+#   bash scripts/h200_stop19.sh fast     FP8 decode: fp32-hop conversion and the codes-only branch against 2e63176 (~6 min)
+#   bash scripts/h200_stop19.sh a        dense FP8 decode engine defaults: GPU tests, kernel rows, section a (~6 min)
+#   bash scripts/h200_stop19.sh pipe     FP8 decode with software-pipelined loads (fast=1) against the same
+#                                        settings without: dense 2k / 32k, sparse on the device and from CPU RAM (~5 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -47,5 +52,65 @@ p1m)
     SETTING=sparse+fp8-kv FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=1048576 timeout 280 \
         python scripts/profile_decode.py 2>&1 | quiet | tail -16
     (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}"; done; true) ;;
-*) echo "usage: $0 tests|tiered|dense|b|c1m|tlb|p1m"; exit 2 ;;
+pipe)
+    P="block_n=16,num_warps=2,num_stages=1;block_n=16,num_warps=2,num_stages=1,fast=1"
+    P="$P;block_n=32,num_warps=4,num_stages=1;block_n=32,num_warps=4,num_stages=1,fast=1"
+    P="$P;block_n=32,num_warps=4,num_stages=2;block_n=32,num_warps=4,num_stages=2,fast=1"
+    P="$P;block_n=16,num_warps=4,num_stages=1,fast=1;block_n=64,num_warps=4,num_stages=1,fast=1"
+    P="$P;block_n=64,num_warps=8,num_stages=2,fast=1"
+    timeout 200 python scripts/bench_fp8_kv.py --no-before --decode-only --configs "$P" \
+        --output "$OUT/fp8-kv-pipeline-h200.json" 2>&1 | quiet | grep -E "decode|setting"
+    S="$P;num_splits=16,block_n=32,num_warps=4,num_stages=2,fast=1;num_splits=16,block_n=16,num_warps=2,num_stages=1,fast=1"
+    S="$S;num_splits=32,block_n=16,num_warps=2,num_stages=1,fast=1;num_splits=32,block_n=32,num_warps=4,num_stages=1,fast=1"
+    timeout 200 python scripts/sweep_fp8_sparse_decode.py --check --cases gpu,host --configs "$S" \
+        --output "$OUT/fp8-sparse-decode-pipeline-h200.json" 2>&1 | quiet | grep -v '^{' | tail -3
+    python - "$OUT/fp8-sparse-decode-pipeline-h200.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    cfg = ",".join(f"{k}={int(r[k])}" for k in ("num_splits", "block_n", "num_warps", "num_stages", "pipeline") if k in r)
+    print(r["case"], r["kernel"][:8], cfg, round(r.get("us", -1), 2), r.get("same_bits_without_fast", ""),
+          r.get("max_abs_diff_vs_default", ""), r.get("error", ""))
+PY
+    ;;
+ncu)
+    # Nsight Compute on one launch of each decode kernel (batch 16, 32k): where the FP8 kernel's time goes
+    for cfg in "block_n=32,num_warps=4,num_stages=1" ""; do
+        timeout 200 ncu --clock-control none -k regex:decode_split --launch-skip 2 --launch-count 2 \
+            --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+            --section InstructionStats --section MemoryWorkloadAnalysis \
+            python scripts/ncu_fp8_decode.py "$cfg" > "$OUT/ncu-fp8-decode${cfg:+-bn32}.txt" 2>&1
+        grep -E "^  [a-z_]+decode|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occ|Theoretical Occ|Executed Ipc A|Issue Slots Busy|Stall|Warp Cycles Per Issued|L1/TEX Hit|Executed Instructions  " \
+            "$OUT/ncu-fp8-decode${cfg:+-bn32}.txt" | head -60
+    done ;;
+fast)
+    # FP8 decode after the fp32-hop code conversion, with and without the codes-only branch (fast=1); the
+    # committed kernel of 2e63176 ("before", FP8_BEFORE_DIR: its three files) in the same run
+    C="block_n=32,num_warps=4,num_stages=1;block_n=32,num_warps=4,num_stages=1,fast=1"
+    C="$C;block_n=16,num_warps=2,num_stages=1;block_n=16,num_warps=2,num_stages=1,fast=1"
+    C="$C;block_n=64,num_warps=8,num_stages=2,fast=1;block_n=64,num_warps=4,num_stages=2,fast=1"
+    C="$C;num_splits=32,block_n=16,num_warps=2,num_stages=1,fast=1;num_splits=32,block_n=32,num_warps=4,num_stages=1,fast=1"
+    FP8_BEFORE_DIR=${FP8_BEFORE_DIR:-bench_before} timeout 260 python scripts/bench_fp8_kv.py --decode-only \
+        --before-rev 2e63176 --configs "$C" --output "$OUT/fp8-kv-fast-h200.json" 2>&1 | quiet | grep -E "decode|setting"
+    S="block_n=16,num_warps=2,num_stages=1;block_n=16,num_warps=2,num_stages=1,fast=1"
+    S="$S;num_splits=16,block_n=32,num_warps=4,num_stages=2;num_splits=16,block_n=32,num_warps=4,num_stages=2,fast=1"
+    S="$S;block_n=32,num_warps=4,num_stages=1,fast=1;num_splits=32,block_n=16,num_warps=2,num_stages=1,fast=1"
+    timeout 150 python scripts/sweep_fp8_sparse_decode.py --check --cases gpu,host --configs "$S" \
+        --output "$OUT/fp8-sparse-decode-fast-h200.json" 2>&1 | quiet | grep -v '^{' | tail -3
+    python - "$OUT/fp8-sparse-decode-fast-h200.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    cfg = ",".join(f"{k}={int(r[k])}" for k in ("num_splits", "block_n", "num_warps", "num_stages", "fast") if k in r)
+    print(r["case"], r["kernel"][:8], cfg, round(r.get("us", -1), 2), r.get("same_bits_without_fast", ""),
+          r.get("max_abs_diff_vs_default", ""), r.get("error", ""))
+PY
+    ;;
+a)
+    # the engine's new dense FP8 decode defaults (more splits, fast=1): GPU kernel tests, the kernel rows, section a
+    timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_decode_fp8.py \
+        2>&1 | tail -2
+    timeout 120 python scripts/bench_fp8_kv.py --decode-only --no-before --configs "block_n=64,num_warps=4,num_stages=2,fast=1" \
+        --output "$OUT/fp8-kv-engine-h200.json" 2>&1 | quiet | grep -E "bf16|engine|best"
+    bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a-h200.json" | tail -12
+    rm -f "$OUT"/*.partial.jsonl ;;
+*) echo "usage: $0 tests|tiered|dense|b|c1m|tlb|p1m|pipe|ncu|fast|a"; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from tierserve.attention.fp8_decode_config import KEYS
 from tierserve.bench.gpu_timer import cuda_or_interpreter
 
 HQ, HKV, D, PAGE, LAYERS, SINK, RECENT = 32, 8, 128, 16, 32, 16, 64
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=90.0, help="seconds of sweep per case")
     ap.add_argument("--env", help="write shell exports of each case's best settings here "
                                   "(TIERSERVE_FP8_SPARSE_DECODE / TIERSERVE_FP8_SPARSE_HOST_DECODE)")
+    ap.add_argument("--configs", help="time these settings instead of the sweep: ';'-separated "
+                    "attention/fp8_decode_config settings, e.g. 'block_n=16,num_warps=2,fast=1;num_splits=16'")
     ap.add_argument("--output")
     a = ap.parse_args()
     cuda = cuda_or_interpreter(a.smoke)
@@ -161,14 +164,21 @@ def main() -> None:
                 us = timed(lambda i: call(inp, i, q, cfg), cuda)
                 row = dict(case=case, kernel="fp8 decode", **cfg, us=us)
                 if a.check:
-                    row["max_abs_diff_vs_default"] = (call(inp, 0, q, cfg).float() - ref).abs().max().item()
+                    got = call(inp, 0, q, cfg)
+                    row["max_abs_diff_vs_default"] = (got.float() - ref).abs().max().item()
+                    if cfg.get("fast"):     # bit-identical to the same setting without it
+                        row["same_bits_without_fast"] = torch.equal(got, call(inp, 0, q, {**cfg, "fast": False}))
             except Exception as e:          # a configuration that does not compile is reported, not fatal
                 row = dict(case=case, kernel="fp8 decode", **cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
             rows.append(row)
             print(json.dumps(row), flush=True)
             return row
         run(dict(num_splits=default_splits))           # the engine's default
-        if not a.quick:
+        if a.configs:
+            from tierserve.attention.fp8_decode_config import parse
+            for text in filter(None, a.configs.split(";")):
+                run({"num_splits": default_splits, **parse(text, "--configs")})
+        elif not a.quick:
             stop = time.perf_counter() + a.budget_s          # configurations past the budget are not started
             first = [run(c) for c in grid(default_splits) if time.perf_counter() < stop]
             top = sorted((r for r in first if "us" in r), key=lambda r: r["us"])[:2]
@@ -187,7 +197,7 @@ def main() -> None:
             best[r["case"]] = r
     print("case | kernel | config | us")
     for r in [r for r in rows if r["kernel"] != "fp8 decode" or "num_warps" not in r] + list(best.values()):
-        cfg = ",".join(f"{k}={r[k]}" for k in ("num_splits", "block_n", "num_warps", "num_stages", "prefetch") if k in r)
+        cfg = ",".join(f"{k}={r[k]}" for k in KEYS if k in r)
         print(f"{r['case']} | {r['kernel']} | {cfg} | {r.get('us', float('nan')):.2f}")
     if a.env:
         names = {"gpu": "TIERSERVE_FP8_SPARSE_DECODE", "host": "TIERSERVE_FP8_SPARSE_HOST_DECODE"}
@@ -195,8 +205,7 @@ def main() -> None:
             for case, r in best.items():
                 if case not in names:
                     continue
-                val = ",".join(f"{k}={int(r[k])}" for k in ("num_splits", "block_n", "num_warps", "num_stages",
-                                                            "prefetch") if k in r)
+                val = ",".join(f"{k}={int(r[k])}" for k in KEYS if k in r)
                 f.write(f"export {names[case]}={val}\n")
     if a.output:
         meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,

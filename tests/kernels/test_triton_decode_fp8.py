@@ -259,12 +259,18 @@ def test_engine_fp8_prefill_chunks_use_the_kernel(ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [0, 2, 4])
-def test_prefetched_page_ids_give_the_same_bits(case):
-    """``prefetch=True`` (page ids loaded a block ahead): without a selection the very same outputs."""
+def test_prefetched_and_fast_loads_give_the_same_bits(case):
+    """``prefetch=True`` (page ids loaded a block ahead) and ``fast=True`` (blocks read wholly in FP8 skip the
+    full-precision loads): without a selection the very same outputs as the plain loop."""
     hq, hkv, ps, D, lens, sink, recent, splits, window, bn = CASES[case]
     data, table, q, seq_lens, eligible, pick = _inputs(torch.float32, hq, hkv, ps, D, lens, sink, recent, seed=case)
     fp8 = Fp8Pages(data.shape[0], ps, sink, recent, DEV)
-    fp8.quantise(data, pick)
+    fp8.quantise(data, pick[::2])       # some eligible pages not stored yet: quantised on the fly (fix-up)
     got = [paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
-                            num_splits=splits, sliding_window=window, block_n=bn, prefetch=p) for p in (False, True)]
-    assert torch.equal(got[0], got[1])
+                            sliding_window=window, block_n=bn, **{"num_splits": splits, **kw})
+           for kw in (dict(), dict(prefetch=True), dict(fast=True), dict(fast=True, num_splits=1))]
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    torch.testing.assert_close(got[3], got[0], atol=2e-5, rtol=2e-5)
+    with pytest.raises(AssertionError, match="rule_loads"):
+        paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
+                         num_splits=splits, fast=True, rule_loads=False)

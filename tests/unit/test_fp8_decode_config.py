@@ -9,9 +9,10 @@ def test_parse_settings():
     assert cfg.parse("num_splits=16, block_n=32,num_warps=4,num_stages=1,prefetch=1") == \
         dict(num_splits=16, block_n=32, num_warps=4, num_stages=1, prefetch=True)
     assert cfg.parse("prefetch=0") == {"prefetch": False}
+    assert cfg.parse("fast=1,block_n=16") == {"fast": True, "block_n": 16}
 
 
-@pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=2"])
+@pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=2", "fast=3"])
 def test_bad_settings_say_what_is_wrong(bad):
     with pytest.raises(ValueError, match="X:"):
         cfg.parse(bad, "X")
@@ -23,8 +24,9 @@ def test_dense_sparse_and_host_settings_are_separate(monkeypatch):
     monkeypatch.setattr(cfg, "DENSE", {"num_stages": 1})
     assert cfg.decode_config(True, False) == {**cfg.DEFAULT_SPARSE, "block_n": 32}
     assert cfg.decode_config(True, True) == {**cfg.DEFAULT_SPARSE_HOST, "num_warps": 8}
-    assert cfg.decode_config(False, False) == cfg.decode_config(False, True) == {"num_stages": 1}
+    assert cfg.decode_config(False, False) == cfg.decode_config(False, True) == {**cfg.DEFAULT_DENSE, "num_stages": 1}
     assert cfg.decode_config(True, False, page_size=64)["block_n"] == 64          # a block holds a whole page
     cfg.decode_config(True, False)["num_splits"] = 3          # a copy: the caller may add to it
     cfg.decode_config(False, False)["num_splits"] = 3
     assert cfg.SPARSE == {"block_n": 32} and cfg.DENSE == {"num_stages": 1} and "num_splits" not in cfg.DEFAULT_SPARSE
+    assert "num_splits" not in cfg.DEFAULT_DENSE

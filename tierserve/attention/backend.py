@@ -67,11 +67,13 @@ class AttentionBackend(Protocol):
 
 
 def choose_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
-                  min_tokens_per_split: int = 256) -> int:
+                  min_tokens_per_split: int = 256, per_sm: int | None = None) -> int:
     """Split-K factor of the decode kernel: enough (batch x kv_head x split) programs to fill the GPU
-    (4 per SM while batch x kv_heads alone is below one per SM, else 2), none with fewer than 256
-    tokens of ``max_seq_len``. Tuned on the H200 by scripts/sweep_decode_kernel.py."""
-    per_sm = 4 if batch * num_kv_heads < num_sms else 2
+    (``per_sm``; by default 4 per SM while batch x kv_heads alone is below one per SM, else 2), none with
+    fewer than ``min_tokens_per_split`` tokens of ``max_seq_len``. Tuned on the H200 by
+    scripts/sweep_decode_kernel.py (BF16) and scripts/bench_fp8_kv.py (FP8: ``fp8_decode_config.SPLITS``)."""
+    if per_sm is None:
+        per_sm = 4 if batch * num_kv_heads < num_sms else 2
     want = max(1, -(-per_sm * num_sms // (batch * num_kv_heads)))
     return max(1, min(want, -(-max_seq_len // min_tokens_per_split), 64))
 

@@ -43,21 +43,12 @@ from tierserve.attention.triton_decode import (
     store_split,
 )
 from tierserve.attention.triton_fp8_common import (
+    code_values,
     fake_fold,
-    load_codes,
     load_scales,
     softmax_update_scaled,
     split_ids,
 )
-
-
-@triton.jit
-def _codes(cptr, hcptr, mask, ish, DTYPE: tl.constexpr, HOST: tl.constexpr):
-    """Codes at ``cptr`` (device storage) or, for rows ``ish`` (HOST: spilled pages), at ``hcptr`` (CPU RAM)."""
-    if HOST:
-        dev = load_codes(cptr, mask & ~ish[:, None], DTYPE)
-        return tl.where(ish[:, None], load_codes(hcptr, mask & ish[:, None], DTYPE), dev)
-    return load_codes(cptr, mask, DTYPE)
 
 
 @triton.jit
@@ -68,18 +59,112 @@ def _scales(sptr, hsptr, mask, ish, HOST: tl.constexpr):
 
 
 @triton.jit
+def _block_ids(row_ids, row_lg, u, lim, PAGE: tl.constexpr, SPARSE: tl.constexpr):
+    """Page ids (int64) and logical pages of the tokens ``u`` of a row (entries ``u < lim`` loaded, else 0)."""
+    page = tl.load(row_ids + u // PAGE, mask=u < lim, other=0).to(tl.int64)
+    lg = page
+    if SPARSE:
+        lg = tl.load(row_lg + u // PAGE, mask=u < lim, other=0)
+    return page, lg
+
+
+@triton.jit
+def _block_meta(page, lg, u, n, p, keep_sink, keep_recent, cbase, hbase,
+                PAGE: tl.constexpr, SPARSE: tl.constexpr, COMPACT: tl.constexpr, HOST: tl.constexpr):
+    """Per-token facts of one block (no loads): page id (0 where invalid), valid, position, offset in its page,
+    on the host, read rule, and the rows of the values / codes / host codes."""
+    valid = u < n                               # whole pages are loaded (amax), masked below
+    page = tl.where(valid, page, 0)
+    off = (u % PAGE).to(tl.int64)
+    t = u                                       # the token's position in its sequence
+    if SPARSE:
+        t = tl.where(valid, lg, 0) * PAGE + off
+    last = (t // PAGE + 1) * PAGE - 1
+    low = valid & (t >= keep_sink) & (p - t >= keep_recent) & (last < p)     # the read rule
+    ish = page < 0                              # HOST: spilled pages (ids >= hbase), always stored FP8
+    vpage, cpage = split_ids(page, cbase, COMPACT)
+    hpage = page * 0
+    if HOST:
+        ish = page >= hbase
+        vpage = tl.where(ish, 0, vpage)
+        cpage = tl.where(ish, 0, cpage)
+        hpage = tl.where(ish, page - hbase, 0)
+    return page, valid, t, off, ish, low, vpage, cpage, hpage
+
+
+@triton.jit
+def _stored(flag_ptr, page, valid, ish, HOST: tl.constexpr):
+    """The pages' stored-as-FP8 flags (spilled pages always are)."""
+    if HOST:
+        return (tl.load(flag_ptr + page, mask=valid & ~ish, other=0) != 0) | ish
+    return tl.load(flag_ptr + page, mask=valid, other=0) != 0
+
+
+@triton.jit
+def _raw_codes(cptr, hcptr, mask, ish, HOST: tl.constexpr):
+    """uint8 codes at ``cptr`` (device storage) or, for rows ``ish`` (HOST: spilled pages), at ``hcptr``."""
+    if HOST:
+        return tl.where(ish[:, None], tl.load(hcptr, mask=mask & ish[:, None], other=0),
+                        tl.load(cptr, mask=mask & ~ish[:, None], other=0))
+    return tl.load(cptr, mask=mask, other=0)
+
+
+@triton.jit
+def _scales(sptr, hsptr, mask, ish, HOST: tl.constexpr):
+    if HOST:
+        return tl.where(ish, load_scales(hsptr, mask & ish), load_scales(sptr, mask & ~ish))
+    return load_scales(sptr, mask)
+
+
+@triton.jit
+def _ptrs(ptr, bptr, hptr, vpage, cpage, hpage, off, kvh, d, s_p, s_t, s_h, s_bp, s_hp, SCALE_OFF: tl.constexpr):
+    """Pointers of one K (or V) block: values [N, D], codes [N, D], scales [N], host codes, host scales."""
+    rel = off[:, None] * s_t + kvh * s_h + d[None, :]          # element offset == code byte offset
+    return (ptr + vpage[:, None] * s_p + rel, bptr + cpage[:, None] * s_bp + rel,
+            bptr + cpage * s_bp + SCALE_OFF + 4 * kvh, hptr + hpage[:, None] * s_hp + rel,
+            hptr + hpage * s_hp + SCALE_OFF + 4 * kvh)
+
+
+@triton.jit
+def _load_raw(vptr, cptr, sptr, hcptr, hsptr, valid, low, ish, HOST: tl.constexpr):
+    """The loads of one K (or V) block under the read rule alone (``low``: FP8 codes + scale, 1 byte per value;
+    else the full-precision values, 2 bytes), so they wait for the page ids only, not for the stored flags (a
+    second dependent memory round trip per block); masked-off loads move no bytes. Raw: (values, uint8 codes,
+    scales), converted by ``_fold``."""
+    x = tl.load(vptr, mask=(valid & ~low)[:, None], other=0.0)
+    return x, _raw_codes(cptr, hcptr, low[:, None], ish, HOST), _scales(sptr, hsptr, low, ish, HOST)
+
+
+@triton.jit
+def _fold(x, c, sc, vptr, cptr, sptr, hcptr, hsptr, valid, low, stored, ish, any_fix,
+          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, HOST: tl.constexpr):
+    """[BLOCK_N, D] keys (or values) of one block as (values in DTYPE, fp32 scale per token) from ``_load_raw``'s
+    loads. Rows where rule and storage disagree (``any_fix``, a scalar: one or two blocks per sequence) are
+    fixed in a branch: a page read in FP8 but not stored yet is quantised on the fly from its values; a stored
+    page read at full precision (the page policy never asks for it) gives its FP8 values."""
+    val = tl.where(low[:, None], code_values(c, DTYPE), x.to(DTYPE))
+    if any_fix:
+        fake = low & ~stored
+        bad = valid & ~low & stored
+        x = tl.where(low[:, None], tl.load(vptr, mask=fake[:, None], other=0.0), x)   # whole pages
+        val, sc = fake_fold(x, val, sc, fake, PAGE, BLOCK_N, DTYPE)
+        bc = code_values(_raw_codes(cptr, hcptr, bad[:, None], ish, HOST), DTYPE)
+        val = tl.where(bad[:, None], bc, val)
+        sc = tl.where(bad, _scales(sptr, hsptr, bad, ish, HOST), sc)
+    return val, sc
+
+
+@triton.jit
 def read_folded(ptr, bptr, page, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h, s_bp,
                 hptr, hpage, ish, s_hp,
                 SCALE_OFF: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-                RULE_LOADS: tl.constexpr, HOST: tl.constexpr):
-    """[BLOCK_N, D] keys (or values) of one K/V block as (values in DTYPE, fp32 scale per token).
+                RULE_LOADS: tl.constexpr, HOST: tl.constexpr, FAST: tl.constexpr = False):
+    """[BLOCK_N, D] keys (or values) of one K/V block as (values in DTYPE, fp32 scale per token): ``_load_raw``
+    then ``_fold``.
 
-    The loads follow the read rule alone (``low``: FP8 codes + scale, 1 byte per value; else the
-    full-precision values, 2 bytes), so they wait for the page ids only, not for the stored flags (a
-    second dependent memory round trip per block). Rows where rule and storage disagree (``any_fix``, a
-    scalar: one or two blocks per sequence) are fixed in a branch: a page read in FP8 but not stored yet
-    is quantised on the fly from its values; a stored page read at full precision (the page policy never
-    asks for it) gives its FP8 values. Masked-off loads move no bytes.
+    ``FAST``: a block whose every valid row the rule reads in FP8 (the bulk of a long context) takes a branch
+    with the codes' loads and conversion only (no full-precision loads and no per-value select); rows not
+    stored yet are still quantised on the fly there. Same values as the general path.
 
     ``RULE_LOADS=False`` (kept to compare on the GPU): the loads follow the stored flags instead (codes for
     stored pages, values for the others: one more dependent round trip per block, but the fix-up only
@@ -87,30 +172,49 @@ def read_folded(ptr, bptr, page, cpage, off, kvh, d, valid, low, stored, any_fix
 
     ``HOST`` (FP8 pages spilled to CPU RAM): rows ``ish`` are read from their compact rows at ``hptr`` (row
     ``hpage``, same code and scale offsets), straight from pinned host memory; they are always stored FP8."""
-    rel = off[:, None] * s_t + kvh * s_h + d[None, :]          # element offset == code byte offset
-    vptr = ptr + page[:, None] * s_p + rel                      # ``page``: values' row, ``cpage``: codes' row
-    cptr = bptr + cpage[:, None] * s_bp + rel
-    sptr = bptr + cpage * s_bp + SCALE_OFF + 4 * kvh
-    hcptr = hptr + hpage[:, None] * s_hp + rel
-    hsptr = hptr + hpage * s_hp + SCALE_OFF + 4 * kvh
+    vptr, cptr, sptr, hcptr, hsptr = _ptrs(ptr, bptr, hptr, page, cpage, hpage, off, kvh, d, s_p, s_t, s_h, s_bp,
+                                           s_hp, SCALE_OFF)
     if not RULE_LOADS:
         x = tl.load(vptr, mask=(valid & ~stored)[:, None], other=0.0)
-        val = tl.where(stored[:, None], _codes(cptr, hcptr, (valid & stored)[:, None], ish, DTYPE, HOST), x.to(DTYPE))
+        c = _raw_codes(cptr, hcptr, (valid & stored)[:, None], ish, HOST)
+        val = tl.where(stored[:, None], code_values(c, DTYPE), x.to(DTYPE))
         sc = _scales(sptr, hsptr, valid & stored, ish, HOST)
         if any_fix:
             val, sc = fake_fold(x, val, sc, low & ~stored, PAGE, BLOCK_N, DTYPE)
         return val, sc
-    x = tl.load(vptr, mask=(valid & ~low)[:, None], other=0.0)
-    val = tl.where(low[:, None], _codes(cptr, hcptr, low[:, None], ish, DTYPE, HOST), x.to(DTYPE))
-    sc = _scales(sptr, hsptr, low, ish, HOST)
-    if any_fix:
-        fake = low & ~stored
-        bad = valid & ~low & stored
-        x = tl.where(low[:, None], tl.load(vptr, mask=fake[:, None], other=0.0), x)   # whole pages
-        val, sc = fake_fold(x, val, sc, fake, PAGE, BLOCK_N, DTYPE)
-        val = tl.where(bad[:, None], _codes(cptr, hcptr, bad[:, None], ish, DTYPE, HOST), val)
-        sc = tl.where(bad, _scales(sptr, hsptr, bad, ish, HOST), sc)
-    return val, sc
+    if FAST:
+        if tl.sum((valid & ~low).to(tl.int32), axis=0) == 0:
+            val = code_values(_raw_codes(cptr, hcptr, low[:, None], ish, HOST), DTYPE)
+            sc = _scales(sptr, hsptr, low, ish, HOST)
+            if any_fix:         # only pages read in FP8 but not stored yet (all rows are read in FP8 here)
+                fake = low & ~stored
+                val, sc = fake_fold(tl.load(vptr, mask=fake[:, None], other=0.0), val, sc, fake, PAGE, BLOCK_N,
+                                    DTYPE)
+        else:
+            x, c, sc = _load_raw(vptr, cptr, sptr, hcptr, hsptr, valid, low, ish, HOST)
+            val, sc = _fold(x, c, sc, vptr, cptr, sptr, hcptr, hsptr, valid, low, stored, ish, any_fix, PAGE, BLOCK_N,
+                            DTYPE, HOST)
+        return val, sc
+    x, c, sc = _load_raw(vptr, cptr, sptr, hcptr, hsptr, valid, low, ish, HOST)
+    return _fold(x, c, sc, vptr, cptr, sptr, hcptr, hsptr, valid, low, stored, ish, any_fix, PAGE, BLOCK_N, DTYPE,
+                 HOST)
+
+
+@triton.jit
+def _any_fix(valid, low, stored, RULE_LOADS: tl.constexpr):
+    if RULE_LOADS:
+        fix = valid & (low != stored)
+    else:
+        fix = low & ~stored
+    return tl.sum(fix.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc):
+    # scales folded into the scores and the probabilities (powers of two: exact)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
+    s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
+    return softmax_update_scaled(s, v, vs, m_i, l_i, acc)
 
 
 @triton.jit
@@ -122,10 +226,12 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
                              UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
-                             COMPACT: tl.constexpr, HOST: tl.constexpr, PREFETCH: tl.constexpr = False):
+                             COMPACT: tl.constexpr, HOST: tl.constexpr, PREFETCH: tl.constexpr = False,
+                             FAST: tl.constexpr = False):
     # PREFETCH: each block's page ids (and logical pages) are loaded one block ahead, so that a block waits for
     # one memory round trip (its codes / values) instead of two; with SPARSE the splits also divide the table's
-    # width ``cap`` (tokens) rather than the selection's length, so that the first ids need not wait for it
+    # width ``cap`` (tokens) rather than the selection's length, so that the first ids need not wait for it.
+    # FAST (RULE_LOADS only): blocks read wholly in FP8 take a branch without the full-precision loads
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -146,63 +252,39 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     end = tl.minimum(start + per, n)
     row_ids = pt_ptr + b * s_ptb + kvh * s_pth
     row_lg = lg_ptr + b * s_ptb + kvh * s_pth
-    if PREFETCH:
-        nxt = start + tl.arange(0, BLOCK_N)
-        pg_next = tl.load(row_ids + nxt // PAGE, mask=nxt < cap, other=0)
-        lg_next = pg_next
-        if SPARSE:
-            lg_next = tl.load(row_lg + nxt // PAGE, mask=nxt < cap, other=0)
+    kp, vp, hk, hv = kv_ptr, kv_ptr + s_kv, hb_ptr, hb_ptr + s_hkv
+    kb, vb = kvb_ptr, kvb_ptr + s_bkv
     q, heads, g_mask, d = load_group_q(q_ptr, b, kvh, s_qb, s_qh, GROUP, GROUP_PAD, HEAD_DIM, UPCAST)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    ar = tl.arange(0, BLOCK_N)
+    if PREFETCH:
+        nxt = start + ar
+        pg_next = tl.load(row_ids + nxt // PAGE, mask=nxt < cap, other=0)
+        lg_next = pg_next
+        if SPARSE:
+            lg_next = tl.load(row_lg + nxt // PAGE, mask=nxt < cap, other=0)
     for t0 in range(start, end, BLOCK_N):
-        u = t0 + tl.arange(0, BLOCK_N)
-        valid = u < n                               # whole pages are loaded (amax), masked below
+        u = t0 + ar
         if PREFETCH:
-            page = tl.where(valid, pg_next, 0).to(tl.int64)
-            lg = tl.where(valid, lg_next, 0)
+            page = pg_next.to(tl.int64)
+            lg = lg_next
             u_next = u + BLOCK_N
             pg_next = tl.load(row_ids + u_next // PAGE, mask=u_next < cap, other=0)
             if SPARSE:
                 lg_next = tl.load(row_lg + u_next // PAGE, mask=u_next < cap, other=0)
         else:
-            page = tl.load(row_ids + u // PAGE, mask=valid, other=0).to(tl.int64)
-            lg = page
-            if SPARSE:
-                lg = tl.load(row_lg + u // PAGE, mask=valid, other=0)
-        off = (u % PAGE).to(tl.int64)
-        t = u                                       # the token's position in its sequence
-        if SPARSE:
-            t = lg * PAGE + off
-        ish = page < 0                              # HOST: spilled pages (ids >= hbase), always stored FP8
-        if HOST:
-            ish = page >= hbase
-            stored = (tl.load(flag_ptr + page, mask=valid & ~ish, other=0) != 0) | ish
-        else:
-            stored = tl.load(flag_ptr + page, mask=valid, other=0) != 0
-        last = (t // PAGE + 1) * PAGE - 1
-        low = valid & (t >= keep_sink) & (p - t >= keep_recent) & (last < p)     # the read rule
-        if RULE_LOADS:
-            fix = valid & (low != stored)
-        else:
-            fix = low & ~stored
-        any_fix = tl.sum(fix.to(tl.int32), axis=0) > 0
-        vpage, cpage = split_ids(page, cbase, COMPACT)
-        hpage = page * 0
-        if HOST:
-            vpage = tl.where(ish, 0, vpage)
-            cpage = tl.where(ish, 0, cpage)
-            hpage = tl.where(ish, page - hbase, 0)
-        k, ks = read_folded(kv_ptr, kvb_ptr, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
-                            s_bp, hb_ptr, hpage, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST)
-        v, vs = read_folded(kv_ptr + s_kv, kvb_ptr + s_bkv, vpage, cpage, off, kvh, d, valid, low, stored, any_fix,
-                            s_p, s_t, s_h, s_bp, hb_ptr + s_hkv, hpage, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N, q.dtype,
-                            RULE_LOADS, HOST)
-        # scales folded into the scores and the probabilities (powers of two: exact)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
-        s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
-        m_i, l_i, acc = softmax_update_scaled(s, v, vs, m_i, l_i, acc)
+            page, lg = _block_ids(row_ids, row_lg, u, n, PAGE, SPARSE)
+        page, valid, t, off, ish, low, vpage, cpage, hpage = _block_meta(
+            page, lg, u, n, p, keep_sink, keep_recent, cbase, hbase, PAGE, SPARSE, COMPACT, HOST)
+        stored = _stored(flag_ptr, page, valid, ish, HOST)
+        any_fix = _any_fix(valid, low, stored, RULE_LOADS)
+        k, ks = read_folded(kp, kb, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
+                            s_bp, hk, hpage, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST, FAST)
+        v, vs = read_folded(vp, vb, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
+                            s_bp, hv, hpage, ish, s_hp, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST, FAST)
+        m_i, l_i, acc = _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc)
     store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
 
 
@@ -225,7 +307,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
                      rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None,
-                     host: tuple[torch.Tensor, int] | None = None, prefetch: bool = False) -> torch.Tensor:
+                     host: tuple[torch.Tensor, int] | None = None, prefetch: bool = False,
+                     fast: bool = False) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
@@ -249,10 +332,13 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     if q.dtype == torch.float32 and q.is_cuda:
         # fp32 (the GPU tests): Triton 3.6 on the H200 failed to compile (TritonGPURemoveLayoutConversions)
         # the earlier kernel with 128-token blocks; 32-token blocks compiled (this one: ptxas spills less)
-        block_n, num_warps = block_n or max(page_size, 32), num_warps or 4
+        # (the engine's 64-token default included: fp32 blocks are capped at 32 tokens / the page)
+        block_n, num_warps = min(block_n or 32, 32) if page_size <= 32 else page_size, num_warps or 4
     # ptxas for sm_90 (compiled offline, bf16, Llama-8B shapes): 64-token blocks with 8 warps use 210
-    # registers and spill nothing; with 4 warps (the BF16 kernel's setting) they spill, 128-token blocks too
+    # registers and spill nothing; with 4 warps they spill (255 registers), except with ``fast`` (the engine's
+    # dense default: 255 registers, no spills); 128-token blocks spill
     block_n, num_warps = block_n or max(page_size, 64), num_warps or 8
+    assert rule_loads or not fast, "fast=True needs rule_loads=True"
     assert block_n % page_size == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
     scale_off = scale_offset(page_size, Hkv, D, kv_layer.element_size(), rows)
     kv_bytes = kv_layer.view(torch.uint8)                         # same storage, byte strides
@@ -287,7 +373,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None, HOST=host is not None, PREFETCH=prefetch,
+        COMPACT=compact is not None, HOST=host is not None, PREFETCH=prefetch, FAST=fast,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)

@@ -71,9 +71,17 @@ def page_scale_exp(x, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def code_values(c, DTYPE: tl.constexpr):
+    """uint8 e4m3 codes -> their values in DTYPE (exact). Through fp32: on sm_90 e4m3 -> bf16 compiles to a
+    packed e4m3 -> f16 conversion and then one F2F per value (a quarter-rate pipe); f16 -> f32 -> packed bf16
+    stays on full-rate pipes (SASS of the decode kernel, scripts/sass_fp8_decode.py)."""
+    return c.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(DTYPE)
+
+
+@triton.jit
 def load_codes(ptr, mask, DTYPE: tl.constexpr):
     """FP8 codes at the uint8 pointers ``ptr`` (masked -> 0) as DTYPE code values."""
-    return tl.load(ptr, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(DTYPE)
+    return code_values(tl.load(ptr, mask=mask, other=0), DTYPE)
 
 
 @triton.jit

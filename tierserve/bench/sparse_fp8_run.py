@@ -145,16 +145,17 @@ class Bench:
 
     def decode(self, eng, req, deadline: float, attention: bool = True, warmup_steps: int = 0) -> dict:
         """Step ``req`` (which has its first token) to the end: tok/s, attention ms per step, tokens. The first
-        ``warmup_steps`` steps are not timed (their wall time: ``decode_warmup_s``)."""
+        ``warmup_steps`` decode tokens are not timed (their wall time: ``decode_warmup_s``); counted in tokens, not
+        engine steps, since a multi-step window makes several tokens in one step."""
         runner, dev = eng.runner, eng.runner.device
         warm = {}
         if warmup_steps:
-            t = time.perf_counter()
-            for _ in range(warmup_steps):
-                if req.is_finished:
-                    raise ValueError("decode warm-up: the request finished before its timed steps")
+            t, goal = time.perf_counter(), len(req.output_token_ids) + warmup_steps
+            while len(req.output_token_ids) < goal:
                 check(deadline, "the decode warm-up")
                 eng.step()
+            if req.is_finished:
+                raise ValueError("decode warm-up: the request finished before its timed steps")
             _sync(dev)
             warm = {"decode_warmup_steps": warmup_steps, "decode_warmup_s": time.perf_counter() - t}
         cap = _Capture(runner)

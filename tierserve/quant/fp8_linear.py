@@ -2,7 +2,8 @@
 
 Forward dispatch (output dtype = input dtype):
 - CPU: dequantise, ``F.linear`` (correct, slow).
-- CUDA, rows <= ``small_m_max`` (decode): the Triton FP8 GEMV / skinny GEMM (weights read once, as fp8).
+- CUDA, rows <= ``small_m_max`` (decode): the Triton FP8 GEMV / skinny GEMM (weights read once, as fp8); one
+  row with ``TIERSERVE_FP8_GEMV=rows``: the CUDA-core row GEMV (``triton_fp8_gemv_rows``; opt-in, not yet timed).
 - CUDA, more rows (prefill): ``prefill="auto"`` tries ``F.scaled_mm`` (W8A8: activations quantised per
   token per 128 channels, SM90, N and K multiples of 128), checked once per layer against the emulated
   W8A8 reference; otherwise (or ``prefill="dequant"``) dequantise to the input dtype and ``F.linear``.
@@ -13,6 +14,7 @@ Building: ``quantize_linear`` / ``quantize_model_fp8`` quantise bf16/fp32 layers
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -33,6 +35,8 @@ from tierserve.quant.fp8 import (
 
 PREFILL_MODES = ("auto", "dequant", "scaled_mm")
 SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
+
+ROW_GEMV = os.environ.get("TIERSERVE_FP8_GEMV", "") == "rows"     # read once: runs per layer per step
 
 
 class Fp8Linear(nn.Module):
@@ -86,6 +90,9 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] == 1 and ROW_GEMV:      # opt-in until timed against fp8_gemm on the GPU
+            from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
+            return fp8_gemv_rows(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype)
         from tierserve.quant.triton_fp8_gemv import fp8_gemm
         return fp8_gemm(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype)
 

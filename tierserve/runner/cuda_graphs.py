@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from tierserve.attention import fp8_decode_config
 from tierserve.attention.backend import AttnMetadata, choose_splits
 from tierserve.attention.select import selection_bound
 from tierserve.runner.sampler import argmax_rows
@@ -28,15 +29,16 @@ def buckets(max_bs: int) -> list[int]:
 
 
 def decode_splits(bs: int, num_kv_heads: int, max_len: int, max_bs: int, num_sms: int, sparse=None,
-                  page_size: int = 16) -> int:
+                  page_size: int = 16, fp8: bool = False) -> int:
     """Split-K factor of a pure decode step of ``bs`` rows, the same with or without CUDA graphs (the
     graph's: its bucket's batch and the engine's max_model_len), so that eager, multi-step and graph
     decode steps add up every key in the same order and give bit-identical outputs. With sparse attention
-    and ``TIERSERVE_SPARSE_SPLITS=selection``, sized by the tokens a step reads at most instead."""
+    and ``TIERSERVE_SPARSE_SPLITS=selection``, sized by the tokens a step reads at most instead. With FP8 KV
+    (``fp8``) the FP8 kernel's rule (``fp8_decode_config.SPLITS``: more, shorter splits)."""
     b = next((x for x in buckets(max_bs) if x >= bs), bs)
     if sparse is not None and SPARSE_SPLITS == "selection":
         max_len = min(max_len, selection_bound(sparse, page_size) * page_size)
-    return choose_splits(b, num_kv_heads, max_len, num_sms)
+    return choose_splits(b, num_kv_heads, max_len, num_sms, **(fp8_decode_config.SPLITS if fp8 else {}))
 
 
 class DecodeGraphs:
@@ -88,7 +90,7 @@ class DecodeGraphs:
             query_start_loc=torch.arange(bs + 1, device=self.device), seq_lens=self.seq_lens[:bs],
             page_table=self.page_table[:bs], query_lens_cpu=[1] * bs, seq_lens_cpu=[self.max_len] * bs,
             decode_only=True, num_splits=decode_splits(bs, self.num_kv_heads, self.max_len, self.max_bs, self.sms,
-                                                       self.sparse, self.page_size),
+                                                       self.sparse, self.page_size, self.kv_fp8 is not None),
             max_seq_bound=self.max_len, kv_fp8=self.kv_fp8, sparse=self.sparse, **spill)
 
     def _forward(self, bs: int, spill: bool = False) -> torch.Tensor:

@@ -220,7 +220,7 @@ class ModelRunner(TierLink):
     def decode_splits(self, bs: int) -> int:
         """Split-K factor of a pure decode step: the CUDA graphs' choice, also on the eager path (same bits)."""
         return decode_splits(bs, self.model_cfg.num_kv_heads, self.max_model_len, self.config.max_num_seqs,
-                             self.num_sms, self.sparse, self.config.page_size)
+                             self.num_sms, self.sparse, self.config.page_size, self.fp8 is not None)
 
     def supports_multi_step(self) -> bool:
         """Greedy tokens can be fed back on the device (no Engram hashing or spilled pages, and sparse

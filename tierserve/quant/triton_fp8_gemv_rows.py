@@ -1,0 +1,106 @@
+"""Triton FP8-weight GEMV for one activation row (batch-1 decode): ``y[1, N] = x[1, K] @ dequant(Wq[N, K])^T (+ b)``
+on CUDA cores, with the reduction over K deferred to the end.
+
+Why (stop 19): ``triton_fp8_gemv.fp8_gemm`` pads the row to 16 for ``tl.dot``, so every weight byte goes through
+registers, a conversion and shared memory before the tensor cores (1.6-2.6 TB/s on the H200 at Llama-8B shapes,
+``benchmarks/results/fp8-gemv-kernels-h200.json``); its CUDA-core variant reduced a [M, N, K] product over K for
+every K chunk (0.6-0.8 TB/s). Here each program keeps an fp32 ``[BLOCK_N, BLOCK_K]`` accumulator: per weight only
+its widening (e4m3 -> f16 pairs -> fp32: full-rate pipes, not the per-value e4m3 -> bf16 F2F) and one FMA with the
+activation already multiplied by the block's scale; the K reduction (shuffles) runs once per program.
+
+Scales: ``scale_inv[n // SBN, k // SBK]``; with ``BLOCK_N`` dividing ``SBN`` (``UNIFORM``) one scale per program and
+K block multiplies the ``BLOCK_K`` activations, else each row's scale multiplies its products. Grid (N tiles, K
+splits); with several K splits fp32 partials are summed in a fixed order by ``triton_fp8_gemv``'s reduce kernel
+(deterministic, no atomics). No host sync: CUDA-graph safe. Reference: ``fp8_gemm_ref``; tests compare them on
+random inputs (tests/unit/test_fp8_gemv.py)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tierserve.quant.fp8 import DEFAULT_BLOCK
+from tierserve.quant.triton_fp8_gemv import _reduce_splits, choose_split_k
+
+
+@triton.jit
+def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_split, s_wn, s_sn, s_os,
+                          SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          UNIFORM: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    n64 = n.to(tl.int64)
+    num_kb = tl.cdiv(K, SBK)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+    s_row = s_ptr + (n // SBN).to(tl.int64) * s_sn                # each row's scale row
+    s_one = s_ptr + ((pid_n * BLOCK_N) // SBN).to(tl.int64) * s_sn   # UNIFORM: the program's scale row
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        if UNIFORM:
+            sc = tl.load(s_one + kb)
+        else:
+            sc_rows = tl.load(s_row + kb, mask=n_mask, other=0.0)
+        for kk in tl.static_range(0, SBK, BLOCK_K):
+            k = kb * SBK + kk + tl.arange(0, BLOCK_K)
+            k_mask = k < K
+            x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            wf = w.to(tl.float32)     # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
+            if UNIFORM:
+                acc += wf * (x * sc)[None, :]
+            else:
+                acc += (wf * x[None, :]) * sc_rows[:, None]
+    y = tl.sum(acc, axis=1)
+    if DIRECT:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(out_ptr + pid_k * s_os + n, y, mask=n_mask)
+
+
+def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+                  block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
+                  block_n: int = 32, block_k: int = 128, split_k: int | None = None, num_warps: int = 4,
+                  num_stages: int = 3, waves: int = 4) -> torch.Tensor:
+    """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
+    ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype)."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
+    K = x.shape[1]
+    N, K2 = qweight.shape
+    sbn, sbk = block_size
+    if K2 != K:
+        raise ValueError(f"fp8_gemv_rows: x has K={K}, qweight has K={K2}")
+    if qweight.dtype != torch.float8_e4m3fn or qweight.stride(-1) != 1 or qweight.stride(0) != K:
+        raise ValueError("fp8_gemv_rows: qweight must be a contiguous float8_e4m3fn [N, K] tensor")
+    nb, kbs = -(-N // sbn), -(-K // sbk)
+    if tuple(scale_inv.shape) != (nb, kbs) or scale_inv.dtype != torch.float32:
+        raise ValueError(f"fp8_gemv_rows: scale_inv must be fp32 [{nb}, {kbs}], got {scale_inv.dtype} "
+                         f"{tuple(scale_inv.shape)}")
+    block_k = min(block_k, sbk)
+    if sbk % block_k or block_k & (block_k - 1) or block_n & (block_n - 1):
+        raise ValueError(f"fp8_gemv_rows: block_k={block_k} must be a power of two dividing {sbk}, block_n "
+                         f"({block_n}) a power of two")
+    x = x.contiguous()
+    scale_inv = scale_inv.contiguous()
+    out = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)
+    n_tiles = -(-N // block_n)
+    split = split_k or choose_split_k(x.device, n_tiles, 1, kbs, waves)
+    kb_per_split = -(-kbs // max(1, min(split, kbs)))
+    split = -(-kbs // kb_per_split)
+    direct = split == 1
+    dst = out if direct else torch.empty(split, 1, N, dtype=torch.float32, device=x.device)
+    b = bias if bias is not None else scale_inv
+    _fp8_gemv_rows_kernel[(n_tiles, split)](
+        x, qweight, scale_inv, b, dst, N, K, kb_per_split, qweight.stride(0), scale_inv.stride(0),
+        dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk, BLOCK_N=block_n, BLOCK_K=block_k,
+        UNIFORM=sbn % block_n == 0, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=num_warps,
+        num_stages=num_stages)
+    if not direct:
+        _reduce_splits(dst, b, out, bias is not None)
+    return out
