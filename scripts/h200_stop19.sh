@@ -10,8 +10,6 @@
 #   bash scripts/h200_stop19.sh ncu      Nsight Compute on the BF16 and FP8 decode kernels (batch 16, 32k) (~3 min)
 #   bash scripts/h200_stop19.sh fast     FP8 decode: fp32-hop conversion and the codes-only branch against 2e63176 (~6 min)
 #   bash scripts/h200_stop19.sh a        dense FP8 decode engine defaults: GPU tests, kernel rows, section a (~6 min)
-#   bash scripts/h200_stop19.sh pipe     FP8 decode with software-pipelined loads (fast=1) against the same
-#                                        settings without: dense 2k / 32k, sparse on the device and from CPU RAM (~5 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -52,26 +50,6 @@ p1m)
     SETTING=sparse+fp8-kv FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=1048576 timeout 280 \
         python scripts/profile_decode.py 2>&1 | quiet | tail -16
     (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}"; done; true) ;;
-pipe)
-    P="block_n=16,num_warps=2,num_stages=1;block_n=16,num_warps=2,num_stages=1,fast=1"
-    P="$P;block_n=32,num_warps=4,num_stages=1;block_n=32,num_warps=4,num_stages=1,fast=1"
-    P="$P;block_n=32,num_warps=4,num_stages=2;block_n=32,num_warps=4,num_stages=2,fast=1"
-    P="$P;block_n=16,num_warps=4,num_stages=1,fast=1;block_n=64,num_warps=4,num_stages=1,fast=1"
-    P="$P;block_n=64,num_warps=8,num_stages=2,fast=1"
-    timeout 200 python scripts/bench_fp8_kv.py --no-before --decode-only --configs "$P" \
-        --output "$OUT/fp8-kv-pipeline-h200.json" 2>&1 | quiet | grep -E "decode|setting"
-    S="$P;num_splits=16,block_n=32,num_warps=4,num_stages=2,fast=1;num_splits=16,block_n=16,num_warps=2,num_stages=1,fast=1"
-    S="$S;num_splits=32,block_n=16,num_warps=2,num_stages=1,fast=1;num_splits=32,block_n=32,num_warps=4,num_stages=1,fast=1"
-    timeout 200 python scripts/sweep_fp8_sparse_decode.py --check --cases gpu,host --configs "$S" \
-        --output "$OUT/fp8-sparse-decode-pipeline-h200.json" 2>&1 | quiet | grep -v '^{' | tail -3
-    python - "$OUT/fp8-sparse-decode-pipeline-h200.json" <<'PY'
-import json, sys
-for r in json.load(open(sys.argv[1]))["rows"]:
-    cfg = ",".join(f"{k}={int(r[k])}" for k in ("num_splits", "block_n", "num_warps", "num_stages", "pipeline") if k in r)
-    print(r["case"], r["kernel"][:8], cfg, round(r.get("us", -1), 2), r.get("same_bits_without_fast", ""),
-          r.get("max_abs_diff_vs_default", ""), r.get("error", ""))
-PY
-    ;;
 ncu)
     # Nsight Compute on one launch of each decode kernel (batch 16, 32k): where the FP8 kernel's time goes
     for cfg in "block_n=32,num_warps=4,num_stages=1" ""; do
@@ -112,5 +90,5 @@ a)
         --output "$OUT/fp8-kv-engine-h200.json" 2>&1 | quiet | grep -E "bf16|engine|best"
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a-h200.json" | tail -12
     rm -f "$OUT"/*.partial.jsonl ;;
-*) echo "usage: $0 tests|tiered|dense|b|c1m|tlb|p1m|pipe|ncu|fast|a"; exit 2 ;;
+*) echo "usage: $0 tests|tiered|dense|b|c1m|tlb|p1m|ncu|fast|a"; exit 2 ;;
 esac

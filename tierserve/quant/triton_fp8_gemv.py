@@ -106,6 +106,19 @@ def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, N, num_splits, s_ps, s_pm, s_om
     tl.store(out_ptr + row * s_om + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def check_weights(name: str, qweight: torch.Tensor, scale_inv: torch.Tensor, N: int, K: int,
+                  block_size: tuple[int, int]) -> int:
+    """Raise ValueError unless ``qweight`` is a contiguous float8_e4m3fn [N, K] tensor and ``scale_inv`` fp32
+    [ceil(N/bn), ceil(K/bk)]; returns the number of scale blocks along K."""
+    if qweight.dtype != torch.float8_e4m3fn or qweight.stride(-1) != 1 or qweight.stride(0) != K:
+        raise ValueError(f"{name}: qweight must be a contiguous float8_e4m3fn [N, K] tensor")
+    nb, kbs = -(-N // block_size[0]), -(-K // block_size[1])
+    if tuple(scale_inv.shape) != (nb, kbs) or scale_inv.dtype != torch.float32:
+        raise ValueError(f"{name}: scale_inv must be fp32 [{nb}, {kbs}], got {scale_inv.dtype} "
+                         f"{tuple(scale_inv.shape)}")
+    return kbs
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -148,12 +161,7 @@ def fp8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bi
                              "multiple of block_n and K of the scale block")
         qweight = qweight.view(-1, K)      # (the tiles' bytes; row n is not W's row n)
         N, K2 = qweight.shape
-    if qweight.dtype != torch.float8_e4m3fn or qweight.stride(-1) != 1 or qweight.stride(0) != K:
-        raise ValueError("fp8_gemm: qweight must be a contiguous float8_e4m3fn [N, K] tensor")
-    nb, kbs = -(-N // sbn), -(-K // sbk)
-    if tuple(scale_inv.shape) != (nb, kbs) or scale_inv.dtype != torch.float32:
-        raise ValueError(f"fp8_gemm: scale_inv must be fp32 [{nb}, {kbs}], got {scale_inv.dtype} "
-                         f"{tuple(scale_inv.shape)}")
+    kbs = check_weights("fp8_gemm", qweight, scale_inv, N, K, block_size)
     if x.stride(-1) != 1:
         x = x.contiguous()
     scale_inv = scale_inv.contiguous()

@@ -20,13 +20,14 @@ import triton
 import triton.language as tl
 
 from tierserve.quant.fp8 import DEFAULT_BLOCK
-from tierserve.quant.triton_fp8_gemv import _reduce_splits, choose_split_k
+from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choose_split_k
 
 
 @triton.jit
 def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_split, s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          UNIFORM: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                          UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -45,15 +46,23 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_spli
             sc_rows = tl.load(s_row + kb, mask=n_mask, other=0.0)
         for kk in tl.static_range(0, SBK, BLOCK_K):
             k = kb * SBK + kk + tl.arange(0, BLOCK_K)
-            k_mask = k < K
-            x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + n64[:, None] * s_wn + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0)
+            # x read in the weights' 2-D layout (every row the same addresses: L1 hits), not as a 1-D vector
+            # broadcast through shared memory; EVEN (K a multiple of SBK, N of BLOCK_N): no masks, so the
+            # weight loads are 16-byte vectors (a per-value K mask made them single-byte loads)
+            xp = x_ptr + (n * 0)[:, None] + k[None, :]
+            wp = w_ptr + n64[:, None] * s_wn + k[None, :]
+            if EVEN:
+                x = tl.load(xp).to(tl.float32)
+                w = tl.load(wp)
+            else:
+                m2 = n_mask[:, None] & (k < K)[None, :]
+                x = tl.load(xp, mask=m2, other=0.0).to(tl.float32)
+                w = tl.load(wp, mask=m2, other=0.0)
             wf = w.to(tl.float32)     # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
             if UNIFORM:
-                acc += wf * (x * sc)[None, :]
+                acc += wf * (x * sc)
             else:
-                acc += (wf * x[None, :]) * sc_rows[:, None]
+                acc += (wf * x) * sc_rows[:, None]
     y = tl.sum(acc, axis=1)
     if DIRECT:
         if HAS_BIAS:
@@ -76,12 +85,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     sbn, sbk = block_size
     if K2 != K:
         raise ValueError(f"fp8_gemv_rows: x has K={K}, qweight has K={K2}")
-    if qweight.dtype != torch.float8_e4m3fn or qweight.stride(-1) != 1 or qweight.stride(0) != K:
-        raise ValueError("fp8_gemv_rows: qweight must be a contiguous float8_e4m3fn [N, K] tensor")
-    nb, kbs = -(-N // sbn), -(-K // sbk)
-    if tuple(scale_inv.shape) != (nb, kbs) or scale_inv.dtype != torch.float32:
-        raise ValueError(f"fp8_gemv_rows: scale_inv must be fp32 [{nb}, {kbs}], got {scale_inv.dtype} "
-                         f"{tuple(scale_inv.shape)}")
+    kbs = check_weights("fp8_gemv_rows", qweight, scale_inv, N, K, block_size)
     block_k = min(block_k, sbk)
     if sbk % block_k or block_k & (block_k - 1) or block_n & (block_n - 1):
         raise ValueError(f"fp8_gemv_rows: block_k={block_k} must be a power of two dividing {sbk}, block_n "
@@ -99,7 +103,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     _fp8_gemv_rows_kernel[(n_tiles, split)](
         x, qweight, scale_inv, b, dst, N, K, kb_per_split, qweight.stride(0), scale_inv.stride(0),
         dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk, BLOCK_N=block_n, BLOCK_K=block_k,
-        UNIFORM=sbn % block_n == 0, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=num_warps,
+        UNIFORM=sbn % block_n == 0, EVEN=K % sbk == 0 and N % block_n == 0, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=num_warps,
         num_stages=num_stages)
     if not direct:
         _reduce_splits(dst, b, out, bias is not None)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Stop-20 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-20 session"); one part per call:
+#   bash scripts/h200_stop20.sh gemv     FP8 row GEMV (TIERSERVE_FP8_GEMV=rows) vs fp8_gemm vs bf16 cuBLAS (~4 min)
+#   bash scripts/h200_stop20.sh ncu2k    which FP8 decode launch the engine's 2k step makes, and its counters (~2 min)
+#   bash scripts/h200_stop20.sh a        section a with stop 19's dense FP8 defaults [GEMV=rows: with the row GEMV] (~4 min)
+#   bash scripts/h200_stop20.sh b        section b (~5 min)
+#   bash scripts/h200_stop20.sh c1m      section c at 1M tokens after stop 18's host-work fixes (~4 min)
+#   bash scripts/h200_stop20.sh tlb      FP8 host reads spread over 64 GiB of pinned RAM, engine vs layer-major (~3 min)
+#   bash scripts/h200_stop20.sh p1m      decode profile of the tiered 1M step (sparse + FP8 KV) (~4 min)
+# Everything lands in $OUT under names without '+' (the device tool leaves such names out).
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+quiet() { grep -v -i "warn\|it/s\]"; }
+bench() { timeout "$1" python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy "${@:2}" 2>&1 | quiet; }
+case "${1:-}" in
+gemv)
+    timeout 100 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_fp8_gemv.py -k row_gemv \
+        2>&1 | tail -1
+    timeout 300 python scripts/bench_fp8_gemv_rows.py --budget-s 220 --output "$OUT/fp8-gemv-rows-h200.json" 2>&1 \
+        | quiet | tail -8 ;;
+ncu2k)
+    # the engine's FP8 decode kernel at 2k took 22.5 us a layer (stop 19 profile) against ~11 us in the
+    # micro-benchmark: its grid (batch, KV heads, splits), block size, registers and counters inside the engine
+    SETTING=fp8-kv BATCHES=1 CONTEXT=2048 timeout 200 ncu --clock-control none -k regex:_fp8_decode_split \
+        --launch-skip 64 --launch-count 1 --section SpeedOfLight --section LaunchStats --section Occupancy \
+        --section WarpStateStats --section InstructionStats python scripts/profile_decode.py \
+        > "$OUT/ncu-engine-fp8-decode-2k.txt" 2>&1
+    grep -E "_fp8_decode_split_kernel|Duration|Grid Size|Block Size|Registers Per|Achieved Occ|Executed Instructions  |DRAM Throughput" \
+        "$OUT/ncu-engine-fp8-decode-2k.txt" | head -20 ;;
+a)
+    if [ -n "${GEMV:-}" ]; then export TIERSERVE_FP8_GEMV=rows; fi
+    bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a-h200.json" | tail -14
+    rm -f "$OUT"/*.partial.jsonl ;;
+b|c1m|tlb|p1m)      # as in stop 19's plan
+    exec bash scripts/h200_stop19.sh "$1" ;;
+*) echo "usage: $0 gemv|ncu2k|a|b|c1m|tlb|p1m"; exit 2 ;;
+esac
