@@ -205,13 +205,15 @@ def test_tiled_weight_layout_matches_reference(m):
         fp8_gemm(torch.randn(1, k, device=DEV), tiled, s, block_n=64, tiled=True)
 
 
-@pytest.mark.parametrize("n,k,block,block_n", [(200, 300, (128, 128), 32), (64, 256, (128, 128), 16),
-                                                 (130, 129, (128, 128), 32), (70, 256, (16, 64), 32),
-                                                 (96, 256, (1, 128), 32)])
+@pytest.mark.parametrize("n,k,block,block_n,block_k", [(200, 300, (128, 128), 32, 64), (64, 256, (128, 128), 16, 64),
+                                                         (130, 129, (128, 128), 32, 64), (70, 256, (16, 64), 32, 64),
+                                                         (96, 256, (1, 128), 32, 64), (64, 512, (128, 128), 32, 256),
+                                                         (64, 512, (16, 64), 32, 256), (70, 512, (128, 128), 32, 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_gemv_matches_reference(n, k, block, block_n, dtype):
+def test_row_gemv_matches_reference(n, k, block, block_n, block_k, dtype):
     """``fp8_gemv_rows`` (one activation row on CUDA cores, K reduced at the end): the reference's output, with
-    one scale per program (block_n dividing the scale rows) and per-row scales, direct and with split-K + bias."""
+    one scale per program (block_n dividing the scale rows) and per-row scales, tiles within a scale block and
+    spanning several, direct and with split-K + bias."""
     from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
 
     q, s = _weights(n, k, n + k + block[0], block)
@@ -220,7 +222,7 @@ def test_row_gemv_matches_reference(n, k, block, block_n, dtype):
     rtol, atol = TOL[dtype]
     for split, b in ((1, None), (3, bias)):
         want = fp8_gemm_ref(x, q, s, b, block)
-        got = fp8_gemv_rows(x, q, s, b, block, block_n=block_n, block_k=64, split_k=split)
+        got = fp8_gemv_rows(x, q, s, b, block, block_n=block_n, block_k=block_k, split_k=split)
         assert got.dtype == dtype and got.shape == (1, n)
         torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
     with pytest.raises(ValueError, match=r"\[1, K\]"):

@@ -6,7 +6,9 @@ registers, a conversion and shared memory before the tensor cores (1.6-2.6 TB/s 
 ``benchmarks/results/fp8-gemv-kernels-h200.json``); its CUDA-core variant reduced a [M, N, K] product over K for
 every K chunk (0.6-0.8 TB/s). Here each program keeps an fp32 ``[BLOCK_N, BLOCK_K]`` accumulator: per weight only
 its widening (e4m3 -> f16 pairs -> fp32: full-rate pipes, not the per-value e4m3 -> bf16 F2F) and one FMA with the
-activation already multiplied by the block's scale; the K reduction (shuffles) runs once per program.
+activation already multiplied by the block's scale; the K reduction (shuffles) runs once per program. A tile
+may span several scale blocks of K (``BLOCK_K`` > ``SBK``): one load puts all its bytes in flight (ptxas otherwise
+interleaves a second block's loads with the first one's products).
 
 Scales: ``scale_inv[n // SBN, k // SBK]``; with ``BLOCK_N`` dividing ``SBN`` (``UNIFORM``) one scale per program and
 K block multiplies the ``BLOCK_K`` activations, else each row's scale multiplies its products. Grid (N tiles, K
@@ -24,10 +26,26 @@ from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choos
 
 
 @triton.jit
+def _tile(x_ptr, w_ptr, n, n64, n_mask, k, K, s_wn, EVEN: tl.constexpr):
+    """x (fp32) and the fp8 weights of one [BLOCK_N, BLOCK_K] tile at columns ``k``. x is read in the weights'
+    2-D layout (every row the same addresses: L1 hits), not as a 1-D vector broadcast through shared memory;
+    EVEN (K a multiple of SBK, N of BLOCK_N): no per-value masks, so the weight loads are 16-byte vectors (a
+    per-value K mask made them single-byte loads)."""
+    xp = x_ptr + (n * 0)[:, None] + k[None, :]
+    wp = w_ptr + n64[:, None] * s_wn + k[None, :]
+    if EVEN:
+        return tl.load(xp).to(tl.float32), tl.load(wp)
+    m2 = n_mask[:, None] & (k < K)[None, :]
+    return tl.load(xp, mask=m2, other=0.0).to(tl.float32), tl.load(wp, mask=m2, other=0.0)
+
+
+@triton.jit
 def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_split, s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
                           HAS_BIAS: tl.constexpr):
+    # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
+    # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,30 +57,22 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_spli
     s_row = s_ptr + (n // SBN).to(tl.int64) * s_sn                # each row's scale row
     s_one = s_ptr + ((pid_n * BLOCK_N) // SBN).to(tl.int64) * s_sn   # UNIFORM: the program's scale row
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi):
-        if UNIFORM:
-            sc = tl.load(s_one + kb)
-        else:
-            sc_rows = tl.load(s_row + kb, mask=n_mask, other=0.0)
-        for kk in tl.static_range(0, SBK, BLOCK_K):
-            k = kb * SBK + kk + tl.arange(0, BLOCK_K)
-            # x read in the weights' 2-D layout (every row the same addresses: L1 hits), not as a 1-D vector
-            # broadcast through shared memory; EVEN (K a multiple of SBK, N of BLOCK_N): no masks, so the
-            # weight loads are 16-byte vectors (a per-value K mask made them single-byte loads)
-            xp = x_ptr + (n * 0)[:, None] + k[None, :]
-            wp = w_ptr + n64[:, None] * s_wn + k[None, :]
-            if EVEN:
-                x = tl.load(xp).to(tl.float32)
-                w = tl.load(wp)
-            else:
-                m2 = n_mask[:, None] & (k < K)[None, :]
-                x = tl.load(xp, mask=m2, other=0.0).to(tl.float32)
-                w = tl.load(wp, mask=m2, other=0.0)
-            wf = w.to(tl.float32)     # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
+    ar = tl.arange(0, BLOCK_K)
+    if BLOCK_K > SBK:
+        for kb in range(kb_lo, kb_hi, BLOCK_K // SBK):
+            x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + ar, K, s_wn, EVEN)
+            sc = tl.load(s_one + kb + ar // SBK)                       # [BLOCK_K]: each column's block scale
+            acc += w.to(tl.float32) * (x * sc[None, :])
+    else:
+        for kb in range(kb_lo, kb_hi):
             if UNIFORM:
-                acc += wf * (x * sc)
+                sc = tl.load(s_one + kb)
             else:
-                acc += (wf * x) * sc_rows[:, None]
+                sc = tl.load(s_row + kb, mask=n_mask, other=0.0)[:, None]
+            for kk in tl.static_range(0, SBK, BLOCK_K):
+                x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + kk + ar, K, s_wn, EVEN)
+                # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
+                acc += w.to(tl.float32) * (x * sc)
     y = tl.sum(acc, axis=1)
     if DIRECT:
         if HAS_BIAS:
@@ -77,7 +87,9 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
                   block_n: int = 32, block_k: int = 128, split_k: int | None = None, num_warps: int = 4,
                   num_stages: int = 3, waves: int = 4) -> torch.Tensor:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
-    ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype)."""
+    ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
+    may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
+    the K blocks split evenly; else the scale block is used)."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -86,16 +98,24 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     if K2 != K:
         raise ValueError(f"fp8_gemv_rows: x has K={K}, qweight has K={K2}")
     kbs = check_weights("fp8_gemv_rows", qweight, scale_inv, N, K, block_size)
-    block_k = min(block_k, sbk)
-    if sbk % block_k or block_k & (block_k - 1) or block_n & (block_n - 1):
-        raise ValueError(f"fp8_gemv_rows: block_k={block_k} must be a power of two dividing {sbk}, block_n "
-                         f"({block_n}) a power of two")
+    uniform = sbn % block_n == 0
+    if block_k & (block_k - 1) or block_n & (block_n - 1):
+        raise ValueError(f"fp8_gemv_rows: block_k ({block_k}) and block_n ({block_n}) must be powers of two")
+    even = K % sbk == 0 and N % block_n == 0
+    per_tile = block_k // sbk if block_k > sbk and block_k % sbk == 0 else 1
+    if per_tile > 1 and (not uniform or not even or kbs % per_tile):
+        # a wide tile needs one scale row per program and whole tiles (masked, it spills: ptxas, sm_90)
+        block_k, per_tile = sbk, 1
+    block_k = min(block_k, sbk) if per_tile == 1 else block_k
+    if per_tile == 1 and sbk % block_k:
+        raise ValueError(f"fp8_gemv_rows: block_k={block_k} must divide the scale block {sbk}")
     x = x.contiguous()
     scale_inv = scale_inv.contiguous()
     out = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)
     n_tiles = -(-N // block_n)
     split = split_k or choose_split_k(x.device, n_tiles, 1, kbs, waves)
     kb_per_split = -(-kbs // max(1, min(split, kbs)))
+    kb_per_split = -(-kb_per_split // per_tile) * per_tile     # whole tiles in every split
     split = -(-kbs // kb_per_split)
     direct = split == 1
     dst = out if direct else torch.empty(split, 1, N, dtype=torch.float32, device=x.device)
@@ -103,8 +123,8 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     _fp8_gemv_rows_kernel[(n_tiles, split)](
         x, qweight, scale_inv, b, dst, N, K, kb_per_split, qweight.stride(0), scale_inv.stride(0),
         dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk, BLOCK_N=block_n, BLOCK_K=block_k,
-        UNIFORM=sbn % block_n == 0, EVEN=K % sbk == 0 and N % block_n == 0, DIRECT=direct, HAS_BIAS=bias is not None, num_warps=num_warps,
-        num_stages=num_stages)
+        UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
+        num_warps=num_warps, num_stages=num_stages)
     if not direct:
         _reduce_splits(dst, b, out, bias is not None)
     return out
