@@ -6,7 +6,7 @@ calls), 32 calls timed in one CUDA graph. Baseline in the same run: the BF16 dec
 Cases: ``gpu`` (every page on the device, old pages stored FP8 in place) and ``host`` (90% of the selected old
 pages read from pinned CPU RAM as compact rows, section c's tiered setting). For each: the engine's default
 configuration (block_n / num_warps / num_stages, split-K by the 128k context), then a sweep (split-K, block size,
-warps, stages, prefetch). Prints a table; ``--output`` writes JSON; ``--smoke`` runs tiny sizes on the CPU
+warps, stages, the codes-only branch). Prints a table; ``--output`` writes JSON; ``--smoke`` runs tiny sizes on the CPU
 (TRITON_INTERPRET=1) to check the script, ``--check`` compares every configuration's output with the default's."""
 from __future__ import annotations
 
@@ -104,16 +104,16 @@ def timed(fn, cuda: bool) -> float:
 
 
 def grid(default_splits: int):
-    """First pass: split-K x (block size, warps) (num_stages 2, no prefetch)."""
+    """First pass: split-K x (block size, warps) (num_stages 2)."""
     for splits, (bn, w) in itertools.product((16, 8, default_splits), ((32, 4), (16, 2), (64, 4), (16, 4), (64, 8))):
-        yield dict(num_splits=splits, block_n=bn, num_warps=w, num_stages=2, prefetch=False)
+        yield dict(num_splits=splits, block_n=bn, num_warps=w, num_stages=2)
 
 
 def refine(top: list[dict]):
-    """Second pass, around the first pass's best three: num_stages 1 / 3, prefetch."""
+    """Second pass, around the first pass's best three: num_stages 1, the codes-only branch."""
     for cfg in top:
-        for st, pf in ((1, False), (2, True)):
-            yield {**cfg, "num_stages": st, "prefetch": pf}
+        for st, fast in ((1, False), (2, True)):
+            yield {**cfg, "num_stages": st, "fast": fast}
 
 
 def main() -> None:
@@ -183,7 +183,7 @@ def main() -> None:
             first = [run(c) for c in grid(default_splits) if time.perf_counter() < stop]
             top = sorted((r for r in first if "us" in r), key=lambda r: r["us"])[:2]
             top = [r for r in top if time.perf_counter() < stop]
-            for c in refine([{k: r[k] for k in ("num_splits", "block_n", "num_warps", "num_stages", "prefetch")}
+            for c in refine([{k: r[k] for k in ("num_splits", "block_n", "num_warps", "num_stages")}
                              for r in top]):
                 if time.perf_counter() < stop:
                     run(c)

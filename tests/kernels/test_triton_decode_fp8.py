@@ -178,14 +178,14 @@ def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt):
 
 def test_sparse_launch_setting_reaches_the_kernel(ckpt, monkeypatch):
     """``TIERSERVE_FP8_SPARSE_DECODE`` (fp8_decode_config.SPARSE): sparse FP8 decode steps launch the kernel with
-    those settings (split-K, block, warps, stages, prefetch) and still give the torch reference's tokens and
+    those settings (split-K, block, warps, stages, codes-only branch) and still give the torch reference's tokens and
     logprobs; eager and multi-step steps use the same settings (the same tokens)."""
     from tierserve.attention import fp8_decode_config, triton_fp8_steps
 
     long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
     sparse = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64,
                   rounds=long, kv_fp8_storage="inplace", max_num_batched_tokens=512)
-    setting = dict(num_splits=3, block_n=16, num_warps=2, num_stages=1, prefetch=True)
+    setting = dict(num_splits=3, block_n=16, num_warps=2, num_stages=1, fast=True)
     monkeypatch.setattr(fp8_decode_config, "SPARSE", setting)
     seen, kernel = [], triton_fp8_steps.paged_decode_fp8
 
@@ -259,18 +259,18 @@ def test_engine_fp8_prefill_chunks_use_the_kernel(ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [0, 2, 4])
-def test_prefetched_and_fast_loads_give_the_same_bits(case):
-    """``prefetch=True`` (page ids loaded a block ahead) and ``fast=True`` (blocks read wholly in FP8 skip the
-    full-precision loads): without a selection the very same outputs as the plain loop."""
+def test_fast_loads_give_the_same_bits(case):
+    """``fast=True`` (blocks read wholly in FP8 skip the full-precision loads): the very same outputs as the
+    general loop."""
     hq, hkv, ps, D, lens, sink, recent, splits, window, bn = CASES[case]
     data, table, q, seq_lens, eligible, pick = _inputs(torch.float32, hq, hkv, ps, D, lens, sink, recent, seed=case)
     fp8 = Fp8Pages(data.shape[0], ps, sink, recent, DEV)
     fp8.quantise(data, pick[::2])       # some eligible pages not stored yet: quantised on the fly (fix-up)
     got = [paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
                             sliding_window=window, block_n=bn, **{"num_splits": splits, **kw})
-           for kw in (dict(), dict(prefetch=True), dict(fast=True), dict(fast=True, num_splits=1))]
-    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
-    torch.testing.assert_close(got[3], got[0], atol=2e-5, rtol=2e-5)
+           for kw in (dict(), dict(fast=True), dict(fast=True, num_splits=1))]
+    assert torch.equal(got[0], got[1])
+    torch.testing.assert_close(got[2], got[0], atol=2e-5, rtol=2e-5)
     with pytest.raises(AssertionError, match="rule_loads"):
         paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
                          num_splits=splits, fast=True, rule_loads=False)

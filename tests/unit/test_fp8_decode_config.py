@@ -6,13 +6,13 @@ from tierserve.attention import fp8_decode_config as cfg
 
 def test_parse_settings():
     assert cfg.parse("") == {}
-    assert cfg.parse("num_splits=16, block_n=32,num_warps=4,num_stages=1,prefetch=1") == \
-        dict(num_splits=16, block_n=32, num_warps=4, num_stages=1, prefetch=True)
-    assert cfg.parse("prefetch=0") == {"prefetch": False}
+    assert cfg.parse("num_splits=16, block_n=32,num_warps=4,num_stages=1,fast=1") == \
+        dict(num_splits=16, block_n=32, num_warps=4, num_stages=1, fast=True)
+    assert cfg.parse("fast=0") == {"fast": False}
     assert cfg.parse("fast=1,block_n=16") == {"fast": True, "block_n": 16}
 
 
-@pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=2", "fast=3"])
+@pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=1", "fast=3"])
 def test_bad_settings_say_what_is_wrong(bad):
     with pytest.raises(ValueError, match="X:"):
         cfg.parse(bad, "X")

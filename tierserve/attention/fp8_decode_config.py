@@ -4,8 +4,8 @@ A sparse step reads ~2k selected tokens per (sequence, KV head) however long the
 defaults (split-K sized by ``max_model_len``, 64-token blocks, 8 warps) leave most programs a single block and the
 kernel latency-bound (27 us a layer at 128k on the H200, stop 17). ``scripts/sweep_fp8_sparse_decode.py`` times
 the alternatives. Three settings, each a comma-separated ``key=value`` list of ``num_splits``, ``block_n``,
-``num_warps``, ``num_stages``, ``prefetch`` (0/1: page ids loaded a block ahead), ``fast`` (0/1: blocks read
-wholly in FP8 skip the full-precision loads, bit-identical), read once at import:
+``num_warps``, ``num_stages``, ``fast`` (0/1: blocks read wholly in FP8 skip the full-precision loads,
+bit-identical), read once at import:
 
 * ``TIERSERVE_FP8_SPARSE_DECODE``: every selected page on the device;
 * ``TIERSERVE_FP8_SPARSE_HOST_DECODE``: with FP8 rows spilled to CPU RAM (read over PCIe in the kernel);
@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import os
 
-KEYS = ("num_splits", "block_n", "num_warps", "num_stages", "prefetch", "fast")
-FLAGS = ("prefetch", "fast")     # 0 / 1
+KEYS = ("num_splits", "block_n", "num_warps", "num_stages", "fast")
+FLAGS = ("fast",)     # 0 / 1
 
 
 def parse(text: str, name: str = "setting") -> dict:
-    """``"num_splits=16,block_n=32"`` -> ``{"num_splits": 16, "block_n": 32}`` (``prefetch`` / ``fast`` as
-    bools)."""
+    """``"num_splits=16,block_n=32"`` -> ``{"num_splits": 16, "block_n": 32}`` (``fast`` as a bool)."""
     out: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")

@@ -221,16 +221,12 @@ def _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc):
 def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr,
                              qk_scale, keep_sink, keep_recent, cbase,
                              s_qb, s_qh, s_p, s_kv, s_t, s_h, s_bp, s_bkv, s_ptb, s_ob, s_oh, s_os, s_lb, s_lh,
-                             lg_ptr, sel_ptr, s_pth, s_selb, s_selh, hb_ptr, hbase, s_hp, s_hkv, cap,
+                             lg_ptr, sel_ptr, s_pth, s_selb, s_selh, hb_ptr, hbase, s_hp, s_hkv,
                              NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
                              UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
-                             COMPACT: tl.constexpr, HOST: tl.constexpr, PREFETCH: tl.constexpr = False,
-                             FAST: tl.constexpr = False):
-    # PREFETCH: each block's page ids (and logical pages) are loaded one block ahead, so that a block waits for
-    # one memory round trip (its codes / values) instead of two; with SPARSE the splits also divide the table's
-    # width ``cap`` (tokens) rather than the selection's length, so that the first ids need not wait for it.
+                             COMPACT: tl.constexpr, HOST: tl.constexpr, FAST: tl.constexpr = False):
     # FAST (RULE_LOADS only): blocks read wholly in FP8 take a branch without the full-precision loads
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -244,10 +240,7 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     if WINDOW > 0:
         lo = tl.maximum(seq_len - WINDOW, 0)
     lo_blk = lo // BLOCK_N * BLOCK_N                # blocks start on page boundaries
-    if SPARSE and PREFETCH:
-        per = tl.cdiv(tl.cdiv(cap - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    else:
-        per = tl.cdiv(tl.cdiv(n - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per = tl.cdiv(tl.cdiv(n - lo_blk, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo_blk + split * per
     end = tl.minimum(start + per, n)
     row_ids = pt_ptr + b * s_ptb + kvh * s_pth
@@ -259,23 +252,9 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     ar = tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        nxt = start + ar
-        pg_next = tl.load(row_ids + nxt // PAGE, mask=nxt < cap, other=0)
-        lg_next = pg_next
-        if SPARSE:
-            lg_next = tl.load(row_lg + nxt // PAGE, mask=nxt < cap, other=0)
     for t0 in range(start, end, BLOCK_N):
         u = t0 + ar
-        if PREFETCH:
-            page = pg_next.to(tl.int64)
-            lg = lg_next
-            u_next = u + BLOCK_N
-            pg_next = tl.load(row_ids + u_next // PAGE, mask=u_next < cap, other=0)
-            if SPARSE:
-                lg_next = tl.load(row_lg + u_next // PAGE, mask=u_next < cap, other=0)
-        else:
-            page, lg = _block_ids(row_ids, row_lg, u, n, PAGE, SPARSE)
+        page, lg = _block_ids(row_ids, row_lg, u, n, PAGE, SPARSE)
         page, valid, t, off, ish, low, vpage, cpage, hpage = _block_meta(
             page, lg, u, n, p, keep_sink, keep_recent, cbase, hbase, PAGE, SPARSE, COMPACT, HOST)
         stored = _stored(flag_ptr, page, valid, ish, HOST)
@@ -307,8 +286,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
                      rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None,
-                     host: tuple[torch.Tensor, int] | None = None, prefetch: bool = False,
-                     fast: bool = False) -> torch.Tensor:
+                     host: tuple[torch.Tensor, int] | None = None, fast: bool = False) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
@@ -320,10 +298,9 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     ``host`` (KV tiers): (this layer's CPU-RAM store of spilled pages as compact rows [S, 2, slot_bytes] uint8,
     pinned -- or a staged copy on the device; first host page id, after the compact range): page ids >= it are
     read from that store in place (zero-copy on CUDA) and are always FP8; in ``page_table`` they may sit
-    anywhere, also in a selection. ``prefetch`` (the engine: ``prefetch=1`` in attention/fp8_decode_config's
-    settings; opt-in, it did not help on the H200): page ids loaded a block ahead (the kernel's ``PREFETCH``); the
-    same bits without a selection, with one the splits divide the table instead of the selection (other fp32
-    summation groups)."""
+    anywhere, also in a selection. ``fast``: blocks read wholly in FP8 skip the full-precision loads
+    (``read_folded``'s ``FAST``; the same bits; with ``rule_loads`` only). (A ``prefetch`` option -- page ids
+    loaded a block ahead -- was timed on the H200 in stops 18-19 without gain and removed.)"""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -369,11 +346,11 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent, cbase,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse, *sel,
-        hb, hbase, hb.stride(0), hb.stride(1), page_table.shape[-1] * page_size,
+        hb, hbase, hb.stride(0), hb.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None, HOST=host is not None, PREFETCH=prefetch, FAST=fast,
+        COMPACT=compact is not None, HOST=host is not None, FAST=fast,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         merge_splits(part, lse, out)
