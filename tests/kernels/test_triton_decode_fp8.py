@@ -261,16 +261,18 @@ def test_engine_fp8_prefill_chunks_use_the_kernel(ckpt, monkeypatch):
 @pytest.mark.parametrize("case", [0, 2, 4])
 def test_fast_loads_give_the_same_bits(case):
     """``fast=True`` (blocks read wholly in FP8 skip the full-precision loads): the very same outputs as the
-    general loop."""
+    general loop, with some FP8-read pages not stored yet (quantised on the fly inside the fast branch) and with
+    every one stored (the fast branch's plain path)."""
     hq, hkv, ps, D, lens, sink, recent, splits, window, bn = CASES[case]
     data, table, q, seq_lens, eligible, pick = _inputs(torch.float32, hq, hkv, ps, D, lens, sink, recent, seed=case)
-    fp8 = Fp8Pages(data.shape[0], ps, sink, recent, DEV)
-    fp8.quantise(data, pick[::2])       # some eligible pages not stored yet: quantised on the fly (fix-up)
-    got = [paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
-                            sliding_window=window, block_n=bn, **{"num_splits": splits, **kw})
-           for kw in (dict(), dict(fast=True), dict(fast=True, num_splits=1))]
-    assert torch.equal(got[0], got[1])
-    torch.testing.assert_close(got[2], got[0], atol=2e-5, rtol=2e-5)
+    for stored in (pick[::2], eligible):
+        fp8 = Fp8Pages(data.shape[0], ps, sink, recent, DEV)
+        fp8.quantise(data, stored)
+        got = [paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
+                                sliding_window=window, block_n=bn or 16, **{"num_splits": splits, **kw})
+               for kw in (dict(), dict(fast=True), dict(fast=True, num_splits=1))]
+        assert torch.equal(got[0], got[1])
+        torch.testing.assert_close(got[2], got[0], atol=2e-5, rtol=2e-5)
     with pytest.raises(AssertionError, match="rule_loads"):
         paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
                          num_splits=splits, fast=True, rule_loads=False)
