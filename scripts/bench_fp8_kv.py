@@ -155,6 +155,46 @@ def decode_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dic
     return rows
 
 
+def compact_rows(B: int, ctx: int, dev, dtype, graph: bool, sms: int) -> list[dict]:
+    """The engine's dense FP8 setting with the old pages moved to compact slots (``kv_fp8_storage`` compact, the
+    engine's default where memory allows; the rows above store them in place): same context, same pool layers,
+    the BF16 kernel on the full-precision copy in the same run."""
+    from tierserve.attention.backend import choose_splits
+    from tierserve.attention.fp8_decode_config import SPLITS, decode_config
+    from tierserve.attention.triton_decode import paged_decode
+    from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+    from tierserve.quant.fp8_compact import new_compact_pool
+    from tierserve.runner.kv_fp8 import Fp8Pages
+
+    data, table = pool(B, ctx, dev, dtype, layers=DECODE_LAYERS)
+    seq = torch.full((B,), ctx, device=dev)
+    q = torch.randn(B, HQ, D, device=dev, dtype=dtype)
+    scale, N = D ** -0.5, data.shape[0]
+    bf16_splits = choose_splits(B, HKV, ctx + 144, sms)
+    turn = iter(range(1 << 62))
+
+    def layer():
+        return next(turn) % DECODE_LAYERS
+    us_bf16 = timer(lambda: paged_decode(q, *data[:, layer()].unbind(1), table, seq, scale, num_splits=bf16_splits),
+                    graph)
+    old = old_pages(table, ctx)
+    f = Fp8Pages(N, PAGE, SINK, RECENT, dev, compact=new_compact_pool(len(old) + 1, DECODE_LAYERS, PAGE, HKV, D, 0,
+                                                                      dtype, dev))
+    slots = {p: N + 1 + j for j, p in enumerate(old)}
+    f.quantise(data, list(slots.items()))
+    ctable = table.clone().cpu().apply_(lambda x: slots.get(x, x)).to(dev)
+    engine = {"num_splits": choose_splits(B, HKV, ctx + 144, sms, **SPLITS), **decode_config(False, False, PAGE)}
+
+    def fp8():
+        i = layer()
+        return paged_decode_fp8(q, data[:, i], f.quantised, ctable, seq, scale, PAGE, SINK, RECENT,
+                                compact=f.kernel_pool(i), **engine)
+    us = timer(fp8, graph)
+    return [dict(kernel="decode", setting="bf16 (compact run)", batch=B, context=ctx, splits=bf16_splits, us=us_bf16),
+            dict(kernel="decode", setting="fp8 compact (engine default)", batch=B, context=ctx,
+                 config=",".join(f"{k}={v}" for k, v in engine.items()), us=us, speedup_vs_bf16=us_bf16 / us)]
+
+
 def quantise_rows(B: int, dev, dtype, cuda: bool) -> list[dict]:
     from tierserve.attention.triton_fp8_quant import quantise_pages_triton
     from tierserve.quant.fp8_kv import quantise_pages_
@@ -234,6 +274,8 @@ def main() -> None:
     ap.add_argument("--configs", help="FP8 decode settings to try instead of the sweep (after the default): "
                     "';'-separated attention/fp8_decode_config settings, e.g. 'block_n=16,num_warps=2,fast=1'")
     ap.add_argument("--decode-only", action="store_true", help="only the decode rows (no quantise / prefill)")
+    ap.add_argument("--compact", action="store_true", help="decode rows: also the engine default with the old "
+                    "pages in compact slots (the engine's storage where memory allows)")
     ap.add_argument("--cases", help="decode rows: BATCHxCONTEXT,... (default 1x2048,1x32768,16x2048,16x32768)")
     ap.add_argument("--layers", type=int, default=1, help="decode rows: a pool of this many layers, each call on "
                     "the next (32: every read from HBM as in a decode step; 1: the same layer, L2-resident at 2k)")
@@ -262,6 +304,8 @@ def main() -> None:
     rows = []
     for B, ctx in decode:
         rows += decode_rows(B, ctx, dev, dtype, cuda, sms)
+        if a.compact:
+            rows += compact_rows(B, ctx, dev, dtype, cuda, sms)
         torch.cuda.empty_cache() if cuda else None
     for B in ((1, 16) if not a.smoke else (2,)) if not a.decode_only else ():
         rows += quantise_rows(B, dev, dtype, cuda)

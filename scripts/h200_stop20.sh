@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop-20 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-20 session"); one part per call:
 #   bash scripts/h200_stop20.sh gemv     FP8 row GEMV (TIERSERVE_FP8_GEMV=rows) vs fp8_gemm vs bf16 cuBLAS (~4 min)
-#   bash scripts/h200_stop20.sh ncu2k    which FP8 decode launch the engine's 2k step makes, and its counters (~2 min)
+#   bash scripts/h200_stop20.sh ncu2k    compact-slot FP8 decode micro-benchmark, then the engine's 2k launch under ncu (~3 min)
 #   bash scripts/h200_stop20.sh a        section a with stop 19's dense FP8 defaults [GEMV=rows: with the row GEMV] (~4 min)
 #   bash scripts/h200_stop20.sh b        section b (~5 min)
 #   bash scripts/h200_stop20.sh c1m      section c at 1M tokens after stop 18's host-work fixes (~4 min)
@@ -21,7 +21,10 @@ gemv)
         | quiet | tail -8 ;;
 ncu2k)
     # the engine's FP8 decode kernel at 2k took 22.5 us a layer (stop 19 profile) against ~11 us in the
-    # micro-benchmark: its grid (batch, KV heads, splits), block size, registers and counters inside the engine
+    # micro-benchmark: first the micro-benchmark with compact-slot storage (the engine's), then the engine's own
+    # launch under Nsight Compute: grid (batch, KV heads, splits), block size, registers and counters
+    timeout 120 python scripts/bench_fp8_kv.py --decode-only --no-before --quick --compact --layers 32 \
+        --cases 1x2048,1x32768 --output "$OUT/fp8-kv-compact-h200.json" 2>&1 | quiet | grep -E "bf16|engine"
     SETTING=fp8-kv BATCHES=1 CONTEXT=2048 timeout 200 ncu --clock-control none -k regex:_fp8_decode_split \
         --launch-skip 64 --launch-count 1 --section SpeedOfLight --section LaunchStats --section Occupancy \
         --section WarpStateStats --section InstructionStats python scripts/profile_decode.py \
