@@ -11,12 +11,7 @@
 #   bash scripts/h200_stop19.sh fast     FP8 decode: fp32-hop conversion and the codes-only branch against 2e63176 (~6 min)
 #   bash scripts/h200_stop19.sh a        dense FP8 decode engine defaults: GPU tests, kernel rows, section a (~6 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
-set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-quiet() { grep -v -i "warn\|it/s\]"; }
-# bench SECONDS ARGS...: bench sparse-fp8 under a timeout
-bench() { timeout "$1" python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy "${@:2}" 2>&1 | quiet; }
+source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
 tests)
     timeout 280 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \

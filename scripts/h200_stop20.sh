@@ -8,11 +8,7 @@
 #   bash scripts/h200_stop20.sh tlb      FP8 host reads spread over 64 GiB of pinned RAM, engine vs layer-major (~3 min)
 #   bash scripts/h200_stop20.sh p1m      decode profile of the tiered 1M step (sparse + FP8 KV) (~4 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
-set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-quiet() { grep -v -i "warn\|it/s\]"; }
-bench() { timeout "$1" python -m tierserve.cli bench sparse-fp8 --model llama-3.1-8b --load-format dummy "${@:2}" 2>&1 | quiet; }
+source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
 gemv)
     timeout 100 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_fp8_gemv.py -k row_gemv \
