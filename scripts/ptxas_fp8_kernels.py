@@ -36,7 +36,7 @@ def main() -> None:
             for sparse in (False, True):
                 print("decode ", dict(v, SPARSE=sparse), build(triton_decode_fp8._fp8_decode_split_kernel, dict(
                     NUM_SPLITS=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SCALE_OFF=off, WINDOW=0,
-                    DIRECT=False, UPCAST=False, SPARSE=sparse, RULE_LOADS=True, PREFETCH=False, **v), 8))
+                    DIRECT=False, UPCAST=False, SPARSE=sparse, RULE_LOADS=True, FAST=True, **v), 8))
 
 
 if __name__ == "__main__":

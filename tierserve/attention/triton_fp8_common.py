@@ -74,7 +74,7 @@ def page_scale_exp(x, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
 def code_values(c, DTYPE: tl.constexpr):
     """uint8 e4m3 codes -> their values in DTYPE (exact). Through fp32: on sm_90 e4m3 -> bf16 compiles to a
     packed e4m3 -> f16 conversion and then one F2F per value (a quarter-rate pipe); f16 -> f32 -> packed bf16
-    stays on full-rate pipes (SASS of the decode kernel, scripts/sass_fp8_decode.py)."""
+    stays on full-rate pipes (the decode kernel's SASS, stop 19: docs/fp8.md)."""
     return c.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(DTYPE)
 
 

@@ -50,8 +50,8 @@ class Sizes:
     host_ram_gb: float | None = None   # cap on host RAM for the CPU tier (None: MemAvailable - 8 GiB)
     budgets: dict = field(default_factory=lambda: {"a": 100.0, "b": 180.0, "c": 200.0})
     warmup: bool = True                # a warm-up run before the timed ones (kernels compiled, graphs captured)
-    # section c: decode steps of the measured request run before its timing starts (CUDA graphs over spilled pages
-    # are captured at their first use, placement settles); their time is reported as ``decode_warmup_s``
+    # section c: decode tokens of the measured request made before its timing starts (CUDA graphs over spilled
+    # pages are captured at their first use, placement settles); their time is reported as ``decode_warmup_s``
     decode_warmup_steps: int = 8
     tier_prefill_budget: float = 100.0  # section c: seconds for a real prefill over the tiers, else synthetic
     max_wall_s: float = 510.0          # no section runs past this many seconds after the start

@@ -151,7 +151,7 @@ class Bench:
         warm = {}
         if warmup_steps:
             t, goal = time.perf_counter(), len(req.output_token_ids) + warmup_steps
-            while len(req.output_token_ids) < goal:
+            while len(req.output_token_ids) < goal and not req.is_finished:
                 check(deadline, "the decode warm-up")
                 eng.step()
             if req.is_finished:
