@@ -3,7 +3,8 @@
 Forward dispatch (output dtype = input dtype):
 - CPU: dequantise, ``F.linear`` (correct, slow).
 - CUDA, rows <= ``small_m_max`` (decode): the Triton FP8 GEMV / skinny GEMM (weights read once, as fp8); one
-  row with ``TIERSERVE_FP8_GEMV=rows``: the CUDA-core row GEMV (``triton_fp8_gemv_rows``; opt-in, not yet timed).
+  row: the CUDA-core row GEMV (``triton_fp8_gemv_rows``; H200, Llama-8B layers: 75 against 101 us a layer for
+  ``fp8_gemm``, bf16 cuBLAS 116; ``TIERSERVE_FP8_GEMV=gemm`` keeps ``fp8_gemm`` for one row too).
 - CUDA, more rows (prefill): ``prefill="auto"`` tries ``F.scaled_mm`` (W8A8: activations quantised per
   token per 128 channels, SM90, N and K multiples of 128), checked once per layer against the emulated
   W8A8 reference; otherwise (or ``prefill="dequant"``) dequantise to the input dtype and ``F.linear``.
@@ -36,7 +37,10 @@ from tierserve.quant.fp8 import (
 PREFILL_MODES = ("auto", "dequant", "scaled_mm")
 SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
 
-ROW_GEMV = os.environ.get("TIERSERVE_FP8_GEMV", "") == "rows"     # read once: runs per layer per step
+GEMV_MODES = ("rows", "gemm")
+ROW_GEMV = os.environ.get("TIERSERVE_FP8_GEMV", "rows") == "rows"     # read once: runs per layer per step
+if os.environ.get("TIERSERVE_FP8_GEMV", "rows") not in GEMV_MODES:
+    raise ValueError(f"TIERSERVE_FP8_GEMV must be one of {GEMV_MODES}, got {os.environ['TIERSERVE_FP8_GEMV']!r}")
 
 
 class Fp8Linear(nn.Module):
@@ -90,7 +94,7 @@ class Fp8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.shape[0] == 1 and ROW_GEMV:      # opt-in until timed against fp8_gemm on the GPU
+        if x.shape[0] == 1 and ROW_GEMV:
             from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
             return fp8_gemv_rows(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype)
         from tierserve.quant.triton_fp8_gemv import fp8_gemm

@@ -82,14 +82,22 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_spli
         tl.store(out_ptr + pid_k * s_os + n, y, mask=n_mask)
 
 
+def row_tile(N: int, K: int) -> tuple[int, int]:
+    """Default (block_k, waves) for [N, K] weights (32-row tiles, 4 warps, 1 stage). From the H200 sweep of stop 20
+    (``benchmarks/results/stop20/fp8-gemv-rows-h200.json``, Llama-8B layers, every byte from HBM): long K rows
+    (down, K=14336) prefer 256-column tiles, wide layers (gate_up, N=28672) 4 waves of programs, the rest
+    128 columns and 8 waves: 75.0 us a layer against 74.8 for each layer's best tile and 101.4 for ``fp8_gemm``."""
+    return (256 if K >= 8192 else 128), (4 if N >= 16384 else 8)
+
+
 def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
-                  block_n: int = 32, block_k: int = 128, split_k: int | None = None, num_warps: int = 4,
-                  num_stages: int = 3, waves: int = 4) -> torch.Tensor:
+                  block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
+                  num_stages: int = 1, waves: int | None = None) -> torch.Tensor:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
-    the K blocks split evenly; else the scale block is used)."""
+    the K blocks split evenly; else the scale block is used). ``block_k`` / ``waves`` default to ``row_tile``."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -98,6 +106,8 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     if K2 != K:
         raise ValueError(f"fp8_gemv_rows: x has K={K}, qweight has K={K2}")
     kbs = check_weights("fp8_gemv_rows", qweight, scale_inv, N, K, block_size)
+    tile_k, tile_waves = row_tile(N, K)
+    block_k, waves = block_k or tile_k, waves or tile_waves
     uniform = sbn % block_n == 0
     if block_k & (block_k - 1) or block_n & (block_n - 1):
         raise ValueError(f"fp8_gemv_rows: block_k ({block_k}) and block_n ({block_n}) must be powers of two")
