@@ -7,7 +7,8 @@ with one thing changed at a time:
 * ``small pool``: the compact pages copied into a fresh pool of just their slots (the micro-benchmark's storage;
   the engine's pool spans most of the GPU's memory, each slot's layer ~1.1 MB apart);
 * ``q contiguous``: the query as a fresh contiguous tensor (the engine's is a view of the qkv output);
-* ``exact splits``: num_splits from the request's real length (the graphs' is fixed at capture for max_model_len).
+* ``exact splits``: num_splits from the request's real length (the graphs' is fixed at capture for max_model_len);
+* ``seq_len n``: the keep_recent edge on a page boundary (2048) or inside a page (the fix-up branch).
 
 Prints the page mix of the table (compact / full precision / stored flags) and a table; writes JSON to $OUT."""
 import json
@@ -28,15 +29,22 @@ CONTEXT = int(os.environ.get("CONTEXT", 2048))
 
 
 def timed(calls, reps=30):
-    for c in calls:
-        c()
+    """us per call: the calls captured in one CUDA graph (as the engine replays them; timed eagerly from Python
+    the launches' host time dominates), median of ``reps`` replays. (Zeroing a 96 MB buffer between calls to
+    evict L2 was tried: the flush's dirty lines written back during the next call made it unrepresentative.)"""
+    def body():
+        for c in calls:
+            c()
+    body()
     torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ts = []
     for _ in range(reps):
         s.record()
-        for c in calls:
-            c()
+        g.replay()
         e.record()
         e.synchronize()
         ts.append(s.elapsed_time(e) * 1e3 / len(calls))
@@ -98,6 +106,11 @@ def main() -> None:
     exact = choose_splits(1, kv_layer.shape[3], seq, torch.cuda.get_device_properties(0).multi_processor_count,
                           **SPLITS)
     results[f"exact splits ({exact})"] = timed([call(a, kw, num_splits=exact) for a, kw in captured])
+    results["1 stage"] = timed([call(a, kw, num_stages=1) for a, kw in captured])
+    results["8 warps"] = timed([call(a, kw, num_warps=8) for a, kw in captured])
+    for n in (2048, 2049, 2056):    # where the keep_recent edge falls: on a page boundary or inside a page
+        lens = torch.full_like(seq_lens, n)
+        results[f"seq_len {n}"] = timed([call((*a[:4], lens, *a[5:]), kw) for a, kw in captured])
     for name, us in results.items():
         print(f"{name:24s} {us:8.2f} us a layer")
     with open(f"{OUT}/diag-fp8-engine-decode-h200.json", "w") as f:

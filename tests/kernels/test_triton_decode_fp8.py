@@ -83,7 +83,7 @@ def test_fp8_decode_matches_reference(dtype, case):
     if eligible and dtype == torch.float32:     # the rule matters: full precision everywhere differs
         everything_full = Fp8Pages(data.shape[0], ps, 0, 1 << 20, DEV)
         full = _ref(q, data[:, layer], everything_full, table, seq_lens, window, layer)
-        assert (fake - full).abs().max() > 1e-3
+        assert (fake - full).abs().max() > 1e-4     # (case 4: only 4 tokens in the window are read in FP8)
     fp8.quantise(data, pick)                # a mix of pages stored as FP8 and not yet
     assert bool(fp8.quantised.any()) == bool(pick)
     got = run()

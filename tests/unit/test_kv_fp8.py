@@ -46,8 +46,9 @@ def _decode_meta(seq_len, ps, page_table):
 
 @pytest.mark.parametrize("stored", [False, True])
 def test_sink_and_recent_tokens_are_read_at_full_precision(stored):
-    """Attention equals SDPA over keys where exactly tokens 4..47 (complete, old, not sink) are FP8,
-    whether those pages are quantised in storage or still full precision."""
+    """Attention equals SDPA over keys where exactly tokens 16..47 are FP8 (the read rule is per page: page 0
+    holds sink tokens 0..3, page 3 recent ones; pages 1 and 2 end >= keep_recent before the query), whether
+    those pages are quantised in storage or still full precision."""
     torch.manual_seed(0)
     ps, hkv, hq, d, n = 16, 2, 4, 8, 64
     kv = torch.randn(5, 2, ps, hkv, d) * 3
@@ -62,7 +63,9 @@ def test_sink_and_recent_tokens_are_read_at_full_precision(stored):
     logical = seq[pt]                                             # [4, 2, ps, H, D]
     low = fake_quant(logical, ps)
     j = torch.arange(n)
-    use_low = (j >= 4) & (n - 1 - j >= 16)
+    first = j // ps * ps
+    use_low = (first >= 4) & (n - 1 - (first + ps - 1) >= 16)
+    assert use_low.nonzero().flatten().tolist() == list(range(16, 48))
     full_k, full_v = logical[:, 0].reshape(n, hkv, d), logical[:, 1].reshape(n, hkv, d)
     ek = torch.where(use_low[:, None, None], low[:, 0].reshape(n, hkv, d), full_k)
     ev = torch.where(use_low[:, None, None], low[:, 1].reshape(n, hkv, d), full_v)

@@ -3,9 +3,9 @@
 Same scheme as ``triton_decode.py`` (one query token per sequence; grid (batch, kv_head, split); the
 query heads sharing a KV head padded to 16 rows for ``tl.dot``; online softmax in base 2; the splits
 merged by their log-sum-exp with that module's ``_merge_kernel``), but every token is read in the
-precision the FP8 read rule (``tierserve.quant.fp8_kv``) gives it. For the query at p = seq_len - 1,
-token j is read in FP8 iff ``j >= keep_sink``, ``p - j >= keep_recent`` and j's page is complete before
-p; otherwise at full precision. Each key/value is loaded once, in the precision the rule gives it (so
+precision the FP8 read rule (``tierserve.quant.fp8_kv``, page level) gives it. For the query at
+p = seq_len - 1, token j is read in FP8 iff j's page starts at or after ``keep_sink`` and its last position l
+has ``p - l >= max(keep_recent, 1)``; otherwise at full precision. Each key/value is loaded once, in the precision the rule gives it (so
 the loads wait only for the page ids, as in the BF16 kernel, not for the per-page stored flags):
 
 * read in FP8 from a page stored as FP8 (``quantised[page]``; the bulk of a long context): only its e4m3
@@ -13,9 +13,9 @@ the loads wait only for the page ids, as in the BF16 kernel, not for the per-pag
   enter ``tl.dot`` as model-dtype code values (exact) and the power-of-two scale is folded into the scores
   (keys) and the probabilities (values): no per-value multiply, bit-identical to dequantising first.
 * read at full precision (sink and recent tokens, a page not complete yet): its stored values (2 bytes).
-* rule and storage disagree (checked per block from the flags; one or two blocks per sequence): a page
-  read in FP8 but still at full precision (the page straddling the keep_recent edge, or one that left the
-  window but is not converted yet, e.g. inside a multi-step window) is quantised on the fly, exactly like
+* rule and storage disagree (checked per block from the flags; only while storage lags the rule): a page
+  read in FP8 but still at full precision (one that left the window but is not converted yet, e.g. inside a
+  multi-step window, or held at full precision by another request) is quantised on the fly, exactly like
   storage would (``fake_fold``); a stored page the rule reads at full precision (the policy never lets
   that happen) gives its FP8 values.
 
@@ -189,7 +189,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     else:
         sel = (page_table, seq_lens, 0, 0, 0)
     _fp8_decode_split_kernel[(B, Hkv, num_splits)](
-        q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, keep_recent, cbase,
+        q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, max(keep_recent, 1),
+        cbase,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse, *sel,
         hb, hbase, hb.stride(0), hb.stride(1),

@@ -32,8 +32,9 @@ def block_meta(page, lg, u, n, p, keep_sink, keep_recent, cbase, hbase,
     t = u                                       # the token's position in its sequence
     if SPARSE:
         t = tl.where(valid, lg, 0) * PAGE + off
-    last = (t // PAGE + 1) * PAGE - 1
-    low = valid & (t >= keep_sink) & (p - t >= keep_recent) & (last < p)     # the read rule
+    first = t // PAGE * PAGE
+    low = valid & (first >= keep_sink) & (p - (first + PAGE - 1) >= keep_recent)   # the read rule (page level;
+    # keep_recent >= 1 here: the wrappers pass max(keep_recent, 1))
     ish = page < 0                              # HOST: spilled pages (ids >= hbase), always stored FP8
     vpage, cpage = split_ids(page, cbase, COMPACT)
     hpage = page * 0

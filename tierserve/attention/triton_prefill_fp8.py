@@ -1,6 +1,6 @@
 """Triton paged prefill over FP8 KV pages: each (query, key) pair read in the precision the FP8 read rule
-gives it (``tierserve.quant.fp8_kv``): the query at position p reads token j in FP8 iff j >= keep_sink,
-p - j >= keep_recent and j's page is complete before p.
+gives it (``tierserve.quant.fp8_kv``, page level): the query at position p reads token j in FP8 iff j's page
+starts at or after keep_sink and its last position l has p - l >= max(keep_recent, 1).
 
 Same rows as ``triton_prefill.py`` (BLOCK_T tokens x the query heads of one KV head, packed chunks, 128
 rows on the GPU; blocks of 32 keys, where the BF16 kernel takes 64, to stay within the registers). The
@@ -19,7 +19,8 @@ quantised again by every query block; FP8 readings of older pages come from thei
 readings from the stored values. The flags only feed a per-block check: a page before the scratch range
 read in FP8 but not stored yet (another holder still keeps it at full precision) is quantised in the
 kernel, and a stored page read at full precision (the policy never asks for it) gives its FP8 values.
-Mixed blocks are found from positions too: the rows read tokens keep_sink..end(p) in FP8, monotone in p.
+Mixed blocks are found from positions too: the rows read tokens keep_sink..end(p) in FP8, monotone in p (the
+kernel gets keep_sink rounded up to a page multiple, so ``t >= keep_sink`` is the page-level sink test).
 Pages spilled to CPU RAM (KV tiers, ``host``): their compact rows, staged on the device per layer and step, are
 read in place of the stored codes (the rule reads them in FP8 for every query). Reference: ``TorchRefBackend``
 with ``meta.kv_fp8``.
@@ -39,9 +40,9 @@ from tierserve.attention.triton_prefill import chunk_rows, store_rows
 
 @triton.jit
 def _low_end(p, keep_recent, PAGE: tl.constexpr):
-    """The query at p reads exactly tokens keep_sink .. _low_end(p) in FP8 (p - j >= keep_recent and j's page
-    complete before p)."""
-    return tl.minimum(p - keep_recent, p // PAGE * PAGE - 1)
+    """The query at p reads exactly tokens keep_sink .. _low_end(p) in FP8 (the pages ending at or before
+    p - keep_recent; keep_recent >= 1 and keep_sink a page multiple here, from the wrapper; -1: none)."""
+    return tl.maximum(p - keep_recent + 1, 0) // PAGE * PAGE - 1
 
 
 @triton.jit
@@ -222,7 +223,7 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
     grid = (q_len.shape[0], triton.cdiv(max_q_len, block_t), Hkv)
     _prefill_fp8_kernel[grid](
         q, kv_layer, kv_bytes, quantised.view(torch.uint8), page_table, q_start, q_len, seq_lens, out, scratch,
-        soff, scale * _LOG2E, keep_sink, keep_recent, cbase, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        soff, scale * _LOG2E, -(-keep_sink // page_size) * page_size, max(keep_recent, 1), cbase, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), scratch.stride(0), scratch.stride(1), hb, hbase, hb.stride(0), hb.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n,

@@ -1,10 +1,10 @@
 """Which KV pages may be stored in FP8 (bookkeeping only; the bytes are converted by the runner).
 
-The read rule (``tierserve.quant.fp8_kv.fp8_read_mask``): a query at position p reads token j at
-full precision iff j < keep_sink, or p - j < keep_recent, or j's page is not complete before p.
-Page i (positions i*ps .. last) is therefore still needed at full precision by some query at a
-position >= n iff ``i*ps < keep_sink`` or ``n - last < max(keep_recent, 1)``; once that is false for
-every live request holding the page, it can be quantised in storage. A prefix-cache hit is used only
+The read rule (``tierserve.quant.fp8_kv.fp8_read_mask``, page level): a query at position p reads page i
+(positions i*ps .. last) at full precision iff ``i*ps < keep_sink`` or ``p - last < max(keep_recent, 1)``.
+Page i is therefore still needed at full precision by some query at a position >= n iff the same holds
+for p = n; once that is false for every live request holding the page, it can be quantised in storage
+-- exactly when the next query starts reading it in FP8. A prefix-cache hit is used only
 as far as every page the new request's first query reads at full precision is still full precision
 (a cached page is reused in the precision it was stored in), so hits never change an output token.
 """

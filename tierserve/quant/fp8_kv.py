@@ -7,9 +7,14 @@ then zeros; rows after the page's tokens (the sparse selector's key min / max su
 dividing by it is exact and the codes are round-to-nearest e4m3 of the page's values.
 
 The read rule (which tokens a query reads in FP8) lives here too, because both the attention
-reference and the tests need it: query at position p reads token j in FP8 iff j >= keep_sink,
-p - j >= keep_recent and j's page is complete before p (its last position < p); every other token is
-read at full precision. Because quantising a complete page is a pure function of its values, a page
+reference and the tests need it, at page level: query at position p reads token j in FP8 iff j's page
+starts at or after keep_sink and ends at least max(keep_recent, 1) positions before p (its last position l:
+p - l >= max(keep_recent, 1)); every other token is read at full precision. A page is therefore read in FP8
+exactly from the step the page policy (``kv.fp8_pages.Fp8PagePolicy.needs_full``) lets storage quantise it,
+and no query reads a page partly in each precision. (Until stop 20 the rule was per token -- ``j >= keep_sink``,
+``p - j >= keep_recent``, page complete before p --, so the page straddling the keep_recent edge had to be
+quantised on the fly in every step: on the H200 that one program made the whole 2k decode launch 23 us
+instead of 10.5, ``benchmarks/results/stop20/diag-fp8-engine-decode-h200.json``.) Because quantising a complete page is a pure function of its values, a page
 read in FP8 gives the same numbers whether it was quantised in storage or on the fly (``fake_quant``).
 """
 from __future__ import annotations
@@ -77,10 +82,11 @@ def dequant_pages(blob: torch.Tensor, page_size: int) -> torch.Tensor:
 
 def fp8_read_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, page_size: int, keep_sink: int,
                   keep_recent: int) -> torch.Tensor:
-    """``[..., Q, L]`` True where the query at ``q_pos`` reads the key at ``kv_pos`` in FP8."""
-    last = (kv_pos // page_size + 1) * page_size - 1
+    """``[..., Q, L]`` True where the query at ``q_pos`` reads the key at ``kv_pos`` in FP8 (page level)."""
+    first = kv_pos // page_size * page_size
+    last = first + page_size - 1
     q = q_pos[..., :, None]
-    return (kv_pos >= keep_sink) & (q - kv_pos >= keep_recent) & (last < q)
+    return (first >= keep_sink) & (q - last >= max(keep_recent, 1))
 
 
 def split_precision(kv: torch.Tensor, quantised: torch.Tensor, page_size: int, deq: torch.Tensor | None = None):
