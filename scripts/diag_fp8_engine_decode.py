@@ -8,7 +8,9 @@ with one thing changed at a time:
   the engine's pool spans most of the GPU's memory, each slot's layer ~1.1 MB apart);
 * ``q contiguous``: the query as a fresh contiguous tensor (the engine's is a view of the qkv output);
 * ``exact splits``: num_splits from the request's real length (the graphs' is fixed at capture for max_model_len);
-* ``seq_len n``: the keep_recent edge on a page boundary (2048) or inside a page (the fix-up branch).
+* ``seq_len n``: the keep_recent edge on a page boundary (2048) or inside a page (with the token-level rule of
+  stop 19: the fix-up branch); 2073: a full-precision page read in FP8 (storage lagging the rule, as inside
+  multi-step windows: the fix-up branch with the page-level rule).
 
 Prints the page mix of the table (compact / full precision / stored flags) and a table; writes JSON to $OUT."""
 import json
@@ -108,7 +110,7 @@ def main() -> None:
     results[f"exact splits ({exact})"] = timed([call(a, kw, num_splits=exact) for a, kw in captured])
     results["1 stage"] = timed([call(a, kw, num_stages=1) for a, kw in captured])
     results["8 warps"] = timed([call(a, kw, num_warps=8) for a, kw in captured])
-    for n in (2048, 2049, 2056):    # where the keep_recent edge falls: on a page boundary or inside a page
+    for n in (2048, 2049, 2056, 2073):     # 2073: page 124 (full precision) read in FP8, quantised on the fly    # where the keep_recent edge falls: on a page boundary or inside a page
         lens = torch.full_like(seq_lens, n)
         results[f"seq_len {n}"] = timed([call((*a[:4], lens, *a[5:]), kw) for a, kw in captured])
     for name, us in results.items():

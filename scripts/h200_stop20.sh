@@ -3,6 +3,7 @@
 #   bash scripts/h200_stop20.sh gemv     FP8 row GEMV (TIERSERVE_FP8_GEMV=rows) vs fp8_gemm vs bf16 cuBLAS (~4 min)
 #   bash scripts/h200_stop20.sh ncu2k    compact-slot FP8 decode micro-benchmark, then the engine's 2k launch under ncu (~3 min)
 #   bash scripts/h200_stop20.sh diag     the engine's 2k FP8 decode launches timed as captured / small pool / ... (~2 min)
+#   bash scripts/h200_stop20.sh loop     whole decode loops under torch.profiler, bf16 vs fp8-kv (~1 min)
 #   bash scripts/h200_stop20.sh a        section a [GEMV=gemm: fp8_gemm for one row instead of the row GEMV] (~4 min)
 #   bash scripts/h200_stop20.sh b        section b (~5 min)
 #   bash scripts/h200_stop20.sh c1m      section c at 1M tokens after stop 18's host-work fixes (~4 min)
@@ -33,11 +34,14 @@ ncu2k)
         "$OUT/ncu-engine-fp8-decode-2k.txt" | head -20 ;;
 diag)       # the engine's own FP8 decode launches at 2k, timed as captured and with one thing changed
     timeout 200 python scripts/diag_fp8_engine_decode.py 2>&1 | quiet | tail -8 ;;
+loop)       # the whole decode loop (graph replays and the host work between them) under torch.profiler
+    SETTINGS=${SETTINGS:-bf16,fp8-kv} timeout 300 python scripts/profile_engine_loop.py 2>&1 | quiet | grep -v tokenizer \
+        | tail -24 ;;
 a)
     if [ -n "${GEMV:-}" ]; then export TIERSERVE_FP8_GEMV="$GEMV"; fi      # rows (default since stop 20) | gemm
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a-h200.json" | tail -14
     rm -f "$OUT"/*.partial.jsonl ;;
 b|c1m|tlb|p1m)      # as in stop 19's plan
     exec bash scripts/h200_stop19.sh "$1" ;;
-*) echo "usage: $0 gemv|ncu2k|diag|a|b|c1m|tlb|p1m"; exit 2 ;;
+*) echo "usage: $0 gemv|ncu2k|diag|loop|a|b|c1m|tlb|p1m"; exit 2 ;;
 esac
