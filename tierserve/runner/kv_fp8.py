@@ -54,7 +54,7 @@ class Fp8Pages:
             idx = idx.to(kv_data.device)
             assert not bool(self.quantised[idx].any()), "page quantised twice"
             quantise_pages_(kv_data, idx, self.page_size)
-        self.quantised[idx] = True
+        self.quantised.index_fill_(0, idx, True)
 
     def on_write(self, slot_pages: torch.Tensor) -> None:
         """Pages written this step hold full-precision tokens (a recycled page starts over). Only full-precision
@@ -62,7 +62,9 @@ class Fp8Pages:
         mapped to the scratch page, whose flag is never set)."""
         if self.compact is not None:
             slot_pages = slot_pages.clamp(max=self.base - 1)
-        self.quantised[slot_pages] = False
+        # index_fill_ takes the value as a kernel argument; ``t[idx] = False`` copies a CPU scalar tensor to the
+        # device first, a pageable copy that synchronises the stream (and so stalls the windows queued behind)
+        self.quantised.index_fill_(0, slot_pages.reshape(-1), False)
 
     def kernel_pool(self, layer_idx: int):
         """For the Triton FP8 kernels: None (in place) or (layer ``layer_idx`` of the compact pool, first compact id)."""
