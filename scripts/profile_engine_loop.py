@@ -37,11 +37,16 @@ def run(setting: str) -> dict:
     llm.generate([prompt], sp)
     plain_ms = (time.perf_counter() - t) * 1e3
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    stack = os.environ.get("STACK") == "1"          # where the stream syncs come from (Python stacks)
+    with torch.profiler.profile(activities=acts, with_stack=stack) as prof:
         t = time.perf_counter()
         llm.generate([prompt], sp)
         torch.cuda.synchronize()
         prof_ms = (time.perf_counter() - t) * 1e3
+    if stack:
+        for e in prof.key_averages(group_by_stack_n=6):
+            if e.key == "cudaStreamSynchronize":
+                print(f"  sync x{e.count}: " + " <- ".join(f for f in e.stack if "tierserve" in f or "scripts" in f))
     ev = prof.key_averages()
     gpu = top(ev, "device_time_total" if hasattr(ev[0], "device_time_total") else "cuda_time_total", 25)
     cpu = top(ev, "self_cpu_time_total", 25)
