@@ -25,6 +25,14 @@ class Fp8PagePolicy:
         last = (page_index + 1) * ps - 1
         return page_index * ps < self.keep_sink or next_pos - last < max(self.keep_recent, 1)
 
+    def steps_to_crossing(self, q_pos: int) -> int:
+        """Queries from ``q_pos`` until the next one (after it) that starts reading another page in FP8: a page
+        ending at l is read in FP8 from query l + max(keep_recent, 1) on, one page every ``page_size`` positions.
+        A multi-step window of at most this many steps starting at ``q_pos`` reads no page that becomes FP8
+        inside it, so storage can convert every page the window reads in FP8 before it is queued."""
+        ps, kr = self.page_size, max(self.keep_recent, 1)
+        return (kr - 1 - q_pos) % ps or ps
+
     def usable_hit(self, pages: list[int], quantised: set[int]) -> int:
         """Number of leading hit pages usable: the first new query (at k*page_size) must find every
         page it reads at full precision still stored at full precision."""

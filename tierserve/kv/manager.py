@@ -181,15 +181,23 @@ class KVManager(SpillPlacement):
             elif self.pool.register(table.pages[i], parent, toks) and self.tiers is not None:
                 self.tiers.on_register(table.pages[i], parent, toks)
 
-    def _fp8_commit(self, table: _Table) -> None:
+    def fp8_commit_ahead(self, req_id: str, next_pos: int) -> None:
+        """Queue the pages of ``req_id`` that no query at a position >= ``next_pos`` reads at full precision (the
+        engine's multi-step windows: before queuing a window whose first query is at ``next_pos`` while the
+        tokens of the window ahead of it are not read yet; every earlier read is queued before the conversion)."""
+        if self.fp8 is not None:
+            self._fp8_commit(self._tables[req_id], next_pos)
+
+    def _fp8_commit(self, table: _Table, next_pos: int | None = None) -> None:
         """Queue the pages that left every holder's full-precision set for quantisation."""
+        upto = table.computed if next_pos is None else max(next_pos, table.computed)
         i = max(table.fp8_next, -(-self.fp8.keep_sink // self.page_size))    # sink pages stay full
-        while i < len(table.pages) and not self.fp8.needs_full(i, table.computed):
+        while i < len(table.pages) and not self.fp8.needs_full(i, upto):
             pid = table.pages[i]
             if pid < 0 or pid in self.quantised:
                 pass
             elif self.pool.meta[pid].ref_count > 1 and any(
-                    len(t.pages) > i and t.pages[i] == pid and self.fp8.needs_full(i, t.computed)
+                    t is not table and len(t.pages) > i and t.pages[i] == pid and self.fp8.needs_full(i, t.computed)
                     for t in self._tables.values()):
                 pass                        # a sharer still reads it at full precision; it queues it later
             elif self.compact is not None:
