@@ -225,5 +225,13 @@ def test_row_gemv_matches_reference(n, k, block, block_n, block_k, dtype):
         got = fp8_gemv_rows(x, q, s, b, block, block_n=block_n, block_k=block_k, split_k=split)
         assert got.dtype == dtype and got.shape == (1, n)
         torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    # split-K summed in the same launch by each tile's last program: the two-kernel path's very bits, and the
+    # counters are back at zero for the next launch (a second call gives the same again)
+    two = fp8_gemv_rows(x, q, s, bias, block, block_n=block_n, block_k=block_k, split_k=3, fused_reduce=False)
+    for _ in range(2):
+        one = fp8_gemv_rows(x, q, s, bias, block, block_n=block_n, block_k=block_k, split_k=3, fused_reduce=True)
+        assert torch.equal(one, two)
+    from tierserve.quant.triton_fp8_gemv_rows import split_counters
+    assert not bool(split_counters(x.device, 1).any())
     with pytest.raises(ValueError, match=r"\[1, K\]"):
         fp8_gemv_rows(torch.randn(2, k, device=DEV).to(dtype), q, s, block_size=block)

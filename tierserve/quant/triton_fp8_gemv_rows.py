@@ -40,10 +40,29 @@ def _tile(x_ptr, w_ptr, n, n64, n_mask, k, K, s_wn, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_split, s_wn, s_sn, s_os,
+def _last_split_sums(part_ptr, fin_ptr, cnt_ptr, b_ptr, n, n_mask, pid_n, num_splits, s_os, HAS_BIAS: tl.constexpr):
+    """Split-K in one launch: after its partial is stored, each program counts itself in on its N tile; the last
+    one sums every split's partial in split order (as ``_splitk_reduce_kernel`` does: the same bits), adds the
+    bias, writes the output and resets the counter for the next launch. The barrier before the (acq_rel, gpu
+    scope) count orders all of this program's partial stores before it; the partials are read from L2 (.cg)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        acc = tl.zeros(n.shape, dtype=tl.float32)
+        for sp in range(num_splits):
+            acc += tl.load(part_ptr + sp * s_os + n, mask=n_mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(fin_ptr + n, acc.to(fin_ptr.dtype.element_ty), mask=n_mask)
+        tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr, N, K, kb_per_split, num_splits,
+                          s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
     # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
     pid_n = tl.program_id(0)
@@ -80,6 +99,8 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, kb_per_spli
         tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(out_ptr + pid_k * s_os + n, y, mask=n_mask)
+        if FUSED_REDUCE:
+            _last_split_sums(out_ptr, fin_ptr, cnt_ptr, b_ptr, n, n_mask, pid_n, num_splits, s_os, HAS_BIAS)
 
 
 def row_tile(N: int, K: int) -> tuple[int, int]:
@@ -93,11 +114,13 @@ def row_tile(N: int, K: int) -> tuple[int, int]:
 def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
                   block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
-                  num_stages: int = 1, waves: int | None = None) -> torch.Tensor:
+                  num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None) -> torch.Tensor:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
-    the K blocks split evenly; else the scale block is used). ``block_k`` / ``waves`` default to ``row_tile``."""
+    the K blocks split evenly; else the scale block is used). ``block_k`` / ``waves`` default to ``row_tile``.
+    ``fused_reduce`` (default: where ``split_counters`` has room): with several K splits, the last program of each
+    N tile sums the partials in the same launch instead of a second reduce kernel (same bits)."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -130,11 +153,34 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     direct = split == 1
     dst = out if direct else torch.empty(split, 1, N, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else scale_inv
+    cnt = None if direct or fused_reduce is False else split_counters(x.device, n_tiles)
+    if fused_reduce and cnt is None and not direct:
+        raise ValueError(f"fp8_gemv_rows: no split counters for {n_tiles} tiles (none are made during a CUDA "
+                         f"graph capture; at most {MAX_TILES})")
     _fp8_gemv_rows_kernel[(n_tiles, split)](
-        x, qweight, scale_inv, b, dst, N, K, kb_per_split, qweight.stride(0), scale_inv.stride(0),
-        dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk, BLOCK_N=block_n, BLOCK_K=block_k,
-        UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
-        num_warps=num_warps, num_stages=num_stages)
-    if not direct:
+        x, qweight, scale_inv, b, dst, out, cnt if cnt is not None else scale_inv, N, K, kb_per_split, split,
+        qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk,
+        BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
+        FUSED_REDUCE=cnt is not None, num_warps=num_warps, num_stages=num_stages)
+    if not direct and cnt is None:
         _reduce_splits(dst, b, out, bias is not None)
     return out
+
+
+MAX_TILES = 1 << 16
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n_tiles: int) -> torch.Tensor | None:
+    """The per-device int32 arrival counters of the fused split-K reduction (all zero between launches: the last
+    program of each tile resets its own). Made once, outside CUDA-graph capture (a buffer made inside one would
+    belong to the graph's memory pool); None when there is none yet and the stream is capturing, or ``n_tiles``
+    exceeds ``MAX_TILES``. Launches on one stream use them in turn."""
+    key = (device.type, device.index if device.type != "cuda" or device.index is not None
+           else torch.cuda.current_device())
+    c = _COUNTERS.get(key)
+    if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        c = _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return c if n_tiles <= MAX_TILES else None
