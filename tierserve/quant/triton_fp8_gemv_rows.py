@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve import pdl
 from tierserve.quant.fp8 import DEFAULT_BLOCK
 from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choose_split_k
 
@@ -62,7 +63,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                           s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False):
+                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
     # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
     pid_n = tl.program_id(0)
@@ -77,6 +78,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
     s_one = s_ptr + ((pid_n * BLOCK_N) // SBN).to(tl.int64) * s_sn   # UNIFORM: the program's scale row
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ar = tl.arange(0, BLOCK_K)
+    pdl.wait(PDL)           # launched early (PDL): x, the counters and the output come from earlier kernels
     if BLOCK_K > SBK:
         for kb in range(kb_lo, kb_hi, BLOCK_K // SBK):
             x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + ar, K, s_wn, EVEN)
@@ -161,7 +163,8 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
         x, qweight, scale_inv, b, dst, out, cnt if cnt is not None else scale_inv, N, K, kb_per_split, split,
         qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk,
         BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
-        FUSED_REDUCE=cnt is not None, num_warps=num_warps, num_stages=num_stages)
+        FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device), num_warps=num_warps, num_stages=num_stages,
+        **pdl.dependent_options(x.device))
     if not direct and cnt is None:
         _reduce_splits(dst, b, out, bias is not None)
     return out

@@ -12,10 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve import pdl
+
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr,
-                        HAS_RES: tl.constexpr):
+                        HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.release(PDL)        # the next kernel (a projection, ``tierserve.pdl``) may be scheduled now
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < N
@@ -40,12 +43,13 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     res = torch.empty_like(x) if residual is not None else x
     _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, res, eps, N=n,
                                  BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None,
-                                 num_warps=8 if n >= 4096 else 4)
+                                 PDL=pdl.active(x.device), num_warps=8 if n >= 4096 else 4)
     return out, res
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.release(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < I
@@ -63,7 +67,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     i = two_i // 2
     out = torch.empty(T, i, dtype=gate_up.dtype, device=gate_up.device)
     block = min(512, triton.next_power_of_2(i))     # enough programs to spread one row over the GPU
-    _silu_mul_kernel[(T, triton.cdiv(i, block))](gate_up, out, I=i, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(T, triton.cdiv(i, block))](gate_up, out, I=i, BLOCK=block, PDL=pdl.active(out.device),
+                                                 num_warps=4)
     return out
 
 

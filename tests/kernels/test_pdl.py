@@ -1,0 +1,49 @@
+"""Programmatic dependent launch (``tierserve.pdl``): off on the CPU; on an sm_90 GPU a CUDA graph of the decode
+chain add_rmsnorm -> FP8 row GEMV (split-K summed in the launch) -> silu_mul -> row GEMV gives the same bits with
+PDL as without, replay after replay (a GEMV reading before its ``wait`` would race)."""
+import pytest
+import torch
+
+from tierserve import pdl
+
+CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def test_off_without_a_hopper_gpu():
+    assert pdl.dependent_options(torch.device("cpu")) == {}
+    assert not pdl.active(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs an sm_90 GPU")
+def test_pdl_chain_same_bits(monkeypatch):
+    from tierserve.models.layers.triton_fused import add_rmsnorm, silu_mul
+    from tierserve.quant.fp8 import quantize_fp8_blockwise
+    from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
+
+    torch.manual_seed(0)
+    dev, H, I = torch.device("cuda"), 4096, 14336
+    w1, s1 = quantize_fp8_blockwise(torch.randn(2 * I, H, device=dev) * 0.02)
+    w2, s2 = quantize_fp8_blockwise(torch.randn(H, I, device=dev) * 0.02)
+    x, r = torch.randn(1, H, device=dev, dtype=torch.bfloat16), torch.randn(1, H, device=dev, dtype=torch.bfloat16)
+    g = torch.rand(H, device=dev, dtype=torch.bfloat16) + 0.5
+
+    def chain():
+        h, res = add_rmsnorm(x, r, g, 1e-5)
+        return fp8_gemv_rows(silu_mul(fp8_gemv_rows(h, w1, s1, split_k=4)), w2, s2, split_k=7) + res
+
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        assert pdl.active(dev) == on
+        chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = chain()
+        runs = []
+        for _ in range(20):
+            graph.replay()
+            runs.append(y.clone())
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, runs[0]) for a in runs)
+        outs[on] = runs[0]
+    assert torch.equal(outs[True], outs[False])

@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (PDL, sm_90+) for the decode step's chain of small kernels (opt-in:
+``TIERSERVE_PDL=1``; not yet timed on a GPU).
+
+In a batch-1 decode step every kernel is short, so each boundary (the next grid launched only after the previous
+one has drained) costs a few microseconds of idle HBM. With PDL a *dependent* kernel, launched with
+``launch_pdl=True``, may be scheduled as soon as every program of the kernel before it has called
+``release`` (or exited); it must call ``wait`` before it reads anything that kernel wrote (``wait`` returns once
+that kernel has completed and its writes are visible). Work before ``wait`` may touch only data no earlier kernel
+of the step writes (weights, scales).
+
+Used by: the FP8 row GEMV (``quant/triton_fp8_gemv_rows``: dependent) and the kernels that feed it
+(``add_rmsnorm``, ``silu_mul``, the decode split merge: ``release`` at their start). A kernel compiled without the
+flag behaves as before; ``release`` is harmless before a dependent launched without PDL (it then waits for the
+whole grid as usual). Under the CPU interpreter (no inline assembly) both are compiled out.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:                                     # older Triton: no PDL
+    gdc_wait = gdc_launch_dependents = None
+
+ENABLED = os.environ.get("TIERSERVE_PDL") == "1" and os.environ.get("TRITON_INTERPRET") != "1" \
+    and gdc_wait is not None
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    """Dependent kernel: block until the kernel before it has completed and its writes are visible."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release(PDL: tl.constexpr):
+    """Primary kernel: let the next kernel (if launched with PDL) be scheduled now."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+def active(device: torch.device) -> bool:
+    """PDL for kernels on ``device``: enabled, CUDA, compute capability >= 9."""
+    return ENABLED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def dependent_options(device: torch.device) -> dict:
+    """Launch options of a dependent kernel (``kernel[grid](..., **dependent_options(dev))``)."""
+    return {"launch_pdl": True} if active(device) else {}
