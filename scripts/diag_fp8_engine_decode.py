@@ -15,7 +15,6 @@ with one thing changed at a time:
 Prints the page mix of the table (compact / full precision / stored flags) and a table; writes JSON to $OUT."""
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -25,6 +24,7 @@ import tierserve.attention.triton_fp8_steps as steps  # noqa: E402
 from tierserve import LLM, SamplingParams  # noqa: E402
 from tierserve.attention.backend import choose_splits  # noqa: E402
 from tierserve.attention.fp8_decode_config import SPLITS  # noqa: E402
+from tierserve.bench.gpu_timer import graph_time_us  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 CONTEXT = int(os.environ.get("CONTEXT", 2048))
@@ -37,20 +37,7 @@ def timed(calls, reps=30):
     def body():
         for c in calls:
             c()
-    body()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(reps):
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3 / len(calls))
-    return statistics.median(ts)
+    return graph_time_us(body, reps=1, runs=reps) / len(calls)
 
 
 def main() -> None:
