@@ -4,7 +4,8 @@ FP8 weights + FP8 KV at 1.8x bf16; stop 19: FP8 weights alone 1.09x). Each timin
 each on its own copy of the weights (the copies together exceed the 50 MB L2: every byte comes from HBM), median
 of 7 replays. The row kernel is swept over tile rows and columns, warps and split-K waves; each configuration's
 output is compared with ``fp8_gemm``'s (``--sweep``; stop 20 ran it). Always: the default tile (``row_tile``) with
-split-K summed by a second reduce kernel and in the same launch (``fused_reduce``), bit-compared.
+split-K summed by a second reduce kernel, in the same launch (``fused_reduce``), and that with the next tile's
+weights loaded a trip ahead (``prefetch``), bit-compared.
 ``--smoke``: tiny shapes on the CPU interpreter (checks the script).
 
   PYTHONPATH=. python scripts/bench_fp8_gemv_rows.py --output $OUT/fp8-gemv-rows-h200.json
@@ -72,11 +73,12 @@ def main() -> None:
         row["cublas_bf16_us"] = timer(rotating(lambda i: F.linear(x, w[i]), copies))
         row["fp8_gemm_us"] = timer(rotating(lambda i: fp8_gemm(x, *q[i]), copies))
         want = fp8_gemm(x, *q[0]).float()
-        for fused in (False, True):
-            row[f"rows_default_{'fused' if fused else 'two_kernel'}_us"] = timer(rotating(
-                lambda i, f=fused: fp8_gemv_rows(x, *q[i], fused_reduce=f), copies))
-        row["fused_same_bits"] = bool(torch.equal(fp8_gemv_rows(x, *q[0], fused_reduce=True),
-                                                  fp8_gemv_rows(x, *q[0], fused_reduce=False)))
+        variants = {"two_kernel": dict(fused_reduce=False), "fused": dict(fused_reduce=True),
+                    "fused_prefetch": dict(fused_reduce=True, prefetch=True)}
+        base = fp8_gemv_rows(x, *q[0], fused_reduce=False)
+        for name, kw in variants.items():
+            row[f"rows_default_{name}_us"] = timer(rotating(lambda i, kw=kw: fp8_gemv_rows(x, *q[i], **kw), copies))
+            row[f"{name}_same_bits"] = bool(torch.equal(fp8_gemv_rows(x, *q[0], **kw), base))
         best = None
         for bn, bk, nw, waves in grid if a.sweep else []:
             if time.perf_counter() > stop:
@@ -93,7 +95,8 @@ def main() -> None:
                 best = (us, cfg, err)
         if best:
             row.update(rows_best_us=best[0], rows_best_cfg=best[1], rows_rel_err_vs_fp8_gemm=best[2])
-        for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused"):
+        for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused",
+                  "rows_default_fused_prefetch"):
             if f"{k}_us" in row:
                 nbytes = N * K * (2 if k == "cublas_bf16" else 1)
                 row[f"{k}_TBps"] = nbytes / row[f"{k}_us"] / 1e6
@@ -102,11 +105,13 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
         print(f"{layer}: bf16 {row['cublas_bf16_us']:.1f} us, fp8_gemm {row['fp8_gemm_us']:.1f} us, rows default "
-              f"{row['rows_default_two_kernel_us']:.1f} (two kernels) / {row['rows_default_fused_us']:.1f} us (fused "
-              f"reduce, same bits: {row['fused_same_bits']}), best of sweep {row.get('rows_best_us', float('nan')):.1f} "
-              f"us {row.get('rows_best_cfg')}", flush=True)
+              f"{row['rows_default_two_kernel_us']:.1f} (two kernels) / {row['rows_default_fused_us']:.1f} (fused "
+              f"reduce) / {row['rows_default_fused_prefetch_us']:.1f} us (+ prefetch); same bits: "
+              f"{row['fused_same_bits'] and row['fused_prefetch_same_bits']}; best of sweep "
+              f"{row.get('rows_best_us', float('nan')):.1f} us {row.get('rows_best_cfg')}", flush=True)
     per_layer = {k: sum(r[f"{k}_us"] for r in rows if f"{k}_us" in r)
-                 for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused")}
+                 for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused",
+                           "rows_default_fused_prefetch")}
     print("per transformer layer (us):", {k: round(v, 1) for k, v in per_layer.items()})
     if a.output:
         meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,

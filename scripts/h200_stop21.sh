@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stop-21 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-21 session"); one part per call:
 #   bash scripts/h200_stop21.sh tests    GPU tests of stop 20's CPU-only work: fused split-K reduce, PDL, FP8 windows (~4 min)
-#   bash scripts/h200_stop21.sh gemv     row GEMV defaults: two-kernel vs fused split-K reduce, bit-compared (~1 min)
-#   bash scripts/h200_stop21.sh a        section a (FP8 weights + FP8 KV at 2k) [PDL=1: TIERSERVE_PDL=1] (~3 min)
+#   bash scripts/h200_stop21.sh gemv     row GEMV defaults: two-kernel vs fused split-K reduce vs + prefetch, bit-compared (~1 min)
+#   bash scripts/h200_stop21.sh a        section a (FP8 weights + FP8 KV at 2k) [PDL=1: TIERSERVE_PDL=1]
+#                                        [PREFETCH=1: TIERSERVE_FP8_GEMV_PREFETCH=1] (~3 min)
 #   bash scripts/h200_stop21.sh loop     whole 2k decode loops under torch.profiler, bf16 vs FP8 w + KV (~1 min)
 #   bash scripts/h200_stop21.sh b        section b (sparse + FP8 at 128k) (~5 min)
 #   bash scripts/h200_stop21.sh c        section c at 128k and 1M (tiered) (~7 min)
@@ -20,7 +21,8 @@ gemv)
         | quiet | tail -6 ;;
 a)
     name=sparse-fp8-a-h200
-    if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=1; name=sparse-fp8-a-pdl-h200; fi
+    if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=1; name=$name-pdl; fi
+    if [ -n "${PREFETCH:-}" ]; then export TIERSERVE_FP8_GEMV_PREFETCH=1; name=$name-prefetch; fi
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/$name.json" | tail -14
     rm -f "$OUT"/*.partial.jsonl ;;
 loop)

@@ -208,7 +208,8 @@ def test_tiled_weight_layout_matches_reference(m):
 @pytest.mark.parametrize("n,k,block,block_n,block_k", [(200, 300, (128, 128), 32, 64), (64, 256, (128, 128), 16, 64),
                                                          (130, 129, (128, 128), 32, 64), (70, 256, (16, 64), 32, 64),
                                                          (96, 256, (1, 128), 32, 64), (64, 512, (128, 128), 32, 256),
-                                                         (64, 512, (16, 64), 32, 256), (70, 512, (128, 128), 32, 512)])
+                                                         (64, 512, (16, 64), 32, 256), (70, 512, (128, 128), 32, 512),
+                                                         (64, 512, (128, 128), 32, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_gemv_matches_reference(n, k, block, block_n, block_k, dtype):
     """``fp8_gemv_rows`` (one activation row on CUDA cores, K reduced at the end): the reference's output, with
@@ -233,5 +234,10 @@ def test_row_gemv_matches_reference(n, k, block, block_n, block_k, dtype):
         assert torch.equal(one, two)
     from tierserve.quant.triton_fp8_gemv_rows import split_counters
     assert not bool(split_counters(x.device, 1).any())
+    # weights loaded a trip ahead (where the tile allows it): the same bits again
+    for split in (1, 2, 3):
+        kw = dict(block_n=block_n, block_k=block_k, split_k=split)
+        assert torch.equal(fp8_gemv_rows(x, q, s, bias, block, prefetch=True, **kw),
+                           fp8_gemv_rows(x, q, s, bias, block, prefetch=False, **kw))
     with pytest.raises(ValueError, match=r"\[1, K\]"):
         fp8_gemv_rows(torch.randn(2, k, device=DEV).to(dtype), q, s, block_size=block)

@@ -39,6 +39,7 @@ SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
 
 GEMV_MODES = ("rows", "gemm")
 ROW_GEMV = os.environ.get("TIERSERVE_FP8_GEMV", "rows") == "rows"     # read once: runs per layer per step
+ROW_PREFETCH = os.environ.get("TIERSERVE_FP8_GEMV_PREFETCH") == "1"      # next tile's weights a trip ahead (untimed)
 if os.environ.get("TIERSERVE_FP8_GEMV", "rows") not in GEMV_MODES:
     raise ValueError(f"TIERSERVE_FP8_GEMV must be one of {GEMV_MODES}, got {os.environ['TIERSERVE_FP8_GEMV']!r}")
 
@@ -96,7 +97,8 @@ class Fp8Linear(nn.Module):
     def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 1 and ROW_GEMV:
             from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
-            return fp8_gemv_rows(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype)
+            return fp8_gemv_rows(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype,
+                                 prefetch=ROW_PREFETCH)
         from tierserve.quant.triton_fp8_gemv import fp8_gemm
         return fp8_gemm(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype)
 

@@ -27,6 +27,12 @@ from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choos
 
 
 @triton.jit
+def _wtile(w_ptr, n64, k, s_wn):
+    """The fp8 weights of one whole [BLOCK_N, BLOCK_K] tile (EVEN: no masks, 16-byte loads)."""
+    return tl.load(w_ptr + n64[:, None] * s_wn + k[None, :])
+
+
+@triton.jit
 def _tile(x_ptr, w_ptr, n, n64, n_mask, k, K, s_wn, EVEN: tl.constexpr):
     """x (fp32) and the fp8 weights of one [BLOCK_N, BLOCK_K] tile at columns ``k``. x is read in the weights'
     2-D layout (every row the same addresses: L1 hits), not as a 1-D vector broadcast through shared memory;
@@ -35,7 +41,7 @@ def _tile(x_ptr, w_ptr, n, n64, n_mask, k, K, s_wn, EVEN: tl.constexpr):
     xp = x_ptr + (n * 0)[:, None] + k[None, :]
     wp = w_ptr + n64[:, None] * s_wn + k[None, :]
     if EVEN:
-        return tl.load(xp).to(tl.float32), tl.load(wp)
+        return tl.load(xp).to(tl.float32), _wtile(w_ptr, n64, k, s_wn)
     m2 = n_mask[:, None] & (k < K)[None, :]
     return tl.load(xp, mask=m2, other=0.0).to(tl.float32), tl.load(wp, mask=m2, other=0.0)
 
@@ -63,7 +69,8 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                           s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
+                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
+                          PREFETCH: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
     # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
     pid_n = tl.program_id(0)
@@ -78,22 +85,34 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
     s_one = s_ptr + ((pid_n * BLOCK_N) // SBN).to(tl.int64) * s_sn   # UNIFORM: the program's scale row
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ar = tl.arange(0, BLOCK_K)
-    pdl.wait(PDL)           # launched early (PDL): x, the counters and the output come from earlier kernels
-    if BLOCK_K > SBK:
-        for kb in range(kb_lo, kb_hi, BLOCK_K // SBK):
-            x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + ar, K, s_wn, EVEN)
+    if PREFETCH:            # (UNIFORM, EVEN, BLOCK_K a multiple of SBK) the next tile's weights load a trip ahead
+        STEP: tl.constexpr = BLOCK_K // SBK
+        w_next = _wtile(w_ptr, n64, kb_lo * SBK + ar, s_wn)      # weights only: before the PDL wait
+        pdl.wait(PDL)
+        for kb in range(kb_lo, kb_hi, STEP):
+            w = w_next
+            # the last trip loads its own tile again (an L1 / L2 hit): no masks, no branch
+            w_next = _wtile(w_ptr, n64, tl.minimum(kb + STEP, kb_hi - STEP) * SBK + ar, s_wn)
+            x = tl.load(x_ptr + (n * 0)[:, None] + (kb * SBK + ar)[None, :]).to(tl.float32)
             sc = tl.load(s_one + kb + ar // SBK)                       # [BLOCK_K]: each column's block scale
             acc += w.to(tl.float32) * (x * sc[None, :])
     else:
-        for kb in range(kb_lo, kb_hi):
-            if UNIFORM:
-                sc = tl.load(s_one + kb)
-            else:
-                sc = tl.load(s_row + kb, mask=n_mask, other=0.0)[:, None]
-            for kk in tl.static_range(0, SBK, BLOCK_K):
-                x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + kk + ar, K, s_wn, EVEN)
-                # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
-                acc += w.to(tl.float32) * (x * sc)
+        pdl.wait(PDL)       # launched early (PDL): x, the counters and the output come from earlier kernels
+        if BLOCK_K > SBK:
+            for kb in range(kb_lo, kb_hi, BLOCK_K // SBK):
+                x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + ar, K, s_wn, EVEN)
+                sc = tl.load(s_one + kb + ar // SBK)                       # [BLOCK_K]: each column's block scale
+                acc += w.to(tl.float32) * (x * sc[None, :])
+        else:
+            for kb in range(kb_lo, kb_hi):
+                if UNIFORM:
+                    sc = tl.load(s_one + kb)
+                else:
+                    sc = tl.load(s_row + kb, mask=n_mask, other=0.0)[:, None]
+                for kk in tl.static_range(0, SBK, BLOCK_K):
+                    x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + kk + ar, K, s_wn, EVEN)
+                    # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
+                    acc += w.to(tl.float32) * (x * sc)
     y = tl.sum(acc, axis=1)
     if DIRECT:
         if HAS_BIAS:
@@ -116,13 +135,16 @@ def row_tile(N: int, K: int) -> tuple[int, int]:
 def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
                   block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
-                  num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None) -> torch.Tensor:
+                  num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None,
+                  prefetch: bool = False) -> torch.Tensor:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
     the K blocks split evenly; else the scale block is used). ``block_k`` / ``waves`` default to ``row_tile``.
     ``fused_reduce`` (default: where ``split_counters`` has room): with several K splits, the last program of each
-    N tile sums the partials in the same launch instead of a second reduce kernel (same bits)."""
+    N tile sums the partials in the same launch instead of a second reduce kernel (same bits). ``prefetch``
+    (untimed; where the tile allows it: one scale row per program, whole tiles, ``block_k`` a multiple of the
+    scale block): each trip loads the next tile's weights before its products (same bits)."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -163,7 +185,8 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
         x, qweight, scale_inv, b, dst, out, cnt if cnt is not None else scale_inv, N, K, kb_per_split, split,
         qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk,
         BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
-        FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device), num_warps=num_warps, num_stages=num_stages,
+        FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device),
+        PREFETCH=prefetch and uniform and even and block_k % sbk == 0, num_warps=num_warps, num_stages=num_stages,
         **pdl.dependent_options(x.device))
     if not direct and cnt is None:
         _reduce_splits(dst, b, out, bias is not None)
