@@ -1,6 +1,7 @@
 """Programmatic dependent launch (``tierserve.pdl``): off on the CPU; on an sm_90 GPU a CUDA graph of the decode
-chain add_rmsnorm -> FP8 row GEMV (split-K summed in the launch) -> silu_mul -> row GEMV gives the same bits with
-PDL as without, replay after replay (a GEMV reading before its ``wait`` would race)."""
+chain split merge -> row GEMV -> add_rmsnorm -> FP8 row GEMV (split-K summed in the launch, weights prefetched)
+-> silu_mul -> row GEMV gives the same bits with PDL as without, replay after replay (a kernel reading before its
+``wait`` would race)."""
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ def test_off_without_a_hopper_gpu():
 
 @pytest.mark.skipif(not CUDA, reason="needs an sm_90 GPU")
 def test_pdl_chain_same_bits(monkeypatch):
+    from tierserve.attention.triton_decode import merge_splits
     from tierserve.models.layers.triton_fused import add_rmsnorm, silu_mul
     from tierserve.quant.fp8 import quantize_fp8_blockwise
     from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
@@ -24,12 +26,18 @@ def test_pdl_chain_same_bits(monkeypatch):
     dev, H, I = torch.device("cuda"), 4096, 14336
     w1, s1 = quantize_fp8_blockwise(torch.randn(2 * I, H, device=dev) * 0.02)
     w2, s2 = quantize_fp8_blockwise(torch.randn(H, I, device=dev) * 0.02)
-    x, r = torch.randn(1, H, device=dev, dtype=torch.bfloat16), torch.randn(1, H, device=dev, dtype=torch.bfloat16)
+    r = torch.randn(1, H, device=dev, dtype=torch.bfloat16)
     g = torch.rand(H, device=dev, dtype=torch.bfloat16) + 0.5
+    wo, so = quantize_fp8_blockwise(torch.randn(H, H, device=dev) * 0.02)
+    part, lse = torch.randn(1, 32, 36, 128, device=dev), torch.randn(1, 32, 36, device=dev)
+    attn = torch.empty(1, 32, 128, device=dev, dtype=torch.bfloat16)
 
     def chain():
-        h, res = add_rmsnorm(x, r, g, 1e-5)
-        return fp8_gemv_rows(silu_mul(fp8_gemv_rows(h, w1, s1, split_k=4)), w2, s2, split_k=7) + res
+        merge_splits(part, lse, attn)
+        a = fp8_gemv_rows(attn.view(1, H), wo, so, split_k=3)
+        h, res = add_rmsnorm(a, r, g, 1e-5)
+        up = silu_mul(fp8_gemv_rows(h, w1, s1, split_k=4, prefetch=True))
+        return fp8_gemv_rows(up, w2, s2, split_k=7) + res
 
     outs = {}
     for on in (False, True):

@@ -131,6 +131,7 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_os, s_lb, s_lh, s_rb, s
                   NUM_SPLITS: tl.constexpr, SPLIT_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                   PDL: tl.constexpr = False):
     pdl.release(PDL)        # the next kernel (o_proj, ``tierserve.pdl``) may be scheduled now
+    pdl.wait(PDL)           # (launched early itself: the partials come from the decode kernel)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLIT_PAD)
@@ -164,7 +165,7 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> No
     _merge_kernel[(B, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2),
                            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
                            NUM_SPLITS=num_splits, SPLIT_PAD=max(triton.next_power_of_2(num_splits), 1),
-                           HEAD_DIM=D, PDL=pdl.active(out.device))
+                           HEAD_DIM=D, PDL=pdl.active(out.device), **pdl.dependent_options(out.device))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,

@@ -73,6 +73,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                           PREFETCH: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
     # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
+    pdl.release(PDL)        # the next kernel, if launched with PDL (a norm, silu_mul), may be scheduled now
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -19,6 +19,7 @@ from tierserve import pdl
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr,
                         HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
     pdl.release(PDL)        # the next kernel (a projection, ``tierserve.pdl``) may be scheduled now
+    pdl.wait(PDL)           # (launched early itself: x and the residual come from the kernel before)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     m = c < N
@@ -43,13 +44,15 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     res = torch.empty_like(x) if residual is not None else x
     _add_rmsnorm_kernel[(rows,)](x, residual if residual is not None else x, weight, out, res, eps, N=n,
                                  BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None,
-                                 PDL=pdl.active(x.device), num_warps=8 if n >= 4096 else 4)
+                                 PDL=pdl.active(x.device), num_warps=8 if n >= 4096 else 4,
+                                 **pdl.dependent_options(x.device))
     return out, res
 
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pdl.release(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < I
@@ -68,7 +71,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, i, dtype=gate_up.dtype, device=gate_up.device)
     block = min(512, triton.next_power_of_2(i))     # enough programs to spread one row over the GPU
     _silu_mul_kernel[(T, triton.cdiv(i, block))](gate_up, out, I=i, BLOCK=block, PDL=pdl.active(out.device),
-                                                 num_warps=4)
+                                                 num_warps=4, **pdl.dependent_options(out.device))
     return out
 
 
