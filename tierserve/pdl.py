@@ -9,12 +9,15 @@ that kernel has completed and its writes are visible). Work before ``wait`` may 
 of the step writes (weights, scales).
 
 Used by: the FP8 row GEMV (``quant/triton_fp8_gemv_rows``: its first weight tile may be loaded before ``wait``
-with ``prefetch``), ``add_rmsnorm``, ``silu_mul`` and the decode split merge: each is launched as a dependent,
+with ``prefetch``), ``add_rmsnorm``, ``silu_mul``, ``rope_write_kv``, the BF16 and FP8 paged decode kernels and
+their split merge: each is launched as a dependent,
 calls ``release`` at its start (the next kernel may be scheduled while it runs) and ``wait`` before its first
 read of earlier output. Waiting is transitive: a kernel past its ``wait`` knows the kernel before it completed,
 which itself had passed its own ``wait``. A kernel compiled without the flag behaves as before; ``release`` is
 harmless before a dependent launched without PDL (that one waits for the whole grid as usual), and a dependent
-after a kernel that never releases is scheduled when that kernel's programs have exited. Under the CPU
+after a kernel that never releases is scheduled when that kernel's programs have exited. The trigger fires only
+once every program of the releasing kernel has started, so early dependents never take SM room from programs
+of it that are still waiting for a slot. Under the CPU
 interpreter (no inline assembly) both are compiled out.
 """
 from __future__ import annotations

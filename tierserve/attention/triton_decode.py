@@ -97,7 +97,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, seqlen_ptr, o_ptr, lse_ptr
                          NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          WINDOW: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-                         HOST: tl.constexpr):
+                         HOST: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.release(PDL)        # (``tierserve.pdl``: fires once every program has started)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -203,8 +205,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         *s_part, *s_lse, hk, hv, hk.stride(0), hv.stride(0), num_device_pages,
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page, BLOCK_N=block_n, WINDOW=sliding_window or 0, DIRECT=direct,
-        UPCAST=_INTERPRET, HOST=host_cache is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        UPCAST=_INTERPRET, HOST=host_cache is not None, PDL=pdl.active(q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl.dependent_options(q.device))
     if not direct:
         merge_splits(part, lse, out)
     return out

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve import pdl
 from tierserve.attention.triton_decode import (
     load_group_q,
     merge_splits,
@@ -70,8 +71,11 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
                              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
                              UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
-                             COMPACT: tl.constexpr, HOST: tl.constexpr, FAST: tl.constexpr = False):
+                             COMPACT: tl.constexpr, HOST: tl.constexpr, FAST: tl.constexpr = False,
+                             PDL: tl.constexpr = False):
     # FAST (RULE_LOADS only): blocks read wholly in FP8 take a branch without the full-precision loads
+    pdl.release(PDL)        # (``tierserve.pdl``: fires once every program has started)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -197,8 +201,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None, HOST=host is not None, FAST=fast,
-        num_warps=num_warps, num_stages=num_stages)
+        COMPACT=compact is not None, HOST=host is not None, FAST=fast, PDL=pdl.active(q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl.dependent_options(q.device))
     if not direct:
         merge_splits(part, lse, out)
     return out

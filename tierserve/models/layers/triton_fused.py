@@ -89,7 +89,9 @@ def _rotate(x1, x2, c1, c2, s1, s2):
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, page_ptr, off_ptr,
                     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cp, s_kcp, s_kco, s_kch, s_vcp, s_vco, s_vch,
                     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-                    HALF: tl.constexpr, WRITE_KV: tl.constexpr, SUMMARY_ROW: tl.constexpr):
+                    HALF: tl.constexpr, WRITE_KV: tl.constexpr, SUMMARY_ROW: tl.constexpr, PDL: tl.constexpr = False):
+    pdl.release(PDL)
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)        # one token: every head at once, loads issued together
     d = tl.arange(0, HALF)[None, :]
     hq = tl.arange(0, HQ_PAD)[:, None]
@@ -159,4 +161,4 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
         v.stride(0), v.stride(1), cos.stride(0), *ks, *vs, HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq),
         HKV_PAD=triton.next_power_of_2(hkv), HALF=D // 2, WRITE_KV=write,
         SUMMARY_ROW=page_size if write and page_size is not None and kv_layer.shape[2] > page_size else 0,
-        num_warps=4)
+        PDL=pdl.active(q.device), num_warps=4, **pdl.dependent_options(q.device))
