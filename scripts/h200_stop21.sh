@@ -7,6 +7,9 @@
 #   bash scripts/h200_stop21.sh loop     whole 2k decode loops under torch.profiler, bf16 vs FP8 w + KV (~1 min)
 #   bash scripts/h200_stop21.sh b        section b (sparse + FP8 at 128k) (~5 min)
 #   bash scripts/h200_stop21.sh c        section c at 128k and 1M (tiered) (~7 min)
+#   bash scripts/h200_stop21.sh p1m      decode profile of the tiered 1M step (sparse + FP8 KV) (~4 min)
+#   bash scripts/h200_stop21.sh tlb      FP8 host reads spread over 64 GiB of pinned RAM, engine vs layer-major (~3 min)
+#   bash scripts/h200_stop21.sh c1m      section c at 1M only (~4 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
@@ -28,12 +31,13 @@ a)
 loop)
     SETTINGS=bf16,fp8-both timeout 200 python scripts/profile_engine_loop.py 2>&1 | quiet | grep -v tokenizer \
         | tail -24 ;;
-b)
+b|c1m|tlb|p1m)      # as in stop 19's plan (tlb / p1m: where the 1M step's ~23 ms of attention go)
+    [ "$1" != b ] && exec bash scripts/h200_stop19.sh "$1"
     bench 300 --sections b --budgets b=280 --max-wall 290 --output "$OUT/sparse-fp8-b-h200.json" | tail -25
     rm -f "$OUT"/*.partial.jsonl ;;
 c)
     bench 420 --sections c --budgets c=400 --max-wall 410 --output "$OUT/sparse-fp8-c-h200.json" \
         | grep -E "tok_s\"|skipped|wall_s"
     rm -f "$OUT"/*.partial.jsonl ;;
-*) echo "usage: $0 tests|gemv|a|loop|b|c"; exit 2 ;;
+*) echo "usage: $0 tests|gemv|a|loop|b|c|c1m|tlb|p1m"; exit 2 ;;
 esac
