@@ -36,6 +36,7 @@ _HELP = {
                       "inplace (part 1: quantised in place, no memory saved); auto = compact unless --sparse-attention "
                       "indexer",
     "quantization": "fp8: block-scaled FP8 weights, quantised on load (lossy)",
+    "fp8_lm_head": "with --quantization fp8: the output projection (logits) in FP8 as well (lossy; Llama family)",
     "engram_placement": "where Engram tables live: device | cpu (pinned host RAM) | disk",
     "attention_backend": "auto | torch_ref | triton",
     "enforce_eager": "run without CUDA graphs",

@@ -67,6 +67,8 @@ class EngineConfig:
                                         # auto: compact unless sparse attention is on (its fused
                                         # selection and CUDA graphs read in-place pages only)
     quantization: str | None = None     # fp8: quantise bf16 weights on load (128x128 block-scaled e4m3)
+    fp8_lm_head: bool = False           # with quantization=fp8: the output projection in FP8 too (lossy; a tied
+                                        # embedding table keeps its bf16 copy for the input and gains an FP8 one)
     engram_placement: str | None = None  # device | cpu | disk: where Engram tables live (default: config)
     attention_backend: str = "auto"     # auto: triton on CUDA, torch_ref on CPU
     enforce_eager: bool = False         # True: no CUDA graphs
@@ -102,6 +104,10 @@ class EngineConfig:
                                      "cpu_kv_gb (live pages spilled to CPU RAM as compact FP8 rows) works with it")
         if self.quantization is not None:
             _choice("quantization", self.quantization, ("fp8",))
+        if not isinstance(self.fp8_lm_head, bool):
+            raise ValueError(f"fp8_lm_head must be True or False, got {self.fp8_lm_head!r}")
+        if self.fp8_lm_head and self.quantization != "fp8":
+            raise ValueError("fp8_lm_head needs quantization='fp8' (it quantises the output projection as well)")
         if self.engram_placement is not None:
             _choice("engram_placement", self.engram_placement, ("device", "cpu", "disk"))
         if self.sparse_attention is not None:

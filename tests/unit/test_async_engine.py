@@ -107,9 +107,15 @@ def test_leaving_a_stream_aborts_and_frees_pages(ckpt):
             assert ae.engine.kv.pool.num_in_use > 0
             if seen == 3:
                 break
-        # a consumer task cancelled while waiting aborts too
-        task = asyncio.create_task(final(ae, "b", "hello again", long))
-        await asyncio.sleep(0.05)
+        # a consumer task cancelled while waiting aborts too (cancelled once its first token arrived: a fixed
+        # sleep let the tiny model finish all 100 tokens on an idle CPU)
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in ae.generate("b", "hello again", long):
+                started.set()
+        task = asyncio.create_task(consume())
+        await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

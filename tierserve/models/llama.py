@@ -136,6 +136,7 @@ class LlamaForCausalLM(nn.Module):
         self.fused = False        # enable_fused(): Triton add+norm, rotary+KV write, SiLU*mul
         self.gemv = False         # enable_fused(gemv=True): decode skinny GEMM with fused norm / residual
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
+        self.lm_head_fp8 = None   # quantize_lm_head_fp8() with tied embeddings: an FP8 copy for the logits
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
                 meta: AttnMetadata, engram=None) -> torch.Tensor:
@@ -205,8 +206,27 @@ class LlamaForCausalLM(nn.Module):
         self.gemv = False          # the decode GEMV folds the norm away: the indexer needs its input
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_fp8 is not None:                      # tied embeddings, FP8 output projection
+            return self.lm_head_fp8(hidden)
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:      # untied, FP8 (Fp8Linear)
+            return self.lm_head(hidden)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w)
+
+    @torch.no_grad()
+    def quantize_lm_head_fp8(self) -> None:
+        """``fp8_lm_head``: the output projection as block-scaled FP8 (lossy). An untied head is replaced; tied
+        embeddings keep their table for the input and get an FP8 copy for the logits."""
+        from tierserve.quant.fp8_linear import quantize_linear
+
+        if self.lm_head is not None:
+            if type(self.lm_head) is nn.Linear:
+                self.lm_head = quantize_linear(self.lm_head)
+            return
+        emb = self.embed_tokens.weight
+        view = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device="meta")
+        view.weight = emb                                     # no copy: quantize_linear reads it
+        self.lm_head_fp8 = quantize_linear(view)
 
     def attach_engram(self, placement: str | None, device: torch.device, dtype: torch.dtype) -> None:
         """Create the Engram modules (after the model's storage exists; tables may live in host RAM)."""

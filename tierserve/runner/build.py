@@ -39,6 +39,10 @@ def build_model(config: EngineConfig, model_cfg: ModelConfig, model_path: Path, 
     if config.quantization == "fp8":
         from tierserve.quant.fp8_linear import quantize_model_fp8
         quantize_model_fp8(model)
+        if config.fp8_lm_head:
+            if not hasattr(model, "quantize_lm_head_fp8"):
+                raise ValueError(f"fp8_lm_head is not supported for {type(model).__name__} (Llama family only)")
+            model.quantize_lm_head_fp8()
     if device.type == "cuda" and config.fused_ops and hasattr(model, "enable_fused"):
         model.enable_fused(gemv=config.decode_gemv)
     return model
