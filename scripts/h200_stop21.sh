@@ -4,7 +4,7 @@
 #   bash scripts/h200_stop21.sh gemv     row GEMV defaults: two-kernel vs fused split-K reduce vs + prefetch, bit-compared (~1 min)
 #   bash scripts/h200_stop21.sh a        section a (FP8 weights + FP8 KV at 2k) [PDL=1: TIERSERVE_PDL=1]
 #                                        [PREFETCH=1: TIERSERVE_FP8_GEMV_PREFETCH=1] (~3 min)
-#   bash scripts/h200_stop21.sh loop     whole 2k decode loops under torch.profiler, bf16 vs FP8 w + KV (~1 min)
+#   bash scripts/h200_stop21.sh loop     whole 2k decode loops under torch.profiler, bf16 vs FP8 w + KV (+ FP8 LM head) (~1 min)
 #   bash scripts/h200_stop21.sh b        section b (sparse + FP8 at 128k) (~5 min)
 #   bash scripts/h200_stop21.sh c        section c at 128k and 1M (tiered) (~7 min)
 #   bash scripts/h200_stop21.sh p1m      decode profile of the tiered 1M step (sparse + FP8 KV) (~4 min)
@@ -29,7 +29,7 @@ a)
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/$name.json" | tail -14
     rm -f "$OUT"/*.partial.jsonl ;;
 loop)
-    SETTINGS=bf16,fp8-both timeout 200 python scripts/profile_engine_loop.py 2>&1 | quiet | grep -v tokenizer \
+    SETTINGS=bf16,fp8-both,fp8-all timeout 240 python scripts/profile_engine_loop.py 2>&1 | quiet | grep -v tokenizer \
         | tail -24 ;;
 b|c1m|tlb|p1m)      # as in stop 19's plan (tlb / p1m: where the 1M step's ~23 ms of attention go)
     [ "$1" != b ] && exec bash scripts/h200_stop19.sh "$1"

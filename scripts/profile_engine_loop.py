@@ -3,7 +3,8 @@ of ``bench sparse-fp8`` measured FP8 KV at 2k 1.1 ms a token slower than bf16 (5
 attention was only 0.15 ms slower; ``profile_decode.py`` sees graph replays only. Here torch.profiler (CPU + CUDA)
 records ``TOKENS`` generated tokens after a ``CONTEXT``-token prompt (Llama-3.1-8B shape, dummy weights, batch 1):
 wall ms a token, GPU kernel time a token by kernel, and the host ops with the most self time. Writes
-``$OUT/engine-loop-profile-h200.json``; ``SETTINGS`` = comma list of bf16 / fp8-kv / fp8-weights / fp8-both."""
+``$OUT/engine-loop-profile-h200.json``; ``SETTINGS`` = comma list of bf16 / fp8-kv / fp8-weights / fp8-both /
+fp8-all (fp8-both + the FP8 output projection, ``fp8_lm_head``)."""
 import json
 import os
 import sys
@@ -18,7 +19,8 @@ OUT = os.environ.get("OUT", "/tmp")
 CONTEXT = int(os.environ.get("CONTEXT", 2048))
 TOKENS = int(os.environ.get("TOKENS", 64))
 OPTIONS = {"bf16": {}, "fp8-kv": {"kv_dtype": "fp8"}, "fp8-weights": {"quantization": "fp8"},
-           "fp8-both": {"kv_dtype": "fp8", "quantization": "fp8"}}
+           "fp8-both": {"kv_dtype": "fp8", "quantization": "fp8"},
+           "fp8-all": {"kv_dtype": "fp8", "quantization": "fp8", "fp8_lm_head": True}}
 
 
 def top(events, key, n):
