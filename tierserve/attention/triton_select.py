@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve import pdl
 from tierserve.attention.backend import host_base
 from tierserve.attention.select import selection_bound
 from tierserve.attention import triton_select_topk
@@ -39,7 +40,9 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, 
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_P: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
                        HOST: tl.constexpr, COMPACT: tl.constexpr, grp_ptr=None, n_grp=0, s_rb=0, s_rh=0,
-                       PAGE_GROUP: tl.constexpr = 0):
+                       PAGE_GROUP: tl.constexpr = 0, PDL: tl.constexpr = False):
+    pdl.release(PDL)        # (``tierserve.pdl``)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -152,7 +155,8 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         cmax.stride(0), cmax.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size, BLOCK_P=block_p,
         TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
-        COMPACT=compact is not None, num_warps=num_warps, **grp)
+        COMPACT=compact is not None, num_warps=num_warps, PDL=pdl.active(q.device), **grp,
+        **pdl.dependent_options(q.device))
     return (out, grp["grp_ptr"]) if group else out
 
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve import pdl
+
 # widest page table held in registers; ptxas for sm_90 at 16 warps: 8192 pages spill 32 bytes a thread,
 # 16384 pages ~700 (the streaming kernel, 8192-page chunks, spills none)
 MAX_BLOCK = 8192
@@ -90,7 +92,10 @@ def _finish(n_sel, seq_len, P, pt_row, table_row, logical_row, lens_ptr,
 def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                  P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                  K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr):
+                 BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    pdl.release(PDL)        # (``tierserve.pdl``)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.arange(0, BLOCK)
@@ -168,7 +173,10 @@ def _radix_threshold(key, BUDGET: tl.constexpr):
 def _topk_wide_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr, heat_ptr, hheat_ptr,
                       P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                       K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                      CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, REG: tl.constexpr):
+                      CHUNK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, REG: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    pdl.release(PDL)        # (``tierserve.pdl``)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ar = tl.arange(0, CHUNK)
@@ -257,7 +265,8 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
             scores.stride(0), scores.stride(1), page_table.stride(0), table.stride(0), table.stride(1),
             lens.stride(0), lens.stride(1))
     consts = dict(K_OUT=K, K_PAD=triton.next_power_of_2(K), BUDGET=min(max(budget, 0), P), PAGE=page_size,
-                  HEAT=page_heat is not None, HOST_HEAT=host_heat is not None)
+                  HEAT=page_heat is not None, HOST_HEAT=host_heat is not None, PDL=pdl.active(scores.device),
+                  **pdl.dependent_options(scores.device))
     method = method or (DEFAULT_METHOD if DEFAULT_METHOD != "two-level" else "search")
     if method not in ("search", "radix"):
         raise ValueError(f"topk_compact: method must be 'search' or 'radix', got {method!r}")

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve import pdl
 from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _search_threshold, _top
 
 MAX_GROUPS = 4096          # widest group row held in registers
@@ -38,7 +39,10 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
                            heat_ptr, hheat_ptr, P, S, n_dev, h_base, n_hheat, s_sb, s_sh, s_gb, s_gh, s_xb, s_xh,
                            s_ptb, s_tb, s_th, s_lb, s_lh,
                            K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
-                           GROUP: tl.constexpr, S_BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr):
+                           GROUP: tl.constexpr, S_BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    pdl.release(PDL)        # (``tierserve.pdl``)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seqlen_ptr + b)
@@ -113,8 +117,8 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
         group_scores.stride(0), group_scores.stride(1), scratch.stride(0), scratch.stride(1), page_table.stride(0),
         table.stride(0), table.stride(1), lens.stride(0), lens.stride(1),
         K_OUT=K, K_PAD=k_pad, BUDGET=min(max(budget, 0), P), PAGE=page_size, GROUP=group, S_BLOCK=s_block,
-        HEAT=page_heat is not None, HOST_HEAT=host_heat is not None,
-        num_warps=num_warps or _warps(max(s_block, k_pad * group)))
+        HEAT=page_heat is not None, HOST_HEAT=host_heat is not None, PDL=pdl.active(scores.device),
+        num_warps=num_warps or _warps(max(s_block, k_pad * group)), **pdl.dependent_options(scores.device))
     return table, logical, lens
 
 
