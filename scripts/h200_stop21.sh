@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop-21 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-21 session"); one part per call:
-#   bash scripts/h200_stop21.sh tests    GPU tests of stop 20's CPU-only work: fused split-K reduce, PDL, FP8 windows (~4 min)
+#   bash scripts/h200_stop21.sh tests    GPU tests of stop 20's CPU-only work: fused split-K reduce, PDL, FP8 windows (~6 min)
 #   bash scripts/h200_stop21.sh gemv     row GEMV defaults: two-kernel vs fused split-K reduce vs + prefetch, bit-compared (~1 min)
 #   bash scripts/h200_stop21.sh a        section a (FP8 weights + FP8 KV at 2k) [PDL=1: TIERSERVE_PDL=1]
 #                                        [PREFETCH=1: TIERSERVE_FP8_GEMV_PREFETCH=1] (~3 min)
@@ -18,7 +18,10 @@ tests)
         -k row_gemv tests/kernels/test_pdl.py tests/kernels/test_fused_ops.py tests/kernels/test_triton_decode.py \
         2>&1 | tail -2
     timeout 250 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_fp8_compact.py \
-        tests/kernels/test_triton_engine.py -k "fp8 or compact or multi" tests/unit/test_fp8_windows.py 2>&1 | tail -2 ;;
+        tests/kernels/test_triton_engine.py -k "fp8 or compact or multi" tests/unit/test_fp8_windows.py 2>&1 | tail -2
+    # every engine test again with programmatic dependent launch on (decode chain, sparse selection, graphs)
+    TIERSERVE_PDL=1 timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings -x \
+        tests/kernels/test_triton_engine.py tests/kernels/test_triton_select.py 2>&1 | tail -2 ;;
 gemv)
     timeout 120 python scripts/bench_fp8_gemv_rows.py --output "$OUT/fp8-gemv-rows-fused-h200.json" 2>&1 \
         | quiet | tail -6 ;;
