@@ -22,6 +22,7 @@ interpreter (no inline assembly) both are compiled out.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,9 +52,15 @@ def release(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@functools.cache
+def _hopper(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def active(device: torch.device) -> bool:
-    """PDL for kernels on ``device``: enabled, CUDA, compute capability >= 9."""
-    return ENABLED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """PDL for kernels on ``device``: enabled, CUDA, compute capability >= 9 (asked once per device: this runs at
+    every launch)."""
+    return ENABLED and device.type == "cuda" and _hopper(device.index)
 
 
 def dependent_options(device: torch.device) -> dict:

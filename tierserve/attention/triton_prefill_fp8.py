@@ -221,9 +221,11 @@ def paged_prefill_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.
     scratch, soff = prefill_scratch(kv_layer, quantised, page_table, q_len, seq_lens, max_q_len, T, page_size,
                                     keep_recent, compact, host)
     grid = (q_len.shape[0], triton.cdiv(max_q_len, block_t), Hkv)
+    sink_start = -(-keep_sink // page_size) * page_size        # page-level rule: the first page past the sink
     _prefill_fp8_kernel[grid](
         q, kv_layer, kv_bytes, quantised.view(torch.uint8), page_table, q_start, q_len, seq_lens, out, scratch,
-        soff, scale * _LOG2E, -(-keep_sink // page_size) * page_size, max(keep_recent, 1), cbase, q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
+        soff, scale * _LOG2E, sink_start, max(keep_recent, 1), cbase,
+        q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1),
         kv_layer.stride(2), kv_layer.stride(3), kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1), scratch.stride(0), scratch.stride(1), hb, hbase, hb.stride(0), hb.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_T=block_t, HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n,

@@ -97,10 +97,11 @@ class MultiStepDecoder:
             return None
         k = min([e.config.num_scheduler_steps] + [self._room(s.request, w.steps) for s in w.so.scheduled])
         bases = [b + w.steps for b in w.bases]
-        k = self._fp8_aligned(k, [b - 1 for b in bases])
+        first = [b - 1 for b in bases]               # each request's first query of the new window
+        k = self._fp8_aligned(k, first)
         if k < 2 or not self._allocate(w.so, bases, k):
             return None
-        self._fp8_ahead(w.so, [b - 1 for b in bases])
+        self._fp8_ahead(w.so, first)
         self._transfers()
         handle = e.runner.extend_multi(w.handle, k, [s.page_table for s in w.so.scheduled])
         if handle is None:           # the tables hold a spilled page the window's path cannot read

@@ -14,7 +14,8 @@ exactly from the step the page policy (``kv.fp8_pages.Fp8PagePolicy.needs_full``
 and no query reads a page partly in each precision. (Until stop 20 the rule was per token -- ``j >= keep_sink``,
 ``p - j >= keep_recent``, page complete before p --, so the page straddling the keep_recent edge had to be
 quantised on the fly in every step: on the H200 that one program made the whole 2k decode launch 23 us
-instead of 10.5, ``benchmarks/results/stop20/diag-fp8-engine-decode-h200.json``.) Because quantising a complete page is a pure function of its values, a page
+instead of 10.5, ``benchmarks/results/stop20/diag-fp8-engine-decode-{token,page}-rule-h200.json``.)
+Because quantising a complete page is a pure function of its values, a page
 read in FP8 gives the same numbers whether it was quantised in storage or on the fly (``fake_quant``).
 """
 from __future__ import annotations

@@ -38,10 +38,11 @@ PREFILL_MODES = ("auto", "dequant", "scaled_mm")
 SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
 
 GEMV_MODES = ("rows", "gemm")
-ROW_GEMV = os.environ.get("TIERSERVE_FP8_GEMV", "rows") == "rows"     # read once: runs per layer per step
+GEMV_MODE = os.environ.get("TIERSERVE_FP8_GEMV", "rows")                # read once: runs per layer per step
+if GEMV_MODE not in GEMV_MODES:
+    raise ValueError(f"TIERSERVE_FP8_GEMV must be one of {GEMV_MODES}, got {GEMV_MODE!r}")
+ROW_GEMV = GEMV_MODE == "rows"
 ROW_PREFETCH = os.environ.get("TIERSERVE_FP8_GEMV_PREFETCH") == "1"      # next tile's weights a trip ahead (untimed)
-if os.environ.get("TIERSERVE_FP8_GEMV", "rows") not in GEMV_MODES:
-    raise ValueError(f"TIERSERVE_FP8_GEMV must be one of {GEMV_MODES}, got {os.environ['TIERSERVE_FP8_GEMV']!r}")
 
 
 class Fp8Linear(nn.Module):
