@@ -189,7 +189,7 @@ def ptxas_report(a):
     for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (16, 4096, 16)):
         build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk, "REG": reg}, nw)
     two_types = ["*fp32", "*fp32", "*i32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 16
-    for s_block, group in ((2048, 4), (4096, 16)):       # 128k and 1M tokens
+    for s_block, group in ((2048, 4), (4096, 16), (8192, 16)):       # 128k, 1M tokens, 1M + the engine's new tokens
         build_one(triton_select_two_level._topk_two_level_kernel, two_types,
                   common | {"GROUP": group, "S_BLOCK": s_block},
                   triton_select_two_level._warps(max(s_block, common["K_PAD"] * group)))

@@ -3,7 +3,8 @@
 #   bash scripts/h200_stop21.sh tests    GPU tests of stop 20's CPU-only work: fused split-K reduce, PDL, FP8 windows (~6 min)
 #   bash scripts/h200_stop21.sh gemv     row GEMV defaults: two-kernel vs fused split-K reduce vs + prefetch, bit-compared (~1 min)
 #   bash scripts/h200_stop21.sh a        section a (FP8 weights + FP8 KV at 2k) [PDL=1: TIERSERVE_PDL=1]
-#                                        [PREFETCH=1: TIERSERVE_FP8_GEMV_PREFETCH=1] (~3 min)
+#                                        [PREFETCH=1: TIERSERVE_FP8_GEMV_PREFETCH=1]
+#                                        [FUSED=1: TIERSERVE_FP8_GEMV_FUSED=1] (~3 min)
 #   bash scripts/h200_stop21.sh loop     whole 2k decode loops under torch.profiler, bf16 vs FP8 w + KV (+ FP8 LM head) (~1 min)
 #   bash scripts/h200_stop21.sh b        section b (sparse + FP8 at 128k) (~5 min)
 #   bash scripts/h200_stop21.sh c        section c at 128k and 1M (tiered) (~7 min)
@@ -29,6 +30,7 @@ gemv)
 a)
     name=sparse-fp8-a-h200
     if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=1; name=$name-pdl; fi
+    if [ -n "${FUSED:-}" ]; then export TIERSERVE_FP8_GEMV_FUSED=1; name=$name-fused; fi
     if [ -n "${PREFETCH:-}" ]; then export TIERSERVE_FP8_GEMV_PREFETCH=1; name=$name-prefetch; fi
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/$name.json" | tail -14
     rm -f "$OUT"/*.partial.jsonl ;;

@@ -1,5 +1,6 @@
-"""Programmatic dependent launch (PDL, sm_90+) for the decode step's chain of small kernels (opt-in:
-``TIERSERVE_PDL=1``; not yet timed on a GPU).
+"""Programmatic dependent launch (PDL, sm_90+) for the decode step's chain of small kernels (on by default on
+sm_90+; ``TIERSERVE_PDL=0`` turns it off. H200, stop 21, section a at 2k: FP8 weights 313.6 against 297.7 tok/s,
+FP8 weights + KV 294.1 against 279.5; bf16 unchanged).
 
 In a batch-1 decode step every kernel is short, so each boundary (the next grid launched only after the previous
 one has drained) costs a few microseconds of idle HBM. With PDL a *dependent* kernel, launched with
@@ -34,7 +35,7 @@ try:
 except ImportError:                                     # older Triton: no PDL
     gdc_wait = gdc_launch_dependents = None
 
-ENABLED = os.environ.get("TIERSERVE_PDL") == "1" and os.environ.get("TRITON_INTERPRET") != "1" \
+ENABLED = os.environ.get("TIERSERVE_PDL", "1") == "1" and os.environ.get("TRITON_INTERPRET") != "1" \
     and gdc_wait is not None
 
 

@@ -25,16 +25,16 @@ def _scores(P, seed, B=2, H=3):
 
 @pytest.mark.parametrize("group", [2, 4, 16])
 @pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (1000, 128), (64, 64), (50, 80), (9, 3)])
-def test_two_level_selects_what_one_level_does(P, budget, group):
+def test_two_level_selects_what_one_level_does(P, budget, group, B=2, H=3):
     page = 4
-    scores = _scores(P, P + group)
-    seq = torch.tensor([P * page, P * page * 2 // 3 + 1])
+    scores = _scores(P, P + group, B, H)
+    seq = torch.tensor([P * page, P * page * 2 // 3 + 1])[:B]
     n_vis = (seq - 1) // page + 1
-    scores[1, :, int(n_vis[1]):] = float("-inf")           # past the sequence: invisible
+    scores[1:, :, int(n_vis[-1]):] = float("-inf")         # past the sequence: invisible
     S = -(-P // group)
-    pad = torch.full((2, 3, S * group - P), float("-inf"))
-    groups = torch.cat([scores, pad], 2).view(2, 3, S, group).amax(-1)
-    table = torch.randperm(4 * P, generator=torch.Generator().manual_seed(1))[:P].repeat(2, 1)
+    pad = torch.full((B, H, S * group - P), float("-inf"))
+    groups = torch.cat([scores, pad], 2).view(B, H, S, group).amax(-1)
+    table = torch.randperm(4 * P, generator=torch.Generator().manual_seed(1))[:P].repeat(B, 1)
     bound = budget + 8
     out = {}
     for name in ("one", "two"):
@@ -47,6 +47,15 @@ def test_two_level_selects_what_one_level_does(P, budget, group):
         out[name] = [x.cpu() for x in r] + [heat.cpu()]
     for a, b in zip(out["one"], out["two"]):
         assert torch.equal(a, b)
+
+
+def test_group_row_past_4096_lanes():
+    """An engine at 1M tokens: a table just past 65,536 pages, 16-page groups in an 8192-lane group row (stop 21:
+    this case ran the one-level streaming kernel, 519 us a layer on the H200)."""
+    P = 65600
+    G = group_size(P, 142)
+    assert G == 16 and -(-P // G) > 4096
+    test_two_level_selects_what_one_level_does(P, 128, G, B=1, H=1)
 
 
 def test_score_kernel_writes_group_maxima():
@@ -69,5 +78,7 @@ def test_score_kernel_writes_group_maxima():
 def test_group_size_keeps_both_rows_in_registers():
     assert group_size(8193, 135) == 4 and group_size(16384, 135) == 4      # 128k / 256k tokens of 16
     assert group_size(65536, 135) == 16                                    # 1M tokens
+    assert group_size(65600, 142) == 16 and group_size(131072, 142) == 16  # 1M + new tokens, 2M: 8192-lane row
+    assert group_size(131073, 142) == 0
     assert group_size(1 << 20, 135) == 0                                   # 16M tokens: one-level kernel
     assert group_size(1000, 135, max_groups=64) == 16

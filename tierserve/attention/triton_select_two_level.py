@@ -18,8 +18,11 @@ always-kept pages. The chosen groups number at most ``budget`` plus the groups o
 selection bound ``K_OUT``.
 
 Group size (``group_size``): 4 pages up to 16k pages (256k tokens of 16), then larger powers of two so that the
-group row stays within 4096 lanes (16 pages at 1M tokens), as long as the chosen groups' pages fit in 4096 lanes;
-past that the one-level kernels run.
+group row stays within 4096 lanes, as long as the chosen groups' pages fit in 4096 lanes; where they do not, the
+group row may take up to 8192 lanes with groups half that size (an engine at 1M tokens: its table is just past
+65,536 pages, 32-page groups would hold 8192 chosen lanes, so 16-page groups in an 8192-lane row; stop 21 found
+that case falling back to the one-level streaming kernel, 519 us a layer on the H200). Past that the one-level
+kernels run.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import triton.language as tl
 from tierserve import pdl
 from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _search_threshold, _top
 
-MAX_GROUPS = 4096          # widest group row held in registers
+MAX_GROUPS = 4096          # widest group row preferred
+MAX_GROUP_ROW = 8192       # widest group row held in registers (when the chosen pages need smaller groups)
 MAX_LANES = 4096           # most pages of the chosen groups held in registers (K_PAD * GROUP)
 
 
@@ -81,12 +85,16 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
 
 
 def group_size(num_pages: int, max_selected: int, max_groups: int = MAX_GROUPS) -> int:
-    """Pages per group for a page table this wide (the smallest power of two >= 4 that keeps the group row within
-    ``max_groups`` lanes), or 0 when the chosen groups' pages would not fit in ``MAX_LANES`` lanes: 4 up to
-    16k pages (256k tokens of 16), 16 at 1M tokens."""
-    g = max(4, triton.next_power_of_2(-(-num_pages // max_groups)))
+    """Pages per group for a page table this wide: the smallest power of two >= 4 that keeps the group row within
+    ``max_groups`` lanes, or half that (a row of up to twice ``max_groups`` lanes, at most ``MAX_GROUP_ROW``) when
+    the chosen groups' pages would not fit in ``MAX_LANES`` lanes; 0 when neither fits (the one-level kernels
+    run). 4 up to 16k pages (256k tokens of 16), 16 at 1M tokens."""
     k_pad = triton.next_power_of_2(min(num_pages, max_selected))
-    return g if k_pad * g <= MAX_LANES else 0
+    for row in (max_groups, min(2 * max_groups, MAX_GROUP_ROW)):
+        g = max(4, triton.next_power_of_2(-(-num_pages // row)))
+        if k_pad * g <= MAX_LANES and triton.next_power_of_2(-(-num_pages // g)) <= MAX_GROUP_ROW:
+            return g
+    return 0
 
 
 def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int, page_table: torch.Tensor,
@@ -101,7 +109,7 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     K = min(P, max_selected)
     k_pad = triton.next_power_of_2(K)
-    assert P < 2 ** 21 and triton.next_power_of_2(S) <= MAX_GROUPS and k_pad * group <= MAX_LANES, \
+    assert P < 2 ** 21 and triton.next_power_of_2(S) <= MAX_GROUP_ROW and k_pad * group <= MAX_LANES, \
         "two-level top-k: the group row and the chosen groups' pages must fit in registers"
     table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
     logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
