@@ -121,6 +121,19 @@ def test_activation_quant_per_token_per_128():
     assert (a8 - a16).norm() / a16.norm() < 0.05
 
 
+@pytest.mark.parametrize("K,group,pow2", [(300, 128, False), (256, 128, True), (200, 64, False), (7, 4, True)])
+def test_activation_quant_matches_the_blockwise_path(K, group, pow2):
+    """quantize_act_fp8 (broadcast scales, no inf/nan check) gives the bits of quantize_fp8_blockwise(x, (1, g))."""
+    g = torch.Generator().manual_seed(K + group)
+    x = (torch.randn(3, 4, K, generator=g) * 10.0 ** torch.randint(-4, 4, (3, 4, K), generator=g)).bfloat16()
+    x[0, 0, :group] = 0.0                                           # an all-zero group: the amax floor
+    xq, xs = quantize_act_fp8(x, group, pow2)
+    rq, rs = quantize_fp8_blockwise(x.reshape(-1, K), (1, group), pow2)
+    assert torch.equal(xq.view(-1, K).view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(xs.view(-1, rs.shape[1]), rs)
+    assert xq.is_contiguous() and xs.shape == (3, 4, -(-K // group))
+
+
 def test_hf_quantization_config():
     assert fp8_format_from_hf({}) is None
     v3 = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

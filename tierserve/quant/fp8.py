@@ -102,10 +102,23 @@ def dequantize_fp8_blockwise(q: torch.Tensor, scale_inv: torch.Tensor,
 
 def quantize_act_fp8(x: torch.Tensor, group: int = 128, pow2_scale: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, per ``group`` channels: ``x [..., K]`` -> ``(fp8 [..., K], fp32 scales [..., ceil(K/group)])``."""
+    """Per token, per ``group`` channels: ``x [..., K]`` -> ``(fp8 [..., K], fp32 scales [..., ceil(K/group)])``.
+    The same bits as ``quantize_fp8_blockwise(x, (1, group))`` on finite input, without its inf/nan check (a
+    host sync at every FP8 linear of a prefill) and with the scales broadcast instead of expanded; inf / nan
+    activations give nan codes rather than an error."""
     lead, K = x.shape[:-1], x.shape[-1]
-    q, s = quantize_fp8_blockwise(x.reshape(-1, K), (1, group), pow2_scale)
-    return q.view(*lead, K), s.view(*lead, s.shape[-1])
+    kb = -(-K // group)
+    xf = x.reshape(-1, K).float()
+    if K % group:
+        xf = torch.nn.functional.pad(xf, (0, kb * group - K))
+    v = xf.view(-1, kb, group)
+    scale = v.abs().amax(-1).clamp_min(_AMAX_FLOOR) / FP8_MAX
+    if pow2_scale:
+        scale = pow2_ceil(scale)
+    q = (v / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(-1, kb * group)
+    if K % group:
+        q = q[:, :K].contiguous()
+    return q.view(*lead, K), scale.view(*lead, kb)
 
 
 def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor,

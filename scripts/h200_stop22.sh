@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Stop-22 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-22 session"); one part per call:
+#   bash scripts/h200_stop22.sh tests     GPU tests of stop 21's CPU-only work: two-level top-k past 65,536 pages, activation quant (~3 min)
+#   bash scripts/h200_stop22.sh c1m       section c at 1M (tiered sparse + FP8 KV [+ FP8 weights]) [PDL=0: TIERSERVE_PDL=0] (~4 min)
+#   bash scripts/h200_stop22.sh p1m       kernel profile of the tiered 1M step without PDL (was: top-k 16.6 of 28.6 ms) (~3 min)
+#   bash scripts/h200_stop22.sh select1m  page selection micro-benchmark at the engine's 1M table width (65,600 pages) (~1 min)
+#   bash scripts/h200_stop22.sh loop      decode-only loop profiles: FP8 weights vs FP8 w + KV without PDL, sync stacks (~2 min)
+#   bash scripts/h200_stop22.sh c128k     section c at 128k (~4 min)
+#   bash scripts/h200_stop22.sh a         section a at 2k (~1 min)
+# Everything lands in $OUT under names without '+' (the device tool leaves such names out).
+source "$(dirname "$0")/h200_common.sh"
+sfx=""
+if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=$PDL; sfx=-pdl$PDL; fi
+case "${1:-}" in
+tests)
+    timeout 170 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
+        tests/kernels/test_triton_select.py tests/unit/test_fp8_quant.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
+    timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
+        -k "sparse or fp8" 2>&1 | tail -2 ;;
+c1m)
+    bench 280 --sections c --tier-contexts 1048576 --budgets c=270 --max-wall 270 \
+        --output "$OUT/sparse-fp8-c1m$sfx-h200.json" | grep -E "tok_s\"|skipped|wall_s"
+    rm -f "$OUT"/*.partial.jsonl ;;
+p1m)
+    TIERSERVE_PDL=0 SETTING=sparse+fp8-kv FILL=synthetic GPU_FRAC=0.1 BATCHES=1 CONTEXT=1048576 timeout 280 \
+        python scripts/profile_decode.py 2>&1 | quiet | tail -16
+    (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "nopdl-${f//+/_}"; done; true) ;;
+select1m)
+    timeout 200 python scripts/bench_sparse_select.py --batch 1 --ctx 1048576 --table-pages 65600 --layers 2 \
+        --output "$OUT/sparse-select-1m-table65600-h200.json" 2>&1 | quiet | tail -12 ;;
+loop)
+    TIERSERVE_PDL=0 STACK=1 SETTINGS=fp8-weights,fp8-both timeout 280 python scripts/profile_engine_loop.py 2>&1 \
+        | quiet | grep -v tokenizer | tail -40
+    mv "$OUT/engine-loop-profile-h200.json" "$OUT/engine-loop-decode-nopdl-h200.json" ;;
+c128k)
+    bench 280 --sections c --tier-contexts 131072 --budgets c=270 --max-wall 270 \
+        --output "$OUT/sparse-fp8-c128k$sfx-h200.json" | grep -E "tok_s\"|skipped|wall_s"
+    rm -f "$OUT"/*.partial.jsonl ;;
+a)
+    bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a$sfx-h200.json" | grep -E "tok_s\""
+    rm -f "$OUT"/*.partial.jsonl ;;
+*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a"; exit 2 ;;
+esac
