@@ -7,6 +7,7 @@
 #   bash scripts/h200_stop22.sh loop      decode-only loop profiles: FP8 weights vs FP8 w + KV without PDL, sync stacks (~2 min)
 #   bash scripts/h200_stop22.sh c128k     section c at 128k (~4 min)
 #   bash scripts/h200_stop22.sh a         section a at 2k (~1 min)
+#   bash scripts/h200_stop22.sh prefill   FP8 KV prefill: flash over readings vs the Triton kernel vs bf16, 32k / 128k (~2 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 sfx=""
@@ -14,7 +15,8 @@ if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=$PDL; sfx=-pdl$PDL; fi
 case "${1:-}" in
 tests)
     timeout 170 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
-        tests/kernels/test_triton_select.py tests/unit/test_fp8_quant.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
+        tests/kernels/test_triton_select.py tests/unit/test_fp8_quant.py tests/kernels/test_fp8_gemv.py \
+        tests/unit/test_fp8_flash_prefill.py tests/kernels/test_triton_fp8_kv.py 2>&1 | tail -2
     timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
         -k "sparse or fp8" 2>&1 | tail -2 ;;
 c1m)
@@ -39,5 +41,7 @@ c128k)
 a)
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a$sfx-h200.json" | grep -E "tok_s\""
     rm -f "$OUT"/*.partial.jsonl ;;
-*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a"; exit 2 ;;
+prefill)
+    timeout 280 python scripts/bench_fp8_prefill.py --output "$OUT/fp8-prefill-flash-h200.json" 2>&1 | quiet | tail -10 ;;
+*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a|prefill"; exit 2 ;;
 esac

@@ -258,6 +258,24 @@ def test_engine_fp8_prefill_chunks_use_the_kernel(ckpt, monkeypatch):
     assert calls and got == ref
 
 
+def test_engine_fp8_prefill_through_flash_readings(ckpt, monkeypatch):
+    """Where flash runs (forced here on the CPU: its plain path), chunked prefill over FP8 pages goes through the
+    gathered readings (attention/fp8_flash_prefill.py), not the kernel, and gives the reference's greedy tokens
+    and log-probabilities."""
+    import tierserve.attention.fp8_flash_prefill as ff
+    import tierserve.attention.triton_fp8_steps as tb
+
+    calls = []
+    real = ff.fp8_chunk_attention
+    monkeypatch.setattr(tb, "flash_ok", lambda q: True)
+    monkeypatch.setattr(ff, "fp8_chunk_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(tb, "paged_prefill_fp8", None)              # must not be called
+    ref, ref_lp, _ = _generate(ckpt, "torch_ref", 1, logprobs=1)
+    got, got_lp, _ = _generate(ckpt, "triton", 1, logprobs=1)
+    assert calls and got == ref
+    torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("case", [0, 2, 4])
 def test_fast_loads_give_the_same_bits(case):
     """``fast=True`` (blocks read wholly in FP8 skip the full-precision loads): the very same outputs as the

@@ -10,7 +10,9 @@ import logging
 
 import torch
 
+from tierserve.attention import fp8_flash_prefill
 from tierserve.attention.backend import AttnMetadata
+from tierserve.attention.flash_prefix import flash_ok
 from tierserve.attention.fp8_decode_config import decode_config
 from tierserve.attention.mixed import packed_chunks, split_step
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
@@ -89,7 +91,8 @@ class Fp8Steps:
     def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None,
                    host=None) -> torch.Tensor:
         """A step with prefill chunks over FP8 KV pages: decode rows through the FP8 decode kernel, every
-        chunk (fresh ones too: the read rule applies inside a chunk) through the FP8 prefill kernel. ``host``:
+        chunk (fresh ones too: the read rule applies inside a chunk) through flash attention over the gathered
+        readings (``fp8_flash_prefill``; CUDA, no sliding window) or the FP8 prefill kernel. ``host``:
         (staged compact rows, first host id) of pages spilled to CPU RAM, ``meta``'s tables remapped to them."""
         f = meta.kv_fp8
         split = split_step(meta, kv_layer.shape[3])
@@ -99,6 +102,16 @@ class Fp8Steps:
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
                 f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact,
                 host=host)
+        if fp8_flash_prefill.ENABLED and window is None and flash_ok(q):
+            try:
+                for seq, t0, t1, start in split.prefills:   # readings gathered, flash + a masked band (module doc)
+                    out[t0:t1] = fp8_flash_prefill.fp8_chunk_attention(
+                        q[t0:t1], kv_layer, f.quantised, meta.page_table[seq], start, scale, meta.page_size,
+                        f.keep_sink, f.keep_recent, compact=compact, host=host)
+                return out
+            except RuntimeError as e:   # (flash refused these inputs) the FP8 prefill kernel from now on
+                log.warning("FP8 prefill through flash is off (%s); using the FP8 prefill kernel", e)
+                fp8_flash_prefill.ENABLED = False
         chunks = packed_chunks(meta, split, window, fresh_too=True)
         paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
                           sliding_window=window, out=out, compact=compact, host=host)

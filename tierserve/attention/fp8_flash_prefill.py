@@ -1,0 +1,150 @@
+"""A prefill chunk over FP8 KV pages through flash attention (``attention/flash_prefix.py``'s kernels) instead of
+the Triton FP8 prefill kernel (``triton_prefill_fp8.py``: 32-key blocks to stay within registers, ~5x slower than
+flash on the H200 -- a 128k FP8 KV prefill took 72.6 s against 16.7 s in bf16, stop 21).
+
+The read rule (``quant/fp8_kv.py``, page level): the query at p reads token j in FP8 iff j's page starts at or
+after ``sink`` (keep_sink rounded up to a page) and ends at least R = max(keep_recent, 1) before p, i.e. j in
+[sink, hi(p)) with hi(p) = max(floor((p - R + 1) / page) * page, sink); every other visible token (j < sink, or
+hi(p) <= j <= p) at full precision. Both readings are exact in the model dtype (e4m3 codes times power-of-two
+scales), so they are gathered once per layer and chunk:
+
+- ``page_readings``: per page of the sequence, its FP8 reading (stored codes dequantised: in place, a compact slot
+  or a staged host row; a page still at full precision quantised exactly as storage would) or its full reading
+  (the stored values; a page stored in FP8 gives its FP8 values, as the Triton kernel and the reference do). The
+  keys are the FP8 readings with the sink pages' full ones, ``[Hkv, positions, D]``; full readings are kept only
+  from the first slice's band on.
+- The chunk's queries go in slices of ``SLICE`` rows. For a slice starting at s0 every key before
+  u = min(hi(s0), s0) is read the same way by all its rows (full below ``sink``, FP8 from it): one unmasked flash
+  call over those keys, the query heads of a KV-head group folded into the rows (keys read once per KV head).
+  The keys from u to the slice's end (about the slice plus R + a page) are read per (row, key) from either
+  reading: a masked attention in plain PyTorch (fp32) over both readings side by side. The two parts are merged
+  by their log-sum-exps (``merge_lse``).
+
+The same softmax over the same values as the reference (``TorchRefBackend``), summed in another order: not
+bit-identical to the Triton kernel, which stays the path for sliding windows and non-CUDA devices
+(``TIERSERVE_FP8_FLASH_PREFILL=0`` keeps it everywhere).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from tierserve.attention.flash_prefix import attend_lse, merge_lse
+from tierserve.quant.fp8_compact import dequant_compact
+from tierserve.quant.fp8_kv import dequant_pages, fake_quant
+
+ENABLED = os.environ.get("TIERSERVE_FP8_FLASH_PREFILL", "1") == "1"
+SLICE = int(os.environ.get("TIERSERVE_FP8_FLASH_SLICE", "512"))     # query rows per slice
+_FULL, _INPLACE, _COMPACT, _HOST = 0, 1, 2, 3
+_BLOCK = 1024                                                       # pages dequantised at a time
+
+
+def page_readings(kv_layer: torch.Tensor, quantised: torch.Tensor, ids: torch.Tensor, length: int, page_size: int,
+                  fp8: bool, compact: tuple[torch.Tensor, int] | None = None,
+                  host: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """The FP8 (``fp8``) or the full readings, ``[n, 2, page, Hkv, D]`` in ``kv_layer``'s dtype, of n consecutive
+    pages ``ids`` of a sequence's table holding ``length`` tokens from the first one's start (rows past them, in
+    the last page, read as zeros). kv_layer
+    [N, 2, rows, Hkv, D]; ``quantised`` [>= N] the in-place flags; ``compact``: (pool rows [S, 2, slot bytes] of this
+    layer, first compact id); ``host``: (staged rows [U, 2, slot bytes], first host id). A page stored in FP8 reads
+    its FP8 values either way; a page at full precision is quantised for its FP8 reading as storage would."""
+    N, _, _, h, d = kv_layer.shape
+    n, ps, dt = ids.numel(), page_size, kv_layer.dtype
+    cbase = compact[1] if compact is not None else N
+    hbase = host[1] if host is not None else 1 << 62
+    dev_ids = ids.clamp(max=N - 1)
+    kind = torch.where(ids >= hbase, _HOST, torch.where(ids >= cbase, _COMPACT,
+                                                         torch.where(quantised[dev_ids], _INPLACE, _FULL)))
+    kinds = kind.cpu().numpy()             # one host sync per call (prefill only)
+    out = kv_layer[dev_ids, :, :ps]                                            # [n, 2, page, H, D]
+    if n * ps > length:                                                        # the last page's unwritten rows
+        out[n - 1, :, length - (n - 1) * ps:] = 0
+
+    def each(k: int):                      # page indices of one kind, in blocks (bounded fp32 temporaries)
+        sel = np.flatnonzero(kinds == k)
+        for b in range(0, len(sel), _BLOCK):
+            yield torch.from_numpy(sel[b:b + _BLOCK]).to(ids.device)
+
+    for i in each(_INPLACE):
+        out[i] = dequant_pages(kv_layer[ids[i], :, :ps], ps).to(dt)
+    for k, src in ((_COMPACT, compact), (_HOST, host)):
+        for i in each(k):
+            out[i] = dequant_compact(src[0][ids[i] - src[1]], ps, h, d).to(dt)
+    if fp8:
+        for i in each(_FULL):
+            out[i] = fake_quant(out[i], ps).to(dt)
+    return out
+
+
+def _hi(p: torch.Tensor, sink: int, recent: int, ps: int) -> torch.Tensor:
+    """First position each query at p reads at full precision after its FP8 range (>= sink)."""
+    return ((p - recent + 1).clamp(min=0) // ps * ps).clamp(min=sink)
+
+
+def _heads_first(pages: torch.Tensor, kv: int, length: int) -> torch.Tensor:
+    """[n, 2, page, H, D] -> K (kv 0) or V (kv 1) as [H, length, D], contiguous."""
+    n, _, ps, h, d = pages.shape
+    return pages[:, kv].reshape(n * ps, h, d)[:length].transpose(0, 1).contiguous()
+
+
+def _masked_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """q [H, Lq, D], k/v [H, Lk, D], mask [Lq, Lk] (every row has a key) -> (out fp32, lse) in fp32."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.softmax(s, dim=-1) @ v.float(), lse
+
+
+def fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.Tensor, table_row: torch.Tensor,
+                        start: int, scale: float, page_size: int, keep_sink: int, keep_recent: int,
+                        compact: tuple[torch.Tensor, int] | None = None,
+                        host: tuple[torch.Tensor, int] | None = None, slice_rows: int | None = None) -> torch.Tensor:
+    """q [n, Hq, D] of the chunk at positions start .. start + n - 1 (its K/V already written to the pages of
+    ``table_row``) -> [n, Hq, D]: causal attention over the sequence under the FP8 read rule."""
+    n, hq, d = q.shape
+    h, ps = kv_layer.shape[3], page_size
+    g = hq // h
+    c1 = start + n
+    sink, recent = -(-keep_sink // ps) * ps, max(keep_recent, 1)
+    npg = -(-c1 // ps)
+    pages = page_readings(kv_layer, quantised, table_row[:npg], c1, ps, True, compact, host)
+    sp = min(sink // ps, npg)
+    if sp:                                 # below the sink every query reads full precision: one key set
+        pages[:sp] = page_readings(kv_layer, quantised, table_row[:sp], c1, ps, False, compact, host)
+    keys = (_heads_first(pages, 0, c1), _heads_first(pages, 1, c1))          # [H, c1, D]
+    del pages
+    # full readings of the keys some slice reads per (row, key): from the first slice's window page on
+    wf = min(max(max(start - recent + 1, 0) // ps * ps, sink), start) // ps
+    fp = page_readings(kv_layer, quantised, table_row[wf:npg], c1 - wf * ps, ps, False, compact, host)
+    fulls = (_heads_first(fp, 0, c1 - wf * ps), _heads_first(fp, 1, c1 - wf * ps))     # positions wf * ps ..
+    del fp
+    step = slice_rows or SLICE
+    out = torch.empty_like(q)
+    dev = q.device
+    for s0 in range(start, c1, step):
+        s1 = min(s0 + step, c1)
+        rows = s1 - s0
+        p = torch.arange(s0, s1, device=dev)
+        hi = _hi(p, sink, recent, ps)[:, None]
+        u = min(max(max(s0 - recent + 1, 0) // ps * ps, sink), s0)          # min(hi(s0), s0)
+        folded = q[s0 - start:s1 - start].transpose(0, 1).reshape(h, g * rows, d)   # heads of a group share keys
+        # keys u .. s1 - 1 (whole pages from u's), each in both readings: FP8 first, then full
+        w0, w1 = u // ps, -(-s1 // ps)
+        m = min(w1 * ps, c1) - w0 * ps
+        j = torch.arange(w0 * ps, w0 * ps + m, device=dev)[None, :]
+        seen = (j >= u) & (j <= p[:, None])
+        fp8_ok = seen & (j >= sink) & (j < hi)
+        full_ok = seen & ((j < sink) | (j >= hi))
+        a, b = w0 * ps, w0 * ps + m
+        mk = torch.cat([keys[0][:, a:b], fulls[0][:, a - wf * ps:b - wf * ps]], dim=1)
+        mv = torch.cat([keys[1][:, a:b], fulls[1][:, a - wf * ps:b - wf * ps]], dim=1)
+        o, lse = _masked_lse(folded, mk, mv, torch.cat([fp8_ok, full_ok], dim=1).repeat(g, 1), scale)
+        if u > 0:               # every key before u, read the same way by all the slice's rows: flash
+            ou, lu = attend_lse(folded, keys[0][:, :u], keys[1][:, :u], scale, causal=False)
+            res = merge_lse(ou, lu, o, lse).to(q.dtype)
+        else:
+            res = o.to(q.dtype)
+        out[s0 - start:s1 - start] = res.reshape(hq, rows, d).transpose(0, 1)
+    return out
