@@ -258,21 +258,25 @@ def test_engine_fp8_prefill_chunks_use_the_kernel(ckpt, monkeypatch):
     assert calls and got == ref
 
 
-def test_engine_fp8_prefill_through_flash_readings(ckpt, monkeypatch):
+@pytest.mark.parametrize("checked", [True, False])
+def test_engine_fp8_prefill_through_flash_readings(ckpt, monkeypatch, checked):
     """Where flash runs (forced here on the CPU: its plain path), chunked prefill over FP8 pages goes through the
-    gathered readings (attention/fp8_flash_prefill.py), not the kernel, and gives the reference's greedy tokens
-    and log-probabilities."""
+    gathered readings (attention/fp8_flash_prefill.py) and gives the reference's greedy tokens and
+    log-probabilities; the first such step (``checked`` False) also runs the kernel once and compares."""
     import tierserve.attention.fp8_flash_prefill as ff
     import tierserve.attention.triton_fp8_steps as tb
 
-    calls = []
-    real = ff.fp8_chunk_attention
+    calls, kernel = [], []
+    real, real_kernel = ff.fp8_chunk_attention, tb.paged_prefill_fp8
     monkeypatch.setattr(tb, "flash_ok", lambda q: True)
     monkeypatch.setattr(ff, "fp8_chunk_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(tb, "paged_prefill_fp8", None)              # must not be called
+    monkeypatch.setattr(ff, "CHECKED", checked)
+    monkeypatch.setattr(ff, "ENABLED", True)
+    monkeypatch.setattr(tb, "paged_prefill_fp8", lambda *a, **kw: kernel.append(1) or real_kernel(*a, **kw))
     ref, ref_lp, _ = _generate(ckpt, "torch_ref", 1, logprobs=1)
     got, got_lp, _ = _generate(ckpt, "triton", 1, logprobs=1)
-    assert calls and got == ref
+    assert calls and got == ref and ff.ENABLED
+    assert len(kernel) == (0 if checked else 1)
     torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
 
 

@@ -111,3 +111,17 @@ def test_page_readings_zero_the_unwritten_rows_and_quantise_fresh_pages():
     want = data[1:3, :, :4].clone()
     want[1, :, 3] = 0
     assert torch.equal(fp8, fake_quant(want, 4))
+
+
+def test_first_step_check_turns_the_path_off_on_a_difference(monkeypatch, caplog):
+    import tierserve.attention.fp8_flash_prefill as ff
+    monkeypatch.setattr(ff, "ENABLED", True)
+    monkeypatch.setattr(ff, "CHECKED", False)
+    a = torch.randn(10, 4, 8)
+    ff.check_once(a + 1e-3, a, [(0, 4), (4, 10)])
+    assert ff.CHECKED and ff.ENABLED
+    b = a.clone()
+    b[6, 1, 2] += 1.0
+    monkeypatch.setattr(ff, "CHECKED", False)
+    ff.check_once(b, a, [(0, 4), (4, 10)])
+    assert ff.CHECKED and not ff.ENABLED and "differs" in caplog.text

@@ -26,6 +26,7 @@ bit-identical to the Triton kernel, which stays the path for sliding windows and
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -35,7 +36,9 @@ from tierserve.attention.flash_prefix import attend_lse, merge_lse
 from tierserve.quant.fp8_compact import dequant_compact
 from tierserve.quant.fp8_kv import dequant_pages, fake_quant
 
+log = logging.getLogger("tierserve")
 ENABLED = os.environ.get("TIERSERVE_FP8_FLASH_PREFILL", "1") == "1"
+CHECKED = False         # the first step's chunks were compared with the Triton kernel's (``check_once``)
 SLICE = int(os.environ.get("TIERSERVE_FP8_FLASH_SLICE", "512"))     # query rows per slice
 _FULL, _INPLACE, _COMPACT, _HOST = 0, 1, 2, 3
 _BLOCK = 1024                                                       # pages dequantised at a time
@@ -76,6 +79,22 @@ def page_readings(kv_layer: torch.Tensor, quantised: torch.Tensor, ids: torch.Te
         for i in each(_FULL):
             out[i] = fake_quant(out[i], ps).to(dt)
     return out
+
+
+def check_once(fast: torch.Tensor, kernel: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+    """The first step through this path: its chunks' rows against the Triton kernel's (the step returns the
+    kernel's); a difference past bf16 rounding (3e-2 of the largest value) turns the path off with a warning."""
+    global CHECKED, ENABLED
+    CHECKED = True
+    for t0, t1 in spans:
+        a, b = fast[t0:t1].float(), kernel[t0:t1].float()
+        err = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-6)
+        if not err <= 3e-2:
+            log.warning("FP8 prefill through flash differs from the FP8 prefill kernel (max relative %.3g); "
+                        "using the kernel", err)
+            ENABLED = False
+            return
+    log.info("FP8 prefill through flash checked against the kernel (agrees); used from now on")
 
 
 def _hi(p: torch.Tensor, sink: int, recent: int, ps: int) -> torch.Tensor:

@@ -102,17 +102,22 @@ class Fp8Steps:
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
                 f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact,
                 host=host)
-        if fp8_flash_prefill.ENABLED and window is None and flash_ok(q):
+        flash = fp8_flash_prefill.ENABLED and window is None and flash_ok(q)
+        if flash:
             try:
                 for seq, t0, t1, start in split.prefills:   # readings gathered, flash + a masked band (module doc)
                     out[t0:t1] = fp8_flash_prefill.fp8_chunk_attention(
                         q[t0:t1], kv_layer, f.quantised, meta.page_table[seq], start, scale, meta.page_size,
                         f.keep_sink, f.keep_recent, compact=compact, host=host)
-                return out
+                if fp8_flash_prefill.CHECKED:
+                    return out
             except RuntimeError as e:   # (flash refused these inputs) the FP8 prefill kernel from now on
                 log.warning("FP8 prefill through flash is off (%s); using the FP8 prefill kernel", e)
-                fp8_flash_prefill.ENABLED = False
+                fp8_flash_prefill.ENABLED = flash = False
         chunks = packed_chunks(meta, split, window, fresh_too=True)
+        fast = out.clone() if flash else None
         paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
                           sliding_window=window, out=out, compact=compact, host=host)
+        if flash:                       # its first step: checked once against the kernel
+            fp8_flash_prefill.check_once(fast, out, [(t0, t1) for _, t0, t1, _ in split.prefills])
         return out
