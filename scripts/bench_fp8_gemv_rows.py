@@ -74,7 +74,9 @@ def main() -> None:
         row["fp8_gemm_us"] = timer(rotating(lambda i: fp8_gemm(x, *q[i]), copies))
         want = fp8_gemm(x, *q[0]).float()
         variants = {"two_kernel": dict(fused_reduce=False), "fused": dict(fused_reduce=True),
-                    "fused_prefetch": dict(fused_reduce=True, prefetch=True)}
+                    "fused_prefetch": dict(fused_reduce=True, prefetch=True),
+                    "l2_256": dict(fused_reduce=False, l2_prefetch=256), "l2_1024": dict(fused_reduce=False,
+                                                                                           l2_prefetch=1024)}
         base = fp8_gemv_rows(x, *q[0], fused_reduce=False)
         for name, kw in variants.items():
             row[f"rows_default_{name}_us"] = timer(rotating(lambda i, kw=kw: fp8_gemv_rows(x, *q[i], **kw), copies))
@@ -95,8 +97,7 @@ def main() -> None:
                 best = (us, cfg, err)
         if best:
             row.update(rows_best_us=best[0], rows_best_cfg=best[1], rows_rel_err_vs_fp8_gemm=best[2])
-        for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused",
-                  "rows_default_fused_prefetch"):
+        for k in ("cublas_bf16", "fp8_gemm", "rows_best", *(f"rows_default_{v}" for v in variants)):
             if f"{k}_us" in row:
                 nbytes = N * K * (2 if k == "cublas_bf16" else 1)
                 row[f"{k}_TBps"] = nbytes / row[f"{k}_us"] / 1e6
@@ -106,12 +107,13 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(f"{layer}: bf16 {row['cublas_bf16_us']:.1f} us, fp8_gemm {row['fp8_gemm_us']:.1f} us, rows default "
               f"{row['rows_default_two_kernel_us']:.1f} (two kernels) / {row['rows_default_fused_us']:.1f} (fused "
-              f"reduce) / {row['rows_default_fused_prefetch_us']:.1f} us (+ prefetch); same bits: "
-              f"{row['fused_same_bits'] and row['fused_prefetch_same_bits']}; best of sweep "
+              f"reduce) / {row['rows_default_fused_prefetch_us']:.1f} us (+ prefetch) / L2 prefetch 256 B "
+              f"{row['rows_default_l2_256_us']:.1f}, 1 KiB {row['rows_default_l2_1024_us']:.1f} a row; same bits: "
+              f"{all(row[f'{v}_same_bits'] for v in variants)}; best of sweep "
               f"{row.get('rows_best_us', float('nan')):.1f} us {row.get('rows_best_cfg')}", flush=True)
     per_layer = {k: sum(r[f"{k}_us"] for r in rows if f"{k}_us" in r)
                  for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused",
-                           "rows_default_fused_prefetch")}
+                           "rows_default_fused_prefetch", "rows_default_l2_256", "rows_default_l2_1024")}
     print("per transformer layer (us):", {k: round(v, 1) for k, v in per_layer.items()})
     if a.output:
         meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,

@@ -6,12 +6,15 @@
 #   bash scripts/h200_stop22.sh select1m  page selection micro-benchmark at the engine's 1M table width (65,600 pages) (~1 min)
 #   bash scripts/h200_stop22.sh loop      decode-only loop profiles: FP8 weights vs FP8 w + KV without PDL, sync stacks (~2 min)
 #   bash scripts/h200_stop22.sh c128k     section c at 128k (~4 min)
-#   bash scripts/h200_stop22.sh a         section a at 2k (~1 min)
+#   bash scripts/h200_stop22.sh a         section a at 2k [L2=N: TIERSERVE_FP8_GEMV_L2=N, each GEMV row's first N bytes
+#                                         asked of L2 before the PDL wait] (~1 min)
+#   bash scripts/h200_stop22.sh gemv      row GEMV variants incl. the L2 prefetch, every byte from HBM (~1 min)
 #   bash scripts/h200_stop22.sh prefill   FP8 KV prefill: flash over readings vs the Triton kernel vs bf16, 32k / 128k (~2 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 sfx=""
 if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=$PDL; sfx=-pdl$PDL; fi
+if [ -n "${L2:-}" ]; then export TIERSERVE_FP8_GEMV_L2=$L2; sfx=$sfx-l2-$L2; fi
 case "${1:-}" in
 tests)
     timeout 170 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
@@ -41,7 +44,9 @@ c128k)
 a)
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a$sfx-h200.json" | grep -E "tok_s\""
     rm -f "$OUT"/*.partial.jsonl ;;
+gemv)
+    timeout 120 python scripts/bench_fp8_gemv_rows.py --output "$OUT/fp8-gemv-rows-l2-h200.json" 2>&1 | quiet | tail -6 ;;
 prefill)
     timeout 280 python scripts/bench_fp8_prefill.py --output "$OUT/fp8-prefill-flash-h200.json" 2>&1 | quiet | tail -10 ;;
-*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a|prefill"; exit 2 ;;
+*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a|gemv|prefill"; exit 2 ;;
 esac

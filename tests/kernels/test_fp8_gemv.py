@@ -239,5 +239,8 @@ def test_row_gemv_matches_reference(n, k, block, block_n, block_k, dtype):
         kw = dict(block_n=block_n, block_k=block_k, split_k=split)
         assert torch.equal(fp8_gemv_rows(x, q, s, bias, block, prefetch=True, **kw),
                            fp8_gemv_rows(x, q, s, bias, block, prefetch=False, **kw))
+        # each row's first weights asked of L2 before the PDL wait (CUDA; compiled out elsewhere): the same bits
+        assert torch.equal(fp8_gemv_rows(x, q, s, bias, block, l2_prefetch=64, **kw),
+                           fp8_gemv_rows(x, q, s, bias, block, l2_prefetch=0, **kw))
     with pytest.raises(ValueError, match=r"\[1, K\]"):
         fp8_gemv_rows(torch.randn(2, k, device=DEV).to(dtype), q, s, block_size=block)

@@ -108,12 +108,29 @@ def _heads_first(pages: torch.Tensor, kv: int, length: int) -> torch.Tensor:
     return pages[:, kv].reshape(n * ps, h, d)[:length].transpose(0, 1).contiguous()
 
 
+_HALF_MM: list[bool] = []      # [False] once a half-precision bmm with fp32 output was refused
+
+
+def _bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32. CUDA bf16 / fp16 inputs: one half-precision GEMM with fp32 accumulation and output (the
+    products of half-precision values are exact in fp32, so the scores equal the fp32 ones up to summation
+    order); else fp32 matmuls."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and not _HALF_MM:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):       # a torch without bmm(..., out_dtype): fp32 from now on
+            _HALF_MM.append(False)
+    return a.float() @ b.float()
+
+
 def _masked_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
-    """q [H, Lq, D], k/v [H, Lk, D], mask [Lq, Lk] (every row has a key) -> (out fp32, lse) in fp32."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    """q [H, Lq, D], k/v [H, Lk, D], mask [Lq, Lk] (every row has a key) -> (out, lse) in fp32. The
+    probabilities meet V in V's dtype (as in flash attention)."""
+    s = _bmm32(q, k.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    return torch.softmax(s, dim=-1) @ v.float(), lse
+    p = torch.softmax(s, dim=-1)
+    return _bmm32(p.to(v.dtype), v), lse
 
 
 def fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.Tensor, table_row: torch.Tensor,

@@ -29,12 +29,23 @@ from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choos
 
 # split-K summed in the same launch by the last program of each N tile (TIERSERVE_FP8_GEMV_FUSED=1); off by default
 FUSED_REDUCE = os.environ.get("TIERSERVE_FP8_GEMV_FUSED", "0") == "1"
+# bytes of each row's weights asked of L2 before the PDL wait (TIERSERVE_FP8_GEMV_L2=N; 0: off, the default)
+L2_PREFETCH = int(os.environ.get("TIERSERVE_FP8_GEMV_L2", "0"))
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _wtile(w_ptr, n64, k, s_wn):
     """The fp8 weights of one whole [BLOCK_N, BLOCK_K] tile (EVEN: no masks, 16-byte loads)."""
     return tl.load(w_ptr + n64[:, None] * s_wn + k[None, :])
+
+
+@triton.jit
+def _l2_prefetch(w_ptr, n64, k0, s_wn, NBYTES: tl.constexpr):
+    """Ask L2 for ``NBYTES`` of each row's weights from column ``k0`` (one bulk prefetch per row, sm_90; a hint
+    that takes no registers and does not wait). Issued before the PDL wait, while the kernel before finishes."""
+    tl.inline_asm_elementwise(f"cp.async.bulk.prefetch.L2.global [$1], {NBYTES};\n mov.u32 $0, 0;", "=r,l",
+                              [w_ptr + n64 * s_wn + k0], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -75,7 +86,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
                           HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
-                          PREFETCH: tl.constexpr = False):
+                          PREFETCH: tl.constexpr = False, L2_BYTES: tl.constexpr = 0):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
     # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
     pdl.release(PDL)        # the next kernel, if launched with PDL (a norm, silu_mul), may be scheduled now
@@ -103,6 +114,8 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
             sc = tl.load(s_one + kb + ar // SBK)                       # [BLOCK_K]: each column's block scale
             acc += w.to(tl.float32) * (x * sc[None, :])
     else:
+        if L2_BYTES > 0:    # (UNIFORM, EVEN, the split at least this long) the first weights toward L2 early
+            _l2_prefetch(w_ptr, n64, kb_lo * SBK, s_wn, L2_BYTES)
         pdl.wait(PDL)       # launched early (PDL): x, the counters and the output come from earlier kernels
         if BLOCK_K > SBK:
             for kb in range(kb_lo, kb_hi, BLOCK_K // SBK):
@@ -142,7 +155,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
                   block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
                   num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None,
-                  prefetch: bool = False) -> torch.Tensor:
+                  prefetch: bool = False, l2_prefetch: int | None = None) -> torch.Tensor:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
@@ -151,7 +164,9 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     several K splits, the last program of each N tile sums the partials in the same launch instead of a second
     reduce kernel (same bits). ``prefetch``
     (untimed; where the tile allows it: one scale row per program, whole tiles, ``block_k`` a multiple of the
-    scale block): each trip loads the next tile's weights before its products (same bits)."""
+    scale block): each trip loads the next tile's weights before its products (same bits). ``l2_prefetch``
+    (default ``L2_PREFETCH`` bytes, 0: off; CUDA only, whole tiles): before its PDL wait each program asks L2 for
+    that many bytes of each of its rows (``cp.async.bulk.prefetch.L2``; untimed)."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -189,12 +204,16 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     if fused_reduce and cnt is None and not direct:
         raise ValueError(f"fp8_gemv_rows: no split counters for {n_tiles} tiles (none are made during a CUDA "
                          f"graph capture; at most {MAX_TILES})")
+    l2 = L2_PREFETCH if l2_prefetch is None else l2_prefetch
+    l2 = l2 if (l2 > 0 and x.is_cuda and not _INTERPRET and uniform and even and l2 % 16 == 0
+                and kb_per_split * sbk >= l2) else 0
     _fp8_gemv_rows_kernel[(n_tiles, split)](
         x, qweight, scale_inv, b, dst, out, cnt if cnt is not None else scale_inv, N, K, kb_per_split, split,
         qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk,
         BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
         FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device),
-        PREFETCH=prefetch and uniform and even and block_k % sbk == 0, num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=prefetch and uniform and even and block_k % sbk == 0, L2_BYTES=l2, num_warps=num_warps,
+        num_stages=num_stages,
         **pdl.dependent_options(x.device))
     if not direct and cnt is None:
         _reduce_splits(dst, b, out, bias is not None)
