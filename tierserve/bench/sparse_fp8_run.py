@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from tierserve.bench.sparse_fp8 import Sizes
 
 A_SETTINGS = {"bf16": {}, "fp8-weights+fp8-kv": {"quantization": "fp8", "kv_dtype": "fp8"},
-              "fp8-weights": {"quantization": "fp8"}, "fp8-kv": {"kv_dtype": "fp8"}}
+              "fp8-weights": {"quantization": "fp8"}, "fp8-kv": {"kv_dtype": "fp8"},
+              # opt-in: the output projection in FP8 too (nano ppl +0.124% against +0.130% for FP8 weights alone)
+              "fp8-weights+fp8-kv+fp8-lm-head": {"quantization": "fp8", "kv_dtype": "fp8", "fp8_lm_head": True}}
 B_SETTINGS = {"dense-bf16": {},
               "sparse+fp8-kv+fp8-weights": {"sparse_attention": "pages", "kv_dtype": "fp8", "quantization": "fp8"},
               "sparse": {"sparse_attention": "pages"},      # before sparse+fp8-kv: sparse alone vs dense first
