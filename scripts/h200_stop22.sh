@@ -7,7 +7,8 @@
 #   bash scripts/h200_stop22.sh loop      decode-only loop profiles: FP8 weights vs FP8 w + KV without PDL, sync stacks (~2 min)
 #   bash scripts/h200_stop22.sh c128k     section c at 128k (~4 min)
 #   bash scripts/h200_stop22.sh a         section a at 2k [L2=N: TIERSERVE_FP8_GEMV_L2=N, each GEMV row's first N bytes
-#                                         asked of L2 before the PDL wait] (~1 min)
+#                                         asked of L2 before the PDL wait] [FOLD=1: TIERSERVE_FP8_GEMV_FOLD=1, norms and
+#                                         residual adds folded into the FP8 row GEMVs] (~1 min)
 #   bash scripts/h200_stop22.sh gemv      row GEMV variants incl. the L2 prefetch, every byte from HBM (~1 min)
 #   bash scripts/h200_stop22.sh prefill   FP8 KV prefill: flash over readings vs the Triton kernel vs bf16, 32k / 128k (~2 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
@@ -15,13 +16,15 @@ source "$(dirname "$0")/h200_common.sh"
 sfx=""
 if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=$PDL; sfx=-pdl$PDL; fi
 if [ -n "${L2:-}" ]; then export TIERSERVE_FP8_GEMV_L2=$L2; sfx=$sfx-l2-$L2; fi
+if [ -n "${FOLD:-}" ]; then export TIERSERVE_FP8_GEMV_FOLD=1; sfx=$sfx-fold; fi
 case "${1:-}" in
 tests)
     timeout 170 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
         tests/kernels/test_triton_select.py tests/unit/test_fp8_quant.py tests/kernels/test_fp8_gemv.py \
-        tests/unit/test_fp8_flash_prefill.py tests/kernels/test_triton_fp8_kv.py 2>&1 | tail -2
+        tests/unit/test_fp8_flash_prefill.py tests/kernels/test_triton_fp8_kv.py tests/unit/test_fp8_linear.py \
+        2>&1 | tail -2
     timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
-        -k "sparse or fp8" 2>&1 | tail -2 ;;
+        -k "sparse or fp8 or fused or folds" 2>&1 | tail -2 ;;
 c1m)
     bench 280 --sections c --tier-contexts 1048576 --budgets c=270 --max-wall 270 \
         --output "$OUT/sparse-fp8-c1m$sfx-h200.json" | grep -E "tok_s\"|skipped|wall_s"

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve import pdl
+
 from tierserve.quant.fp8 import DEFAULT_BLOCK, fp8_linear_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # the interpreter's dot mishandles bf16
@@ -93,8 +95,11 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
 
 
 @triton.jit
-def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, N, num_splits, s_ps, s_pm, s_om,
-                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, r_ptr, N, num_splits, s_ps, s_pm, s_om, s_rm,
+                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
+    pdl.release(PDL)        # (``tierserve.pdl``) launched as a dependent of the GEMV whose partials it sums
+    pdl.wait(PDL)
     row = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
@@ -103,7 +108,11 @@ def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, N, num_splits, s_ps, s_pm, s_om
         acc += tl.load(p_ptr + s * s_ps + row * s_pm + n, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * s_om + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    y = acc.to(out_ptr.dtype.element_ty)
+    if HAS_RES:             # the residual add after the projection, rounded as ``x + linear(h)`` rounds
+        r = tl.load(r_ptr + row * s_rm + n, mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * s_om + n, y, mask=mask)
 
 
 def check_weights(name: str, qweight: torch.Tensor, scale_inv: torch.Tensor, N: int, K: int,
@@ -212,12 +221,17 @@ def tile_weight(qweight: torch.Tensor, block_n: int, block_size: tuple[int, int]
     return qweight.view(N // block_n, block_n, K // bk, bk).transpose(1, 2).contiguous()
 
 
-def _reduce_splits(dst: torch.Tensor, b: torch.Tensor, out: torch.Tensor, has_bias: bool) -> None:
-    """Sum the fp32 split-K partials ``dst [split, M, N]`` in a fixed order into ``out`` (+ bias)."""
+def _reduce_splits(dst: torch.Tensor, b: torch.Tensor, out: torch.Tensor, has_bias: bool,
+                   residual: torch.Tensor | None = None) -> None:
+    """Sum the fp32 split-K partials ``dst [split, M, N]`` in a fixed order into ``out`` (+ bias; + ``residual``
+    after rounding to ``out``'s dtype). Launched as a PDL dependent where that is on."""
     rb = 256
     M, N = out.shape
-    _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, N, dst.shape[0], dst.stride(0), dst.stride(1),
-                                            out.stride(0), BLOCK=rb, HAS_BIAS=has_bias)
+    r = residual if residual is not None else out
+    _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, r, N, dst.shape[0], dst.stride(0), dst.stride(1),
+                                            out.stride(0), r.stride(0), BLOCK=rb, HAS_BIAS=has_bias,
+                                            HAS_RES=residual is not None, PDL=pdl.active(out.device),
+                                            **pdl.dependent_options(out.device))
 
 
 def fp8_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor,
