@@ -8,7 +8,8 @@
 #   bash scripts/h200_stop22.sh c128k     section c at 128k (~4 min)
 #   bash scripts/h200_stop22.sh a         section a at 2k [L2=N: TIERSERVE_FP8_GEMV_L2=N, each GEMV row's first N bytes
 #                                         asked of L2 before the PDL wait] [FOLD=1: TIERSERVE_FP8_GEMV_FOLD=1, norms and
-#                                         residual adds folded into the FP8 row GEMVs] (~1 min)
+#                                         residual adds folded into the FP8 row GEMVs] [AHEAD=1: TIERSERVE_L2_AHEAD=1,
+#                                         o_proj's weights asked of L2 during attention] (~1 min)
 #   bash scripts/h200_stop22.sh gemv      row GEMV variants incl. the L2 prefetch, every byte from HBM (~1 min)
 #   bash scripts/h200_stop22.sh prefill   FP8 KV prefill: flash over readings vs the Triton kernel vs bf16, 32k / 128k (~2 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
@@ -17,6 +18,7 @@ sfx=""
 if [ -n "${PDL:-}" ]; then export TIERSERVE_PDL=$PDL; sfx=-pdl$PDL; fi
 if [ -n "${L2:-}" ]; then export TIERSERVE_FP8_GEMV_L2=$L2; sfx=$sfx-l2-$L2; fi
 if [ -n "${FOLD:-}" ]; then export TIERSERVE_FP8_GEMV_FOLD=1; sfx=$sfx-fold; fi
+if [ -n "${AHEAD:-}" ]; then export TIERSERVE_L2_AHEAD=1; sfx=$sfx-ahead; fi
 case "${1:-}" in
 tests)
     timeout 170 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \

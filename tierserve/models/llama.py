@@ -18,6 +18,7 @@ from tierserve.models.config import ModelConfig
 from tierserve.models.layers.norm import RMSNorm
 from tierserve.models.layers.rotary import RotaryEmbedding
 from tierserve.models.llama_weights import LlamaWeights
+from tierserve.quant import l2_prefetch
 
 
 def _fused():
@@ -65,6 +66,9 @@ class Attention(nn.Module):
             written = rope.can_write_kv(kv, meta)
             _fused().rope_write_kv(q, k, v, rope.cos, rope.sin, meta.positions, kv if written else None,
                                    meta.slot_pages, meta.slot_offsets, meta.page_size)
+            if meta.decode_only and T <= 16 and l2_prefetch.ENABLED:     # o_proj's weights into L2 meanwhile
+                w = getattr(self.o_proj, "qweight", None)
+                l2_prefetch.prefetch_l2(w if w is not None else self.o_proj.weight)
             o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx,
                                      kv_written=written)
         else:
