@@ -111,8 +111,9 @@ class Fp8Steps:
                         f.keep_sink, f.keep_recent, compact=compact, host=host)
                 if fp8_flash_prefill.CHECKED:
                     return out
-            except RuntimeError as e:   # (flash refused these inputs) the FP8 prefill kernel from now on
-                log.warning("FP8 prefill through flash is off (%s); using the FP8 prefill kernel", e)
+            except Exception as e:      # (flash refused these inputs, ...) the FP8 prefill kernel from now on
+                log.warning("FP8 prefill through flash is off (%s: %s); using the FP8 prefill kernel",
+                            type(e).__name__, e)
                 fp8_flash_prefill.ENABLED = flash = False
         chunks = packed_chunks(meta, split, window, fresh_too=True)
         fast = out.clone() if flash else None
