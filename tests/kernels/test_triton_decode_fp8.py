@@ -280,6 +280,26 @@ def test_engine_fp8_prefill_through_flash_readings(ckpt, monkeypatch, checked):
     torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
 
 
+def test_engine_fp8_flash_prefill_failure_falls_back_to_the_kernel(ckpt, monkeypatch):
+    """A failure of the flash path (here: an error on its first chunk) turns it off with a warning and the step runs
+    the FP8 prefill kernel -- not the slow reference --, with the reference's greedy tokens."""
+    import tierserve.attention.fp8_flash_prefill as ff
+    import tierserve.attention.triton_fp8_steps as tb
+
+    def broken(*a, **kw):
+        raise ValueError("boom")
+
+    kernel = []
+    real_kernel = tb.paged_prefill_fp8
+    monkeypatch.setattr(tb, "flash_ok", lambda q: True)
+    monkeypatch.setattr(ff, "fp8_chunk_attention", broken)
+    monkeypatch.setattr(ff, "ENABLED", True)
+    monkeypatch.setattr(tb, "paged_prefill_fp8", lambda *a, **kw: kernel.append(1) or real_kernel(*a, **kw))
+    ref, _, _ = _generate(ckpt, "torch_ref", 1)
+    got, _, _ = _generate(ckpt, "triton", 1)
+    assert got == ref and kernel and not ff.ENABLED
+
+
 @pytest.mark.parametrize("case", [0, 2, 4])
 def test_fast_loads_give_the_same_bits(case):
     """``fast=True`` (blocks read wholly in FP8 skip the full-precision loads): the very same outputs as the
