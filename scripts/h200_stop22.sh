@@ -11,6 +11,7 @@
 #                                         residual adds folded into the FP8 row GEMVs] [AHEAD=1: TIERSERVE_L2_AHEAD=1,
 #                                         o_proj's weights asked of L2 during attention] (~1 min)
 #   bash scripts/h200_stop22.sh gemv      row GEMV variants incl. the L2 prefetch, every byte from HBM (~1 min)
+#   bash scripts/h200_stop22.sh abs       section a: default, L2=512, FOLD=1, AHEAD=1, all three, each with its bf16 row (~4 min)
 #   bash scripts/h200_stop22.sh prefill   FP8 KV prefill: flash over readings vs the Triton kernel vs bf16, 32k / 128k (~2 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
@@ -49,9 +50,13 @@ c128k)
 a)
     bench 200 --sections a --budgets a=180 --max-wall 190 --output "$OUT/sparse-fp8-a$sfx-h200.json" | grep -E "tok_s\""
     rm -f "$OUT"/*.partial.jsonl ;;
+abs)
+    for v in "X=1" "L2=512" "FOLD=1" "AHEAD=1" "L2=512 FOLD=1 AHEAD=1"; do
+        echo "== $v"; env $v bash "$0" a
+    done ;;
 gemv)
     timeout 120 python scripts/bench_fp8_gemv_rows.py --output "$OUT/fp8-gemv-rows-l2-h200.json" 2>&1 | quiet | tail -6 ;;
 prefill)
     timeout 280 python scripts/bench_fp8_prefill.py --output "$OUT/fp8-prefill-flash-h200.json" 2>&1 | quiet | tail -10 ;;
-*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a|gemv|prefill"; exit 2 ;;
+*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a|abs|gemv|prefill"; exit 2 ;;
 esac
