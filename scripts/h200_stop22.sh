@@ -53,7 +53,8 @@ a)
 abs)
     for v in "X=1" "L2=512" "FOLD=1" "AHEAD=1" "L2=512 FOLD=1 AHEAD=1"; do
         echo "== $v"; env $v bash "$0" a
-    done ;;
+    done
+    rm -f "$OUT"/*.png ;;       # (at most 8 files come back)
 gemv)
     timeout 120 python scripts/bench_fp8_gemv_rows.py --output "$OUT/fp8-gemv-rows-l2-h200.json" 2>&1 | quiet | tail -6 ;;
 prefill)
