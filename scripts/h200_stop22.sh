@@ -22,11 +22,11 @@ if [ -n "${FOLD:-}" ]; then export TIERSERVE_FP8_GEMV_FOLD=1; sfx=$sfx-fold; fi
 if [ -n "${AHEAD:-}" ]; then export TIERSERVE_L2_AHEAD=1; sfx=$sfx-ahead; fi
 case "${1:-}" in
 tests)
-    timeout 170 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
+    timeout 250 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
         tests/kernels/test_triton_select.py tests/unit/test_fp8_quant.py tests/kernels/test_fp8_gemv.py \
         tests/unit/test_fp8_flash_prefill.py tests/kernels/test_triton_fp8_kv.py tests/unit/test_fp8_linear.py \
         2>&1 | tail -2
-    timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
+    timeout 290 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
         -k "sparse or fp8 or fused or folds" 2>&1 | tail -2 ;;
 c1m)
     bench 280 --sections c --tier-contexts 1048576 --budgets c=270 --max-wall 270 \
