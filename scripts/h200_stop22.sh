@@ -25,6 +25,7 @@ tests)
     timeout 250 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
         tests/kernels/test_triton_select.py tests/unit/test_fp8_quant.py tests/kernels/test_fp8_gemv.py \
         tests/unit/test_fp8_flash_prefill.py tests/kernels/test_triton_fp8_kv.py tests/unit/test_fp8_linear.py \
+        tests/kernels/test_pdl.py \
         2>&1 | tail -2
     timeout 290 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
         -k "sparse or fp8 or fused or folds" 2>&1 | tail -2 ;;
