@@ -6,7 +6,7 @@ policy allows, Llama-3.1-8B attention shapes (32 / 8 heads, head_dim 128, 16-tok
 keep_recent 64), bf16. Eager timing (the flash path syncs once per call), median of ``--reps``, after a warm-up;
 each FP8 output is compared with the kernel's.
 
-  PYTHONPATH=. python scripts/bench_fp8_prefill.py [--cases 32768x8192,131072x8192] [--output FILE]
+  PYTHONPATH=. python scripts/bench_fp8_prefill.py [--cases 2048x2048,32768x8192,131072x8192] [--output FILE]
   PYTHONPATH=. python scripts/bench_fp8_prefill.py --smoke          (CPU interpreter, tiny: checks the script)
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int) -> list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--cases", default="32768x8192,131072x8192", help="CONTEXTxCHUNK,...")
+    ap.add_argument("--cases", default="2048x2048,32768x8192,131072x8192", help="CONTEXTxCHUNK,...")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--output")
     a = ap.parse_args()
