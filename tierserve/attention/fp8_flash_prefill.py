@@ -46,7 +46,7 @@ _BLOCK = 1024                                                       # pages dequ
 
 def page_readings(kv_layer: torch.Tensor, quantised: torch.Tensor, ids: torch.Tensor, length: int, page_size: int,
                   fp8: bool, compact: tuple[torch.Tensor, int] | None = None,
-                  host: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                  host: tuple[torch.Tensor, int] | None = None, kinds: np.ndarray | None = None) -> torch.Tensor:
     """The FP8 (``fp8``) or the full readings, ``[n, 2, page, Hkv, D]`` in ``kv_layer``'s dtype, of n consecutive
     pages ``ids`` of a sequence's table holding ``length`` tokens from the first one's start (rows past them, in
     the last page, read as zeros). kv_layer
@@ -55,12 +55,9 @@ def page_readings(kv_layer: torch.Tensor, quantised: torch.Tensor, ids: torch.Te
     its FP8 values either way; a page at full precision is quantised for its FP8 reading as storage would."""
     N, _, _, h, d = kv_layer.shape
     n, ps, dt = ids.numel(), page_size, kv_layer.dtype
-    cbase = compact[1] if compact is not None else N
-    hbase = host[1] if host is not None else 1 << 62
     dev_ids = ids.clamp(max=N - 1)
-    kind = torch.where(ids >= hbase, _HOST, torch.where(ids >= cbase, _COMPACT,
-                                                         torch.where(quantised[dev_ids], _INPLACE, _FULL)))
-    kinds = kind.cpu().numpy()             # one host sync per call (prefill only)
+    if kinds is None:
+        kinds = page_kinds(kv_layer, quantised, ids, compact, host)
     out = kv_layer[dev_ids, :, :ps]                                            # [n, 2, page, H, D]
     if n * ps > length:                                                        # the last page's unwritten rows
         out[n - 1, :, length - (n - 1) * ps:] = 0
@@ -95,6 +92,20 @@ def check_once(fast: torch.Tensor, kernel: torch.Tensor, spans: list[tuple[int, 
             ENABLED = False
             return
     log.info("FP8 prefill through flash checked against the kernel (agrees); used from now on")
+
+
+def page_kinds(kv_layer: torch.Tensor, quantised: torch.Tensor, ids: torch.Tensor,
+               compact: tuple[torch.Tensor, int] | None = None,
+               host: tuple[torch.Tensor, int] | None = None) -> np.ndarray:
+    """Where each page of ``ids`` is stored (full precision, FP8 in place, a compact slot, a staged host row), on
+    the host: one sync (prefill only)."""
+    N = kv_layer.shape[0]
+    cbase = compact[1] if compact is not None else N
+    hbase = host[1] if host is not None else 1 << 62
+    kind = torch.where(ids >= hbase, _HOST, torch.where(ids >= cbase, _COMPACT,
+                                                         torch.where(quantised[ids.clamp(max=N - 1)], _INPLACE,
+                                                                     _FULL)))
+    return kind.cpu().numpy()
 
 
 def _hi(p: torch.Tensor, sink: int, recent: int, ps: int) -> torch.Tensor:
@@ -145,15 +156,16 @@ def fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torc
     c1 = start + n
     sink, recent = -(-keep_sink // ps) * ps, max(keep_recent, 1)
     npg = -(-c1 // ps)
-    pages = page_readings(kv_layer, quantised, table_row[:npg], c1, ps, True, compact, host)
+    kinds = page_kinds(kv_layer, quantised, table_row[:npg], compact, host)          # the one host sync
+    pages = page_readings(kv_layer, quantised, table_row[:npg], c1, ps, True, compact, host, kinds)
     sp = min(sink // ps, npg)
     if sp:                                 # below the sink every query reads full precision: one key set
-        pages[:sp] = page_readings(kv_layer, quantised, table_row[:sp], c1, ps, False, compact, host)
+        pages[:sp] = page_readings(kv_layer, quantised, table_row[:sp], c1, ps, False, compact, host, kinds[:sp])
     keys = (_heads_first(pages, 0, c1), _heads_first(pages, 1, c1))          # [H, c1, D]
     del pages
     # full readings of the keys some slice reads per (row, key): from the first slice's window page on
     wf = min(max(max(start - recent + 1, 0) // ps * ps, sink), start) // ps
-    fp = page_readings(kv_layer, quantised, table_row[wf:npg], c1 - wf * ps, ps, False, compact, host)
+    fp = page_readings(kv_layer, quantised, table_row[wf:npg], c1 - wf * ps, ps, False, compact, host, kinds[wf:])
     fulls = (_heads_first(fp, 0, c1 - wf * ps), _heads_first(fp, 1, c1 - wf * ps))     # positions wf * ps ..
     del fp
     step = slice_rows or SLICE
