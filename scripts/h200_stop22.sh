@@ -22,16 +22,17 @@ if [ -n "${FOLD:-}" ]; then export TIERSERVE_FP8_GEMV_FOLD=1; sfx=$sfx-fold; fi
 if [ -n "${AHEAD:-}" ]; then export TIERSERVE_L2_AHEAD=1; sfx=$sfx-ahead; fi
 case "${1:-}" in
 tests)
-    timeout 240 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
+    timeout 220 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_select_two_level.py \
         tests/kernels/test_triton_select.py tests/unit/test_fp8_quant.py tests/kernels/test_fp8_gemv.py \
         tests/unit/test_fp8_flash_prefill.py tests/kernels/test_triton_fp8_kv.py tests/unit/test_fp8_linear.py \
         tests/kernels/test_pdl.py \
         2>&1 | tail -2
-    timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
+    timeout 180 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_engine.py \
         -k "sparse or fp8 or fused or folds" 2>&1 | tail -2
     # the FP8 prefill in the engine (flash readings, its fallback) and DeepSeek V4's fused paths with PDL on
-    timeout 130 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_decode_fp8.py \
-        -k "flash or falls_back or prefill" tests/models/test_deepseek_v4_fused_ops.py \
+    timeout 90 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/kernels/test_triton_decode_fp8.py \
+        -k "flash or falls_back or prefill" 2>&1 | tail -2
+    timeout 90 python -m pytest -q -p no:cacheprovider -p no:warnings -x tests/models/test_deepseek_v4_fused_ops.py \
         tests/models/test_deepseek_v4_static_fused.py 2>&1 | tail -2 ;;
 c1m)
     bench 280 --sections c --tier-contexts 1048576 --budgets c=270 --max-wall 270 \
