@@ -17,12 +17,15 @@ scales), so they are gathered once per layer and chunk:
   u = min(hi(s0), s0) is read the same way by all its rows (full below ``sink``, FP8 from it): one unmasked flash
   call over those keys, the query heads of a KV-head group folded into the rows (keys read once per KV head).
   The keys from u to the slice's end (about the slice plus R + a page) are read per (row, key) from either
-  reading: a masked attention in plain PyTorch (fp32) over both readings side by side. The two parts are merged
-  by their log-sum-exps (``merge_lse``).
+  reading: a masked attention in PyTorch over both readings side by side (fp32 scores: on CUDA one half-precision
+  GEMM with fp32 output, the probabilities meeting V in V's dtype as in flash). The two parts are merged by their
+  log-sum-exps (``merge_lse``). One host sync per layer and chunk (where each page is stored).
 
 The same softmax over the same values as the reference (``TorchRefBackend``), summed in another order: not
 bit-identical to the Triton kernel, which stays the path for sliding windows and non-CUDA devices
-(``TIERSERVE_FP8_FLASH_PREFILL=0`` keeps it everywhere).
+(``TIERSERVE_FP8_FLASH_PREFILL=0`` keeps it everywhere). The first step through this path also runs the kernel and
+compares (``check_once``). Memory: the gathered readings take about twice a layer's K/V of the sequence for the
+chunk's duration (the bf16 flash path, ``gather_context``, about 1.5x).
 """
 from __future__ import annotations
 
