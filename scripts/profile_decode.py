@@ -46,6 +46,7 @@ GPU_FRAC = float(os.environ["GPU_FRAC"]) if os.environ.get("GPU_FRAC") else None
 SPILL = GPU_FRAC is not None
 KINDS = [("gemv/gemm", ("gemv", "gemm", "cutlass", "sm90", "nvjet", "matmul", "splitk")),
          ("attention", ("decode", "attn", "flash", "merge")),
+         ("sparse selection", ("page_score", "topk", "two_level")),
          ("norm", ("rms", "norm")), ("rotary", ("rope", "rotary")), ("activation", ("silu", "act", "mul")),
          ("copy/index", ("copy", "index", "gather", "scatter", "fill", "cat")), ("argmax/sampling", ("argmax", "max", "sort"))]
 
