@@ -40,7 +40,7 @@ def median_ms(fn, cuda: bool, reps: int) -> float:
     return statistics.median(times)
 
 
-def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int) -> list[dict]:
+def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, slices: list[int]) -> list[dict]:
     from tierserve.attention.flash_prefix import chunk_attention, gather_context
     from tierserve.attention.fp8_flash_prefill import fp8_chunk_attention
     from tierserve.attention.triton_fp8_quant import quantise_pages_triton
@@ -85,6 +85,10 @@ def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int) -> list[di
     row("fp8 flash over readings (default)", lambda: fp8_chunk_attention(q, kv, flags, table[0], c0, scale,
                                                                         kvb.PAGE, kvb.SINK, kvb.RECENT))
     rows[-1]["max_rel_diff_vs_kernel"] = diff
+    for sl in slices:           # query rows per slice (TIERSERVE_FP8_FLASH_SLICE)
+        row(f"fp8 flash over readings, slices of {sl}",
+            lambda sl=sl: fp8_chunk_attention(q, kv, flags, table[0], c0, scale, kvb.PAGE, kvb.SINK, kvb.RECENT,
+                                              slice_rows=sl))
     for r in rows:
         r["speedup_vs_bf16_flash"] = rows[0]["ms"] / r["ms"]
     return rows
@@ -95,6 +99,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--cases", default="2048x2048,32768x8192,131072x8192", help="CONTEXTxCHUNK,...")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--slices", default="256,1024", help="other slice sizes of the flash path to time (default 512)")
     ap.add_argument("--output")
     a = ap.parse_args()
     cuda = cuda_or_interpreter(a.smoke)
@@ -105,7 +110,8 @@ def main() -> None:
     cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",")] if not a.smoke else [(200, 64)]
     rows = []
     for ctx, chunk in cases:
-        rows += rows_for(ctx, chunk, dev, dtype, cuda, a.reps if not a.smoke else 1)
+        rows += rows_for(ctx, chunk, dev, dtype, cuda, a.reps if not a.smoke else 1,
+                         [int(x) for x in a.slices.split(",") if x] if not a.smoke else [8])
         if cuda:
             torch.cuda.empty_cache()
     for r in rows:

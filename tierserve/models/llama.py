@@ -6,6 +6,7 @@ into one matmul each at load time.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,9 @@ from tierserve.models.config import ModelConfig
 from tierserve.models.layers.norm import RMSNorm
 from tierserve.models.layers.rotary import RotaryEmbedding
 from tierserve.models.llama_weights import LlamaWeights
-from tierserve.quant import l2_prefetch
+
+# TIERSERVE_L2_AHEAD=1 (quant/l2_prefetch.py, opt-in): o_proj's weights asked of L2 during decode attention
+L2_AHEAD = os.environ.get("TIERSERVE_L2_AHEAD") == "1"
 
 
 def _fused():
@@ -66,9 +69,11 @@ class Attention(nn.Module):
             written = rope.can_write_kv(kv, meta)
             _fused().rope_write_kv(q, k, v, rope.cos, rope.sin, meta.positions, kv if written else None,
                                    meta.slot_pages, meta.slot_offsets, meta.page_size)
-            if meta.decode_only and T <= 16 and l2_prefetch.ENABLED:     # o_proj's weights into L2 meanwhile
+            if meta.decode_only and T <= 16 and L2_AHEAD:                # o_proj's weights into L2 meanwhile
+                # (Triton: imported on first use)
+                from tierserve.quant.l2_prefetch import prefetch_l2
                 w = getattr(self.o_proj, "qweight", None)
-                l2_prefetch.prefetch_l2(w if w is not None else self.o_proj.weight)
+                prefetch_l2(w if w is not None else self.o_proj.weight)
             o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx,
                                      kv_written=written)
         else:
