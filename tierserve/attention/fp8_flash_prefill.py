@@ -116,6 +116,11 @@ def _hi(p: torch.Tensor, sink: int, recent: int, ps: int) -> torch.Tensor:
     return ((p - recent + 1).clamp(min=0) // ps * ps).clamp(min=sink)
 
 
+def _band_start(s0: int, sink: int, recent: int, ps: int) -> int:
+    """min(hi(s0), s0): the keys before it are read alike by every query from s0 on."""
+    return min(max(max(s0 - recent + 1, 0) // ps * ps, sink), s0)
+
+
 def _heads_first(pages: torch.Tensor, kv: int, length: int) -> torch.Tensor:
     """[n, 2, page, H, D] -> K (kv 0) or V (kv 1) as [H, length, D], contiguous."""
     n, _, ps, h, d = pages.shape
@@ -167,7 +172,7 @@ def fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torc
     keys = (_heads_first(pages, 0, c1), _heads_first(pages, 1, c1))          # [H, c1, D]
     del pages
     # full readings of the keys some slice reads per (row, key): from the first slice's window page on
-    wf = min(max(max(start - recent + 1, 0) // ps * ps, sink), start) // ps
+    wf = _band_start(start, sink, recent, ps) // ps
     fp = page_readings(kv_layer, quantised, table_row[wf:npg], c1 - wf * ps, ps, False, compact, host, kinds[wf:])
     fulls = (_heads_first(fp, 0, c1 - wf * ps), _heads_first(fp, 1, c1 - wf * ps))     # positions wf * ps ..
     del fp
@@ -179,7 +184,7 @@ def fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torc
         rows = s1 - s0
         p = torch.arange(s0, s1, device=dev)
         hi = _hi(p, sink, recent, ps)[:, None]
-        u = min(max(max(s0 - recent + 1, 0) // ps * ps, sink), s0)          # min(hi(s0), s0)
+        u = _band_start(s0, sink, recent, ps)
         folded = q[s0 - start:s1 - start].transpose(0, 1).reshape(h, g * rows, d)   # heads of a group share keys
         # keys u .. s1 - 1 (whole pages from u's), each in both readings: FP8 first, then full
         w0, w1 = u // ps, -(-s1 // ps)

@@ -25,13 +25,19 @@ _THREADS = 128          # 4 warps, one address each
 
 
 @triton.jit
+def bulk_l2(ptr, NBYTES: tl.constexpr):
+    """Ask L2 for ``NBYTES`` from each address of ``ptr`` (one bulk prefetch per element; a hint that holds no
+    registers and does not wait). Shared with the row GEMV's own prefetch (``triton_fp8_gemv_rows``)."""
+    tl.inline_asm_elementwise(f"cp.async.bulk.prefetch.L2.global [$1], {NBYTES};\n mov.u32 $0, 0;", "=r,l", [ptr],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _prefetch_kernel(base_ptr, nbytes, PIECE: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr):
     pdl.release(PDL)
     off = (tl.program_id(0) * THREADS + tl.arange(0, THREADS)).to(tl.int64) * PIECE
     ok = off + PIECE <= nbytes                      # whole pieces only (the tail is left to the reader)
-    ptr = base_ptr + tl.where(ok, off, 0)
-    tl.inline_asm_elementwise(f"cp.async.bulk.prefetch.L2.global [$1], {PIECE};\n mov.u32 $0, 0;", "=r,l", [ptr],
-                              dtype=tl.int32, is_pure=False, pack=1)
+    bulk_l2(base_ptr + tl.where(ok, off, 0), PIECE)
     pdl.wait(PDL)           # completes after the kernel before it: the next kernel's wait stays transitive
 
 

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from tierserve import pdl
-
 from tierserve.quant.fp8 import DEFAULT_BLOCK, fp8_linear_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"     # the interpreter's dot mishandles bf16

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from tierserve import pdl
 from tierserve.quant.fp8 import DEFAULT_BLOCK
+from tierserve.quant.l2_prefetch import bulk_l2
 from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choose_split_k
 
 # split-K summed in the same launch by the last program of each N tile (TIERSERVE_FP8_GEMV_FUSED=1); off by default
@@ -38,14 +39,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _wtile(w_ptr, n64, k, s_wn):
     """The fp8 weights of one whole [BLOCK_N, BLOCK_K] tile (EVEN: no masks, 16-byte loads)."""
     return tl.load(w_ptr + n64[:, None] * s_wn + k[None, :])
-
-
-@triton.jit
-def _l2_prefetch(w_ptr, n64, k0, s_wn, NBYTES: tl.constexpr):
-    """Ask L2 for ``NBYTES`` of each row's weights from column ``k0`` (one bulk prefetch per row, sm_90; a hint
-    that takes no registers and does not wait). Issued before the PDL wait, while the kernel before finishes."""
-    tl.inline_asm_elementwise(f"cp.async.bulk.prefetch.L2.global [$1], {NBYTES};\n mov.u32 $0, 0;", "=r,l",
-                              [w_ptr + n64 * s_wn + k0], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -139,7 +132,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
             acc += w.to(tl.float32) * (x * sc[None, :])
     else:
         if L2_BYTES > 0:    # (UNIFORM, EVEN, the split at least this long) the first weights toward L2 early
-            _l2_prefetch(w_ptr, n64, kb_lo * SBK, s_wn, L2_BYTES)
+            bulk_l2(w_ptr + n64 * s_wn + kb_lo * SBK, L2_BYTES)      # each row's first bytes
         pdl.wait(PDL)       # launched early (PDL): x, the counters and the output come from earlier kernels
         rstd = 0.0
         if NORM:            # RMSNorm of x folded in: the row's statistic first (x is a few KB, cached)
