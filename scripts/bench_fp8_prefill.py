@@ -82,7 +82,7 @@ def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, slices: li
     diff = float((flash.float() - kern.float()).abs().max() / kern.float().abs().max())
     row("fp8 Triton prefill kernel", lambda: paged_prefill_fp8(q, kv, flags, table, *args, scale, kvb.PAGE,
                                                                kvb.SINK, kvb.RECENT))
-    row("fp8 flash over readings (default)", lambda: fp8_chunk_attention(q, kv, flags, table[0], c0, scale,
+    row("fp8 flash over readings (default past MIN_WORK)", lambda: fp8_chunk_attention(q, kv, flags, table[0], c0, scale,
                                                                         kvb.PAGE, kvb.SINK, kvb.RECENT))
     rows[-1]["max_rel_diff_vs_kernel"] = diff
     for sl in slices:           # query rows per slice (TIERSERVE_FP8_FLASH_SLICE)

@@ -12,6 +12,8 @@
 #                                         o_proj's weights asked of L2 during attention] (~1 min)
 #   bash scripts/h200_stop22.sh gemv      row GEMV variants incl. the L2 prefetch, every byte from HBM (~1 min)
 #   bash scripts/h200_stop22.sh abs       section a: default, L2=512, FOLD=1, AHEAD=1, all three, each with its bf16 row (~4 min)
+#   bash scripts/h200_stop22.sh fold      the folded-row test on the GPU (graphs recaptured now) and section a with FOLD=1 (~3 min)
+#   bash scripts/h200_stop22.sh p128      kernel profiles of the 128k step, sparse + FP8 KV + FP8 weights, on the GPU and tiered 10% (~4 min)
 #   bash scripts/h200_stop22.sh prefill   FP8 KV prefill: flash over readings vs the Triton kernel vs bf16, 32k / 128k (~2 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
@@ -63,7 +65,18 @@ abs)
     rm -f "$OUT"/*.png ;;       # (at most 8 files come back)
 gemv)
     timeout 120 python scripts/bench_fp8_gemv_rows.py --output "$OUT/fp8-gemv-rows-l2-h200.json" 2>&1 | quiet | tail -6 ;;
+fold)
+    timeout 100 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_engine.py \
+        -k "folds or gemv" 2>&1 | tail -2
+    FOLD=1 bash "$0" a
+    rm -f "$OUT"/*.png ;;
+p128)
+    for frac in "" 0.1; do
+        TIERSERVE_PDL=0 SETTING=sparse+fp8-kv+fp8-weights FILL=synthetic GPU_FRAC=$frac BATCHES=1 CONTEXT=131072 \
+            timeout 250 python scripts/profile_decode.py 2>&1 | quiet | tail -14
+    done
+    (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "nopdl-${f//+/_}"; done; true) ;;
 prefill)
     timeout 280 python scripts/bench_fp8_prefill.py --output "$OUT/fp8-prefill-flash-h200.json" 2>&1 | quiet | tail -10 ;;
-*) echo "usage: $0 tests|c1m|p1m|select1m|loop|c128k|a|abs|gemv|prefill"; exit 2 ;;
+*) echo "usage: $0 tests|fold|p128|c1m|p1m|select1m|loop|c128k|a|abs|gemv|prefill"; exit 2 ;;
 esac

@@ -11,7 +11,8 @@ CONTEXT (default 2048): the engine decodes a few tokens (graphs captured), then
 Writes $OUT/decode-profile-h200.json and prints a table. Replays write K/V past the request's tokens into its
 last page or the scratch page (outputs are discarded).
 
-Other decode paths (issue 6): ``SETTING`` = ``sparse`` / ``fp8-kv`` / ``sparse+fp8-kv`` / ``fp8-weights`` (engine
+Other decode paths (issue 6): ``SETTING`` = ``sparse`` / ``fp8-kv`` / ``sparse+fp8-kv`` / ``fp8-weights`` /
+``sparse+fp8-kv+fp8-weights`` (engine
 options as in ``bench sparse-fp8``; sparse top-2048 tokens) and ``FILL=synthetic`` (batch 1 only: the context's
 K/V written as random values instead of a prefill -- a 128k FP8 prefill takes over a minute) write
 ``$OUT/decode-profile-<setting>-c<context>-h200.json``. ``GPU_FRAC`` (with ``FILL=synthetic``; e.g. 0.1): the KV
@@ -40,7 +41,9 @@ STEPS = 20
 SETTING = os.environ.get("SETTING", "bf16")
 SETTINGS = {"bf16": {}, "sparse": {"sparse_attention": "pages", "sparse_topk_tokens": 2048},
             "fp8-kv": {"kv_dtype": "fp8"}, "fp8-weights": {"quantization": "fp8"},
-            "sparse+fp8-kv": {"sparse_attention": "pages", "sparse_topk_tokens": 2048, "kv_dtype": "fp8"}}
+            "sparse+fp8-kv": {"sparse_attention": "pages", "sparse_topk_tokens": 2048, "kv_dtype": "fp8"},
+            "sparse+fp8-kv+fp8-weights": {"sparse_attention": "pages", "sparse_topk_tokens": 2048, "kv_dtype": "fp8",
+                                          "quantization": "fp8"}}
 SYNTHETIC = os.environ.get("FILL", "prefill") == "synthetic"
 GPU_FRAC = float(os.environ["GPU_FRAC"]) if os.environ.get("GPU_FRAC") else None
 SPILL = GPU_FRAC is not None

@@ -269,6 +269,7 @@ def test_engine_fp8_prefill_through_flash_readings(ckpt, monkeypatch, checked):
     calls, kernel = [], []
     real, real_kernel = ff.fp8_chunk_attention, tb.paged_prefill_fp8
     monkeypatch.setattr(tb, "flash_ok", lambda q: True)
+    monkeypatch.setattr(ff, "MIN_WORK", 0)          # (tiny chunks: below the default, the kernel runs)
     monkeypatch.setattr(ff, "fp8_chunk_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(ff, "CHECKED", checked)
     monkeypatch.setattr(ff, "ENABLED", True)
@@ -278,6 +279,22 @@ def test_engine_fp8_prefill_through_flash_readings(ckpt, monkeypatch, checked):
     assert calls and got == ref and ff.ENABLED
     assert len(kernel) == (0 if checked else 1)
     torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)
+
+
+def test_engine_fp8_small_prefill_steps_keep_the_kernel(ckpt, monkeypatch):
+    """Steps with little prefill work (below ``MIN_WORK`` query rows x keys: the kernel is faster there) go through
+    the FP8 prefill kernel even where flash runs."""
+    import tierserve.attention.fp8_flash_prefill as ff
+    import tierserve.attention.triton_fp8_steps as tb
+
+    calls = []
+    monkeypatch.setattr(tb, "flash_ok", lambda q: True)
+    monkeypatch.setattr(ff, "ENABLED", True)
+    monkeypatch.setattr(ff, "fp8_chunk_attention", lambda *a, **kw: calls.append(1))
+    ref, _, _ = _generate(ckpt, "torch_ref", 1)
+    got, _, _ = _generate(ckpt, "triton", 1)
+    assert got == ref and not calls
+    assert ff.worth_it([(0, 0, 8192, 32768)]) and not ff.worth_it([(0, 0, 2048, 0)])
 
 
 def test_engine_fp8_flash_prefill_failure_falls_back_to_the_kernel(ckpt, monkeypatch):
@@ -292,6 +309,7 @@ def test_engine_fp8_flash_prefill_failure_falls_back_to_the_kernel(ckpt, monkeyp
     kernel = []
     real_kernel = tb.paged_prefill_fp8
     monkeypatch.setattr(tb, "flash_ok", lambda q: True)
+    monkeypatch.setattr(ff, "MIN_WORK", 0)
     monkeypatch.setattr(ff, "fp8_chunk_attention", broken)
     monkeypatch.setattr(ff, "ENABLED", True)
     monkeypatch.setattr(tb, "paged_prefill_fp8", lambda *a, **kw: kernel.append(1) or real_kernel(*a, **kw))

@@ -67,9 +67,11 @@ def test_fused_ops_engine_matches_plain_path(tmp_path, family):
     assert not model.fused
     plain = llm.generate(prompts, sp)
     model.enable_fused()
+    llm.engine.runner.recapture_graphs()   # (on CUDA the graphs captured at start-up would replay the old kernels)
     got = llm.generate(prompts, sp)
     model.enable_fused(gemv=True)          # decode rows through the skinny GEMM with fused norm / residual
     assert model.gemv
+    llm.engine.runner.recapture_graphs()
     got_gemv = llm.generate(prompts, sp)
     for a, b, c in zip(got, plain, got_gemv):
         assert c.outputs[0].token_ids == b.outputs[0].token_ids
@@ -91,6 +93,7 @@ def test_fp8_row_decode_folds_norms_and_residuals(tmp_path):
     model = llm.engine.runner.model
     prompts = [[0, 5, 9, 200, 31], [0] + list(range(40, 60))]
     model.enable_fused(fp8_fold=False)
+    llm.engine.runner.recapture_graphs()   # (on CUDA the graphs captured at start-up would replay the old kernels)
     plain = llm.generate(prompts, sp)
     calls = []
     from tierserve.quant import triton_fp8_gemv_rows as rows
@@ -99,6 +102,7 @@ def test_fp8_row_decode_folds_norms_and_residuals(tmp_path):
     try:
         model.enable_fused(fp8_fold=True)
         assert model.fp8_rows
+        llm.engine.runner.recapture_graphs()
         got = llm.generate(prompts, sp)
     finally:
         rows.fp8_gemv_rows = real

@@ -282,10 +282,11 @@ def test_sparse_selection_counts_decide_what_spills(ckpt):
 def test_cold_device_pages_make_room_for_hot_spilled_ones(ckpt):
     """A full pool with sparse attention: spilled pages chosen far more often than device pages swap in
     (demote_cold spills the cold ones, promote_hot brings the hot ones back at the next step). Placement never
-    changes the output; every page is accounted for at the end."""
+    changes the output; every page is accounted for at the end. One step at a time: with multi-step windows
+    (the default over tiers) placement moves happen only between queues of windows (docs/tiers.md)."""
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=16, num_scheduler_steps=1)
     ref = make(ckpt, **kw).generate([PROMPT], sp)[0].outputs[0].token_ids
     llm = make(ckpt, num_kv_pages=9, max_model_len=256, cpu_kv_gb=0.01, debug_invariants=True, **kw)
     llm.engine.kv.rebalance_every = 1
@@ -294,6 +295,50 @@ def test_cold_device_pages_make_room_for_hot_spilled_ones(ckpt):
     assert kv.num_demoted > 0 and kv.num_promoted > 0
     assert_clean(llm)
     kv.tiers.check_invariants()
+
+
+def test_rebalance_counts_the_steps_of_windows():
+    """``rebalance(n, steps)``: demotion every ``rebalance_every`` decode steps, whether they came one per call or
+    as queues of multi-step windows between two calls; promotion at every call."""
+    from tierserve.kv.spill_placement import SpillPlacement
+
+    class Stub(SpillPlacement):
+        slot_heat = object()
+
+        def __init__(self):
+            self.calls = []
+
+        def promote_hot(self, reserve):
+            self.calls.append("promote")
+
+        def demote_cold(self, reserve):
+            self.calls.append("demote")
+    one, win = Stub(), Stub()
+    for _ in range(48):
+        one.rebalance(1)
+    for _ in range(3):
+        win.rebalance(1, steps=16)
+    assert one.calls.count("demote") == win.calls.count("demote") == 3
+    assert one.calls.count("promote") == 48 and win.calls.count("promote") == 3
+    odd = Stub()
+    for n in (10, 10, 10, 2):            # crossings of 16 and 32
+        odd.rebalance(1, steps=n)
+    assert odd.calls.count("demote") == 2
+
+
+def test_placement_moves_under_multi_step_windows(ckpt):
+    """The same full pool with the default multi-step windows: cold device pages still go down between queues, and
+    the tokens are those of the reference."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
+              max_num_batched_tokens=16)
+    ref = make(ckpt, **kw).generate([PROMPT], sp)[0].outputs[0].token_ids
+    llm = make(ckpt, num_kv_pages=9, max_model_len=256, cpu_kv_gb=0.01, debug_invariants=True, **kw)
+    llm.engine.kv.rebalance_every = 1
+    assert llm.generate([PROMPT], sp)[0].outputs[0].token_ids == ref
+    assert llm.engine.kv.num_demoted > 0
+    assert_clean(llm)
+    llm.engine.kv.tiers.check_invariants()
 
 
 def test_hot_spilled_pages_come_back_when_pages_free_up(ckpt):

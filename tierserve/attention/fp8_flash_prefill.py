@@ -43,8 +43,18 @@ log = logging.getLogger("tierserve")
 ENABLED = os.environ.get("TIERSERVE_FP8_FLASH_PREFILL", "1") == "1"
 CHECKED = False         # the first step's chunks were compared with the Triton kernel's (``check_once``)
 SLICE = int(os.environ.get("TIERSERVE_FP8_FLASH_SLICE", "512"))     # query rows per slice
+# steps whose prefill work (query rows x the keys each chunk sees) is below this keep the kernel: on the H200
+# (stop 22, benchmarks/results/stop22/fp8-prefill-flash-h200.json) a 2048-row chunk at 2k took 5.9 ms here against
+# 1.0 ms through the kernel, which is faster up to about 2e7 (the kernel grows with the work: 58.7 ms at 8192 rows
+# x 32k; this path is ~5 ms at the least: 25.3 ms there, 75.0 against 265.9 at 128k)
+MIN_WORK = int(os.environ.get("TIERSERVE_FP8_FLASH_MIN_WORK", str(32 * 2**20)))
 _FULL, _INPLACE, _COMPACT, _HOST = 0, 1, 2, 3
 _BLOCK = 1024                                                       # pages dequantised at a time
+
+
+def worth_it(prefills) -> bool:
+    """Whether a step's prefill chunks ``(seq, t0, t1, start)`` hold enough work for this path (``MIN_WORK``)."""
+    return sum((t1 - t0) * (start + t1 - t0) for _, t0, t1, start in prefills) >= MIN_WORK
 
 
 def page_readings(kv_layer: torch.Tensor, quantised: torch.Tensor, ids: torch.Tensor, length: int, page_size: int,

@@ -102,7 +102,8 @@ class Fp8Steps:
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
                 f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact,
                 host=host)
-        flash = fp8_flash_prefill.ENABLED and window is None and flash_ok(q)
+        flash = fp8_flash_prefill.ENABLED and window is None and flash_ok(q) \
+            and fp8_flash_prefill.worth_it(split.prefills)
         if flash:
             try:
                 for seq, t0, t1, start in split.prefills:   # readings gathered, flash + a masked band (module doc)

@@ -176,7 +176,8 @@ class Engine(OutputBuilder):
     def step(self) -> list[RequestOutput]:
         if self.multi.inflight is not None:          # a multi-step window is queued: read it
             return self._after_multi(self.multi.advance())
-        self.kv.rebalance(len(self.scheduler.running))     # sparse + tiers: hot spilled pages back in
+        # sparse + tiers: hot spilled pages back in (steps: those of the windows read since the last call)
+        self.kv.rebalance(len(self.scheduler.running), self.multi.take_steps())
         so = self.scheduler.schedule()
         if so.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:     # nothing will free pages: no hang

@@ -32,6 +32,12 @@ class MultiStepDecoder:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.inflight: EngineWindow | None = None
+        self.steps_read = 0           # decode steps of the windows read since ``take_steps``
+
+    def take_steps(self) -> int:
+        """Decode steps since the last call: those of the windows read meanwhile, or 1 (one ordinary step)."""
+        n, self.steps_read = self.steps_read, 0
+        return max(n, 1)
 
     def plan(self, so: SchedulerOutput) -> int:
         """Steps this freshly scheduled batch can run back to back (1: one ordinary step). Allocates
@@ -134,6 +140,7 @@ class MultiStepDecoder:
     def _collect(self, w: EngineWindow) -> list[RequestOutput]:
         e = self.engine
         tokens = e.runner.collect_multi(w.handle)
+        self.steps_read += w.steps
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for s, base, row in zip(w.so.scheduled, w.bases, tokens):

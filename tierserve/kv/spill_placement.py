@@ -13,16 +13,19 @@ class SpillPlacement:
     rebalance_every = 16
     _rebalance_steps = 0
 
-    def rebalance(self, num_running: int) -> None:
+    def rebalance(self, num_running: int, steps: int = 1) -> None:
         """Start of an engine step, with sparse selection counts: promote the most chosen spilled pages into
         free GPU pages (keeping two per running request, at least 4, free for their next tokens) and, every
-        ``rebalance_every`` steps, demote device pages chosen far less often than spilled ones."""
+        ``rebalance_every`` decode steps, demote device pages chosen far less often than spilled ones. ``steps``:
+        the decode steps since the last call (a queue of multi-step windows runs several between two calls)."""
         if self.slot_heat is None:
             return
         reserve = max(2 * num_running, 4)
         self.promote_hot(reserve=reserve)
-        self._rebalance_steps += 1
-        if self.rebalance_every and self._rebalance_steps % self.rebalance_every == 0:
+        before = self._rebalance_steps
+        self._rebalance_steps += max(steps, 1)
+        every = self.rebalance_every
+        if every and before // every != self._rebalance_steps // every:
             self.demote_cold(reserve)
 
     def _spill(self, n: int, exclude: set[int]) -> int:

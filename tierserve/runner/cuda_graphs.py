@@ -80,6 +80,13 @@ class DecodeGraphs:
         self.spill_graphs.clear()
         self.spill_logits.clear()
 
+    def reset(self) -> None:
+        """Drop every captured graph (both sets) and their memory pool; ``capture`` records them again, e.g.
+        after the model switched kernels (``enable_fused``): a replay runs what was captured, not the model."""
+        for d in (self.graphs, self.logits, self.spill_graphs, self.spill_logits):
+            d.clear()
+        self.pool = None
+
     def meta(self, bs: int, spill: bool = False) -> AttnMetadata:
         sp = self.spill if spill else None
         spill = {} if sp is None else dict(host_kv=self.host_kv, host_ram_only=True, host_summaries=sp.summaries,

@@ -131,6 +131,14 @@ class ModelRunner(TierLink):
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
             if self.device.type == "cuda" else 132
 
+    def recapture_graphs(self) -> None:
+        """Capture the decode graphs again (no-op without graphs): call after changing the model's kernels
+        (``model.enable_fused(...)``) once the engine exists, or the replays keep running the old ones."""
+        if self.graphs is not None:
+            self.graphs.reset()
+            torch.cuda.synchronize(self.device)
+            self._capture_graphs()
+
     def _capture_graphs(self) -> None:
         try:
             self.graphs.capture()
@@ -228,7 +236,7 @@ class ModelRunner(TierLink):
         device from the page summaries). FP8 KV pages are fine: pages that become FP8-readable
         during the k steps are quantised only afterwards, and until then read through an on-the-fly
         quantisation that gives the same numbers."""
-        tiered = multi_step.TIERED          # KV tiers: windows over spilled pages (opt-in, runner/multi_step.py)
+        tiered = multi_step.TIERED          # KV tiers: windows over spilled pages (runner/multi_step.py)
         sparse_ok = self.sparse is None or (self.sparse.selector == "pages" and (self.spill is None or tiered))
         engram_ok = self.engram_hasher is None or self.device_engram is not None
         return sparse_ok and engram_ok and (self.host_kv is None or tiered)
