@@ -118,7 +118,8 @@ def bench_batch(B, a, dev, table_pages):
     P = meta.page_table.shape[1]
     cfg = meta.sparse
     scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
-    G = group_size(P, selection_bound(cfg, a.page))
+    G = group_size(P, selection_bound(cfg, a.page), cfg.topk_tokens // a.page)
+    G_old = group_size(P, selection_bound(cfg, a.page))     # the stop-21 rule: the loose capacity
     variants = {
         "torch chain": lambda: select(q, kv, meta, "torch"),
         "fused": lambda: select(q, kv, meta, "fused"),
@@ -135,6 +136,11 @@ def bench_batch(B, a, dev, table_pages):
         variants[f"  topk two-level g{G}"] = lambda: topk_two_level(
             scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
             selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0])
+    if G_old and G_old != G:
+        _, gscores_old = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=G_old)
+        variants[f"  topk two-level g{G_old} (stop 21)"] = lambda: topk_two_level(
+            scores, gscores_old, G_old, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
+            selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], capacity="loose")
     variants["  topk radix"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                     cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                     meta.page_heat, None, kv.shape[0], method="radix")
@@ -182,17 +188,18 @@ def ptxas_report(a):
                       dict(GROUP=a.hq // a.hkv, HEAD_DIM=a.head_dim, D_PAD=a.head_dim, PAGE=a.page, BLOCK_P=bp,
                            TOPK=a.topk, SINK=16, RECENT=64, HOST=host, COMPACT=compact, PAGE_GROUP=grp), nw, groups)
     topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 11
-    common = dict(K_OUT=133, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
+    common = dict(K_OUT=135, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):
         for radix in (False, True):
             build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block, "RADIX": radix}, 16)
     for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (16, 4096, 16)):
         build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk, "REG": reg}, nw)
     two_types = ["*fp32", "*fp32", "*i32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 16
-    for s_block, group in ((2048, 4), (4096, 16), (8192, 16)):       # 128k, 1M tokens, 1M + the engine's new tokens
+    # 128k + new tokens (8208 pages), 1M + new tokens, and the stop-21 shapes (loose capacity)
+    for s_block, group, g_pad in ((2048, 8, 128), (4096, 32, 128), (4096, 4, 256), (8192, 16, 256)):
         build_one(triton_select_two_level._topk_two_level_kernel, two_types,
-                  common | {"GROUP": group, "S_BLOCK": s_block},
-                  triton_select_two_level._warps(max(s_block, common["K_PAD"] * group)))
+                  common | {"GROUP": group, "S_BLOCK": s_block, "G_PAD": g_pad},
+                  triton_select_two_level._warps(max(s_block, g_pad * group, common["K_PAD"])))
 
 
 def main():

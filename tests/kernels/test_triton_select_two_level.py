@@ -7,7 +7,7 @@ import torch
 from tierserve.attention.select import SparseConfig
 from tierserve.attention.triton_select import page_scores
 from tierserve.attention.triton_select_topk import topk_compact
-from tierserve.attention.triton_select_two_level import group_size, topk_two_level
+from tierserve.attention.triton_select_two_level import group_capacity, group_size, topk_two_level
 
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +53,7 @@ def test_group_row_past_4096_lanes():
     """An engine at 1M tokens: a table just past 65,536 pages, 16-page groups in an 8192-lane group row (stop 21:
     this case ran the one-level streaming kernel, 519 us a layer on the H200)."""
     P = 65600
-    G = group_size(P, 142)
+    G = group_size(P, 142)                       # the loose capacity of stop 21: 16-page groups
     assert G == 16 and -(-P // G) > 4096
     test_two_level_selects_what_one_level_does(P, 128, G, B=1, H=1)
 
@@ -76,9 +76,36 @@ def test_score_kernel_writes_group_maxima():
 
 
 def test_group_size_keeps_both_rows_in_registers():
-    assert group_size(8193, 135) == 4 and group_size(16384, 135) == 4      # 128k / 256k tokens of 16
-    assert group_size(65536, 135) == 16                                    # 1M tokens
-    assert group_size(65600, 142) == 16 and group_size(131072, 142) == 16  # 1M + new tokens, 2M: 8192-lane row
-    assert group_size(131073, 142) == 0
-    assert group_size(1 << 20, 135) == 0                                   # 16M tokens: one-level kernel
-    assert group_size(1000, 135, max_groups=64) == 16
+    # the engine's tables (context + 256 new tokens, 16-token pages; budget 128 of 135 pages): fewest lanes
+    assert group_size(8208, 135, 128) == 8 and group_size(16384, 135, 128) == 8     # 128k / 256k tokens
+    assert group_size(1000, 135, 128) == 4
+    assert group_size(65536, 135, 128) == 16                                         # 1M tokens exactly
+    assert group_size(65552, 135, 128) == 32 and group_size(131073, 142, 128) == 32  # 1M + new tokens, 2M
+    assert group_size(262145, 142, 128) == 0                                         # past 4M: one-level kernel
+    assert group_size(1 << 20, 135) == 0
+    assert group_size(1000, 135, 128, max_groups=64) == 16
+    assert group_capacity(135, 128) == 128 and group_capacity(135, 3) == 256 and group_capacity(20, 4) == 16
+
+
+@pytest.mark.parametrize("P,budget,bound", [(300, 3, 40), (64, 30, 40), (200, 33, 41)])
+def test_tight_capacity_holds_every_chosen_group(P, budget, bound):
+    """Step 1 keeps at most max(budget, +inf groups) groups (``group_capacity``): budgets below, at and just past
+    a power of two, +inf pages more numerous than the budget, against the one-level kernel."""
+    page, B, H = 4, 2, 2
+    scores = _scores(P, P + budget, B, H)
+    scores[:, :, 40:40 + (bound - budget) - 5] = float("inf")      # up to bound - budget always-kept pages
+    seq = torch.tensor([P * page, P * page // 2 + 3])
+    n_vis = (seq - 1) // page + 1
+    scores[1:, :, int(n_vis[-1]):] = float("-inf")
+    for group in (2, 8):
+        S = -(-P // group)
+        pad = torch.full((B, H, S * group - P), float("-inf"))
+        groups = torch.cat([scores, pad], 2).view(B, H, S, group).amax(-1)
+        table = torch.randperm(4 * P, generator=torch.Generator().manual_seed(2))[:P].repeat(B, 1)
+        out = []
+        for fn in (topk_compact, lambda s, *a, **k: topk_two_level(s, groups.to(DEV), group, *a, **k)):
+            heat = torch.zeros(4 * P, device=DEV)
+            r = fn(scores.to(DEV), table.to(DEV), seq.to(DEV), page, budget, bound, heat, num_device_pages=4 * P)
+            out.append([x.cpu() for x in r] + [heat.cpu()])
+        for a, b in zip(*out):
+            assert torch.equal(a, b)

@@ -283,7 +283,7 @@ def test_cold_device_pages_make_room_for_hot_spilled_ones(ckpt):
     """A full pool with sparse attention: spilled pages chosen far more often than device pages swap in
     (demote_cold spills the cold ones, promote_hot brings the hot ones back at the next step). Placement never
     changes the output; every page is accounted for at the end. One step at a time: with multi-step windows
-    (the default over tiers) placement moves happen only between queues of windows (docs/tiers.md)."""
+    (opt-in over tiers) placement moves happen only between queues of windows (docs/tiers.md)."""
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
               max_num_batched_tokens=16, num_scheduler_steps=1)
@@ -326,9 +326,12 @@ def test_rebalance_counts_the_steps_of_windows():
     assert odd.calls.count("demote") == 2
 
 
-def test_placement_moves_under_multi_step_windows(ckpt):
-    """The same full pool with the default multi-step windows: cold device pages still go down between queues, and
-    the tokens are those of the reference."""
+def test_placement_moves_under_multi_step_windows(ckpt, monkeypatch):
+    """The same full pool with multi-step windows over the tiers (``TIERSERVE_TIERED_MULTI_STEP=1``): cold device
+    pages still go down between queues, and the tokens are those of the reference."""
+    from tierserve.runner import multi_step
+
+    monkeypatch.setattr(multi_step, "TIERED", True)
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     kw = dict(sparse_attention="pages", sparse_topk_tokens=96, enable_prefix_caching=False,
               max_num_batched_tokens=16)

@@ -170,7 +170,8 @@ def fused_select(q: torch.Tensor, kv_layer: torch.Tensor, meta, layer_idx: int =
     if meta.kv_fp8 is not None and meta.kv_fp8.compact is not None:
         compact = (*meta.kv_fp8.summary_views(layer_idx, kv_layer), meta.kv_fp8.base)
     bound = selection_bound(cfg, page)
-    G = group_size(meta.page_table.shape[1], bound) if triton_select_topk.DEFAULT_METHOD == "two-level" else 0
+    G = group_size(meta.page_table.shape[1], bound, cfg.topk_tokens // page) \
+        if triton_select_topk.DEFAULT_METHOD == "two-level" else 0
     scores = page_scores(q, kv_layer, meta.page_table, meta.seq_lens, page, cfg, host, host_base=hb,
                          compact=compact, group=G)
     host_heat = meta.host_heat if meta.host_kv is not None and meta.page_heat is not None else None

@@ -14,14 +14,14 @@ Exact, with the same ties (the lowest page index): let T be the ``budget``-th la
 T lies in a group whose maximum is above T, and there are fewer than ``budget`` such pages, so fewer such groups;
 the pages equal to T that are taken are the lowest-index ones, and each group whose maximum is T holds at least one
 of them, so the first of those groups by index (the ones step 1 takes at its tie) hold them. +inf groups hold the
-always-kept pages. The chosen groups number at most ``budget`` plus the groups of +inf pages: within the
-selection bound ``K_OUT``.
+always-kept pages and have the largest keys, so step 1's ``budget`` best groups include them (unless there are more
+of them than ``budget``): the chosen groups number at most max(budget, +inf groups) (``group_capacity``), within
+the selection bound.
 
-Group size (``group_size``): 4 pages up to 16k pages (256k tokens of 16), then larger powers of two so that the
-group row stays within 4096 lanes, as long as the chosen groups' pages fit in 4096 lanes; where they do not, the
-group row may take up to 8192 lanes with groups half that size (an engine at 1M tokens: its table is just past
-65,536 pages, 32-page groups would hold 8192 chosen lanes, so 16-page groups in an 8192-lane row; stop 21 found
-that case falling back to the one-level streaming kernel, 519 us a layer on the H200). Past that the one-level
+Group size (``group_size``): the power of two with the fewest lanes over both steps. Tables just past a power of
+two (an engine's max_model_len is the context plus its new tokens) pad the group row to twice its width: stop 21
+found 1M + 256 tokens (65,552 pages) falling back to the one-level streaming kernel (519 us a layer on the H200)
+and stop 22's 128k profile a 4096-lane group row for 8208 pages (24 us a layer). Past 2M tokens the one-level
 kernels run.
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
                            s_ptb, s_tb, s_th, s_lb, s_lh,
                            K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
                            GROUP: tl.constexpr, S_BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr,
-                           PDL: tl.constexpr = False):
+                           G_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    # G_PAD: most groups step 1 keeps (``group_capacity``); K_PAD: the output row's padded width
     pdl.release(PDL)        # (``tierserve.pdl``)
     pdl.wait(PDL)
     b = tl.program_id(0)
@@ -63,12 +64,12 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
     n_groups = tl.sum(c1, axis=0)
     rank = tl.cumsum(c1, axis=0) - 1
     scratch = scratch_ptr + b * s_xb + h * s_xh
-    tl.store(scratch + rank, g, mask=pick & (rank < K_PAD))
+    tl.store(scratch + rank, g, mask=pick & (rank < G_PAD))
     tl.debug_barrier()                 # the chosen group ids, written by every thread, read back by others
-    j = tl.arange(0, K_PAD)
+    j = tl.arange(0, G_PAD)
     gid = tl.load(scratch + j, mask=j < n_groups, other=0)
-    p = tl.reshape(gid[:, None] * GROUP + tl.arange(0, GROUP)[None, :], [K_PAD * GROUP])
-    valid = tl.reshape(tl.broadcast_to((j < n_groups)[:, None], [K_PAD, GROUP]), [K_PAD * GROUP]) & (p < n_vis)
+    p = tl.reshape(gid[:, None] * GROUP + tl.arange(0, GROUP)[None, :], [G_PAD * GROUP])
+    valid = tl.reshape(tl.broadcast_to((j < n_groups)[:, None], [G_PAD, GROUP]), [G_PAD * GROUP]) & (p < n_vis)
     s = tl.load(score_ptr + b * s_sb + h * s_sh + p, mask=valid, other=float("-inf"))
     chosen = valid & (s == float("inf"))
     if BUDGET > 0:
@@ -84,37 +85,57 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
             K_PAD, PAGE)
 
 
-def group_size(num_pages: int, max_selected: int, max_groups: int = MAX_GROUPS) -> int:
-    """Pages per group for a page table this wide: the smallest power of two >= 4 that keeps the group row within
-    ``max_groups`` lanes, or half that (a row of up to twice ``max_groups`` lanes, at most ``MAX_GROUP_ROW``) when
-    the chosen groups' pages would not fit in ``MAX_LANES`` lanes; 0 when neither fits (the one-level kernels
-    run). 4 up to 16k pages (256k tokens of 16), 16 at 1M tokens."""
-    k_pad = triton.next_power_of_2(min(num_pages, max_selected))
-    for row in (max_groups, min(2 * max_groups, MAX_GROUP_ROW)):
-        g = max(4, triton.next_power_of_2(-(-num_pages // row)))
-        if k_pad * g <= MAX_LANES and triton.next_power_of_2(-(-num_pages // g)) <= MAX_GROUP_ROW:
-            return g
-    return 0
+def group_capacity(max_selected: int, budget: int) -> int:
+    """Lanes for the groups step 1 keeps: the ``budget`` best groups -- the +inf pages' groups among them, being the
+    best, as long as they number at most ``budget`` -- or else just the +inf groups, of which there are at most
+    ``max_selected - budget`` (the always-kept pages ``selection_bound`` adds to the budget). A power of two."""
+    return triton.next_power_of_2(max(budget, max_selected - budget, 1))
+
+
+def group_size(num_pages: int, max_selected: int, budget: int | None = None,
+               max_groups: int = MAX_GROUP_ROW) -> int:
+    """Pages per group (a power of two >= 4) for a page table this wide: the one with the fewest lanes over both
+    steps (the group row, padded to a power of two, plus the chosen groups' pages), the smaller group on a tie,
+    with the group row within ``max_groups`` lanes and the chosen groups' pages within ``MAX_LANES``; 0 when none
+    fits (the one-level kernels run). ``budget`` (pages kept by score; default ``max_selected``, the loose bound
+    of the first version) sizes the chosen groups (``group_capacity``). The engine's tables are just past a power
+    of two (max_model_len = the context plus new tokens): at 128k + 256 tokens (8208 pages, budget 128 of 135)
+    8-page groups, 2048 + 1024 lanes (4-page groups would take 4096 + 512); at 1M + 256, 32-page groups, 4096 +
+    4096; up to 2M tokens (131,072 pages) 32-page groups in an 8192-lane row."""
+    cap = group_capacity(max_selected, budget) if budget is not None else \
+        triton.next_power_of_2(min(num_pages, max_selected))
+    best, best_lanes = 0, None
+    g = 4
+    while g * cap <= MAX_LANES:
+        row = triton.next_power_of_2(-(-num_pages // g))
+        if row <= min(max_groups, MAX_GROUP_ROW) and (best_lanes is None or row + cap * g < best_lanes):
+            best, best_lanes = g, row + cap * g
+        g *= 2
+    return best
 
 
 def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int, page_table: torch.Tensor,
                    seq_lens: torch.Tensor, page_size: int, budget: int, max_selected: int,
                    page_heat: torch.Tensor | None = None, host_heat: torch.Tensor | None = None,
-                   num_device_pages: int = 0, host_base: int | None = None, num_warps: int | None = None):
+                   num_device_pages: int = 0, host_base: int | None = None, num_warps: int | None = None,
+                   capacity: str = "tight"):
     """``triton_select_topk.topk_compact`` (same arguments and results) from the page scores [B, Hkv, P] and the
-    group scores [B, Hkv, ceil(P / group)] that ``page_scores(..., group=group)`` writes."""
+    group scores [B, Hkv, ceil(P / group)] that ``page_scores(..., group=group)`` writes. ``capacity="loose"``:
+    room for as many chosen groups as the output has slots (stop 21's kernel, for timing against)."""
     B, Hkv, P = scores.shape
     S = group_scores.shape[2]
     assert S == -(-P // group) and group & (group - 1) == 0 and group_scores.stride(2) == 1
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     K = min(P, max_selected)
     k_pad = triton.next_power_of_2(K)
-    assert P < 2 ** 21 and triton.next_power_of_2(S) <= MAX_GROUP_ROW and k_pad * group <= MAX_LANES, \
+    bud = min(max(budget, 0), P)
+    g_pad = k_pad if capacity == "loose" else min(group_capacity(max_selected, bud), triton.next_power_of_2(S))
+    assert P < 2 ** 21 and triton.next_power_of_2(S) <= MAX_GROUP_ROW and g_pad * group <= MAX_LANES, \
         "two-level top-k: the group row and the chosen groups' pages must fit in registers"
     table = torch.empty(B, Hkv, K, dtype=page_table.dtype, device=scores.device)
     logical = torch.empty(B, Hkv, K, dtype=torch.int64, device=scores.device)
     lens = torch.empty(B, Hkv, dtype=seq_lens.dtype, device=scores.device)
-    scratch = torch.empty(B, Hkv, k_pad, dtype=torch.int32, device=scores.device)
+    scratch = torch.empty(B, Hkv, g_pad, dtype=torch.int32, device=scores.device)
     heat = page_heat if page_heat is not None else scores
     hheat = host_heat if host_heat is not None else scores
     s_block = triton.next_power_of_2(S)
@@ -124,9 +145,9 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
         host_heat.shape[0] if host_heat is not None else 0, scores.stride(0), scores.stride(1),
         group_scores.stride(0), group_scores.stride(1), scratch.stride(0), scratch.stride(1), page_table.stride(0),
         table.stride(0), table.stride(1), lens.stride(0), lens.stride(1),
-        K_OUT=K, K_PAD=k_pad, BUDGET=min(max(budget, 0), P), PAGE=page_size, GROUP=group, S_BLOCK=s_block,
-        HEAT=page_heat is not None, HOST_HEAT=host_heat is not None, PDL=pdl.active(scores.device),
-        num_warps=num_warps or _warps(max(s_block, k_pad * group)), **pdl.dependent_options(scores.device))
+        K_OUT=K, K_PAD=k_pad, BUDGET=bud, PAGE=page_size, GROUP=group, S_BLOCK=s_block,
+        HEAT=page_heat is not None, HOST_HEAT=host_heat is not None, G_PAD=g_pad, PDL=pdl.active(scores.device),
+        num_warps=num_warps or _warps(max(s_block, g_pad * group, k_pad)), **pdl.dependent_options(scores.device))
     return table, logical, lens
 
 

@@ -148,23 +148,31 @@ class Bench:
     def decode(self, eng, req, deadline: float, attention: bool = True, warmup_steps: int = 0) -> dict:
         """Step ``req`` (which has its first token) to the end: tok/s, attention ms per step, tokens. The first
         ``warmup_steps`` decode tokens are not timed (their wall time: ``decode_warmup_s``); counted in tokens, not
-        engine steps, since a multi-step window makes several tokens in one step."""
+        engine steps, since a multi-step window makes several tokens in one step. A window the warm-up left queued
+        (computed before the timer starts) is not timed either (``untimed_queued_tokens``; stop 22's section c rows
+        with windows over the tiers counted it)."""
         runner, dev = eng.runner, eng.runner.device
         warm = {}
-        if warmup_steps:
-            t, goal = time.perf_counter(), len(req.output_token_ids) + warmup_steps
-            while len(req.output_token_ids) < goal and not req.is_finished:
-                check(deadline, "the decode warm-up")
-                eng.step()
-            if req.is_finished:
-                raise ValueError("decode warm-up: the request finished before its timed steps")
-            _sync(dev)
-            warm = {"decode_warmup_steps": warmup_steps, "decode_warmup_s": time.perf_counter() - t}
+        # armed before the warm-up: with multi-step windows queued back to back the timed tokens may all come from
+        # windows extended without a new ``_prepare`` (the request's first decode step prepares one)
         cap = _Capture(runner)
         cap.armed = True
+        # windows count their steps when queued, so a warm-up may queue timed ones: counted from the warm-up on
         kinds0 = dict(getattr(runner, "step_kinds", {}))
-        n0, t = len(req.output_token_ids), time.perf_counter()
         try:
+            if warmup_steps:
+                t, goal = time.perf_counter(), len(req.output_token_ids) + warmup_steps
+                while len(req.output_token_ids) < goal and not req.is_finished:
+                    check(deadline, "the decode warm-up")
+                    eng.step()
+                if req.is_finished:
+                    raise ValueError("decode warm-up: the request finished before its timed steps")
+                _sync(dev)
+                warm = {"decode_warmup_steps": warmup_steps, "decode_warmup_s": time.perf_counter() - t}
+            # a multi-step window queued during the warm-up has run by now (the sync): its tokens are not timed
+            multi = getattr(eng, "multi", None)
+            queued = multi.inflight.steps if multi is not None and multi.inflight is not None else 0
+            n0, t = len(req.output_token_ids), time.perf_counter()
             while not req.is_finished:
                 check(deadline, f"the decode, at {len(req.output_token_ids)} tokens")
                 eng.step()
@@ -172,11 +180,13 @@ class Bench:
             dt = time.perf_counter() - t
         finally:
             cap.close()
-        n = len(req.output_token_ids) - n0
+        n = max(len(req.output_token_ids) - n0 - queued, 0)
+        if queued:
+            warm["untimed_queued_tokens"] = queued
         out = {**warm, "tok_s": n / dt, "ms_per_token": 1e3 * dt / max(n, 1), "timed_tokens": n,
                "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                "tokens": list(req.output_token_ids),
-               # decode steps by path: "plain" / "spill" CUDA graphs or "eager" (ModelRunner.step_kinds)
+               # decode steps by path, warm-up included: "plain" / "spill" CUDA graphs or "eager" (step_kinds)
                "step_kinds": {k: v - kinds0.get(k, 0) for k, v in getattr(runner, "step_kinds", {}).items()
                               if v != kinds0.get(k, 0)}}
         if attention and cap.meta is not None:   # the request is done; its pages still hold its KV
