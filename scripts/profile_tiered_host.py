@@ -65,8 +65,9 @@ def main() -> None:
     ecfg = EngineConfig()
     full = -(-ecfg.kv_fp8_keep_sink // ps) + -(-ecfg.kv_fp8_keep_recent // ps) + 2
     gpu = max(4, math.ceil(0.1 * total), 2 * full if fp8 else 0)
-    row = 2 * cfg.num_layers * (slot_bytes(ps, cfg.num_kv_heads, cfg.head_dim, 1, 2) if fp8 else
-                                cfg.num_kv_heads * cfg.head_dim * 2 * (ps + 1))
+    es = 2 if CUDA else 4                                 # bf16 on the GPU, fp32 on the CPU
+    row = 2 * cfg.num_layers * (slot_bytes(ps, cfg.num_kv_heads, cfg.head_dim, 1, es) if fp8 else
+                                cfg.num_kv_heads * cfg.head_dim * es * (ps + 1))
     chunk = min(8192, (gpu - (full if fp8 else 0)) // 2 * ps)
     torch.manual_seed(0)
     extra = ({"kv_dtype": "fp8"} if fp8 else {}) | ({"quantization": QUANT} if QUANT else {})
