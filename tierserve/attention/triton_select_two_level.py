@@ -33,7 +33,6 @@ import triton.language as tl
 from tierserve import pdl
 from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _search_threshold, _top
 
-MAX_GROUPS = 4096          # widest group row preferred
 MAX_GROUP_ROW = 8192       # widest group row held in registers (when the chosen pages need smaller groups)
 MAX_LANES = 4096           # most pages of the chosen groups held in registers (K_PAD * GROUP)
 
