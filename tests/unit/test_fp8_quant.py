@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from tierserve.quant import fp8
 from tierserve.quant.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -123,12 +124,19 @@ def test_activation_quant_per_token_per_128():
 
 @pytest.mark.parametrize("K,group,pow2", [(300, 128, False), (256, 128, True), (200, 64, False), (7, 4, True)])
 def test_activation_quant_matches_the_blockwise_path(K, group, pow2):
-    """quantize_act_fp8 (broadcast scales, no inf/nan check) gives the bits of quantize_fp8_blockwise(x, (1, g))."""
+    """quantize_act_fp8 (quantize_fp8_blockwise's broadcast division, no inf/nan check) gives the bits of the plain
+    per-element formula: each group's amax / FP8_MAX (floored, optionally a power of two), x over the expanded
+    scales."""
     g = torch.Generator().manual_seed(K + group)
     x = (torch.randn(3, 4, K, generator=g) * 10.0 ** torch.randint(-4, 4, (3, 4, K), generator=g)).bfloat16()
     x[0, 0, :group] = 0.0                                           # an all-zero group: the amax floor
     xq, xs = quantize_act_fp8(x, group, pow2)
-    rq, rs = quantize_fp8_blockwise(x.reshape(-1, K), (1, group), pow2)
+    xf = x.reshape(-1, K).float()
+    kb = -(-K // group)
+    amax = torch.stack([xf[:, i * group:(i + 1) * group].abs().amax(-1) for i in range(kb)], 1)
+    rs = amax.clamp_min(fp8._AMAX_FLOOR) / FP8_MAX
+    rs = pow2_ceil(rs) if pow2 else rs
+    rq = (xf / expand_scales(rs, (xf.shape[0], K), (1, group))).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     assert torch.equal(xq.view(-1, K).view(torch.uint8), rq.view(torch.uint8))
     assert torch.equal(xs.view(-1, rs.shape[1]), rs)
     assert xq.is_contiguous() and xs.shape == (3, 4, -(-K // group))

@@ -58,8 +58,9 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp8_blockwise(w: torch.Tensor, block_size: tuple[int, int] = DEFAULT_BLOCK,
-                           pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` (any float dtype) -> ``(qweight fp8 [N, K], scale_inv fp32 [ceil(N/bn), ceil(K/bk)])``."""
+                           pow2_scale: bool = False, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` (any float dtype) -> ``(qweight fp8 [N, K], scale_inv fp32 [ceil(N/bn), ceil(K/bk)])``.
+    ``check_finite`` refuses inf / nan entries (one host sync); without it they give nan codes."""
     if w.dim() != 2:
         raise ValueError(f"quantize_fp8_blockwise expects a 2-D weight, got shape {tuple(w.shape)}")
     N, K = w.shape
@@ -67,13 +68,16 @@ def quantize_fp8_blockwise(w: torch.Tensor, block_size: tuple[int, int] = DEFAUL
     nb, kb = scale_shape((N, K), block_size)
     wf = w.float()
     padded = torch.nn.functional.pad(wf, (0, kb * bk - K, 0, nb * bn - N)) if (N % bn or K % bk) else wf
-    amax = padded.abs().view(nb, bn, kb, bk).amax(dim=(1, 3))
-    if w.device.type != "meta" and not bool(torch.isfinite(amax).all()):
+    blocks = padded.view(nb, bn, kb, bk)
+    amax = blocks.abs().amax(dim=(1, 3))
+    if check_finite and w.device.type != "meta" and not bool(torch.isfinite(amax).all()):
         raise ValueError("cannot quantise a weight with inf/nan entries to FP8")
     scale = amax.clamp_min(_AMAX_FLOOR) / FP8_MAX
     if pow2_scale:
         scale = pow2_ceil(scale)
-    q = (wf / expand_scales(scale, (N, K), block_size)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = (blocks / scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(nb * bn, kb * bk)
+    if N % bn or K % bk:
+        q = q[:N, :K].contiguous()
     return q, scale
 
 
@@ -103,22 +107,11 @@ def dequantize_fp8_blockwise(q: torch.Tensor, scale_inv: torch.Tensor,
 def quantize_act_fp8(x: torch.Tensor, group: int = 128, pow2_scale: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, per ``group`` channels: ``x [..., K]`` -> ``(fp8 [..., K], fp32 scales [..., ceil(K/group)])``.
-    The same bits as ``quantize_fp8_blockwise(x, (1, group))`` on finite input, without its inf/nan check (a
-    host sync at every FP8 linear of a prefill) and with the scales broadcast instead of expanded; inf / nan
+    ``quantize_fp8_blockwise`` without its inf/nan check (a host sync at every FP8 linear of a prefill): inf / nan
     activations give nan codes rather than an error."""
     lead, K = x.shape[:-1], x.shape[-1]
-    kb = -(-K // group)
-    xf = x.reshape(-1, K).float()
-    if K % group:
-        xf = torch.nn.functional.pad(xf, (0, kb * group - K))
-    v = xf.view(-1, kb, group)
-    scale = v.abs().amax(-1).clamp_min(_AMAX_FLOOR) / FP8_MAX
-    if pow2_scale:
-        scale = pow2_ceil(scale)
-    q = (v / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(-1, kb * group)
-    if K % group:
-        q = q[:, :K].contiguous()
-    return q.view(*lead, K), scale.view(*lead, kb)
+    q, s = quantize_fp8_blockwise(x.reshape(-1, K), (1, group), pow2_scale, check_finite=False)
+    return q.view(*lead, K), s.view(*lead, s.shape[-1])
 
 
 def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor,
