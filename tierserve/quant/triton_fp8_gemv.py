@@ -94,6 +94,14 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
 
 
 @triton.jit
+def add_residual(y, r_ptr, n, mask):
+    """``y`` (the projection, already in the output dtype) plus the residual row at ``r_ptr + n``, rounded as
+    ``x + linear(h)`` rounds: both in fp32, one rounding back to ``y``'s dtype."""
+    r = tl.load(r_ptr + n, mask=mask, other=0.0)
+    return (y.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
+
+
+@triton.jit
 def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, r_ptr, N, num_splits, s_ps, s_pm, s_om, s_rm,
                           BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr = False,
                           PDL: tl.constexpr = False):
@@ -108,9 +116,8 @@ def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, r_ptr, N, num_splits, s_ps, s_p
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
     y = acc.to(out_ptr.dtype.element_ty)
-    if HAS_RES:             # the residual add after the projection, rounded as ``x + linear(h)`` rounds
-        r = tl.load(r_ptr + row * s_rm + n, mask=mask, other=0.0)
-        y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    if HAS_RES:             # the residual add after the projection
+        y = add_residual(y, r_ptr + row * s_rm, n, mask)
     tl.store(out_ptr + row * s_om + n, y, mask=mask)
 
 

@@ -26,13 +26,12 @@ import triton.language as tl
 from tierserve import pdl
 from tierserve.quant.fp8 import DEFAULT_BLOCK
 from tierserve.quant.l2_prefetch import bulk_l2
-from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choose_split_k
+from tierserve.quant.triton_fp8_gemv import _INTERPRET, _reduce_splits, add_residual, check_weights, choose_split_k
 
 # split-K summed in the same launch by the last program of each N tile (TIERSERVE_FP8_GEMV_FUSED=1); off by default
 FUSED_REDUCE = os.environ.get("TIERSERVE_FP8_GEMV_FUSED", "0") == "1"
 # bytes of each row's weights asked of L2 before the PDL wait (TIERSERVE_FP8_GEMV_L2=N; 0: off, the default)
 L2_PREFETCH = int(os.environ.get("TIERSERVE_FP8_GEMV_L2", "0"))
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -161,9 +160,8 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
         y = y.to(out_ptr.dtype.element_ty)
-        if RES:             # the residual add after the projection, rounded as ``x + linear(h)`` rounds
-            r = tl.load(r_ptr + n, mask=n_mask, other=0.0)
-            y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        if RES:             # the residual add after the projection
+            y = add_residual(y, r_ptr, n, n_mask)
         tl.store(out_ptr + n, y, mask=n_mask)
     else:
         tl.store(out_ptr + pid_k * s_os + n, y, mask=n_mask)
