@@ -1,4 +1,4 @@
-"""Multi-step decode windows over KV tiers (``TIERSERVE_TIERED_MULTI_STEP=1``, runner/multi_step.py): windows run
+"""Multi-step decode windows over KV tiers (default; ``TIERSERVE_TIERED_MULTI_STEP=0`` turns them off; runner/multi_step.py): windows run
 while the request's pages spill to CPU RAM (sparse "pages" attention, bf16 / FP8 pages; dense attention), with the
 same greedy tokens as one step at a time; a window the path cannot serve is not queued."""
 import pytest
@@ -54,7 +54,7 @@ CASES = {
 def test_windows_over_spilled_pages_give_the_one_step_tokens(ckpt, monkeypatch, case):
     one, calls_one, spilled_one = run(ckpt, 1, **CASES[case])
     assert calls_one["launch"] == 0 and spilled_one > 0
-    monkeypatch.setattr(multi_step, "TIERED", False)             # off (the default): tiers decode step by step
+    monkeypatch.setattr(multi_step, "TIERED", False)             # off: tiers decode step by step
     off, calls_off, _ = run(ckpt, 4, **CASES[case])
     assert calls_off["launch"] == 0 and off == one
     monkeypatch.setattr(multi_step, "TIERED", True)

@@ -58,7 +58,7 @@ class Sizes:
 
 
 # the CPU tier cap makes the 4096 context a skipped row and its fallback (2048) a synthetic fill
-SMOKE = Sizes(short_context=300, short_new_tokens=8, repeats=1, long_context=300, long_new_tokens=6,
+SMOKE = Sizes(short_context=300, short_new_tokens=8, repeats=1, long_context=300, long_new_tokens=32,
               tier_contexts=(300, 4096), prefill_max=300, topk=96, chunk=128, host_ram_gb=0.0075,
               budgets={"a": 60.0, "b": 60.0, "c": 60.0}, warmup=False, decode_warmup_steps=2)
 
@@ -130,6 +130,29 @@ def summarise(rows: list[dict]) -> dict:
             out.update({f"c_best_tok_s_c{ctx}": best, f"c_best_setting_c{ctx}": name,
                         f"c_target_met_c{ctx}": best >= target})
     return out
+
+
+def merge_sparse_fp8(results: list[tuple[str, dict]]) -> dict:
+    """One result from separate runs' ``(name, result)``: whole sections from one run each (every comparison keeps
+    its baseline from the same run), rows tagged with their source and its env, the summary recomputed. A section
+    at the same contexts in two inputs is refused."""
+    rows, sources, owner = [], [], {}
+    for name, r in results:
+        meta = r["meta"]
+        if meta.get("subcommand") != "sparse-fp8":
+            raise ValueError(f"{name}: not a `bench sparse-fp8` result (subcommand {meta.get('subcommand')!r})")
+        secs = sorted({row["section"] for row in r["rows"]})
+        for sec in secs:
+            key = (sec, tuple(sorted({row.get("context") for row in r["rows"] if row["section"] == sec})))
+            if key in owner:
+                raise ValueError(f"section {sec} at contexts {key[1]} is in both {owner[key]} and {name}")
+            owner[key] = name
+        rows += [{**row, "source": name, "source_env": meta.get("env")} for row in r["rows"]]
+        sources.append({"file": name, "date": meta.get("date"), "device": meta.get("device"), "sections": secs,
+                        "env": meta.get("env"), "wall_s": r["summary"].get("wall_s")})
+    meta = {**results[0][1]["meta"], "sources": sources,
+            "merged": "rows of separate runs, whole sections from one run each (baselines from the same run)"}
+    return {"meta": meta, "rows": rows, "summary": summarise(rows)}
 
 
 def _ctx(n: int) -> str:

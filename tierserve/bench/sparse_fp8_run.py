@@ -160,8 +160,9 @@ class Bench:
         # windows count their steps when queued, so a warm-up may queue timed ones: counted from the warm-up on
         kinds0 = dict(getattr(runner, "step_kinds", {}))
         try:
+            start = len(req.output_token_ids)
             if warmup_steps:
-                t, goal = time.perf_counter(), len(req.output_token_ids) + warmup_steps
+                t, goal = time.perf_counter(), start + warmup_steps
                 while len(req.output_token_ids) < goal and not req.is_finished:
                     check(deadline, "the decode warm-up")
                     eng.step()
@@ -173,6 +174,8 @@ class Bench:
             multi = getattr(eng, "multi", None)
             queued = multi.inflight.steps if multi is not None and multi.inflight is not None else 0
             n0, t = len(req.output_token_ids), time.perf_counter()
+            if warmup_steps:                 # a window makes several tokens at once: may exceed warmup_steps
+                warm["decode_warmup_tokens"] = n0 - start
             while not req.is_finished:
                 check(deadline, f"the decode, at {len(req.output_token_ids)} tokens")
                 eng.step()
@@ -180,7 +183,10 @@ class Bench:
             dt = time.perf_counter() - t
         finally:
             cap.close()
-        n = max(len(req.output_token_ids) - n0 - queued, 0)
+        n = len(req.output_token_ids) - n0 - queued
+        if n <= 0:
+            raise ValueError(f"decode: no timed token ({n0} made before the timer, {queued} in the window the warm-up "
+                             f"queued, {len(req.output_token_ids)} in all): ask for more new tokens")
         if queued:
             warm["untimed_queued_tokens"] = queued
         out = {**warm, "tok_s": n / dt, "ms_per_token": 1e3 * dt / max(n, 1), "timed_tokens": n,

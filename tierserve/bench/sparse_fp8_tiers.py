@@ -123,6 +123,7 @@ def section_c(bench: Bench, deadline: float) -> None:
     both = {"kv_dtype": "fp8", "quantization": "fp8"}
     settings = [("tiered-sparse", {"context": c0}),
                 *[("tiered-sparse+fp8-kv+fp8-weights", {"context": c, **both}) for c in s.tier_contexts],
+                ("tiered-sparse+fp8-kv+fp8-weights+fp8-lm-head", {"context": c0, **both, "fp8_lm_head": True}),
                 ("tiered-sparse+fp8-kv", {"context": c0, "kv_dtype": "fp8"}),
                 *[("tiered-sparse", {"context": c}) for c in rest]]
 
@@ -154,7 +155,7 @@ def section_c(bench: Bench, deadline: float) -> None:
         if gpu_why:
             return {**row, "skipped": gpu_why}
         chunk = min(s.chunk, (p["gpu_pages"] - (fp8_full if fp8 else 0)) // 2 * ps)
-        extra = {k: v for k, v in setting.items() if k in ("kv_dtype", "quantization")}
+        extra = {k: v for k, v in setting.items() if k in ("kv_dtype", "quantization", "fp8_lm_head")}
         llm, build_s = bench.build(max_model_len=ctx + new + 16, num_kv_pages=p["gpu_pages"],
                                    cpu_kv_gb=(p["host_pages"] + 4) * p["host_page_bytes"] / 2**30,
                                    sparse_attention="pages",
@@ -182,7 +183,7 @@ def section_c(bench: Bench, deadline: float) -> None:
                                           "measured with a synthetic fill instead"}
         row.update(out, spilled_pages=eng.kv.num_spilled, promoted_pages=eng.kv.num_promoted,
                    demoted_pages=eng.kv.num_demoted,
-                   host_reads_in_kernel=getattr(eng.runner.backend, "host_reads", None),
+                   host_reads_in_kernel=getattr(eng.runner.backend, "fp8_host_reads" if fp8 else "host_reads", None),
                    **bench.facts(eng, ctx, {"sparse_attention": "pages", **extra}))
         del llm, eng
         return row

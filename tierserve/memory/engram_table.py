@@ -31,7 +31,7 @@ from torch import nn
 
 from tierserve.memory.engram_config import FP8_BLOCK, HOST_GATHERS, PLACEMENTS
 from tierserve.memory.engram_fp8 import dequantize_rows, quantize_rows
-from tierserve.memory.pinned import host_register
+from tierserve.memory.pinned import host_register, unlock_all
 from tierserve.progress import ProgressBar
 
 _NP_WORD = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -69,7 +69,7 @@ class EngramTable(nn.Module):
         self.host_gather = host_gather
         self.path = Path(path) if path is not None else None
         self._host: dict[str, torch.Tensor] = {}
-        self._registered: list[int] = []
+        self._registered: list[torch.Tensor] = []     # page-locked host tensors (zero_copy)
         self._pool: cf.ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         shapes = self.storage_shapes()
@@ -84,7 +84,7 @@ class EngramTable(nn.Module):
             if host_gather == "zero_copy" and self.device.type == "cuda":
                 for t in self._host.values():
                     host_register(t, "engram table (engram.host_gather=copy avoids it)")
-                    self._registered.append(t.data_ptr())
+                    self._registered.append(t)
         elif self.path is not None:
             self.path.mkdir(parents=True, exist_ok=True)
             self._host = {n: _memmap(self.path / f"{n}.bin", s, dt, "w+") for n, (s, dt) in shapes.items()}
@@ -268,8 +268,7 @@ class EngramTable(nn.Module):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        while self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self._registered.pop())
+        unlock_all(self._registered)
 
     def __del__(self) -> None:
         try:

@@ -31,8 +31,34 @@ def host_register(t: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.2f} GiB {what} failed (error {code})")
 
 
-def host_unregister(t: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(t.untyped_storage().data_ptr())
+def host_unregister(t: torch.Tensor) -> bool:
+    """Unlock ``t``'s storage; False if the driver refused (e.g. during a CUDA graph capture, where the call is not
+    allowed): then the caller must keep the memory alive, since freed-but-locked memory makes a later lock of the
+    same addresses fail (cudaErrorHostMemoryAlreadyRegistered)."""
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    err = torch.cuda.cudart().cudaHostUnregister(t.untyped_storage().data_ptr())
+    return int(getattr(err, "value", err)) == 0
+
+
+# locked tensors whose unlock had to wait (a garbage collection during a graph capture ran PinnedBuffers.__del__):
+# kept alive here and unlocked at the next PinnedBuffers call outside a capture
+_DEFERRED: list[torch.Tensor] = []
+
+
+def unlock_all(tensors: list[torch.Tensor]) -> None:
+    """Unlock every tensor in ``tensors`` (emptied); the ones the driver refuses move to ``_DEFERRED``."""
+    while tensors:
+        t = tensors.pop()
+        if not host_unregister(t):
+            _DEFERRED.append(t)
+
+
+def retry_deferred() -> None:
+    if _DEFERRED and not torch.cuda.is_current_stream_capturing():
+        pending = _DEFERRED[:]
+        _DEFERRED.clear()
+        unlock_all(pending)
 
 
 ALIGN = 2 << 20                 # bytes: locked buffers start on a 2 MiB boundary
@@ -62,6 +88,7 @@ class PinnedBuffers:
         torch's rounding ``pin_memory`` allocator, with a warning, if registering fails)."""
         if not torch.cuda.is_available():
             return torch.empty(shape, dtype=dtype)
+        retry_deferred()
         t = aligned_empty(shape, dtype)
         if t.numel() == 0:
             return t
@@ -74,8 +101,8 @@ class PinnedBuffers:
         return t
 
     def close(self) -> None:
-        while self._locked:
-            host_unregister(self._locked.pop())
+        unlock_all(self._locked)
+        retry_deferred()
 
     def __del__(self) -> None:
         try:

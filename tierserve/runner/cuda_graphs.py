@@ -9,6 +9,8 @@ table), so ``num_scheduler_steps`` greedy steps are consecutive replays with no 
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 
 import torch
@@ -21,6 +23,21 @@ from tierserve.runner.sampler import argmax_rows
 # decode split-K for sparse attention: "context" (max_model_len, as dense steps) or "selection" (the tokens a
 # step reads at most: the selection bound). Opt-in until timed on the H200 (read once: per step).
 SPARSE_SPLITS = os.environ.get("TIERSERVE_SPARSE_SPLITS", "context")
+
+
+@contextlib.contextmanager
+def collected_then_no_gc():
+    """Collect garbage, then keep the collector off while graphs are captured: a finalizer run mid-capture (say an
+    engine dropped earlier unlocking its CPU KV tier) would call a CUDA API that a capture forbids, invalidating
+    the capture and leaving the memory locked after it is freed."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -122,6 +139,10 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture the sets not captured yet (one memory pool for all: one replay at a time)."""
+        with collected_then_no_gc():
+            self._capture()
+
+    def _capture(self) -> None:
         sets = [(False, self.graphs, self.logits)]
         if self.spill is not None:
             sets.append((True, self.spill_graphs, self.spill_logits))

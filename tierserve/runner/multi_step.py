@@ -8,7 +8,7 @@ already on the device: the CUDA graph feeds its own static buffers, the eager pa
 metadata); ``collect`` waits for one window only (its tokens are copied to host memory on the stream
 right after its last step, before anything queued later) and returns its tokens ``[request][step]``.
 
-With KV tiers (``TIERSERVE_TIERED_MULTI_STEP=1``, opt-in until timed properly on the GPU): windows may also read pages
+With KV tiers (default; ``TIERSERVE_TIERED_MULTI_STEP=0`` turns it off): windows may also read pages
 spilled to CPU RAM (the spill CUDA graphs, or the eager path with the spill stores); a window whose next tables
 hold a page the window's path cannot read (a spilled page in a window that started with none, or one in the disk
 spill file under the spill graphs) is not queued (``extend`` returns None) and the engine goes on step by step.
@@ -27,10 +27,10 @@ from tierserve.runner.engram_state import history_rows
 from tierserve.runner.sampler import argmax_rows
 from tierserve.runner.step_inputs import host_id_base, kernel_table, page_array
 
-# opt-in: stop 22's section c timings with it (128k 118.3, 1M 68.5 tok/s against 106.4 / 60.5 step by step) counted
-# a window queued during the warm-up, computed before the timer started, as timed tokens (fixed in the bench since;
-# corrected, the 128k gain may be none): not yet measured properly
-TIERED = os.environ.get("TIERSERVE_TIERED_MULTI_STEP") == "1"
+# default since stop 23 (H200, section c, FP8 KV + FP8 weights, the warm-up's queued window untimed): 128k 120.3 and
+# 118.4 tok/s with windows against 116.6 and 110.0 step by step (two runs), 1M 61.3 against 60.5 (stop 22).
+# TIERSERVE_TIERED_MULTI_STEP=0 goes step by step over the tiers.
+TIERED = os.environ.get("TIERSERVE_TIERED_MULTI_STEP", "1") == "1"
 
 
 @dataclass

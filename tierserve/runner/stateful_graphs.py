@@ -31,7 +31,7 @@ import torch
 from tierserve.models.deepseek_v4.paged_state import PagePools
 from tierserve.models.deepseek_v4.static_decode import decode_static
 from tierserve.models.deepseek_v4.static_state import StaticState
-from tierserve.runner.cuda_graphs import buckets
+from tierserve.runner.cuda_graphs import buckets, collected_then_no_gc
 from tierserve.runner.sampler import argmax_rows
 
 log = logging.getLogger("tierserve")
@@ -138,6 +138,10 @@ class SlotDecoder:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        with collected_then_no_gc():
+            self._capture()
+
+    def _capture(self) -> None:
         pool = None
         saved = self.state.positions.clone()
         for lim in reversed(self.limits):
