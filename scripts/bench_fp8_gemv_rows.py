@@ -4,8 +4,8 @@ FP8 weights + FP8 KV at 1.8x bf16; stop 19: FP8 weights alone 1.09x). Each timin
 each on its own copy of the weights (the copies together exceed the 50 MB L2: every byte comes from HBM), median
 of 7 replays. The row kernel is swept over tile rows and columns, warps and split-K waves; each configuration's
 output is compared with ``fp8_gemm``'s (``--sweep``; stop 20 ran it). Always: the default tile (``row_tile``) with
-split-K summed by a second reduce kernel, in the same launch (``fused_reduce``), and that with the next tile's
-weights loaded a trip ahead (``prefetch``), bit-compared.
+split-K summed by a second reduce kernel and in the same launch (``fused_reduce``), bit-compared (the next-tile
+and L2 prefetch variants timed in stops 21-22 were removed in stop 23).
 ``--smoke``: tiny shapes on the CPU interpreter (checks the script).
 
   PYTHONPATH=. python scripts/bench_fp8_gemv_rows.py --output $OUT/fp8-gemv-rows-h200.json
@@ -73,10 +73,7 @@ def main() -> None:
         row["cublas_bf16_us"] = timer(rotating(lambda i: F.linear(x, w[i]), copies))
         row["fp8_gemm_us"] = timer(rotating(lambda i: fp8_gemm(x, *q[i]), copies))
         want = fp8_gemm(x, *q[0]).float()
-        variants = {"two_kernel": dict(fused_reduce=False), "fused": dict(fused_reduce=True),
-                    "fused_prefetch": dict(fused_reduce=True, prefetch=True),
-                    "l2_256": dict(fused_reduce=False, l2_prefetch=256), "l2_1024": dict(fused_reduce=False,
-                                                                                           l2_prefetch=1024)}
+        variants = {"two_kernel": dict(fused_reduce=False), "fused": dict(fused_reduce=True)}
         base = fp8_gemv_rows(x, *q[0], fused_reduce=False)
         for name, kw in variants.items():
             row[f"rows_default_{name}_us"] = timer(rotating(lambda i, kw=kw: fp8_gemv_rows(x, *q[i], **kw), copies))
@@ -106,14 +103,12 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
         print(f"{layer}: bf16 {row['cublas_bf16_us']:.1f} us, fp8_gemm {row['fp8_gemm_us']:.1f} us, rows default "
-              f"{row['rows_default_two_kernel_us']:.1f} (two kernels) / {row['rows_default_fused_us']:.1f} (fused "
-              f"reduce) / {row['rows_default_fused_prefetch_us']:.1f} us (+ prefetch) / L2 prefetch 256 B "
-              f"{row['rows_default_l2_256_us']:.1f}, 1 KiB {row['rows_default_l2_1024_us']:.1f} a row; same bits: "
+              f"{row['rows_default_two_kernel_us']:.1f} (two kernels) / {row['rows_default_fused_us']:.1f} us (fused "
+              f"reduce) a row; same bits: "
               f"{all(row[f'{v}_same_bits'] for v in variants)}; best of sweep "
               f"{row.get('rows_best_us', float('nan')):.1f} us {row.get('rows_best_cfg')}", flush=True)
     per_layer = {k: sum(r[f"{k}_us"] for r in rows if f"{k}_us" in r)
-                 for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused",
-                           "rows_default_fused_prefetch", "rows_default_l2_256", "rows_default_l2_1024")}
+                 for k in ("cublas_bf16", "fp8_gemm", "rows_best", "rows_default_two_kernel", "rows_default_fused")}
     print("per transformer layer (us):", {k: round(v, 1) for k, v in per_layer.items()})
     if a.output:
         meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,

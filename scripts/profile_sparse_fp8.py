@@ -9,7 +9,8 @@ import time
 import torch
 
 sys.path.insert(0, ".")
-from tierserve.bench.sparse_fp8_run import Bench, _Capture, free_memory  # noqa: E402
+from tierserve.bench.sparse_fp8_run import Bench, free_memory  # noqa: E402
+from tierserve.bench.sparse_fp8_timing import _Capture  # noqa: E402
 from tierserve.bench.sparse_fp8 import Sizes  # noqa: E402
 
 _sync = lambda: torch.cuda.synchronize() if torch.cuda.is_available() else None  # noqa

@@ -9,9 +9,8 @@ one has drained) costs a few microseconds of idle HBM. With PDL a *dependent* ke
 that kernel has completed and its writes are visible). Work before ``wait`` may touch only data no earlier kernel
 of the step writes (weights, scales).
 
-Used by: the FP8 row GEMV (``quant/triton_fp8_gemv_rows``: its first weight tile may be loaded before ``wait``
-with ``prefetch``), ``add_rmsnorm``, ``silu_mul``, ``rope_write_kv``, the BF16 and FP8 paged decode kernels and
-their split merge: each is launched as a dependent,
+Used by: the FP8 row GEMV (``quant/triton_fp8_gemv_rows``) and its split-K reduce, ``add_rmsnorm``, ``silu_mul``,
+``rope_write_kv``, the BF16 and FP8 paged decode kernels and their split merge: each is launched as a dependent,
 calls ``release`` at its start (the next kernel may be scheduled while it runs) and ``wait`` before its first
 read of earlier output. Waiting is transitive: a kernel past its ``wait`` knows the kernel before it completed,
 which itself had passed its own ``wait``. A kernel compiled without the flag behaves as before; ``release`` is

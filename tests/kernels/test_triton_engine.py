@@ -81,39 +81,6 @@ def test_fused_ops_engine_matches_plain_path(tmp_path, family):
                 assert abs(la[tok] - lp) < 1e-4
 
 
-def test_fp8_row_decode_folds_norms_and_residuals(tmp_path):
-    """FP8 weights, one-row decode steps through the row GEMV with each RMSNorm and residual add folded in
-    (``enable_fused(fp8_fold=True)``): the unfolded fused path's greedy tokens, logprobs within 1e-4; batches of
-    two rows keep the unfolded path."""
-    path = make_checkpoint(tmp_path / "m", "llama")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
-    llm = LLM(str(path), dtype="float32", device=dev, max_model_len=96, attention_backend="triton", num_kv_pages=32,
-              page_size=8, fused_ops=False, enable_prefix_caching=False, quantization="fp8", max_num_seqs=1)
-    model = llm.engine.runner.model
-    prompts = [[0, 5, 9, 200, 31], [0] + list(range(40, 60))]
-    model.enable_fused(fp8_fold=False)
-    llm.engine.runner.recapture_graphs()   # (on CUDA the graphs captured at start-up would replay the old kernels)
-    plain = llm.generate(prompts, sp)
-    calls = []
-    from tierserve.quant import triton_fp8_gemv_rows as rows
-    real = rows.fp8_gemv_rows
-    rows.fp8_gemv_rows = lambda *a, **kw: calls.append(kw.get("norm_weight") is not None) or real(*a, **kw)
-    try:
-        model.enable_fused(fp8_fold=True)
-        assert model.fp8_rows
-        llm.engine.runner.recapture_graphs()
-        got = llm.generate(prompts, sp)
-    finally:
-        rows.fp8_gemv_rows = real
-    assert any(calls) and not all(calls)             # projections with and without a folded norm
-    for a, b in zip(got, plain):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            for tok, lp in lb.items():
-                assert abs(la[tok] - lp) < 1e-4
-
-
 def test_triton_decode_reads_spilled_pages_from_cpu_ram(tmp_path):
     """A live sequence larger than the device pool: decode steps read the spilled pages straight from
     the CPU-RAM store inside the kernel (no gather) and give the reference's tokens."""

@@ -92,3 +92,47 @@ def test_prefix_caching_on_keeps_cpu_ram_for_live_pages(ckpt):
     assert kv.num_spilled > 0 and kv.pool.on_evict is None
     assert kv.tiers.host.num_used == 0 and kv.hit_tokens["cpu"] == 0
     check_clean(llm)
+
+
+def _spillable_reference(kv):
+    """The page-by-page rule (stop 22's loop), for the vectorised ``SpillPlacement._spillable``."""
+    fp8, ps = kv.fp8, kv.page_size
+    out = []
+    for t in kv._tables.values():
+        n = min(t.computed // ps, len(t.pages) - 1)
+        for i in range(n):
+            pid = t.pages[i]
+            if pid < 0 or kv._is_compact(pid) or kv.pool.meta[pid].ref_count != 1:
+                continue
+            if fp8 is not None and fp8.needs_full(i, t.computed):
+                continue
+            out.append((id(t), i, pid))
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(kv_fp8_storage="inplace", sparse_attention="pages", sparse_topk_tokens=96,
+                                     num_kv_pages=10),
+                                dict(kv_fp8_storage="compact", num_kv_pages=6), dict(kv_dtype="auto", num_kv_pages=10)])
+def test_spillable_pages_match_the_page_by_page_rule(ckpt, monkeypatch, kw):
+    """Every time the engine asks which device pages may spill (spills, demotions), the vectorised answer equals
+    the page-by-page rule: FP8 sink / recent window kept, compact slots and shared pages never."""
+    from tierserve.kv.spill_placement import SpillPlacement
+
+    calls = []
+    real = SpillPlacement._spillable
+
+    def checked(self):
+        got = [(id(t), i, pid) for t, i, pid in real(self)]
+        assert got == _spillable_reference(self)
+        calls.append(len(got))
+        return real(self)
+    monkeypatch.setattr(SpillPlacement, "_spillable", checked)
+    if kw.get("kv_dtype") == "auto":       # bf16 pages: no FP8 rule
+        llm = LLM(str(ckpt), dtype="float32", device="cpu", debug_invariants=True, max_model_len=256,
+                  max_num_batched_tokens=16, cpu_kv_gb=0.01, enable_prefix_caching=True, **kw)
+    else:
+        llm = make(ckpt, cpu_kv_gb=0.01, enable_prefix_caching=True, **kw)
+    llm.engine.kv.rebalance_every = 1
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    llm.generate([PROMPT, PROMPT[:100] + OTHER[:20]], sp)      # a shared prefix: shared pages stay
+    assert calls and max(calls) > 0

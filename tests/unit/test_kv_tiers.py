@@ -326,6 +326,43 @@ def test_rebalance_counts_the_steps_of_windows():
     assert odd.calls.count("demote") == 2
 
 
+def test_rebalance_every_from_the_environment(monkeypatch):
+    """``TIERSERVE_REBALANCE_EVERY``: 16 by default, an integer >= 0, a clear error otherwise."""
+    from tierserve.kv.spill_placement import _rebalance_every
+
+    monkeypatch.delenv("TIERSERVE_REBALANCE_EVERY", raising=False)
+    assert _rebalance_every() == 16
+    monkeypatch.setenv("TIERSERVE_REBALANCE_EVERY", "64")
+    assert _rebalance_every() == 64
+    for bad in ("-1", "x", "1.5"):
+        monkeypatch.setenv("TIERSERVE_REBALANCE_EVERY", bad)
+        with pytest.raises(ValueError, match="TIERSERVE_REBALANCE_EVERY must be an integer >= 0"):
+            _rebalance_every()
+
+
+def test_windows_queue_ends_every_rebalance_every_steps(ckpt, monkeypatch):
+    """With windows over the tiers a queue of windows ends after about ``rebalance_every`` decode steps (the engine
+    rebalances between queues): counted by the windows launched fresh (``launch_multi``) for the same tokens."""
+    from tierserve import LLM, SamplingParams
+    from tierserve.runner import multi_step
+
+    monkeypatch.setattr(multi_step, "TIERED", True)
+    prompt = [0] + [(7 * i + 3) % 500 + 3 for i in range(150)]
+    sp = SamplingParams(temperature=0, max_tokens=66, ignore_eos=True)
+    got = {}
+    for every in (16, 64):
+        llm = LLM(str(ckpt), dtype="float32", max_model_len=256, page_size=8, num_kv_pages=12, cpu_kv_gb=0.01,
+                  enable_prefix_caching=False, sparse_attention="pages", sparse_topk_tokens=88, num_scheduler_steps=8)
+        llm.engine.kv.rebalance_every = every
+        launched, real = [], llm.engine.runner.launch_multi
+        llm.engine.runner.launch_multi = lambda *a, **k: launched.append(1) or real(*a, **k)
+        out = llm.generate([prompt], sp)[0].outputs[0].token_ids
+        assert llm.engine.kv.num_spilled > 0
+        got[every] = (out, len(launched))
+    assert got[16][0] == got[64][0]
+    assert got[16][1] >= 3 and got[64][1] < got[16][1]
+
+
 def test_placement_moves_under_multi_step_windows(ckpt, monkeypatch):
     """The same full pool with multi-step windows over the tiers (``TIERSERVE_TIERED_MULTI_STEP=1``): cold device
     pages still go down between queues, and the tokens are those of the reference."""

@@ -4,13 +4,28 @@ the most chosen spilled pages back and demoting the least chosen device pages to
 ``SpillPlacement`` is a mixin of ``KVManager`` (kv/manager.py), whose tables, pool and tier manager it uses."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+
+def _rebalance_every() -> int:
+    v = os.environ.get("TIERSERVE_REBALANCE_EVERY", "16")
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"TIERSERVE_REBALANCE_EVERY must be an integer >= 0, got {v!r}") from None
+    if n < 0:
+        raise ValueError(f"TIERSERVE_REBALANCE_EVERY must be an integer >= 0, got {v!r}")
+    return n
 
 
 class SpillPlacement:
     # sparse attention over tiers: every this many steps, device pages chosen far less often than spilled
-    # ones make room for them (``demote_cold``; 0: off)
-    rebalance_every = 16
+    # ones make room for them (``demote_cold``; 0: off). With multi-step windows over the tiers a queue of windows
+    # ends (the GPU drains) about this often, so that the engine can rebalance: ``TIERSERVE_REBALANCE_EVERY``
+    # trades placement freshness against those drains (an experiment knob; 16 by default)
+    rebalance_every = _rebalance_every()
     _rebalance_steps = 0
 
     def rebalance(self, num_running: int, steps: int = 1) -> None:
@@ -63,18 +78,21 @@ class SpillPlacement:
         (the runner's ``Fp8Pages.host_rows``; compact storage: full-size pages the full compact pool could not
         take); spilled pages live in CPU RAM as compact rows. Compact slots do not spill (they free no
         full-size page; ``demote_cold`` is off with compact storage)."""
-        fp8, ps = self.fp8, self.page_size
-        sink = -(-fp8.keep_sink // ps) if fp8 is not None else 0
+        fp8, ps, meta = self.fp8, self.page_size, self.pool.meta
+        base = self.compact.base if self.compact is not None else None
         for t in self._tables.values():
             n = min(t.computed // ps, len(t.pages) - 1)
-            # device entries only (at 1M tokens with 10% on the device, a tenth of the table)
-            for i in np.flatnonzero(t.pages.array()[:n] >= 0).tolist():
-                pid = t.pages[i]
-                if self._is_compact(pid) or self.pool.meta[pid].ref_count != 1:
-                    continue
-                if fp8 is not None and (i < sink or fp8.needs_full(i, t.computed)):
-                    continue
-                yield t, i, pid
+            arr = t.pages.array()[:n]
+            keep = arr >= 0                   # device entries only (at 1M tokens with 10% on the device, a tenth)
+            if base is not None:
+                keep &= arr < base            # compact slots do not spill
+            if fp8 is not None:               # past the sink and the recent window (``Fp8PagePolicy.needs_full``)
+                idx = np.arange(n)
+                keep &= (idx * ps >= fp8.keep_sink) & (t.computed - ((idx + 1) * ps - 1) >= max(fp8.keep_recent, 1))
+            idx = np.flatnonzero(keep)
+            for i, pid in zip(idx.tolist(), arr[idx].tolist()):
+                if meta[pid].ref_count == 1:  # unshared
+                    yield t, i, pid
 
     def _promote_target(self) -> int | None:
         """A free page for a promoted spilled page: a device page, or with compact FP8 storage a compact slot

@@ -6,7 +6,6 @@ into one matmul each at load time.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +18,6 @@ from tierserve.models.config import ModelConfig
 from tierserve.models.layers.norm import RMSNorm
 from tierserve.models.layers.rotary import RotaryEmbedding
 from tierserve.models.llama_weights import LlamaWeights
-
-# TIERSERVE_L2_AHEAD=1 (quant/l2_prefetch.py, opt-in): o_proj's weights asked of L2 during decode attention
-L2_AHEAD = os.environ.get("TIERSERVE_L2_AHEAD") == "1"
 
 
 def _fused():
@@ -69,11 +65,6 @@ class Attention(nn.Module):
             written = rope.can_write_kv(kv, meta)
             _fused().rope_write_kv(q, k, v, rope.cos, rope.sin, meta.positions, kv if written else None,
                                    meta.slot_pages, meta.slot_offsets, meta.page_size)
-            if meta.decode_only and T <= 16 and L2_AHEAD:                # o_proj's weights into L2 meanwhile
-                # (Triton: imported on first use)
-                from tierserve.quant.l2_prefetch import prefetch_l2
-                w = getattr(self.o_proj, "qweight", None)
-                prefetch_l2(w if w is not None else self.o_proj.weight)
             o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx,
                                      kv_written=written)
         else:
@@ -84,10 +75,8 @@ class Attention(nn.Module):
 
 def _project(lin: nn.Module, x: torch.Tensor, norm: RMSNorm | None = None,
              residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + lin(norm(x))`` in one kernel: the FP8 row GEMV or the bf16 skinny GEMM."""
+    """``residual + lin(norm(x))`` in one kernel: the bf16 skinny GEMM."""
     w, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
-    if hasattr(lin, "forward_row"):
-        return lin.forward_row(x, w, eps, residual)
     from tierserve.models.layers.triton_gemv import gemv
     return gemv(x, lin.weight, w, eps, residual)
 
@@ -154,7 +143,6 @@ class LlamaForCausalLM(LlamaWeights, nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.fused = False        # enable_fused(): Triton add+norm, rotary+KV write, SiLU*mul
         self.gemv = False         # enable_fused(gemv=True): decode skinny GEMM with fused norm / residual
-        self.fp8_rows = False     # enable_fused(fp8_fold=True): the same with FP8 projections, one row
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **f)
         self.lm_head_fp8 = None   # quantize_lm_head_fp8() with tied embeddings: an FP8 copy for the logits
 
@@ -170,7 +158,7 @@ class LlamaForCausalLM(LlamaWeights, nn.Module):
 
     def _forward_fused(self, x: torch.Tensor, kv: KVCache, meta: AttnMetadata, engram=None) -> torch.Tensor:
         rope = FusedRope(self.rotary.cos, self.rotary.sin)
-        if (self.gemv and x.shape[0] <= 16) or (self.fp8_rows and x.shape[0] == 1):
+        if self.gemv and x.shape[0] <= 16:
             return self._forward_gemv(x, rope, kv, meta, engram)
         first = self.layers[0].input_layernorm
         add_rmsnorm = _fused().add_rmsnorm
@@ -186,8 +174,8 @@ class LlamaForCausalLM(LlamaWeights, nn.Module):
 
     def _forward_gemv(self, x: torch.Tensor, rope: FusedRope, kv: KVCache, meta: AttnMetadata,
                       engram=None) -> torch.Tensor:
-        """Decode rows (<= 16; FP8 weights: one row): each norm rides in the next projection, each residual add in
-        the projection before it (layers/triton_gemv.py; FP8: the row GEMV, quant/triton_fp8_gemv_rows.py)."""
+        """Decode rows (<= 16): each norm rides in the next projection, each residual add in the projection before
+        it (layers/triton_gemv.py)."""
         res = x
         for i, layer in enumerate(self.layers):
             if layer.engram is not None and engram is not None:
@@ -200,20 +188,15 @@ class LlamaForCausalLM(LlamaWeights, nn.Module):
             res = _project(mlp.down_proj, act, residual=res)
         return _fused().add_rmsnorm(res, None, self.norm.weight, self.norm.eps)[0]
 
-    def enable_fused(self, gemv: bool = False, fp8_fold: bool | None = None) -> None:
+    def enable_fused(self, gemv: bool = False) -> None:
         """Use the Triton kernels of layers/triton_fused.py (CUDA; Engram layers included); with
-        ``gemv`` also the decode skinny GEMM (plain bias-free nn.Linear layers only); with ``fp8_fold``
-        (default ``TIERSERVE_FP8_GEMV_FOLD``) one-row decode of FP8 projections through the row GEMV with the
-        norms and residual adds folded in."""
+        ``gemv`` also the decode skinny GEMM (plain bias-free nn.Linear layers only)."""
         _fused()
         self.fused = True
         linears = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         no_indexer = all(layer.self_attn.indexer is None for layer in self.layers)
         self.gemv = gemv and all(type(m) is nn.Linear and m.bias is None for m in linears) and no_indexer
-        from tierserve.quant import fp8_linear
-        self.fp8_rows = (fp8_fold if fp8_fold is not None else fp8_linear.ROW_FOLD) and no_indexer \
-            and all(isinstance(m, fp8_linear.Fp8Linear) for m in linears)
 
     def attach_indexers(self, indexers) -> None:
         """Per-layer lightning indexers (attention/indexer.py) for the ``indexer`` sparse selector."""
@@ -226,7 +209,7 @@ class LlamaForCausalLM(LlamaWeights, nn.Module):
         for layer, idx in zip(self.layers, indexers.layers):
             layer.self_attn.indexer = idx
             layer.self_attn.index_tables = (self.rotary.cos, self.rotary.sin)
-        self.gemv = self.fp8_rows = False   # the decode GEMV folds the norm away: the indexer needs its input
+        self.gemv = False   # the decode GEMV folds the norm away: the indexer needs its input
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head_fp8 is not None:                      # tied embeddings, FP8 output projection

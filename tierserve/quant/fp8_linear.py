@@ -42,10 +42,6 @@ GEMV_MODE = os.environ.get("TIERSERVE_FP8_GEMV", "rows")                # read o
 if GEMV_MODE not in GEMV_MODES:
     raise ValueError(f"TIERSERVE_FP8_GEMV must be one of {GEMV_MODES}, got {GEMV_MODE!r}")
 ROW_GEMV = GEMV_MODE == "rows"
-ROW_PREFETCH = os.environ.get("TIERSERVE_FP8_GEMV_PREFETCH") == "1"      # next tile's weights a trip ahead (untimed)
-# one-row decode of a Llama-family model: each RMSNorm folded into the projection after it, each residual add into
-# the one before it (models/llama.py ``_forward_gemv``; no add_rmsnorm launches between them; untimed, opt-in)
-ROW_FOLD = os.environ.get("TIERSERVE_FP8_GEMV_FOLD") == "1"
 
 
 class Fp8Linear(nn.Module):
@@ -98,20 +94,10 @@ class Fp8Linear(nn.Module):
             y = self._prefill(x2, bias)
         return y.view(*lead, self.out_features)
 
-    def forward_row(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-        """One activation row on CUDA: ``residual + self(rmsnorm(x))`` through the row GEMV with the norm and the
-        add folded in (either optional)."""
-        from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return fp8_gemv_rows(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype,
-                             norm_weight=norm_weight, eps=eps, residual=residual)
-
     def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 1 and ROW_GEMV:
             from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
-            return fp8_gemv_rows(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype,
-                                 prefetch=ROW_PREFETCH)
+            return fp8_gemv_rows(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype)
         from tierserve.quant.triton_fp8_gemv import fp8_gemm
         return fp8_gemm(x, self.qweight, self.scale_inv, bias, self.block_size, x.dtype)
 

@@ -94,17 +94,8 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, kb_per_split,
 
 
 @triton.jit
-def add_residual(y, r_ptr, n, mask):
-    """``y`` (the projection, already in the output dtype) plus the residual row at ``r_ptr + n``, rounded as
-    ``x + linear(h)`` rounds: both in fp32, one rounding back to ``y``'s dtype."""
-    r = tl.load(r_ptr + n, mask=mask, other=0.0)
-    return (y.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
-
-
-@triton.jit
-def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, r_ptr, N, num_splits, s_ps, s_pm, s_om, s_rm,
-                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr = False,
-                          PDL: tl.constexpr = False):
+def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, N, num_splits, s_ps, s_pm, s_om,
+                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False):
     pdl.release(PDL)        # (``tierserve.pdl``) launched as a dependent of the GEMV whose partials it sums
     pdl.wait(PDL)
     row = tl.program_id(0)
@@ -116,8 +107,6 @@ def _splitk_reduce_kernel(p_ptr, b_ptr, out_ptr, r_ptr, N, num_splits, s_ps, s_p
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
     y = acc.to(out_ptr.dtype.element_ty)
-    if HAS_RES:             # the residual add after the projection
-        y = add_residual(y, r_ptr + row * s_rm, n, mask)
     tl.store(out_ptr + row * s_om + n, y, mask=mask)
 
 
@@ -227,16 +216,13 @@ def tile_weight(qweight: torch.Tensor, block_n: int, block_size: tuple[int, int]
     return qweight.view(N // block_n, block_n, K // bk, bk).transpose(1, 2).contiguous()
 
 
-def _reduce_splits(dst: torch.Tensor, b: torch.Tensor, out: torch.Tensor, has_bias: bool,
-                   residual: torch.Tensor | None = None) -> None:
-    """Sum the fp32 split-K partials ``dst [split, M, N]`` in a fixed order into ``out`` (+ bias; + ``residual``
-    after rounding to ``out``'s dtype). Launched as a PDL dependent where that is on."""
+def _reduce_splits(dst: torch.Tensor, b: torch.Tensor, out: torch.Tensor, has_bias: bool) -> None:
+    """Sum the fp32 split-K partials ``dst [split, M, N]`` in a fixed order into ``out`` (+ bias). Launched as a
+    PDL dependent where that is on."""
     rb = 256
     M, N = out.shape
-    r = residual if residual is not None else out
-    _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, r, N, dst.shape[0], dst.stride(0), dst.stride(1),
-                                            out.stride(0), r.stride(0), BLOCK=rb, HAS_BIAS=has_bias,
-                                            HAS_RES=residual is not None, PDL=pdl.active(out.device),
+    _splitk_reduce_kernel[(M, -(-N // rb))](dst, b, out, N, dst.shape[0], dst.stride(0), dst.stride(1),
+                                            out.stride(0), BLOCK=rb, HAS_BIAS=has_bias, PDL=pdl.active(out.device),
                                             **pdl.dependent_options(out.device))
 
 

@@ -25,42 +25,16 @@ import triton.language as tl
 
 from tierserve import pdl
 from tierserve.quant.fp8 import DEFAULT_BLOCK
-from tierserve.quant.l2_prefetch import bulk_l2
-from tierserve.quant.triton_fp8_gemv import _INTERPRET, _reduce_splits, add_residual, check_weights, choose_split_k
+from tierserve.quant.triton_fp8_gemv import _reduce_splits, check_weights, choose_split_k
 
 # split-K summed in the same launch by the last program of each N tile (TIERSERVE_FP8_GEMV_FUSED=1); off by default
 FUSED_REDUCE = os.environ.get("TIERSERVE_FP8_GEMV_FUSED", "0") == "1"
-# bytes of each row's weights asked of L2 before the PDL wait (TIERSERVE_FP8_GEMV_L2=N; 0: off, the default)
-L2_PREFETCH = int(os.environ.get("TIERSERVE_FP8_GEMV_L2", "0"))
 
 
 @triton.jit
 def _wtile(w_ptr, n64, k, s_wn):
     """The fp8 weights of one whole [BLOCK_N, BLOCK_K] tile (EVEN: no masks, 16-byte loads)."""
     return tl.load(w_ptr + n64[:, None] * s_wn + k[None, :])
-
-
-@triton.jit
-def _row_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the activation row, in fp32 (``RMSNorm`` / ``add_rmsnorm``'s statistic)."""
-    ss = tl.zeros([NORM_BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, NORM_BLOCK):
-        k = k0 + tl.arange(0, NORM_BLOCK)
-        xf = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        ss += xf * xf
-    return tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)
-
-
-@triton.jit
-def _normed(x, g_ptr, k, K, rstd, XDT: tl.constexpr, EVEN: tl.constexpr):
-    """x (fp32 of the activation dtype) at columns ``k`` normalised as RMSNorm rounds: x * rstd rounded to the
-    activation dtype, times the norm weight, rounded again; back in fp32."""
-    if EVEN:
-        g = tl.load(g_ptr + k)
-    else:
-        g = tl.load(g_ptr + k, mask=k < K, other=0.0)
-    h = (x * rstd).to(XDT).to(tl.float32)
-    return (g.to(tl.float32)[None, :] * h).to(XDT).to(tl.float32)
 
 
 @triton.jit
@@ -97,12 +71,10 @@ def _last_split_sums(part_ptr, fin_ptr, cnt_ptr, b_ptr, n, n_mask, pid_n, num_sp
 
 @triton.jit
 def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr, N, K, kb_per_split, num_splits,
-                          s_wn, s_sn, s_os, g_ptr, r_ptr, eps,
+                          s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
-                          PREFETCH: tl.constexpr = False, L2_BYTES: tl.constexpr = 0, NORM: tl.constexpr = False,
-                          RES: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1024):
+                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
     # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
     pdl.release(PDL)        # the next kernel, if launched with PDL (a norm, silu_mul), may be scheduled now
@@ -118,50 +90,27 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
     s_one = s_ptr + ((pid_n * BLOCK_N) // SBN).to(tl.int64) * s_sn   # UNIFORM: the program's scale row
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ar = tl.arange(0, BLOCK_K)
-    if PREFETCH:            # (UNIFORM, EVEN, BLOCK_K a multiple of SBK) the next tile's weights load a trip ahead
-        STEP: tl.constexpr = BLOCK_K // SBK
-        w_next = _wtile(w_ptr, n64, kb_lo * SBK + ar, s_wn)      # weights only: before the PDL wait
-        pdl.wait(PDL)
-        for kb in range(kb_lo, kb_hi, STEP):
-            w = w_next
-            # the last trip loads its own tile again (an L1 / L2 hit): no masks, no branch
-            w_next = _wtile(w_ptr, n64, tl.minimum(kb + STEP, kb_hi - STEP) * SBK + ar, s_wn)
-            x = tl.load(x_ptr + (n * 0)[:, None] + (kb * SBK + ar)[None, :]).to(tl.float32)
+    pdl.wait(PDL)           # launched early (PDL): x, the counters and the output come from earlier kernels
+    if BLOCK_K > SBK:
+        for kb in range(kb_lo, kb_hi, BLOCK_K // SBK):
+            x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + ar, K, s_wn, EVEN)
             sc = tl.load(s_one + kb + ar // SBK)                       # [BLOCK_K]: each column's block scale
             acc += w.to(tl.float32) * (x * sc[None, :])
     else:
-        if L2_BYTES > 0:    # (UNIFORM, EVEN, the split at least this long) the first weights toward L2 early
-            bulk_l2(w_ptr + n64 * s_wn + kb_lo * SBK, L2_BYTES)      # each row's first bytes
-        pdl.wait(PDL)       # launched early (PDL): x, the counters and the output come from earlier kernels
-        rstd = 0.0
-        if NORM:            # RMSNorm of x folded in: the row's statistic first (x is a few KB, cached)
-            rstd = _row_rstd(x_ptr, K, eps, NORM_BLOCK)
-        if BLOCK_K > SBK:
-            for kb in range(kb_lo, kb_hi, BLOCK_K // SBK):
-                x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + ar, K, s_wn, EVEN)
-                if NORM:
-                    x = _normed(x, g_ptr, kb * SBK + ar, K, rstd, x_ptr.dtype.element_ty, EVEN)
-                sc = tl.load(s_one + kb + ar // SBK)                       # [BLOCK_K]: each column's block scale
-                acc += w.to(tl.float32) * (x * sc[None, :])
-        else:
-            for kb in range(kb_lo, kb_hi):
-                if UNIFORM:
-                    sc = tl.load(s_one + kb)
-                else:
-                    sc = tl.load(s_row + kb, mask=n_mask, other=0.0)[:, None]
-                for kk in tl.static_range(0, SBK, BLOCK_K):
-                    x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + kk + ar, K, s_wn, EVEN)
-                    if NORM:
-                        x = _normed(x, g_ptr, kb * SBK + kk + ar, K, rstd, x_ptr.dtype.element_ty, EVEN)
-                    # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
-                    acc += w.to(tl.float32) * (x * sc)
+        for kb in range(kb_lo, kb_hi):
+            if UNIFORM:
+                sc = tl.load(s_one + kb)
+            else:
+                sc = tl.load(s_row + kb, mask=n_mask, other=0.0)[:, None]
+            for kk in tl.static_range(0, SBK, BLOCK_K):
+                x, w = _tile(x_ptr, w_ptr, n, n64, n_mask, kb * SBK + kk + ar, K, s_wn, EVEN)
+                # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
+                acc += w.to(tl.float32) * (x * sc)
     y = tl.sum(acc, axis=1)
     if DIRECT:
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
         y = y.to(out_ptr.dtype.element_ty)
-        if RES:             # the residual add after the projection
-            y = add_residual(y, r_ptr, n, n_mask)
         tl.store(out_ptr + n, y, mask=n_mask)
     else:
         tl.store(out_ptr + pid_k * s_os + n, y, mask=n_mask)
@@ -180,24 +129,14 @@ def row_tile(N: int, K: int) -> tuple[int, int]:
 def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
                   block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
-                  num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None,
-                  prefetch: bool = False, l2_prefetch: int | None = None, norm_weight: torch.Tensor | None = None,
-                  eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+                  num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None) -> torch.Tensor:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
     the K blocks split evenly; else the scale block is used). ``block_k`` / ``waves`` default to ``row_tile``.
     ``fused_reduce`` (default ``FUSED_REDUCE``, off: 78.4 against 73.3 us a layer on the H200, stop 21): with
     several K splits, the last program of each N tile sums the partials in the same launch instead of a second
-    reduce kernel (same bits). ``prefetch``
-    (untimed; where the tile allows it: one scale row per program, whole tiles, ``block_k`` a multiple of the
-    scale block): each trip loads the next tile's weights before its products (same bits). ``l2_prefetch``
-    (default ``L2_PREFETCH`` bytes, 0: off; CUDA only, whole tiles): before its PDL wait each program asks L2 for
-    that many bytes of each of its rows (``cp.async.bulk.prefetch.L2``; untimed).
-    ``norm_weight`` / ``eps``: ``RMSNorm`` of x folded in (each program computes the row's statistic, then
-    normalises its tiles as ``add_rmsnorm`` rounds); ``residual [1, N]``: added after the projection (rounded to
-    the output dtype first, as ``x + linear(h)``), in the store or the split-K reduce. Neither with ``prefetch``
-    or the fused reduce (those are turned off)."""
+    reduce kernel (same bits)."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -231,31 +170,18 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     dst = out if direct else torch.empty(split, 1, N, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else scale_inv
     fused_reduce = FUSED_REDUCE if fused_reduce is None else fused_reduce
-    norm, res = norm_weight is not None, residual is not None
-    if norm or res:
-        fused_reduce = prefetch = False
-        if res and (tuple(residual.shape) != (1, N) or residual.stride(-1) != 1):
-            raise ValueError(f"fp8_gemv_rows: residual must be [1, {N}] with a contiguous last dim")
-        if norm and tuple(norm_weight.shape) != (K,):
-            raise ValueError(f"fp8_gemv_rows: norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
     cnt = None if direct or not fused_reduce else split_counters(x.device, n_tiles)
     if fused_reduce and cnt is None and not direct:
         raise ValueError(f"fp8_gemv_rows: no split counters for {n_tiles} tiles (none are made during a CUDA "
                          f"graph capture; at most {MAX_TILES})")
-    l2 = L2_PREFETCH if l2_prefetch is None else l2_prefetch
-    l2 = l2 if (l2 > 0 and x.is_cuda and not _INTERPRET and uniform and even and l2 % 16 == 0
-                and kb_per_split * sbk >= l2) else 0
     _fp8_gemv_rows_kernel[(n_tiles, split)](
         x, qweight, scale_inv, b, dst, out, cnt if cnt is not None else scale_inv, N, K, kb_per_split, split,
-        qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0,
-        norm_weight if norm else x, residual if res else x, eps, NORM=norm, RES=res and direct, SBN=sbn, SBK=sbk,
+        qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk,
         BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
-        FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device),
-        PREFETCH=prefetch and uniform and even and block_k % sbk == 0, L2_BYTES=l2, num_warps=num_warps,
-        num_stages=num_stages,
+        FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device), num_warps=num_warps, num_stages=num_stages,
         **pdl.dependent_options(x.device))
     if not direct and cnt is None:
-        _reduce_splits(dst, b, out, bias is not None, residual)
+        _reduce_splits(dst, b, out, bias is not None)
     return out
 
 
