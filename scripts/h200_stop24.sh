@@ -19,7 +19,7 @@ tests)
         tests/unit/test_tiered_multi_step.py tests/unit/test_kv_tiers.py -k "pinned or capture or windows or queue" \
         2>&1 | tail -2
     timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_pdl.py \
-        tests/kernels/test_triton_fp8_gemv*.py 2>&1 | tail -2 ;;
+        tests/kernels/test_fp8_gemv.py 2>&1 | tail -2 ;;
 queue)
     for every in 16 64 1024; do
         TIERSERVE_REBALANCE_EVERY=$every bench 150 --sections c --tier-contexts 131072 --budgets c=140 --max-wall 140 \
