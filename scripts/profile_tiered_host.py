@@ -94,7 +94,10 @@ def main() -> None:
         prof.stop()
         res["profiled_wall_ms_per_token"] = 1e3 * dt / max(n, 1)
         if stack:
-            res["syncs"] = [f"x{e.count}: " + " <- ".join(f for f in e.stack if "tierserve" in f or "scripts" in f)
+            # (runtime-API events may carry no Python frames: then the op above them names the caller; stop 23's
+            # stacks came back empty, and cProfile's `top_cumulative` answered instead)
+            res["syncs"] = [f"x{e.count}: " + (" <- ".join(f for f in e.stack if "tierserve" in f or "scripts" in f)
+                                               or " <- ".join(e.stack[:6]) or "(no Python frames)")
                             for e in prof.key_averages(group_by_stack_n=6)
                             if e.key in ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")]
         ev = prof.key_averages()
