@@ -31,6 +31,10 @@ class Budget(Exception):
     """The section's time budget ran out (the message says where)."""
 
 
+class Unmeasured(Exception):
+    """The setting ran but left nothing to time (the message says why): a skipped row."""
+
+
 def check(deadline: float, where: str) -> None:
     if time.perf_counter() > deadline:
         raise Budget(f"time budget ran out during {where}")
@@ -108,7 +112,7 @@ class Bench:
                     check(deadline, "the decode warm-up")
                     eng.step()
                 if req.is_finished:
-                    raise ValueError("decode warm-up: the request finished before its timed steps")
+                    raise Unmeasured("decode warm-up: the request finished before its timed steps")
                 _sync(dev)
                 warm = {"decode_warmup_steps": warmup_steps, "decode_warmup_s": time.perf_counter() - t}
             # a multi-step window queued during the warm-up has run by now (the sync): its tokens are not timed
@@ -126,7 +130,7 @@ class Bench:
             cap.close()
         n = len(req.output_token_ids) - n0 - queued
         if n <= 0:
-            raise ValueError(f"decode: no timed token ({n0} made before the timer, {queued} in the window the warm-up "
+            raise Unmeasured(f"decode: no timed token ({n0} made before the timer, {queued} in the window the warm-up "
                              f"queued, {len(req.output_token_ids)} in all): ask for more new tokens")
         if queued:
             warm["untimed_queued_tokens"] = queued
@@ -172,7 +176,7 @@ class Bench:
             t = time.perf_counter()
             try:
                 self.emit({**head, **one(name, setting, deadline)})
-            except Budget as e:
+            except (Budget, Unmeasured) as e:
                 self.emit({**head, "skipped": str(e)})
             except ValueError as e:         # the engine refuses the combination (config validation)
                 self.emit({**head, "skipped": f"engine refused the setting: {e}"})
