@@ -9,6 +9,9 @@
 #                                         GPU busy vs wall a token (~3 min)
 #   bash scripts/h200_stop24.sh ab        sections a and b after the removal (the default path should time the same)
 #   bash scripts/h200_stop24.sh c1m       section c at 1M (~4 min)
+#   bash scripts/h200_stop24.sh pcie      the FP8 sparse decode over CPU RAM against the PCIe baselines of the same
+#                                         rows (copy engine, zero-copy read kernel), rows side by side and spread over
+#                                         64 GiB (~2 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
@@ -39,5 +42,8 @@ c1m)
     bench 280 --sections c --tier-contexts 1048576 --budgets c=270 --max-wall 270 \
         --output "$OUT/sparse-fp8-c1m-h200.json" | grep -E "tok_s\"|skipped|wall_s"
     rm -f "$OUT"/*.partial.jsonl ;;
-*) echo "usage: $0 tests|queue|host|ab|c1m"; exit 2 ;;
+pcie)
+    timeout 280 python scripts/sweep_fp8_sparse_decode.py --quick --cases host,host-spread --spread-gb 64 \
+        --output "$OUT/pcie-rows-h200.json" 2>&1 | quiet | tail -8 ;;
+*) echo "usage: $0 tests|queue|host|ab|c1m|pcie"; exit 2 ;;
 esac

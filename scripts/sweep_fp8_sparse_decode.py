@@ -70,7 +70,69 @@ def setup(dev, dtype, host: bool, gen: torch.Generator, spread_gb: float = 0.0, 
     seq = torch.full((1,), CTX + 1, dtype=torch.int32, device=dev)
     lens = torch.full((1, HKV), (SEL - 1) * PAGE + 1, dtype=torch.int32, device=dev)
     return dict(data=data, flags=flags, table=table[None].to(dev), logical=logical[None].to(dev), seq=seq,
-                lens=lens, host=hostbuf, N=N, layer_major=layer_major, dev_table=dev_table)
+                lens=lens, host=hostbuf, N=N, layer_major=layer_major, dev_table=dev_table,
+                host_slots=at if host else None, slot_bytes=sb if host else 0)
+
+
+_READ_ROWS = None
+
+
+def _read_rows_kernel():
+    """The row-reading kernel, defined on first use (after ``cuda_or_interpreter`` chose the interpreter or not):
+    one program per (selected row, K/V) reads the row's ``WORDS`` int32 words where they lie (CPU RAM through the
+    PCIe bus when ``src`` is page-locked host memory) and stores their xor (so that the reads are not dropped)."""
+    global _READ_ROWS
+    if _READ_ROWS is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def read_rows(src_ptr, slots_ptr, out_ptr, layer, s_slot, s_layer, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+            r = tl.program_id(0)
+            c = tl.program_id(1)
+            slot = tl.load(slots_ptr + r).to(tl.int64)
+            base = src_ptr + slot * s_slot + layer * s_layer + c * WORDS
+            acc = tl.zeros([BLOCK], tl.int32)
+            for w0 in range(0, WORDS, BLOCK):
+                w = w0 + tl.arange(0, BLOCK)
+                acc ^= tl.load(base + w, mask=w < WORDS, other=0)
+            tl.store(out_ptr + r * 2 + c, tl.xor_sum(acc, axis=0))
+        _READ_ROWS = read_rows
+    return _READ_ROWS
+
+
+def pcie_rows(inp, dev, cuda: bool, case: str) -> list[dict]:
+    """Baselines of the host case in the same run, for one layer's selected rows in CPU RAM (the bytes the FP8
+    decode reads over PCIe): the copy engine moving the same bytes (contiguous, page-locked -> device) and a kernel
+    that only reads the rows in place (zero-copy, as the decode does) -- the PCIe roofline the decode can reach."""
+    hb, sb, slots = inp["host"], inp["slot_bytes"], inp["host_slots"]
+    if inp["layer_major"] or sb % 4:
+        return []
+    nbytes = slots.numel() * 2 * sb
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    words = hb.view(torch.int32)                     # [S, LAYERS, 2, sb / 4]
+    slots_d = slots.to(dev)
+    out = torch.empty(slots.numel() * 2, dtype=torch.int32, device=dev)
+    kern = _read_rows_kernel()
+    rows = []
+    for kernel, fn in (("pcie copy engine (the same bytes, contiguous)",
+                        lambda i: dst.copy_(src, non_blocking=True)),
+                       ("pcie zero-copy read kernel (the same rows in place)",
+                        lambda i: kern[(slots.numel(), 2)](words, slots_d, out, i, words.stride(0),
+                                                                         words.stride(1), WORDS=sb // 4, BLOCK=512))):
+        us = timed(fn, cuda)
+        rows.append(dict(case=case, kernel=kernel, bytes_per_layer=nbytes, us=us, GBps=nbytes / us / 1e3))
+        print(json.dumps(rows[-1]), flush=True)
+    if not cuda:                                     # the reads hit the right words: the xor of each row
+        ref = words[slots.long(), 0].reshape(slots.numel() * 2, -1)
+        want = torch.zeros(ref.shape[0], dtype=torch.int32)
+        for j in range(ref.shape[1]):
+            want ^= ref[:, j]
+        kern[(slots.numel(), 2)](words, slots_d, out, 0, words.stride(0), words.stride(1),
+                                              WORDS=sb // 4, BLOCK=512)
+        assert torch.equal(out, want), "the read kernel read other words"
+    return rows
 
 
 def call(inp, layer: int, q, cfg: dict, out=None):
@@ -152,6 +214,8 @@ def main() -> None:
             for splits in (default_splits, 8):
                 us = timed(lambda i, s=splits: bf16_call(inp, i, q, s), cuda)
                 rows.append(dict(case=case, kernel="bf16 decode (same selection, bf16 pages)", splits=splits, us=us))
+        if case.startswith("host"):
+            rows += pcie_rows(inp, dev, cuda, case)
         ref = call(inp, 0, q, dict(num_splits=default_splits)).float()
         if a.check and inp["host"] is not None:       # rows read from CPU RAM == the same pages read on the device
             same = call({**inp, "host": None, "table": inp["dev_table"]}, 0, q, dict(num_splits=default_splits))
@@ -197,6 +261,9 @@ def main() -> None:
             best[r["case"]] = r
     print("case | kernel | config | us")
     for r in [r for r in rows if r["kernel"] != "fp8 decode" or "num_warps" not in r] + list(best.values()):
+        if "GBps" in r:
+            print(f"{r['case']} | {r['kernel']} | {r['bytes_per_layer']} B a layer | {r['us']:.2f} ({r['GBps']:.1f} GB/s)")
+            continue
         cfg = ",".join(f"{k}={r[k]}" for k in KEYS if k in r)
         print(f"{r['case']} | {r['kernel']} | {cfg} | {r.get('us', float('nan')):.2f}")
     if a.env:
