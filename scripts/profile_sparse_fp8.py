@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, ".")
 from tierserve.bench.sparse_fp8_run import Bench, free_memory  # noqa: E402
-from tierserve.bench.sparse_fp8_timing import _Capture  # noqa: E402
+from tierserve.bench.sparse_fp8_timing import DecodeMetaCapture  # noqa: E402
 from tierserve.bench.sparse_fp8 import Sizes  # noqa: E402
 
 _sync = lambda: torch.cuda.synchronize() if torch.cuda.is_available() else None  # noqa
@@ -43,7 +43,7 @@ for name, s in SETTINGS.items():
     req, pre = b.prefill(eng, prompt, 40, time.perf_counter() + 200, dense=True)
     out = b.decode(eng, req, time.perf_counter() + 100, attention=False)
     runner = eng.runner
-    cap = _Capture(runner)
+    cap = DecodeMetaCapture(runner)
     cap.armed = True
     req, _ = b.prefill(eng, prompt[: ctx // 2], 3, time.perf_counter() + 200, dense=True)
     while not req.is_finished:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tierserve.bench.decode import _sync
-from tierserve.bench.sparse_fp8_timing import _Capture, attention_ms
+from tierserve.bench.sparse_fp8_timing import DecodeMetaCapture, attention_ms
 
 if TYPE_CHECKING:
     from tierserve.bench.sparse_fp8 import Sizes
@@ -100,7 +100,7 @@ class Bench:
         warm = {}
         # armed before the warm-up: with multi-step windows queued back to back the timed tokens may all come from
         # windows extended without a new ``_prepare`` (the request's first decode step prepares one)
-        cap = _Capture(runner)
+        cap = DecodeMetaCapture(runner)
         cap.armed = True
         # windows count their steps when queued, so a warm-up may queue timed ones: counted from the warm-up on
         kinds0 = dict(getattr(runner, "step_kinds", {}))
@@ -134,7 +134,7 @@ class Bench:
                              f"queued, {len(req.output_token_ids)} in all): ask for more new tokens")
         if queued:
             warm["untimed_queued_tokens"] = queued
-        out = {**warm, "tok_s": n / dt, "ms_per_token": 1e3 * dt / max(n, 1), "timed_tokens": n,
+        out = {**warm, "tok_s": n / dt, "ms_per_token": 1e3 * dt / n, "timed_tokens": n,
                "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
                "tokens": list(req.output_token_ids),
                # decode steps by path, warm-up included: "plain" / "spill" CUDA graphs or "eager" (step_kinds)

@@ -9,7 +9,7 @@ import torch
 from tierserve.bench.decode import _sync
 
 
-class _Capture:
+class DecodeMetaCapture:
     """Keeps the AttnMetadata of the first pure decode step after ``armed`` is set (runner._prepare wrapped)."""
 
     def __init__(self, runner) -> None:
