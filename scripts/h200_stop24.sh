@@ -45,5 +45,15 @@ c1m)
 pcie)
     timeout 280 python scripts/sweep_fp8_sparse_decode.py --quick --cases host,host-spread --spread-gb 64 \
         --output "$OUT/pcie-rows-h200.json" 2>&1 | quiet | tail -8 ;;
-*) echo "usage: $0 tests|queue|host|ab|c1m|pcie"; exit 2 ;;
+moves)
+    # page moves inside the window queue (no drain): GPU tests of the zero-copy FP8 rows, then section c at 128k
+    # with the moves in the queue (default) against the stop-23 queue ends (TIERSERVE_MOVES_IN_QUEUE=0), same call
+    timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_engine.py \
+        -k "tiered or spill or multi" 2>&1 | tail -2
+    for mode in 1 0; do
+        TIERSERVE_MOVES_IN_QUEUE=$mode bench 150 --sections c --tier-contexts 131072 --budgets c=140 --max-wall 140 \
+            --output "$OUT/sparse-fp8-c128k-moves$mode-h200.json" 2>&1 | grep -E "tok_s\"|wall_s|differ|Error"
+    done
+    rm -f "$OUT"/*.partial.jsonl "$OUT"/*.png ;;
+*) echo "usage: $0 tests|queue|host|ab|c1m|pcie|moves"; exit 2 ;;
 esac

@@ -57,6 +57,32 @@ def _top(events, key: str, n: int, tokens: int) -> list[dict]:
     return [{"name": k[:100], "us_per_token": v / tokens, "calls_per_token": c / tokens} for v, k, c in rows]
 
 
+def _sync_sites(eng, req) -> list[str]:
+    """The host syncs of TOKENS tokens (``torch.cuda.set_sync_debug_mode``: every synchronizing call warns), by
+    the tierserve frames of the Python stack that made them, the most frequent first."""
+    import collections
+    import traceback
+    import warnings
+
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f"{f.filename.split('/tierserve/')[-1]}:{f.lineno}({f.name})" for f in traceback.extract_stack()
+                  if "/tierserve/" in f.filename and "/scripts/" not in f.filename]
+        sites[" <- ".join(reversed(frames[-5:])) or str(message)[:80]] += 1
+    old = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _tokens(eng, req, TOKENS)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = old
+    return [f"x{c}: {s}" for s, c in sites.most_common(30)]
+
+
 def main() -> None:
     cfg = ModelConfig.from_hf(load_config(resolve_model_path(MODEL)))
     ps, new = 16, 4 * TOKENS + 64
@@ -86,6 +112,8 @@ def main() -> None:
         _tokens(eng, req, 8)                             # warm-up: graphs captured, placement settles
         n, dt = _tokens(eng, req, TOKENS)
         res["wall_ms_per_token"] = 1e3 * dt / max(n, 1)
+        if CUDA and os.environ.get("SYNCS") == "1":
+            res["sync_sites"] = _sync_sites(eng, req)
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])
         stack = os.environ.get("STACK") == "1"
         prof = torch.profiler.profile(activities=acts, with_stack=stack)
@@ -117,6 +145,8 @@ def main() -> None:
     for k in ("gpu_kernels", "host_ops"):
         for r in res[k][:12]:
             print(f"  {k[:4]} {r['us_per_token']:9.1f} us/tok x {r['calls_per_token']:6.2f}  {r['name']}")
+    for s in res.get("sync_sites", []):
+        print("  sync", s)
     for s in res.get("syncs", []):
         print("  sync", s)
     for key in ("tottime", "cumulative"):

@@ -54,7 +54,9 @@ def setup(dev, dtype, host: bool, gen: torch.Generator, spread_gb: float = 0.0, 
     if host:             # 90% of the old selected pages as compact rows in pinned CPU RAM, ids after the device's
         sb = slot_bytes(PAGE, HKV, D, 1, data.element_size())
         olds = table[old_mask]
-        moved = olds[torch.randperm(olds.numel(), generator=gen)[:int(HOST_SHARE * olds.numel())]]
+        pick = torch.randperm(olds.numel(), generator=gen)[:int(HOST_SHARE * olds.numel())]
+        moved = olds[pick]
+        moved_heads = torch.arange(HKV)[:, None].expand(HKV, SEL)[old_mask][pick]     # the head that reads each
         blocks = data.view(N, LAYERS, 2, -1).view(torch.uint8)[moved.to(dev).long(), :, :, :sb].cpu()
         S = max(moved.numel(), int(spread_gb * 2**30 // (LAYERS * 2 * sb)))
         shape = (LAYERS, S, 2, sb) if layer_major else (S, LAYERS, 2, sb)
@@ -71,7 +73,8 @@ def setup(dev, dtype, host: bool, gen: torch.Generator, spread_gb: float = 0.0, 
     lens = torch.full((1, HKV), (SEL - 1) * PAGE + 1, dtype=torch.int32, device=dev)
     return dict(data=data, flags=flags, table=table[None].to(dev), logical=logical[None].to(dev), seq=seq,
                 lens=lens, host=hostbuf, N=N, layer_major=layer_major, dev_table=dev_table,
-                host_slots=at if host else None, slot_bytes=sb if host else 0)
+                host_slots=at if host else None, slot_bytes=sb if host else 0,
+                host_heads=moved_heads if host else None)
 
 
 _READ_ROWS = None
@@ -79,75 +82,71 @@ _READ_ROWS = None
 
 def _read_rows_kernel():
     """The row-reading kernel, defined on first use (after ``cuda_or_interpreter`` chose the interpreter or not):
-    one program per (selected row, K/V) reads the row's ``WORDS`` int32 words where they lie (CPU RAM through the
-    PCIe bus when ``src`` is page-locked host memory) and stores their xor (so that the reads are not dropped)."""
+    one program per (selected row, K/V) reads, where the row lies (CPU RAM through the PCIe bus when ``src`` is
+    page-locked host memory), the bytes the decode reads of it -- its head's FP8 codes, ``PAGE`` runs of ``D`` bytes
+    ``H * D`` apart, and the head's scale -- and stores their xor (so that the reads are not dropped)."""
     global _READ_ROWS
     if _READ_ROWS is None:
         import triton
         import triton.language as tl
 
         @triton.jit
-        def read_rows(src_ptr, slots_ptr, out_ptr, layer, s_slot, s_layer, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+        def read_rows(src_ptr, slots_ptr, heads_ptr, out_ptr, layer, s_slot, s_layer, s_kv, scale_word,
+                      PAGE: tl.constexpr, H: tl.constexpr, DW: tl.constexpr):
             r = tl.program_id(0)
             c = tl.program_id(1)
             slot = tl.load(slots_ptr + r).to(tl.int64)
-            base = src_ptr + slot * s_slot + layer * s_layer + c * WORDS
-            acc = tl.zeros([BLOCK], tl.int32)
-            for w0 in range(0, WORDS, BLOCK):
-                w = w0 + tl.arange(0, BLOCK)
-                acc ^= tl.load(base + w, mask=w < WORDS, other=0)
-            tl.store(out_ptr + r * 2 + c, tl.xor_sum(acc, axis=0))
+            h = tl.load(heads_ptr + r)
+            base = src_ptr + slot * s_slot + layer * s_layer + c * s_kv
+            t = tl.arange(0, PAGE)[:, None]
+            w = tl.arange(0, DW)[None, :]
+            acc = tl.load(base + (t * H + h) * DW + w)                      # [PAGE, D / 4] int32 words
+            x = tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0) ^ tl.load(base + scale_word + h)
+            tl.store(out_ptr + r * 2 + c, x)
         _READ_ROWS = read_rows
     return _READ_ROWS
 
 
 def pcie_rows(inp, dev, cuda: bool, case: str) -> list[dict]:
-    """Baselines of the host case in the same run, for one layer's selected rows in CPU RAM (the bytes the FP8
-    decode reads over PCIe): the copy engine moving the same bytes (contiguous, page-locked -> device) and a kernel
-    that only reads the rows in place (zero-copy, as the decode does) -- the PCIe roofline the decode can reach."""
-    hb, sb, slots = inp["host"], inp["slot_bytes"], inp["host_slots"]
-    if inp["layer_major"] or sb % 4:
+    """Baselines of the host case in the same run, for one layer's selected rows in CPU RAM: the bytes the FP8
+    decode reads over PCIe (each row's head codes + scale: PAGE x D + 4 bytes a row and K/V) moved by the copy
+    engine (contiguous, page-locked -> device), and read in place by a kernel that only reads them (zero-copy, as
+    the decode does) -- the PCIe roofline the decode can reach. (Stop 24's first run of these baselines moved and
+    read whole rows, every head's codes: 8x the decode's bytes.)"""
+    from tierserve.quant.fp8_compact import slot_offsets
+
+    hb, sb, slots, heads = inp["host"], inp["slot_bytes"], inp["host_slots"], inp["host_heads"]
+    if inp["layer_major"] or sb % 4 or D % 4:
         return []
-    nbytes = slots.numel() * 2 * sb
+    n_codes, scale_off, _ = slot_offsets(PAGE, HKV, D)
+    nbytes = slots.numel() * 2 * (PAGE * D + 4)
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     words = hb.view(torch.int32)                     # [S, LAYERS, 2, sb / 4]
-    slots_d = slots.to(dev)
+    slots_d, heads_d = slots.to(dev), heads.to(torch.int32).to(dev)
     out = torch.empty(slots.numel() * 2, dtype=torch.int32, device=dev)
     kern = _read_rows_kernel()
+
+    def read(layer):
+        kern[(slots.numel(), 2)](words, slots_d, heads_d, out, layer, words.stride(0), words.stride(1),
+                                 words.stride(2), scale_off // 4, PAGE=PAGE, H=HKV, DW=D // 4)
     rows = []
-    for kernel, fn in (("pcie copy engine (the same bytes, contiguous)",
+    for kernel, fn in (("pcie copy engine (the decode's bytes, contiguous)",
                         lambda i: dst.copy_(src, non_blocking=True)),
-                       ("pcie zero-copy read kernel (the same rows in place)",
-                        lambda i: kern[(slots.numel(), 2)](words, slots_d, out, i, words.stride(0),
-                                                                         words.stride(1), WORDS=sb // 4, BLOCK=512))):
+                       ("pcie zero-copy read kernel (the decode's bytes, in place)", read)):
         us = timed(fn, cuda)
         rows.append(dict(case=case, kernel=kernel, bytes_per_layer=nbytes, us=us, GBps=nbytes / us / 1e3))
         print(json.dumps(rows[-1]), flush=True)
-    if not cuda:                                     # the reads hit the right words: the xor of each row
-        ref = words[slots.long(), 0].reshape(slots.numel() * 2, -1)
-        want = torch.zeros(ref.shape[0], dtype=torch.int32)
-        for j in range(ref.shape[1]):
-            want ^= ref[:, j]
-        kern[(slots.numel(), 2)](words, slots_d, out, 0, words.stride(0), words.stride(1),
-                                              WORDS=sb // 4, BLOCK=512)
-        assert torch.equal(out, want), "the read kernel read other words"
+    if not cuda:                                     # the reads hit the right words: each row's head codes + scale
+        w = words[slots.long(), 0]                                          # [n, 2, sb / 4]
+        want = torch.zeros(slots.numel(), 2, dtype=torch.int32)
+        for t in range(PAGE):
+            for j in range(D // 4):
+                want ^= w.gather(2, ((t * HKV + heads.long()) * (D // 4) + j)[:, None, None].expand(-1, 2, 1))[..., 0]
+        want ^= w.gather(2, (scale_off // 4 + heads.long())[:, None, None].expand(-1, 2, 1))[..., 0]
+        read(0)
+        assert torch.equal(out, want.reshape(-1)), "the read kernel read other words"
     return rows
-
-
-def call(inp, layer: int, q, cfg: dict, out=None):
-    from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
-    kv = inp["data"][:, layer]
-    hb = inp["host"]
-    host = ((hb[layer] if inp["layer_major"] else hb[:, layer]), inp["N"]) if hb is not None else None
-    return paged_decode_fp8(q[layer], kv, inp["flags"], inp["table"], inp["seq"], D ** -0.5, PAGE, SINK, RECENT,
-                            selection=(inp["logical"], inp["lens"]), host=host, out=out, **cfg)
-
-
-def bf16_call(inp, layer: int, q, splits: int):
-    from tierserve.attention.triton_decode import paged_decode
-    kv = inp["data"][:, layer]
-    return paged_decode(q[layer], kv[:, 0], kv[:, 1], inp["table"], inp["lens"], D ** -0.5, num_splits=splits)
 
 
 def timed(fn, cuda: bool) -> float:

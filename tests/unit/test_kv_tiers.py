@@ -340,13 +340,18 @@ def test_rebalance_every_from_the_environment(monkeypatch):
             _rebalance_every()
 
 
-def test_windows_queue_ends_every_rebalance_every_steps(ckpt, monkeypatch):
-    """With windows over the tiers a queue of windows ends after about ``rebalance_every`` decode steps (the engine
-    rebalances between queues): counted by the windows launched fresh (``launch_multi``) for the same tokens."""
+@pytest.mark.parametrize("in_queue", [False, True])
+def test_windows_queue_and_rebalance_every(ckpt, monkeypatch, in_queue):
+    """With windows over the tiers and page moves that need a host sync (``MOVES_IN_QUEUE`` off) a queue of windows
+    ends after about ``rebalance_every`` decode steps (the engine rebalances between queues); with moves queued
+    inside (the default where they need no sync, always on the CPU) the queue runs on whatever ``rebalance_every``
+    is. Counted by the windows launched fresh (``launch_multi``), for the same tokens."""
     from tierserve import LLM, SamplingParams
+    from tierserve.engine import multi_step as engine_multi
     from tierserve.runner import multi_step
 
     monkeypatch.setattr(multi_step, "TIERED", True)
+    monkeypatch.setattr(engine_multi, "MOVES_IN_QUEUE", in_queue)
     prompt = [0] + [(7 * i + 3) % 500 + 3 for i in range(150)]
     sp = SamplingParams(temperature=0, max_tokens=66, ignore_eos=True)
     got = {}
@@ -360,7 +365,10 @@ def test_windows_queue_ends_every_rebalance_every_steps(ckpt, monkeypatch):
         assert llm.engine.kv.num_spilled > 0
         got[every] = (out, len(launched))
     assert got[16][0] == got[64][0]
-    assert got[16][1] >= 3 and got[64][1] < got[16][1]
+    if in_queue:
+        assert got[16][1] == got[64][1] == 1
+    else:
+        assert got[16][1] >= 3 and got[64][1] < got[16][1]
 
 
 def test_placement_moves_under_multi_step_windows(ckpt, monkeypatch):

@@ -17,8 +17,9 @@ def ckpt(tmp_path_factory):
 
 
 def run(ckpt, steps, **kw):
-    llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=16,
-              enable_prefix_caching=False, cpu_kv_gb=0.01, debug_invariants=True, num_scheduler_steps=steps, **kw)
+    kw = dict(dict(dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=16,
+                   enable_prefix_caching=False, cpu_kv_gb=0.01, debug_invariants=True), **kw)
+    llm = LLM(str(ckpt), num_scheduler_steps=steps, **kw)
     runner, calls = llm.engine.runner, {"launch": 0, "extend": 0, "refused": 0, "over_host": 0}
     launch, extend = runner.launch_multi, runner.extend_multi
 
@@ -61,3 +62,52 @@ def test_windows_over_spilled_pages_give_the_one_step_tokens(ckpt, monkeypatch, 
     got, calls, spilled = run(ckpt, 4, **CASES[case])
     assert got == one and spilled > 0 and calls["launch"] > 0
     assert calls["extend"] > 0 and calls["over_host"] > 0        # windows queued back to back over spilled pages
+
+
+@pytest.mark.parametrize("case", ["sparse", "sparse-fp8"])
+def test_placement_inside_a_queue_of_windows(ckpt, monkeypatch, case):
+    """Pages are promoted and demoted between windows of one queue (from the counts' snapshot; the queue does not
+    end for it), with the one-step tokens. The counts are rigged before each snapshot -- device pages never chosen,
+    spilled ones chosen twice more -- so that pages move at every window (in this tiny model every page is chosen
+    about as often as any other, and little would move); placement changes where pages are read, never what."""
+    from tierserve.engine import multi_step as engine_multi
+    from tierserve.kv.spill_placement import SpillPlacement
+    from tierserve.runner.spill_state import SpillState
+
+    snapshot = SpillState.snapshot
+
+    def cold_device(self):
+        self.page_heat.zero_()
+        self.host_heat += 2
+        snapshot(self)
+    monkeypatch.setattr(SpillState, "snapshot", cold_device)
+
+    monkeypatch.setattr(multi_step, "TIERED", True)
+    monkeypatch.setattr(engine_multi, "MOVES_IN_QUEUE", True)
+    monkeypatch.setattr(SpillPlacement, "rebalance_every", 1)
+    in_queue = []
+    real = engine_multi.MultiStepDecoder._placement
+
+    def placement(self):
+        spill = real(self)
+        in_queue.append(spill is not None)
+        return spill
+    monkeypatch.setattr(engine_multi.MultiStepDecoder, "_placement", placement)
+    moves = {"promoted": 0, "demoted": 0}
+    rebalance = SpillPlacement.rebalance
+
+    def counted(self, *a, **k):
+        p, d = self.num_promoted, self.num_demoted
+        rebalance(self, *a, **k)
+        if in_queue and in_queue[-1]:
+            moves["promoted"] += self.num_promoted - p
+            moves["demoted"] += self.num_demoted - d
+    monkeypatch.setattr(SpillPlacement, "rebalance", counted)
+    kw = dict(CASES[case], cpu_kv_gb=0.1)          # room in CPU RAM for the demoted pages
+    if case == "sparse-fp8":                        # compact FP8 storage demotes nothing (hot pages come back
+        kw["kv_fp8_storage"] = "inplace"            # into compact slots)
+    got, calls, spilled = run(ckpt, 4, **kw)
+    monkeypatch.undo()
+    one, _, _ = run(ckpt, 1, **kw)
+    assert got == one and spilled > 0 and calls["extend"] > 0
+    assert sum(in_queue) > 0 and moves["promoted"] > 0 and moves["demoted"] > 0, (in_queue, moves)

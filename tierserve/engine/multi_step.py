@@ -10,13 +10,20 @@ when a request finishes, a request waits, or a budget (max_tokens, max_model_len
 """
 from __future__ import annotations
 
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from tierserve.engine.outputs import RequestOutput
 from tierserve.engine.scheduler import SchedulerOutput
 from tierserve.runner import multi_step
 from tierserve.runner.sampler import plain_greedy
+
+
+# KV tiers: place pages (promote / demote) inside a queue of windows from a snapshot of the counts, where the moves
+# need no host sync; TIERSERVE_MOVES_IN_QUEUE=0 ends the queue every ``rebalance_every`` steps instead (stop 23)
+MOVES_IN_QUEUE = os.environ.get("TIERSERVE_MOVES_IN_QUEUE", "1") != "0"
 
 
 @dataclass
@@ -61,6 +68,7 @@ class MultiStepDecoder:
     def start(self, so: SchedulerOutput, k: int) -> list[RequestOutput]:
         bases = [s.end for s in so.scheduled]
         self._transfers()
+        self._snapshot()
         self.inflight = EngineWindow(so, bases, self.engine.runner.launch_multi(so, k), k)
         return self.advance()
 
@@ -97,22 +105,49 @@ class MultiStepDecoder:
         e = self.engine
         if e.scheduler.waiting or any(s.request.is_finished for s in w.so.scheduled):
             return None
-        # KV tiers: the queue ends after about ``rebalance_every`` steps, so that the next step's start moves hot
-        # spilled pages back in (the engine rebalances only between windows)
-        if e.kv.tiers is not None and w.queued + w.steps >= max(e.kv.rebalance_every, 2 * w.steps):
-            return None
+        spill = self._placement()
+        if spill is None:
+            # KV tiers whose moves need a host sync: the queue ends after about ``rebalance_every`` steps, so that
+            # the next step's start moves hot spilled pages back in (the engine rebalances between windows)
+            if e.kv.tiers is not None and w.queued + w.steps >= max(e.kv.rebalance_every, 2 * w.steps):
+                return None
         k = min([e.config.num_scheduler_steps] + [self._room(s.request, w.steps) for s in w.so.scheduled])
         bases = [b + w.steps for b in w.bases]
         first = [b - 1 for b in bases]               # each request's first query of the new window
         k = self._fp8_aligned(k, first)
-        if k < 2 or not self._allocate(w.so, bases, k):
-            return None
+        # placement decisions read the counts' last snapshot, not the device
+        with spill.frozen() if spill is not None else nullcontext():
+            if spill is not None:
+                steps, self.steps_read = self.steps_read, 0
+                e.kv.rebalance(len(e.scheduler.running), steps)
+            if k < 2 or not self._allocate(w.so, bases, k):
+                return None
         self._fp8_ahead(w.so, first)
         self._transfers()
+        self._snapshot()
         handle = e.runner.extend_multi(w.handle, k, [s.page_table for s in w.so.scheduled])
         if handle is None:           # the tables hold a spilled page the window's path cannot read
             return None
         return EngineWindow(w.so, bases, handle, k, w.queued + w.steps)
+
+    def _placement(self):
+        """KV tiers whose page moves queue with no host sync (``moves_without_sync``) and sparse selection counts
+        with a snapshot: the runner's ``SpillState``, whose ``frozen`` counts the KV manager places pages by while
+        windows stay queued (promotions, demotions and the allocation's spills go in the next window's transfers);
+        else None."""
+        e = self.engine
+        tiers, spill = e.kv.tiers, getattr(e.runner, "spill", None)
+        if tiers is None or spill is None or not spill.has_snapshot or not MOVES_IN_QUEUE \
+                or not tiers.moves_without_sync(e.runner.kv.data):
+            return None
+        return spill
+
+    def _snapshot(self) -> None:
+        """Queue a host copy of the selection counts behind the transfers just queued (read by the next
+        ``_extend``, by when the window in flight has been read: the copy has landed or is about to)."""
+        spill = getattr(self.engine.runner, "spill", None)
+        if self.engine.kv.tiers is not None and spill is not None and MOVES_IN_QUEUE:
+            spill.snapshot()
 
     def _fp8_aligned(self, k: int, first_queries: list[int]) -> int:
         """FP8 KV: a window's steps, cut so that no page becomes FP8-read inside it after its first step, when the

@@ -109,3 +109,14 @@ class PinnedBuffers:
             self.close()
         except Exception:  # noqa: BLE001, S110 - interpreter shutdown: the driver may be gone
             pass
+
+
+def ids_to(values, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A host list (or CPU tensor) of ids as a tensor on ``device`` without a host sync: on CUDA through a pinned
+    staging copy queued on the current stream (``torch.tensor(values, device="cuda")`` copies from pageable memory
+    and waits for the stream, which drains a queue of multi-step windows)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    t = t.to(dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from tierserve.memory.pinned import ids_to
 from tierserve.quant.fp8_compact import (compact_summary, dequant_compact, slot_bytes, slot_offsets, store_compact_,
                                          summary_views)
 from tierserve.quant.fp8_kv import dequant_pages, fp8_read_mask, quantise_pages_, split_precision
@@ -156,32 +157,24 @@ class Fp8Pages:
         """``[n, L, 2, slot_bytes]`` uint8 on the device: the compact rows of pages ``pids`` about to spill --
         a compact slot's row as it is, a page quantised in place re-packed (its codes + scales are the row's
         prefix; its summary rows move up), a page still at full precision (the read rule reads it in FP8 from
-        now on) quantised exactly as ``store_compact_`` would."""
+        now on) quantised exactly as ``store_compact_`` would. No host sync: a full-size page's rows are made both
+        ways and its ``quantised`` flag picks one on the device (a multi-step window may be queued)."""
         L, rows, h, d, soff, tb, sb = self._layout(kv_data)
         dev = kv_data.device
         out = torch.zeros(len(pids), L, 2, self.row_bytes(kv_data), dtype=torch.uint8, device=dev)
-
-        def idx(xs):
-            return torch.tensor(xs, dtype=torch.int64, device=dev)
         comp = [i for i, p in enumerate(pids) if p >= self.base]
         full = [i for i, p in enumerate(pids) if p < self.base]
         if comp:
-            out[idx(comp)] = self.compact[idx([pids[i] - self.base for i in comp])]
+            out[ids_to(comp, dev)] = self.compact[ids_to([pids[i] - self.base for i in comp], dev)]
         if full:
-            stored = self.quantised[idx([pids[i] for i in full])].tolist()
-            inpl = [i for i, st in zip(full, stored) if st]
-            raw = [i for i, st in zip(full, stored) if not st]
-            if inpl:
-                blob = kv_data[idx([pids[i] for i in inpl])].view(torch.uint8).reshape(len(inpl), L, 2, -1)
-                r = torch.zeros(len(inpl), L, 2, out.shape[-1], dtype=torch.uint8, device=dev)
-                r[..., :soff] = blob[..., :soff]
-                r[..., soff:soff + sb] = blob[..., tb:tb + sb]
-                out[idx(inpl)] = r
-            if raw:
-                tmp = torch.zeros(len(raw), L, 2, out.shape[-1], dtype=torch.uint8, device=dev)
-                store_compact_(kv_data, tmp, idx([pids[i] for i in raw]), idx(list(range(len(raw)))),
-                               self.page_size)
-                out[idx(raw)] = tmp
+            ids = ids_to([pids[i] for i in full], dev)
+            blob = kv_data[ids].view(torch.uint8).reshape(len(full), L, 2, -1)
+            inpl = torch.zeros(len(full), L, 2, out.shape[-1], dtype=torch.uint8, device=dev)
+            inpl[..., :soff] = blob[..., :soff]
+            inpl[..., soff:soff + sb] = blob[..., tb:tb + sb]
+            raw = torch.zeros_like(inpl)
+            store_compact_(kv_data, raw, ids, torch.arange(len(full), device=dev), self.page_size)
+            out[ids_to(full, dev)] = torch.where(self.quantised[ids].view(-1, 1, 1, 1), inpl, raw)
         return out
 
     def restore(self, kv_data: torch.Tensor, rows: torch.Tensor, pids: list[int]) -> None:
@@ -193,17 +186,16 @@ class Fp8Pages:
         comp = [i for i, p in enumerate(pids) if p >= self.base]
         full = [i for i, p in enumerate(pids) if p < self.base]
         if comp:
-            self.compact[torch.tensor([pids[i] - self.base for i in comp], device=dev)] = \
-                rows[torch.tensor(comp, device=dev)]
+            self.compact[ids_to([pids[i] - self.base for i in comp], dev)] = rows[ids_to(comp, dev)]
         if full:
-            r = rows[torch.tensor(full, device=dev)]
+            r = rows[ids_to(full, dev)]
             page_bytes = nrows * h * d * kv_data.element_size()
             if soff > tb:
                 raise ValueError("a full-size page has no room for FP8 codes + scales")
             blob = torch.zeros(len(full), L, 2, page_bytes, dtype=torch.uint8, device=dev)
             blob[..., :soff] = r[..., :soff]
             blob[..., tb:tb + sb] = r[..., soff:soff + sb]
-            ids = torch.tensor([pids[i] for i in full], device=dev)
+            ids = ids_to([pids[i] for i in full], dev)
             kv_data[ids] = blob.view(kv_data.dtype).view(len(full), L, 2, nrows, h, d)
             self.quantised[ids] = True
 
@@ -216,10 +208,10 @@ class Fp8Pages:
         comp = [i for i, p in enumerate(pids) if p >= self.base]
         full = [i for i, p in enumerate(pids) if p < self.base]
         if full:
-            out[torch.tensor(full, device=dev)] = kv_data[torch.tensor([pids[i] for i in full], device=dev)][:, :, :, ps:]
+            out[ids_to(full, dev)] = kv_data[ids_to([pids[i] for i in full], dev)][:, :, :, ps:]
         if comp:
-            r = self.compact[torch.tensor([pids[i] - self.base for i in comp], device=dev)]
-            out[torch.tensor(comp, device=dev)] = compact_summary(r, rows - ps, h, d, ps, kv_data.dtype)
+            r = self.compact[ids_to([pids[i] - self.base for i in comp], dev)]
+            out[ids_to(comp, dev)] = compact_summary(r, rows - ps, h, d, ps, kv_data.dtype)
         return out
 
 

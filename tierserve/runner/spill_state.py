@@ -10,7 +10,12 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import numpy as np
 import torch
+
+from tierserve.memory.pinned import ids_to
 
 
 class SpillState:
@@ -25,6 +30,8 @@ class SpillState:
         z = dict(dtype=torch.float32, device=device)
         self.page_heat = torch.zeros(num_pages, **z) if count_heat else None
         self.host_heat = torch.zeros(ram_slots, **z) if count_heat and ram_slots else None
+        self._snap = None          # (page counts, slot counts, event): host copies queued by ``snapshot``
+        self._frozen = None        # (page counts, slot counts) as numpy arrays while ``frozen`` reads them
 
     def on_transfers(self, transfers, kv_data: torch.Tensor) -> None:
         """Before the transfers run (pages still in place): keep spilled pages' summaries and counts. With
@@ -35,14 +42,16 @@ class SpillState:
         # promoted pages first (their data is read before a spill may reuse the slot in the same batch): the count
         # goes with the page, and the released slot starts with none
         if self.host_heat is not None and transfers.unspill:
-            slots = torch.tensor([s for s, _ in transfers.unspill], device=self.device)
-            pids = torch.tensor([p for _, p in transfers.unspill], device=self.device)
-            dev = pids < n                    # a page promoted into a compact FP8 slot keeps no count
-            self.page_heat[pids[dev]] = self.host_heat[slots[dev]]
-            self.host_heat[slots] = 0
+            # a page promoted into a compact FP8 slot keeps no count (the mask is made on the host: a boolean
+            # index on the device would wait for the queued work)
+            kept = [(s, p) for s, p in transfers.unspill if p < n]
+            if kept:
+                self.page_heat[ids_to([p for _, p in kept], self.device)] = \
+                    self.host_heat[ids_to([s for s, _ in kept], self.device)]
+            self.host_heat[ids_to([s for s, _ in transfers.unspill], self.device)] = 0
         if ram:
-            pids = torch.tensor([p for p, _ in ram], device=self.device)
-            slots = torch.tensor([s for _, s in ram], device=self.device)
+            pids = ids_to([p for p, _ in ram], self.device)
+            slots = ids_to([s for _, s in ram], self.device)
             if self.summary_rows:
                 if self.summaries is None:
                     self._alloc_summaries(kv_data.shape)
@@ -66,17 +75,67 @@ class SpillState:
             self.page_heat.scatter_reduce_(0, slot_pages, keep, reduce="prod")
 
     def page_heat_of(self, pids: list[int]) -> list[float]:
+        if self._frozen is not None:
+            return self._frozen[0][np.asarray(pids, dtype=np.int64)].tolist()
         return self.page_heat[torch.tensor(pids, device=self.device)].tolist()
 
     def slot_heat_of(self, slots: list[int]) -> list[float]:
+        if self._frozen is not None:
+            return self._frozen[1][np.asarray(slots, dtype=np.int64)].tolist()
         return self.host_heat[torch.tensor(slots, device=self.device)].tolist()
 
     def top_slots(self, k: int) -> tuple[list[int], list[float]]:
         """The ``k`` CPU-RAM slots with the highest counts (any order among equal counts) and their counts: one
         small read, however many slots there are."""
+        if self._frozen is not None:
+            heat = self._frozen[1]
+            k = min(k, heat.shape[0])
+            top = np.argpartition(-heat, k - 1)[:k] if k < heat.shape[0] else np.arange(heat.shape[0])
+            top = top[np.argsort(-heat[top], kind="stable")]
+            return top.tolist(), heat[top].tolist()
         heat, slots = torch.topk(self.host_heat, min(k, self.host_heat.shape[0]))
         return slots.tolist(), heat.tolist()
 
     def clear_slots(self, slots: list[int]) -> None:
         """Released slots start with no count (no host sync)."""
-        self.host_heat[torch.tensor(slots, device=self.device)] = 0
+        self.host_heat[ids_to(slots, self.device)] = 0
+
+    # ---- counts read without a host sync (placement inside a queue of multi-step windows) -------------------
+    def snapshot(self) -> None:
+        """Queue copies of both count arrays into host memory on the current stream (after the work queued so
+        far); ``frozen`` reads them once they have landed. Nothing waits here."""
+        if self.page_heat is None:
+            return
+        cuda = self.device.type == "cuda"
+        if self._snap is None:
+            self._snap = (torch.empty(self.page_heat.shape, dtype=torch.float32, pin_memory=cuda),
+                          torch.empty(self.host_heat.shape if self.host_heat is not None else (0,),
+                                      dtype=torch.float32, pin_memory=cuda), None)
+        page, slot, _ = self._snap
+        page.copy_(self.page_heat, non_blocking=cuda)
+        if self.host_heat is not None:
+            slot.copy_(self.host_heat, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._snap = (page, slot, event)
+
+    @property
+    def has_snapshot(self) -> bool:
+        return self._snap is not None and (self._snap[2] is not None or self.device.type != "cuda")
+
+    @contextmanager
+    def frozen(self):
+        """Inside: ``page_heat_of`` / ``slot_heat_of`` / ``top_slots`` read the last ``snapshot`` (waiting for its
+        copies, which were queued behind work the caller has already waited for, or the transfers queued after
+        it) instead of the device arrays, so the KV manager can place pages while windows are queued. The counts
+        lag by the work queued after the snapshot."""
+        page, slot, event = self._snap
+        if event is not None:
+            event.synchronize()
+        self._frozen = (page.numpy().copy(), slot.numpy().copy())
+        try:
+            yield
+        finally:
+            self._frozen = None
