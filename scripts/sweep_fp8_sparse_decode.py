@@ -148,6 +148,20 @@ def pcie_rows(inp, dev, cuda: bool, case: str) -> list[dict]:
         assert torch.equal(out, want.reshape(-1)), "the read kernel read other words"
     return rows
 
+def call(inp, layer: int, q, cfg: dict, out=None):
+    from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
+    kv = inp["data"][:, layer]
+    hb = inp["host"]
+    host = ((hb[layer] if inp["layer_major"] else hb[:, layer]), inp["N"]) if hb is not None else None
+    return paged_decode_fp8(q[layer], kv, inp["flags"], inp["table"], inp["seq"], D ** -0.5, PAGE, SINK, RECENT,
+                            selection=(inp["logical"], inp["lens"]), host=host, out=out, **cfg)
+
+
+def bf16_call(inp, layer: int, q, splits: int):
+    from tierserve.attention.triton_decode import paged_decode
+    kv = inp["data"][:, layer]
+    return paged_decode(q[layer], kv[:, 0], kv[:, 1], inp["table"], inp["lens"], D ** -0.5, num_splits=splits)
+
 
 def timed(fn, cuda: bool) -> float:
     """us per call: LAYERS calls (one per layer) in one CUDA graph, median of 7 replays."""
