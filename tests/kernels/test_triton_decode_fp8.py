@@ -151,24 +151,27 @@ def test_engine_triton_fp8_matches_reference_and_multi_step(ckpt):
     assert multi == one
 
 
-def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt):
+def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt, monkeypatch):
     """kv_dtype=fp8 with sparse "pages" attention: the FP8 kernel reads only the selected pages, each under
-    the read rule of its real position (page summaries survive quantisation) -- the torch reference's
+    the read rule of its real position (page summaries survive quantisation), and prefill chunks whose context is
+    past the budget read their blocks' top-k pages (attention/sparse_fp8_prefill.py) -- the torch reference's
     tokens and logprobs; multi-step gives the one-step tokens; the budget really drops pages."""
-    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
+    from tierserve.attention import triton_fp8_steps
+
+    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(150)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
     # in-place storage: with the compact pool (the default) sparse decode steps take the reference
-    sparse = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64,
-                  rounds=long, kv_fp8_storage="inplace")              # 10 of up to 16 pages
-    if DEV == "cuda":
-        # on the GPU the Triton backend's sparse FP8 prefill chunks attend densely (a warning; the reference
-        # selects): each prompt is prefilled in one chunk here (no cached context, so both are the same)
-        # and the comparison is of the sparse FP8 decode steps (found failing on the H200)
-        sparse["max_num_batched_tokens"] = 512
+    sparse = dict(sparse_attention="pages", sparse_topk_tokens=96, max_model_len=192, num_kv_pages=64,
+                  rounds=long, kv_fp8_storage="inplace")              # 12 of up to 21 pages; chunks of 16 tokens
+    chunks = []
+    real = triton_fp8_steps.sparse_fp8_chunk_attention
+    monkeypatch.setattr(triton_fp8_steps, "sparse_fp8_chunk_attention",
+                        lambda *a, **k: chunks.append(a[4]) or real(*a, **k))
 
     ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, **sparse)
     one, lp_one, calls = _generate(ckpt, "triton", 1, logprobs=0, **sparse)
+    assert chunks and min(chunks) >= 104                 # the chunks past 12 full context pages went sparse
     multi, _, calls_multi = _generate(ckpt, "triton", 4, **sparse)
-    _, lp_dense, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, max_model_len=160, num_kv_pages=64, rounds=long)
+    _, lp_dense, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, max_model_len=192, num_kv_pages=64, rounds=long)
     assert calls["decode"] > 0 and calls_multi["multi"] > 0
     assert one == ref
     torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)

@@ -165,36 +165,45 @@ def _masked_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
 def fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.Tensor, table_row: torch.Tensor,
                         start: int, scale: float, page_size: int, keep_sink: int, keep_recent: int,
                         compact: tuple[torch.Tensor, int] | None = None,
-                        host: tuple[torch.Tensor, int] | None = None, slice_rows: int | None = None) -> torch.Tensor:
+                        host: tuple[torch.Tensor, int] | None = None, slice_rows: int | None = None,
+                        key_from: int = 0, with_lse: bool = False):
     """q [n, Hq, D] of the chunk at positions start .. start + n - 1 (its K/V already written to the pages of
-    ``table_row``) -> [n, Hq, D]: causal attention over the sequence under the FP8 read rule."""
+    ``table_row``) -> [n, Hq, D]: causal attention over the sequence under the FP8 read rule. ``key_from`` (a page
+    multiple, at most ``start``): only the keys from that position on (sparse prefill attends to the context
+    before it apart, ``sparse_fp8_prefill``); ``with_lse``: also the log-sum-exp [Hq, n] (fp32) for merging."""
     n, hq, d = q.shape
     h, ps = kv_layer.shape[3], page_size
     g = hq // h
     c1 = start + n
+    assert key_from % ps == 0 and 0 <= key_from <= start
+    kf = key_from // ps                    # first page read; key positions from o = key_from
+    o = key_from
     sink, recent = -(-keep_sink // ps) * ps, max(keep_recent, 1)
     npg = -(-c1 // ps)
-    kinds = page_kinds(kv_layer, quantised, table_row[:npg], compact, host)          # the one host sync
-    pages = page_readings(kv_layer, quantised, table_row[:npg], c1, ps, True, compact, host, kinds)
-    sp = min(sink // ps, npg)
-    if sp:                                 # below the sink every query reads full precision: one key set
-        pages[:sp] = page_readings(kv_layer, quantised, table_row[:sp], c1, ps, False, compact, host, kinds[:sp])
-    keys = (_heads_first(pages, 0, c1), _heads_first(pages, 1, c1))          # [H, c1, D]
+    ids = table_row[kf:npg]
+    kinds = page_kinds(kv_layer, quantised, ids, compact, host)                        # the one host sync
+    pages = page_readings(kv_layer, quantised, ids, c1 - o, ps, True, compact, host, kinds)
+    sp = min(sink // ps, npg) - kf
+    if sp > 0:                             # below the sink every query reads full precision: one key set
+        pages[:sp] = page_readings(kv_layer, quantised, ids[:sp], c1 - o, ps, False, compact, host, kinds[:sp])
+    keys = (_heads_first(pages, 0, c1 - o), _heads_first(pages, 1, c1 - o))           # [H, c1 - o, D]
     del pages
     # full readings of the keys some slice reads per (row, key): from the first slice's window page on
-    wf = _band_start(start, sink, recent, ps) // ps
-    fp = page_readings(kv_layer, quantised, table_row[wf:npg], c1 - wf * ps, ps, False, compact, host, kinds[wf:])
+    wf = max(_band_start(start, sink, recent, ps) // ps, kf)
+    fp = page_readings(kv_layer, quantised, table_row[wf:npg], c1 - wf * ps, ps, False, compact, host,
+                       kinds[wf - kf:])
     fulls = (_heads_first(fp, 0, c1 - wf * ps), _heads_first(fp, 1, c1 - wf * ps))     # positions wf * ps ..
     del fp
     step = slice_rows or SLICE
     out = torch.empty_like(q)
+    lse_out = torch.empty(hq, n, dtype=torch.float32, device=q.device) if with_lse else None
     dev = q.device
     for s0 in range(start, c1, step):
         s1 = min(s0 + step, c1)
         rows = s1 - s0
         p = torch.arange(s0, s1, device=dev)
         hi = _hi(p, sink, recent, ps)[:, None]
-        u = _band_start(s0, sink, recent, ps)
+        u = max(_band_start(s0, sink, recent, ps), o)
         folded = q[s0 - start:s1 - start].transpose(0, 1).reshape(h, g * rows, d)   # heads of a group share keys
         # keys u .. s1 - 1 (whole pages from u's), each in both readings: FP8 first, then full
         w0, w1 = u // ps, -(-s1 // ps)
@@ -204,13 +213,15 @@ def fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torc
         fp8_ok = seen & (j >= sink) & (j < hi)
         full_ok = seen & ((j < sink) | (j >= hi))
         a, b = w0 * ps, w0 * ps + m
-        mk = torch.cat([keys[0][:, a:b], fulls[0][:, a - wf * ps:b - wf * ps]], dim=1)
-        mv = torch.cat([keys[1][:, a:b], fulls[1][:, a - wf * ps:b - wf * ps]], dim=1)
-        o, lse = _masked_lse(folded, mk, mv, torch.cat([fp8_ok, full_ok], dim=1).repeat(g, 1), scale)
-        if u > 0:               # every key before u, read the same way by all the slice's rows: flash
-            ou, lu = attend_lse(folded, keys[0][:, :u], keys[1][:, :u], scale, causal=False)
-            res = merge_lse(ou, lu, o, lse).to(q.dtype)
-        else:
-            res = o.to(q.dtype)
-        out[s0 - start:s1 - start] = res.reshape(hq, rows, d).transpose(0, 1)
-    return out
+        mk = torch.cat([keys[0][:, a - o:b - o], fulls[0][:, a - wf * ps:b - wf * ps]], dim=1)
+        mv = torch.cat([keys[1][:, a - o:b - o], fulls[1][:, a - wf * ps:b - wf * ps]], dim=1)
+        res, lse = _masked_lse(folded, mk, mv, torch.cat([fp8_ok, full_ok], dim=1).repeat(g, 1), scale)
+        if u > o:               # every key from o to u, read the same way by all the slice's rows: flash
+            ou, lu = attend_lse(folded, keys[0][:, :u - o], keys[1][:, :u - o], scale, causal=False)
+            res = merge_lse(ou, lu, res, lse)
+            if with_lse:
+                lse = torch.logaddexp(lu, lse)
+        out[s0 - start:s1 - start] = res.to(q.dtype).reshape(hq, rows, d).transpose(0, 1)
+        if with_lse:
+            lse_out[:, s0 - start:s1 - start] = lse.reshape(hq, rows)
+    return (out, lse_out) if with_lse else out

@@ -10,6 +10,7 @@ context, which costs O(batch x max_query x max_context) per layer.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,14 +55,25 @@ def split_step(meta: AttnMetadata, num_kv_heads: int) -> StepSplit:
     return split
 
 
-def packed_chunks(meta: AttnMetadata, split: StepSplit, window: int | None, fresh_too: bool = False):
+def decode_meta(meta: AttnMetadata, split: StepSplit) -> AttnMetadata:
+    """The step's decode rows as a pure decode step of their own (for paths that select pages per row)."""
+    n = split.dec_tokens.shape[0]
+    return dataclasses.replace(meta, num_seqs=n, num_tokens=n, page_table=split.dec_table, seq_lens=split.dec_lens,
+                               decode_only=True, backend_data={}, query_lens_cpu=[1] * n, num_splits=split.dec_splits,
+                               seq_lens_cpu=[s for s, q_n in zip(meta.seq_lens_cpu, meta.query_lens_cpu) if q_n == 1])
+
+
+def packed_chunks(meta: AttnMetadata, split: StepSplit, window: int | None, fresh_too: bool = False,
+                  skip: frozenset = frozenset()):
     """The step's prefill chunks that a prefill kernel handles -- those that read cached context (or, with a
     window, more than their own tokens' window), or every chunk with ``fresh_too`` -- packed: (page-table
     rows, first packed token, query length, context length per chunk on the device, longest chunk), or None
-    when there are none. Cached per (window, fresh_too) in ``meta.backend_data``."""
-    key = ("packed_chunks", window, fresh_too)
+    when there are none; the chunks of the sequences in ``skip`` left out (another path computes them). Cached
+    per (window, fresh_too, skip) in ``meta.backend_data``."""
+    key = ("packed_chunks", window, fresh_too, skip)
     if key not in meta.backend_data:
-        ch = [c for c in split.prefills if fresh_too or not is_fresh(c[2] - c[1], c[3], window)]
+        ch = [c for c in split.prefills if (fresh_too or not is_fresh(c[2] - c[1], c[3], window))
+              and c[0] not in skip]
         dev = meta.positions.device
         meta.backend_data[key] = None if not ch else (
             meta.page_table[torch.tensor([c[0] for c in ch], device=dev)],

@@ -19,7 +19,8 @@ from tierserve.attention.backend import AttnMetadata, count_selection, host_base
 from tierserve.attention.flash_prefix import chunk_attention, flash_ok, gather_context
 from tierserve.attention.host_check import check_subset
 from tierserve.attention.indexer import indexer_page_scores
-from tierserve.attention.mixed import is_fresh, packed_chunks, prefill_chunk, split_step
+from tierserve.attention import fp8_flash_prefill
+from tierserve.attention.mixed import decode_meta, is_fresh, packed_chunks, prefill_chunk, split_step
 from tierserve.attention.torch_ref import TorchRefBackend
 from tierserve.attention.select import page_upper_bounds, select_pages, selection_bound
 from tierserve.attention.sparse_prefill import sparse_chunk_attention, sparse_context
@@ -89,7 +90,12 @@ class TritonBackend(Fp8Steps):
 
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
-        sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only)
+        # sparse prefill over FP8 pages (the pages selector, device pages; on CUDA where flash runs):
+        # attention/sparse_fp8_prefill.py through ``_mixed_fp8``
+        sparse_fp8_prefill = meta.sparse is not None and meta.kv_fp8 is not None and not meta.decode_only \
+            and meta.sparse.selector == "pages" and sliding_window is None and meta.host_kv is None \
+            and (not q.is_cuda or (fp8_flash_prefill.ENABLED and flash_ok(q)))
+        sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only) or sparse_fp8_prefill
         # FP8 KV pages: pure decode steps through the dequantising kernel, other steps the torch reference
         fp8_ok = meta.kv_fp8 is None or meta.decode_only or prefill_supported(q.shape[-1])
         host_sparse_ok = meta.sparse is None or (meta.sparse.selector == "pages" and sliding_window is None
@@ -101,10 +107,13 @@ class TritonBackend(Fp8Steps):
                 and meta.kv_fp8 is None and meta.sparse.selector == "pages":
             return self._sparse_prefill(q, k, v, kv_layer, meta, scale, kv_written, layer_idx)
         if meta.sparse is not None and meta.kv_fp8 is not None and not meta.decode_only and q.is_cuda \
-                and fp8_ok and self.fp8_prefill is not False:
-            if not self._warned_fp8_sparse_prefill:     # the masked reference would need O(chunk x context)
-                log.warning("sparse attention over FP8 KV pages: prefill chunks attend densely on the GPU "
-                            "(no sparse FP8 prefill path yet); decode steps stay sparse")
+                and fp8_ok and self.fp8_prefill is not False and not sparse_fp8_prefill:
+            # elsewhere (the indexer selector, spilled pages, flash off) the chunks attend densely on the GPU: the
+            # masked reference would need O(chunk x context)
+            if not self._warned_fp8_sparse_prefill:
+                log.warning("sparse attention over FP8 KV pages: here prefill chunks attend densely on the GPU "
+                            "(the sparse FP8 prefill path needs the pages selector, device pages and flash "
+                            "attention); decode steps stay sparse")
                 self._warned_fp8_sparse_prefill = True
             meta = dataclasses.replace(meta, sparse=None)
         compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None
@@ -188,12 +197,7 @@ class TritonBackend(Fp8Steps):
         kc, vc = kv_layer[:, 0, :page], kv_layer[:, 1, :page]
         split = split_step(meta, kv_layer.shape[3])
         if split.dec_tokens is not None:
-            n = split.dec_tokens.shape[0]
-            dmeta = dataclasses.replace(meta, num_seqs=n, num_tokens=n, page_table=split.dec_table,
-                                        seq_lens=split.dec_lens, decode_only=True, backend_data={},
-                                        query_lens_cpu=[1] * n,
-                                        seq_lens_cpu=[s for s, q_n in zip(meta.seq_lens_cpu, meta.query_lens_cpu)
-                                                      if q_n == 1])
+            dmeta = decode_meta(meta, split)
             qd = q[split.dec_tokens]
             table, lens = self._select(qd, kv_layer, dmeta, layer_idx)
             out[split.dec_tokens] = paged_decode(qd, kc, vc, table, lens, scale, num_splits=split.dec_splits)

@@ -14,7 +14,9 @@ from tierserve.attention import fp8_flash_prefill
 from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.flash_prefix import flash_ok
 from tierserve.attention.fp8_decode_config import decode_config
-from tierserve.attention.mixed import packed_chunks, split_step
+from tierserve.attention.mixed import decode_meta, packed_chunks, split_step
+from tierserve.attention.sparse_fp8_prefill import sparse_fp8_chunk_attention
+from tierserve.attention.sparse_prefill import sparse_context
 from tierserve.attention.triton_decode_fp8 import paged_decode_fp8
 from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
 from tierserve.attention.triton_stage import remap_host_entries, stage_rows
@@ -61,7 +63,7 @@ class Fp8Steps:
                 if staged:      # spilled pages' compact rows, staged once per layer
                     slots, kmeta = self._staged_meta(meta, meta.kv_fp8.end)
                     host = (stage_rows(meta.host_kv[0][1][:, layer_idx], slots), meta.kv_fp8.end)
-                out = self._mixed_fp8(q, kv_layer, kmeta, scale, sliding_window, compact, host)
+                out = self._mixed_fp8(q, kv_layer, kmeta, scale, sliding_window, compact, host, layer_idx)
                 if staged:
                     self.fp8_staged_prefill = True
                 else:
@@ -87,26 +89,43 @@ class Fp8Steps:
             meta.backend_data["staged"] = (slots, dataclasses.replace(meta, page_table=table, backend_data={}))
         return meta.backend_data["staged"]
 
-    @staticmethod
-    def _mixed_fp8(q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None,
-                   host=None) -> torch.Tensor:
+    def _mixed_fp8(self, q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None,
+                   host=None, layer_idx: int = 0) -> torch.Tensor:
         """A step with prefill chunks over FP8 KV pages: decode rows through the FP8 decode kernel, every
         chunk (fresh ones too: the read rule applies inside a chunk) through flash attention over the gathered
         readings (``fp8_flash_prefill``; CUDA, no sliding window) or the FP8 prefill kernel. ``host``:
-        (staged compact rows, first host id) of pages spilled to CPU RAM, ``meta``'s tables remapped to them."""
+        (staged compact rows, first host id) of pages spilled to CPU RAM, ``meta``'s tables remapped to them.
+        With the pages selector (``meta.sparse``; on CUDA the backend keeps it only where flash runs) chunks whose
+        context is sparse go through ``sparse_fp8_prefill`` and decode rows (pages on the device) choose their pages
+        as in pure decode steps."""
         f = meta.kv_fp8
         split = split_step(meta, kv_layer.shape[3])
         out = torch.empty_like(q)
-        if split.dec_tokens is not None:
+        pages_sel = meta.sparse is not None and meta.sparse.selector == "pages"
+        if split.dec_tokens is not None and pages_sel and host is None:
+            qd = q[split.dec_tokens]
+            out[split.dec_tokens] = self._fp8_decode(qd, None, None, kv_layer, decode_meta(meta, split), scale,
+                                                     window, layer_idx, compact)
+        elif split.dec_tokens is not None:
             out[split.dec_tokens] = paged_decode_fp8(
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
                 f.keep_sink, f.keep_recent, num_splits=split.dec_splits, sliding_window=window, compact=compact,
                 host=host)
-        flash = fp8_flash_prefill.ENABLED and window is None and flash_ok(q) \
-            and fp8_flash_prefill.worth_it(split.prefills)
+        # chunks whose context is sparse: no kernel computes that rule (flash where it runs, else its plain path)
+        sparse = frozenset(seq for seq, _, _, start in split.prefills
+                           if pages_sel and sparse_context(start, meta.page_size, meta.sparse))
+        for seq, t0, t1, start in split.prefills:
+            if seq in sparse:
+                out[t0:t1] = sparse_fp8_chunk_attention(q[t0:t1], kv_layer, f.quantised, meta.page_table[seq], start,
+                                                        scale, meta.page_size, meta.sparse, f.keep_sink,
+                                                        f.keep_recent, compact=compact, host=host)
+        dense = [c for c in split.prefills if c[0] not in sparse]
+        if not dense:
+            return out
+        flash = fp8_flash_prefill.ENABLED and window is None and flash_ok(q) and fp8_flash_prefill.worth_it(dense)
         if flash:
             try:
-                for seq, t0, t1, start in split.prefills:   # readings gathered, flash + a masked band (module doc)
+                for seq, t0, t1, start in dense:   # readings gathered, flash + a masked band (module doc)
                     out[t0:t1] = fp8_flash_prefill.fp8_chunk_attention(
                         q[t0:t1], kv_layer, f.quantised, meta.page_table[seq], start, scale, meta.page_size,
                         f.keep_sink, f.keep_recent, compact=compact, host=host)
@@ -116,10 +135,10 @@ class Fp8Steps:
                 log.warning("FP8 prefill through flash is off (%s: %s); using the FP8 prefill kernel",
                             type(e).__name__, e)
                 fp8_flash_prefill.ENABLED = flash = False
-        chunks = packed_chunks(meta, split, window, fresh_too=True)
+        chunks = packed_chunks(meta, split, window, fresh_too=True, skip=sparse)
         fast = out.clone() if flash else None
         paged_prefill_fp8(q, kv_layer, f.quantised, *chunks, scale, meta.page_size, f.keep_sink, f.keep_recent,
                           sliding_window=window, out=out, compact=compact, host=host)
         if flash:                       # its first step: checked once against the kernel
-            fp8_flash_prefill.check_once(fast, out, [(t0, t1) for _, t0, t1, _ in split.prefills])
+            fp8_flash_prefill.check_once(fast, out, [(t0, t1) for _, t0, t1, _ in dense])
         return out

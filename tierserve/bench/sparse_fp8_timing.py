@@ -10,11 +10,14 @@ from tierserve.bench.decode import _sync
 
 
 class DecodeMetaCapture:
-    """Keeps the AttnMetadata of the first pure decode step after ``armed`` is set (runner._prepare wrapped)."""
+    """Keeps the AttnMetadata of the first pure decode step after ``armed`` is set (runner._prepare wrapped), or
+    else of the first multi-step window queued after it (``extend_multi`` wrapped: a queue of windows over the
+    tiers may run the whole decode without a new ``_prepare`` since the moves happen inside it)."""
 
     def __init__(self, runner) -> None:
         self.runner, self.meta, self.armed = runner, None, False
-        orig = runner._prepare
+        self._saved = {k: runner.__dict__[k] for k in ("_prepare", "extend_multi") if k in runner.__dict__}
+        orig, extend = runner._prepare, getattr(runner, "extend_multi", None)
 
         def prepare(so, *a, **kw):
             out = orig(so, *a, **kw)
@@ -22,9 +25,17 @@ class DecodeMetaCapture:
                 self.meta = out[0]
             return out
         runner._prepare = prepare
+        if extend is not None:
+            def extend_multi(window, *a, **kw):
+                if self.armed and self.meta is None and window.meta.decode_only:
+                    self.meta = window.meta
+                return extend(window, *a, **kw)
+            runner.extend_multi = extend_multi
 
     def close(self) -> None:
-        self.runner.__dict__.pop("_prepare", None)
+        for k in ("_prepare", "extend_multi"):
+            self.runner.__dict__.pop(k, None)
+        self.runner.__dict__.update(self._saved)
 
 
 @torch.inference_mode()

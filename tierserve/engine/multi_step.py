@@ -120,8 +120,11 @@ class MultiStepDecoder:
             if spill is not None:
                 steps, self.steps_read = self.steps_read, 0
                 e.kv.rebalance(len(e.scheduler.running), steps)
-            if k < 2 or not self._allocate(w.so, bases, k):
-                return None
+            ok = k >= 2 and self._allocate(w.so, bases, k)
+        if not ok:
+            if spill is not None:    # the moves chosen above happen now, as the tables say (no window follows)
+                self._transfers()
+            return None
         self._fp8_ahead(w.so, first)
         self._transfers()
         self._snapshot()
