@@ -7,6 +7,7 @@ keep_recent 64), bf16. Eager timing (the flash path syncs once per call), median
 each FP8 output is compared with the kernel's.
 
   PYTHONPATH=. python scripts/bench_fp8_prefill.py [--cases 2048x2048,32768x8192,131072x8192] [--output FILE]
+  PYTHONPATH=. python scripts/bench_fp8_prefill.py --sparse-cases 32768x8192,131072x8192 --cases ""   (sparse)
   PYTHONPATH=. python scripts/bench_fp8_prefill.py --smoke          (CPU interpreter, tiny: checks the script)
 """
 from __future__ import annotations
@@ -94,12 +95,58 @@ def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, slices: li
     return rows
 
 
+def sparse_rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, cfg) -> list[dict]:
+    """Sparse prefill (``cfg``: top-k pages per 64-query block) of the same chunk: BF16 pages through
+    ``sparse_chunk_attention`` and FP8 pages through ``sparse_fp8_chunk_attention`` (stop 24), against the dense FP8
+    flash path over the same pages, in the same run. Pages carry their key min / max summary row."""
+    from tierserve.attention.fp8_flash_prefill import fp8_chunk_attention
+    from tierserve.attention.sparse_fp8_prefill import sparse_fp8_chunk_attention
+    from tierserve.attention.sparse_prefill import sparse_chunk_attention, sparse_context
+    from tierserve.attention.triton_fp8_quant import quantise_pages_triton
+
+    data, table = kvb.pool(1, ctx, dev, dtype)
+    summ = torch.stack([data[:, :, 0].amin(2), data[:, :, 0].amax(2)], dim=2)[:, :, :, None]   # [N, 1, 2, 1, H, D]
+    data = torch.cat([data, summ], dim=3)
+    kv = data[:, 0]
+    c0 = ctx - chunk
+    assert sparse_context(c0, kvb.PAGE, cfg), "the chunk's context must be past the sparse budget"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(chunk, kvb.HQ, kvb.D, device=dev, dtype=dtype, generator=g)
+    own = kv[table[0, c0 // kvb.PAGE:].tolist(), :, :kvb.PAGE]                   # [n, 2, page, H, D]
+    k, v = (own[:, i].reshape(-1, kvb.HKV, kvb.D)[:chunk] for i in (0, 1))
+    scale = kvb.D ** -0.5
+    base = dict(context=ctx, chunk=chunk, topk_tokens=cfg.topk_tokens)
+    rows = []
+
+    def row(setting: str, fn) -> None:
+        rows.append(dict(setting=setting, ms=median_ms(fn, cuda, reps), **base))
+
+    row("bf16 sparse prefill (sparse_chunk_attention)",
+        lambda: sparse_chunk_attention(q, k, v, kv, table[0], c0, scale, cfg, kvb.PAGE))
+    flags = torch.zeros(data.shape[0], dtype=torch.bool, device=dev)
+    stored = kvb.old_pages(table, c0)
+    if stored:
+        ids = torch.tensor(stored, device=dev)
+        quantise_pages_triton(data, ids, kvb.PAGE)
+        flags[ids] = True
+    row("fp8 dense flash over readings (fp8_chunk_attention)",
+        lambda: fp8_chunk_attention(q, kv, flags, table[0], c0, scale, kvb.PAGE, kvb.SINK, kvb.RECENT))
+    row("fp8 sparse prefill (sparse_fp8_chunk_attention)",
+        lambda: sparse_fp8_chunk_attention(q, kv, flags, table[0], c0, scale, kvb.PAGE, cfg, kvb.SINK, kvb.RECENT))
+    for r in rows:
+        r["speedup_vs_fp8_dense"] = rows[1]["ms"] / r["ms"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--cases", default="2048x2048,32768x8192,131072x8192", help="CONTEXTxCHUNK,...")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--slices", default="256,1024", help="other slice sizes of the flash path to time (default 512)")
+    ap.add_argument("--sparse-cases", default="", help="CONTEXTxCHUNK,... also timed with sparse prefill "
+                    "(top --topk tokens): bf16 and FP8 pages, against the dense FP8 path")
+    ap.add_argument("--topk", type=int, default=2048)
     ap.add_argument("--output")
     a = ap.parse_args()
     cuda = cuda_or_interpreter(a.smoke)
@@ -107,17 +154,26 @@ def main() -> None:
         kvb.HQ, kvb.HKV, kvb.D = 4, 2, 16
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",")] if not a.smoke else [(200, 64)]
+    cases = [tuple(int(x) for x in c.split("x")) for c in a.cases.split(",") if c] if not a.smoke else [(200, 64)]
     rows = []
     for ctx, chunk in cases:
         rows += rows_for(ctx, chunk, dev, dtype, cuda, a.reps if not a.smoke else 1,
                          [int(x) for x in a.slices.split(",") if x] if not a.smoke else [8])
         if cuda:
             torch.cuda.empty_cache()
+    from tierserve.attention.select import SparseConfig
+    scfg = SparseConfig("pages", 48, 16, 16) if a.smoke else SparseConfig("pages", a.topk)
+    sparse = [tuple(int(x) for x in c.split("x")) for c in a.sparse_cases.split(",") if c] if not a.smoke \
+        else [(200, 64)]
+    for ctx, chunk in sparse:
+        rows += sparse_rows_for(ctx, chunk, dev, dtype, cuda, a.reps if not a.smoke else 1, scfg)
+        if cuda:
+            torch.cuda.empty_cache()
     for r in rows:
         extra = f"  (max rel diff vs kernel {r['max_rel_diff_vs_kernel']:.2e})" if "max_rel_diff_vs_kernel" in r else ""
-        print(f"{r['context']:>7} {r['chunk']:>5}  {r['setting']:<60} {r['ms']:9.2f} ms {r['TFLOPs']:7.1f} TFLOP/s "
-              f"x{r['speedup_vs_bf16_flash']:.2f}{extra}")
+        rate = f"{r['TFLOPs']:7.1f} TFLOP/s x{r['speedup_vs_bf16_flash']:.2f}" if "TFLOPs" in r else \
+            f"x{r['speedup_vs_fp8_dense']:.2f} vs the dense FP8 path"
+        print(f"{r['context']:>7} {r['chunk']:>5}  {r['setting']:<60} {r['ms']:9.2f} ms {rate}{extra}")
     if a.output:
         meta = dict(device=torch.cuda.get_device_name(dev) if cuda else "cpu", torch=torch.__version__,
                     date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

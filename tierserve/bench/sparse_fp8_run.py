@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -245,7 +246,9 @@ class Bench:
             llm, build_s = self.build(max_model_len=ctx + new + 16, num_kv_pages=pages,
                                       max_num_batched_tokens=min(s.chunk, ctx), **setting)
             sparse = "sparse_attention" in setting
-            dense_fill = sparse and "kv_dtype" in setting     # sparse prefill has no FP8-page path yet
+            # sparse prefill over FP8 pages runs through flash since stop 24 (attention/sparse_fp8_prefill.py);
+            # TIERSERVE_BENCH_DENSE_FP8_FILL=1 keeps the earlier stops' dense fill of those rows, for comparison
+            dense_fill = sparse and "kv_dtype" in setting and os.environ.get("TIERSERVE_BENCH_DENSE_FP8_FILL") == "1"
             row = {"context": ctx, "batch": 1, "new_tokens": new, **setting, "build_s": build_s,
                    "kv_fill": DENSE_PREFILL if dense_fill else SPARSE_PREFILL if sparse else "prefill",
                    **self.long_run(llm, ctx, new, deadline, dense_prefill=dense_fill),
