@@ -82,6 +82,16 @@ def test_sparse_fp8_prefill_matches_reference(case, dtype, monkeypatch):
     assert (calls["masked"] > 0) == (case != 1)       # case 1 (keep_recent 1): no chosen page straddles the edge
 
 
+def test_blocks_in_groups_give_the_same_rows(monkeypatch):
+    import tierserve.attention.sparse_fp8_prefill as sfp
+    hq, hkv, ps, D, n, k, sink, recent, *_ = CASES[1]
+    data, table, fp8, q, cfg, want = _setup(1, torch.float32, 0, seed=5)
+    args = (q, data[:, 0], fp8.quantised, table, n - k, D ** -0.5, ps, cfg, sink, recent)
+    one = sfp.sparse_fp8_chunk_attention(*args)
+    monkeypatch.setattr(sfp, "_GATHER_BYTES", 1)             # one block a flash call
+    torch.testing.assert_close(sfp.sparse_fp8_chunk_attention(*args), one, atol=1e-6, rtol=1e-6)
+
+
 def test_sparse_differs_from_dense_and_the_summaries_come_from_every_storage():
     from tierserve.attention.fp8_flash_prefill import fp8_chunk_attention
     hq, hkv, ps, D, n, k, sink, recent, *_ = CASES[0]

@@ -28,6 +28,8 @@ from tierserve.attention.select import page_upper_bounds
 from tierserve.attention.sparse_prefill import _UB_BYTES, PREFILL_BLOCK, block_topk
 from tierserve.quant.fp8_compact import compact_summary
 
+_GATHER_BYTES = 1 << 28         # the chosen pages' keys + values gathered for one flash call (a group of blocks)
+
 
 def page_summaries(kv_layer: torch.Tensor, ids: torch.Tensor, page_size: int,
                    compact: tuple[torch.Tensor, int] | None = None,
@@ -119,8 +121,9 @@ def sparse_fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantise
     o_ctx = torch.empty(nb, h, g * block, d, dtype=q.dtype, device=dev)
     l_ctx = torch.empty(nb, h, g * block, dtype=torch.float32, device=dev)
     ub_ = [b for b in range(nb) if uniform[b]]
-    if ub_:
-        sel = torch.tensor(ub_, device=dev)
+    per = max(1, _GATHER_BYTES // max(1, 2 * idx[0].numel() * ps * d * mixed.element_size()))
+    for i in range(0, len(ub_), per):             # blocks in groups: the gathered keys stay within _GATHER_BYTES
+        sel = torch.tensor(ub_[i:i + per], device=dev)
         keys = mixed[:, 0][pos[sel], :, heads].flatten(2, 3)                     # [m, Hkv, k * page, D]
         vals = mixed[:, 1][pos[sel], :, heads].flatten(2, 3)
         o_ctx[sel], l_ctx[sel] = attend_lse(qf[sel], keys, vals, scale, causal=False)
