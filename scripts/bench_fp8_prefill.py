@@ -41,10 +41,21 @@ def median_ms(fn, cuda: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+def store_old_pages(data: torch.Tensor, table: torch.Tensor, c0: int, dev) -> torch.Tensor:
+    """Quantise in place the pages the page policy lets be FP8 at context ``c0``; their ``quantised`` flags."""
+    from tierserve.attention.triton_fp8_quant import quantise_pages_triton
+    flags = torch.zeros(data.shape[0], dtype=torch.bool, device=dev)
+    stored = kvb.old_pages(table, c0)
+    if stored:
+        ids = torch.tensor(stored, device=dev)
+        quantise_pages_triton(data, ids, kvb.PAGE)
+        flags[ids] = True
+    return flags
+
+
 def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, slices: list[int]) -> list[dict]:
     from tierserve.attention.flash_prefix import chunk_attention, gather_context
     from tierserve.attention.fp8_flash_prefill import fp8_chunk_attention
-    from tierserve.attention.triton_fp8_quant import quantise_pages_triton
     from tierserve.attention.triton_prefill import paged_prefill
     from tierserve.attention.triton_prefill_fp8 import paged_prefill_fp8
 
@@ -72,12 +83,7 @@ def rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, slices: li
 
     row("bf16 flash (gather + 2 flash calls: the engine's bf16 path)", bf16_flash)
     row("bf16 paged prefill kernel", lambda: paged_prefill(q, kv[:, 0], kv[:, 1], table, *args, scale))
-    flags = torch.zeros(data.shape[0], dtype=torch.bool, device=dev)
-    stored = kvb.old_pages(table, c0)
-    if stored:
-        ids = torch.tensor(stored, device=dev)
-        quantise_pages_triton(data, ids, kvb.PAGE)
-        flags[ids] = True
+    flags = store_old_pages(data, table, c0, dev)
     kern = paged_prefill_fp8(q, kv, flags, table, *args, scale, kvb.PAGE, kvb.SINK, kvb.RECENT)
     flash = fp8_chunk_attention(q, kv, flags, table[0], c0, scale, kvb.PAGE, kvb.SINK, kvb.RECENT)
     diff = float((flash.float() - kern.float()).abs().max() / kern.float().abs().max())
@@ -102,7 +108,6 @@ def sparse_rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, cfg
     from tierserve.attention.fp8_flash_prefill import fp8_chunk_attention
     from tierserve.attention.sparse_fp8_prefill import sparse_fp8_chunk_attention
     from tierserve.attention.sparse_prefill import sparse_chunk_attention, sparse_context
-    from tierserve.attention.triton_fp8_quant import quantise_pages_triton
 
     data, table = kvb.pool(1, ctx, dev, dtype)
     summ = torch.stack([data[:, :, 0].amin(2), data[:, :, 0].amax(2)], dim=2)[:, :, :, None]   # [N, 1, 2, 1, H, D]
@@ -123,12 +128,7 @@ def sparse_rows_for(ctx: int, chunk: int, dev, dtype, cuda: bool, reps: int, cfg
 
     row("bf16 sparse prefill (sparse_chunk_attention)",
         lambda: sparse_chunk_attention(q, k, v, kv, table[0], c0, scale, cfg, kvb.PAGE))
-    flags = torch.zeros(data.shape[0], dtype=torch.bool, device=dev)
-    stored = kvb.old_pages(table, c0)
-    if stored:
-        ids = torch.tensor(stored, device=dev)
-        quantise_pages_triton(data, ids, kvb.PAGE)
-        flags[ids] = True
+    flags = store_old_pages(data, table, c0, dev)
     row("fp8 dense flash over readings (fp8_chunk_attention)",
         lambda: fp8_chunk_attention(q, kv, flags, table[0], c0, scale, kvb.PAGE, kvb.SINK, kvb.RECENT))
     row("fp8 sparse prefill (sparse_fp8_chunk_attention)",

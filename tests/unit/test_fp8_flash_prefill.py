@@ -5,15 +5,9 @@ across and after the sink and the keep_recent edge, GQA. On the CPU the flash ca
 import pytest
 import torch
 
-from tierserve.attention.backend import AttnMetadata
+from tests.helpers.fp8_chunk import DEV, fp8_chunk_case
 from tierserve.attention.fp8_flash_prefill import fp8_chunk_attention, page_readings
-from tierserve.attention.torch_ref import TorchRefBackend
-from tierserve.kv.fp8_pages import Fp8PagePolicy
-from tierserve.quant.fp8_compact import new_compact_pool, store_compact_
-from tierserve.quant.fp8_kv import fake_quant, quantise_pages_
-from tierserve.runner.kv_fp8 import Fp8Pages
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"          # on CUDA the unmasked part runs the flash kernel
+from tierserve.quant.fp8_kv import fake_quant
 
 CASES = [  # hq, hkv, page, D, seq_len, chunk, keep_sink, keep_recent, slice rows
     (8, 2, 4, 16, 70, 40, 5, 7, 8),          # continued chunk: sink not a page multiple, slices across the edge
@@ -25,37 +19,7 @@ CASES = [  # hq, hkv, page, D, seq_len, chunk, keep_sink, keep_recent, slice row
 
 
 def _setup(hq, hkv, ps, D, n, k, sink, recent, dtype, compact_slots=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pages = -(-n // ps)
-    N = pages + 6
-    mag = torch.exp2(torch.randint(-3, 4, (N, 1, 2, 1, hkv, 1), generator=g).float())
-    data = (torch.randn(N, 1, 2, ps, hkv, D, generator=g) * mag).to(DEV, dtype)
-    table = torch.randperm(N, generator=g)[:pages + 1].to(DEV)
-    pool = new_compact_pool(compact_slots, 1, ps, hkv, D, 0, dtype, DEV) if compact_slots else None
-    fp8 = Fp8Pages(N, ps, sink, recent, DEV, compact=pool)
-    pol = Fp8PagePolicy(ps, sink, recent)
-    # pages no query of the chunk reads at full precision: most stored (in place or in compact slots), some not
-    ok = [i for i in range(-(-(n - k) // ps)) if i * ps >= sink and not pol.needs_full(i, n - k)
-          and (i + 1) * ps <= n - k]
-    stored = [i for j, i in enumerate(ok) if j % 4 != 1]
-    slot = 0
-    for j, i in enumerate(stored):
-        if pool is not None and j % 2 == 0 and slot < compact_slots:
-            store_compact_(data, pool, table[i:i + 1], torch.tensor([slot], device=DEV), ps)
-            table[i] = N + slot
-            slot += 1
-        else:                                  # in place (also next to a compact pool: the reference reads both)
-            quantise_pages_(data, table[i:i + 1], ps)
-            fp8.quantised[table[i]] = True
-    q = torch.randn(k, hq, D, generator=g).to(DEV, dtype)
-    pos = torch.arange(n - k, n, device=DEV)
-    z = torch.zeros(k, dtype=torch.long, device=DEV)
-    meta = AttnMetadata(num_seqs=1, num_tokens=k, page_size=ps, positions=pos, slot_pages=z, slot_offsets=z,
-                        query_start_loc=torch.tensor([0, k], device=DEV), seq_lens=torch.tensor([n], device=DEV),
-                        page_table=table[None],
-                        query_lens_cpu=[k], seq_lens_cpu=[n], kv_fp8=fp8)
-    want = TorchRefBackend().forward(q, None, None, data[:, 0], meta, D ** -0.5, None, 0, kv_written=True)
-    return data, table, fp8, q, want
+    return fp8_chunk_case(hq, hkv, ps, D, n, k, sink, recent, dtype, compact_slots, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,17 +5,14 @@ the FP8 recent edge (masked) and blocks that do not (flash), GQA. On the CPU the
 import pytest
 import torch
 
+from tests.helpers.fp8_chunk import fp8_chunk_case
 from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig
-from tierserve.attention.sparse_fp8_prefill import page_summaries, sparse_fp8_chunk_attention
+from tierserve.attention.sparse_fp8_prefill import (
+    page_summaries,
+    sparse_fp8_chunk_attention,
+)
 from tierserve.attention.sparse_prefill import sparse_context
-from tierserve.attention.torch_ref import TorchRefBackend
-from tierserve.kv.fp8_pages import Fp8PagePolicy
-from tierserve.quant.fp8_compact import new_compact_pool, store_compact_
-from tierserve.quant.fp8_kv import quantise_pages_
-from tierserve.runner.kv_fp8 import Fp8Pages
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = [  # hq, hkv, page, D, seq_len, chunk, keep_sink, keep_recent, topk tokens, sparse sink, sparse recent
     (8, 2, 4, 16, 400, 150, 5, 20, 24, 4, 8),     # chunk inside a page; block 0 straddles the FP8 recent edge
@@ -26,38 +23,9 @@ CASES = [  # hq, hkv, page, D, seq_len, chunk, keep_sink, keep_recent, topk toke
 
 def _setup(case, dtype, compact_slots, seed):
     hq, hkv, ps, D, n, k, sink, recent, topk, s_sink, s_recent = CASES[case]
-    g = torch.Generator().manual_seed(seed)
-    pages = -(-n // ps)
-    N = pages + 6
-    mag = torch.exp2(torch.randint(-3, 4, (N, 1, 2, 1, hkv, 1), generator=g).float())
-    data = torch.randn(N, 1, 2, ps + 1, hkv, D, generator=g) * mag
-    lo, hi = data[:, :, 0, :ps].amin(2), data[:, :, 0, :ps].amax(2)      # the key min / max summary rows
-    data[:, :, 0, ps], data[:, :, 1, ps] = lo, hi
-    data = data.to(DEV, dtype)
-    table = torch.randperm(N, generator=g)[:pages + 1].to(DEV)
-    pool = new_compact_pool(compact_slots, 1, ps, hkv, D, 1, dtype, DEV) if compact_slots else None
-    fp8 = Fp8Pages(N, ps, sink, recent, DEV, compact=pool)
-    pol = Fp8PagePolicy(ps, sink, recent)
-    ok = [i for i in range(-(-(n - k) // ps)) if i * ps >= sink and not pol.needs_full(i, n - k)
-          and (i + 1) * ps <= n - k]
-    stored = [i for j, i in enumerate(ok) if j % 5 != 1]             # some pages stay at full precision
-    slot = 0
-    for j, i in enumerate(stored):
-        if pool is not None and j % 2 == 0 and slot < compact_slots:
-            store_compact_(data, pool, table[i:i + 1], torch.tensor([slot], device=DEV), ps)
-            table[i] = N + slot
-            slot += 1
-        else:
-            quantise_pages_(data, table[i:i + 1], ps)
-            fp8.quantised[table[i]] = True
-    q = torch.randn(k, hq, D, generator=g).to(DEV, dtype)
     cfg = SparseConfig("pages", topk, s_sink, s_recent)
-    pos = torch.arange(n - k, n, device=DEV)
-    z = torch.zeros(k, dtype=torch.long, device=DEV)
-    meta = AttnMetadata(num_seqs=1, num_tokens=k, page_size=ps, positions=pos, slot_pages=z, slot_offsets=z,
-                        query_start_loc=torch.tensor([0, k], device=DEV), seq_lens=torch.tensor([n], device=DEV),
-                        page_table=table[None], query_lens_cpu=[k], seq_lens_cpu=[n], kv_fp8=fp8, sparse=cfg)
-    want = TorchRefBackend().forward(q, None, None, data[:, 0], meta, D ** -0.5, None, 0, kv_written=True)
+    data, table, fp8, q, want = fp8_chunk_case(hq, hkv, ps, D, n, k, sink, recent, dtype, compact_slots, seed,
+                                               sparse=cfg, full_every=5)
     return data, table, fp8, q, cfg, want
 
 
