@@ -158,10 +158,10 @@ def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt, monkeypatch
     tokens and logprobs; multi-step gives the one-step tokens; the budget really drops pages."""
     from tierserve.attention import triton_fp8_steps
 
-    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(150)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
+    long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(119)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
     # in-place storage: with the compact pool (the default) sparse decode steps take the reference
-    sparse = dict(sparse_attention="pages", sparse_topk_tokens=96, max_model_len=192, num_kv_pages=64,
-                  rounds=long, kv_fp8_storage="inplace")              # 12 of up to 21 pages; chunks of 16 tokens
+    sparse = dict(sparse_attention="pages", sparse_topk_tokens=96, max_model_len=160, num_kv_pages=64,
+                  rounds=long, kv_fp8_storage="inplace")    # 12 of up to 17 pages; chunks of 16: the one at 112 sparse
     chunks = []
     real = triton_fp8_steps.sparse_fp8_chunk_attention
     monkeypatch.setattr(triton_fp8_steps, "sparse_fp8_chunk_attention",
@@ -171,7 +171,7 @@ def test_engine_triton_fp8_with_sparse_pages_matches_reference(ckpt, monkeypatch
     one, lp_one, calls = _generate(ckpt, "triton", 1, logprobs=0, **sparse)
     assert chunks and min(chunks) >= 104                 # the chunks past 12 full context pages went sparse
     multi, _, calls_multi = _generate(ckpt, "triton", 4, **sparse)
-    _, lp_dense, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, max_model_len=192, num_kv_pages=64, rounds=long)
+    _, lp_dense, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, max_model_len=160, num_kv_pages=64, rounds=long)
     assert calls["decode"] > 0 and calls_multi["multi"] > 0
     assert one == ref
     torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)
