@@ -6,7 +6,9 @@ After 8 warm-up tokens, per token over TOKENS tokens each:
 * wall ms a token (a window that the warm-up left queued, computed before the timer, is not counted);
 * torch.profiler: GPU busy (kernels + copies) a token, so wall - busy is the time the GPU waits for the host; the
   kernels and host ops with the most time; with STACK=1 the Python stacks of the stream syncs;
-* cProfile: the host functions with the most own / cumulative time.
+* cProfile: the host functions with the most own / cumulative time;
+* with SYNCS=1 (CUDA) first the host syncs of TOKENS tokens by their tierserve call sites
+  (``torch.cuda.set_sync_debug_mode``; stop 24 found the boolean index of ``SpillState.on_transfers`` this way).
 Stop 22 (H200, FP8 KV + FP8 weights, step by step): the step's graph replays in 7.48 ms while a token took 9.40.
 Writes $OUT/tiered-host-profile-h200.json (MODEL=<checkpoint> runs it on the CPU: a check of the script)."""
 import cProfile
