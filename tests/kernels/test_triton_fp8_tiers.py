@@ -224,3 +224,23 @@ def test_fast_sparse_decode_over_spilled_pages(case):
         store, tab_h, dat_h = _spill(f, dat, tab, ids)          # (poisons the spilled pages' device copies)
         assert torch.equal(run(tab_h, dat_h, host=(store[:, 1], f.end)), want)
         assert torch.equal(run(tab_h, dat_h, host=(store[:, 1], f.end), fast=True), want)
+
+
+def test_sparse_fp8_prefill_over_spilled_pages(ckpt, monkeypatch):
+    """Sparse attention + FP8 pages + a GPU pool smaller than the prompt: prefill chunks past the budget read their
+    blocks' top-k pages with the spilled ones' rows staged on the device (attention/sparse_fp8_prefill.py with
+    ``host``) -- the torch reference's tokens under the same tiers."""
+    import tierserve.attention.triton_fp8_steps as tb
+    seen = []
+    real = tb.sparse_fp8_chunk_attention
+    monkeypatch.setattr(tb, "sparse_fp8_chunk_attention",
+                        lambda *a, **k: seen.append(k.get("host") is not None) or real(*a, **k))
+    kw = dict(sparse_attention="pages", sparse_topk_tokens=96, num_kv_pages=12, n=130, max_model_len=160,
+              max_num_batched_tokens=16, cpu_kv_gb=0.001, kv_fp8_storage="inplace")
+    want, _ = _generate(ckpt, attention_backend="torch_ref", **kw)
+    got, llm = _generate(ckpt, **kw)
+    assert llm.engine.kv.num_spilled > 0
+    assert True in seen                       # a sparse chunk read spilled rows staged on the device
+    backend = llm.engine.runner.backend       # no path turned itself off on the way
+    assert backend.fp8_staged_prefill is True and backend.fp8_host_reads is not False
+    assert got == want

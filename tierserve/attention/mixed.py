@@ -56,9 +56,13 @@ def split_step(meta: AttnMetadata, num_kv_heads: int) -> StepSplit:
 
 
 def decode_meta(meta: AttnMetadata, split: StepSplit) -> AttnMetadata:
-    """The step's decode rows as a pure decode step of their own (for paths that select pages per row)."""
-    n = split.dec_tokens.shape[0]
+    """The step's decode rows as a pure decode step of their own (for paths that select pages per row, and their
+    reference fallback): the rows' tokens, tables and lengths."""
+    n, t = split.dec_tokens.shape[0], split.dec_tokens
     return dataclasses.replace(meta, num_seqs=n, num_tokens=n, page_table=split.dec_table, seq_lens=split.dec_lens,
+                               positions=meta.positions[t], slot_pages=meta.slot_pages[t],
+                               slot_offsets=meta.slot_offsets[t],
+                               query_start_loc=torch.arange(n + 1, device=t.device, dtype=meta.query_start_loc.dtype),
                                decode_only=True, backend_data={}, query_lens_cpu=[1] * n, num_splits=split.dec_splits,
                                seq_lens_cpu=[s for s, q_n in zip(meta.seq_lens_cpu, meta.query_lens_cpu) if q_n == 1])
 

@@ -63,7 +63,8 @@ class Fp8Steps:
                 if staged:      # spilled pages' compact rows, staged once per layer
                     slots, kmeta = self._staged_meta(meta, meta.kv_fp8.end)
                     host = (stage_rows(meta.host_kv[0][1][:, layer_idx], slots), meta.kv_fp8.end)
-                out = self._mixed_fp8(q, kv_layer, kmeta, scale, sliding_window, compact, host, layer_idx)
+                out = self._mixed_fp8(q, kv_layer, kmeta, scale, sliding_window, compact, host, layer_idx, meta,
+                                      k, v)
                 if staged:
                     self.fp8_staged_prefill = True
                 else:
@@ -90,22 +91,26 @@ class Fp8Steps:
         return meta.backend_data["staged"]
 
     def _mixed_fp8(self, q, kv_layer, meta: AttnMetadata, scale: float, window: int | None, compact=None,
-                   host=None, layer_idx: int = 0) -> torch.Tensor:
+                   host=None, layer_idx: int = 0, unstaged: AttnMetadata | None = None, k=None,
+                   v=None) -> torch.Tensor:
         """A step with prefill chunks over FP8 KV pages: decode rows through the FP8 decode kernel, every
         chunk (fresh ones too: the read rule applies inside a chunk) through flash attention over the gathered
         readings (``fp8_flash_prefill``; CUDA, no sliding window) or the FP8 prefill kernel. ``host``:
         (staged compact rows, first host id) of pages spilled to CPU RAM, ``meta``'s tables remapped to them.
         With the pages selector (``meta.sparse``; on CUDA the backend keeps it only where flash runs) chunks whose
-        context is sparse go through ``sparse_fp8_prefill`` and decode rows (pages on the device) choose their pages
-        as in pure decode steps."""
+        context is sparse go through ``sparse_fp8_prefill`` and decode rows choose their pages as in pure decode
+        steps (with ``host``, from ``unstaged``: the step's own tables, whose spilled pages the decode kernel reads
+        in CPU RAM)."""
         f = meta.kv_fp8
         split = split_step(meta, kv_layer.shape[3])
         out = torch.empty_like(q)
         pages_sel = meta.sparse is not None and meta.sparse.selector == "pages"
-        if split.dec_tokens is not None and pages_sel and host is None:
-            qd = q[split.dec_tokens]
-            out[split.dec_tokens] = self._fp8_decode(qd, None, None, kv_layer, decode_meta(meta, split), scale,
-                                                     window, layer_idx, compact)
+        src = unstaged if host is not None else meta
+        if split.dec_tokens is not None and pages_sel and src is not None:
+            t = split.dec_tokens           # (k / v: for the reference check of reads from CPU RAM)
+            out[t] = self._fp8_decode(q[t], k[t] if k is not None else None, v[t] if v is not None else None,
+                                      kv_layer, decode_meta(src, split_step(src, kv_layer.shape[3])), scale, window,
+                                      layer_idx, compact)
         elif split.dec_tokens is not None:
             out[split.dec_tokens] = paged_decode_fp8(
                 q[split.dec_tokens], kv_layer, f.quantised, split.dec_table, split.dec_lens, scale, meta.page_size,
