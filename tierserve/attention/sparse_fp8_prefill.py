@@ -24,8 +24,7 @@ import torch
 from tierserve.attention.flash_prefix import attend_lse, merge_lse
 from tierserve.attention.fp8_flash_prefill import (_hi, _masked_lse, fp8_chunk_attention, page_kinds,
                                                     page_readings)
-from tierserve.attention.select import page_upper_bounds
-from tierserve.attention.sparse_prefill import _UB_BYTES, PREFILL_BLOCK, block_topk
+from tierserve.attention.sparse_prefill import PREFILL_BLOCK, block_selection
 from tierserve.quant.fp8_compact import compact_summary
 
 _GATHER_BYTES = 1 << 28         # the chosen pages' keys + values gathered for one flash call (a group of blocks)
@@ -52,31 +51,6 @@ def page_summaries(kv_layer: torch.Tensor, ids: torch.Tensor, page_size: int,
     return kmin, kmax
 
 
-def _select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, page: int, cfg,
-            block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Each block's top-k context pages per KV head, as ``sparse_chunk_attention`` chooses them: (indices into the
-    context ``[nb, Hkv, k]``, first positions ``[nb]``, blocks, the chunk's offset in the first block)."""
-    n, hq, d = q.shape
-    hkv, Pc = kmin.shape[1], kmin.shape[0]
-    off = start % block
-    nb = -(-(off + n) // block)
-    qb = q.new_zeros(nb * block, hq, d)
-    qb[off:off + n] = q
-    valid = torch.zeros(nb * block, dtype=torch.bool, device=q.device)
-    valid[off:off + n] = True
-    first_pos = torch.tensor([max(start - off + b * block, start) for b in range(nb)], device=q.device)
-    lo = kmin.transpose(0, 1)[None].float()                                         # [1, Hkv, Pc, D]
-    hi = kmax.transpose(0, 1)[None].float()
-    per = max(1, _UB_BYTES // max(1, 8 * hq * block * Pc))
-    idx = []
-    for b0 in range(0, nb, per):
-        rows = slice(b0 * block, min(nb, b0 + per) * block)
-        ub = page_upper_bounds(qb[rows].transpose(0, 1)[None], lo, hi)[0]          # [Hkv, m, Pc]
-        ub = ub.masked_fill(~valid[rows][None, :, None], float("-inf"))
-        idx.append(block_topk(ub.view(hkv, -1, block, Pc).amax(2), first_pos[b0:b0 + per], page, cfg))
-    return torch.cat(idx, dim=1).transpose(0, 1), first_pos, nb, off
-
-
 def sparse_fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.Tensor,
                                table_row: torch.Tensor, start: int, scale: float, page_size: int, cfg,
                                keep_sink: int, keep_recent: int, compact: tuple[torch.Tensor, int] | None = None,
@@ -94,7 +68,9 @@ def sparse_fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantise
     o_tail, l_tail = fp8_chunk_attention(q, kv_layer, quantised, table_row, start, scale, ps, keep_sink,
                                          keep_recent, compact, host, slice_rows, key_from=Pc * ps, with_lse=True)
     ctx = table_row[:Pc]
-    idx, first_pos, nb, off = _select(q, *page_summaries(kv_layer, ctx, ps, compact, host), start, ps, cfg, block)
+    idx, first_pos, qb, off = block_selection(q, *page_summaries(kv_layer, ctx, ps, compact, host), start, ps, cfg,
+                                              block)
+    nb = idx.shape[0]
     # readings of the chosen pages: FP8 past the sink, full in it ("mixed": what a query before hi reads), and the
     # full readings of the chosen pages from hi(start) on (some query reads them at full precision)
     uniq, pos = torch.unique(idx, return_inverse=True)                           # context indices, sorted
@@ -115,8 +91,6 @@ def sparse_fp8_chunk_attention(q: torch.Tensor, kv_layer: torch.Tensor, quantise
     last_pos = (first_pos // block + 1) * block - 1                              # each block's last position
     uniform = (idx.amax(dim=(1, 2)) * ps < h_first).tolist()                     # every chosen page before hi(b0)
     heads = torch.arange(h, device=dev)[None, :, None]
-    qb = q.new_zeros(nb * block, hq, d)
-    qb[off:off + n] = q
     qf = qb.view(nb, block, h, g, d).permute(0, 2, 3, 1, 4).reshape(nb, h, g * block, d)
     o_ctx = torch.empty(nb, h, g * block, d, dtype=q.dtype, device=dev)
     l_ctx = torch.empty(nb, h, g * block, dtype=torch.float32, device=dev)

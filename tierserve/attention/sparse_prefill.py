@@ -71,6 +71,35 @@ def prefill_selection(ub: torch.Tensor, start: int, n: int, page: int, cfg,
     return visible
 
 
+def block_selection(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, start: int, page: int, cfg,
+                    block: int = PREFILL_BLOCK):
+    """The chunk's queries q [n, Hq, D] (at ``start``) padded into whole blocks, and each block's top-k context pages
+    per KV head from the context pages' key min / max summaries ``[Pc, Hkv, D]``: (indices into the context
+    ``[nb, Hkv, k]``, each block's first query position ``[nb]``, the padded queries ``[nb * block, Hq, D]``, the
+    chunk's offset in them)."""
+    n, hq, d = q.shape
+    hkv, Pc = kmin.shape[1], kmin.shape[0]
+    dev = q.device
+    off = start % block
+    nb = -(-(off + n) // block)
+    qb = q.new_zeros(nb * block, hq, d)
+    qb[off:off + n] = q
+    valid = torch.zeros(nb * block, dtype=torch.bool, device=dev)
+    valid[off:off + n] = True
+    first_pos = torch.tensor([max(start - off + b * block, start) for b in range(nb)], device=dev)
+    lo = kmin.transpose(0, 1)[None].float()                                         # [1, Hkv, Pc, D]
+    hi = kmax.transpose(0, 1)[None].float()
+    per = max(1, _UB_BYTES // max(1, 8 * hq * block * Pc))                        # blocks per score group
+    idx = []
+    for b0 in range(0, nb, per):
+        rows = slice(b0 * block, min(nb, b0 + per) * block)
+        ub = page_upper_bounds(qb[rows].transpose(0, 1)[None], lo, hi)[0]          # [Hkv, m, Pc]
+        ub = ub.masked_fill(~valid[rows][None, :, None], float("-inf"))
+        ubb = ub.view(hkv, -1, block, Pc).amax(2)                                 # [Hkv, blocks, Pc]
+        idx.append(block_topk(ubb, first_pos[b0:b0 + per], page, cfg))
+    return torch.cat(idx, dim=1).transpose(0, 1), first_pos, qb, off
+
+
 def sparse_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                            pages: torch.Tensor, start: int, scale: float, cfg, page: int,
                            block: int = PREFILL_BLOCK) -> torch.Tensor:
@@ -81,31 +110,14 @@ def sparse_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     hkv = k.shape[1]
     g = hq // hkv
     Pc, r = start // page, start % page
-    dev = q.device
     qh = q.transpose(0, 1)
     o_own, lse_own = attend_lse(qh, k.transpose(0, 1).repeat_interleave(g, 0),
                                 v.transpose(0, 1).repeat_interleave(g, 0), scale, causal=True)
-    # queries padded into whole blocks: [nb * block] rows, the chunk's at rows off .. off + n
-    off = start % block
-    nb = -(-(off + n) // block)
-    qb = q.new_zeros(nb * block, hq, d)
-    qb[off:off + n] = q
-    valid = torch.zeros(nb * block, dtype=torch.bool, device=dev)
-    valid[off:off + n] = True
-    first_pos = torch.tensor([max(start - off + b * block, start) for b in range(nb)], device=dev)
     ctx = pages[:Pc]
-    kmin = kv_layer[ctx, 0, page].transpose(0, 1)[None].float()                    # [1, Hkv, Pc, D]
-    kmax = kv_layer[ctx, 1, page].transpose(0, 1)[None].float()
-    per = max(1, _UB_BYTES // max(1, 8 * hq * block * Pc))                        # blocks per score group
-    idx = []
-    for b0 in range(0, nb, per):
-        rows = slice(b0 * block, min(nb, b0 + per) * block)
-        ub = page_upper_bounds(qb[rows].transpose(0, 1)[None], kmin, kmax)[0]     # [Hkv, m, Pc]
-        ub = ub.masked_fill(~valid[rows][None, :, None], float("-inf"))
-        ubb = ub.view(hkv, -1, block, Pc).amax(2)                                 # [Hkv, blocks, Pc]
-        idx.append(block_topk(ubb, first_pos[b0:b0 + per], page, cfg))
-    sel = ctx[torch.cat(idx, dim=1).transpose(0, 1)]                               # [nb, Hkv, kk] page ids
-    heads = torch.arange(hkv, device=dev)[None, :, None]
+    idx, _, qb, off = block_selection(q, kv_layer[ctx, 0, page], kv_layer[ctx, 1, page], start, page, cfg, block)
+    nb = idx.shape[0]
+    sel = ctx[idx]                                                                 # [nb, Hkv, kk] page ids
+    heads = torch.arange(hkv, device=q.device)[None, :, None]
     keys = kv_layer[:, 0, :page][sel, :, heads].flatten(2, 3)                      # [nb, Hkv, kk*page, D]
     vals = kv_layer[:, 1, :page][sel, :, heads].flatten(2, 3)
     if r:                                  # the partial page before the chunk: read by every query
@@ -118,4 +130,3 @@ def sparse_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     lse_ctx = lse_ctx.view(nb, hkv, g, block).permute(0, 3, 1, 2).reshape(nb * block, hq)[off:off + n]
     out = merge_lse(o_ctx.transpose(0, 1), lse_ctx.transpose(0, 1), o_own, lse_own)
     return out.transpose(0, 1)
-
