@@ -147,9 +147,12 @@ class MultiStepDecoder:
 
     def _snapshot(self) -> None:
         """Queue a host copy of the selection counts behind the transfers just queued (read by the next
-        ``_extend``, by when the window in flight has been read: the copy has landed or is about to)."""
-        spill = getattr(self.engine.runner, "spill", None)
-        if self.engine.kv.tiers is not None and spill is not None and MOVES_IN_QUEUE:
+        ``_extend``, by when the window in flight has been read: the copy has landed or is about to); only where
+        pages may move inside the queue."""
+        e = self.engine
+        spill = getattr(e.runner, "spill", None)
+        if e.kv.tiers is not None and spill is not None and MOVES_IN_QUEUE \
+                and e.kv.tiers.moves_without_sync(e.runner.kv.data):
             spill.snapshot()
 
     def _fp8_aligned(self, k: int, first_queries: list[int]) -> int:
