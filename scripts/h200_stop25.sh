@@ -11,6 +11,9 @@
 #   bash scripts/h200_stop25.sh pcie      the FP8 sparse decode over CPU RAM against the fixed PCIe baselines (the
 #                                         decode's own bytes) (~2 min)
 #   bash scripts/h200_stop25.sh b         section b with the sparse FP8 fill (prefill_s of the FP8 rows) (~4 min)
+#   bash scripts/h200_stop25.sh fixes     the engine tests that failed in call 1 (fp32 sparse FP8 prefill on CUDA), after
+#                                         the fix (~2 min)
+#   bash scripts/h200_stop25.sh b64       section b with 64-token pages for every row, dense bf16 included (~5 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
@@ -41,5 +44,14 @@ pcie)
 b)
     bench 280 --sections b --budgets b=270 --max-wall 270 --output "$OUT/sparse-fp8-b-h200.json" \
         | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
-*) echo "usage: $0 tests|prefill|c1m|queue|pcie|b"; exit 2 ;;
+fixes)
+    timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings tests/unit/test_sparse_fp8_prefill.py \
+        "tests/kernels/test_triton_engine.py::test_sparse_fp8_prefill_chunks_are_sparse_on_cuda" \
+        "tests/kernels/test_triton_decode_fp8.py::test_engine_triton_fp8_with_sparse_pages_matches_reference" \
+        "tests/kernels/test_triton_fp8_tiers.py::test_sparse_fp8_prefill_over_spilled_pages" --tb=short -rf 2>&1 \
+        | grep -v "^\.\+ *\[" | tail -25 ;;
+b64)
+    bench 330 --sections b --page-size 64 --budgets b=320 --max-wall 320 --output "$OUT/sparse-fp8-b-page64-h200.json" \
+        | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
+*) echo "usage: $0 tests|prefill|c1m|queue|pcie|b|fixes|b64"; exit 2 ;;
 esac

@@ -18,7 +18,8 @@ K/V written as random values instead of a prefill -- a 128k FP8 prefill takes ov
 ``$OUT/decode-profile-<setting>-c<context>-h200.json``. ``GPU_FRAC`` (with ``FILL=synthetic``; e.g. 0.1): the KV
 pool holds that share of the context's pages and the rest spills to a CPU-RAM tier (the oldest pages, as
 ``bench sparse-fp8``'s section c does); the graphs profiled are the spill set (steps that read spilled pages)
--> ``decode-profile-tiered-<setting>-c<context>-h200.json``."""
+-> ``decode-profile-tiered-<setting>-c<context>-h200.json``. ``PAGE_SIZE`` (not with ``GPU_FRAC``): the engine's KV page
+size (``-page<N>`` in the file name)."""
 import json
 import math
 import os
@@ -47,6 +48,7 @@ SETTINGS = {"bf16": {}, "sparse": {"sparse_attention": "pages", "sparse_topk_tok
 SYNTHETIC = os.environ.get("FILL", "prefill") == "synthetic"
 GPU_FRAC = float(os.environ["GPU_FRAC"]) if os.environ.get("GPU_FRAC") else None
 SPILL = GPU_FRAC is not None
+PAGE = int(os.environ["PAGE_SIZE"]) if os.environ.get("PAGE_SIZE") else None     # (not with GPU_FRAC)
 KINDS = [("gemv/gemm", ("gemv", "gemm", "cutlass", "sm90", "nvjet", "matmul", "splitk")),
          ("attention", ("decode", "attn", "flash", "merge")),
          ("sparse selection", ("page_score", "topk", "two_level")),
@@ -97,7 +99,7 @@ def main() -> None:
                     max_num_batched_tokens=min(8192, gpu // 4 * 16))
     llm = LLM(os.environ.get("MODEL", "llama-3.1-8b"), load_format="dummy", dtype="bfloat16", seed=0,
               max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 256, enable_prefix_caching=False,
-              **SETTINGS[SETTING], **tier)
+              **SETTINGS[SETTING], **tier, **({"page_size": PAGE} if PAGE else {}))
     eng, runner = llm.engine, llm.engine.runner
     graphs = runner.graphs
     if graphs is None:
@@ -154,7 +156,7 @@ def main() -> None:
         for k in ks[:12]:
             print(f"   {k['us']:9.1f} us x{k['calls']:5.0f}  {k['kernel'][:90]}")
     name = "decode-profile-h200.json" if SETTING == "bf16" and not SYNTHETIC else \
-        f"decode-profile-{'tiered-' if SPILL else ''}{SETTING}-c{CONTEXT}-h200.json"
+        f"decode-profile-{'tiered-' if SPILL else ''}{SETTING}-c{CONTEXT}{f'-page{PAGE}' if PAGE else ''}-h200.json"
     with open(f"{OUT}/{name}", "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {OUT}/{name}")

@@ -57,7 +57,9 @@ def test_blocks_in_groups_give_the_same_rows(monkeypatch):
     args = (q, data[:, 0], fp8.quantised, table, n - k, D ** -0.5, ps, cfg, sink, recent)
     one = sfp.sparse_fp8_chunk_attention(*args)
     monkeypatch.setattr(sfp, "_GATHER_BYTES", 1)             # one block a flash call
-    torch.testing.assert_close(sfp.sparse_fp8_chunk_attention(*args), one, atol=1e-6, rtol=1e-6)
+    # the same rows; on CUDA fp32 batched matmuls of other shapes sum in another order (1.2e-5 on the H200)
+    tol = 1e-6 if q.device.type == "cpu" else 1e-4
+    torch.testing.assert_close(sfp.sparse_fp8_chunk_attention(*args), one, atol=tol, rtol=tol)
 
 
 def test_sparse_differs_from_dense_and_the_summaries_come_from_every_storage():

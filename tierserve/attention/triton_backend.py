@@ -91,12 +91,13 @@ class TritonBackend(Fp8Steps):
     def forward(self, q, k, v, kv_layer, meta: AttnMetadata, scale: float,
                 sliding_window: int | None = None, layer_idx: int = 0, kv_written: bool = False) -> torch.Tensor:
         # sparse prefill over FP8 pages (the pages selector; pages on the device, or spilled to CPU RAM and staged
-        # per layer; on CUDA where flash runs): attention/sparse_fp8_prefill.py through ``_mixed_fp8``
+        # per layer; on CUDA flash attention for bf16 / fp16, plain attention for fp32): attention/sparse_fp8_prefill.py
+        # through ``_mixed_fp8``
         sparse_fp8_prefill = meta.sparse is not None and meta.kv_fp8 is not None and not meta.decode_only \
             and meta.sparse.selector == "pages" and sliding_window is None \
             and (meta.host_kv is None or (meta.host_ram_only and self.fp8_prefill is not False
                                           and self.fp8_staged_prefill is not False)) \
-            and (not q.is_cuda or (fp8_flash_prefill.ENABLED and flash_ok(q)))
+            and (not q.is_cuda or fp8_flash_prefill.ENABLED)
         sparse_ok = meta.sparse is None or (sliding_window is None and meta.decode_only) or sparse_fp8_prefill
         # FP8 KV pages: pure decode steps through the dequantising kernel, other steps the torch reference
         fp8_ok = meta.kv_fp8 is None or meta.decode_only or prefill_supported(q.shape[-1])
@@ -115,7 +116,7 @@ class TritonBackend(Fp8Steps):
             if not self._warned_fp8_sparse_prefill:
                 log.warning("sparse attention over FP8 KV pages: here prefill chunks attend densely on the GPU "
                             "(the sparse FP8 prefill path needs the pages selector, pages in GPU or CPU RAM and "
-                            "flash attention); decode steps stay sparse")
+                            "TIERSERVE_FP8_FLASH_PREFILL on); decode steps stay sparse")
                 self._warned_fp8_sparse_prefill = True
             meta = dataclasses.replace(meta, sparse=None)
         compact = meta.kv_fp8.kernel_pool(layer_idx) if meta.kv_fp8 is not None else None

@@ -204,6 +204,8 @@ def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped
                budgets: str = typer.Option("a=100,b=180,c=200", help="seconds per section (unused time carries "
                                            "over); later settings are skipped"),
                max_wall: float = typer.Option(510.0, help="seconds after the start past which nothing runs"),
+               page_size: Optional[int] = typer.Option(None, help="KV page size of every engine in the run "
+                                                       "(baselines included; default: the engine's)"),
                device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
                smoke: bool = typer.Option(False, help="tiny sizes on the CPU (tierserve-nano) for CI"),
                output: Path = typer.Option(Path("benchmarks/results/sparse-fp8.json")),
@@ -223,7 +225,7 @@ def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped
                       long_new_tokens=long_new_tokens, tier_contexts=tuple(_ints(tier_contexts)),
                       prefill_max=prefill_max, topk=topk, gpu_frac=gpu_frac, chunk=chunk, host_ram_gb=host_ram_gb,
                       budgets={**Sizes().budgets, **budget}, tier_prefill_budget=tier_prefill_budget,
-                      max_wall_s=max_wall)
+                      max_wall_s=max_wall, page_size=page_size)
     except ValueError:
         raise typer.BadParameter(f"--budgets must look like a=100,b=180,c=200, got {budgets!r}")
     if smoke:

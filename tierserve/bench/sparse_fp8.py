@@ -55,6 +55,7 @@ class Sizes:
     decode_warmup_steps: int = 8
     tier_prefill_budget: float = 100.0  # section c: seconds for a real prefill over the tiers, else synthetic
     max_wall_s: float = 510.0          # no section runs past this many seconds after the start
+    page_size: int | None = None       # KV page size of every engine of the run (None: the engine's default)
 
 
 # the CPU tier cap makes the 4096 context a skipped row and its fallback (2048) a synthetic fill
@@ -84,6 +85,8 @@ def bench_sparse_fp8(model: str | None, sections=SECTIONS, sizes: Sizes | None =
 
     common = dict(load_format=load_format, device=device, dtype=dtype, seed=seed, max_num_seqs=1,
                   enable_prefix_caching=False)
+    if sizes.page_size is not None:      # baselines and sparse rows alike
+        common["page_size"] = sizes.page_size
     bench = Bench(model, sizes, common, seed, emit, log or (lambda m: None))
     dev = resolve_device(device)
     if dev.type == "cuda":
