@@ -304,6 +304,7 @@ def test_rebalance_counts_the_steps_of_windows():
 
     class Stub(SpillPlacement):
         slot_heat = object()
+        rebalance_every = 16
 
         def __init__(self):
             self.calls = []
@@ -327,13 +328,13 @@ def test_rebalance_counts_the_steps_of_windows():
 
 
 def test_rebalance_every_from_the_environment(monkeypatch):
-    """``TIERSERVE_REBALANCE_EVERY``: 16 by default, an integer >= 0, a clear error otherwise."""
+    """``TIERSERVE_REBALANCE_EVERY``: 64 by default, an integer >= 0, a clear error otherwise."""
     from tierserve.kv.spill_placement import _rebalance_every
 
     monkeypatch.delenv("TIERSERVE_REBALANCE_EVERY", raising=False)
-    assert _rebalance_every() == 16
-    monkeypatch.setenv("TIERSERVE_REBALANCE_EVERY", "64")
     assert _rebalance_every() == 64
+    monkeypatch.setenv("TIERSERVE_REBALANCE_EVERY", "16")
+    assert _rebalance_every() == 16
     for bad in ("-1", "x", "1.5"):
         monkeypatch.setenv("TIERSERVE_REBALANCE_EVERY", bad)
         with pytest.raises(ValueError, match="TIERSERVE_REBALANCE_EVERY must be an integer >= 0"):
