@@ -19,7 +19,7 @@ import os
 import torch
 import triton
 
-from tierserve.attention import triton_select, triton_select_topk
+from tierserve.attention import triton_select_topk
 from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig, selection_bound
 from tierserve.attention.triton_backend import _select_pages
@@ -81,19 +81,17 @@ def timed(fn, n=32, reps=7, graph=True):
 
 
 def select(q, kv, meta, mode):
-    """mode: "torch" (the PyTorch chain), "fused" (one-level top-k: "search"), "fused two-level"; a " heads" suffix:
-    the page scores with all KV heads of a page in one program (triton_select_heads)."""
+    """mode: "torch" (the PyTorch chain), "fused" (one-level top-k: "search"), "fused two-level"."""
     if mode == "torch":
         os.environ["TIERSERVE_SPARSE_SELECT"] = "torch"
     else:
         os.environ.pop("TIERSERVE_SPARSE_SELECT", None)
-    default, heads = triton_select_topk.DEFAULT_METHOD, triton_select.SCORE_HEADS
-    triton_select_topk.DEFAULT_METHOD = "two-level" if mode.startswith("fused two-level") else "search"
-    triton_select.SCORE_HEADS = mode.endswith(" heads")
+    default = triton_select_topk.DEFAULT_METHOD
+    triton_select_topk.DEFAULT_METHOD = "two-level" if mode == "fused two-level" else "search"
     try:
         return _select_pages(q, kv, meta, 0, logical=True)
     finally:
-        triton_select_topk.DEFAULT_METHOD, triton_select.SCORE_HEADS = default, heads
+        triton_select_topk.DEFAULT_METHOD = default
 
 
 def check(q, kv, meta, mode="fused"):
@@ -129,7 +127,6 @@ def bench_batch(B, a, dev, table_pages):
     cmp = check(q, kv, meta)
     cmp2 = {f"two_level_{k}": v for k, v in check(q, kv, meta, "fused two-level").items()}
     cmp.update(cmp2)
-    cmp.update({f"two_level_heads_{k}": v for k, v in check(q, kv, meta, "fused two-level heads").items()})
     P = meta.page_table.shape[1]
     cfg = meta.sparse
     scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
@@ -139,7 +136,6 @@ def bench_batch(B, a, dev, table_pages):
         "torch chain": lambda: select(q, kv, meta, "torch"),
         "fused": lambda: select(q, kv, meta, "fused"),
         "fused two-level": lambda: select(q, kv, meta, "fused two-level"),
-        "fused two-level heads": lambda: select(q, kv, meta, "fused two-level heads"),
         "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
         "  score kernel + groups": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg,
                                                        group=G or 4),
@@ -169,12 +165,6 @@ def bench_batch(B, a, dev, table_pages):
     for bp, nw in ((16, 8), (32, 4), (32, 8), (64, 8)):        # the score kernel's alternatives (default 16, 4)
         variants[f"  score {bp}p {nw}w"] = lambda bp=bp, nw=nw: page_scores(q, kv, meta.page_table, meta.seq_lens,
                                                                              a.page, cfg, block_p=bp, num_warps=nw)
-    for bp, nw in ((4, 4), (8, 4), (8, 8), (16, 8)):        # every KV head of a page in one program
-        variants[f"  score heads {bp}p {nw}w"] = lambda bp=bp, nw=nw: page_scores(
-            q, kv, meta.page_table, meta.seq_lens, a.page, cfg, block_p=bp, num_warps=nw, heads=True)
-    if G:
-        variants[f"  score heads + groups g{G}"] = lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page,
-                                                                       cfg, group=G, heads=True)
     if a.smoke:            # each variant once, untimed
         for fn in variants.values():
             fn()
@@ -209,13 +199,6 @@ def ptxas_report(a):
             build_one(triton_select._page_score_kernel, score_types,
                       dict(GROUP=a.hq // a.hkv, HEAD_DIM=a.head_dim, D_PAD=a.head_dim, PAGE=a.page, BLOCK_P=bp,
                            TOPK=a.topk, SINK=16, RECENT=64, HOST=host, COMPACT=compact, PAGE_GROUP=grp), nw, groups)
-    from tierserve.attention import triton_select_heads
-    for host, compact in ((False, False), (False, True), (True, True)):
-        for bp, nw, grp in ((4, 4, 0), (8, 4, 0), (8, 8, 0), (8, 8, 8), (16, 8, 8)):
-            build_one(triton_select_heads._page_score_heads_kernel, score_types,
-                      dict(HKV=a.hkv, GROUP=a.hq // a.hkv, HEAD_DIM=a.head_dim, D_PAD=a.head_dim, PAGE=a.page,
-                           BLOCK_P=bp, TOPK=a.topk, SINK=16, RECENT=64, HOST=host, COMPACT=compact,
-                           PAGE_GROUP=grp), nw, groups)
     topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 11
     common = dict(K_OUT=135, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):

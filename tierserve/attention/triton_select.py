@@ -28,13 +28,9 @@ import triton.language as tl
 from tierserve import pdl
 from tierserve.attention.backend import host_base
 from tierserve.attention.select import selection_bound
-from tierserve.attention import triton_select_heads, triton_select_topk
+from tierserve.attention import triton_select_topk
 from tierserve.attention.triton_select_topk import topk_compact
 from tierserve.attention.triton_select_two_level import group_size, topk_two_level
-
-
-# "heads": every KV head of a page in one program (triton_select_heads); "head" (default): one program per KV head
-SCORE_HEADS = os.environ.get("TIERSERVE_PAGE_SCORES", "head") == "heads"
 
 
 @triton.jit
@@ -112,10 +108,10 @@ def use_fused_selection(device: torch.device) -> bool:
 
 
 def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int | None = None,
+                page_size: int, cfg, host_summaries: torch.Tensor | None = None, block_p: int = 16,
                 num_warps: int | None = None, host_base: int | None = None,
                 compact: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                group: int = 0, heads: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                group: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D] (one decode query per sequence at seq_len - 1); kv_layer [N, 2, rows, Hkv, D] with the
     key min / max at row ``page_size``; page_table [B, P]; ``host_summaries`` [slots, 2, rows, Hkv, D] (one
     layer) for page ids >= ``host_base`` (default N); ``compact`` (FP8 compact slots): (key min, key max)
@@ -124,8 +120,7 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
     maximum, [B, Hkv, ceil(P / group)] (for ``triton_select_two_level``).
     Default 16 pages a program, 4 warps: no register spills at D=128 for sm_90 with any source set
     (``scripts/bench_sparse_select.py --ptxas``: 56 registers with launch-like divisibility hints);
-    scripts/bench_sparse_select.py times the alternatives. ``heads`` (default: ``TIERSERVE_PAGE_SCORES=heads`` set):
-    every KV head of a page in one program (``triton_select_heads``; 8 pages, 8 warps; power-of-two Hkv only)."""
+    scripts/bench_sparse_select.py times the alternatives."""
     B, Hq, D = q.shape
     N, _, rows, Hkv, _ = kv_layer.shape
     P = page_table.shape[1]
@@ -144,28 +139,24 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
     else:
         cmin, cmax, c_base, n_comp = kmin, kmax, 0, 0
     out = torch.empty(B, Hkv, P, dtype=torch.float32, device=q.device)
-    heads = SCORE_HEADS if heads is None else heads
-    heads = heads and Hkv & (Hkv - 1) == 0
-    block_p = min(block_p or (8 if heads else 16), triton.next_power_of_2(P))
-    num_warps = num_warps or (8 if heads else 4)
+    block_p = min(block_p, triton.next_power_of_2(P))
+    num_warps = num_warps or 4
     grp = {}
     if group:
         block_p = max(block_p, group)
         assert group & (group - 1) == 0 and block_p % group == 0
         gout = torch.empty(B, Hkv, -(-P // group), dtype=torch.float32, device=q.device)
         grp = dict(grp_ptr=gout, n_grp=gout.shape[2], s_rb=gout.stride(0), s_rh=gout.stride(1), PAGE_GROUP=group)
-    args = (q, kmin, kmax, hmin, hmax, cmin, cmax, page_table, seq_lens, out, P, N,
-            N if host_base is None else host_base, n_host, c_base, n_comp,
-            q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
-            hmin.stride(0), hmin.stride(1), hmax.stride(0), hmax.stride(1), cmin.stride(0), cmin.stride(1),
-            cmax.stride(0), cmax.stride(1), page_table.stride(0), out.stride(0), out.stride(1))
-    consts = dict(GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size,
-                  TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
-                  COMPACT=compact is not None, PDL=pdl.active(q.device), **grp, **pdl.dependent_options(q.device))
-    if heads:
-        triton_select_heads.launch(B, P, block_p, num_warps, args, dict(consts, HKV=Hkv))
-    else:
-        _page_score_kernel[(B, Hkv, triton.cdiv(P, block_p))](*args, BLOCK_P=block_p, num_warps=num_warps, **consts)
+    _page_score_kernel[(B, Hkv, triton.cdiv(P, block_p))](
+        q, kmin, kmax, hmin, hmax, cmin, cmax, page_table, seq_lens, out, P, N,
+        N if host_base is None else host_base, n_host, c_base, n_comp,
+        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
+        hmin.stride(0), hmin.stride(1), hmax.stride(0), hmax.stride(1), cmin.stride(0), cmin.stride(1),
+        cmax.stride(0), cmax.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
+        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size, BLOCK_P=block_p,
+        TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
+        COMPACT=compact is not None, num_warps=num_warps, PDL=pdl.active(q.device), **grp,
+        **pdl.dependent_options(q.device))
     return (out, grp["grp_ptr"]) if group else out
 
 
