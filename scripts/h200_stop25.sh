@@ -14,6 +14,8 @@
 #   bash scripts/h200_stop25.sh fixes     the engine tests that failed in call 1 (fp32 sparse FP8 prefill on CUDA), after
 #                                         the fix (~2 min)
 #   bash scripts/h200_stop25.sh b64       section b with 64-token pages for every row, dense bf16 included (~5 min)
+#   bash scripts/h200_stop25.sh bits      the top-k threshold search three bits a step (TIERSERVE_TOPK_BITS=3) against
+#                                         two: GPU tests, then the selection kernels at 128k in 16- / 64-token pages (~3 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
@@ -53,5 +55,13 @@ fixes)
 b64)
     bench 330 --sections b --page-size 64 --budgets b=320 --max-wall 320 --output "$OUT/sparse-fp8-b-page64-h200.json" \
         | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
-*) echo "usage: $0 tests|prefill|c1m|queue|pcie|b|fixes|b64"; exit 2 ;;
+bits)
+    timeout 100 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_select.py \
+        tests/kernels/test_triton_select_two_level.py 2>&1 | tail -2
+    for pg in 16 64; do
+        PYTHONPATH=.:scripts timeout 110 python scripts/bench_sparse_select.py --batch 1 --page $pg \
+            --table-pages $((131328 / pg)) --output "$OUT/sparse-select-bits-page$pg-h200.json" 2>&1 | quiet \
+            | grep -E "fused|topk two-level|topk\+compact|check"
+    done ;;
+*) echo "usage: $0 tests|prefill|c1m|queue|pcie|b|fixes|b64|bits"; exit 2 ;;
 esac
