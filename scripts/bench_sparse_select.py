@@ -81,19 +81,17 @@ def timed(fn, n=32, reps=7, graph=True):
 
 
 def select(q, kv, meta, mode):
-    """mode: "torch" (the PyTorch chain), "fused" (one-level top-k: "search"), "fused two-level"; a " 3-bit" suffix:
-    the threshold search three bits a step."""
+    """mode: "torch" (the PyTorch chain), "fused" (one-level top-k: "search"), "fused two-level"."""
     if mode == "torch":
         os.environ["TIERSERVE_SPARSE_SELECT"] = "torch"
     else:
         os.environ.pop("TIERSERVE_SPARSE_SELECT", None)
-    default, bits = triton_select_topk.DEFAULT_METHOD, triton_select_topk.SEARCH_BITS
-    triton_select_topk.DEFAULT_METHOD = "two-level" if mode.startswith("fused two-level") else "search"
-    triton_select_topk.SEARCH_BITS = 3 if mode.endswith(" 3-bit") else 2
+    default = triton_select_topk.DEFAULT_METHOD
+    triton_select_topk.DEFAULT_METHOD = "two-level" if mode == "fused two-level" else "search"
     try:
         return _select_pages(q, kv, meta, 0, logical=True)
     finally:
-        triton_select_topk.DEFAULT_METHOD, triton_select_topk.SEARCH_BITS = default, bits
+        triton_select_topk.DEFAULT_METHOD = default
 
 
 def check(q, kv, meta, mode="fused"):
@@ -129,7 +127,6 @@ def bench_batch(B, a, dev, table_pages):
     cmp = check(q, kv, meta)
     cmp2 = {f"two_level_{k}": v for k, v in check(q, kv, meta, "fused two-level").items()}
     cmp.update(cmp2)
-    cmp.update({f"two_level_3bit_{k}": v for k, v in check(q, kv, meta, "fused two-level 3-bit").items()})
     P = meta.page_table.shape[1]
     cfg = meta.sparse
     scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
@@ -139,7 +136,6 @@ def bench_batch(B, a, dev, table_pages):
         "torch chain": lambda: select(q, kv, meta, "torch"),
         "fused": lambda: select(q, kv, meta, "fused"),
         "fused two-level": lambda: select(q, kv, meta, "fused two-level"),
-        "fused two-level 3-bit": lambda: select(q, kv, meta, "fused two-level 3-bit"),
         "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
         "  score kernel + groups": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg,
                                                        group=G or 4),
@@ -152,17 +148,11 @@ def bench_batch(B, a, dev, table_pages):
         variants[f"  topk two-level g{G}"] = lambda: topk_two_level(
             scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
             selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0])
-        variants[f"  topk two-level g{G} 3-bit"] = lambda: topk_two_level(
-            scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
-            selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], bits=3)
     if G_old:
         _, gscores_old = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=G_old)
         variants[f"  topk two-level g{G_old} (stop 21)"] = lambda: topk_two_level(
             scores, gscores_old, G_old, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
             selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], capacity="loose")
-    variants["  topk+compact 3-bit"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
-                                                       cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
-                                                       meta.page_heat, None, kv.shape[0], bits=3)
     variants["  topk radix"] = lambda: topk_compact(scores, meta.page_table, meta.seq_lens, a.page,
                                                     cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                     meta.page_heat, None, kv.shape[0], method="radix")
@@ -212,18 +202,16 @@ def ptxas_report(a):
     topk_types = ["*fp32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 11
     common = dict(K_OUT=135, K_PAD=256, BUDGET=a.topk // a.page, PAGE=a.page, HEAT=True, HOST_HEAT=True)
     for block in (8192, 16384):
-        for radix, bits3 in ((False, False), (True, False), (False, True)):
-            build_one(triton_select_topk._topk_kernel, topk_types,
-                      common | {"BLOCK": block, "RADIX": radix, "BITS3": bits3}, 16)
+        for radix in (False, True):
+            build_one(triton_select_topk._topk_kernel, topk_types, common | {"BLOCK": block, "RADIX": radix}, 16)
     for reg, chunk, nw in ((8192, 2048, 16), (8192, 1024, 32), (16, 4096, 16)):
         build_one(triton_select_topk._topk_wide_kernel, topk_types, common | {"CHUNK": chunk, "REG": reg}, nw)
     two_types = ["*fp32", "*fp32", "*i32", "*i64", "*i64", "*i64", "*i64", "*i64", "*fp32", "*fp32"] + ["i32"] * 16
     # 128k + new tokens (8208 pages), 1M + new tokens, and the stop-21 shapes (loose capacity)
-    for s_block, group, g_pad in ((2048, 8, 128), (4096, 32, 128), (4096, 4, 256), (8192, 16, 256), (512, 8, 32)):
-        for bits3 in (False, True):
-            build_one(triton_select_two_level._topk_two_level_kernel, two_types,
-                      common | {"GROUP": group, "S_BLOCK": s_block, "G_PAD": g_pad, "BITS3": bits3},
-                      triton_select_two_level._warps(max(s_block, g_pad * group, common["K_PAD"])))
+    for s_block, group, g_pad in ((2048, 8, 128), (4096, 32, 128), (4096, 4, 256), (8192, 16, 256)):
+        build_one(triton_select_two_level._topk_two_level_kernel, two_types,
+                  common | {"GROUP": group, "S_BLOCK": s_block, "G_PAD": g_pad},
+                  triton_select_two_level._warps(max(s_block, g_pad * group, common["K_PAD"])))
 
 
 def main():

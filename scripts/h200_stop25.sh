@@ -14,8 +14,9 @@
 #   bash scripts/h200_stop25.sh fixes     the engine tests that failed in call 1 (fp32 sparse FP8 prefill on CUDA), after
 #                                         the fix (~2 min)
 #   bash scripts/h200_stop25.sh b64       section b with 64-token pages for every row, dense bf16 included (~5 min)
-#   bash scripts/h200_stop25.sh bits      the top-k threshold search three bits a step (TIERSERVE_TOPK_BITS=3) against
-#                                         two: GPU tests, then the selection kernels at 128k in 16- / 64-token pages (~3 min)
+#   bash scripts/h200_stop25.sh bits      (ran in call 7 at the commit that added TIERSERVE_TOPK_BITS; removed after: slower)
+#                                         the top-k threshold search three bits a step against two: GPU tests, then the
+#                                         selection kernels at 128k in 16- / 64-token pages (~3 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in

@@ -212,13 +212,12 @@ def test_edge_shapes_match_torch_chain(monkeypatch, P, seq_lens, D, group):
 
 
 # chunk 64: the streaming kernel; reg 16: rows past 16 visible pages streamed, None: held in registers there
-@pytest.mark.parametrize("chunk,method,reg,bits", [(None, "search", None, 2), (None, "search", None, 3),
-                                                   (None, "radix", None, 2), (64, None, 16, 2), (64, None, None, 2)])
+@pytest.mark.parametrize("chunk,method,reg", [(None, "search", None), (None, "radix", None), (64, None, 16),
+                                              (64, None, None)])
 @pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (3000, 128), (64, 64), (50, 80)])
-def test_threshold_search_is_exact_topk(P, budget, chunk, method, reg, bits):
+def test_threshold_search_is_exact_topk(P, budget, chunk, method, reg):
     """topk_compact on random scores (both signs, repeated values, -0.0 and +0.0, +inf kept, -inf invisible tails) keeps
-    exactly the +inf pages and the ``budget`` best, ties to the lowest index (a stable-sort reference); ``bits``: the
-    threshold search's bits a step (2 or 3)."""
+    exactly the +inf pages and the ``budget`` best, ties to the lowest index (a stable-sort reference)."""
     g = torch.Generator().manual_seed(P)
     page, B, H = 4, 2, 3
     scores = torch.randn(B, H, P, generator=g) * 10.0 ** torch.randint(-3, 4, (B, H, P), generator=g).float()
@@ -231,8 +230,7 @@ def test_threshold_search_is_exact_topk(P, budget, chunk, method, reg, bits):
     table = torch.randperm(4 * P, generator=g)[:P].repeat(B, 1)
     heat = torch.zeros(4 * P, device=DEV)
     t, logical, lens = topk_compact(scores.to(DEV), table.to(DEV), seq.to(DEV), page, budget, max_selected=P,
-                                    page_heat=heat, num_device_pages=4 * P, chunk=chunk, method=method, reg=reg,
-                                    bits=bits)
+                                    page_heat=heat, num_device_pages=4 * P, chunk=chunk, method=method, reg=reg)
     want_heat = torch.zeros(4 * P)
     for b in range(B):
         for h in range(H):

@@ -30,10 +30,6 @@ MAX_BLOCK = 8192
 # tables it fits; the default since H200 timings: 17 / 22 / 31 us at 8192 / 8448 / 65536 pages against 31 / 46 /
 # 461 us for "search", benchmarks/results/sparse-select*-h200.json) or "search" / "radix" (topk_compact's kernels)
 DEFAULT_METHOD = os.environ.get("TIERSERVE_TOPK", "two-level")
-# the threshold search of the kernels holding a row in registers: 2 bits a step (16 reductions) or 3 (11)
-SEARCH_BITS = int(os.environ.get("TIERSERVE_TOPK_BITS", "2"))
-if SEARCH_BITS not in (2, 3):
-    raise ValueError(f"TIERSERVE_TOPK_BITS must be 2 or 3, got {SEARCH_BITS}")
 
 
 @triton.jit
@@ -97,7 +93,7 @@ def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr
                  P, n_dev, h_base, n_hheat, s_sb, s_sh, s_ptb, s_tb, s_th, s_lb, s_lh,
                  K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
                  BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr, RADIX: tl.constexpr,
-                 PDL: tl.constexpr = False, BITS3: tl.constexpr = False):
+                 PDL: tl.constexpr = False):
     pdl.release(PDL)        # (``tierserve.pdl``)
     pdl.wait(PDL)
     b = tl.program_id(0)
@@ -113,7 +109,7 @@ def _topk_kernel(score_ptr, pt_ptr, seqlen_ptr, table_ptr, logical_ptr, lens_ptr
         if RADIX:
             t, room = _radix_threshold(key, BUDGET)
         else:
-            t, room = _threshold(key, BUDGET, BITS3)
+            t, room = _search_threshold(key, BUDGET)
         chosen = chosen | (_top(key, t, room) & visible)
     pt_row = pt_ptr + b * s_ptb
     table_row, logical_row = table_ptr + b * s_tb + h * s_th, logical_ptr + b * s_tb + h * s_th
@@ -130,55 +126,6 @@ def _search_threshold(key, BUDGET: tl.constexpr):
         lo = _step(lo, _packed_counts(key, lo, 1 << (30 - 2 * i)), 1 << (30 - 2 * i), BUDGET)
     t = lo.to(tl.int32)
     return t, BUDGET - tl.sum((key > t).to(tl.int32), axis=0)
-
-
-@triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
-def _counts7(key, lo, s: tl.constexpr):
-    """Counts of keys >= lo + j * s for j = 1..7 in 21-bit fields of three int64 sums (j = 1-3, 4-6, 7), reduced
-    together (one pass over the lanes, one exchange between the warps)."""
-    a = (key >= (lo + s).to(tl.int32)).to(tl.int64) + ((key >= (lo + 2 * s).to(tl.int32)).to(tl.int64) << 21) \
-        + ((key >= (lo + 3 * s).to(tl.int32)).to(tl.int64) << 42)
-    b = (key >= (lo + 4 * s).to(tl.int32)).to(tl.int64) + ((key >= (lo + 5 * s).to(tl.int32)).to(tl.int64) << 21) \
-        + ((key >= (lo + 6 * s).to(tl.int32)).to(tl.int64) << 42)
-    c = (key >= (lo + 7 * s).to(tl.int32)).to(tl.int64)
-    return tl.reduce((a, b, c), 0, _add3)
-
-
-@triton.jit
-def _passed3(tot, BUDGET: tl.constexpr):
-    """How many of the three 21-bit counts packed in ``tot`` reach the budget."""
-    return ((tot & 0x1FFFFF) >= BUDGET).to(tl.int64) + (((tot >> 21) & 0x1FFFFF) >= BUDGET).to(tl.int64) \
-        + ((tot >> 42) >= BUDGET).to(tl.int64)
-
-
-@triton.jit
-def _search_threshold3(key, BUDGET: tl.constexpr):
-    """``_search_threshold`` three bits a step: seven thresholds counted in one reduction, ten steps of 2**29 ..
-    2**2, then one step of 1 with three (11 reductions instead of 16). The same (t, room). Each step keeps the
-    answer in [lo, lo + 8 s), so lo + 7 s stays below 2**31 (the thresholds fit int32)."""
-    lo = tl.full([], -2147483648, tl.int64)
-    for i in tl.static_range(10):
-        a, b, c = _counts7(key, lo, 1 << (29 - 3 * i))
-        passed = _passed3(a, BUDGET) + _passed3(b, BUDGET) + (c >= BUDGET).to(tl.int64)
-        lo = lo + passed * (1 << (29 - 3 * i))
-    lo = _step(lo, _packed_counts(key, lo, 1), 1, BUDGET)
-    t = lo.to(tl.int32)
-    return t, BUDGET - tl.sum((key > t).to(tl.int32), axis=0)
-
-
-@triton.jit
-def _threshold(key, BUDGET: tl.constexpr, BITS3: tl.constexpr):
-    """(t, room) by the two-bit (16 reductions) or the three-bit (11) search: the same result."""
-    if BITS3:
-        t, room = _search_threshold3(key, BUDGET)
-    else:
-        t, room = _search_threshold(key, BUDGET)
-    return t, room
 
 
 @triton.jit
@@ -291,7 +238,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
                  budget: int, max_selected: int, page_heat: torch.Tensor | None = None,
                  host_heat: torch.Tensor | None = None, num_device_pages: int = 0, chunk: int | None = None,
                  method: str | None = None, host_base: int | None = None, reg: int | None = None,
-                 num_warps: int | None = None, bits: int | None = None):
+                 num_warps: int | None = None):
     """scores [B, Hkv, P] (``triton_select.page_scores``) -> (table [B, Hkv, K], logical [B, Hkv, K], lens
     [B, Hkv]) as ``compact_selection(..., logical=True)`` with K = min(P, max_selected); adds 1 per chosen
     page to ``page_heat`` (device page ids < ``num_device_pages``) / ``host_heat`` (spilled slots, id -
@@ -300,8 +247,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     ``method`` (rows held in registers; None: ``TIERSERVE_TOPK`` or "search"): "search" (16 reductions,
     two bits a step) or "radix" (4 histograms of 8-bit digits); the same pages either way. With ``chunk``, the
     first ``reg`` pages of a row (default ``MAX_BLOCK``, at most the table; a power of two) are held in
-    registers and only the rest is streamed. ``bits`` (rows in registers; default ``TIERSERVE_TOPK_BITS``, 2): the
-    threshold search's bits a step, 2 (16 reductions) or 3 (11); the same pages."""
+    registers and only the rest is streamed."""
     B, Hkv, P = scores.shape
     assert scores.stride(2) == 1 and page_table.stride(1) == 1 and seq_lens.dim() == 1 and seq_lens.stride(0) == 1
     assert P < 2 ** 21, "at most 2**21 - 1 pages per sequence"
@@ -325,7 +271,7 @@ def topk_compact(scores: torch.Tensor, page_table: torch.Tensor, seq_lens: torch
     if method not in ("search", "radix"):
         raise ValueError(f"topk_compact: method must be 'search' or 'radix', got {method!r}")
     if chunk is None:
-        _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", BITS3=(bits or SEARCH_BITS) == 3, **consts,
+        _topk_kernel[(B, Hkv)](*args, BLOCK=block, RADIX=method == "radix", **consts,
                                num_warps=num_warps or (16 if block >= 8192 else 8 if block >= 2048 else 4))
     else:
         _topk_wide_kernel[(B, Hkv)](*args, CHUNK=triton.next_power_of_2(chunk), **consts, num_warps=num_warps or 16,

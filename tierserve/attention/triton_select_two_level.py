@@ -31,8 +31,7 @@ import triton
 import triton.language as tl
 
 from tierserve import pdl
-from tierserve.attention import triton_select_topk
-from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _threshold, _top
+from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _search_threshold, _top
 
 MAX_GROUP_ROW = 8192       # widest group row held in registers (when the chosen pages need smaller groups)
 MAX_LANES = 4096           # most pages of the chosen groups held in registers (K_PAD * GROUP)
@@ -44,7 +43,7 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
                            s_ptb, s_tb, s_th, s_lb, s_lh,
                            K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
                            GROUP: tl.constexpr, S_BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr,
-                           G_PAD: tl.constexpr, PDL: tl.constexpr = False, BITS3: tl.constexpr = False):
+                           G_PAD: tl.constexpr, PDL: tl.constexpr = False):
     # G_PAD: most groups step 1 keeps (``group_capacity``); K_PAD: the output row's padded width
     pdl.release(PDL)        # (``tierserve.pdl``)
     pdl.wait(PDL)
@@ -58,7 +57,7 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
     gkey = _keys(gs, g_vis)
     pick = g_vis & (gs == float("inf"))
     if BUDGET > 0:
-        t1, room1 = _threshold(gkey, BUDGET, BITS3)
+        t1, room1 = _search_threshold(gkey, BUDGET)
         pick = pick | (_top(gkey, t1, room1) & g_vis)
     c1 = pick.to(tl.int32)
     n_groups = tl.sum(c1, axis=0)
@@ -74,7 +73,7 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
     chosen = valid & (s == float("inf"))
     if BUDGET > 0:
         key = _keys(s, valid)
-        t2, room2 = _threshold(key, BUDGET, BITS3)
+        t2, room2 = _search_threshold(key, BUDGET)
         chosen = chosen | (_top(key, t2, room2) & valid)
     c = chosen.to(tl.int32)
     pt_row = pt_ptr + b * s_ptb
@@ -118,11 +117,10 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
                    seq_lens: torch.Tensor, page_size: int, budget: int, max_selected: int,
                    page_heat: torch.Tensor | None = None, host_heat: torch.Tensor | None = None,
                    num_device_pages: int = 0, host_base: int | None = None, num_warps: int | None = None,
-                   capacity: str = "tight", bits: int | None = None):
+                   capacity: str = "tight"):
     """``triton_select_topk.topk_compact`` (same arguments and results) from the page scores [B, Hkv, P] and the
     group scores [B, Hkv, ceil(P / group)] that ``page_scores(..., group=group)`` writes. ``capacity="loose"``:
-    room for as many chosen groups as the output has slots (stop 21's kernel, for timing against). ``bits``: as in
-    ``topk_compact``."""
+    room for as many chosen groups as the output has slots (stop 21's kernel, for timing against)."""
     B, Hkv, P = scores.shape
     S = group_scores.shape[2]
     assert S == -(-P // group) and group & (group - 1) == 0 and group_scores.stride(2) == 1
@@ -148,7 +146,6 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
         table.stride(0), table.stride(1), lens.stride(0), lens.stride(1),
         K_OUT=K, K_PAD=k_pad, BUDGET=bud, PAGE=page_size, GROUP=group, S_BLOCK=s_block,
         HEAT=page_heat is not None, HOST_HEAT=host_heat is not None, G_PAD=g_pad, PDL=pdl.active(scores.device),
-        BITS3=(bits or triton_select_topk.SEARCH_BITS) == 3,
         num_warps=num_warps or _warps(max(s_block, g_pad * group, k_pad)), **pdl.dependent_options(scores.device))
     return table, logical, lens
 
