@@ -148,6 +148,12 @@ def bench_batch(B, a, dev, table_pages):
         variants[f"  topk two-level g{G}"] = lambda: topk_two_level(
             scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
             selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0])
+        # fewer warps: shorter block-wide reductions (the search is a chain of 32 of them); ptxas sm_90 at 8208
+        # pages: 2 / 4 warps 194 / 134 registers, no spills (1 warp spills 24 bytes)
+        for nw in (1, 2, 4, 16):
+            variants[f"  topk two-level g{G} {nw}w"] = lambda nw=nw: topk_two_level(
+                scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
+                selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], num_warps=nw)
     if G_old:
         _, gscores_old = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=G_old)
         variants[f"  topk two-level g{G_old} (stop 21)"] = lambda: topk_two_level(
