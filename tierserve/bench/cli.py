@@ -228,8 +228,10 @@ def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped
                       max_wall_s=max_wall, page_size=page_size)
     except ValueError:
         raise typer.BadParameter(f"--budgets must look like a=100,b=180,c=200, got {budgets!r}")
+    if page_size is not None and (page_size < 1 or page_size & (page_size - 1)):
+        raise typer.BadParameter(f"--page-size must be a power of two, got {page_size}")
     if smoke:
-        model, load_format, device, sizes = None, "auto", "cpu", replace(SMOKE)
+        model, load_format, device, sizes = None, "auto", "cpu", replace(SMOKE, page_size=page_size)
     secs = tuple(x.strip() for x in sections.split(",") if x.strip())
     if not secs or set(secs) - {"a", "b", "c"}:
         raise typer.BadParameter(f"--sections must be a comma-separated subset of a,b,c, got {sections!r}")

@@ -57,6 +57,16 @@ class Bench:
         self._ids = itertools.count()
         self.bandwidth = None
 
+    @property
+    def page_size(self) -> int:
+        """Tokens a KV page of this run's engines (``--page-size``, else the engine's default)."""
+        from tierserve.config import DEFAULT_PAGE_SIZE
+        return self.common.get("page_size") or DEFAULT_PAGE_SIZE
+
+    def pool_pages(self, tokens: int) -> int:
+        """KV pages for one sequence of ``tokens`` (+ 4 spare)."""
+        return -(-tokens // self.page_size) + 4
+
     def build(self, **kw):
         from tierserve import LLM
 
@@ -189,7 +199,7 @@ class Bench:
     def section_a(self, deadline: float) -> None:
         s = self.sizes
         ctx, new = s.short_context, s.short_new_tokens
-        kw = dict(max_model_len=ctx + new + 16, num_kv_pages=-(-(ctx + new + 16) // 16) + 4,
+        kw = dict(max_model_len=ctx + new + 16, num_kv_pages=self.pool_pages(ctx + new + 16),
                   max_num_batched_tokens=max(2048, ctx))
         ref: dict = {}
 
@@ -235,7 +245,7 @@ class Bench:
     def section_b(self, deadline: float) -> None:
         s = self.sizes
         ctx, new = s.long_context, s.long_new_tokens
-        pages = -(-(ctx + new + 16) // 16) + 4
+        pages = self.pool_pages(ctx + new + 16)
         ref: dict = {}
 
         def one(name, setting, deadline):
@@ -271,7 +281,7 @@ class Bench:
         if not (torch.cuda.is_available() and self.common.get("device") in ("auto", "cuda")):
             return None
         cfg = ModelConfig.from_hf(load_config(resolve_model_path(self.model)))
-        page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (16 + (1 if sparse else 0))
+        page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (self.page_size + (1 if sparse else 0))
         need = 2 * cfg.num_params() + pages * page + extra_gib * 2**30
         free = torch.cuda.mem_get_info()[0]
         if need > free:

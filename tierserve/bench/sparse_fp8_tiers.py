@@ -92,7 +92,7 @@ def section_c(bench: Bench, deadline: float) -> None:
     s, common = bench.sizes, bench.common
     cfg = ModelConfig.from_hf(load_config(resolve_model_path(bench.model)))
     item = resolve_dtype(common["dtype"], cfg, resolve_device(common["device"])).itemsize
-    ps, new = 16, s.long_new_tokens
+    ps, new = bench.page_size, s.long_new_tokens
     page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item * (ps + 1)
     # kv_dtype=fp8: spilled pages sit in CPU RAM as compact FP8 rows (codes, scales, the key min/max row)
     fp8_bytes = 2 * cfg.num_layers * slot_bytes(ps, cfg.num_kv_heads, cfg.head_dim, 1, item)
