@@ -1,5 +1,5 @@
 """Top-k sparse attention of a prefill chunk over FP8 KV pages (``--sparse-attention pages --kv-dtype fp8``) through
-flash attention: the rule of ``sparse_prefill`` (the queries of each ``PREFILL_BLOCK``-position block attend to
+flash attention (``flash_prefix.attend_lse``: plain attention where flash does not run, e.g. fp32): the rule of ``sparse_prefill`` (the queries of each ``PREFILL_BLOCK``-position block attend to
 their top-k context pages per KV head, chosen from the pages' key min / max summaries, plus the partial page before
 the chunk and the chunk itself, causally) read under the FP8 read rule of ``fp8_flash_prefill`` (the query at p
 reads a page in FP8 iff it starts at or after the sink and before hi(p), every other visible key at full precision).
