@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Stop-26 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-26 session"); one part per call:
+#   bash scripts/h200_stop26.sh mlp      one layer's MLP as one persistent kernel (grid barriers, down weights loaded
+#                                        before the first) against the engine's chain of kernels (~2 min; a barrier
+#                                        bug hangs: the timeout ends it)
+#   bash scripts/h200_stop26.sh warps    the two-level top-k at 1 / 2 / 4 / 16 warps against the default, 16- and
+#                                        64-token pages at 128k (~2 min)
+#   bash scripts/h200_stop26.sh b32      section b with 32-token pages for every row (~5 min)
+#   bash scripts/h200_stop26.sh prof     per-kernel profiles with PDL: FP8 w vs FP8 w + KV at 2k (section a's FP8 KV
+#                                        cost) (~3 min)
+# Everything lands in $OUT under names without '+' (the device tool leaves such names out).
+source "$(dirname "$0")/h200_common.sh"
+case "${1:-}" in
+mlp)
+    PYTHONPATH=.:scripts timeout 150 python scripts/bench_persistent_mlp.py \
+        --output "$OUT/persistent-mlp-h200.json" 2>&1 | quiet | tail -8 ;;
+warps)
+    for pg in 16 64; do
+        PYTHONPATH=.:scripts timeout 110 python scripts/bench_sparse_select.py --batch 1 --page $pg \
+            --table-pages $((131328 / pg)) --output "$OUT/sparse-select-warps-page$pg-h200.json" 2>&1 | quiet \
+            | grep -E "fused two-level|topk two-level|check"
+    done ;;
+b32)
+    bench 330 --sections b --page-size 32 --budgets b=320 --max-wall 320 --output "$OUT/sparse-fp8-b-page32-h200.json" \
+        | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
+prof)
+    SETTINGS=fp8-weights,fp8-both timeout 280 python scripts/profile_engine_loop.py 2>&1 | quiet | tail -24 ;;
+*) echo "usage: $0 mlp|warps|b32|prof"; exit 2 ;;
+esac
