@@ -12,8 +12,8 @@ in the same process on the same weights:
   their fixed-order sum. Before the first barrier each program loads its first down weights (they do not depend on
   act), so HBM keeps streaming while the slowest programs finish phase 1.
 
-Both are timed in CUDA graphs (32 calls, median of 7) after a check that they agree (bf16 rounding: the sums run in
-another order), with the HBM copy bandwidth of the same run as the roofline.
+Both are timed in CUDA graphs (``gpu_timer.graph_time_us``: 32 calls a replay, median of 7) after a check that they
+agree (bf16 rounding: the sums run in another order), with the HBM copy bandwidth of the same run as the roofline.
 
     python scripts/bench_persistent_mlp.py [--configs 512:4:512:4,256:4:512:8] [--output FILE]   (GPU)
     TRITON_INTERPRET=1 python scripts/bench_persistent_mlp.py --cpu   (the phases as three launches, tiny shapes)
@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+
+from tierserve.bench.gpu_timer import graph_time_us
 
 NB_ROWS = 32          # down rows a phase-2 program sums
 BK2 = 256             # phase-2 columns an iteration
@@ -147,29 +148,6 @@ def weights(K, I, N, dev, seed=0):
     return x, wgu, sgu.contiguous(), wd, sd.contiguous()
 
 
-def timed(fn, n=32, reps=7) -> float:
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / n)
-    return statistics.median(times)
-
-
 def cpu_check() -> None:
     """The three phases as separate launches under the interpreter (no barrier), against the engine's kernels."""
     K, I, N = 256, 1024, 128
@@ -217,7 +195,7 @@ def main() -> None:
     from tierserve.bench.decode import copy_bandwidth
     bw = copy_bandwidth(dev)
     want = chain(x, wgu, sgu, wd, sd)
-    rows = [{"variant": "chain", "us": timed(lambda: chain(x, wgu, sgu, wd, sd))}]
+    rows = [{"variant": "chain", "us": graph_time_us(lambda: chain(x, wgu, sgu, wd, sd), reps=32)}]
     for cfg in a.configs.split(","):
         G, R, BK, warps = (int(v) for v in cfg.split(":"))
         bar = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -238,7 +216,7 @@ def main() -> None:
         err = float((got.float() - want.float()).norm() / want.float().norm())
         row = {"variant": f"persistent {cfg}", "G": G, "regs": probe.n_regs, "resident": hold, "rel_err": err}
         if err < 2e-2:
-            row["us"] = timed(lambda: persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs))
+            row["us"] = graph_time_us(lambda: persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs), reps=32)
         rows.append(row)
     for r in rows:
         if "us" in r:
