@@ -19,7 +19,8 @@ agree (bf16 rounding: the sums run in another order), with the HBM copy bandwidt
     TRITON_INTERPRET=1 python scripts/bench_persistent_mlp.py --cpu   (the phases as three launches, tiny shapes)
     PYTHONPATH=.:scripts python scripts/bench_persistent_mlp.py --ptxas   (sm_90 registers / spills, no GPU)
 
-A config is G:R:BK:warps (programs, act rows a phase-1 tile, phase-1 columns an iteration, warps); G is lowered to
+A config is G:R:BK:warps[:0] (programs, act rows a phase-1 tile, phase-1 columns an iteration, warps; a trailing 0:
+the first down weights loaded after the barrier, to see what loading them before it buys); G is lowered to
 what the GPU holds at once (registers / threads of the compiled kernel) -- a grid barrier with programs waiting for
 a slot would never return.
 """
@@ -54,7 +55,7 @@ def _grid_barrier(bar_ptr, G):
 @triton.jit
 def _mlp_kernel(x_ptr, wgu_ptr, sgu_ptr, wd_ptr, sd_ptr, act_ptr, part_ptr, out_ptr, bar_ptr, G,
                 K: tl.constexpr, I: tl.constexpr, N: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
-                S: tl.constexpr, PHASE: tl.constexpr, NBR: tl.constexpr, B2: tl.constexpr):
+                S: tl.constexpr, PHASE: tl.constexpr, NBR: tl.constexpr, B2: tl.constexpr, PRE: tl.constexpr = True):
     pid = tl.program_id(0)
     KB: tl.constexpr = (K + 127) // 128          # scale columns of gate_up
     IB: tl.constexpr = (I + 127) // 128          # scale columns of down
@@ -82,8 +83,10 @@ def _mlp_kernel(x_ptr, wgu_ptr, sgu_ptr, wd_ptr, sd_ptr, act_ptr, part_ptr, out_
     sd = sd_ptr + (rows // 128).to(tl.int64)[:, None] * IB
     if PHASE == 0 or PHASE == 2:
         k = k_lo + tl.arange(0, B2)
+        if PHASE == 0 and not PRE:
+            _grid_barrier(bar_ptr, G)
         w0 = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * I + k[None, :])       # no dependence on act: before
-        if PHASE == 0:
+        if PHASE == 0 and PRE:
             _grid_barrier(bar_ptr, G)
         a = tl.load(act_ptr + (rows * 0)[:, None] + k[None, :], cache_modifier=".cg").to(tl.float32)
         acc = w0.to(tl.float32) * (a * tl.load(sd + (k // 128)[None, :]))
@@ -115,13 +118,13 @@ def resident_programs(kernel, warps: int) -> int:
     return max(0, min(by_regs, by_threads, by_smem, 32)) * props.multi_processor_count
 
 
-def persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs, phases=(0,)):
+def persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs, phases=(0,), pre=True):
     K, I, N = x.shape[-1], wd.shape[1], wd.shape[0]
     S = G // (N // NB_ROWS)
     act, part, out, bar = bufs
     for ph in phases:
         _mlp_kernel[(G,)](x, wgu, sgu, wd, sd, act, part, out, bar, G, K=K, I=I, N=N, R=R, BK=BK, S=S, PHASE=ph,
-                          NBR=NB_ROWS, B2=BK2, num_warps=warps)
+                          NBR=NB_ROWS, B2=BK2, PRE=pre, num_warps=warps)
     return out
 
 
@@ -172,14 +175,15 @@ def ptxas(configs: str) -> None:
     types = ["*bf16", "*fp8e4nv", "*fp32", "*fp8e4nv", "*fp32", "*bf16", "*fp32", "*bf16", "*i32", "i32"]
     sig = dict(zip(_mlp_kernel.arg_names[:len(types)], types))
     for cfg in configs.split(","):
-        G, R, BK, warps = (int(v) for v in cfg.split(":"))
-        consts = dict(K=4096, I=14336, N=4096, R=R, BK=BK, S=G // (4096 // NB_ROWS), PHASE=0, NBR=NB_ROWS, B2=BK2)
+        G, R, BK, warps, *pre = (int(v) for v in cfg.split(":"))
+        consts = dict(K=4096, I=14336, N=4096, R=R, BK=BK, S=G // (4096 // NB_ROWS), PHASE=0, NBR=NB_ROWS, B2=BK2,
+                      PRE=bool(pre[0]) if pre else True)
         print(cfg, compile_sm90(_mlp_kernel, sig, consts, warps))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="512:4:512:4,256:4:512:8,512:8:256:8,512:4:1024:8")
+    ap.add_argument("--configs", default="512:4:512:4,512:4:512:4:0,256:4:512:8,512:8:256:8,512:4:1024:8")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--ptxas", action="store_true", help="no GPU: compile the configs for sm_90 (PYTHONPATH=.:scripts)")
     ap.add_argument("--output", default=None)
@@ -197,12 +201,13 @@ def main() -> None:
     want = chain(x, wgu, sgu, wd, sd)
     rows = [{"variant": "chain", "us": graph_time_us(lambda: chain(x, wgu, sgu, wd, sd), reps=32)}]
     for cfg in a.configs.split(","):
-        G, R, BK, warps = (int(v) for v in cfg.split(":"))
+        G, R, BK, warps, *pre = (int(v) for v in cfg.split(":"))
+        pre = bool(pre[0]) if pre else True
         bar = torch.zeros(1, dtype=torch.int32, device=dev)
         act = torch.empty(I, dtype=torch.bfloat16, device=dev)
         probe = _mlp_kernel.warmup(x, wgu, sgu, wd, sd, act, act, act, bar, G, K=K, I=I, N=N, R=R, BK=BK,
-                                   S=max(1, G // (N // NB_ROWS)), PHASE=0, NBR=NB_ROWS, B2=BK2, num_warps=warps,
-                                   grid=(G,))
+                                   S=max(1, G // (N // NB_ROWS)), PHASE=0, NBR=NB_ROWS, B2=BK2, PRE=pre,
+                                   num_warps=warps, grid=(G,))
         if hasattr(probe, "_init_handles"):
             probe._init_handles()           # n_regs is filled in when the binary is loaded
         hold = resident_programs(probe, warps)
@@ -212,11 +217,11 @@ def main() -> None:
             continue
         bufs = (act, torch.empty(G // (N // NB_ROWS), N, device=dev), torch.empty(1, N, dtype=torch.bfloat16,
                                                                                      device=dev), bar)
-        got = persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs)
+        got = persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs, pre=pre)
         err = float((got.float() - want.float()).norm() / want.float().norm())
         row = {"variant": f"persistent {cfg}", "G": G, "regs": probe.n_regs, "resident": hold, "rel_err": err}
         if err < 2e-2:
-            row["us"] = graph_time_us(lambda: persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs), reps=32)
+            row["us"] = graph_time_us(lambda: persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs, pre=pre), reps=32)
         rows.append(row)
     for r in rows:
         if "us" in r:
