@@ -12,7 +12,7 @@
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
 mlp)
-    PYTHONPATH=.:scripts timeout 150 python scripts/bench_persistent_mlp.py \
+    PYTHONPATH=.:scripts timeout -k 10 150 python scripts/bench_persistent_mlp.py \
         --output "$OUT/persistent-mlp-h200.json" 2>&1 | quiet | tail -8 ;;
 warps)
     for pg in 16 64; do
