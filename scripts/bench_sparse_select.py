@@ -19,7 +19,7 @@ import os
 import torch
 import triton
 
-from tierserve.attention import triton_select_topk
+from tierserve.attention import triton_select_topk, triton_select_two_level
 from tierserve.attention.backend import AttnMetadata
 from tierserve.attention.select import SparseConfig, selection_bound
 from tierserve.attention.triton_backend import _select_pages
@@ -81,17 +81,19 @@ def timed(fn, n=32, reps=7, graph=True):
 
 
 def select(q, kv, meta, mode):
-    """mode: "torch" (the PyTorch chain), "fused" (one-level top-k: "search"), "fused two-level"."""
+    """mode: "torch" (the PyTorch chain), "fused" (one-level top-k: "search"), "fused two-level"; " sort": the
+    two-level steps' cuts by a bitonic top-k (``TIERSERVE_TOPK_THRESHOLD=sort``)."""
     if mode == "torch":
         os.environ["TIERSERVE_SPARSE_SELECT"] = "torch"
     else:
         os.environ.pop("TIERSERVE_SPARSE_SELECT", None)
-    default = triton_select_topk.DEFAULT_METHOD
-    triton_select_topk.DEFAULT_METHOD = "two-level" if mode == "fused two-level" else "search"
+    default, cut = triton_select_topk.DEFAULT_METHOD, triton_select_two_level.THRESHOLD
+    triton_select_topk.DEFAULT_METHOD = "two-level" if mode.startswith("fused two-level") else "search"
+    triton_select_two_level.THRESHOLD = "sort" if mode.endswith(" sort") else "search"
     try:
         return _select_pages(q, kv, meta, 0, logical=True)
     finally:
-        triton_select_topk.DEFAULT_METHOD = default
+        triton_select_topk.DEFAULT_METHOD, triton_select_two_level.THRESHOLD = default, cut
 
 
 def check(q, kv, meta, mode="fused"):
@@ -127,6 +129,7 @@ def bench_batch(B, a, dev, table_pages):
     cmp = check(q, kv, meta)
     cmp2 = {f"two_level_{k}": v for k, v in check(q, kv, meta, "fused two-level").items()}
     cmp.update(cmp2)
+    cmp.update({f"two_level_sort_{k}": v for k, v in check(q, kv, meta, "fused two-level sort").items()})
     P = meta.page_table.shape[1]
     cfg = meta.sparse
     scores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg)
@@ -136,6 +139,7 @@ def bench_batch(B, a, dev, table_pages):
         "torch chain": lambda: select(q, kv, meta, "torch"),
         "fused": lambda: select(q, kv, meta, "fused"),
         "fused two-level": lambda: select(q, kv, meta, "fused two-level"),
+        "fused two-level sort": lambda: select(q, kv, meta, "fused two-level sort"),
         "  score kernel": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg),
         "  score kernel + groups": lambda: page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg,
                                                        group=G or 4),
@@ -150,6 +154,10 @@ def bench_batch(B, a, dev, table_pages):
             selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0])
         # fewer warps: shorter block-wide reductions (the search is a chain of 32 of them); ptxas sm_90 at 8208
         # pages: 2 / 4 warps 194 / 134 registers, no spills (1 warp spills 24 bytes)
+        for nw in (4, 8, 16):
+            variants[f"  topk two-level g{G} sort {nw}w"] = lambda nw=nw: topk_two_level(
+                scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,
+                selection_bound(cfg, a.page), meta.page_heat, None, kv.shape[0], num_warps=nw, threshold="sort")
         for nw in (1, 2, 4, 16):
             variants[f"  topk two-level g{G} {nw}w"] = lambda nw=nw: topk_two_level(
                 scores, gscores, G, meta.page_table, meta.seq_lens, a.page, cfg.topk_tokens // a.page,

@@ -1,13 +1,14 @@
-"""Two-level exact top-k (attention/triton_select_two_level.py) vs the one-level kernel it may replace
-(triton_select_topk.topk_compact, itself checked against a stable sort): the same pages, order, lengths and
-heat, on random scores with many ties, +inf and -inf pages (interpreter on the CPU, tiny sizes)."""
+"""Two-level exact top-k (attention/triton_select_two_level.py; each step's cut by the search or a bitonic top-k) vs
+the one-level kernel it may replace (triton_select_topk.topk_compact, itself checked against a stable sort): the same
+pages, order, lengths and heat, on random scores with many ties, +inf and -inf pages (interpreter on the CPU, tiny
+sizes)."""
 import pytest
 import torch
 
 from tierserve.attention.select import SparseConfig
 from tierserve.attention.triton_select import page_scores
 from tierserve.attention.triton_select_topk import topk_compact
-from tierserve.attention.triton_select_two_level import group_capacity, group_size, topk_two_level
+from tierserve.attention.triton_select_two_level import group_capacity, group_size, sort_sizes, topk_two_level
 
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,9 +24,9 @@ def _scores(P, seed, B=2, H=3):
     return s
 
 
-@pytest.mark.parametrize("group", [2, 4, 16])
+@pytest.mark.parametrize("group,threshold", [(2, "search"), (4, "search"), (16, "search"), (4, "sort"), (16, "sort")])
 @pytest.mark.parametrize("P,budget", [(37, 9), (300, 64), (1000, 128), (64, 64), (50, 80), (9, 3)])
-def test_two_level_selects_what_one_level_does(P, budget, group, B=2, H=3):
+def test_two_level_selects_what_one_level_does(P, budget, group, threshold, B=2, H=3):
     page = 4
     scores = _scores(P, P + group, B, H)
     seq = torch.tensor([P * page, P * page * 2 // 3 + 1])[:B]
@@ -43,7 +44,8 @@ def test_two_level_selects_what_one_level_does(P, budget, group, B=2, H=3):
         if name == "one":
             r = topk_compact(scores.to(DEV), *args, num_device_pages=4 * P)
         else:
-            r = topk_two_level(scores.to(DEV), groups.to(DEV), group, *args, num_device_pages=4 * P)
+            r = topk_two_level(scores.to(DEV), groups.to(DEV), group, *args, num_device_pages=4 * P,
+                               threshold=threshold)
         out[name] = [x.cpu() for x in r] + [heat.cpu()]
     for a, b in zip(out["one"], out["two"]):
         assert torch.equal(a, b)
@@ -55,7 +57,7 @@ def test_group_row_past_4096_lanes():
     P = 65600
     G = group_size(P, 142)                       # the loose capacity of stop 21: 16-page groups
     assert G == 16 and -(-P // G) > 4096
-    test_two_level_selects_what_one_level_does(P, 128, G, B=1, H=1)
+    test_two_level_selects_what_one_level_does(P, 128, G, "sort", B=1, H=1)
 
 
 def test_score_kernel_writes_group_maxima():
@@ -109,3 +111,13 @@ def test_tight_capacity_holds_every_chosen_group(P, budget, bound):
             out.append([x.cpu() for x in r] + [heat.cpu()])
         for a, b in zip(*out):
             assert torch.equal(a, b)
+
+
+def test_sort_sizes_pick_the_bitonic_top_k_where_it_fits():
+    """The "sort" cases above really sort (a step searches only where the budget's power of two exceeds its lanes)."""
+    assert sort_sizes("sort", 64, 128, 256) == (64, 64)          # P=300, budget 64, 4-page groups
+    assert sort_sizes("sort", 9, 4, 64) == (0, 16)               # P=37, 16-page groups: 3 groups in 4 lanes
+    assert sort_sizes("sort", 128, 8192, 4096) == (128, 128)     # the 1M table
+    assert sort_sizes("search", 64, 128, 256) == (0, 0)
+    with pytest.raises(ValueError, match="threshold must be"):
+        sort_sizes("radix", 64, 128, 256)

@@ -129,6 +129,25 @@ def _search_threshold(key, BUDGET: tl.constexpr):
 
 
 @triton.jit
+def _sort_threshold(key, BUDGET: tl.constexpr, K_POW: tl.constexpr):
+    """``_search_threshold``'s (t, room) from a bitonic top-``K_POW`` of the lanes (``tl.topk``, K_POW the power of two
+    >= BUDGET, at most the lanes): t is its BUDGET-th value. The same result."""
+    top = tl.topk(key, K_POW)
+    t = tl.sum(tl.where(tl.arange(0, K_POW) == BUDGET - 1, top, 0), axis=0)
+    return t, BUDGET - tl.sum((key > t).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _threshold(key, BUDGET: tl.constexpr, SORT_K: tl.constexpr):
+    """(t, room) by the two-bit search (``SORT_K`` 0) or a bitonic top-``SORT_K`` (``_sort_threshold``)."""
+    if SORT_K > 0:
+        t, room = _sort_threshold(key, BUDGET, SORT_K)
+    else:
+        t, room = _search_threshold(key, BUDGET)
+    return t, room
+
+
+@triton.jit
 def _top(key, t, room):
     """Lanes above the threshold, and the first ``room`` lanes equal to it (ties: the lowest page indices)."""
     tie = (key == t).to(tl.int32)

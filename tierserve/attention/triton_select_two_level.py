@@ -26,15 +26,19 @@ kernels run.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from tierserve import pdl
-from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _search_threshold, _top
+from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _threshold, _top
 
 MAX_GROUP_ROW = 8192       # widest group row held in registers (when the chosen pages need smaller groups)
 MAX_LANES = 4096           # most pages of the chosen groups held in registers (K_PAD * GROUP)
+# how each step finds its cut: "search" (two bits a reduction, 16 reductions) or "sort" (bitonic top-k, tl.topk)
+THRESHOLD = os.environ.get("TIERSERVE_TOPK_THRESHOLD", "search")
 
 
 @triton.jit
@@ -43,7 +47,8 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
                            s_ptb, s_tb, s_th, s_lb, s_lh,
                            K_OUT: tl.constexpr, K_PAD: tl.constexpr, BUDGET: tl.constexpr, PAGE: tl.constexpr,
                            GROUP: tl.constexpr, S_BLOCK: tl.constexpr, HEAT: tl.constexpr, HOST_HEAT: tl.constexpr,
-                           G_PAD: tl.constexpr, PDL: tl.constexpr = False):
+                           G_PAD: tl.constexpr, PDL: tl.constexpr = False, SORT_K1: tl.constexpr = 0,
+                           SORT_K2: tl.constexpr = 0):
     # G_PAD: most groups step 1 keeps (``group_capacity``); K_PAD: the output row's padded width
     pdl.release(PDL)        # (``tierserve.pdl``)
     pdl.wait(PDL)
@@ -57,7 +62,7 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
     gkey = _keys(gs, g_vis)
     pick = g_vis & (gs == float("inf"))
     if BUDGET > 0:
-        t1, room1 = _search_threshold(gkey, BUDGET)
+        t1, room1 = _threshold(gkey, BUDGET, SORT_K1)
         pick = pick | (_top(gkey, t1, room1) & g_vis)
     c1 = pick.to(tl.int32)
     n_groups = tl.sum(c1, axis=0)
@@ -73,7 +78,7 @@ def _topk_two_level_kernel(score_ptr, group_ptr, scratch_ptr, pt_ptr, seqlen_ptr
     chosen = valid & (s == float("inf"))
     if BUDGET > 0:
         key = _keys(s, valid)
-        t2, room2 = _search_threshold(key, BUDGET)
+        t2, room2 = _threshold(key, BUDGET, SORT_K2)
         chosen = chosen | (_top(key, t2, room2) & valid)
     c = chosen.to(tl.int32)
     pt_row = pt_ptr + b * s_ptb
@@ -113,14 +118,25 @@ def group_size(num_pages: int, max_selected: int, budget: int | None = None,
     return best
 
 
+def sort_sizes(threshold: str, budget: int, lanes1: int, lanes2: int) -> tuple[int, int]:
+    """The bitonic top-k sizes of the two steps (0: that step searches): with ``threshold="sort"`` the power of two
+    >= ``budget`` where it fits the step's lanes."""
+    if threshold not in ("search", "sort"):
+        raise ValueError(f"topk_two_level: threshold must be 'search' or 'sort', got {threshold!r}")
+    k = triton.next_power_of_2(max(budget, 1))
+    return tuple(k if threshold == "sort" and k <= lanes else 0 for lanes in (lanes1, lanes2))
+
+
 def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int, page_table: torch.Tensor,
                    seq_lens: torch.Tensor, page_size: int, budget: int, max_selected: int,
                    page_heat: torch.Tensor | None = None, host_heat: torch.Tensor | None = None,
                    num_device_pages: int = 0, host_base: int | None = None, num_warps: int | None = None,
-                   capacity: str = "tight"):
+                   capacity: str = "tight", threshold: str | None = None):
     """``triton_select_topk.topk_compact`` (same arguments and results) from the page scores [B, Hkv, P] and the
     group scores [B, Hkv, ceil(P / group)] that ``page_scores(..., group=group)`` writes. ``capacity="loose"``:
-    room for as many chosen groups as the output has slots (stop 21's kernel, for timing against)."""
+    room for as many chosen groups as the output has slots (stop 21's kernel, for timing against). ``threshold``
+    (default ``TIERSERVE_TOPK_THRESHOLD``, "search"): how each step finds its cut, the two-bit search or "sort" (a
+    bitonic top-k of the lanes, ``tl.topk``, where the power of two >= the budget fits them); the same pages."""
     B, Hkv, P = scores.shape
     S = group_scores.shape[2]
     assert S == -(-P // group) and group & (group - 1) == 0 and group_scores.stride(2) == 1
@@ -138,6 +154,7 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
     heat = page_heat if page_heat is not None else scores
     hheat = host_heat if host_heat is not None else scores
     s_block = triton.next_power_of_2(S)
+    sort_k1, sort_k2 = sort_sizes(threshold or THRESHOLD, bud, s_block, g_pad * group)
     _topk_two_level_kernel[(B, Hkv)](
         scores, group_scores, scratch, page_table, seq_lens, table, logical, lens, heat, hheat, P, S,
         num_device_pages, num_device_pages if host_base is None else host_base,
@@ -146,6 +163,7 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
         table.stride(0), table.stride(1), lens.stride(0), lens.stride(1),
         K_OUT=K, K_PAD=k_pad, BUDGET=bud, PAGE=page_size, GROUP=group, S_BLOCK=s_block,
         HEAT=page_heat is not None, HOST_HEAT=host_heat is not None, G_PAD=g_pad, PDL=pdl.active(scores.device),
+        SORT_K1=sort_k1, SORT_K2=sort_k2,
         num_warps=num_warps or _warps(max(s_block, g_pad * group, k_pad)), **pdl.dependent_options(scores.device))
     return table, logical, lens
 
