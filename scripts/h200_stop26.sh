@@ -5,6 +5,7 @@
 #                                        bug hangs: the timeout ends it)
 #   bash scripts/h200_stop26.sh warps    the two-level top-k at 1 / 2 / 4 / 16 warps against the default, 16- and
 #                                        64-token pages at 128k (~2 min)
+#   bash scripts/h200_stop26.sh micro    mlp, then warps, in one call (~4 min)
 #   bash scripts/h200_stop26.sh b32      section b with 32-token pages for every row (~5 min)
 #   bash scripts/h200_stop26.sh prof     per-kernel profiles with PDL: FP8 w vs FP8 w + KV at 2k (section a's FP8 KV
 #                                        cost) (~3 min)
@@ -25,5 +26,7 @@ b32)
         | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
 prof)
     SETTINGS=fp8-weights,fp8-both timeout 280 python scripts/profile_engine_loop.py 2>&1 | quiet | tail -24 ;;
-*) echo "usage: $0 mlp|warps|b32|prof"; exit 2 ;;
+micro)
+    bash "$0" mlp; bash "$0" warps ;;
+*) echo "usage: $0 mlp|warps|micro|b32|prof"; exit 2 ;;
 esac
