@@ -12,7 +12,8 @@ in the same process on the same weights:
   their fixed-order sum. Before the first barrier each program loads its first down weights (they do not depend on
   act), so HBM keeps streaming while the slowest programs finish phase 1.
 
-Both are timed in CUDA graphs (``gpu_timer.graph_time_us``: 32 calls a replay, median of 7) after a check that they
+A third row per config runs the same code as three launches (no barrier): what the persistence itself changes.
+All are timed in CUDA graphs (``gpu_timer.graph_time_us``: 32 calls a replay, median of 7) after a check that they
 agree (bf16 rounding: the sums run in another order), with the HBM copy bandwidth of the same run as the roofline.
 
     python scripts/bench_persistent_mlp.py [--configs 512:4:512:4,256:4:512:8] [--output FILE]   (GPU)
@@ -223,6 +224,9 @@ def main() -> None:
         if err < 2e-2:
             row["us"] = graph_time_us(lambda: persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs, pre=pre), reps=32)
         rows.append(row)
+        if pre:             # control: the same code as three launches (no barrier, nothing loaded across it)
+            rows.append({"variant": f"three launches {cfg}", "G": G, "us": graph_time_us(
+                lambda: persistent(x, wgu, sgu, wd, sd, G, R, BK, warps, bufs, phases=(1, 2, 3)), reps=32)})
     for r in rows:
         if "us" in r:
             r["TBps"] = nbytes / (r["us"] * 1e-6) / 1e12

@@ -14,7 +14,7 @@ source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
 mlp)
     PYTHONPATH=.:scripts timeout -k 10 150 python scripts/bench_persistent_mlp.py \
-        --output "$OUT/persistent-mlp-h200.json" 2>&1 | quiet | tail -8 ;;
+        --output "$OUT/persistent-mlp-h200.json" 2>&1 | quiet | tail -14 ;;
 warps)
     for pg in 16 64; do
         PYTHONPATH=.:scripts timeout 110 python scripts/bench_sparse_select.py --batch 1 --page $pg \
