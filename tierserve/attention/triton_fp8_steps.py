@@ -97,10 +97,10 @@ class Fp8Steps:
         chunk (fresh ones too: the read rule applies inside a chunk) through flash attention over the gathered
         readings (``fp8_flash_prefill``; CUDA, no sliding window) or the FP8 prefill kernel. ``host``:
         (staged compact rows, first host id) of pages spilled to CPU RAM, ``meta``'s tables remapped to them.
-        With the pages selector (``meta.sparse``; on CUDA the backend keeps it only where flash runs) chunks whose
-        context is sparse go through ``sparse_fp8_prefill`` and decode rows choose their pages as in pure decode
-        steps (with ``host``, from ``unstaged``: the step's own tables, whose spilled pages the decode kernel reads
-        in CPU RAM)."""
+        With the pages selector (``meta.sparse``; on CUDA the backend keeps it while the FP8 flash prefill is on)
+        chunks whose context is sparse go through ``sparse_fp8_prefill`` and decode rows choose their pages as in
+        pure decode steps (with ``host``, from ``unstaged``: the step's own tables, whose spilled pages the decode
+        kernel reads in CPU RAM)."""
         f = meta.kv_fp8
         split = split_step(meta, kv_layer.shape[3])
         out = torch.empty_like(q)

@@ -133,26 +133,29 @@ class MultiStepDecoder:
             return None
         return EngineWindow(w.so, bases, handle, k, w.queued + w.steps)
 
-    def _placement(self):
-        """KV tiers whose page moves queue with no host sync (``moves_without_sync``) and sparse selection counts
-        with a snapshot: the runner's ``SpillState``, whose ``frozen`` counts the KV manager places pages by while
-        windows stay queued (promotions, demotions and the allocation's spills go in the next window's transfers);
-        else None."""
+    def _moves_in_queue(self):
+        """The runner's ``SpillState`` where pages may move inside a queue of windows (KV tiers whose page moves
+        queue with no host sync, ``moves_without_sync``), else None."""
         e = self.engine
-        tiers, spill = e.kv.tiers, getattr(e.runner, "spill", None)
-        if tiers is None or spill is None or not spill.has_snapshot or not MOVES_IN_QUEUE \
-                or not tiers.moves_without_sync(e.runner.kv.data):
+        spill = getattr(e.runner, "spill", None)
+        if e.kv.tiers is None or spill is None or not MOVES_IN_QUEUE \
+                or not e.kv.tiers.moves_without_sync(e.runner.kv.data):
             return None
         return spill
+
+    def _placement(self):
+        """``_moves_in_queue``'s ``SpillState`` once it has a snapshot of the counts: its ``frozen`` counts are what
+        the KV manager places pages by while windows stay queued (promotions, demotions and the allocation's spills
+        go in the next window's transfers); else None."""
+        spill = self._moves_in_queue()
+        return spill if spill is not None and spill.has_snapshot else None
 
     def _snapshot(self) -> None:
         """Queue a host copy of the selection counts behind the transfers just queued (read by the next
         ``_extend``, by when the window in flight has been read: the copy has landed or is about to); only where
         pages may move inside the queue."""
-        e = self.engine
-        spill = getattr(e.runner, "spill", None)
-        if e.kv.tiers is not None and spill is not None and MOVES_IN_QUEUE \
-                and e.kv.tiers.moves_without_sync(e.runner.kv.data):
+        spill = self._moves_in_queue()
+        if spill is not None:
             spill.snapshot()
 
     def _fp8_aligned(self, k: int, first_queries: list[int]) -> int:

@@ -134,7 +134,8 @@ class SpillState:
         page, slot, event = self._snap
         if event is not None:
             event.synchronize()
-        self._frozen = (page.numpy().copy(), slot.numpy().copy())
+        # views, not copies: the next ``snapshot`` (the only writer of these buffers) is queued after this exits
+        self._frozen = (page.numpy(), slot.numpy())
         try:
             yield
         finally:
