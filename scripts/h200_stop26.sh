@@ -7,6 +7,10 @@
 #                                        64-token pages at 128k (~2 min)
 #   bash scripts/h200_stop26.sh micro    mlp, then warps, in one call (~4 min)
 #   bash scripts/h200_stop26.sh b32      section b with 32-token pages for every row (~5 min)
+#   bash scripts/h200_stop26.sh likebench  the loop profile with section a's engine (prefix hits, tight pool) and
+#                                        without, FP8 w vs FP8 w + KV, 128 tokens (~3 min)
+#   bash scripts/h200_stop26.sh a        GPU tests of the change, then section a (~4 min)
+#   bash scripts/h200_stop26.sh warps32  the top-k variants at 32-token pages, 128k (~1 min)
 #   bash scripts/h200_stop26.sh prof     per-kernel profiles with PDL: FP8 w vs FP8 w + KV at 2k (section a's FP8 KV
 #                                        cost) (~3 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
@@ -26,7 +30,22 @@ b32)
         | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
 prof)
     SETTINGS=fp8-weights,fp8-both timeout 280 python scripts/profile_engine_loop.py 2>&1 | quiet | tail -24 ;;
+likebench)
+    # section a's FP8 KV cost: the loop profiled with the bench's engine (prefix hits, tight pool) and without
+    for lb in 1 0; do
+        LIKE_BENCH=$lb TOKENS=128 NAME=engine-loop-likebench$lb-h200 SETTINGS=fp8-weights,fp8-both timeout 200 \
+            python scripts/profile_engine_loop.py 2>&1 | quiet | grep "=="
+    done ;;
+warps32)
+    PYTHONPATH=.:scripts timeout 110 python scripts/bench_sparse_select.py --batch 1 --page 32 --table-pages 4104 \
+        --output "$OUT/sparse-select-warps-page32-h200.json" 2>&1 | quiet | grep -E "fused two-level|topk two-level|check" ;;
+a)
+    # the GPU tests of the change (top-k cut "auto", full compact pool quantising in place), then section a
+    timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_select_two_level.py \
+        tests/unit/test_kv_fp8_compact.py 2>&1 | tail -3
+    bench 200 --sections a --budgets a=180 --max-wall 200 --output "$OUT/sparse-fp8-a-h200.json" \
+        | grep -E "tok_s\"|speedup" ;;
 micro)
     bash "$0" mlp; bash "$0" warps ;;
-*) echo "usage: $0 mlp|warps|micro|b32|prof"; exit 2 ;;
+*) echo "usage: $0 mlp|warps|micro|b32|prof|likebench|warps32|a"; exit 2 ;;
 esac

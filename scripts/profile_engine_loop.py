@@ -6,7 +6,10 @@ Llama-3.1-8B shape, dummy weights, batch 1): wall ms a token, GPU kernel time a 
 with the most self time. With PDL (default on sm_90+) a dependent kernel's time includes its wait for the kernel
 before it: run with ``TIERSERVE_PDL=0`` for per-kernel costs. Writes
 ``$OUT/engine-loop-profile-h200.json``; ``SETTINGS`` = comma list of bf16 / fp8-kv / fp8-weights / fp8-both /
-fp8-all (fp8-both + the FP8 output projection, ``fp8_lm_head``)."""
+fp8-all (fp8-both + the FP8 output projection, ``fp8_lm_head``). ``LIKE_BENCH=1``: the engine as section a of
+``bench sparse-fp8`` builds it (prefix caching on, so the second and third requests hit the first's pages; a pool
+of just the request's pages plus 4; ``max_num_batched_tokens`` = max(2048, context)) -- stop 25 found FP8 KV
+~6% slower there than here."""
 import gc
 import json
 import os
@@ -63,8 +66,14 @@ def _request(llm, prompt, sp, rid: str, prof=None) -> tuple[float, float]:
 def run(setting: str) -> dict:
     dummy = {"load_format": "dummy", "dtype": "bfloat16"} if DEVICE == "cuda" else \
         {"dtype": "float32", "device": "cpu", "num_kv_pages": 64}
-    llm = LLM(MODEL, seed=0, max_num_seqs=1, max_model_len=CONTEXT + TOKENS + 64, enable_prefix_caching=False,
-              **dummy, **OPTIONS[setting])
+    if os.environ.get("LIKE_BENCH") == "1":
+        n = CONTEXT + TOKENS + 16
+        eng_kw = dict(max_model_len=n, num_kv_pages=-(-n // 16) + 4, max_num_batched_tokens=max(2048, CONTEXT))
+        if DEVICE == "cpu":
+            dummy.pop("num_kv_pages")
+    else:
+        eng_kw = dict(max_model_len=CONTEXT + TOKENS + 64, enable_prefix_caching=False)
+    llm = LLM(MODEL, seed=0, max_num_seqs=1, **eng_kw, **dummy, **OPTIONS[setting])
     vocab = llm.engine.model_cfg.vocab_size
     prompt = [(i * 7919 + 1) % vocab for i in range(CONTEXT)]
     sp = SamplingParams(temperature=0, max_tokens=TOKENS + 1, ignore_eos=True)
@@ -94,7 +103,8 @@ def run(setting: str) -> dict:
 
 def main() -> None:
     dev = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
-    out = {"context": CONTEXT, "tokens": TOKENS, "device": dev, "settings": {}}
+    out = {"context": CONTEXT, "tokens": TOKENS, "device": dev, "like_bench": os.environ.get("LIKE_BENCH") == "1",
+           "settings": {}}
     for s in os.environ.get("SETTINGS", "bf16,fp8-kv").split(","):
         r = out["settings"][s] = run(s)
         print(f"== {s}: prefill {r['prefill_ms']:.1f} ms, decode {r['decode_ms_per_token']:.3f} ms a token "
@@ -104,7 +114,7 @@ def main() -> None:
             print(f"  gpu {row['us_per_token']:8.1f} us/tok x{row['calls_per_token']:6.1f}  {row['name'][:70]}")
         for row in r["host_ops"][:10]:
             print(f"  cpu {row['us_per_token']:8.1f} us/tok x{row['calls_per_token']:6.1f}  {row['name'][:70]}")
-    with open(f"{OUT}/engine-loop-profile-h200.json", "w") as f:
+    with open(f"{OUT}/{os.environ.get('NAME', 'engine-loop-profile-h200')}.json", "w") as f:
         json.dump(out, f, indent=1)
 
 

@@ -119,5 +119,7 @@ def test_sort_sizes_pick_the_bitonic_top_k_where_it_fits():
     assert sort_sizes("sort", 9, 4, 64) == (0, 16)               # P=37, 16-page groups: 3 groups in 4 lanes
     assert sort_sizes("sort", 128, 8192, 4096) == (128, 128)     # the 1M table
     assert sort_sizes("search", 64, 128, 256) == (0, 0)
+    assert sort_sizes("auto", 32, 512, 512) == (32, 32)            # 64-token pages at 128k: sorts (stop 26)
+    assert sort_sizes("auto", 128, 1024, 2048) == (0, 0)           # 16-token pages at 128k: searches
     with pytest.raises(ValueError, match="threshold must be"):
         sort_sizes("radix", 64, 128, 256)

@@ -37,8 +37,12 @@ from tierserve.attention.triton_select_topk import _emit, _finish, _keys, _thres
 
 MAX_GROUP_ROW = 8192       # widest group row held in registers (when the chosen pages need smaller groups)
 MAX_LANES = 4096           # most pages of the chosen groups held in registers (K_PAD * GROUP)
-# how each step finds its cut: "search" (two bits a reduction, 16 reductions) or "sort" (bitonic top-k, tl.topk)
-THRESHOLD = os.environ.get("TIERSERVE_TOPK_THRESHOLD", "search")
+# how each step finds its cut: "search" (two bits a reduction, 16 reductions), "sort" (bitonic top-k, tl.topk) or
+# "auto": sort where the budget's power of two is at most SORT_MAX_K (H200, stop 26, top-2048 tokens at 128k: 5.4
+# against 11.9 us at 32 pages of 64 tokens, 9.8 against 13.9 at 64 pages of 32 tokens; 19.3 against 18.4 at 128
+# pages of 16 tokens, so the search there)
+THRESHOLD = os.environ.get("TIERSERVE_TOPK_THRESHOLD", "auto")
+SORT_MAX_K = int(os.environ.get("TIERSERVE_TOPK_SORT_MAX_K", "64"))
 
 
 @triton.jit
@@ -120,11 +124,12 @@ def group_size(num_pages: int, max_selected: int, budget: int | None = None,
 
 def sort_sizes(threshold: str, budget: int, lanes1: int, lanes2: int) -> tuple[int, int]:
     """The bitonic top-k sizes of the two steps (0: that step searches): with ``threshold="sort"`` the power of two
-    >= ``budget`` where it fits the step's lanes."""
-    if threshold not in ("search", "sort"):
-        raise ValueError(f"topk_two_level: threshold must be 'search' or 'sort', got {threshold!r}")
+    >= ``budget`` where it fits the step's lanes; ``"auto"``: the same where that power is at most ``SORT_MAX_K``."""
+    if threshold not in ("search", "sort", "auto"):
+        raise ValueError(f"topk_two_level: threshold must be 'search', 'sort' or 'auto', got {threshold!r}")
     k = triton.next_power_of_2(max(budget, 1))
-    return tuple(k if threshold == "sort" and k <= lanes else 0 for lanes in (lanes1, lanes2))
+    sort = threshold == "sort" or (threshold == "auto" and k <= SORT_MAX_K)
+    return tuple(k if sort and k <= lanes else 0 for lanes in (lanes1, lanes2))
 
 
 def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int, page_table: torch.Tensor,
@@ -135,8 +140,9 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
     """``triton_select_topk.topk_compact`` (same arguments and results) from the page scores [B, Hkv, P] and the
     group scores [B, Hkv, ceil(P / group)] that ``page_scores(..., group=group)`` writes. ``capacity="loose"``:
     room for as many chosen groups as the output has slots (stop 21's kernel, for timing against). ``threshold``
-    (default ``TIERSERVE_TOPK_THRESHOLD``, "search"): how each step finds its cut, the two-bit search or "sort" (a
-    bitonic top-k of the lanes, ``tl.topk``, where the power of two >= the budget fits them); the same pages."""
+    (default ``TIERSERVE_TOPK_THRESHOLD``, "auto"): how each step finds its cut, the two-bit search or "sort" (a
+    bitonic top-k of the lanes, ``tl.topk``, where the power of two >= the budget fits them) or "auto" (sort up to
+    ``SORT_MAX_K``); the same pages."""
     B, Hkv, P = scores.shape
     S = group_scores.shape[2]
     assert S == -(-P // group) and group & (group - 1) == 0 and group_scores.stride(2) == 1
@@ -164,10 +170,13 @@ def topk_two_level(scores: torch.Tensor, group_scores: torch.Tensor, group: int,
         K_OUT=K, K_PAD=k_pad, BUDGET=bud, PAGE=page_size, GROUP=group, S_BLOCK=s_block,
         HEAT=page_heat is not None, HOST_HEAT=host_heat is not None, G_PAD=g_pad, PDL=pdl.active(scores.device),
         SORT_K1=sort_k1, SORT_K2=sort_k2,
-        num_warps=num_warps or _warps(max(s_block, g_pad * group, k_pad)), **pdl.dependent_options(scores.device))
+        num_warps=num_warps or _warps(max(s_block, g_pad * group, k_pad), sorting=bool(sort_k1 or sort_k2)),
+        **pdl.dependent_options(scores.device))
     return table, logical, lens
 
 
-def _warps(lanes: int) -> int:
-    # ptxas sm_90: 4096 lanes use 124 registers at 16 warps (228 at 8); none of these spill
-    return 16 if lanes >= 4096 else 8 if lanes >= 1024 else 4
+def _warps(lanes: int, sorting: bool = False) -> int:
+    # ptxas sm_90: 4096 lanes use 124 registers at 16 warps (228 at 8); none of these spill. The bitonic top-k timed
+    # fastest at 8 warps or more (H200, stop 26: 5.4 us at 8 warps against 6.3 at 4, 2052 pages)
+    n = 16 if lanes >= 4096 else 8 if lanes >= 1024 else 4
+    return max(n, 8) if sorting else n

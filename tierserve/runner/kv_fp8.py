@@ -32,19 +32,23 @@ class Fp8Pages:
         self.quantised = torch.zeros(n, dtype=torch.bool, device=device)
         self.quantised[num_pages:] = True          # a compact slot only ever holds FP8 codes
 
-    def quantise(self, kv_data: torch.Tensor, pids: list[int]) -> None:
-        """Convert complete pages that no query reads at full precision any more to FP8 in place (every
-        layer at once; the KV manager hands each page over once). On CUDA: one Triton launch and one indexed
+    def quantise(self, kv_data: torch.Tensor, pids: list) -> None:
+        """Convert complete pages that no query reads at full precision any more to FP8 (every layer at once; the
+        KV manager hands each page over once): a page id in place, a (full-precision id, compact id) pair into the
+        compact pool (a full compact pool leaves page ids among the pairs). On CUDA: one Triton launch and one indexed
         copy, page ids up through pinned memory -- no host sync, so a multi-step window queued behind keeps
         the GPU busy (``tierserve.attention.triton_fp8_quant``)."""
         if not pids:
             return
-        if self.compact is not None:          # (full-precision id, compact id) pairs: move into the pool
-            ids = torch.tensor(pids, dtype=torch.int64).t().contiguous()          # [2, n]: sources, slots
+        pairs = [p for p in pids if not isinstance(p, int)]
+        if pairs:                             # (full-precision id, compact id) pairs: move into the pool
+            ids = torch.tensor(pairs, dtype=torch.int64).t().contiguous()          # [2, n]: sources, slots
             if kv_data.is_cuda:                 # no host sync (a multi-step window may be queued behind)
                 ids = ids.pin_memory().to(kv_data.device, non_blocking=True)
             src, dst = ids[0], ids[1]
             store_compact_(kv_data, self.compact, src, dst - self.base, self.page_size)
+        pids = [p for p in pids if isinstance(p, int)]          # in place (also when the compact pool is full)
+        if not pids:
             return
         idx = torch.tensor(sorted(pids), dtype=torch.int64)
         if kv_data.is_cuda:
