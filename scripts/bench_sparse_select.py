@@ -147,6 +147,13 @@ def bench_batch(B, a, dev, table_pages):
                                                cfg.topk_tokens // a.page, selection_bound(cfg, a.page),
                                                meta.page_heat, None, kv.shape[0]),
     }
+    # the score kernel's launch: pages a program x warps (default 16 x 4; ptxas: --ptxas)
+    for bp in (8, 16, 32, 64):
+        for nw in (1, 2, 4, 8):
+            if (bp, nw) != (16, 4):
+                variants[f"  score kernel + groups bp{bp} {nw}w"] = lambda bp=bp, nw=nw: page_scores(
+                    q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=G or 4, block_p=max(bp, G or 4),
+                    num_warps=nw)
     if G:
         _, gscores = page_scores(q, kv, meta.page_table, meta.seq_lens, a.page, cfg, group=G)
         variants[f"  topk two-level g{G}"] = lambda: topk_two_level(

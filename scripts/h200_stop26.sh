@@ -10,6 +10,7 @@
 #   bash scripts/h200_stop26.sh likebench  the loop profile with section a's engine (prefix hits, tight pool) and
 #                                        without, FP8 w vs FP8 w + KV, 128 tokens (~3 min)
 #   bash scripts/h200_stop26.sh a        GPU tests of the change, then section a (~4 min)
+#   bash scripts/h200_stop26.sh scores   the page score kernel's launch settings, 16 / 32 / 64-token pages (~3 min)
 #   bash scripts/h200_stop26.sh warps32  the top-k variants at 32-token pages, 128k (~1 min)
 #   bash scripts/h200_stop26.sh prof     per-kernel profiles with PDL: FP8 w vs FP8 w + KV at 2k (section a's FP8 KV
 #                                        cost) (~3 min)
@@ -45,7 +46,14 @@ a)
         tests/unit/test_kv_fp8_compact.py 2>&1 | tail -3
     bench 200 --sections a --budgets a=180 --max-wall 200 --output "$OUT/sparse-fp8-a-h200.json" \
         | grep -E "tok_s\"|speedup" ;;
+scores)
+    # the page score kernel's launch (pages a program x warps) at 16 / 32 / 64-token pages, 128k
+    for pg in 16 32 64; do
+        PYTHONPATH=.:scripts timeout 150 python scripts/bench_sparse_select.py --batch 1 --page $pg \
+            --table-pages $((131328 / pg)) --output "$OUT/sparse-select-scores-page$pg-h200.json" 2>&1 | quiet \
+            | grep -E "score kernel|check"
+    done ;;
 micro)
     bash "$0" mlp; bash "$0" warps ;;
-*) echo "usage: $0 mlp|warps|micro|b32|prof|likebench|warps32|a"; exit 2 ;;
+*) echo "usage: $0 mlp|warps|micro|b32|prof|likebench|warps32|a|scores"; exit 2 ;;
 esac
