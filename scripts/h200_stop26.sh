@@ -11,6 +11,7 @@
 #                                        without, FP8 w vs FP8 w + KV, 128 tokens (~3 min)
 #   bash scripts/h200_stop26.sh a        GPU tests of the change, then section a (~4 min)
 #   bash scripts/h200_stop26.sh scores   the page score kernel's launch settings, 16 / 32 / 64-token pages (~3 min)
+#   bash scripts/h200_stop26.sh tma      FP8 row GEMV with TMA tile loads against the engine's (~2 min)
 #   bash scripts/h200_stop26.sh warps32  the top-k variants at 32-token pages, 128k (~1 min)
 #   bash scripts/h200_stop26.sh prof     per-kernel profiles with PDL: FP8 w vs FP8 w + KV at 2k (section a's FP8 KV
 #                                        cost) (~3 min)
@@ -53,7 +54,11 @@ scores)
             --table-pages $((131328 / pg)) --output "$OUT/sparse-select-scores-page$pg-h200.json" 2>&1 | quiet \
             | grep -E "score kernel|check"
     done ;;
+tma)
+    # the FP8 row GEMV with TMA tile loads against the engine's kernel, each projection and a layer
+    PYTHONPATH=.:scripts timeout 280 python scripts/bench_fp8_gemv_tma.py --output "$OUT/fp8-gemv-tma-h200.json" \
+        2>&1 | quiet | tail -8 ;;
 micro)
     bash "$0" mlp; bash "$0" warps ;;
-*) echo "usage: $0 mlp|warps|micro|b32|prof|likebench|warps32|a|scores"; exit 2 ;;
+*) echo "usage: $0 mlp|warps|micro|b32|prof|likebench|warps32|a|scores|tma"; exit 2 ;;
 esac
