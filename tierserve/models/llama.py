@@ -6,6 +6,7 @@ into one matmul each at load time.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ from tierserve.models.config import ModelConfig
 from tierserve.models.layers.norm import RMSNorm
 from tierserve.models.layers.rotary import RotaryEmbedding
 from tierserve.models.llama_weights import LlamaWeights
+
+
+# batch-1 FP8 decode: the q/k/v split-K sum, rotary and KV write in one kernel (``layers/triton_qkv_rope.py``)
+QKV_ROPE_FOLD = os.environ.get("TIERSERVE_QKV_ROPE_FOLD", "1") == "1"
 
 
 def _fused():
@@ -45,7 +50,29 @@ class Attention(nn.Module):
                 meta: AttnMetadata) -> torch.Tensor:
         if self.indexer is not None and meta.index_keys is not None:
             self._index(x, meta)
+        half = self.d // 2
+        if QKV_ROPE_FOLD and isinstance(rope, FusedRope) and self.q_norm is None and half & (half - 1) == 0:
+            rows = getattr(self.qkv_proj, "row_partials", None)       # FP8 weights, batch-1 decode on CUDA
+            part = rows(x) if rows is not None else None
+            if part is not None:
+                return self.o_proj(self._attend_partials(part, x.dtype, rope, kv, meta))
         return self.o_proj(self.attend(self.qkv_proj(x), rope, kv, meta))
+
+    def _attend_partials(self, part: torch.Tensor, dtype: torch.dtype, rope: "FusedRope", kv: torch.Tensor,
+                         meta: AttnMetadata) -> torch.Tensor:
+        """``attend`` from the q/k/v projection's split-K partials: their sum, rotary and the KV write in one kernel
+        (``layers/triton_qkv_rope.py``; the same bits as the reduce kernel, then ``rope_write_kv``)."""
+        from tierserve.models.layers.triton_qkv_rope import reduce_rope_write_kv
+        T, n = part.shape[1], part.shape[2]
+        bias = self.qkv_proj.bias.to(dtype) if self.qkv_proj.bias is not None else None
+        qkv = torch.empty(T, n, dtype=dtype, device=part.device)
+        written = rope.can_write_kv(kv, meta)
+        reduce_rope_write_kv(part, bias, qkv, self.nh, self.nkv, rope.cos, rope.sin, meta.positions,
+                             kv if written else None, meta.slot_pages, meta.slot_offsets, meta.page_size)
+        q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q, k, v = q.view(T, self.nh, self.d), k.view(T, self.nkv, self.d), v.view(T, self.nkv, self.d)
+        o = self.backend.forward(q, k, v, kv, meta, self.scale, self.window, self.layer_idx, kv_written=written)
+        return o.reshape(T, self.nh * self.d)
 
     def _index(self, x: torch.Tensor, meta: AttnMetadata) -> None:
         """Indexer keys of the new tokens into the paged index cache; its queries for the selector."""

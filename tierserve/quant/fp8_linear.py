@@ -94,6 +94,15 @@ class Fp8Linear(nn.Module):
             y = self._prefill(x2, bias)
         return y.view(*lead, self.out_features)
 
+    def row_partials(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x [1, in]`` on CUDA: the row GEMV's unsummed split-K partials ``[split, 1, out]`` fp32 (the caller sums
+        them in split order and adds ``self.bias``, as ``models.layers.triton_qkv_rope`` does), or None -- nothing
+        launched -- where this layer's decode would not take the row GEMV or takes it in one split."""
+        if x.device.type != "cuda" or x.dim() != 2 or x.shape[0] != 1 or not ROW_GEMV or self.small_m_max < 1:
+            return None
+        from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
+        return fp8_gemv_rows(x, self.qweight, self.scale_inv, None, self.block_size, x.dtype, partials_only=True)
+
     def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 1 and ROW_GEMV:
             from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows

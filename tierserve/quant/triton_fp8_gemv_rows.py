@@ -129,14 +129,17 @@ def row_tile(N: int, K: int) -> tuple[int, int]:
 def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
                   block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
-                  num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None) -> torch.Tensor:
+                  num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None,
+                  partials_only: bool = False) -> torch.Tensor | None:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
     the K blocks split evenly; else the scale block is used). ``block_k`` / ``waves`` default to ``row_tile``.
     ``fused_reduce`` (default ``FUSED_REDUCE``, off: 78.4 against 73.3 us a layer on the H200, stop 21): with
     several K splits, the last program of each N tile sums the partials in the same launch instead of a second
-    reduce kernel (same bits)."""
+    reduce kernel (same bits). ``partials_only``: return the unsummed split-K partials ``[split, 1, N]`` fp32 for a
+    fused epilogue to sum in split order (``models.layers.triton_qkv_rope``), or None -- nothing launched -- where
+    the launch would take one split."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -167,9 +170,11 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     kb_per_split = -(-kb_per_split // per_tile) * per_tile     # whole tiles in every split
     split = -(-kbs // kb_per_split)
     direct = split == 1
+    if partials_only and direct:
+        return None
     dst = out if direct else torch.empty(split, 1, N, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else scale_inv
-    fused_reduce = FUSED_REDUCE if fused_reduce is None else fused_reduce
+    fused_reduce = False if partials_only else FUSED_REDUCE if fused_reduce is None else fused_reduce
     cnt = None if direct or not fused_reduce else split_counters(x.device, n_tiles)
     if fused_reduce and cnt is None and not direct:
         raise ValueError(f"fp8_gemv_rows: no split counters for {n_tiles} tiles (none are made during a CUDA "
@@ -180,6 +185,8 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
         BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
         FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device), num_warps=num_warps, num_stages=num_stages,
         **pdl.dependent_options(x.device))
+    if partials_only:
+        return dst
     if not direct and cnt is None:
         _reduce_splits(dst, b, out, bias is not None)
     return out
