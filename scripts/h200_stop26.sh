@@ -12,6 +12,7 @@
 #   bash scripts/h200_stop26.sh a        GPU tests of the change, then section a (~4 min)
 #   bash scripts/h200_stop26.sh scores   the page score kernel's launch settings, 16 / 32 / 64-token pages (~3 min)
 #   bash scripts/h200_stop26.sh tma      FP8 row GEMV with TMA tile loads against the engine's (~2 min)
+#   bash scripts/h200_stop26.sh final    GPU tests of the folds, then sections a and b (32-token pages) (~7 min)
 #   bash scripts/h200_stop26.sh warps32  the top-k variants at 32-token pages, 128k (~1 min)
 #   bash scripts/h200_stop26.sh prof     per-kernel profiles with PDL: FP8 w vs FP8 w + KV at 2k (section a's FP8 KV
 #                                        cost) (~3 min)
@@ -28,7 +29,7 @@ warps)
             | grep -E "fused two-level|topk two-level|check"
     done ;;
 b32)
-    bench 330 --sections b --page-size 32 --budgets b=320 --max-wall 320 --output "$OUT/sparse-fp8-b-page32-h200.json" \
+    bench 330 --sections b --page-size 32 --budgets b=320 --max-wall 320 --output "$OUT/sparse-fp8-b-page32${SFX:-}-h200.json" \
         | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
 prof)
     SETTINGS=fp8-weights,fp8-both timeout 280 python scripts/profile_engine_loop.py 2>&1 | quiet | tail -24 ;;
@@ -58,7 +59,15 @@ tma)
     # the FP8 row GEMV with TMA tile loads against the engine's kernel, each projection and a layer
     PYTHONPATH=.:scripts timeout 280 python scripts/bench_fp8_gemv_tma.py --output "$OUT/fp8-gemv-tma-h200.json" \
         2>&1 | quiet | tail -8 ;;
+final)
+    # the GPU tests of the two folds (q/k/v sum + rotary + KV write; silu * up in the gate_up epilogue), then
+    # section a and section b at 32-token pages with them
+    timeout 150 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_qkv_rope.py \
+        tests/kernels/test_fused_ops.py 2>&1 | tail -3
+    bench 200 --sections a --budgets a=180 --max-wall 200 --output "$OUT/sparse-fp8-a-folds-h200.json" \
+        | grep -E "tok_s\"|speedup"
+    SFX=-folds bash "$0" b32 ;;
 micro)
     bash "$0" mlp; bash "$0" warps ;;
-*) echo "usage: $0 mlp|warps|micro|b32|prof|likebench|warps32|a|scores|tma"; exit 2 ;;
+*) echo "usage: $0 mlp|warps|micro|b32|prof|likebench|warps32|a|scores|tma|final"; exit 2 ;;
 esac

@@ -23,6 +23,8 @@ from tierserve.models.llama_weights import LlamaWeights
 
 # batch-1 FP8 decode: the q/k/v split-K sum, rotary and KV write in one kernel (``layers/triton_qkv_rope.py``)
 QKV_ROPE_FOLD = os.environ.get("TIERSERVE_QKV_ROPE_FOLD", "1") == "1"
+# batch-1 FP8 decode: silu(gate) * up in the gate_up row GEMV's epilogue (``fp8_gemv_rows(silu=True)``)
+SILU_FOLD = os.environ.get("TIERSERVE_SILU_FOLD", "1") == "1"
 
 
 def _fused():
@@ -130,7 +132,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
         if use_fused:
-            return self.down_proj(_fused().silu_mul(self.gate_up_proj(x)))
+            rows = getattr(self.gate_up_proj, "row_silu", None) if SILU_FOLD else None   # FP8, batch-1 decode
+            act = rows(x) if rows is not None else None
+            return self.down_proj(act if act is not None else _fused().silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

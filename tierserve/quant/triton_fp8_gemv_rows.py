@@ -74,14 +74,23 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                           s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
+                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
+                          SILU: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
-    # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
+    # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together.
+    # SILU (a fused gate_up, DIRECT, not UNIFORM): tile row 2i is gate row p + i, row 2i + 1 up row N/2 + p + i
+    # (p = pid_n * BLOCK_N / 2); the epilogue writes silu(gate) * up for the BLOCK_N / 2 pairs
     pdl.release(PDL)        # the next kernel, if launched with PDL (a norm, silu_mul), may be scheduled now
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
+    if SILU:
+        r = tl.arange(0, BLOCK_N)
+        pair = pid_n * (BLOCK_N // 2) + r // 2
+        n = pair + (r % 2) * (N // 2)
+        n_mask = pair < N // 2
+    else:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
     n64 = n.to(tl.int64)
     num_kb = tl.cdiv(K, SBK)
     kb_lo = pid_k * kb_per_split
@@ -107,7 +116,13 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                 # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
                 acc += w.to(tl.float32) * (x * sc)
     y = tl.sum(acc, axis=1)
-    if DIRECT:
+    if SILU:                # as triton_fused._silu_mul_kernel on the rounded gate / up values
+        g, u = tl.split(tl.reshape(y.to(out_ptr.dtype.element_ty), [BLOCK_N // 2, 2]))
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        p = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + p, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=p < N // 2)
+    elif DIRECT:
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
         y = y.to(out_ptr.dtype.element_ty)
@@ -130,7 +145,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
                   block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
                   num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None,
-                  partials_only: bool = False) -> torch.Tensor | None:
+                  partials_only: bool = False, silu: bool = False) -> torch.Tensor | None:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
@@ -139,7 +154,9 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     several K splits, the last program of each N tile sums the partials in the same launch instead of a second
     reduce kernel (same bits). ``partials_only``: return the unsummed split-K partials ``[split, 1, N]`` fp32 for a
     fused epilogue to sum in split order (``models.layers.triton_qkv_rope``), or None -- nothing launched -- where
-    the launch would take one split."""
+    the launch would take one split. ``silu``: ``qweight`` is a fused gate_up (gates then ups, N even, no bias):
+    returns ``silu(gate) * up`` ``[1, N / 2]`` from the GEMV's epilogue (the same bits as ``fp8_gemv_rows`` then
+    ``triton_fused.silu_mul``), or None -- nothing launched -- where the launch would take several splits."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -150,7 +167,11 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     kbs = check_weights("fp8_gemv_rows", qweight, scale_inv, N, K, block_size)
     tile_k, tile_waves = row_tile(N, K)
     block_k, waves = block_k or tile_k, waves or tile_waves
-    uniform = sbn % block_n == 0
+    uniform = sbn % block_n == 0 and not silu       # (silu: a tile's rows come from both halves)
+    if silu:
+        if bias is not None or N % 2 or block_n % 2:
+            raise ValueError("fp8_gemv_rows(silu=True): a bias-free gate_up with an even row count and block_n")
+        block_k = sbk
     if block_k & (block_k - 1) or block_n & (block_n - 1):
         raise ValueError(f"fp8_gemv_rows: block_k ({block_k}) and block_n ({block_n}) must be powers of two")
     even = K % sbk == 0 and N % block_n == 0
@@ -163,15 +184,15 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
         raise ValueError(f"fp8_gemv_rows: block_k={block_k} must divide the scale block {sbk}")
     x = x.contiguous()
     scale_inv = scale_inv.contiguous()
-    out = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)
     n_tiles = -(-N // block_n)
     split = split_k or choose_split_k(x.device, n_tiles, 1, kbs, waves)
     kb_per_split = -(-kbs // max(1, min(split, kbs)))
     kb_per_split = -(-kb_per_split // per_tile) * per_tile     # whole tiles in every split
     split = -(-kbs // kb_per_split)
     direct = split == 1
-    if partials_only and direct:
+    if (partials_only and direct) or (silu and not direct):
         return None
+    out = torch.empty(1, N // 2 if silu else N, dtype=out_dtype or x.dtype, device=x.device)
     dst = out if direct else torch.empty(split, 1, N, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else scale_inv
     fused_reduce = False if partials_only else FUSED_REDUCE if fused_reduce is None else fused_reduce
@@ -184,7 +205,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
         qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk,
         BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
         FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device), num_warps=num_warps, num_stages=num_stages,
-        **pdl.dependent_options(x.device))
+        SILU=silu, **pdl.dependent_options(x.device))
     if partials_only:
         return dst
     if not direct and cnt is None:
