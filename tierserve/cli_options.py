@@ -33,8 +33,8 @@ _HELP = {
     "kv_fp8_keep_sink": "with --kv-dtype fp8: first N tokens of each sequence read at full precision",
     "kv_fp8_keep_recent": "with --kv-dtype fp8: the N most recent tokens of each query read at full precision",
     "kv_fp8_storage": "with --kv-dtype fp8: auto | compact (FP8 pages in a compact pool: ~2x the tokens) | "
-                      "inplace (part 1: quantised in place, no memory saved); auto = compact unless --sparse-attention "
-                      "indexer",
+                      "inplace (part 1: quantised in place, no memory saved); auto = compact unless --sparse-attention is on "
+                      "or the KV budget leaves the compact pool under 25% more room",
     "quantization": "fp8: block-scaled FP8 weights, quantised on load (lossy)",
     "fp8_lm_head": "with --quantization fp8: the output projection (logits) in FP8 as well (lossy; Llama family)",
     "engram_placement": "where Engram tables live: device | cpu (pinned host RAM) | disk",

@@ -65,7 +65,8 @@ class EngineConfig:
     kv_fp8_keep_recent: int = 64        # most recent tokens (per query) always read at full precision
     kv_fp8_storage: str = "auto"        # compact (FP8 pages in a uint8 pool: ~2x tokens) | inplace (part 1, no saving);
                                         # auto: compact unless sparse attention is on (its fused
-                                        # selection and CUDA graphs read in-place pages only)
+                                        # selection and CUDA graphs read in-place pages only) or the
+                                        # budget leaves the compact pool under 25% more room
     quantization: str | None = None     # fp8: quantise bf16 weights on load (128x128 block-scaled e4m3)
     fp8_lm_head: bool = False           # with quantization=fp8: the output projection in FP8 too (lossy; a tied
                                         # embedding table keeps its bf16 copy for the input and gains an FP8 one)

@@ -92,29 +92,6 @@ def test_manager_moves_pages_and_follows_sharers():
     assert kv.pool.num_in_use == 0 and kv.compact.pool.num_in_use == 0
 
 
-def test_full_compact_pool_quantises_in_place():
-    """Pages that leave the window once the compact pool is full are quantised in place (the same numbers), not
-    left at full precision for the kernel to quantise on every read (stop 26: section a ~6% slower)."""
-    pol = Fp8PagePolicy(4, keep_sink=4, keep_recent=4)
-    kv = KVManager(8, 4, enable_prefix_caching=True, fp8=pol, compact_slots=2)
-    toks = list(range(40))
-    assert kv.allocate("a", 24)
-    kv.commit("a", toks, 24)
-    moved = kv.take_quantise()
-    table = kv.page_table("a")
-    pairs = [m for m in moved if not isinstance(m, int)]
-    in_place = [m for m in moved if isinstance(m, int)]
-    assert [n for _, n in pairs] == table[1:3] and in_place == table[3:5] and all(p < 8 for p in in_place)
-    assert set(table[1:5]) <= kv.quantised
-    kv.commit("a", toks, 24)                       # handed over once
-    assert kv.take_quantise() == []
-    kv.check_invariants()
-    kv.free("a")
-    kv.check_invariants()
-    assert kv.allocate("b", 24)                    # recycled pages start at full precision
-    assert not set(kv.page_table("b")) & kv.quantised
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("kvfp8c") / "llama", "llama")
@@ -148,15 +125,16 @@ def test_engine_compact_identical_to_in_place(ckpt, extra):
         assert llm.engine.kv.hit_tokens["gpu"] > 0
 
 
-def test_engine_tiny_compact_pool_identical_to_in_place(ckpt):
-    """A budget with room for only a few compact slots: the pages past them are quantised in place, same bits."""
-    kw = dict(enable_prefix_caching=True, num_kv_pages=16, max_num_seqs=1, max_num_batched_tokens=176, **KW)
-    tok_a, lp_a, _ = _run(ckpt, [PROMPT, PROMPT], kv_fp8_storage="inplace", **kw)
-    tok_b, lp_b, llm = _run(ckpt, [PROMPT, PROMPT], kv_fp8_storage="compact", **kw)
-    kv = llm.engine.kv
-    assert 0 < kv.compact.pool.num_pages < 10
-    assert any(p < kv.pool.num_pages for p in kv.quantised)         # some pages really quantised in place
+def test_auto_keeps_in_place_pages_where_the_compact_pool_would_be_small(ckpt):
+    """A budget whose split leaves only a few compact slots: "auto" quantises in place (a full compact pool would
+    leave pages at full precision for the kernel to quantise on every read); "compact" still takes the pool."""
+    kw = dict(num_kv_pages=16, max_num_seqs=1, max_num_batched_tokens=176, **KW)
+    tok_a, lp_a, _ = _run(ckpt, [PROMPT], kv_fp8_storage="inplace", **kw)
+    tok_b, lp_b, llm = _run(ckpt, [PROMPT], **kw)                        # auto
+    assert llm.engine.kv.compact is None and llm.engine.runner.num_compact_pages == 0
     assert tok_a == tok_b and lp_a == lp_b
+    _, _, llm = _run(ckpt, [PROMPT], kv_fp8_storage="compact", **kw)
+    assert 0 < llm.engine.runner.num_compact_pages < 16 // 4
 
 
 def test_engine_compact_preemption(ckpt):

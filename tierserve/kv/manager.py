@@ -200,13 +200,13 @@ class KVManager(SpillPlacement):
                     t is not table and len(t.pages) > i and t.pages[i] == pid and self.fp8.needs_full(i, t.computed)
                     for t in self._tables.values()):
                 pass                        # a sharer still reads it at full precision; it queues it later
-            elif self.compact is not None and \
-                    (new := self.compact.move(self.pool, [t.pages for t in self._tables.values()], i, pid)) is not None:
+            elif self.compact is not None:
+                new = self.compact.move(self.pool, [t.pages for t in self._tables.values()], i, pid)
+                if new is None:             # compact pool full: stays full precision, retried next commit
+                    break
                 self.quantised.add(new)
                 self._to_quantise.append((pid, new))
-            else:       # in place: part 1's storage, or the compact pool is full (the same numbers, no memory saved;
-                # left at full precision, every read of it by the rule would quantise it in the kernel: stop 26
-                # found section a's FP8 KV decode ~6% slower with a pool of ~10 compact slots)
+            else:
                 self.quantised.add(pid)
                 self._to_quantise.append(pid)
             i += 1
@@ -221,8 +221,8 @@ class KVManager(SpillPlacement):
             self.compact.pool.release([self.compact.local(p) for p in pids if self._is_compact(p)])
 
     def take_quantise(self) -> list:
-        """Pages the runner must convert to FP8 before the next step (each page once): page ids (in place: part 1,
-        or a full compact pool) and (full-precision id, compact id) pairs (into the compact pool)."""
+        """Pages the runner must convert to FP8 before the next step (each page once): page ids (in place,
+        part 1) or (full-precision id, compact id) pairs (compact pool)."""
         out, self._to_quantise = self._to_quantise, []
         return out
 
@@ -266,6 +266,8 @@ class KVManager(SpillPlacement):
         for pid, m in enumerate(self.pool.meta):
             assert m.ref_count == refs.get(pid, 0), (pid, m.ref_count, refs.get(pid, 0))
         if self.compact is not None:
+            # the FP8 kernels read every id below the compact pool as full precision (stop 26's wrong fix broke it)
+            assert all(self._is_compact(p) for p in self.quantised), "a full-size page quantised beside a compact pool"
             self.compact.pool.check_invariants()
             for i, m in enumerate(self.compact.pool.meta):
                 pid = i + self.compact.base

@@ -21,10 +21,13 @@ from tierserve.models.layers.rotary import RotaryEmbedding
 from tierserve.models.llama_weights import LlamaWeights
 
 
-# batch-1 FP8 decode: the q/k/v split-K sum, rotary and KV write in one kernel (``layers/triton_qkv_rope.py``)
-QKV_ROPE_FOLD = os.environ.get("TIERSERVE_QKV_ROPE_FOLD", "1") == "1"
-# batch-1 FP8 decode: silu(gate) * up in the gate_up row GEMV's epilogue (``fp8_gemv_rows(silu=True)``)
-SILU_FOLD = os.environ.get("TIERSERVE_SILU_FOLD", "1") == "1"
+# Batch-1 FP8 decode, opt-in (the same bits): the q/k/v split-K sum, rotary and KV write in one kernel
+# (``layers/triton_qkv_rope.py``), and silu(gate) * up in the gate_up row GEMV's epilogue
+# (``fp8_gemv_rows(silu=True)``).
+# H200, stop 26, both on: section a's FP8 weights row 293.4 against 324.5 tok/s without them (another call) -- slower;
+# each alone is untimed (benchmarks/RUNBOOK.md)
+QKV_ROPE_FOLD = os.environ.get("TIERSERVE_QKV_ROPE_FOLD", "0") == "1"
+SILU_FOLD = os.environ.get("TIERSERVE_SILU_FOLD", "0") == "1"
 
 
 def _fused():

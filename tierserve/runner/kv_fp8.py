@@ -32,23 +32,19 @@ class Fp8Pages:
         self.quantised = torch.zeros(n, dtype=torch.bool, device=device)
         self.quantised[num_pages:] = True          # a compact slot only ever holds FP8 codes
 
-    def quantise(self, kv_data: torch.Tensor, pids: list) -> None:
-        """Convert complete pages that no query reads at full precision any more to FP8 (every layer at once; the
-        KV manager hands each page over once): a page id in place, a (full-precision id, compact id) pair into the
-        compact pool (a full compact pool leaves page ids among the pairs). On CUDA: one Triton launch and one indexed
+    def quantise(self, kv_data: torch.Tensor, pids: list[int]) -> None:
+        """Convert complete pages that no query reads at full precision any more to FP8 in place (every
+        layer at once; the KV manager hands each page over once). On CUDA: one Triton launch and one indexed
         copy, page ids up through pinned memory -- no host sync, so a multi-step window queued behind keeps
         the GPU busy (``tierserve.attention.triton_fp8_quant``)."""
         if not pids:
             return
-        pairs = [p for p in pids if not isinstance(p, int)]
-        if pairs:                             # (full-precision id, compact id) pairs: move into the pool
-            ids = torch.tensor(pairs, dtype=torch.int64).t().contiguous()          # [2, n]: sources, slots
+        if self.compact is not None:          # (full-precision id, compact id) pairs: move into the pool
+            ids = torch.tensor(pids, dtype=torch.int64).t().contiguous()          # [2, n]: sources, slots
             if kv_data.is_cuda:                 # no host sync (a multi-step window may be queued behind)
                 ids = ids.pin_memory().to(kv_data.device, non_blocking=True)
             src, dst = ids[0], ids[1]
             store_compact_(kv_data, self.compact, src, dst - self.base, self.page_size)
-        pids = [p for p in pids if isinstance(p, int)]          # in place (also when the compact pool is full)
-        if not pids:
             return
         idx = torch.tensor(sorted(pids), dtype=torch.int64)
         if kv_data.is_cuda:
@@ -230,12 +226,17 @@ def plan_compact(config, layout, budget_pages: int, page_bytes: int) -> tuple[in
                        config.max_num_batched_tokens, config.kv_fp8_keep_sink, config.kv_fp8_keep_recent)
 
 
+MIN_COMPACT_GAIN = 1.25     # "auto" takes the compact pool only where it holds at least 25% more tokens
+
+
 def plan_storage(config, layout, budget_pages: int, page_bytes: int, use_index: bool) -> tuple[int, int]:
     """(full-precision pages, compact FP8 slots) for ``kv_dtype="fp8"`` in the memory of ``budget_pages``
     model-dtype pages: ``inplace`` (or no room for compact slots) keeps every page full-size; ``auto`` also keeps
     in-place pages with the indexer selector (its keys are paged by full-precision page id) and with sparse
     attention (compact + sparse runs the same fused selection and CUDA graphs, reading compact slots' summaries
-    from their rows, but is not yet measured on a GPU); ``compact`` refuses the indexer."""
+    from their rows, but is not yet measured on a GPU) and where the split would hold less than ``MIN_COMPACT_GAIN``
+    x the budget's pages (a small compact pool fills up; the pages past it stay at full precision and the decode
+    kernel quantises them on every read); ``compact`` refuses the indexer."""
     storage = config.kv_fp8_storage
     if storage == "inplace":
         return budget_pages, 0
@@ -249,6 +250,12 @@ def plan_storage(config, layout, budget_pages: int, page_bytes: int, use_index: 
     if slots == 0:                  # no room beyond the full-precision pages: part 1's storage
         log.warning("FP8 KV: the KV budget (%d pages) leaves no room for compact pages; quantising in place "
                     "(no memory saved)", budget_pages)
+        return budget_pages, 0
+    if storage == "auto" and full + slots < MIN_COMPACT_GAIN * budget_pages:
+        # a pool that adds little room fills up: pages left at full precision past it are then quantised by the
+        # decode kernel on every read (stop 26: section a's FP8 KV decode ~6% slower with 10 compact slots)
+        log.info("FP8 KV: the KV budget (%d pages) holds only %d compact slots beside %d full-precision pages; "
+                 "quantising in place (no memory saved)", budget_pages, slots, full)
         return budget_pages, 0
     log.info("FP8 KV (compact): the memory of %d %s pages holds %d full-precision + %d FP8 pages = %d tokens "
              "(%.2fx)", budget_pages, layout.dtype, full, slots, (full + slots) * layout.page_size,
