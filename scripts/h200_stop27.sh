@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Stop-27 H200 calls for issue 6 (benchmarks/RUNBOOK.md "Start of the stop-27 session"); one part per call:
+#   bash scripts/h200_stop27.sh a        GPU tests of stop 26's changes (small-pool storage rule, the opt-in folds), then
+#                                        section a -- its first valid FP8 KV rows since stop 24 (~5 min)
+#   bash scripts/h200_stop27.sh folds    the engine loop (FP8 w, 2k, 128 tokens) with neither fold, the q/k/v + rotary
+#                                        fold alone, the silu fold alone (~2 min)
+#   bash scripts/h200_stop27.sh fp8kv    dense FP8 KV at 128k (section b's 0.6x row): per-kernel profile without PDL,
+#                                        synthetic fill, bf16 KV beside it (~3 min)
+# Everything lands in $OUT under names without '+' (the device tool leaves such names out).
+source "$(dirname "$0")/h200_common.sh"
+case "${1:-}" in
+a)
+    timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings -rf tests/kernels/test_qkv_rope.py \
+        tests/unit/test_kv_fp8_compact.py tests/kernels/test_triton_fp8_tiers.py 2>&1 | tail -4
+    bench 220 --sections a --budgets a=200 --max-wall 220 --output "$OUT/sparse-fp8-a-h200.json" \
+        | grep -E "tok_s\"|speedup" ;;
+folds)
+    for f in none qkv silu; do
+        QKV=0; SILU=0; [ $f = qkv ] && QKV=1; [ $f = silu ] && SILU=1
+        TIERSERVE_QKV_ROPE_FOLD=$QKV TIERSERVE_SILU_FOLD=$SILU LIKE_BENCH=1 TOKENS=128 NAME=engine-loop-fold-$f-h200 \
+            SETTINGS=fp8-weights timeout 150 python scripts/profile_engine_loop.py 2>&1 | quiet | grep "==" \
+            | sed "s/^/$f /"
+    done ;;
+fp8kv)
+    for s in fp8-kv bf16; do
+        TIERSERVE_PDL=0 SETTING=$s FILL=synthetic BATCHES=1 CONTEXT=131072 timeout 250 \
+            python scripts/profile_decode.py 2>&1 | quiet | tail -12
+    done
+    (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}"; done; true) ;;
+*) echo "usage: $0 a|folds|fp8kv"; exit 2 ;;
+esac
