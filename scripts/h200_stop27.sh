@@ -5,7 +5,7 @@
 #   bash scripts/h200_stop27.sh folds    the engine loop (FP8 w, 2k, 128 tokens) with neither fold, the q/k/v + rotary
 #                                        fold alone, the silu fold alone (~2 min)
 #   bash scripts/h200_stop27.sh fp8kv    dense FP8 KV at 128k (section b's 0.6x row): per-kernel profile without PDL,
-#                                        synthetic fill, bf16 KV beside it (~3 min)
+#                                        synthetic fill, bf16 KV beside it; the kernel alone with more splits (~5 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
@@ -26,6 +26,11 @@ fp8kv)
         TIERSERVE_PDL=0 SETTING=$s FILL=synthetic BATCHES=1 CONTEXT=131072 timeout 250 \
             python scripts/profile_decode.py 2>&1 | quiet | tail -12
     done
-    (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}"; done; true) ;;
+    (cd "$OUT" && for f in *+*; do [ -e "$f" ] && mv "$f" "${f//+/_}"; done; true)
+    # the kernel alone at 128k, 4 layers in turn: the engine's launch (64 splits: choose_splits caps it) against
+    # more splits and other blocks (each program walks 32 blocks of 64 tokens one after another now)
+    PYTHONPATH=.:scripts timeout 200 python scripts/bench_fp8_kv.py --decode-only --no-before --compact --layers 4 \
+        --cases 1x131072 --configs "num_splits=128;num_splits=256;num_splits=256,block_n=32;num_splits=128,num_warps=8" \
+        --output "$OUT/fp8-kv-decode-128k-h200.json" 2>&1 | quiet | tail -12 ;;
 *) echo "usage: $0 a|folds|fp8kv"; exit 2 ;;
 esac
