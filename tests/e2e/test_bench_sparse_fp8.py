@@ -53,6 +53,8 @@ def test_bench_sparse_fp8_smoke(tmp_path):
     assert sparse["kv_read_bytes_per_step"] < dense["kv_read_bytes_per_step"]
     both = _one(rows, section="b", setting="sparse+fp8-kv")
     assert "tok_s" in both or "sparse_attention" in both["skipped"]
+    head = _one(rows, section="b", setting="sparse+fp8-kv+fp8-weights+fp8-lm-head")          # opt-in row (stop 26)
+    assert head["fp8_lm_head"] is True and head["tok_s"] > 0 and "sparse prefill" in head["kv_fill"]
 
     # c: real prefill over the tiers; a context whose CPU tier does not fit is skipped with the bytes, and the
     # largest power of two that fits is filled synthetically instead

@@ -23,7 +23,10 @@ A_SETTINGS = {"bf16": {}, "fp8-weights+fp8-kv": {"quantization": "fp8", "kv_dtyp
 B_SETTINGS = {"dense-bf16": {},
               "sparse+fp8-kv+fp8-weights": {"sparse_attention": "pages", "kv_dtype": "fp8", "quantization": "fp8"},
               "sparse": {"sparse_attention": "pages"},      # before sparse+fp8-kv: sparse alone vs dense first
-              "sparse+fp8-kv": {"sparse_attention": "pages", "kv_dtype": "fp8"}, "fp8-kv": {"kv_dtype": "fp8"}}
+              "sparse+fp8-kv": {"sparse_attention": "pages", "kv_dtype": "fp8"}, "fp8-kv": {"kv_dtype": "fp8"},
+              # opt-in, lossy: the output projection in FP8 too (last: the first row a short budget skips)
+              "sparse+fp8-kv+fp8-weights+fp8-lm-head": {"sparse_attention": "pages", "kv_dtype": "fp8",
+                                                         "quantization": "fp8", "fp8_lm_head": True}}
 DENSE_PREFILL = "dense prefill (sparse selection off until the first token), sparse decode"
 SPARSE_PREFILL = "sparse prefill (own chunk dense, context top-k pages per 64-query block), sparse decode"
 
