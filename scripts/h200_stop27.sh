@@ -6,6 +6,7 @@
 #                                        fold alone, the silu fold alone (~2 min)
 #   bash scripts/h200_stop27.sh fp8kv    dense FP8 KV at 128k (section b's 0.6x row): per-kernel profile without PDL,
 #                                        synthetic fill, bf16 KV beside it; the kernel alone with more splits (~5 min)
+#   bash scripts/h200_stop27.sh b32      section b at 32-token pages, with the opt-in FP8 LM head row (~4 min)
 # Everything lands in $OUT under names without '+' (the device tool leaves such names out).
 source "$(dirname "$0")/h200_common.sh"
 case "${1:-}" in
@@ -32,5 +33,9 @@ fp8kv)
     PYTHONPATH=.:scripts timeout 200 python scripts/bench_fp8_kv.py --decode-only --no-before --compact --layers 4 \
         --cases 1x131072 --configs "num_splits=128;num_splits=256;num_splits=256,block_n=32;num_splits=128,num_warps=8" \
         --output "$OUT/fp8-kv-decode-128k-h200.json" 2>&1 | quiet | tail -12 ;;
-*) echo "usage: $0 a|folds|fp8kv"; exit 2 ;;
+b32)
+    # section b at 32-token pages with the opt-in FP8 LM head row (stop 26: 2.26x without it)
+    bench 330 --sections b --page-size 32 --budgets b=320 --max-wall 320 --output "$OUT/sparse-fp8-b-page32-h200.json" \
+        | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
+*) echo "usage: $0 a|folds|fp8kv|b32"; exit 2 ;;
 esac
