@@ -5,7 +5,11 @@ see, and register-pressure changes, before a GPU session.
 Launch-time specialisation matters (``sm90_compile``): pointer and stride arguments get ``tt.divisibility`` 16.
 
   PYTHONPATH=. python scripts/ptxas_fp8_kernels.py        (Llama-3.1-8B shapes: 8 KV heads, GQA 4, D 128)
+  PYTHONPATH=. python scripts/ptxas_fp8_kernels.py launches   (the dense decode kernel at other blocks / warps:
+                                                                registers decide how many programs an SM holds)
 """
+import sys
+
 from sm90_compile import compile_sm90
 
 from tierserve.attention import triton_decode_fp8, triton_fp8_quant, triton_prefill_fp8
@@ -39,5 +43,15 @@ def main() -> None:
                     DIRECT=False, UPCAST=False, SPARSE=sparse, RULE_LOADS=True, FAST=True, **v), 8))
 
 
+def launches() -> None:
+    """The dense FP8 decode kernel (in place, the codes-only branch: the engine's dense default is 64-token blocks,
+    4 warps) at other block sizes and warps; 65536 registers an SM / (registers x 32 x warps) programs fit."""
+    off = scale_offset(16, 8, 128, 2, 17)
+    for bn, warps in ((64, 4), (64, 8), (32, 4), (32, 2), (16, 2), (128, 8)):
+        print(f"decode dense block {bn:3d} warps {warps}:", build(triton_decode_fp8._fp8_decode_split_kernel, dict(
+            NUM_SPLITS=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=16, BLOCK_N=bn, SCALE_OFF=off, WINDOW=0,
+            DIRECT=False, UPCAST=False, SPARSE=False, RULE_LOADS=True, FAST=True, COMPACT=False, HOST=False), warps))
+
+
 if __name__ == "__main__":
-    main()
+    launches() if sys.argv[1:] == ["launches"] else main()
