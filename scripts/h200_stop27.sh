@@ -16,7 +16,7 @@ a)
     bench 220 --sections a --budgets a=200 --max-wall 220 --output "$OUT/sparse-fp8-a-h200.json" \
         | grep -E "tok_s\"|speedup" ;;
 folds)
-    for f in none qkv silu; do
+    for f in ${FOLDS:-none qkv silu}; do
         QKV=0; SILU=0; [ $f = qkv ] && QKV=1; [ $f = silu ] && SILU=1
         TIERSERVE_QKV_ROPE_FOLD=$QKV TIERSERVE_SILU_FOLD=$SILU LIKE_BENCH=1 TOKENS=128 NAME=engine-loop-fold-$f-h200 \
             SETTINGS=fp8-weights timeout 150 python scripts/profile_engine_loop.py 2>&1 | quiet | grep "==" \
