@@ -50,7 +50,8 @@ def test_fused_reduce_rope_kv_equals_the_chain(bias, rows):
         assert torch.equal(kv_got, kv_ref)
 
 
-@pytest.mark.parametrize("N,K", [(512, 256), (448, 384)])       # (448: a last tile of pairs past the gates)
+@pytest.mark.parametrize("N,K", [(512, 256), (448, 384), (320, 256)])
+# (512: one scale row per half of a tile; 448: a last tile of pairs past the gates; 320: halves across scale rows)
 def test_gate_up_epilogue_silu_equals_the_chain(N, K):
     """``fp8_gemv_rows(silu=True)``: silu(gate) * up from the GEMV's epilogue, the same bits as the GEMV then
     ``silu_mul``."""

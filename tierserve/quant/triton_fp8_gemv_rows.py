@@ -78,15 +78,17 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                           SILU: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
     # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together.
-    # SILU (a fused gate_up, DIRECT, not UNIFORM): tile row 2i is gate row p + i, row 2i + 1 up row N/2 + p + i
-    # (p = pid_n * BLOCK_N / 2); the epilogue writes silu(gate) * up for the BLOCK_N / 2 pairs
+    # SILU (a fused gate_up, DIRECT): tile rows i < BLOCK_N / 2 are gate rows p + i, the others the matching up
+    # rows N/2 + p + i (p = pid_n * BLOCK_N / 2); UNIFORM then means one scale row per half (two scalar loads); the
+    # epilogue writes silu(gate) * up for the BLOCK_N / 2 pairs
     pdl.release(PDL)        # the next kernel, if launched with PDL (a norm, silu_mul), may be scheduled now
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if SILU:
         r = tl.arange(0, BLOCK_N)
-        pair = pid_n * (BLOCK_N // 2) + r // 2
-        n = pair + (r % 2) * (N // 2)
+        up = r >= BLOCK_N // 2
+        pair = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+        n = pair + up.to(tl.int32) * (N // 2)
         n_mask = pair < N // 2
     else:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,6 +99,9 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
     s_row = s_ptr + (n // SBN).to(tl.int64) * s_sn                # each row's scale row
     s_one = s_ptr + ((pid_n * BLOCK_N) // SBN).to(tl.int64) * s_sn   # UNIFORM: the program's scale row
+    if SILU:                                                      # UNIFORM: the gate half's and the up half's
+        s_one = s_ptr + ((pid_n * (BLOCK_N // 2)) // SBN).to(tl.int64) * s_sn
+    s_up = s_ptr + ((N // 2 + pid_n * (BLOCK_N // 2)) // SBN).to(tl.int64) * s_sn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ar = tl.arange(0, BLOCK_K)
     pdl.wait(PDL)           # launched early (PDL): x, the counters and the output come from earlier kernels
@@ -107,7 +112,9 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
             acc += w.to(tl.float32) * (x * sc[None, :])
     else:
         for kb in range(kb_lo, kb_hi):
-            if UNIFORM:
+            if UNIFORM and SILU:
+                sc = tl.where(up, tl.load(s_up + kb), tl.load(s_one + kb))[:, None]
+            elif UNIFORM:
                 sc = tl.load(s_one + kb)
             else:
                 sc = tl.load(s_row + kb, mask=n_mask, other=0.0)[:, None]
@@ -117,7 +124,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                 acc += w.to(tl.float32) * (x * sc)
     y = tl.sum(acc, axis=1)
     if SILU:                # as triton_fused._silu_mul_kernel on the rounded gate / up values
-        g, u = tl.split(tl.reshape(y.to(out_ptr.dtype.element_ty), [BLOCK_N // 2, 2]))
+        g, u = tl.split(tl.trans(tl.reshape(y.to(out_ptr.dtype.element_ty), [2, BLOCK_N // 2])))
         gf = g.to(tl.float32)
         act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         p = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -167,7 +174,8 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     kbs = check_weights("fp8_gemv_rows", qweight, scale_inv, N, K, block_size)
     tile_k, tile_waves = row_tile(N, K)
     block_k, waves = block_k or tile_k, waves or tile_waves
-    uniform = sbn % block_n == 0 and not silu       # (silu: a tile's rows come from both halves)
+    # (silu: a tile's halves come from the gate and the up rows, each within one scale row or not)
+    uniform = sbn % block_n == 0 if not silu else sbn % (block_n // 2) == 0 and (N // 2) % sbn == 0
     if silu:
         if bias is not None or N % 2 or block_n % 2:
             raise ValueError("fp8_gemv_rows(silu=True): a bias-free gate_up with an even row count and block_n")
