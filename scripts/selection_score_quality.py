@@ -10,7 +10,8 @@ the maximum or the sum over the group's query heads -- formulas the score kernel
 the same cost. ``tierserve eval ppl`` as in stop 25 (nano-heldout, 60 kB, context 1023, stride 512, 32-token chunks,
 top-256 = 25%), the ranking patched into the torch reference the CPU path runs.
 
-    PYTHONPATH=. python scripts/selection_score_quality.py [--pages 16,32,64] [--lams 1,0.5,0.25,0] [--output F]
+    PYTHONPATH=. python scripts/selection_score_quality.py [--pages 16,32,64] [--lams 1,0.5,0.25,0] [--max-bytes N]
+        [--output F]
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ def make_score(lam: float, agg: str):
     return score
 
 
-def run(page: int, out: str) -> dict:
+def run(page: int, out: str, max_bytes: int = 60000) -> dict:
     from tierserve.cli import app
-    args = ["eval", "ppl", "--corpus", "nano-heldout", "--max-bytes", "60000", "--context", "1023", "--stride", "512",
+    args = ["eval", "ppl", "--corpus", "nano-heldout", "--max-bytes", str(max_bytes), "--context", "1023", "--stride", "512",
             "--max-num-batched-tokens", "32", "--compare", "",
             f"page_size={page},sparse_attention=pages,sparse_topk_tokens=256", "--output", out]
     try:
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--pages", default="16,32,64")
     ap.add_argument("--lams", default="1,0.5,0.25,0")
     ap.add_argument("--aggs", default="max,sum")
+    ap.add_argument("--max-bytes", type=int, default=60000, help="held-out text scored (stop 25's setup: 60000)")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     real = select.page_upper_bounds
@@ -64,7 +66,7 @@ def main() -> None:
                 for mod in (select, sparse_prefill, torch_ref):
                     mod.page_upper_bounds = fn
                 try:
-                    r = {"page_size": page, "lam": lam, "agg": agg, **run(page, "/tmp/selscore.json")}
+                    r = {"page_size": page, "lam": lam, "agg": agg, **run(page, "/tmp/selscore.json", a.max_bytes)}
                 finally:
                     for mod in (select, sparse_prefill, torch_ref):
                         mod.page_upper_bounds = real
@@ -73,7 +75,7 @@ def main() -> None:
     if a.output:
         with open(a.output, "w") as f:
             json.dump({"meta": {"tool": "scripts/selection_score_quality.py", "model": "tierserve-nano",
-                                "corpus": "nano-heldout", "max_bytes": 60000, "context": 1023, "stride": 512,
+                                "corpus": "nano-heldout", "max_bytes": a.max_bytes, "context": 1023, "stride": 512,
                                 "chunk": 32, "topk_tokens": 256}, "rows": rows}, f, indent=1)
 
 
