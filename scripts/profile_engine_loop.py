@@ -7,9 +7,9 @@ with the most self time. With PDL (default on sm_90+) a dependent kernel's time 
 before it: run with ``TIERSERVE_PDL=0`` for per-kernel costs. Writes
 ``$OUT/engine-loop-profile-h200.json``; ``SETTINGS`` = comma list of bf16 / fp8-kv / fp8-weights / fp8-both /
 fp8-all (fp8-both + the FP8 output projection, ``fp8_lm_head``). ``LIKE_BENCH=1``: the engine as section a of
-``bench sparse-fp8`` builds it (prefix caching on, so the second and third requests hit the first's pages; a pool
-of just the request's pages plus 4; ``max_num_batched_tokens`` = max(2048, context)) -- stop 25 found FP8 KV
-~6% slower there than here."""
+``bench sparse-fp8`` builds it (a pool of just the request's pages plus 4, ``max_num_batched_tokens`` = max(2048,
+context), prefix caching off) -- stop 25 found FP8 KV ~6% slower there than here; stop 26's run of it (prefix
+caching then on) traced that to the small compact FP8 pool such a pool leaves."""
 import gc
 import json
 import os
@@ -68,7 +68,8 @@ def run(setting: str) -> dict:
         {"dtype": "float32", "device": "cpu", "num_kv_pages": 64}
     if os.environ.get("LIKE_BENCH") == "1":
         n = CONTEXT + TOKENS + 16
-        eng_kw = dict(max_model_len=n, num_kv_pages=-(-n // 16) + 4, max_num_batched_tokens=max(2048, CONTEXT))
+        eng_kw = dict(max_model_len=n, num_kv_pages=-(-n // 16) + 4, max_num_batched_tokens=max(2048, CONTEXT),
+                      enable_prefix_caching=False)
         if DEVICE == "cpu":
             dummy.pop("num_kv_pages")
     else:

@@ -24,7 +24,7 @@ from tierserve.attention import select, sparse_prefill, torch_ref
 
 
 def make_score(lam: float, agg: str):
-    def score(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    def score(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spread: float = 1.0) -> torch.Tensor:
         B, hq, nq, d = q.shape
         hkv = kmin.shape[1]
         qg = q.float().reshape(B, hkv, hq // hkv * nq, d)
@@ -37,7 +37,8 @@ def make_score(lam: float, agg: str):
 
 def run(page: int, out: str, max_bytes: int = 60000) -> dict:
     from tierserve.cli import app
-    args = ["eval", "ppl", "--corpus", "nano-heldout", "--max-bytes", str(max_bytes), "--context", "1023", "--stride", "512",
+    args = ["eval", "ppl", "--corpus", "nano-heldout", "--max-bytes", str(max_bytes), "--context", "1023",
+            "--stride", "512",
             "--max-num-batched-tokens", "32", "--compare", "",
             f"page_size={page},sparse_attention=pages,sparse_topk_tokens=256", "--output", out]
     try:

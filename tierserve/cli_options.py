@@ -29,12 +29,15 @@ _HELP = {
     "load_format": "auto | safetensors | dummy (random weights from config.json)",
     "sparse_attention": "pages: top-k sparse attention over pages scored by key min/max bounds (lossy)",
     "sparse_topk_tokens": "tokens each query attends to with --sparse-attention",
+    "sparse_page_spread": "--sparse-attention pages: page score q.c + S |q|.r from each page's key min / max (c: "
+                          "midpoint, r: half range); 1 = the upper bound (default), 0.5 ranked better on nano "
+                          "(docs/sparse.md)",
     "kv_dtype": "auto | fp8: FP8 e4m3 KV pages with power-of-two scales; sink + recent tokens stay full precision (lossy)",
     "kv_fp8_keep_sink": "with --kv-dtype fp8: first N tokens of each sequence read at full precision",
     "kv_fp8_keep_recent": "with --kv-dtype fp8: the N most recent tokens of each query read at full precision",
     "kv_fp8_storage": "with --kv-dtype fp8: auto | compact (FP8 pages in a compact pool: ~2x the tokens) | "
-                      "inplace (part 1: quantised in place, no memory saved); auto = compact unless --sparse-attention is on "
-                      "or the KV budget leaves the compact pool under 25% more room",
+                      "inplace (part 1: quantised in place, no memory saved); auto = compact unless "
+                      "--sparse-attention is on or the KV budget leaves the compact pool under 25% more room",
     "quantization": "fp8: block-scaled FP8 weights, quantised on load (lossy)",
     "fp8_lm_head": "with --quantization fp8: the output projection (logits) in FP8 as well (lossy; Llama family)",
     "engram_placement": "where Engram tables live: device | cpu (pinned host RAM) | disk",

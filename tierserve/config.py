@@ -59,6 +59,8 @@ class EngineConfig:
     kv_load_overlap: bool = True        # CUDA: CPU-RAM hits copied layer by layer beside the forward pass
     sparse_attention: str | None = None  # pages: top-k pages by key min/max bounds (lossy, opt-in)
     sparse_topk_tokens: int = 2048      # tokens each query reads once the context is longer
+    sparse_page_spread: float = 1.0     # pages selector: page score q.c + s |q|.r from the key min / max (c midpoint,
+                                        # r half range); 1 = the upper bound (Quest), smaller ranks by the midpoint more
     indexer_path: str | None = None     # sparse_attention=indexer: dir from `tierserve train-indexer` (default <model>/indexer)
     kv_dtype: str = "auto"              # fp8: FP8 (e4m3) KV pages, sink + recent tokens at full precision (lossy)
     kv_fp8_keep_sink: int = 16          # first tokens of each sequence always read at full precision
@@ -119,6 +121,9 @@ class EngineConfig:
                         raise ValueError(f"sparse_attention='indexer' cannot be combined with {name} yet: the "
                                          "index keys do not move between tiers")
             _int_range("sparse_topk_tokens", self.sparse_topk_tokens, 1, 1 << 24)
+        v = self.sparse_page_spread
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"sparse_page_spread must be a number in [0, 1], got {v!r}")
         if self.prefix_unit is not None:
             _int_range("prefix_unit", self.prefix_unit, 1, 1 << 24)
         for name in ("cpu_kv_gb", "disk_kv_gb", "prefix_cache_gb"):

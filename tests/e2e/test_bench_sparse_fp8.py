@@ -154,25 +154,28 @@ def test_summary_takes_the_best_tiered_setting_per_target_context():
 
 
 def test_page_size_reaches_every_engine_of_the_run(tmp_path, monkeypatch):
-    """``--page-size`` (with --smoke too): every engine of the run, baselines included, gets it, and the pools are
-    sized in pages of that many tokens."""
+    """``--page-size`` and ``--sparse-page-spread`` (with --smoke too): every engine of the run, baselines included,
+    gets them, and the pools are sized in pages of that many tokens."""
     from tierserve.bench import sparse_fp8_run
 
-    built = []
+    built, spreads = [], []
     real = sparse_fp8_run.Bench.build
 
     def spy(self, **kw):
         llm, s = real(self, **kw)
         built.append((llm.engine.config.page_size, kw.get("num_kv_pages"), kw.get("max_model_len")))
+        spreads.append(llm.engine.config.sparse_page_spread)
         return llm, s
 
     monkeypatch.setattr(sparse_fp8_run.Bench, "build", spy)
     out = tmp_path / "sf.json"
     r = CliRunner().invoke(app, ["bench", "sparse-fp8", "--smoke", "--sections", "b", "--page-size", "32",
-                                 "--output", str(out), "--no-plot"])
+                                 "--sparse-page-spread", "0.5", "--output", str(out), "--no-plot"])
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())["rows"]
     assert {x["setting"] for x in rows if "tok_s" in x} >= {"dense-bf16", "sparse"}
     assert built and all(ps == 32 for ps, _, _ in built)
     assert all(pages == -(-n // 32) + 4 for _, pages, n in built)
     assert json.loads(out.read_text())["meta"]["settings"]["sizes"]["page_size"] == 32
+    assert spreads and all(x == 0.5 for x in spreads)
+    assert json.loads(out.read_text())["meta"]["settings"]["sizes"]["page_spread"] == 0.5

@@ -86,6 +86,9 @@ CASES = [  # (B, hkv, group, page, P, seq_lens, cfg)
     (4, 2, 4, 8, 16, [30, 127, 64, 65], SparseConfig("pages", topk_tokens=64, sink_tokens=16, recent_tokens=16)),
     (2, 2, 2, 4, 12, [40, 47], SparseConfig("pages", topk_tokens=64, sink_tokens=4, recent_tokens=4)),   # dense
     (2, 2, 4, 8, 18, [141, 100], SparseConfig("pages", topk_tokens=30, sink_tokens=5, recent_tokens=11)),
+    # the midpoint-weighted page score (``page_spread`` < 1)
+    (2, 2, 4, 8, 18, [141, 100], SparseConfig("pages", topk_tokens=30, sink_tokens=5, recent_tokens=11,
+                                              page_spread=0.5)),
 ]
 
 
@@ -157,14 +160,22 @@ def test_fused_selection_reads_fp8_compact_summaries(monkeypatch, case, spill, t
                 torch.testing.assert_close(g_, w, rtol=0, atol=0)
 
 
-def test_scores_match_upper_bounds():
-    """The score kernel's page bounds == page_upper_bounds where pages compete; -inf / +inf elsewhere."""
+@pytest.mark.parametrize("spread", [1.0, 0.5, 0.0])
+def test_scores_match_upper_bounds(spread):
+    """The score kernel's page bounds == page_upper_bounds where pages compete (``page_spread`` < 1: the score
+    q.c + spread |q|.r of both); -inf / +inf elsewhere."""
     B, hkv, group, page, P = 2, 2, 4, 4, 16
-    cfg = SparseConfig("pages", topk_tokens=16, sink_tokens=4, recent_tokens=4)
+    cfg = SparseConfig("pages", topk_tokens=16, sink_tokens=4, recent_tokens=4, page_spread=spread)
     q, kv, meta = make_case(5, B, hkv, group, page, 32, P, N=20, seq_lens=[61, 30])
     got = page_scores(q, kv, meta.page_table, meta.seq_lens, page, cfg)
     summ = kv[meta.page_table, :, page]                                   # [B, P, 2, Hkv, D]
-    ub = page_upper_bounds(q[:, :, None], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))[:, :, 0]
+    ub = page_upper_bounds(q[:, :, None], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2),
+                           spread)[:, :, 0]
+    if spread != 1.0:                   # the score from its definition: q.c + spread |q|.r, max over the group
+        lo, hi = summ[:, :, 0].transpose(1, 2).float(), summ[:, :, 1].transpose(1, 2).float()
+        qg = q.float().view(B, hkv, group, -1)
+        ref = (qg @ ((lo + hi) / 2).transpose(-1, -2) + spread * (qg.abs() @ ((hi - lo) / 2).transpose(-1, -2)))
+        torch.testing.assert_close(ub, ref.amax(2), rtol=1e-5, atol=1e-5)
     pos = (meta.seq_lens - 1)[:, None, None]
     p = torch.arange(P, device=DEV)[None, None, :]
     visible = p * page <= pos

@@ -24,6 +24,37 @@ def test_upper_bound_bounds_every_key():
     torch.testing.assert_close(ub1, torch.einsum("bkgqd,bkpsd->bkgqps", qg, one).amax(-1).amax(2))
 
 
+def test_page_spread_scores_the_midpoint_and_half_range():
+    """``spread`` < 1: q.c + spread |q|.r per page (c / r: the key midpoint / half range), max over the group; 1: the
+    bound itself, bit for bit; 0: the midpoint key's score. Out-of-range values are refused (config and selector)."""
+    from tierserve.config import EngineConfig
+    torch.manual_seed(1)
+    B, hq, hkv, P, d = 1, 4, 2, 6, 16
+    q = torch.randn(B, hq, 2, d)
+    lo, hi = torch.randn(B, hkv, P, d), torch.randn(B, hkv, P, d)
+    lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    qg = q.view(B, hkv, hq // hkv, 2, d)
+    c, r = (lo + hi) / 2, (hi - lo) / 2
+    for spread in (0.0, 0.25, 0.5):
+        want = (torch.einsum("bkgqd,bkpd->bkgqp", qg, c) + spread * torch.einsum("bkgqd,bkpd->bkgqp", qg.abs(), r))
+        torch.testing.assert_close(page_upper_bounds(q, lo, hi, spread), want.amax(2), rtol=1e-5, atol=1e-5)
+    assert torch.equal(page_upper_bounds(q, lo, hi, 1.0), page_upper_bounds(q, lo, hi))
+    with pytest.raises(ValueError, match="sparse_page_spread"):
+        SparseConfig("pages", page_spread=1.5)
+    with pytest.raises(ValueError, match="sparse_page_spread"):
+        EngineConfig(model="m", sparse_attention="pages", sparse_page_spread=-0.1)
+
+
+def test_engine_takes_the_page_spread(tmp_path):
+    path = make_checkpoint(tmp_path / "m", "llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=256, sparse_attention="pages",
+              sparse_topk_tokens=96, max_num_batched_tokens=32, sparse_page_spread=0.5)
+    assert llm.engine.runner.sparse.page_spread == 0.5
+    prompt = [0] + [(13 * i + 7) % 500 + 3 for i in range(150)]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 8
+
+
 def naive_select(ub, q_pos, page, cfg):
     B, H, Q, P = ub.shape
     out = torch.zeros_like(ub, dtype=torch.bool)

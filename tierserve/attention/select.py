@@ -30,21 +30,37 @@ class SparseConfig:
     topk_tokens: int = 2048
     sink_tokens: int = 16
     recent_tokens: int = 64
+    page_spread: float = 1.0        # "pages": score q.c + page_spread |q|.r (1: the upper bound)
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:
             raise ValueError(f"sparse_attention must be one of {', '.join(SELECTORS)}; got {self.selector!r}")
+        if not 0.0 <= self.page_spread <= 1.0:
+            raise ValueError(f"sparse_page_spread must be in [0, 1], got {self.page_spread}")
         if self.topk_tokens < self.sink_tokens + self.recent_tokens:
             raise ValueError(f"sparse_topk_tokens must be >= {self.sink_tokens + self.recent_tokens} "
                              f"(sink + recent window), got {self.topk_tokens}")
 
 
-def page_upper_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, Q, D]; kmin/kmax [B, Hkv, P, D] -> upper bound of q.k per page [B, Hkv, Q, P]."""
+def spread_rows(kmin: torch.Tensor, kmax: torch.Tensor, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (kmin', kmax') with relu(q).kmax' + min(q, 0).kmin' = q.c + spread |q|.r (c / r: the channels' midpoint
+    / half range): kmax' = a kmax + b kmin, kmin' = a kmin + b kmax, a = (1 + spread) / 2, b = (1 - spread) / 2; the
+    rows themselves at spread 1."""
+    lo, hi = kmin.float(), kmax.float()
+    if spread == 1.0:
+        return lo, hi
+    a, b = (1.0 + spread) / 2, (1.0 - spread) / 2
+    return a * lo + b * hi, a * hi + b * lo
+
+
+def page_upper_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spread: float = 1.0) -> torch.Tensor:
+    """q [B, Hq, Q, D]; kmin/kmax [B, Hkv, P, D] -> upper bound of q.k per page [B, Hkv, Q, P] (the maximum over a KV
+    head's query heads); with ``spread`` < 1 the score q.c + spread |q|.r instead (``SparseConfig.page_spread``)."""
     B, hq, nq, d = q.shape
     hkv = kmin.shape[1]
     qg = q.float().reshape(B, hkv, hq // hkv * nq, d)
-    ub = qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)
+    kmin, kmax = spread_rows(kmin, kmax, spread)
+    ub = qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)
     return ub.view(B, hkv, hq // hkv, nq, -1).amax(dim=2)
 
 

@@ -93,7 +93,7 @@ def block_selection(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sta
     idx = []
     for b0 in range(0, nb, per):
         rows = slice(b0 * block, min(nb, b0 + per) * block)
-        ub = page_upper_bounds(qb[rows].transpose(0, 1)[None], lo, hi)[0]          # [Hkv, m, Pc]
+        ub = page_upper_bounds(qb[rows].transpose(0, 1)[None], lo, hi, cfg.page_spread)[0]        # [Hkv, m, Pc]
         ub = ub.masked_fill(~valid[rows][None, :, None], float("-inf"))
         ubb = ub.view(hkv, -1, block, Pc).amax(2)                                 # [Hkv, blocks, Pc]
         idx.append(block_topk(ubb, first_pos[b0:b0 + per], page, cfg))

@@ -64,7 +64,8 @@ class TorchRefBackend:
             if meta.sparse.selector == "indexer":
                 ub = indexer_page_scores(meta, layer_idx, p["q_index"], p["mask"]).expand(-1, hkv, -1, -1)
             else:
-                ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
+                ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2),
+                                       meta.sparse.page_spread)
             chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, meta.sparse)   # [B, Hkv, Q, P]
             for b, n in enumerate(meta.query_lens_cpu):      # prefill chunks: one choice per query block
                 if n > 1:

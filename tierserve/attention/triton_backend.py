@@ -63,7 +63,8 @@ def _select_pages(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, l
         if meta.host_kv is not None:    # spilled pages: their summaries stayed on the GPU
             host = meta.host_summaries[(pt - hb).clamp(min=0), layer_idx, :, 0]
             summ = torch.where((pt >= hb)[..., None, None, None], host, summ)
-        ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2))
+        ub = page_upper_bounds(q[:, :, None, :], summ[:, :, 0].transpose(1, 2), summ[:, :, 1].transpose(1, 2),
+                               meta.sparse.page_spread)
     chosen = select_pages(ub, (meta.seq_lens - 1)[:, None], meta.seq_lens, page, meta.sparse)[:, :, 0]
     count_selection(meta, chosen, kv_layer.shape[0])
     bound = selection_bound(meta.sparse, page)    # the top-k budget plus the always-kept pages

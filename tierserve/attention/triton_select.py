@@ -4,7 +4,8 @@
    straight from the page pool (row ``page_size`` of the page; spilled pages' rows from the device copy
    of the host summaries) and writes the page's score, the upper bound
    max over the group's query heads of  sum_d relu(q_d) * kmax_d + min(q_d, 0) * kmin_d,
-   as fp32 [B, Hkv, P]: -inf for pages the query cannot see, +inf for the pages always kept (sink pages,
+   as fp32 [B, Hkv, P] (with ``SparseConfig.page_spread`` < 1: max over the heads of q.c + spread |q|.r instead,
+   c / r the channels' midpoint / half range): -inf for pages the query cannot see, +inf for the pages always kept (sink pages,
    the recent window, the query's own page; every visible page while the context fits the budget).
    Only the pages that compete are read.
 2. ``triton_select_topk.topk_compact`` grid (batch, KV head) (or, with ``TIERSERVE_TOPK=two-level``, the
@@ -40,7 +41,7 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, 
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_P: tl.constexpr, TOPK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
                        HOST: tl.constexpr, COMPACT: tl.constexpr, grp_ptr=None, n_grp=0, s_rb=0, s_rh=0,
-                       PAGE_GROUP: tl.constexpr = 0, PDL: tl.constexpr = False):
+                       PAGE_GROUP: tl.constexpr = 0, PDL: tl.constexpr = False, SPREAD: tl.constexpr = 1.0):
     pdl.release(PDL)        # (``tierserve.pdl``)
     pdl.wait(PDL)
     b = tl.program_id(0)
@@ -86,6 +87,10 @@ def _page_score_kernel(q_ptr, kmin_ptr, kmax_ptr, hmin_ptr, hmax_ptr, cmin_ptr, 
         kmax = tl.load(kmax_ptr + page[:, None] * s_xp + h * s_xh + d[None, :], mask=m, other=0.0)
     kmin = kmin.to(tl.float32)
     kmax = kmax.to(tl.float32)
+    if SPREAD != 1.0:       # q.c + SPREAD |q|.r (``select.spread_rows``: the same two products on moved rows)
+        lo = ((1.0 + SPREAD) / 2) * kmin + ((1.0 - SPREAD) / 2) * kmax
+        kmax = ((1.0 + SPREAD) / 2) * kmax + ((1.0 - SPREAD) / 2) * kmin
+        kmin = lo
     ub = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(GROUP):
         qg = tl.load(q_ptr + b * s_qb + (h * GROUP + g) * s_qh + d, mask=dmask, other=0.0).to(tl.float32)
@@ -155,7 +160,8 @@ def page_scores(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.Tenso
         cmax.stride(0), cmax.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=triton.next_power_of_2(D), PAGE=page_size, BLOCK_P=block_p,
         TOPK=cfg.topk_tokens, SINK=cfg.sink_tokens, RECENT=cfg.recent_tokens, HOST=host_summaries is not None,
-        COMPACT=compact is not None, num_warps=num_warps, PDL=pdl.active(q.device), **grp,
+        COMPACT=compact is not None, num_warps=num_warps, PDL=pdl.active(q.device), SPREAD=float(cfg.page_spread),
+        **grp,
         **pdl.dependent_options(q.device))
     return (out, grp["grp_ptr"]) if group else out
 

@@ -206,6 +206,8 @@ def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped
                max_wall: float = typer.Option(510.0, help="seconds after the start past which nothing runs"),
                page_size: Optional[int] = typer.Option(None, help="KV page size of every engine in the run "
                                                        "(baselines included; default: the engine's)"),
+               page_spread: float = typer.Option(1.0, "--sparse-page-spread", help="page score of the sparse rows' "
+                                                 "engines (--sparse-page-spread; 1: the bound)"),
                device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
                smoke: bool = typer.Option(False, help="tiny sizes on the CPU (tierserve-nano) for CI"),
                output: Path = typer.Option(Path("benchmarks/results/sparse-fp8.json")),
@@ -225,13 +227,16 @@ def sparse_fp8(model: Optional[str] = typer.Option("llama-3.1-8b", help="shipped
                       long_new_tokens=long_new_tokens, tier_contexts=tuple(_ints(tier_contexts)),
                       prefill_max=prefill_max, topk=topk, gpu_frac=gpu_frac, chunk=chunk, host_ram_gb=host_ram_gb,
                       budgets={**Sizes().budgets, **budget}, tier_prefill_budget=tier_prefill_budget,
-                      max_wall_s=max_wall, page_size=page_size)
+                      max_wall_s=max_wall, page_size=page_size, page_spread=page_spread)
     except ValueError:
         raise typer.BadParameter(f"--budgets must look like a=100,b=180,c=200, got {budgets!r}")
     if page_size is not None and (page_size < 1 or page_size & (page_size - 1)):
         raise typer.BadParameter(f"--page-size must be a power of two, got {page_size}")
+    if not 0.0 <= page_spread <= 1.0:
+        raise typer.BadParameter(f"--sparse-page-spread must be in [0, 1], got {page_spread}")
     if smoke:
-        model, load_format, device, sizes = None, "auto", "cpu", replace(SMOKE, page_size=page_size)
+        model, load_format, device, sizes = None, "auto", "cpu", replace(SMOKE, page_size=page_size,
+                                                                         page_spread=page_spread)
     secs = tuple(x.strip() for x in sections.split(",") if x.strip())
     if not secs or set(secs) - {"a", "b", "c"}:
         raise typer.BadParameter(f"--sections must be a comma-separated subset of a,b,c, got {sections!r}")

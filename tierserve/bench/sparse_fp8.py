@@ -56,6 +56,7 @@ class Sizes:
     tier_prefill_budget: float = 100.0  # section c: seconds for a real prefill over the tiers, else synthetic
     max_wall_s: float = 510.0          # no section runs past this many seconds after the start
     page_size: int | None = None       # KV page size of every engine of the run (None: the engine's default)
+    page_spread: float = 1.0           # sparse_page_spread of the sparse rows' engines (1: the bound, the default)
 
 
 # the CPU tier cap makes the 4096 context a skipped row and its fallback (2048) a synthetic fill
@@ -87,6 +88,8 @@ def bench_sparse_fp8(model: str | None, sections=SECTIONS, sizes: Sizes | None =
                   enable_prefix_caching=False)
     if sizes.page_size is not None:      # baselines and sparse rows alike
         common["page_size"] = sizes.page_size
+    if sizes.page_spread != 1.0:         # read by sparse engines only
+        common["sparse_page_spread"] = sizes.page_spread
     bench = Bench(model, sizes, common, seed, emit, log or (lambda m: None))
     dev = resolve_device(device)
     if dev.type == "cuda":

@@ -43,7 +43,8 @@ class RecallProbe(TorchRefBackend):
         if self.cfg.selector == "indexer":
             ub = indexer_page_scores(meta, layer_idx, p["q_index"], p["mask"]).expand(-1, hkv, -1, -1)
         else:
-            ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2))
+            ub = page_upper_bounds(qp, kv[:, :, 0, page].transpose(1, 2), kv[:, :, 1, page].transpose(1, 2),
+                                   self.cfg.page_spread)
         chosen = select_pages(ub, p["q_pos"], meta.seq_lens, page, self.cfg)           # [B, Hkv, Q, P]
         chosen = chosen.repeat_interleave(g, dim=1).repeat_interleave(page, dim=-1)
         recall = (probs * chosen).sum(-1)                                              # [B, Hq, Q]

@@ -68,7 +68,8 @@ class ModelRunner(TierLink):
         self.sparse = None
         if config.sparse_attention:
             from tierserve.attention.select import SparseConfig
-            self.sparse = SparseConfig(config.sparse_attention, config.sparse_topk_tokens)
+            self.sparse = SparseConfig(config.sparse_attention, config.sparse_topk_tokens,
+                                       page_spread=float(config.sparse_page_spread))
         use_index = self.sparse is not None and self.sparse.selector == "indexer"
         if use_index:                 # trained lightning indexers; their keys are paged beside the KV
             from tierserve.attention.indexer import IndexerSet
