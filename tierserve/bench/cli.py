@@ -116,6 +116,8 @@ def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir
                   context: int = typer.Option(1023), windows: int = typer.Option(4),
                   selector: str = typer.Option("pages", help="comma-separated: pages, indexer"),
                   indexer_path: Optional[str] = typer.Option(None, help="indexer dir (default <model>/indexer)"),
+                  page_spread: float = typer.Option(1.0, "--sparse-page-spread", help="pages selector's score "
+                                                    "(1: the bound)"),
                   output: Path = typer.Option(Path("benchmarks/results/sparse-recall.json"))) -> None:
     """Share of the dense attention mass inside the pages the sparse selector picks, per layer."""
     from tierserve.bench.results import write_result
@@ -126,7 +128,7 @@ def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir
     text = "\n".join(read_text(f) for f in corpus.heldout_files)
     res = measure_recall(model, text, _ints(topk), context, max_windows=windows,
                          selectors=tuple(x.strip() for x in selector.split(",") if x.strip()),
-                         indexer_path=indexer_path)
+                         indexer_path=indexer_path, page_spread=page_spread)
     typer.echo(f"wrote {write_result(res, output)}  {res['summary']}")
 
 
