@@ -55,8 +55,8 @@ class Attention(nn.Module):
                 meta: AttnMetadata) -> torch.Tensor:
         if self.indexer is not None and meta.index_keys is not None:
             self._index(x, meta)
-        half = self.d // 2
-        if QKV_ROPE_FOLD and isinstance(rope, FusedRope) and self.q_norm is None and half & (half - 1) == 0:
+        if QKV_ROPE_FOLD and isinstance(rope, FusedRope) and self.q_norm is None \
+                and (self.d // 2) & (self.d // 2 - 1) == 0:         # (the kernel's half head: a power of two)
             rows = getattr(self.qkv_proj, "row_partials", None)       # FP8 weights, batch-1 decode on CUDA
             part = rows(x) if rows is not None else None
             if part is not None:

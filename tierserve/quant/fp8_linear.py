@@ -98,7 +98,7 @@ class Fp8Linear(nn.Module):
         """``x [1, in]`` on CUDA: the row GEMV's unsummed split-K partials ``[split, 1, out]`` fp32 (the caller sums
         them in split order and adds ``self.bias``, as ``models.layers.triton_qkv_rope`` does), or None -- nothing
         launched -- where this layer's decode would not take the row GEMV or takes it in one split."""
-        if x.device.type != "cuda" or x.dim() != 2 or x.shape[0] != 1 or not ROW_GEMV or self.small_m_max < 1:
+        if not self._row_decode(x):
             return None
         from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
         return fp8_gemv_rows(x, self.qweight, self.scale_inv, None, self.block_size, x.dtype, partials_only=True)
@@ -107,11 +107,14 @@ class Fp8Linear(nn.Module):
         """``x [1, in]`` on CUDA, this layer a bias-free fused gate_up: ``silu(gate) * up`` ``[1, out / 2]`` from the
         row GEMV's epilogue (the same bits as this layer then ``triton_fused.silu_mul``), or None -- nothing
         launched -- where its decode would not take the row GEMV in one split."""
-        if x.device.type != "cuda" or x.dim() != 2 or x.shape[0] != 1 or not ROW_GEMV or self.small_m_max < 1 \
-                or self.bias is not None:
+        if not self._row_decode(x) or self.bias is not None:
             return None
         from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
         return fp8_gemv_rows(x, self.qweight, self.scale_inv, None, self.block_size, x.dtype, silu=True)
+
+    def _row_decode(self, x: torch.Tensor) -> bool:
+        """Does ``forward(x)`` take the row GEMV (one row on CUDA)?"""
+        return x.device.type == "cuda" and x.dim() == 2 and x.shape[0] == 1 and ROW_GEMV and self.small_m_max >= 1
 
     def _decode(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] == 1 and ROW_GEMV:

@@ -126,16 +126,21 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
         tl.store(vd, v1.to(vc_ptr.dtype.element_ty), mask=mk)
         tl.store(vd + HALF, v2.to(vc_ptr.dtype.element_ty), mask=mk)
         if SUMMARY_ROW > 0:     # the page's key min (K half) / max (V half) row; its first token starts it over
-            a1, a2 = y1.to(kc_ptr.dtype.element_ty), y2.to(kc_ptr.dtype.element_ty)
-            mn = kc_ptr + page * s_kcp + SUMMARY_ROW * s_kco + hk * s_kch + d
-            mx = vc_ptr + page * s_vcp + SUMMARY_ROW * s_vco + hk * s_vch + d
-            first = off == 0
-            m1, m2 = tl.load(mn, mask=mk), tl.load(mn + HALF, mask=mk)
-            x1, x2 = tl.load(mx, mask=mk), tl.load(mx + HALF, mask=mk)
-            tl.store(mn, tl.where(first, a1, tl.minimum(m1, a1)), mask=mk)
-            tl.store(mn + HALF, tl.where(first, a2, tl.minimum(m2, a2)), mask=mk)
-            tl.store(mx, tl.where(first, a1, tl.maximum(x1, a1)), mask=mk)
-            tl.store(mx + HALF, tl.where(first, a2, tl.maximum(x2, a2)), mask=mk)
+            fold_summary(kc_ptr + page * s_kcp + SUMMARY_ROW * s_kco + hk * s_kch + d,
+                         vc_ptr + page * s_vcp + SUMMARY_ROW * s_vco + hk * s_vch + d,
+                         y1.to(kc_ptr.dtype.element_ty), y2.to(kc_ptr.dtype.element_ty), off == 0, mk, HALF)
+
+
+@triton.jit
+def fold_summary(mn, mx, a1, a2, first, mask, HALF: tl.constexpr):
+    """A new key's halves ``a1`` / ``a2`` into its page's key min row (``mn``) and max row (``mx``); ``first`` (the
+    page's first token) starts them over."""
+    m1, m2 = tl.load(mn, mask=mask), tl.load(mn + HALF, mask=mask)
+    x1, x2 = tl.load(mx, mask=mask), tl.load(mx + HALF, mask=mask)
+    tl.store(mn, tl.where(first, a1, tl.minimum(m1, a1)), mask=mask)
+    tl.store(mn + HALF, tl.where(first, a2, tl.minimum(m2, a2)), mask=mask)
+    tl.store(mx, tl.where(first, a1, tl.maximum(x1, a1)), mask=mask)
+    tl.store(mx + HALF, tl.where(first, a2, tl.maximum(x2, a2)), mask=mask)
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from tierserve import pdl
-from tierserve.models.layers.triton_fused import _rotate
+from tierserve.models.layers.triton_fused import _rotate, fold_summary
 
 
 @triton.jit
@@ -58,15 +58,9 @@ def _reduce_rope_kv_kernel(p_ptr, b_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, kc_
         tl.store(base + d, e1)
         tl.store(base + HALF + d, e2)
         if SUMMARY_ROW > 0 and h < HQ + HKV:     # the page's key min (K half) / max (V half) row
-            mn = kc_ptr + page * s_kcp + SUMMARY_ROW * s_kco + hk * s_kch + d
-            mx = vc_ptr + page * s_vcp + SUMMARY_ROW * s_vco + hk * s_vch + d
-            first = off == 0
-            m1, m2 = tl.load(mn), tl.load(mn + HALF)
-            x1, x2 = tl.load(mx), tl.load(mx + HALF)
-            tl.store(mn, tl.where(first, e1, tl.minimum(m1, e1)))
-            tl.store(mn + HALF, tl.where(first, e2, tl.minimum(m2, e2)))
-            tl.store(mx, tl.where(first, e1, tl.maximum(x1, e1)))
-            tl.store(mx + HALF, tl.where(first, e2, tl.maximum(x2, e2)))
+            fold_summary(kc_ptr + page * s_kcp + SUMMARY_ROW * s_kco + hk * s_kch + d,
+                         vc_ptr + page * s_vcp + SUMMARY_ROW * s_vco + hk * s_vch + d, e1, e2, off == 0, d < HALF,
+                         HALF)
 
 
 def reduce_rope_write_kv(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, num_heads: int,
