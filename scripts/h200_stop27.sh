@@ -40,5 +40,28 @@ b32)
     # opt-in page score that kept nano's loss under 2% at 32-token pages
     bench 330 --sections b --page-size 32 --sparse-page-spread "${SPREAD:-1.0}" --budgets b=320 --max-wall 320 \
         --output "$OUT/sparse-fp8-b-page32-spread${SPREAD:-1}-h200.json" | grep -E "tok_s\"|attention_ms_per_step\"|prefill_s" ;;
-*) echo "usage: $0 a|folds|fp8kv|b32"; exit 2 ;;
+bulk)
+    # the FP8 decode kernel's pipelined bulk loop (bulk=1) against the engine's dense default, 4 layers in turn,
+    # at 2k / 32k / 128k; then the compact-pool row (the engine's storage) with it
+    timeout 200 python -m pytest -q -p no:cacheprovider -p no:warnings tests/kernels/test_triton_decode_fp8.py \
+        tests/kernels/test_triton_fp8_compact.py tests/kernels/test_qkv_rope.py tests/unit/test_kv_fp8_compact.py \
+        tests/kernels/test_triton_fp8_tiers.py tests/kernels/test_triton_select.py > "$OUT/tests-bulk.txt" 2>&1
+    tail -3 "$OUT/tests-bulk.txt"
+    B=fast=1,bulk=1
+    PYTHONPATH=.:scripts timeout 200 python scripts/bench_fp8_kv.py --decode-only --no-before --layers 4 \
+        --cases 1x2048,1x32768,1x131072 --configs "fast=1,num_splits=128;$B;$B,num_stages=3;$B,num_warps=8,num_stages=3;\
+$B,block_n=32,num_stages=3;$B,block_n=128,num_warps=8,num_stages=3;$B,num_splits=128,num_warps=8,num_stages=3;\
+$B,num_splits=32,num_warps=8,num_stages=3" --output "$OUT/fp8-kv-bulk-h200.json" 2>&1 | quiet | grep -v pending | cut -c1-150
+    TIERSERVE_FP8_DECODE=${BULK_SET:-bulk=1} PYTHONPATH=.:scripts timeout 100 python scripts/bench_fp8_kv.py \
+        --decode-only --no-before --layers 4 --quick --compact --cases 1x2048,1x131072 \
+        --output "$OUT/fp8-kv-bulk-compact-h200.json" 2>&1 | quiet | grep compact ;;
+layout)
+    # page score kernel: summaries in the pool's page rows (the engine) against one contiguous array per layer
+    timeout 150 python scripts/bench_summary_layout.py --output "$OUT/summary-layout-h200.json" 2>&1 | quiet
+    # the GPU tests of this stop's and stop 26's changes (the bulk loop, folds, small-pool storage, selection)
+    timeout 380 python -m pytest -q -p no:cacheprovider -p no:warnings -rf tests/kernels/test_triton_decode_fp8.py \
+        tests/kernels/test_triton_fp8_compact.py tests/kernels/test_qkv_rope.py tests/unit/test_kv_fp8_compact.py \
+        tests/kernels/test_triton_fp8_tiers.py tests/kernels/test_triton_select.py > "$OUT/tests-gpu.txt" 2>&1
+    echo "pytest exit $?"; tail -4 "$OUT/tests-gpu.txt" ;;
+*) echo "usage: $0 a|folds|fp8kv|b32|bulk|layout"; exit 2 ;;
 esac

@@ -1,6 +1,5 @@
-"""The q/k/v split-K sum + rotary + KV write kernel (models/layers/triton_qkv_rope.py) and the gate_up GEMV with
-silu * up in its epilogue (``fp8_gemv_rows(silu=True)``) against the chains they replace (``fp8_gemv_rows`` then
-``rope_write_kv`` / ``silu_mul``): the same bits, random inputs. On the GPU when there is one, else under
+"""The q/k/v split-K sum + rotary + KV write kernel (models/layers/triton_qkv_rope.py) against the chain it replaces
+(``fp8_gemv_rows`` then ``rope_write_kv``): the same bits, random inputs. On the GPU when there is one, else under
 TRITON_INTERPRET=1 at tiny sizes; the engine test (FP8 weights, greedy, with and without the fold) needs CUDA."""
 import os
 
@@ -50,21 +49,6 @@ def test_fused_reduce_rope_kv_equals_the_chain(bias, rows):
         assert torch.equal(kv_got, kv_ref)
 
 
-@pytest.mark.parametrize("N,K", [(512, 256), (448, 384), (320, 256)])
-# (512: one scale row per half of a tile; 448: a last tile of pairs past the gates; 320: halves across scale rows)
-def test_gate_up_epilogue_silu_equals_the_chain(N, K):
-    """``fp8_gemv_rows(silu=True)``: silu(gate) * up from the GEMV's epilogue, the same bits as the GEMV then
-    ``silu_mul``."""
-    torch.manual_seed(8)
-    w, s = quantize_fp8_blockwise(torch.randn(N, K, device=DEV) * 0.1, (128, 128))
-    x = torch.randn(1, K, device=DEV).to(torch.bfloat16)
-    got = fp8_gemv_rows(x, w, s, silu=True, split_k=1)
-    want = fused.silu_mul(fp8_gemv_rows(x, w, s, split_k=1))
-    assert got is not None and got.shape == (1, N // 2)
-    assert torch.equal(got, want)
-    assert fp8_gemv_rows(x, w, s, silu=True, split_k=2) is None       # several splits: no epilogue to fold into
-
-
 def test_partials_only_is_none_for_one_split():
     w, s = quantize_fp8_blockwise(torch.randn(256, 128, device=DEV), (128, 128))
     assert fp8_gemv_rows(torch.randn(1, 128, device=DEV), w, s, partials_only=True) is None
@@ -73,31 +57,26 @@ def test_partials_only_is_none_for_one_split():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fold runs in the CUDA engine")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_engine_fp8_decode_with_the_fold_is_bit_identical(tmp_path, monkeypatch, family):
-    """FP8 weights, batch 1, CUDA graphs and multi-step windows: greedy tokens and logprobs with both folds equal those
-    without them (TIERSERVE_QKV_ROPE_FOLD=0, TIERSERVE_SILU_FOLD=0), and the folds really run."""
+    """FP8 weights, batch 1, CUDA graphs and multi-step windows: greedy tokens and logprobs with the fold equal those
+    without it (TIERSERVE_QKV_ROPE_FOLD=0), and the fold really runs."""
     from tierserve import LLM, SamplingParams
     from tierserve.models import llama
 
-    # gate_up 17408 x 512: one split (the silu fold), q/k/v 1024 x 512: four (the rotary fold)
+    # q/k/v 1024 x 512: four splits (the rotary fold)
     path = make_checkpoint(tmp_path / "m", family, hidden_size=512, intermediate_size=8704)
     prompt = [0] + [(7 * i + 3) % 500 + 3 for i in range(200)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
-    from tierserve.quant.fp8_linear import Fp8Linear
     calls, real = [], triton_qkv_rope.reduce_rope_write_kv
     monkeypatch.setattr(triton_qkv_rope, "reduce_rope_write_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    silu_calls, real_silu = [], Fp8Linear.row_silu
-    monkeypatch.setattr(Fp8Linear, "row_silu",
-                        lambda self, x: (lambda r: silu_calls.append(r is not None) or r)(real_silu(self, x)))
     outs = {}
     for fold in (False, True):
         monkeypatch.setattr(llama, "QKV_ROPE_FOLD", fold)
-        monkeypatch.setattr(llama, "SILU_FOLD", fold)
         for k in (1, 4):
             llm = LLM(str(path), dtype="bfloat16", device="cuda", quantization="fp8", max_model_len=512,
                       max_num_seqs=1, num_scheduler_steps=k, enable_prefix_caching=False)
             o = llm.generate([prompt], sp)[0].outputs[0]
             outs[(fold, k)] = (o.token_ids, [lp[t] for lp, t in zip(o.logprobs, o.token_ids)])
             del llm
-    assert calls and any(silu_calls), "a fold never ran"
+    assert calls, "the fold never ran"
     assert outs[(True, 1)] == outs[(False, 1)]
     assert outs[(True, 4)] == outs[(False, 4)]

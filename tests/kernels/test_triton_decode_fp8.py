@@ -321,11 +321,12 @@ def test_engine_fp8_flash_prefill_failure_falls_back_to_the_kernel(ckpt, monkeyp
     assert got == ref and kernel and not ff.ENABLED
 
 
-@pytest.mark.parametrize("case", [0, 2, 4])
+@pytest.mark.parametrize("case", [0, 2, 3, 4])
 def test_fast_loads_give_the_same_bits(case):
-    """``fast=True`` (blocks read wholly in FP8 skip the full-precision loads): the very same outputs as the
-    general loop, with some FP8-read pages not stored yet (quantised on the fly inside the fast branch) and with
-    every one stored (the fast branch's plain path)."""
+    """``fast=True`` (blocks read wholly in FP8 skip the full-precision loads) and ``bulk=True`` (the blocks
+    between the sink and the recent pages in a loop of unmasked code loads): the very same outputs as the general
+    loop, with some FP8-read pages not stored yet (quantised on the fly inside the fast branch; the bulk loop
+    gives way to the general one) and with every one stored (the fast branch's plain path, the bulk loop)."""
     hq, hkv, ps, D, lens, sink, recent, splits, window, bn = CASES[case]
     data, table, q, seq_lens, eligible, pick = _inputs(torch.float32, hq, hkv, ps, D, lens, sink, recent, seed=case)
     for stored in (pick[::2], eligible):
@@ -333,8 +334,11 @@ def test_fast_loads_give_the_same_bits(case):
         fp8.quantise(data, stored)
         got = [paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
                                 sliding_window=window, block_n=bn or 16, **{"num_splits": splits, **kw})
-               for kw in (dict(), dict(fast=True), dict(fast=True, num_splits=1))]
-        assert torch.equal(got[0], got[1])
+               for kw in (dict(), dict(fast=True), dict(fast=True, num_splits=1), dict(fast=True, bulk=True),
+                          dict(bulk=True), dict(fast=True, bulk=True, num_splits=1))]
+        for other in got[1], got[3], got[4]:
+            assert torch.equal(got[0], other)
+        assert torch.equal(got[2], got[5])
         torch.testing.assert_close(got[2], got[0], atol=2e-5, rtol=2e-5)
     with pytest.raises(AssertionError, match="rule_loads"):
         paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,

@@ -90,10 +90,10 @@ def test_decode_compact_same_bits_as_in_place(dtype, case):
     seq = torch.tensor(lens, device=DEV)
     outs, refs = [], []
     for f, dat, tab in _both(data, table, pick, ps, sink, recent):
-        for rule in (True, False):
+        for kw in (dict(rule_loads=True), dict(rule_loads=False), dict(fast=True, bulk=True)):
             outs.append(paged_decode_fp8(q, dat[:, 1], f.quantised, tab, seq, D ** -0.5, ps, sink, recent,
                                          num_splits=splits, sliding_window=window, block_n=bn,
-                                         rule_loads=rule, compact=f.kernel_pool(1)))
+                                         compact=f.kernel_pool(1), **kw))
         meta, _ = _meta(lens, [1] * len(lens), ps, tab, f, True)
         refs.append(TorchRefBackend().forward(q, None, None, dat[:, 1], meta, D ** -0.5, window, 1,
                                               kv_written=True))

@@ -10,9 +10,10 @@ def test_parse_settings():
         dict(num_splits=16, block_n=32, num_warps=4, num_stages=1, fast=True)
     assert cfg.parse("fast=0") == {"fast": False}
     assert cfg.parse("fast=1,block_n=16") == {"fast": True, "block_n": 16}
+    assert cfg.parse("bulk=1,fast=1") == {"bulk": True, "fast": True}
 
 
-@pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=1", "fast=3"])
+@pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=1", "fast=3", "bulk=2"])
 def test_bad_settings_say_what_is_wrong(bad):
     with pytest.raises(ValueError, match="X:"):
         cfg.parse(bad, "X")

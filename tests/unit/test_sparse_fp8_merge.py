@@ -6,8 +6,8 @@ from tierserve.bench.results import make_result
 from tierserve.bench.sparse_fp8 import merge_sparse_fp8
 
 
-def _run(rows, env):
-    r = make_result("tierserve bench", "sparse-fp8", {"model": "m"}, rows, {"wall_s": 1.0})
+def _run(rows, env, sizes=None):
+    r = make_result("tierserve bench", "sparse-fp8", {"model": "m", "sizes": sizes or {}}, rows, {"wall_s": 1.0})
     r["meta"]["env"] = env
     return r
 
@@ -17,11 +17,13 @@ def test_merge_keeps_sections_whole_tags_rows_and_recomputes_the_summary():
               {"section": "a", "setting": "fp8-weights+fp8-kv", "context": 2048, "tok_s": 300.0,
                "speedup_vs_bf16": 1.5}], {"X": "1"})
     c = _run([{"section": "c", "setting": "tiered-sparse", "context": 131072, "tok_s": 121.0},
-              {"section": "c", "setting": "tiered-sparse", "context": 1048576, "tok_s": 49.0}], {})
+              {"section": "c", "setting": "tiered-sparse", "context": 1048576, "tok_s": 49.0}], {},
+             {"page_size": 32, "page_spread": 0.5})
     m = merge_sparse_fp8([("a.json", a), ("c.json", c)])
     assert [r["source"] for r in m["rows"]] == ["a.json", "a.json", "c.json", "c.json"]
     assert m["rows"][0]["source_env"] == {"X": "1"}
     assert [s["sections"] for s in m["meta"]["sources"]] == [["a"], ["c"]]
+    assert [(s["page_size"], s["page_spread"]) for s in m["meta"]["sources"]] == [(None, 1.0), (32, 0.5)]
     s = m["summary"]
     assert s["a_target_met"] is False and s["a_fp8-weights+fp8-kv_c2048_speedup_vs_bf16"] == 1.5
     assert s["c_target_met_c131072"] is True and s["c_target_met_c1048576"] is False

@@ -5,7 +5,8 @@ defaults (split-K sized by ``max_model_len``, 64-token blocks, 8 warps) leave mo
 kernel latency-bound (27 us a layer at 128k on the H200, stop 17). ``scripts/sweep_fp8_sparse_decode.py`` times
 the alternatives. Three settings, each a comma-separated ``key=value`` list of ``num_splits``, ``block_n``,
 ``num_warps``, ``num_stages``, ``fast`` (0/1: blocks read wholly in FP8 skip the full-precision loads,
-bit-identical), read once at import:
+bit-identical), ``bulk`` (0/1, dense steps: the blocks between the sink and the recent pages in a loop of unmasked,
+pipelined code loads, bit-identical), read once at import:
 
 * ``TIERSERVE_FP8_SPARSE_DECODE``: every selected page on the device;
 * ``TIERSERVE_FP8_SPARSE_HOST_DECODE``: with FP8 rows spilled to CPU RAM (read over PCIe in the kernel);
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import os
 
-KEYS = ("num_splits", "block_n", "num_warps", "num_stages", "fast")
-FLAGS = ("fast",)     # 0 / 1
+KEYS = ("num_splits", "block_n", "num_warps", "num_stages", "fast", "bulk")
+FLAGS = ("fast", "bulk")     # 0 / 1
 
 
 def parse(text: str, name: str = "setting") -> dict:

@@ -49,9 +49,10 @@ from tierserve.attention.triton_fp8_blocks import (
     block_meta,
     stored_flags,
     block_flags,
+    bulk_codes,
     read_folded,
 )
-from tierserve.attention.triton_fp8_common import softmax_update_scaled
+from tierserve.attention.triton_fp8_common import softmax_update_scaled, split_ids
 
 
 @triton.jit
@@ -60,6 +61,40 @@ def _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc):
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
     s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
     return softmax_update_scaled(s, v, vs, m_i, l_i, acc)
+
+
+@triton.jit
+def _general_block(u, q, d, kvh, n, p, lo, keep_sink, keep_recent, cbase, hbase, qk_scale, row_ids, row_lg, flag_ptr,
+                   kp, vp, kb, vb, hk, hv, s_p, s_t, s_h, s_bp, s_hp, m_i, l_i, acc,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_OFF: tl.constexpr, SPARSE: tl.constexpr,
+                   COMPACT: tl.constexpr, HOST: tl.constexpr, RULE_LOADS: tl.constexpr, FAST: tl.constexpr):
+    """One block of tokens ``u`` under the per-token read rule (any mix of precisions, storage lagging the rule,
+    selections, host rows): ids, rule, flags, keys and values, then the online softmax update."""
+    page, lg = block_ids(row_ids, row_lg, u, n, PAGE, SPARSE)
+    page, valid, t, off, ish, low, vpage, cpage, hpage = block_meta(
+        page, lg, u, n, p, keep_sink, keep_recent, cbase, hbase, PAGE, SPARSE, COMPACT, HOST)
+    stored = stored_flags(flag_ptr, page, valid, ish, HOST)
+    any_fix, all_low = block_flags(valid, low, stored, RULE_LOADS, FAST)
+    k, ks = read_folded(kp, kb, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
+                        s_bp, hk, hpage, ish, s_hp, all_low, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST,
+                        FAST)
+    v, vs = read_folded(vp, vb, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
+                        s_bp, hv, hpage, ish, s_hp, all_low, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST,
+                        FAST)
+    return _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc)
+
+
+@triton.jit
+def _lagging(row_ids, flag_ptr, j0, j1, CHUNK: tl.constexpr = 256):
+    """Whether any page of the row's entries [j0, j1) is not stored as FP8 yet (ids and flags in chunks: two
+    dependent loads per program instead of one per block)."""
+    lag = 0
+    for c0 in range(j0, j1, CHUNK):
+        j = c0 + tl.arange(0, CHUNK)
+        m = j < j1
+        page = tl.load(row_ids + j, mask=m, other=0)
+        lag += tl.sum((m & (tl.load(flag_ptr + page, mask=m, other=1) == 0)).to(tl.int32), axis=0)
+    return lag > 0
 
 
 @triton.jit
@@ -72,7 +107,7 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
                              UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
                              COMPACT: tl.constexpr, HOST: tl.constexpr, FAST: tl.constexpr = False,
-                             PDL: tl.constexpr = False):
+                             BULK: tl.constexpr = False, PDL: tl.constexpr = False):
     # FAST (RULE_LOADS only): blocks read wholly in FP8 take a branch without the full-precision loads
     pdl.release(PDL)        # (``tierserve.pdl``: fires once every program has started)
     pdl.wait(PDL)
@@ -100,20 +135,33 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     ar = tl.arange(0, BLOCK_N)
-    for t0 in range(start, end, BLOCK_N):
-        u = t0 + ar
-        page, lg = block_ids(row_ids, row_lg, u, n, PAGE, SPARSE)
-        page, valid, t, off, ish, low, vpage, cpage, hpage = block_meta(
-            page, lg, u, n, p, keep_sink, keep_recent, cbase, hbase, PAGE, SPARSE, COMPACT, HOST)
-        stored = stored_flags(flag_ptr, page, valid, ish, HOST)
-        any_fix, all_low = block_flags(valid, low, stored, RULE_LOADS, FAST)
-        k, ks = read_folded(kp, kb, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
-                            s_bp, hk, hpage, ish, s_hp, all_low, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST,
-                            FAST)
-        v, vs = read_folded(vp, vb, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
-                            s_bp, hv, hpage, ish, s_hp, all_low, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST,
-                            FAST)
-        m_i, l_i, acc = _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc)
+    m1 = end       # BULK: [m1, m2) holds the blocks the rule reads wholly in FP8 by position alone (past the sink
+    m2 = end       # pages, before the recent ones): a loop of straight-line loads the compiler can pipeline
+    if BULK:
+        fa = tl.cdiv(keep_sink, BLOCK_N) * BLOCK_N
+        fb = tl.maximum(tl.maximum(p - keep_recent + 1, 0) // BLOCK_N * BLOCK_N, fa)
+        m1 = tl.minimum(tl.maximum(fa, start), end)
+        m2 = tl.minimum(tl.maximum(fb, m1), end)
+        if _lagging(row_ids, flag_ptr, m1 // PAGE, m2 // PAGE):     # storage behind the rule: the general loop
+            m2 = m1
+    for t0 in range(start, m1, BLOCK_N):
+        m_i, l_i, acc = _general_block(
+            t0 + ar, q, d, kvh, n, p, lo, keep_sink, keep_recent, cbase, hbase, qk_scale, row_ids, row_lg, flag_ptr,
+            kp, vp, kb, vb, hk, hv, s_p, s_t, s_h, s_bp, s_hp, m_i, l_i, acc, PAGE, BLOCK_N, SCALE_OFF, SPARSE,
+            COMPACT, HOST, RULE_LOADS, FAST)
+    if BULK:
+        for t0 in range(m1, m2, BLOCK_N):
+            u = t0 + ar
+            cpage = split_ids(tl.load(row_ids + u // PAGE).to(tl.int64), cbase, COMPACT)[1]
+            rel = (u % PAGE).to(tl.int64)[:, None] * s_t + kvh * s_h + d[None, :]
+            k, ks = bulk_codes(kb, cpage, rel, kvh, s_bp, SCALE_OFF, q.dtype)
+            v, vs = bulk_codes(vb, cpage, rel, kvh, s_bp, SCALE_OFF, q.dtype)
+            m_i, l_i, acc = _attend(q, k, ks, v, vs, u >= 0, u, lo, qk_scale, m_i, l_i, acc)
+        for t0 in range(m2, end, BLOCK_N):
+            m_i, l_i, acc = _general_block(
+                t0 + ar, q, d, kvh, n, p, lo, keep_sink, keep_recent, cbase, hbase, qk_scale, row_ids, row_lg,
+                flag_ptr, kp, vp, kb, vb, hk, hv, s_p, s_t, s_h, s_bp, s_hp, m_i, l_i, acc, PAGE, BLOCK_N, SCALE_OFF,
+                SPARSE, COMPACT, HOST, RULE_LOADS, FAST)
     store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
 
 
@@ -136,7 +184,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
                      rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None,
-                     host: tuple[torch.Tensor, int] | None = None, fast: bool = False) -> torch.Tensor:
+                     host: tuple[torch.Tensor, int] | None = None, fast: bool = False, bulk: bool = False) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
@@ -150,7 +198,10 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     read from that store in place (zero-copy on CUDA) and are always FP8; in ``page_table`` they may sit
     anywhere, also in a selection. ``fast``: blocks read wholly in FP8 skip the full-precision loads
     (``read_folded``'s ``FAST``; the same bits; with ``rule_loads`` only). (A ``prefetch`` option -- page ids
-    loaded a block ahead -- was timed on the H200 in stops 18-19 without gain and removed.)"""
+    loaded a block ahead -- was timed on the H200 in stops 18-19 without gain and removed.)
+    ``bulk`` (dense steps without host rows; ignored otherwise): the blocks the rule reads wholly in FP8 by
+    position (between the sink and the recent pages) go through a loop of unmasked code loads (``read_bulk``)
+    that the compiler pipelines; the same bits."""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -201,7 +252,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
         NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None, HOST=host is not None, FAST=fast, PDL=pdl.active(q.device),
+        COMPACT=compact is not None, HOST=host is not None, FAST=fast,
+        BULK=bulk and rule_loads and selection is None and host is None, PDL=pdl.active(q.device),
         num_warps=num_warps, num_stages=num_stages, **pdl.dependent_options(q.device))
     if not direct:
         merge_splits(part, lse, out)

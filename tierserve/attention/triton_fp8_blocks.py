@@ -167,3 +167,13 @@ def block_flags(valid, low, stored, RULE_LOADS: tl.constexpr, FAST: tl.constexpr
     if FAST:
         all_low = tl.sum((valid & ~low).to(tl.int32), axis=0) == 0
     return tl.sum(fix.to(tl.int32), axis=0) > 0, all_low
+
+
+
+@triton.jit
+def bulk_codes(bptr, cpage, rel, kvh, s_bp, SCALE_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """[BLOCK_N, D] keys (or values) of a block whose every row is valid, read in FP8 and stored as FP8 (element
+    offsets ``rel`` in their code rows ``cpage``) as (code values in DTYPE, fp32 scale per token): unmasked loads
+    the compiler can pipeline across blocks."""
+    val = code_values(tl.load(bptr + cpage[:, None] * s_bp + rel), DTYPE)
+    return val, tl.load((bptr + cpage * s_bp + SCALE_OFF + 4 * kvh).to(tl.pointer_type(tl.float32)))

@@ -154,8 +154,11 @@ def merge_sparse_fp8(results: list[tuple[str, dict]]) -> dict:
                 raise ValueError(f"section {sec} at contexts {key[1]} is in both {owner[key]} and {name}")
             owner[key] = name
         rows += [{**row, "source": name, "source_env": meta.get("env")} for row in r["rows"]]
+        sizes = meta.get("settings", {}).get("sizes", {})
         sources.append({"file": name, "date": meta.get("date"), "device": meta.get("device"), "sections": secs,
-                        "env": meta.get("env"), "wall_s": r["summary"].get("wall_s")})
+                        "env": meta.get("env"), "wall_s": r["summary"].get("wall_s"),
+                        "page_size": sizes.get("page_size"), "page_spread": sizes.get("page_spread", 1.0)})
+    # ``settings`` is the first input's; each source's own page size and page spread are in ``sources``
     meta = {**results[0][1]["meta"], "sources": sources,
             "merged": "rows of separate runs, whole sections from one run each (baselines from the same run)"}
     return {"meta": meta, "rows": rows, "summary": summarise(rows)}

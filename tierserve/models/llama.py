@@ -22,12 +22,10 @@ from tierserve.models.llama_weights import LlamaWeights
 
 
 # Batch-1 FP8 decode, opt-in (the same bits): the q/k/v split-K sum, rotary and KV write in one kernel
-# (``layers/triton_qkv_rope.py``), and silu(gate) * up in the gate_up row GEMV's epilogue
-# (``fp8_gemv_rows(silu=True)``).
-# H200, stop 26, both on: section a's FP8 weights row 293.4 against 324.5 tok/s without them (another call) -- slower;
-# each alone is untimed (benchmarks/RUNBOOK.md)
+# (``layers/triton_qkv_rope.py``). H200, stop 27, the engine loop at 2k (FP8 weights, 128 tokens): 3.145 ms a token
+# against 3.161 without it -- within the run-to-run spread, so not the default (stop27/engine-loop-fold-*.json). A
+# second fold (silu(gate) * up in the gate_up GEMV's epilogue) measured 3.439 ms there and was removed.
 QKV_ROPE_FOLD = os.environ.get("TIERSERVE_QKV_ROPE_FOLD", "0") == "1"
-SILU_FOLD = os.environ.get("TIERSERVE_SILU_FOLD", "0") == "1"
 
 
 def _fused():
@@ -135,9 +133,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
         if use_fused:
-            rows = getattr(self.gate_up_proj, "row_silu", None) if SILU_FOLD else None   # FP8, batch-1 decode
-            act = rows(x) if rows is not None else None
-            return self.down_proj(act if act is not None else _fused().silu_mul(self.gate_up_proj(x)))
+            return self.down_proj(_fused().silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -103,15 +103,6 @@ class Fp8Linear(nn.Module):
         from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
         return fp8_gemv_rows(x, self.qweight, self.scale_inv, None, self.block_size, x.dtype, partials_only=True)
 
-    def row_silu(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x [1, in]`` on CUDA, this layer a bias-free fused gate_up: ``silu(gate) * up`` ``[1, out / 2]`` from the
-        row GEMV's epilogue (the same bits as this layer then ``triton_fused.silu_mul``), or None -- nothing
-        launched -- where its decode would not take the row GEMV in one split."""
-        if not self._row_decode(x) or self.bias is not None:
-            return None
-        from tierserve.quant.triton_fp8_gemv_rows import fp8_gemv_rows
-        return fp8_gemv_rows(x, self.qweight, self.scale_inv, None, self.block_size, x.dtype, silu=True)
-
     def _row_decode(self, x: torch.Tensor) -> bool:
         """Does ``forward(x)`` take the row GEMV (one row on CUDA)?"""
         return x.device.type == "cuda" and x.dim() == 2 and x.shape[0] == 1 and ROW_GEMV and self.small_m_max >= 1

@@ -74,34 +74,20 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                           s_wn, s_sn, s_os,
                           SBN: tl.constexpr, SBK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           UNIFORM: tl.constexpr, EVEN: tl.constexpr, DIRECT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
-                          SILU: tl.constexpr = False):
+                          HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
     # BLOCK_K > SBK (UNIFORM only; whole tiles per split): a tile spans several scale blocks, each column's
-    # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together.
-    # SILU (a fused gate_up, DIRECT): tile rows i < BLOCK_N / 2 are gate rows p + i, the others the matching up
-    # rows N/2 + p + i (p = pid_n * BLOCK_N / 2); UNIFORM then means one scale row per half (two scalar loads); the
-    # epilogue writes silu(gate) * up for the BLOCK_N / 2 pairs
+    # activation scaled by its block's scale -- one load of the whole tile puts its bytes in flight together
     pdl.release(PDL)        # the next kernel, if launched with PDL (a norm, silu_mul), may be scheduled now
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if SILU:
-        r = tl.arange(0, BLOCK_N)
-        up = r >= BLOCK_N // 2
-        pair = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
-        n = pair + up.to(tl.int32) * (N // 2)
-        n_mask = pair < N // 2
-    else:
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < N
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
     n64 = n.to(tl.int64)
     num_kb = tl.cdiv(K, SBK)
     kb_lo = pid_k * kb_per_split
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
     s_row = s_ptr + (n // SBN).to(tl.int64) * s_sn                # each row's scale row
     s_one = s_ptr + ((pid_n * BLOCK_N) // SBN).to(tl.int64) * s_sn   # UNIFORM: the program's scale row
-    if SILU:                                                      # UNIFORM: the gate half's and the up half's
-        s_one = s_ptr + ((pid_n * (BLOCK_N // 2)) // SBN).to(tl.int64) * s_sn
-    s_up = s_ptr + ((N // 2 + pid_n * (BLOCK_N // 2)) // SBN).to(tl.int64) * s_sn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ar = tl.arange(0, BLOCK_K)
     pdl.wait(PDL)           # launched early (PDL): x, the counters and the output come from earlier kernels
@@ -112,9 +98,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
             acc += w.to(tl.float32) * (x * sc[None, :])
     else:
         for kb in range(kb_lo, kb_hi):
-            if UNIFORM and SILU:
-                sc = tl.where(up, tl.load(s_up + kb), tl.load(s_one + kb))[:, None]
-            elif UNIFORM:
+            if UNIFORM:
                 sc = tl.load(s_one + kb)
             else:
                 sc = tl.load(s_row + kb, mask=n_mask, other=0.0)[:, None]
@@ -123,13 +107,7 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, fin_ptr, cnt_ptr,
                 # e4m3 -> f16 pairs -> fp32 (exact), no per-value F2F to bf16
                 acc += w.to(tl.float32) * (x * sc)
     y = tl.sum(acc, axis=1)
-    if SILU:                # as triton_fused._silu_mul_kernel on the rounded gate / up values
-        g, u = tl.split(tl.trans(tl.reshape(y.to(out_ptr.dtype.element_ty), [2, BLOCK_N // 2])))
-        gf = g.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-        p = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(out_ptr + p, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=p < N // 2)
-    elif DIRECT:
+    if DIRECT:
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
         y = y.to(out_ptr.dtype.element_ty)
@@ -152,7 +130,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
                   block_size: tuple[int, int] = DEFAULT_BLOCK, out_dtype: torch.dtype | None = None,
                   block_n: int = 32, block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
                   num_stages: int = 1, waves: int | None = None, fused_reduce: bool | None = None,
-                  partials_only: bool = False, silu: bool = False) -> torch.Tensor | None:
+                  partials_only: bool = False) -> torch.Tensor | None:
     """``x [1, K]`` (bf16 / fp16 / fp32, last dim contiguous), ``qweight [N, K]`` float8_e4m3fn contiguous,
     ``scale_inv [ceil(N/bn), ceil(K/bk)]`` fp32 -> ``[1, N]`` in ``out_dtype`` (default x.dtype). ``block_k``
     may span several scale blocks (a multiple of the block, when ``block_n`` divides the scale rows and N, and
@@ -161,9 +139,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     several K splits, the last program of each N tile sums the partials in the same launch instead of a second
     reduce kernel (same bits). ``partials_only``: return the unsummed split-K partials ``[split, 1, N]`` fp32 for a
     fused epilogue to sum in split order (``models.layers.triton_qkv_rope``), or None -- nothing launched -- where
-    the launch would take one split. ``silu``: ``qweight`` is a fused gate_up (gates then ups, N even, no bias):
-    returns ``silu(gate) * up`` ``[1, N / 2]`` from the GEMV's epilogue (the same bits as ``fp8_gemv_rows`` then
-    ``triton_fused.silu_mul``), or None -- nothing launched -- where the launch would take several splits."""
+    the launch would take one split."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"fp8_gemv_rows: x must be [1, K], got {tuple(x.shape)}")
     K = x.shape[1]
@@ -174,12 +150,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
     kbs = check_weights("fp8_gemv_rows", qweight, scale_inv, N, K, block_size)
     tile_k, tile_waves = row_tile(N, K)
     block_k, waves = block_k or tile_k, waves or tile_waves
-    # (silu: a tile's halves come from the gate and the up rows, each within one scale row or not)
-    uniform = sbn % block_n == 0 if not silu else sbn % (block_n // 2) == 0 and (N // 2) % sbn == 0
-    if silu:
-        if bias is not None or N % 2 or block_n % 2:
-            raise ValueError("fp8_gemv_rows(silu=True): a bias-free gate_up with an even row count and block_n")
-        block_k = sbk
+    uniform = sbn % block_n == 0
     if block_k & (block_k - 1) or block_n & (block_n - 1):
         raise ValueError(f"fp8_gemv_rows: block_k ({block_k}) and block_n ({block_n}) must be powers of two")
     even = K % sbk == 0 and N % block_n == 0
@@ -192,15 +163,15 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
         raise ValueError(f"fp8_gemv_rows: block_k={block_k} must divide the scale block {sbk}")
     x = x.contiguous()
     scale_inv = scale_inv.contiguous()
+    out = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device)
     n_tiles = -(-N // block_n)
     split = split_k or choose_split_k(x.device, n_tiles, 1, kbs, waves)
     kb_per_split = -(-kbs // max(1, min(split, kbs)))
     kb_per_split = -(-kb_per_split // per_tile) * per_tile     # whole tiles in every split
     split = -(-kbs // kb_per_split)
     direct = split == 1
-    if (partials_only and direct) or (silu and not direct):
+    if partials_only and direct:
         return None
-    out = torch.empty(1, N // 2 if silu else N, dtype=out_dtype or x.dtype, device=x.device)
     dst = out if direct else torch.empty(split, 1, N, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else scale_inv
     fused_reduce = False if partials_only else FUSED_REDUCE if fused_reduce is None else fused_reduce
@@ -213,7 +184,7 @@ def fp8_gemv_rows(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tenso
         qweight.stride(0), scale_inv.stride(0), dst.stride(0) if not direct else 0, SBN=sbn, SBK=sbk,
         BLOCK_N=block_n, BLOCK_K=block_k, UNIFORM=uniform, EVEN=even, DIRECT=direct, HAS_BIAS=bias is not None,
         FUSED_REDUCE=cnt is not None, PDL=pdl.active(x.device), num_warps=num_warps, num_stages=num_stages,
-        SILU=silu, **pdl.dependent_options(x.device))
+        **pdl.dependent_options(x.device))
     if partials_only:
         return dst
     if not direct and cnt is None:
