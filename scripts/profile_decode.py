@@ -125,8 +125,10 @@ def main() -> None:
     for bs in BATCHES:
         if SYNTHETIC:
             from tierserve.bench.sparse_fp8_tiers import synthetic_prefill
-            req = synthetic_prefill(eng, "synthetic", CONTEXT - CONTEXT % 16, 8, tier.get("max_num_batched_tokens", 8192),
-                                    float("inf"), 0)
+            # chunks of the engine's own step budget: with FP8 KV pages in a compact pool the full-precision pool
+            # holds about one step's pages (8192-token chunks stopped at "full at 0 of 131072 tokens", stop 27)
+            chunk = tier.get("max_num_batched_tokens", eng.config.max_num_batched_tokens)
+            req = synthetic_prefill(eng, "synthetic", CONTEXT - CONTEXT % 16, 8, chunk - chunk % 16, float("inf"), 0)
             while not req.is_finished:
                 eng.step()
         else:
