@@ -118,6 +118,7 @@ def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir
                   indexer_path: Optional[str] = typer.Option(None, help="indexer dir (default <model>/indexer)"),
                   page_spread: float = typer.Option(1.0, "--sparse-page-spread", help="pages selector's score "
                                                     "(1: the bound)"),
+                  page_size: Optional[int] = typer.Option(None, help="tokens per KV page (default: the engine's)"),
                   output: Path = typer.Option(Path("benchmarks/results/sparse-recall.json"))) -> None:
     """Share of the dense attention mass inside the pages the sparse selector picks, per layer."""
     from tierserve.bench.results import write_result
@@ -128,7 +129,7 @@ def sparse_recall(model: Optional[str] = typer.Option(None, help="checkpoint dir
     text = "\n".join(read_text(f) for f in corpus.heldout_files)
     res = measure_recall(model, text, _ints(topk), context, max_windows=windows,
                          selectors=tuple(x.strip() for x in selector.split(",") if x.strip()),
-                         indexer_path=indexer_path, page_spread=page_spread)
+                         indexer_path=indexer_path, page_spread=page_spread, page_size=page_size)
     typer.echo(f"wrote {write_result(res, output)}  {res['summary']}")
 
 
