@@ -12,7 +12,7 @@ import sys
 
 from sm90_compile import compile_sm90
 
-from tierserve.attention import triton_decode_fp8, triton_fp8_quant, triton_prefill_fp8
+from tierserve.attention import triton_decode_fp8, triton_decode_fp8_lean, triton_fp8_quant, triton_prefill_fp8
 from tierserve.attention.triton_decode_fp8 import scale_offset
 
 POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "src_ptr": "*bf16", "o_ptr": "*fp32", "lse_ptr": "*fp32",
@@ -41,6 +41,16 @@ def main() -> None:
                 print("decode ", dict(v, SPARSE=sparse), build(triton_decode_fp8._fp8_decode_split_kernel, dict(
                     NUM_SPLITS=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SCALE_OFF=off, WINDOW=0,
                     DIRECT=False, UPCAST=False, SPARSE=sparse, RULE_LOADS=True, FAST=True, **v), 8))
+        # the split launch (lean=True): the bulk kernel, and the general kernel's half (sink / recent / lagging)
+        for bn, warps, stages in ((64, 4, 3), (64, 4, 5), (64, 8, 5), (128, 8, 3), (32, 4, 5)):
+            print(f"lean bulk {bn}/{warps}w/{stages}s compact={compact}", build(
+                triton_decode_fp8_lean._fp8_bulk_kernel, dict(PARTS=64, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=16,
+                                                              BULK_N=bn, SCALE_OFF=off, COMPACT=compact, UPCAST=False),
+                warps, stages))
+        print(f"lean general compact={compact}", build(triton_decode_fp8._fp8_decode_split_kernel, dict(
+            NUM_SPLITS=66, GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE=16, BLOCK_N=64, SCALE_OFF=off, WINDOW=0,
+            DIRECT=False, UPCAST=False, SPARSE=False, RULE_LOADS=True, FAST=True, COMPACT=compact, HOST=False,
+            LEAN=64, BULK_N=64), 4))
 
 
 def launches() -> None:

@@ -183,26 +183,47 @@ def test_sparse_launch_setting_reaches_the_kernel(ckpt, monkeypatch):
     """``TIERSERVE_FP8_SPARSE_DECODE`` (fp8_decode_config.SPARSE): sparse FP8 decode steps launch the kernel with
     those settings (split-K, block, warps, stages, codes-only branch) and still give the torch reference's tokens and
     logprobs; eager and multi-step steps use the same settings (the same tokens)."""
-    from tierserve.attention import fp8_decode_config, triton_fp8_steps
+    from tierserve.attention import fp8_decode_config
 
     long = [[[0] + [(7 * i + 3) % 500 + 3 for i in range(112)], [0] + [(11 * i + 5) % 500 + 3 for i in range(96)]]]
     sparse = dict(sparse_attention="pages", sparse_topk_tokens=80, max_model_len=160, num_kv_pages=64,
                   rounds=long, kv_fp8_storage="inplace", max_num_batched_tokens=512)
     setting = dict(num_splits=3, block_n=16, num_warps=2, num_stages=1, fast=True)
     monkeypatch.setattr(fp8_decode_config, "SPARSE", setting)
+    _setting_reaches_the_kernel(ckpt, monkeypatch, setting, lambda kw: kw.get("selection") is not None, sparse)
+
+
+def _setting_reaches_the_kernel(ckpt, monkeypatch, setting: dict, counted, engine_kw: dict) -> None:
+    """Every FP8 decode call that ``counted(kwargs)`` selects carries ``setting``; the Triton engine gives the torch
+    reference's tokens and logprobs, and multi-step windows (which must run) the one-step tokens."""
+    from tierserve.attention import triton_fp8_steps
+
     seen, kernel = [], triton_fp8_steps.paged_decode_fp8
 
     def spy(*a, **kw):
-        if kw.get("selection") is not None:
+        if counted(kw):
             seen.append({k: kw.get(k) for k in setting})
         return kernel(*a, **kw)
     monkeypatch.setattr(triton_fp8_steps, "paged_decode_fp8", spy)
-    ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, **sparse)
-    one, lp_one, _ = _generate(ckpt, "triton", 1, logprobs=0, **sparse)
-    multi, _, calls = _generate(ckpt, "triton", 4, **sparse)
+    ref, lp_ref, _ = _generate(ckpt, "torch_ref", 1, logprobs=0, **engine_kw)
+    one, lp_one, _ = _generate(ckpt, "triton", 1, logprobs=0, **engine_kw)
+    multi, _, calls = _generate(ckpt, "triton", 4, **engine_kw)
     assert seen and all(x == setting for x in seen) and calls["multi"] > 0
     assert one == ref and multi == one
     torch.testing.assert_close(torch.tensor(lp_one), torch.tensor(lp_ref), atol=1e-4, rtol=0)
+
+
+def test_engine_dense_lean_setting_matches_reference(ckpt, monkeypatch):
+    """``TIERSERVE_FP8_DECODE=lean=1,...`` (fp8_decode_config.DENSE): dense FP8 decode steps take the split launch
+    and give the torch reference's tokens and logprobs; multi-step windows the one-step tokens (compact storage,
+    the engine's default for dense FP8 KV; in-place pages: test_lean_split_launch_matches_one_launch)."""
+    from tierserve.attention import fp8_decode_config
+
+    setting = dict(lean=True, block_n=16, num_splits=2, num_stages=5)
+    monkeypatch.setattr(fp8_decode_config, "DENSE", setting)
+    # (pure decode steps pass the setting's keys; decode rows of prefill steps keep the defaults)
+    _setting_reaches_the_kernel(ckpt, monkeypatch, setting, lambda kw: "num_stages" in kw,
+                                dict(kv_fp8_storage="compact", num_kv_pages=40))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -319,6 +340,25 @@ def test_engine_fp8_flash_prefill_failure_falls_back_to_the_kernel(ckpt, monkeyp
     ref, _, _ = _generate(ckpt, "torch_ref", 1)
     got, _, _ = _generate(ckpt, "triton", 1)
     assert got == ref and kernel and not ff.ENABLED
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 4])
+def test_lean_split_launch_matches_one_launch(case):
+    """``lean=True`` (a kernel over the blocks read wholly in FP8, then the general kernel over the sink / recent
+    blocks and any part whose pages lag the rule): the one-launch values up to the order of the split sums, with
+    some bulk pages not stored yet (their parts redone by the general kernel) and with every one stored; with a
+    sliding window the option is ignored."""
+    hq, hkv, ps, D, lens, sink, recent, splits, window, bn = CASES[case]
+    data, table, q, seq_lens, eligible, pick = _inputs(torch.float32, hq, hkv, ps, D, lens, sink, recent, seed=case)
+    for stored in (pick, eligible):
+        fp8 = Fp8Pages(data.shape[0], ps, sink, recent, DEV)
+        fp8.quantise(data, stored)
+        base = paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
+                                sliding_window=window, block_n=bn or 16, num_splits=splits)
+        for parts, lean_bn in ((1, 16), (3, 16), (2, 32)):
+            got = paged_decode_fp8(q, data[:, 1], fp8.quantised, table, seq_lens, D ** -0.5, ps, sink, recent,
+                                   sliding_window=window, block_n=max(lean_bn, ps), num_splits=parts, lean=True)
+            torch.testing.assert_close(got, base, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("case", [0, 2, 3, 4])

@@ -99,6 +99,11 @@ def test_decode_compact_same_bits_as_in_place(dtype, case):
                                               kv_written=True))
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
     assert torch.equal(refs[0], refs[1])
+    for f, dat, tab in _both(data, table, pick, ps, sink, recent):    # the split launch: up to the sums' order
+        lean = paged_decode_fp8(q, dat[:, 1], f.quantised, tab, seq, D ** -0.5, ps, sink, recent, num_splits=2,
+                                sliding_window=window, block_n=max(bn or 16, ps), compact=f.kernel_pool(1), lean=True)
+        torch.testing.assert_close(lean.float(), outs[0].float(), atol=2e-5 if dtype == torch.float32 else 2e-2,
+                                   rtol=2e-5 if dtype == torch.float32 else 2e-2)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else \
         dict(atol=2e-2 * refs[0].float().abs().max().item(), rtol=2e-2)
     torch.testing.assert_close(outs[0].float(), refs[0].float(), **tol)

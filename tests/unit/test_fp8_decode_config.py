@@ -11,6 +11,7 @@ def test_parse_settings():
     assert cfg.parse("fast=0") == {"fast": False}
     assert cfg.parse("fast=1,block_n=16") == {"fast": True, "block_n": 16}
     assert cfg.parse("bulk=1,fast=1") == {"bulk": True, "fast": True}
+    assert cfg.parse("lean=1,num_stages=5") == {"lean": True, "num_stages": 5}
 
 
 @pytest.mark.parametrize("bad", ["splits=4", "block_n", "num_warps=four", "num_stages=0", "prefetch=1", "fast=3", "bulk=2"])

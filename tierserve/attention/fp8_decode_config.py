@@ -6,7 +6,9 @@ kernel latency-bound (27 us a layer at 128k on the H200, stop 17). ``scripts/swe
 the alternatives. Three settings, each a comma-separated ``key=value`` list of ``num_splits``, ``block_n``,
 ``num_warps``, ``num_stages``, ``fast`` (0/1: blocks read wholly in FP8 skip the full-precision loads,
 bit-identical), ``bulk`` (0/1, dense steps: the blocks between the sink and the recent pages in a loop of unmasked,
-pipelined code loads, bit-identical), read once at import:
+pipelined code loads, bit-identical), ``lean`` (0/1, dense steps: a split launch, those blocks by a kernel of their
+own in ``num_splits`` parts, then the general kernel over the rest; the same values up to the order of the split
+sums; ``block_n`` / ``num_warps`` / ``num_stages`` are the lean kernel's), read once at import:
 
 * ``TIERSERVE_FP8_SPARSE_DECODE``: every selected page on the device;
 * ``TIERSERVE_FP8_SPARSE_HOST_DECODE``: with FP8 rows spilled to CPU RAM (read over PCIe in the kernel);
@@ -20,8 +22,8 @@ from __future__ import annotations
 
 import os
 
-KEYS = ("num_splits", "block_n", "num_warps", "num_stages", "fast", "bulk")
-FLAGS = ("fast", "bulk")     # 0 / 1
+KEYS = ("num_splits", "block_n", "num_warps", "num_stages", "fast", "bulk", "lean")
+FLAGS = ("fast", "bulk", "lean")     # 0 / 1
 
 
 def parse(text: str, name: str = "setting") -> dict:

@@ -49,18 +49,14 @@ from tierserve.attention.triton_fp8_blocks import (
     block_meta,
     stored_flags,
     block_flags,
-    bulk_codes,
+    attend,
+    bulk_block,
+    bulk_bounds,
+    bulk_part,
+    lagging,
     read_folded,
 )
-from tierserve.attention.triton_fp8_common import softmax_update_scaled, split_ids
-
-
-@triton.jit
-def _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc):
-    # scales folded into the scores and the probabilities (powers of two: exact)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
-    s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
-    return softmax_update_scaled(s, v, vs, m_i, l_i, acc)
+from tierserve.attention.triton_decode_fp8_lean import launch_bulk
 
 
 @triton.jit
@@ -81,20 +77,7 @@ def _general_block(u, q, d, kvh, n, p, lo, keep_sink, keep_recent, cbase, hbase,
     v, vs = read_folded(vp, vb, vpage, cpage, off, kvh, d, valid, low, stored, any_fix, s_p, s_t, s_h,
                         s_bp, hv, hpage, ish, s_hp, all_low, SCALE_OFF, PAGE, BLOCK_N, q.dtype, RULE_LOADS, HOST,
                         FAST)
-    return _attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc)
-
-
-@triton.jit
-def _lagging(row_ids, flag_ptr, j0, j1, CHUNK: tl.constexpr = 256):
-    """Whether any page of the row's entries [j0, j1) is not stored as FP8 yet (ids and flags in chunks: two
-    dependent loads per program instead of one per block)."""
-    lag = 0
-    for c0 in range(j0, j1, CHUNK):
-        j = c0 + tl.arange(0, CHUNK)
-        m = j < j1
-        page = tl.load(row_ids + j, mask=m, other=0)
-        lag += tl.sum((m & (tl.load(flag_ptr + page, mask=m, other=1) == 0)).to(tl.int32), axis=0)
-    return lag > 0
+    return attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc)
 
 
 @triton.jit
@@ -107,8 +90,12 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
                              SCALE_OFF: tl.constexpr, WINDOW: tl.constexpr, DIRECT: tl.constexpr,
                              UPCAST: tl.constexpr, SPARSE: tl.constexpr, RULE_LOADS: tl.constexpr,
                              COMPACT: tl.constexpr, HOST: tl.constexpr, FAST: tl.constexpr = False,
-                             BULK: tl.constexpr = False, PDL: tl.constexpr = False):
-    # FAST (RULE_LOADS only): blocks read wholly in FP8 take a branch without the full-precision loads
+                             BULK: tl.constexpr = False, LEAN: tl.constexpr = 0, BULK_N: tl.constexpr = 64,
+                             PDL: tl.constexpr = False):
+    # FAST (RULE_LOADS only): blocks read wholly in FP8 take a branch without the full-precision loads.
+    # LEAN > 0 (dense, no window / host rows): the general half of a split launch (``triton_decode_fp8_lean``),
+    # NUM_SPLITS = LEAN + 2 programs: splits < LEAN redo the lean kernel's bulk parts whose pages lag the rule
+    # (the same check; else nothing), split LEAN reads the sink blocks [0, fa), split LEAN + 1 the rest [fb, n)
     pdl.release(PDL)        # (``tierserve.pdl``: fires once every program has started)
     pdl.wait(PDL)
     b = tl.program_id(0)
@@ -127,6 +114,18 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     start = lo_blk + split * per
     end = tl.minimum(start + per, n)
     row_ids = pt_ptr + b * s_ptb + kvh * s_pth
+    if LEAN > 0:
+        fa, fb = bulk_bounds(n, keep_sink, keep_recent, BULK_N)
+        if split < LEAN:
+            start, end = bulk_part(fa, fb, split, LEAN, BULK_N)
+            if not lagging(row_ids, flag_ptr, start // PAGE, end // PAGE):
+                end = start
+        elif split == LEAN:
+            start = fa * 0
+            end = fa
+        else:
+            start = fb
+            end = n
     row_lg = lg_ptr + b * s_ptb + kvh * s_pth
     kp, vp, hk, hv = kv_ptr, kv_ptr + s_kv, hb_ptr, hb_ptr + s_hkv
     kb, vb = kvb_ptr, kvb_ptr + s_bkv
@@ -138,11 +137,10 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
     m1 = end       # BULK: [m1, m2) holds the blocks the rule reads wholly in FP8 by position alone (past the sink
     m2 = end       # pages, before the recent ones): a loop of straight-line loads the compiler can pipeline
     if BULK:
-        fa = tl.cdiv(keep_sink, BLOCK_N) * BLOCK_N
-        fb = tl.maximum(tl.maximum(p - keep_recent + 1, 0) // BLOCK_N * BLOCK_N, fa)
+        fa, fb = bulk_bounds(n, keep_sink, keep_recent, BLOCK_N)
         m1 = tl.minimum(tl.maximum(fa, start), end)
         m2 = tl.minimum(tl.maximum(fb, m1), end)
-        if _lagging(row_ids, flag_ptr, m1 // PAGE, m2 // PAGE):     # storage behind the rule: the general loop
+        if lagging(row_ids, flag_ptr, m1 // PAGE, m2 // PAGE):     # storage behind the rule: the general loop
             m2 = m1
     for t0 in range(start, m1, BLOCK_N):
         m_i, l_i, acc = _general_block(
@@ -151,18 +149,19 @@ def _fp8_decode_split_kernel(q_ptr, kv_ptr, kvb_ptr, flag_ptr, pt_ptr, seqlen_pt
             COMPACT, HOST, RULE_LOADS, FAST)
     if BULK:
         for t0 in range(m1, m2, BLOCK_N):
-            u = t0 + ar
-            cpage = split_ids(tl.load(row_ids + u // PAGE).to(tl.int64), cbase, COMPACT)[1]
-            rel = (u % PAGE).to(tl.int64)[:, None] * s_t + kvh * s_h + d[None, :]
-            k, ks = bulk_codes(kb, cpage, rel, kvh, s_bp, SCALE_OFF, q.dtype)
-            v, vs = bulk_codes(vb, cpage, rel, kvh, s_bp, SCALE_OFF, q.dtype)
-            m_i, l_i, acc = _attend(q, k, ks, v, vs, u >= 0, u, lo, qk_scale, m_i, l_i, acc)
+            m_i, l_i, acc = bulk_block(t0 + ar, q, d, kvh, row_ids, kb, vb, cbase, s_t, s_h, s_bp, lo, qk_scale, m_i,
+                                       l_i, acc, PAGE, SCALE_OFF, COMPACT)
         for t0 in range(m2, end, BLOCK_N):
             m_i, l_i, acc = _general_block(
                 t0 + ar, q, d, kvh, n, p, lo, keep_sink, keep_recent, cbase, hbase, qk_scale, row_ids, row_lg,
                 flag_ptr, kp, vp, kb, vb, hk, hv, s_p, s_t, s_h, s_bp, s_hp, m_i, l_i, acc, PAGE, BLOCK_N, SCALE_OFF,
                 SPARSE, COMPACT, HOST, RULE_LOADS, FAST)
-    store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
+    if LEAN > 0:    # (a bulk part the lean kernel read: its slot is the lean kernel's)
+        if (end > start) | (split >= LEAN):
+            store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh,
+                        DIRECT)
+    else:
+        store_split(o_ptr, lse_ptr, acc, m_i, l_i, b, heads, split, g_mask, d, s_ob, s_oh, s_os, s_lb, s_lh, DIRECT)
 
 
 _LOG2E = 1.4426950408889634
@@ -184,7 +183,8 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      selection: tuple[torch.Tensor, torch.Tensor] | None = None,
                      rule_loads: bool = True, compact: tuple[torch.Tensor, int] | None = None,
-                     host: tuple[torch.Tensor, int] | None = None, fast: bool = False, bulk: bool = False) -> torch.Tensor:
+                     host: tuple[torch.Tensor, int] | None = None, fast: bool = False, bulk: bool = False,
+                     lean: bool = False) -> torch.Tensor:
     """q [B, Hq, D]; kv_layer [N, 2, rows, Hkv, D] (one layer of the page-major KV storage, K at [:, 0],
     V at [:, 1]; each (page, K/V) block contiguous, rows >= page_size); quantised [N] bool (device);
     page_table [B, max_pages]; seq_lens [B] (>= 1; the query sits at seq_len - 1). Returns [B, Hq, D].
@@ -201,7 +201,11 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     loaded a block ahead -- was timed on the H200 in stops 18-19 without gain and removed.)
     ``bulk`` (dense steps without host rows; ignored otherwise): the blocks the rule reads wholly in FP8 by
     position (between the sink and the recent pages) go through a loop of unmasked code loads (``read_bulk``)
-    that the compiler pipelines; the same bits."""
+    that the compiler pipelines; the same bits. ``lean`` (dense steps without host rows or a sliding window;
+    ignored otherwise): a split launch (``triton_decode_fp8_lean``) -- those blocks in ``num_splits`` parts by a
+    kernel that reads nothing else (``block_n`` / ``num_warps`` / ``num_stages`` are its settings), then this
+    kernel over the sink and recent blocks and any part whose pages lag (64-token blocks or the page, 4 warps,
+    ``fast``), ``num_splits + 2`` splits merged: the same values up to the order of the split sums."""
     B, Hq, D = q.shape
     _, two, rows, Hkv, _ = kv_layer.shape
     assert two == 2 and rows >= page_size and q.stride(-1) == 1
@@ -235,26 +239,36 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     group = Hq // Hkv
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    direct = num_splits == 1
-    part, lse, s_part, s_lse = split_buffers(out, num_splits)
     if selection is not None:
         logical, sel_lens = selection
         assert page_table.dim() == 3 and logical.stride() == page_table.stride() and sliding_window is None
         sel = (logical, sel_lens, page_table.stride(1), sel_lens.stride(0), sel_lens.stride(1))
     else:
         sel = (page_table, seq_lens, 0, 0, 0)
-    _fp8_decode_split_kernel[(B, Hkv, num_splits)](
+    lean = lean and rule_loads and selection is None and host is None and not sliding_window
+    general = dict(BLOCK_N=block_n, FAST=fast, BULK=bulk and rule_loads and selection is None and host is None)
+    splits, launch = num_splits + 2 * lean, dict(num_warps=num_warps, num_stages=num_stages)
+    direct = splits == 1
+    part, lse, s_part, s_lse = split_buffers(out, splits)
+    if lean:
+        parts = num_splits
+        launch_bulk(q, kv_bytes, flags, page_table, seq_lens, part, lse, s_part, s_lse, scale * _LOG2E, keep_sink,
+                    max(keep_recent, 1), cbase, compact is not None, parts, Hkv, page_size, block_n, scale_off,
+                    kv_layer.stride(2), kv_layer.stride(3), num_warps, num_stages, _INTERPRET)
+        gen_bn = min(max(page_size, 64 if not (q.dtype == torch.float32 and q.is_cuda) else 32), block_n)
+        general = dict(BLOCK_N=gen_bn, FAST=True, BULK=False, LEAN=parts, BULK_N=block_n)
+        launch = dict(num_warps=4, num_stages=2)
+    _fp8_decode_split_kernel[(B, Hkv, splits)](
         q, kv_layer, kv_bytes, flags, page_table, seq_lens, part, lse, scale * _LOG2E, keep_sink, max(keep_recent, 1),
         cbase,
         q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         kv_bytes.stride(0), kv_bytes.stride(1), page_table.stride(0), *s_part, *s_lse, *sel,
         hb, hbase, hb.stride(0), hb.stride(1),
-        NUM_SPLITS=num_splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
-        HEAD_DIM=D, PAGE=page_size, BLOCK_N=block_n, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
+        NUM_SPLITS=splits, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16),
+        HEAD_DIM=D, PAGE=page_size, SCALE_OFF=scale_off, WINDOW=sliding_window or 0,
         DIRECT=direct, UPCAST=_INTERPRET, SPARSE=selection is not None, RULE_LOADS=rule_loads,
-        COMPACT=compact is not None, HOST=host is not None, FAST=fast,
-        BULK=bulk and rule_loads and selection is None and host is None, PDL=pdl.active(q.device),
-        num_warps=num_warps, num_stages=num_stages, **pdl.dependent_options(q.device))
+        COMPACT=compact is not None, HOST=host is not None, PDL=pdl.active(q.device), **general, **launch,
+        **pdl.dependent_options(q.device))
     if not direct:
         merge_splits(part, lse, out)
     return out

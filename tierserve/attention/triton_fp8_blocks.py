@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tierserve.attention.triton_fp8_common import code_values, fake_fold, load_scales, split_ids
+from tierserve.attention.triton_fp8_common import code_values, fake_fold, load_scales, softmax_update_scaled, split_ids
 
 
 @triton.jit
@@ -177,3 +177,54 @@ def bulk_codes(bptr, cpage, rel, kvh, s_bp, SCALE_OFF: tl.constexpr, DTYPE: tl.c
     the compiler can pipeline across blocks."""
     val = code_values(tl.load(bptr + cpage[:, None] * s_bp + rel), DTYPE)
     return val, tl.load((bptr + cpage * s_bp + SCALE_OFF + 4 * kvh).to(tl.pointer_type(tl.float32)))
+
+
+@triton.jit
+def attend(q, k, ks, v, vs, valid, t, lo, qk_scale, m_i, l_i, acc):
+    # scales folded into the scores and the probabilities (powers of two: exact)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * (ks * qk_scale)[None, :]      # [G, N], log2 units
+    s = tl.where((valid & (t >= lo))[None, :], s, float("-inf"))
+    return softmax_update_scaled(s, v, vs, m_i, l_i, acc)
+
+
+@triton.jit
+def lagging(row_ids, flag_ptr, j0, j1, CHUNK: tl.constexpr = 256):
+    """Whether any page of the row's entries [j0, j1) is not stored as FP8 yet (ids and flags in chunks: two
+    dependent loads per program instead of one per block)."""
+    lag = 0
+    for c0 in range(j0, j1, CHUNK):
+        j = c0 + tl.arange(0, CHUNK)
+        m = j < j1
+        page = tl.load(row_ids + j, mask=m, other=0)
+        lag += tl.sum((m & (tl.load(flag_ptr + page, mask=m, other=1) == 0)).to(tl.int32), axis=0)
+    return lag > 0
+
+
+@triton.jit
+def bulk_bounds(n, keep_sink, keep_recent, BULK_N: tl.constexpr):
+    """Dense step of a sequence of ``n`` tokens (query at n - 1): [fa, fb), the blocks of BULK_N tokens the read rule
+    reads wholly in FP8 by position (past the sink pages, before the recent ones; ``keep_recent`` >= 1), within
+    [0, n]; [0, fa) and [fb, n) hold the rest."""
+    fa = tl.cdiv(keep_sink, BULK_N) * BULK_N
+    fb = tl.maximum(tl.maximum(n - keep_recent, 0) // BULK_N * BULK_N, fa)
+    return tl.minimum(fa, n), tl.minimum(fb, n)
+
+
+@triton.jit
+def bulk_part(fa, fb, part, PARTS: tl.constexpr, BULK_N: tl.constexpr):
+    """[start, end) of part ``part`` of ``PARTS`` of the bulk range [fa, fb), in whole blocks."""
+    per = tl.cdiv(tl.cdiv(fb - fa, PARTS), BULK_N) * BULK_N
+    start = tl.minimum(fa + part * per, fb)
+    return start, tl.minimum(start + per, fb)
+
+
+@triton.jit
+def bulk_block(u, q, d, kvh, row_ids, kb, vb, cbase, s_t, s_h, s_bp, lo, qk_scale, m_i, l_i, acc,
+               PAGE: tl.constexpr, SCALE_OFF: tl.constexpr, COMPACT: tl.constexpr):
+    """One block of tokens ``u`` (every one valid, read in FP8 and stored as FP8): page ids, codes and scales
+    (``bulk_codes``; K at ``kb``, V at ``vb``), then the online softmax update."""
+    cpage = split_ids(tl.load(row_ids + u // PAGE).to(tl.int64), cbase, COMPACT)[1]
+    rel = (u % PAGE).to(tl.int64)[:, None] * s_t + kvh * s_h + d[None, :]
+    k, ks = bulk_codes(kb, cpage, rel, kvh, s_bp, SCALE_OFF, q.dtype)
+    v, vs = bulk_codes(vb, cpage, rel, kvh, s_bp, SCALE_OFF, q.dtype)
+    return attend(q, k, ks, v, vs, u >= 0, u, lo, qk_scale, m_i, l_i, acc)
