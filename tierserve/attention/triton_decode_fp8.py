@@ -200,7 +200,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_layer: torch.Tensor, quantised: torch.T
     (``read_folded``'s ``FAST``; the same bits; with ``rule_loads`` only). (A ``prefetch`` option -- page ids
     loaded a block ahead -- was timed on the H200 in stops 18-19 without gain and removed.)
     ``bulk`` (dense steps without host rows; ignored otherwise): the blocks the rule reads wholly in FP8 by
-    position (between the sink and the recent pages) go through a loop of unmasked code loads (``read_bulk``)
+    position (between the sink and the recent pages) go through a loop of unmasked code loads (``bulk_block``)
     that the compiler pipelines; the same bits. ``lean`` (dense steps without host rows or a sliding window;
     ignored otherwise): a split launch (``triton_decode_fp8_lean``) -- those blocks in ``num_splits`` parts by a
     kernel that reads nothing else (``block_n`` / ``num_warps`` / ``num_stages`` are its settings), then this

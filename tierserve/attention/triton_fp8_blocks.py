@@ -169,7 +169,6 @@ def block_flags(valid, low, stored, RULE_LOADS: tl.constexpr, FAST: tl.constexpr
     return tl.sum(fix.to(tl.int32), axis=0) > 0, all_low
 
 
-
 @triton.jit
 def bulk_codes(bptr, cpage, rel, kvh, s_bp, SCALE_OFF: tl.constexpr, DTYPE: tl.constexpr):
     """[BLOCK_N, D] keys (or values) of a block whose every row is valid, read in FP8 and stored as FP8 (element

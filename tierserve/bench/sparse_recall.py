@@ -61,14 +61,14 @@ def measure_recall(model: str | None, text: str, topk_list: list[int], context: 
                    page_spread: float = 1.0, page_size: int | None = None) -> dict:
     from tierserve import LLM, SamplingParams
 
-    rows = []
+    rows, used_page = [], page_size
     for selector, topk in [(s, t) for s in selectors for t in topk_list]:
         llm = LLM(model, sparse_attention=selector, sparse_topk_tokens=topk, max_model_len=context + 1,
                   max_num_batched_tokens=chunk, enable_prefix_caching=False, indexer_path=indexer_path,
                   sparse_page_spread=page_spread, **({"page_size": page_size} if page_size else {}))
         cfg = llm.engine.runner.sparse
         layers = llm.engine.runner.model.layers
-        page_size = llm.engine.config.page_size
+        used_page = llm.engine.config.page_size
         probe = RecallProbe(cfg, len(layers))
         for layer in layers:
             layer.self_attn.backend = probe
@@ -90,5 +90,5 @@ def measure_recall(model: str | None, text: str, topk_list: list[int], context: 
                 sum(mine) / max(1, len(mine))
     settings = {"model": model or "tierserve-nano", "context": context, "chunk": chunk, "windows": max_windows,
                 "sink_tokens": 16, "recent_tokens": 64, "selectors": list(selectors), "indexer_path": indexer_path,
-                "page_spread": page_spread, "page_size": page_size}
+                "page_spread": page_spread, "page_size": used_page}
     return make_result("tierserve bench", "sparse-recall", settings, rows, summary)
